@@ -1,0 +1,1 @@
+"""YAML presets, selected by name: `diffalign train ddpo --config digits-ddpo`."""
