@@ -1,0 +1,359 @@
+"""Training configurations: one flat dataclass per algorithm, loaded from YAML presets and CLI overrides.
+
+Precedence is defaults < YAML file (`--config path-or-preset`) < `--key value` flags. Unknown keys, values of the
+wrong type and impossible batch arithmetic raise `ConfigError` with one line naming the problem.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in a configuration (reported as one line, exit code 2, by the CLI)."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by all trainers, grouped as run, prompts and reward, model, sampling, training, reliability.
+
+    Each field's `help` metadata documents it; `diffalign train ddpo --help` prints them all with their defaults.
+    """
+
+    # > Parameters that control the run
+    model: str = field(default="digits", metadata={"help": "Local diffusers model directory, or `digits` (bundled)."})
+    output_dir: str = field(default="runs/diffalign", metadata={"help": "Output directory of the run."})
+    seed: int = field(default=0, metadata={"help": "Seed; each process samples with seed + rank."})
+    num_epochs: int = field(default=100, metadata={"help": "Epochs: one epoch samples, scores, then updates."})
+    mixed_precision: str = field(default="no", metadata={"help": "`no`, `fp16` or `bf16` (accelerate)."})
+    allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for UNet activation memory."})
+    enable_xformers: bool = field(default=False, metadata={"help": "xformers attention (CUDA and the extra only)."})
+    compile_unet: bool = field(default=False, metadata={"help": "torch.compile the UNet."})
+
+    # > Prompts and reward
+    prompts: Optional[List[str]] = field(default=None, metadata={"help": "Training prompts (cycled)."})
+    prompt_file: Optional[str] = field(default=None, metadata={"help": "Text file, one prompt per line."})
+    prompt_fn: Optional[str] = field(
+        default=None, metadata={"help": "Prompt source: `digits`, `simple_animals`, or `module:function` (user code)."}
+    )
+    reward: Any = field(
+        default="jpeg_compressibility",
+        metadata={"help": "Reward name, `module:function` (user code), or a {name: weight} mixture."},
+    )
+    reward_kwargs: Dict[str, Any] = field(default_factory=dict, metadata={"help": "Keyword arguments of the reward."})
+    eval_reward: Optional[str] = field(
+        default=None, metadata={"help": "A second scorer logged on every epoch's samples, never trained on (a judge)."}
+    )
+
+    # > Model
+    use_lora: bool = field(default=True, metadata={"help": "Train a peft LoRA adapter (else the full UNet)."})
+    lora_rank: int = field(default=4, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(default=4.0, metadata={"help": "LoRA alpha (scale alpha / r)."})
+    lora_target_modules: List[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], metadata={"help": "UNet modules given LoRA."}
+    )
+
+    # > Parameters that control sampling
+    sample_num_steps: int = field(default=50, metadata={"help": "DDIM steps of each trajectory."})
+    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta (> 0; 1.0 is DDPM)."})
+    sample_guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale (1.0 = no CFG, also in training)."})
+    sample_resolution: Optional[int] = field(default=None, metadata={"help": "Image side; default the model's."})
+    sample_num_prompts_per_epoch: int = field(default=8, metadata={"help": "Prompts per epoch, all processes (N)."})
+    sample_images_per_prompt: int = field(default=4, metadata={"help": "Images per prompt (B), one group."})
+    sample_batch_size: int = field(default=8, metadata={"help": "Trajectories per sampling forward."})
+    sample_compute_kl: bool = field(
+        default=True, metadata={"help": "Record the reference model at sampling, to log KL to base every epoch."}
+    )
+
+    # > Parameters that control training
+    train_learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate."})
+    train_adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    train_adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    train_adam_weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
+    train_adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    train_max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip."})
+    train_num_inner_epochs: int = field(default=1, metadata={"help": "Passes over each epoch's samples (K)."})
+    train_timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of steps trained per sample."})
+    train_micro_batch_size: int = field(
+        default=16, metadata={"help": "(sample, step) rows per UNet forward+backward in training (memory knob)."}
+    )
+    train_lr_warmup_epochs: int = field(default=0, metadata={"help": "Linear learning-rate warm-up, in epochs."})
+
+    # > Reliability and outputs
+    checkpoint_every: int = field(default=10, metadata={"help": "Save a resumable checkpoint every N epochs."})
+    checkpoints_total_limit: int = field(default=3, metadata={"help": "How many checkpoints to keep."})
+    resume_from: Optional[str] = field(default=None, metadata={"help": "Run directory or checkpoint to resume."})
+    nonfinite_policy: str = field(
+        default="skip", metadata={"help": "`skip` a batch with a NaN/inf reward, loss or gradient, or `error`."}
+    )
+    max_nonfinite_in_a_row: int = field(default=5, metadata={"help": "Stop after this many skipped batches in a row."})
+    grid_num_images: int = field(default=16, metadata={"help": "Images in the before/after grids (fixed seeds)."})
+    grid_prompts: Optional[List[str]] = field(default=None, metadata={"help": "Prompts of the grids (default: cycled)."})
+    log_every: int = field(default=1, metadata={"help": "Print a metrics line every N epochs."})
+
+    algorithm = "base"
+
+    def validate(self, num_processes: int = 1):
+        """Checks values and batch arithmetic; raises `ConfigError`."""
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"mixed_precision must be one of no, fp16, bf16; got '{self.mixed_precision}'")
+        if self.sample_eta <= 0:
+            raise ConfigError(f"sample_eta must be > 0 (log-probabilities need a stochastic sampler); got {self.sample_eta}")
+        for name in ("num_epochs", "sample_num_steps", "sample_num_prompts_per_epoch", "sample_images_per_prompt",
+                     "sample_batch_size", "train_num_inner_epochs", "train_micro_batch_size", "lora_rank",
+                     "checkpoint_every", "checkpoints_total_limit", "grid_num_images", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if not 0 < self.train_timestep_fraction <= 1:
+            raise ConfigError(f"train_timestep_fraction must be in (0, 1]; got {self.train_timestep_fraction}")
+        if self.nonfinite_policy not in ("skip", "error"):
+            raise ConfigError(f"nonfinite_policy must be 'skip' or 'error'; got '{self.nonfinite_policy}'")
+        if self.sample_num_prompts_per_epoch % num_processes:
+            raise ConfigError(
+                f"sample_num_prompts_per_epoch ({self.sample_num_prompts_per_epoch}) must be divisible by the number "
+                f"of processes ({num_processes})"
+            )
+        sources = [s for s in (self.prompts, self.prompt_file, self.prompt_fn) if s]
+        if len(sources) > 1:
+            raise ConfigError("give only one of prompts, prompt_file, prompt_fn")
+
+    @property
+    def num_train_steps(self) -> int:
+        """Denoising steps trained per sample (`timestep_fraction` of `sample_num_steps`, at least 1)."""
+        return max(1, int(self.sample_num_steps * self.train_timestep_fraction))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """A short hash of the settings that define the run (resuming with different ones is refused)."""
+        ignored = {"resume_from", "num_epochs", "checkpoint_every", "checkpoints_total_limit", "log_every", "output_dir"}
+        items = {k: v for k, v in self.to_dict().items() if k not in ignored}
+        return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class DDPOConfig(TrainConfig):
+    """DDPO (Black et al., 2023): PPO-clipped policy gradient over denoising steps.
+
+    > Parameters that control advantages and the update
+    """
+
+    advantage_mode: str = field(
+        default="per_prompt",
+        metadata={"help": "`per_prompt` (running tracker, batch fallback), `group` (GRPO) or `batch`."},
+    )
+    per_prompt_buffer_size: int = field(default=16, metadata={"help": "Rewards kept per prompt by the tracker."})
+    per_prompt_min_count: int = field(default=16, metadata={"help": "Tracker size before per-prompt statistics."})
+    group_global_std: bool = field(default=False, metadata={"help": "Group mode: divide by the batch std."})
+    train_batch_size: int = field(default=8, metadata={"help": "Samples per optimizer step (per process)."})
+    train_clip_range: float = field(default=1e-4, metadata={"help": "PPO ratio clip eps."})
+    train_adv_clip_max: float = field(default=5.0, metadata={"help": "Advantages are clipped to +-this."})
+    train_kl_coef: float = field(default=0.0, metadata={"help": "Weight of the per-step KL to the base model."})
+
+    algorithm = "ddpo"
+
+    def validate(self, num_processes: int = 1):
+        super().validate(num_processes)
+        if self.advantage_mode not in ("per_prompt", "group", "batch"):
+            raise ConfigError(f"advantage_mode must be per_prompt, group or batch; got '{self.advantage_mode}'")
+        local = self.sample_num_prompts_per_epoch // num_processes * self.sample_images_per_prompt
+        if local % self.train_batch_size:
+            raise ConfigError(
+                f"samples per process per epoch ({local} = sample_num_prompts_per_epoch / processes x "
+                f"sample_images_per_prompt) must be divisible by train_batch_size ({self.train_batch_size})"
+            )
+        if self.advantage_mode == "group" and self.sample_images_per_prompt < 2:
+            raise ConfigError("advantage_mode 'group' needs sample_images_per_prompt >= 2")
+
+
+@dataclass
+class PRDPConfig(TrainConfig):
+    """PRDP (Deng et al., CVPR 2024): reward-difference regression with proximal (clipped) updates.
+
+    Defaults follow the paper's small-scale setting (Table 4) where it is algorithm-specific; beta and clip_eps are
+    expressed against per-dimension-mean log-probs (see `diffalign.logprob`).
+    """
+
+    train_beta: float = field(default=3e-5, metadata={"help": "KL weight beta: targets are (r_a - r_b) / beta."})
+    train_clip_eps: float = field(default=1e-6, metadata={"help": "Per-step clip eps of the log-ratio around theta_old."})
+    train_prompts_per_step: int = field(
+        default=1, metadata={"help": "Prompts (groups of B images) per optimizer step (per process)."}
+    )
+    train_two_pass: bool = field(
+        default=False,
+        metadata={"help": "Exact gradient with activations for one micro-batch at a time (one extra no-grad forward)."},
+    )
+    train_num_inner_epochs: int = field(default=10, metadata={"help": "Gradient updates per epoch over all pairs (K)."})
+
+    algorithm = "prdp"
+
+    def validate(self, num_processes: int = 1):
+        super().validate(num_processes)
+        if self.sample_images_per_prompt < 2:
+            raise ConfigError("PRDP needs pairs: sample_images_per_prompt must be >= 2")
+        if self.train_beta <= 0:
+            raise ConfigError(f"train_beta must be > 0; got {self.train_beta}")
+        local_prompts = self.sample_num_prompts_per_epoch // num_processes
+        if local_prompts % self.train_prompts_per_step:
+            raise ConfigError(
+                f"prompts per process per epoch ({local_prompts}) must be divisible by train_prompts_per_step "
+                f"({self.train_prompts_per_step})"
+            )
+
+
+CONFIG_CLASSES = {"ddpo": DDPOConfig, "prdp": PRDPConfig}
+
+
+def preset_path(name_or_path: str) -> str:
+    """A YAML path, or the name of a preset shipped in `diffalign.configs` (with or without `.yaml`)."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    name = name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml"
+    candidate = resources.files("diffalign.configs").joinpath(name)
+    if candidate.is_file():
+        return str(candidate)
+    presets = sorted(p.name[:-5] for p in resources.files("diffalign.configs").iterdir() if p.name.endswith(".yaml"))
+    raise ConfigError(f"config '{name_or_path}' is neither a file nor a preset; presets: {', '.join(presets)}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(name: str, value, tp):
+    """Checks `value` against the annotation `tp` (int/float/bool/str, Optional, List, Dict, Any)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        errors = []
+        for arg in args:
+            try:
+                return _coerce(name, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise errors[0] if len(errors) == 1 else ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(tp) or (Any,)
+        return [_coerce(name, v, item_type) for v in value]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads `3e-5` as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    return value
+
+
+def _parse_cli_value(text: str):
+    # CLI values are YAML scalars/flows: `3e-4`, `true`, `[a, b]`, `{pickscore: 10}`.
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def load_config(algorithm: str, config: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,
+                cli_overrides: Optional[List[str]] = None):
+    """Builds the config of `algorithm` from defaults, an optional YAML file/preset and overrides.
+
+    Args:
+        algorithm (`str`): `ddpo` or `prdp`.
+        config (`str`, *optional*): YAML path or preset name.
+        overrides (`dict`, *optional*): already-typed values (highest precedence after `cli_overrides`).
+        cli_overrides (`List[str]`, *optional*): `["--key", "value", ...]` from the command line.
+    """
+    if algorithm not in CONFIG_CLASSES:
+        raise ConfigError(f"unknown algorithm '{algorithm}'; choose from {', '.join(CONFIG_CLASSES)}")
+    cls = CONFIG_CLASSES[algorithm]
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values: Dict[str, Any] = {}
+
+    if config:
+        path = preset_path(config)
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys")
+        declared = data.pop("algorithm", algorithm)
+        if declared != algorithm:
+            raise ConfigError(f"{path} is a '{declared}' config, not '{algorithm}'")
+        for key, value in data.items():
+            if key not in known:
+                raise ConfigError(f"unknown config key '{key}' in {path}")
+            values[key] = value
+
+    for key, value in (overrides or {}).items():
+        if key not in known:
+            raise ConfigError(f"unknown config key '{key}'")
+        values[key] = value
+
+    args = list(cli_overrides or [])
+    while args:
+        flag = args.pop(0)
+        if not flag.startswith("--"):
+            raise ConfigError(f"unexpected argument '{flag}' (options look like --key value)")
+        key, _, inline = flag[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in known:
+            raise ConfigError(f"unknown option '--{key}' for {algorithm}")
+        if inline:
+            text = inline
+        elif hints[key] is bool and (not args or args[0].startswith("--")):
+            text = "true"
+        elif not args:
+            raise ConfigError(f"option '--{key}' needs a value")
+        else:
+            text = args.pop(0)
+        values[key] = _parse_cli_value(text)
+
+    typed = {key: _coerce(key, value, hints[key]) for key, value in values.items()}
+    return cls(**typed)
+
+
+def config_help(algorithm: str) -> str:
+    """One line per field: `--name (type, default): help`."""
+    cls = CONFIG_CLASSES[algorithm]
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  --{f.name} ({_type_name(hints[f.name])}, default {default!r}): {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""Per-step Gaussian log-probabilities of DDIM/DDPM denoising transitions.
+
+Adapted from `kvablack/ddpo-pytorch` (`ddpo_pytorch/diffusers_patch/ddim_with_logprob.py`, MIT), itself
+a modification of `diffusers.schedulers.scheduling_ddim.DDIMScheduler.step`. Modifications:
+- one timestep per sample (a 1-D `timestep` tensor), gathered from the scheduler's tables;
+- the final step uses `final_alpha_cumprod` exactly as `DDIMScheduler.step` does (ddpo-pytorch clamps
+  the previous timestep to 0 first, which diverges from diffusers when `set_alpha_to_one=True`);
+- the log-density is computed in float32 whatever the model dtype (bf16 log-probs are too coarse for
+  PPO ratios around 1 +- 1e-4);
+- asking for a log-probability with `eta=0` (a deterministic step, no density) is an error.
+
+**Convention.** The log-probability of a transition is the Gaussian log-density of `x_{t-1}` under
+`N(mu_theta(x_t, t), sigma_t^2 I)` **averaged over all non-batch dimensions** (channels and pixels), not
+summed: DDPO's convention. Every clip range, KL weight and beta in diffalign is expressed against it.
+"""
+
+import math
+from typing import List, Optional, Tuple, Union
+
+import torch
+
+
+def _per_sample(values: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    # (num_train_timesteps,) table -> (B, 1, 1, ...) broadcastable against `sample`.
+    out = values.to(sample.device)[timestep.to(sample.device)]
+    return out.reshape(-1, *([1] * (sample.ndim - 1)))
+
+
+def ddim_step_mean_std(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 1.0):
+    """Mean and standard deviation of the DDIM transition `p(x_{t-1} | x_t)` (Song et al. 2021, Eq. 12).
+
+    With `alpha_t` the cumulative product `alphas_cumprod[t]` and `t'` the previous timestep:
+
+        x0_hat  = prediction of x_0 from `model_output` (epsilon, v or sample prediction), clipped if configured
+        sigma_t = eta * sqrt((1 - alpha_t') / (1 - alpha_t) * (1 - alpha_t / alpha_t'))
+        mu      = sqrt(alpha_t') * x0_hat + sqrt(1 - alpha_t' - sigma_t^2) * eps_hat
+
+    Args:
+        scheduler (`DDIMScheduler`): a scheduler on which `set_timesteps` was called.
+        model_output (`torch.Tensor`): the (guided) UNet prediction, shaped like `sample`.
+        timestep (`int` or `torch.Tensor`): a scalar, or a 1-D tensor with one timestep per sample.
+        sample (`torch.Tensor`): `x_t`, shape `(B, C, H, W)`.
+        eta (`float`, *optional*, defaults to 1.0): 0 is deterministic DDIM, 1 is DDPM.
+
+    Returns:
+        `(mean, std)`: `mean` shaped like `sample`, `std` shaped `(B, 1, 1, 1)`.
+    """
+    if scheduler.num_inference_steps is None:
+        raise ValueError("the scheduler has no timesteps: call `scheduler.set_timesteps(num_inference_steps)` first")
+    config = scheduler.config
+    timestep = torch.as_tensor(timestep, device=sample.device).long()
+    if timestep.ndim == 0:
+        timestep = timestep.expand(sample.shape[0])
+    prev_timestep = timestep - config.num_train_timesteps // scheduler.num_inference_steps
+
+    alphas_cumprod = scheduler.alphas_cumprod
+    alpha_prod_t = _per_sample(alphas_cumprod, timestep, sample)
+    alpha_prod_t_prev = torch.where(
+        prev_timestep.to(sample.device).reshape(alpha_prod_t.shape) >= 0,
+        _per_sample(alphas_cumprod, prev_timestep.clamp(min=0), sample),
+        torch.as_tensor(scheduler.final_alpha_cumprod, device=sample.device),
+    )
+    beta_prod_t = 1 - alpha_prod_t
+    beta_prod_t_prev = 1 - alpha_prod_t_prev
+
+    if config.prediction_type == "epsilon":
+        pred_original_sample = (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
+        pred_epsilon = model_output
+    elif config.prediction_type == "sample":
+        pred_original_sample = model_output
+        pred_epsilon = (sample - alpha_prod_t ** (0.5) * pred_original_sample) / beta_prod_t ** (0.5)
+    elif config.prediction_type == "v_prediction":
+        pred_original_sample = (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
+        pred_epsilon = (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * sample
+    else:
+        raise ValueError(f"unsupported prediction_type '{config.prediction_type}'")
+
+    if config.thresholding:
+        pred_original_sample = scheduler._threshold_sample(pred_original_sample)
+    elif config.clip_sample:
+        pred_original_sample = pred_original_sample.clamp(-config.clip_sample_range, config.clip_sample_range)
+
+    variance = (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+    std_dev_t = eta * variance ** (0.5)
+    pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * pred_epsilon
+    prev_sample_mean = alpha_prod_t_prev ** (0.5) * pred_original_sample + pred_sample_direction
+    return prev_sample_mean, std_dev_t
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """`log N(x; mean, std^2 I)` averaged over all non-batch dimensions, in float32. Shape `(B,)`."""
+    x, mean, std = x.float(), mean.float(), std.float()
+    log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """`KL(N(mean, std^2) || N(ref_mean, std^2))` per dimension, averaged over non-batch dimensions. Shape `(B,)`.
+
+    Both policies share the schedule's `std`, so the KL is `(mean - ref_mean)^2 / (2 std^2)`.
+    """
+    kl = (mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
+def ddim_step_with_logprob(
+    scheduler,
+    model_output: torch.Tensor,
+    timestep: Union[int, torch.Tensor],
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: Optional[torch.Tensor] = None,
+    generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step that also returns the log-probability of the transition it takes.
+
+    Samples `x_{t-1} ~ N(mu, sigma_t^2 I)` (see `ddim_step_mean_std`) unless `prev_sample` is given, in which case
+    only its log-probability is evaluated (used to recompute the log-probs of a recorded trajectory). With the same
+    noise, `prev_sample` equals `DDIMScheduler.step(model_output, t, sample, eta=eta, generator=generator)`.
+
+    Args:
+        scheduler (`DDIMScheduler`): a scheduler on which `set_timesteps` was called.
+        model_output (`torch.Tensor`): the (guided) UNet prediction.
+        timestep (`int` or `torch.Tensor`): a scalar, or a 1-D tensor with one timestep per sample.
+        sample (`torch.Tensor`): `x_t`, shape `(B, C, H, W)`.
+        eta (`float`, *optional*, defaults to 1.0): noise weight; must be > 0 for the density to exist.
+        prev_sample (`torch.Tensor`, *optional*): a recorded `x_{t-1}` whose log-probability to evaluate.
+        generator (`torch.Generator` or list, *optional*): noise source when sampling.
+
+    Returns:
+        `(prev_sample, log_prob)`: `prev_sample` shaped like `sample` and `log_prob` of shape `(B,)`, the Gaussian
+        log-density **averaged over all non-batch dimensions** (DDPO convention), in float32.
+    """
+    if eta <= 0:
+        raise ValueError(f"log-probabilities need a stochastic step: eta must be > 0, got {eta}")
+    if prev_sample is not None and generator is not None:
+        raise ValueError("pass either `prev_sample` (to evaluate) or `generator` (to sample), not both")
+    mean, std = ddim_step_mean_std(scheduler, model_output, timestep, sample, eta)
+    if prev_sample is None:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        prev_sample = mean + std * noise
+    log_prob = gaussian_log_prob(prev_sample.detach(), mean, std)
+    return prev_sample.type(sample.dtype), log_prob
