@@ -1,6 +1,7 @@
 """JPEG (in)compressibility, as defined by DDPO (Black et al., 2023): image size in kB at quality 95."""
 
 import io
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
 
 
 def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
+    """Size in kB (1000 bytes) of each image saved as a JPEG of the given quality; float32 `[B]` on the CPU."""
     sizes = []
     for array in to_uint8_hwc(images):
         buffer = io.BytesIO()
@@ -24,13 +26,36 @@ def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.float32)
 
 
+class JpegSizeReward:
+    """Scores images by their JPEG size in kB, `sign * size`.
+
+    Args:
+        quality (`int`, *optional*, defaults to 95):
+            JPEG quality used to encode the images.
+        sign (`float`, *optional*, defaults to 1.0):
+            `-1.0` rewards small files (compressibility), `1.0` large files (incompressibility).
+    """
+
+    def __init__(self, quality: int = 95, sign: float = 1.0):
+        self.quality = quality
+        self.sign = sign
+
+    def __call__(
+        self, images: torch.Tensor, prompts: Optional[List[str]] = None, metadata: Optional[List[dict]] = None
+    ) -> torch.Tensor:
+        return self.sign * jpeg_size_kb(images, self.quality)
+
+    def __repr__(self) -> str:
+        return f"JpegSizeReward(quality={self.quality}, sign={self.sign:+g})"
+
+
 @register_reward("jpeg_compressibility")
-def jpeg_compressibility(quality: int = 95):
+def jpeg_compressibility(quality: int = 95) -> JpegSizeReward:
     """Negated JPEG size in kB: smaller files score higher."""
-    return lambda images, prompts=None, metadata=None: -jpeg_size_kb(images, quality)
+    return JpegSizeReward(quality, sign=-1.0)
 
 
 @register_reward("jpeg_incompressibility")
-def jpeg_incompressibility(quality: int = 95):
+def jpeg_incompressibility(quality: int = 95) -> JpegSizeReward:
     """JPEG size in kB: larger files score higher."""
-    return lambda images, prompts=None, metadata=None: jpeg_size_kb(images, quality)
+    return JpegSizeReward(quality, sign=1.0)
