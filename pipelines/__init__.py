@@ -1,0 +1,26 @@
+"""Guided diffusers pipelines. Each module is a self-contained diffusers pipeline file that also loads with
+`DiffusionPipeline.from_pretrained(..., custom_pipeline=<file>, trust_remote_code=True)` (the classes loaded that way
+are distinct objects from the ones imported here).
+"""
+
+import importlib
+from typing import TYPE_CHECKING
+
+_PIPELINES = {
+    "StableDiffusionRLGPipeline": "pipeline_stable_diffusion_rlg",
+    "StableDiffusionXLRLGPipeline": "pipeline_stable_diffusion_xl_rlg",
+}
+
+__all__ = list(_PIPELINES)
+
+if TYPE_CHECKING:
+    from .pipeline_stable_diffusion_rlg import StableDiffusionRLGPipeline
+    from .pipeline_stable_diffusion_xl_rlg import StableDiffusionXLRLGPipeline
+
+
+def __getattr__(name):
+    # imported on first use: `import diffalign.pipelines` does not import diffusers
+    if name in _PIPELINES:
+        module = importlib.import_module(f"{__name__}.{_PIPELINES[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
