@@ -259,25 +259,39 @@ def sample_trajectories(
 
 
 def step_log_probs(
-    unet, scheduler, trajectories: Trajectories, step_index: torch.Tensor, guidance_scale: float, eta: float
+    unet,
+    scheduler,
+    trajectories: Trajectories,
+    rows: torch.Tensor,
+    steps: torch.Tensor,
+    guidance_scale: float,
+    eta: float,
 ):
-    """Recomputes `log pi_theta` (with gradients) of recorded transitions, one step per sample.
+    """Recomputes `log pi_theta(x_{t-1} | x_t)` (with gradients) of recorded transitions, in one UNet forward.
 
     Args:
-        step_index (`torch.LongTensor`): `(N,)` step positions `j` into the trajectories (one row per sample of
-            `trajectories`, which may repeat samples to train several steps in one forward).
+        trajectories (`Trajectories`): the recorded batch.
+        rows (`torch.LongTensor`): `(N,)` sample indices into `trajectories` (repeat a sample to train several of its
+            steps in one forward).
+        steps (`torch.LongTensor`): `(N,)` step positions `j` (transition `latents[:, j] -> latents[:, j + 1]`).
+        guidance_scale, eta: the sampling settings (the CFG-guided prediction is what was sampled from).
 
     Returns:
-        `(log_prob, mean, std)`: `log_prob` `(N,)` float32, the step means and stds (for a KL penalty).
+        `(log_prob, mean, std)`: `log_prob` `(N,)` float32, and the step means and stds (for a KL penalty).
     """
-    rows = torch.arange(len(trajectories), device=trajectories.latents.device)
-    step_index = step_index.to(rows.device)
-    x_t = trajectories.latents[rows, step_index]
-    x_prev = trajectories.latents[rows, step_index + 1]
-    t = trajectories.timesteps.to(rows.device)[step_index]
-    x_in = scheduler.scale_model_input(x_t, t)
+    device = trajectories.latents.device
+    rows, steps = rows.to(device), steps.to(device)
+    x_t = trajectories.latents[rows, steps]
+    x_prev = trajectories.latents[rows, steps + 1]
+    t = trajectories.timesteps.to(device)[steps]
+    negative = trajectories.negative_prompt_embeds
     noise_pred = guided_noise_pred(
-        unet, x_in, t, trajectories.prompt_embeds, trajectories.negative_prompt_embeds, guidance_scale
+        unet,
+        scheduler.scale_model_input(x_t, t),
+        t,
+        trajectories.prompt_embeds[rows],
+        negative[rows] if negative is not None else None,
+        guidance_scale,
     )
     mean, std = ddim_step_mean_std(scheduler, noise_pred, t, x_t, eta)
     return gaussian_log_prob(x_prev, mean, std), mean, std

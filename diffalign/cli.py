@@ -1,0 +1,179 @@
+"""`diffalign` command line: `train ddpo|prdp`, `generate`, `bench`, `env`.
+
+Multi-GPU (or multi-process CPU) training goes through accelerate:
+`accelerate launch -m diffalign.cli train prdp --config digits-prdp`.
+"""
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+USER_ERRORS = ()
+
+
+def _user_errors():
+    """Exception types that mean bad input (one line, exit code 2) rather than a bug."""
+    from diffalign.checkpoint import CheckpointError
+    from diffalign.config import ConfigError
+    from diffalign.modeling import ModelError
+    from diffalign.prompts import PromptError
+    from diffalign.rewards import UnknownRewardError
+    from diffalign.trainers.base import NonFiniteError
+
+    errors = [ConfigError, ModelError, PromptError, CheckpointError, UnknownRewardError, NonFiniteError]
+    try:
+        from diffalign.rewards import RewardWeightsNotFoundError
+
+        errors.append(RewardWeightsNotFoundError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _setup_environment():
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars; our own tqdm bars stay
+    logging.getLogger("diffalign").setLevel(logging.INFO)
+
+
+def _default_output_dir(algorithm: str, config_name: Optional[str]) -> str:
+    name = os.path.splitext(os.path.basename(config_name))[0] if config_name else algorithm
+    return os.path.join("runs", name)
+
+
+def _run_dir_of(resume: str) -> str:
+    """The run directory of `--resume PATH` (PATH may be a checkpoint inside `<run>/checkpoints/`)."""
+    path = os.path.abspath(resume)
+    if os.path.basename(os.path.dirname(path)) == "checkpoints":
+        return os.path.dirname(os.path.dirname(path))
+    return path
+
+
+def train_command(args, extra: List[str]) -> int:
+    from diffalign.config import config_help, load_config
+
+    if args.help:
+        print(f"usage: diffalign train {args.algorithm} [--config FILE_OR_PRESET] [--resume RUN_OR_CHECKPOINT] [--key value ...]\n")
+        print("Config keys (YAML or --key value; CLI flags override the file):")
+        print(config_help(args.algorithm))
+        return 0
+    overrides = {}
+    if args.resume:
+        overrides["resume_from"] = args.resume
+    config = load_config(args.algorithm, args.config, overrides, extra)
+    explicit_output = any(a.split("=")[0] in ("--output_dir", "--output-dir") for a in extra)
+    if config.resume_from and not explicit_output:
+        config.output_dir = _run_dir_of(config.resume_from)
+    elif not explicit_output and (not args.config or "output_dir" not in _yaml_keys(args.config)):
+        config.output_dir = _default_output_dir(args.algorithm, args.config)
+
+    from diffalign.trainers import DDPOTrainer, PRDPTrainer
+
+    trainer_cls = {"ddpo": DDPOTrainer, "prdp": PRDPTrainer}[args.algorithm]
+    trainer = trainer_cls(config)
+    history = trainer.train()
+    if trainer.accelerator.is_main_process and history:
+        first, last = history[0], history[-1]
+        print(f"reward {first['reward_mean']:.4f} -> {last['reward_mean']:.4f} over {len(history)} epochs; "
+              f"outputs in {config.output_dir}")
+    return 0
+
+
+def _yaml_keys(config: str) -> set:
+    import yaml
+
+    from diffalign.config import preset_path
+
+    with open(preset_path(config)) as f:
+        data = yaml.safe_load(f) or {}
+    return set(data) if isinstance(data, dict) else set()
+
+
+def env_command(args, extra) -> int:
+    import platform
+
+    import torch
+
+    print(f"python {platform.python_version()} on {platform.platform()}")
+    for name in ("diffalign", "torch", "diffusers", "transformers", "accelerate", "peft", "safetensors"):
+        try:
+            module = __import__(name)
+            print(f"{name} {getattr(module, '__version__', '?')}")
+        except ImportError:
+            print(f"{name} not installed")
+    print(f"cuda available: {torch.cuda.is_available()}")
+    for extra_name in ("xformers", "open_clip"):
+        try:
+            __import__(extra_name)
+            print(f"{extra_name}: installed")
+        except Exception:
+            print(f"{extra_name}: not installed")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffalign", description="Align text-to-image diffusion models with rewards and steer them at inference."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune with a reward (ddpo or prdp)", add_help=False)
+    train.add_argument("algorithm", choices=["ddpo", "prdp"])
+    train.add_argument("--config", default=None, help="YAML file or preset name (see diffalign/configs)")
+    train.add_argument("--resume", default=None, help="run directory or checkpoint to resume")
+    train.add_argument("-h", "--help", action="store_true")
+    train.set_defaults(func=train_command, allow_extra=True)
+
+    generate = sub.add_parser("generate", help="sample with RLG at several alignment strengths")
+    try:
+        from diffalign import generate as generate_module
+
+        generate_module.add_arguments(generate)
+        generate.set_defaults(func=lambda args, extra: generate_module.run(args), allow_extra=False)
+    except ImportError:
+        generate.set_defaults(func=lambda args, extra: _missing("generate"), allow_extra=False)
+
+    bench = sub.add_parser("bench", help="benchmarks: rollout, train, learn, rlg")
+    try:
+        from diffalign import bench as bench_module
+
+        bench_module.add_arguments(bench)
+        bench.set_defaults(func=lambda args, extra: bench_module.run(args), allow_extra=False)
+    except ImportError:
+        bench.set_defaults(func=lambda args, extra: _missing("bench"), allow_extra=False)
+
+    env = sub.add_parser("env", help="print versions and devices")
+    env.set_defaults(func=env_command, allow_extra=False)
+    return parser
+
+
+def _missing(name: str) -> int:
+    print(f"diffalign: error: the '{name}' command is not available in this installation", file=sys.stderr)
+    return 2
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    _setup_environment()
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "allow_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args, extra)
+    except _user_errors() as e:
+        print(f"diffalign: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffalign: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

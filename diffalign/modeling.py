@@ -1,0 +1,120 @@
+"""Loading models by path or short name, LoRA adapters, and their diffusers-format weight files."""
+
+import os
+from importlib import resources
+from typing import List, Optional
+
+import torch
+
+BUNDLED_MODELS = {"digits": "models/digits"}
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+class ModelError(ValueError):
+    """A model or weights location that cannot be used (reported as one line by the CLI)."""
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local diffusers model directory for `name_or_path`: a bundled short name (`digits`) or a directory.
+
+    A hub id is passed through only when the hub is reachable (`HF_HUB_OFFLINE` unset); offline it is an error
+    naming what to download.
+    """
+    if name_or_path in BUNDLED_MODELS:
+        path = resources.files("diffalign").joinpath(BUNDLED_MODELS[name_or_path])
+        if not path.joinpath("model_index.json").is_file():
+            raise ModelError(f"bundled model '{name_or_path}' is missing from this installation ({path})")
+        return str(path)
+    if os.path.isdir(name_or_path):
+        if not os.path.isfile(os.path.join(name_or_path, "model_index.json")):
+            raise ModelError(f"model directory '{name_or_path}' has no model_index.json (not a diffusers pipeline)")
+        return name_or_path
+    looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/"))
+    if looks_like_hub_id and not _hub_offline():
+        return name_or_path
+    if looks_like_hub_id:
+        raise ModelError(
+            f"model '{name_or_path}' is not a local directory and the hub is offline (HF_HUB_OFFLINE=1): "
+            f"download it where the hub is reachable (`hf download {name_or_path} --local-dir DIR`) and pass DIR"
+        )
+    raise ModelError(f"model directory '{name_or_path}' does not exist")
+
+
+def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32, scheduler: str = "ddim"):
+    """Loads a Stable-Diffusion-style pipeline (no safety checker) with a DDIM scheduler for trajectory sampling."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    path = resolve_model_path(name_or_path)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        path, torch_dtype=torch_dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    if scheduler == "ddim" and not isinstance(pipe.scheduler, DDIMScheduler):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def check_resolution(pipe, resolution: int):
+    """Raises a clear error when the VAE and UNet cannot process `resolution`-pixel images."""
+    num_down = len(pipe.unet.config.down_block_types) - 1
+    multiple = pipe.vae_scale_factor * 2**num_down
+    if resolution % multiple:
+        raise ModelError(
+            f"resolution {resolution} is not a multiple of {multiple} (VAE factor {pipe.vae_scale_factor} x UNet "
+            f"downsampling {2 ** num_down}); try {max(multiple, round(resolution / multiple) * multiple)}"
+        )
+
+
+def add_lora(unet, rank: int = 4, alpha: float = 4.0, target_modules: Optional[List[str]] = None, adapter_name="default"):
+    """Freezes the UNet and adds a trainable peft LoRA adapter (Gaussian A, zero B: starts at the base model)."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            init_lora_weights="gaussian",
+            target_modules=target_modules or ["to_q", "to_k", "to_v", "to_out.0"],
+        ),
+        adapter_name=adapter_name,
+    )
+    for param in unet.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # trainable LoRA weights stay fp32 under mixed precision
+    return unet
+
+
+def lora_state_dict(unet) -> dict:
+    """The UNet's LoRA weights in diffusers' key format (what `pipe.load_lora_weights` expects)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(unet, directory: str):
+    """Writes `pytorch_lora_weights.safetensors` so `StableDiffusionPipeline.load_lora_weights(directory)` loads it."""
+    from diffusers import StableDiffusionPipeline
+
+    os.makedirs(directory, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(
+        directory, unet_lora_layers=lora_state_dict(unet), safe_serialization=True, weight_name=LORA_WEIGHT_NAME
+    )
+
+
+def load_lora_into_pipeline(pipe, directory: str, adapter_name: str = "default"):
+    """`pipe.load_lora_weights` with a clear error when the directory or its weights do not fit the model."""
+    weight_file = os.path.join(directory, LORA_WEIGHT_NAME)
+    if not os.path.isfile(weight_file):
+        raise ModelError(f"LoRA directory '{directory}' has no {LORA_WEIGHT_NAME}")
+    try:
+        pipe.load_lora_weights(directory, weight_name=LORA_WEIGHT_NAME, adapter_name=adapter_name)
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"LoRA in '{directory}' does not match the model: {first[:300]}") from None
+    return pipe

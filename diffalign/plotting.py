@@ -1,0 +1,73 @@
+"""PNG outputs: image grids and metric curves."""
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def image_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 2, scale: int = 1) -> Image.Image:
+    """`(N, 3, H, W)` in [0, 1] -> one PIL image, `nrow` images per row, nearest-neighbour upscaled by `scale`."""
+    n, _, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    ncol_rows = math.ceil(n / nrow)
+    array = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    grid = np.full((ncol_rows * (h + padding) + padding, nrow * (w + padding) + padding, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        top, left = padding + r * (h + padding), padding + c * (w + padding)
+        grid[top : top + h, left : left + w] = array[i]
+    image = Image.fromarray(grid)
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    return image
+
+
+def labelled_rows(grids: List[Image.Image], labels: List[str], label_width: int = 90) -> Image.Image:
+    """Stacks grids vertically with a text label to the left of each."""
+    width = label_width + max(g.width for g in grids)
+    height = sum(g.height for g in grids)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    top = 0
+    for grid, label in zip(grids, labels):
+        canvas.paste(grid, (label_width, top))
+        draw.text((4, top + grid.height // 2 - 6), label, fill="black")
+        top += grid.height
+    return canvas
+
+
+def grid_scale(image_size: int) -> int:
+    """Upscale factor so small images (e.g. 32 px digits) are visible in a grid."""
+    return max(1, 128 // image_size)
+
+
+def plot_metrics(records: List[Dict], keys: Sequence[str], path: str, title: str = ""):
+    """Line plot of `keys` against `epoch`, one panel per key, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(k in r for r in records)]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(r["epoch"], r[key]) for r in records if key in r and r[key] is not None]
+        if points:
+            epochs, values = zip(*points)
+            ax.plot(epochs, values, marker="o", markersize=2.5)
+            if key == "reward_mean" and all("reward_std" in r for r in records):
+                std = np.array([r["reward_std"] for r in records if key in r])
+                ax.fill_between(epochs, np.array(values) - std, np.array(values) + std, alpha=0.2)
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

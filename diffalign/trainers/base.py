@@ -1,0 +1,483 @@
+"""The sample -> score -> update loop shared by the trainers; algorithms implement `train_on_samples`."""
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import time
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import (
+    CheckpointError,
+    atomic_save_dir,
+    find_resumable,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from ..config import TrainConfig
+from ..modeling import add_lora, check_resolution, load_pipeline, save_lora
+from ..plotting import grid_scale, image_grid, labelled_rows, plot_metrics
+from ..prompts import prompt_source
+from ..rollout import PromptEncoder, Trajectories, sample_trajectories, unwrap
+
+logger = logging.getLogger("diffalign")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite rewards, losses or gradients in a row (or one, with `nonfinite_policy: error`)."""
+
+
+def _seed_for(*parts: int) -> int:
+    # A deterministic 63-bit seed from (seed, epoch, rank, purpose): resumed runs draw the same numbers.
+    return int(np.random.default_rng(list(parts)).integers(0, 2**63 - 1))
+
+
+class BaseTrainer:
+    """Owns the epoch loop: sample trajectories, score them, update the policy, log and checkpoint.
+
+    Args:
+        config (`TrainConfig`): the run's settings.
+        pipeline (`StableDiffusionPipeline`, *optional*): a loaded pipeline; by default `config.model` is loaded.
+        reward_fn (*optional*): `reward(images, prompts, metadata) -> Tensor[B]`; by default `config.reward`.
+        prompt_fn (*optional*): a `diffalign.prompts.PromptSource`; by default from the config's prompt fields.
+        accelerator (`accelerate.Accelerator`, *optional*).
+    """
+
+    algorithm = "base"
+
+    def __init__(self, config: TrainConfig, pipeline=None, reward_fn=None, prompt_fn=None, accelerator=None):
+        from accelerate import Accelerator
+
+        self.config = config
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available()
+        )
+        acc = self.accelerator
+        config.validate(acc.num_processes)
+        self.device = acc.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+        if config.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+        self.prompts = prompt_fn or prompt_source(config.prompts, config.prompt_file, config.prompt_fn)
+        if reward_fn is None:
+            from diffalign.rewards import get_reward
+
+            reward_fn = get_reward(config.reward, **config.reward_kwargs)
+        self.reward_fn = reward_fn
+        self.eval_reward_fn = None
+        if config.eval_reward:
+            from diffalign.rewards import get_reward
+
+            self.eval_reward_fn = get_reward(config.eval_reward)
+
+        self.pipe = pipeline if pipeline is not None else load_pipeline(config.model)
+        self.pipe.set_progress_bar_config(disable=True)
+        if config.sample_resolution:
+            check_resolution(self.pipe, config.sample_resolution)
+        self.resolution = config.sample_resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self._setup_models()
+        self.prompt_encoder = PromptEncoder(self.pipe, self.device)
+
+        self.first_epoch = 0
+        self.metrics_history: List[Dict] = []
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        os.makedirs(config.output_dir, exist_ok=True) if acc.is_main_process else None
+        if config.resume_from:
+            self._resume(config.resume_from)
+
+    # ------------------------------------------------------------------ setup
+    def _setup_models(self):
+        config, acc, pipe = self.config, self.accelerator, self.pipe
+        pipe.vae.requires_grad_(False).to(self.device, self.weight_dtype)
+        pipe.text_encoder.requires_grad_(False).to(self.device, self.weight_dtype)
+        unet = pipe.unet
+        self.ref_unet = None
+        torch.manual_seed(config.seed)  # same LoRA initialisation on every process
+        if config.use_lora:
+            unet.to(self.device, self.weight_dtype)
+            add_lora(unet, config.lora_rank, config.lora_alpha, config.lora_target_modules)
+        else:
+            self.ref_unet = copy.deepcopy(unet).requires_grad_(False).to(self.device, self.weight_dtype).eval()
+            unet.requires_grad_(True).to(self.device, torch.float32)
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if config.enable_xformers and torch.cuda.is_available():
+            unet.enable_xformers_memory_efficient_attention()
+        self.trainable_params = [p for p in unet.parameters() if p.requires_grad]
+        self._broadcast_parameters()
+        optimizer = torch.optim.AdamW(
+            self.trainable_params,
+            lr=config.train_learning_rate,
+            betas=(config.train_adam_beta1, config.train_adam_beta2),
+            weight_decay=config.train_adam_weight_decay,
+            eps=config.train_adam_epsilon,
+        )
+        warmup = config.train_lr_warmup_epochs
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda epoch: min(1.0, (epoch + 1) / warmup) if warmup else 1.0
+        )
+        # The UNet is not wrapped in DDP: gradients are averaged explicitly in `sync_gradients`, which keeps the
+        # multi-forward PRDP update and the adapter toggling simple. The optimizer goes through accelerate for the
+        # fp16 gradient scaler.
+        self.optimizer = acc.prepare(optimizer)
+        self.unet = torch.compile(unet) if config.compile_unet else unet
+
+    def _broadcast_parameters(self):
+        if self.accelerator.num_processes > 1:
+            import torch.distributed as dist
+
+            for param in self.trainable_params:
+                dist.broadcast(param.data, src=0)
+
+    # ---------------------------------------------------------------- helpers
+    def sync_gradients(self):
+        """Averages the trainable parameters' gradients over processes (one flat all-reduce)."""
+        if self.accelerator.num_processes == 1:
+            return
+        import torch.distributed as dist
+
+        params = [p for p in self.trainable_params if p.grad is not None]
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        flat /= self.accelerator.num_processes
+        offset = 0
+        for p in params:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            offset += n
+
+    def optimizer_step(self) -> Dict[str, float]:
+        """Syncs, clips and applies the accumulated gradients unless any is non-finite (then skips the step)."""
+        self.sync_gradients()
+        grad_norm = self.accelerator.clip_grad_norm_(self.trainable_params, self.config.train_max_grad_norm)
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not finite and self.weight_dtype != torch.float16:
+            # fp16's scaler legitimately skips overflowing steps; anything else is a real non-finite gradient.
+            self._record_nonfinite("gradient")
+        return {"grad_norm": grad_norm, "skipped": 0.0 if finite else 1.0}
+
+    def backward(self, loss: torch.Tensor):
+        self.accelerator.backward(loss)
+
+    def _record_nonfinite(self, what: str):
+        self.nonfinite_total += 1
+        self.nonfinite_in_a_row += 1
+        if self.config.nonfinite_policy == "error":
+            raise NonFiniteError(f"non-finite {what} (nonfinite_policy: error)")
+        if self.nonfinite_in_a_row >= self.config.max_nonfinite_in_a_row:
+            raise NonFiniteError(
+                f"non-finite {what} in {self.nonfinite_in_a_row} batches in a row (max_nonfinite_in_a_row): stopping"
+            )
+        logger.warning("non-finite %s: batch skipped, weights untouched", what)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather(tensor.to(self.device)).cpu()
+
+    def train_step_plan(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+        """`(num_samples, S)` step indices to train: an independent random subset of S steps per sample."""
+        steps = self.config.sample_num_steps
+        keep = self.config.num_train_steps
+        return torch.stack([torch.randperm(steps, generator=generator)[:keep] for _ in range(num_samples)])
+
+    # --------------------------------------------------------------- sampling
+    def local_prompts(self, epoch: int) -> List[str]:
+        config, acc = self.config, self.accelerator
+        prompts = self.prompts.epoch_prompts(epoch, config.sample_num_prompts_per_epoch, config.seed)
+        per_process = len(prompts) // acc.num_processes
+        mine = prompts[acc.process_index * per_process : (acc.process_index + 1) * per_process]
+        return [p for p in mine for _ in range(config.sample_images_per_prompt)]
+
+    @torch.no_grad()
+    def sample(self, epoch: int, prompts: List[str], compute_reference: bool, keep_reference_means: bool = False,
+               progress: bool = False) -> Trajectories:
+        config = self.config
+        generator = torch.Generator(self.device).manual_seed(
+            _seed_for(config.seed, epoch, self.accelerator.process_index, 1)
+        )
+        ids = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+        group_ids = torch.tensor([ids[p] for p in prompts], dtype=torch.long)
+        self.unet.eval()
+        batches = []
+        for start in tqdm(range(0, len(prompts), config.sample_batch_size), desc=f"epoch {epoch}: sampling",
+                          leave=False, disable=not progress):
+            chunk = prompts[start : start + config.sample_batch_size]
+            with self.accelerator.autocast():
+                batches.append(
+                    sample_trajectories(
+                        self.pipe,
+                        chunk,
+                        num_inference_steps=config.sample_num_steps,
+                        guidance_scale=config.sample_guidance_scale,
+                        eta=config.sample_eta,
+                        height=self.resolution,
+                        width=self.resolution,
+                        generator=generator,
+                        unet=self.unet,
+                        ref_unet=self.ref_unet,
+                        compute_reference=compute_reference,
+                        keep_reference_means=keep_reference_means,
+                        prompt_encoder=self.prompt_encoder,
+                        group_ids=group_ids[start : start + config.sample_batch_size],
+                    )
+                )
+        return concat_trajectories(batches)
+
+    def score(self, trajectories: Trajectories) -> Dict[str, torch.Tensor]:
+        metadata = [{"group_id": int(g)} for g in trajectories.group_ids]
+        rewards = self.reward_fn(trajectories.images, trajectories.prompts, metadata)
+        rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1).cpu()
+        if rewards.shape[0] != len(trajectories):
+            raise ValueError(f"the reward returned {rewards.shape[0]} scores for {len(trajectories)} images")
+        scores = {"reward": rewards}
+        for name, part in getattr(self.reward_fn, "last_parts", {}).items():
+            scores[f"reward_{name}"] = torch.as_tensor(part, dtype=torch.float32).reshape(-1).cpu()
+        if self.eval_reward_fn is not None:
+            scores["eval"] = torch.as_tensor(
+                self.eval_reward_fn(trajectories.images, trajectories.prompts, metadata), dtype=torch.float32
+            ).reshape(-1).cpu()
+        return scores
+
+    # ------------------------------------------------------------- the loop
+    def needs_reference(self) -> bool:
+        return self.config.sample_compute_kl
+
+    def keep_reference_means(self) -> bool:
+        return False
+
+    def train_on_samples(self, trajectories: Trajectories, rewards: torch.Tensor, all_rewards: torch.Tensor,
+                         all_prompts: List[str], epoch: int) -> Dict[str, float]:
+        raise NotImplementedError
+
+    def step(self, epoch: int, progress: bool = False) -> Dict[str, float]:
+        """One epoch: SAMPLING -> SCORING -> TRAINING. Returns the epoch's metrics."""
+        from accelerate.utils import gather_object
+
+        config, acc = self.config, self.accelerator
+        t0 = time.perf_counter()
+        prompts = self.local_prompts(epoch)
+
+        # ------------------------------------------------------------ SAMPLING
+        trajectories = self.sample(epoch, prompts, self.needs_reference(), self.keep_reference_means(), progress)
+        t1 = time.perf_counter()
+
+        # ------------------------------------------------------------- SCORING
+        scores = self.score(trajectories)
+        rewards = scores["reward"]
+        t2 = time.perf_counter()
+        all_rewards = self.gather(rewards)
+        all_prompts = gather_object(list(trajectories.prompts)) if acc.num_processes > 1 else list(prompts)
+        metrics = {"epoch": epoch, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item()}
+        for key, value in scores.items():
+            if key != "reward":
+                name = "eval_mean" if key == "eval" else f"{key}_mean"
+                metrics[name] = self.gather(value).mean().item()
+        if trajectories.kl_to_ref is not None:
+            metrics["kl_to_base"] = self.gather(trajectories.kl_to_ref.mean(dim=1)).mean().item()
+
+        # ------------------------------------------------------------ TRAINING
+        if not torch.isfinite(all_rewards).all():
+            self._record_nonfinite("reward")
+            metrics["skipped_nonfinite"] = 1.0
+        else:
+            self.unet.train()
+            metrics.update(self.train_on_samples(trajectories, rewards, all_rewards, all_prompts, epoch))
+            if metrics.get("skipped", 0) < 1:
+                self.nonfinite_in_a_row = 0
+        self.lr_scheduler.step()
+        t3 = time.perf_counter()
+        metrics.update(
+            lr=self.lr_scheduler.get_last_lr()[0],
+            nonfinite_total=self.nonfinite_total,
+            time_sample=t1 - t0,
+            time_reward=t2 - t1,
+            time_train=t3 - t2,
+            time_epoch=t3 - t0,
+            images=len(all_rewards),
+        )
+        return metrics
+
+    def train(self, progress: bool = True) -> List[Dict]:
+        """Runs epochs `first_epoch .. num_epochs - 1`, writing metrics, curves, grids, checkpoints and the result."""
+        config, acc = self.config, self.accelerator
+        if self.first_epoch == 0 and acc.is_main_process:
+            self.save_grid("grid_before.png")
+        bar = tqdm(range(self.first_epoch, config.num_epochs), desc=f"{self.algorithm}", disable=not (
+            progress and acc.is_local_main_process), initial=self.first_epoch, total=config.num_epochs)
+        for epoch in bar:
+            metrics = self.step(epoch)
+            self.metrics_history.append(metrics)
+            if acc.is_main_process:
+                with open(os.path.join(config.output_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.4f}", kl=f"{metrics.get('kl_to_base', 0):.2e}")
+                if epoch % config.log_every == 0:
+                    logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in metrics.items()))
+            if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.num_epochs:
+                self.save_checkpoint(epoch)
+        if acc.is_main_process:
+            self.save_final()
+            self.save_grid("grid_after.png")
+            self.plot()
+        acc.wait_for_everyone()
+        return self.metrics_history
+
+    # ----------------------------------------------------------------- outputs
+    @torch.no_grad()
+    def grid_images(self) -> torch.Tensor:
+        config = self.config
+        n = config.grid_num_images
+        source = config.grid_prompts or self.prompts.grid_prompts(n, config.seed)
+        prompts = [source[i % len(source)] for i in range(n)]
+        generator = torch.Generator(self.device).manual_seed(_seed_for(config.seed, 2**31))
+        self.unet.eval()
+        with self.accelerator.autocast():
+            trajectories = sample_trajectories(
+                self.pipe, prompts, config.sample_num_steps, config.sample_guidance_scale, config.sample_eta,
+                self.resolution, self.resolution, generator=generator, unet=self.unet,
+                prompt_encoder=self.prompt_encoder,
+            )
+        return trajectories.images
+
+    def save_grid(self, filename: str):
+        images = self.grid_images()
+        nrow = math.ceil(math.sqrt(len(images)))
+        image_grid(images, nrow=nrow, scale=grid_scale(self.resolution)).save(os.path.join(self.config.output_dir, filename))
+        before = os.path.join(self.config.output_dir, "grid_before.png")
+        if filename == "grid_after.png" and os.path.exists(before):
+            from PIL import Image
+
+            combined = labelled_rows([Image.open(before).convert("RGB"), image_grid(images, nrow=nrow, scale=grid_scale(
+                self.resolution))], ["before", "after"], label_width=60)
+            combined.save(os.path.join(self.config.output_dir, "grid_before_after.png"))
+
+    def plot(self):
+        records = self.read_metrics()
+        keys = ["reward_mean", "eval_mean", "kl_to_base", "loss"]
+        keys += sorted({k for r in records for k in r if k.startswith("reward_") and k.endswith("_mean")} - {"reward_mean"})
+        plot_metrics(records, keys, os.path.join(self.config.output_dir, "reward_curve.png"),
+                     title=f"{self.algorithm.upper()} on {os.path.basename(str(self.config.model))}")
+
+    def read_metrics(self) -> List[Dict]:
+        path = os.path.join(self.config.output_dir, "metrics.jsonl")
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def save_final(self):
+        """`final/pytorch_lora_weights.safetensors` (LoRA) or `final/unet/` (full UNet), written atomically."""
+        unet = unwrap(self.unet)
+        final = os.path.join(self.config.output_dir, "final")
+        if self.config.use_lora:
+            atomic_save_dir(lambda tmp: save_lora(unet, tmp), final)
+        else:
+            atomic_save_dir(lambda tmp: unet.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True), final)
+        with open(os.path.join(self.config.output_dir, "config.json"), "w") as f:
+            json.dump(self.config.to_dict(), f, indent=1, default=str)
+
+    # ------------------------------------------------------- checkpoint/resume
+    def trainable_state(self) -> Dict[str, torch.Tensor]:
+        names = {id(p): n for n, p in unwrap(self.unet).named_parameters()}
+        return {names[id(p)]: p.detach() for p in self.trainable_params}
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict):
+        pass
+
+    def save_checkpoint(self, epoch: int):
+        acc = self.accelerator
+        rng = {
+            "torch": torch.get_rng_state(),
+            "numpy": _numpy_state_to_list(np.random.get_state()),
+            "python": random.getstate(),
+        }
+        if acc.is_main_process:
+            states = {
+                "model": self.trainable_state(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.lr_scheduler.state_dict(),
+                "rng": rng,
+                "trainer": {"epoch": epoch, "nonfinite_total": self.nonfinite_total,
+                            "nonfinite_in_a_row": self.nonfinite_in_a_row, **self.extra_state()},
+            }
+            save_checkpoint(self.config.output_dir, epoch, states, self.config.hash(), self.config.checkpoints_total_limit)
+        acc.wait_for_everyone()
+
+    def _resume(self, path: str):
+        checkpoint, manifest = find_resumable(path)
+        if manifest["config_hash"] != self.config.hash():
+            raise CheckpointError(
+                f"checkpoint '{checkpoint}' was written with a different configuration (hash {manifest['config_hash']}"
+                f" vs {self.config.hash()}): resume with the run's original settings"
+            )
+        states = load_checkpoint(checkpoint)
+        params = dict(unwrap(self.unet).named_parameters())
+        for name, value in states["model"].items():
+            params[name].data.copy_(value)
+        self.optimizer.state_dict()  # materialise accelerate's wrapper before loading
+        self.optimizer.load_state_dict(states["optimizer"])
+        self.lr_scheduler.load_state_dict(states["scheduler"])
+        rng = states["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(_numpy_state_from_list(rng["numpy"]))
+        random.setstate(_to_tuple(rng["python"]))
+        trainer = states["trainer"]
+        self.first_epoch = trainer["epoch"] + 1
+        self.nonfinite_total = trainer["nonfinite_total"]
+        self.nonfinite_in_a_row = trainer["nonfinite_in_a_row"]
+        self.load_extra_state(trainer)
+        # metrics.jsonl may hold epochs after the checkpoint (the run was killed later): drop them.
+        if self.accelerator.is_main_process:
+            records = [r for r in self.read_metrics() if r["epoch"] < self.first_epoch]
+            with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            self.metrics_history = records
+        logger.info("resumed from %s at epoch %d", checkpoint, self.first_epoch)
+
+
+def _numpy_state_to_list(state) -> list:
+    name, keys, pos, has_gauss, cached = state
+    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
+def _numpy_state_from_list(state) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return name, keys.numpy().astype(np.uint32), pos, has_gauss, cached
+
+
+def _to_tuple(value):
+    return tuple(_to_tuple(v) for v in value) if isinstance(value, list) else value
+
+
+def concat_trajectories(batches: List[Trajectories]) -> Trajectories:
+    if len(batches) == 1:
+        return batches[0]
+    first = batches[0]
+    values = {}
+    for name in first.__dataclass_fields__:
+        items = [getattr(b, name) for b in batches]
+        if name == "timesteps":
+            values[name] = items[0]
+        elif items[0] is None:
+            values[name] = None
+        elif name == "prompts":
+            values[name] = [p for item in items for p in item]
+        else:
+            values[name] = torch.cat(items)
+    return Trajectories(**values)

@@ -1,0 +1,109 @@
+"""DDPO (Black et al., "Training Diffusion Models with Reinforcement Learning", ICLR 2024) with PPO clipping."""
+
+from typing import Dict, List
+
+import torch
+
+from ..advantages import PerPromptStatTracker, batch_advantages, group_advantages
+from ..config import DDPOConfig
+from ..logprob import gaussian_kl
+from ..losses import ppo_clipped_loss
+from ..rollout import Trajectories, step_log_probs
+from .base import BaseTrainer, _seed_for
+
+
+class DDPOTrainer(BaseTrainer):
+    """Policy-gradient fine-tuning over denoising steps: advantages per prompt (DDPO), per group (GRPO) or per
+    batch; the PPO-clipped surrogate over per-step ratios; an optional KL penalty to the base model.
+
+    ```python
+    from diffalign import DDPOConfig, DDPOTrainer
+
+    config = DDPOConfig(model="digits", reward="digit_correctness", prompt_fn="digits", num_epochs=20)
+    DDPOTrainer(config).train()
+    ```
+    """
+
+    algorithm = "ddpo"
+
+    def __init__(self, config: DDPOConfig, *args, **kwargs):
+        self.stat_tracker = PerPromptStatTracker(config.per_prompt_buffer_size, config.per_prompt_min_count)
+        super().__init__(config, *args, **kwargs)
+
+    def needs_reference(self) -> bool:
+        return self.config.sample_compute_kl or self.config.train_kl_coef > 0
+
+    def keep_reference_means(self) -> bool:
+        return self.config.train_kl_coef > 0
+
+    def advantages(self, trajectories: Trajectories, rewards, all_rewards, all_prompts) -> torch.Tensor:
+        """Per-sample advantages of this process's samples (statistics use every process's rewards)."""
+        config, acc = self.config, self.accelerator
+        if config.advantage_mode == "per_prompt":
+            all_advantages = self.stat_tracker.update(all_prompts, all_rewards)
+            n = len(trajectories)
+            advantages = all_advantages[acc.process_index * n : (acc.process_index + 1) * n]
+        elif config.advantage_mode == "group":
+            advantages = group_advantages(rewards, trajectories.group_ids, config.group_global_std)
+        else:
+            advantages = batch_advantages(all_rewards)
+            n = len(trajectories)
+            advantages = advantages[acc.process_index * n : (acc.process_index + 1) * n]
+        return advantages.clamp(-config.train_adv_clip_max, config.train_adv_clip_max)
+
+    def train_on_samples(self, trajectories, rewards, all_rewards, all_prompts: List[str], epoch: int) -> Dict:
+        config = self.config
+        advantages = self.advantages(trajectories, rewards, all_rewards, all_prompts).to(self.device)
+        trajectories = trajectories.to(self.device)
+        generator = torch.Generator().manual_seed(_seed_for(config.seed, epoch, self.accelerator.process_index, 2))
+        scheduler = self.pipe.scheduler
+        num_samples = len(trajectories)
+        totals = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "kl_penalty": 0.0, "grad_norm": 0.0, "skipped": 0.0}
+        num_updates = 0
+
+        for _ in range(config.train_num_inner_epochs):
+            order = torch.randperm(num_samples, generator=generator)
+            plan = self.train_step_plan(num_samples, generator)  # (num_samples, S)
+            for start in range(0, num_samples, config.train_batch_size):
+                samples = order[start : start + config.train_batch_size]
+                rows = samples.repeat_interleave(plan.shape[1])  # (b * S,)
+                steps = plan[samples].reshape(-1)
+                stats = self._accumulate(trajectories, advantages, rows, steps, scheduler)
+                stats.update(self.optimizer_step())
+                for key in totals:
+                    totals[key] += stats.get(key, 0.0)
+                num_updates += 1
+        return {key: value / max(num_updates, 1) for key, value in totals.items()}
+
+    def _accumulate(self, trajectories, advantages, rows, steps, scheduler) -> Dict[str, float]:
+        """Forward+backward of one optimizer step's (sample, step) rows, in micro-batches; returns averages."""
+        config = self.config
+        total = rows.shape[0]
+        stats = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "kl_penalty": 0.0}
+        for start in range(0, total, config.train_micro_batch_size):
+            r = rows[start : start + config.train_micro_batch_size].to(self.device)
+            s = steps[start : start + config.train_micro_batch_size].to(self.device)
+            weight = r.shape[0] / total
+            with self.accelerator.autocast():
+                log_probs, mean, std = step_log_probs(
+                    self.unet, scheduler, trajectories, r, s, config.sample_guidance_scale, config.sample_eta
+                )
+            out = ppo_clipped_loss(log_probs, trajectories.log_probs[r, s], advantages[r], config.train_clip_range)
+            loss = out["loss"]
+            if config.train_kl_coef > 0:
+                kl = gaussian_kl(mean, trajectories.ref_means[r, s], std).mean()
+                loss = loss + config.train_kl_coef * kl
+                stats["kl_penalty"] += kl.item() * weight
+            # A non-finite loss gives a non-finite gradient norm, and `optimizer_step` then skips the update.
+            self.backward(loss * weight)
+            stats["loss"] += out["loss"].item() * weight
+            stats["approx_kl"] += out["approx_kl"].item() * weight
+            stats["clipfrac"] += out["clipfrac"].item() * weight
+        return stats
+
+    def extra_state(self) -> dict:
+        return {"stat_tracker": self.stat_tracker.state_dict()}
+
+    def load_extra_state(self, state: dict):
+        if "stat_tracker" in state:
+            self.stat_tracker.load_state_dict(state["stat_tracker"])
