@@ -31,7 +31,12 @@ REWARDS: Dict[str, Callable[..., RewardFn]] = {}
 
 # Built-in rewards live in these modules; they are imported on first lookup so that
 # `import diffalign.rewards` stays cheap and optional extras are only needed when used.
-_BUILTIN_MODULES = ["diffalign.rewards.jpeg", "diffalign.rewards.digits", "diffalign.rewards.clip_rewards", "diffalign.rewards.hpsv2"]
+_BUILTIN_MODULES = [
+    "diffalign.rewards.jpeg",
+    "diffalign.rewards.digits",
+    "diffalign.rewards.clip_rewards",
+    "diffalign.rewards.hpsv2",
+]
 
 __all__ = [
     "REWARDS",
@@ -159,9 +164,12 @@ class RewardMixture:
             self.parts[name] = get_reward(name, **options)
         self.last_parts: Dict[str, torch.Tensor] = {}
 
-    def __call__(self, images: torch.Tensor, prompts: List[str], metadata: Optional[List[dict]] = None) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, prompts: List[str], metadata: Optional[List[dict]] = None
+    ) -> torch.Tensor:
         self.last_parts = {
-            name: torch.as_tensor(fn(images, prompts, metadata)).detach().float().cpu() for name, fn in self.parts.items()
+            name: torch.as_tensor(fn(images, prompts, metadata)).detach().float().cpu()
+            for name, fn in self.parts.items()
         }
         total = torch.zeros(images.shape[0], dtype=torch.float32)
         for name, value in self.last_parts.items():

@@ -41,7 +41,9 @@ def _first_line(error: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def weights_not_found(reward: str, argument: str, name_or_path: str, default: str, reason: str = "") -> RewardWeightsNotFoundError:
+def weights_not_found(
+    reward: str, argument: str, name_or_path: str, default: str, reason: str = ""
+) -> RewardWeightsNotFoundError:
     """Builds the one-line error telling the user what to download and which argument to point at it."""
     reason = f" ({reason})" if reason else ""
     return RewardWeightsNotFoundError(
@@ -263,7 +265,9 @@ class CLIPSimilarityScorer(_OnImagesDevice):
         tokens = self.tokenizer(
             prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
-        pooled = self.model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
+        pooled = self.model.text_model(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+        ).pooler_output
         embeddings = self.model.text_projection(pooled)
         return embeddings / embeddings.norm(dim=-1, keepdim=True)
 
@@ -321,7 +325,9 @@ def aesthetic(
         default=CLIP_VIT_L14,
     )
     vision_model = _load_clip_vision_model(model, "aesthetic", CLIP_VIT_L14, resolve_dtype(dtype))
-    scorer = AestheticScorer(vision_model, head_module, preprocess_kwargs_from_image_processor(image_processor), batch_size)
+    scorer = AestheticScorer(
+        vision_model, head_module, preprocess_kwargs_from_image_processor(image_processor), batch_size
+    )
     if device is not None:
         scorer._follow(torch.device(device))
     return scorer
@@ -385,7 +391,9 @@ def clip_score(
         dtype (`str` or `torch.dtype`, *optional*): Model dtype (default float32).
         batch_size (`int`, *optional*): Maximum images per forward pass.
     """
-    clip_processor = _load_processor(processor or model, "clip_score", CLIP_VIT_L14, "processor" if processor else "model")
+    clip_processor = _load_processor(
+        processor or model, "clip_score", CLIP_VIT_L14, "processor" if processor else "model"
+    )
     clip_model = _load_clip_model(model, "clip_score", CLIP_VIT_L14, resolve_dtype(dtype))
     scorer = CLIPSimilarityScorer(
         clip_model,

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from . import MissingRewardDependencyError, RewardWeightsNotFoundError, register_reward
-from .clip_rewards import _check_prompts, _batches, _first_line, _OnImagesDevice, resolve_dtype
+from .clip_rewards import _batches, _check_prompts, _first_line, _OnImagesDevice, resolve_dtype
 from .preprocessing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize_longest_side_and_pad
 
 HPS_REPO = "xswu/HPSv2"
@@ -89,7 +89,8 @@ def load_hps_state_dict(path: str) -> Dict[str, torch.Tensor]:
         except Exception as error:
             raise ValueError(
                 f"cannot read '{path}' as plain tensors (weights_only=True): {_first_line(error)}. "
-                "diffalign never unpickles arbitrary objects; convert the checkpoint to .safetensors in a trusted environment."
+                "diffalign never unpickles arbitrary objects; "
+                "convert the checkpoint to .safetensors in a trusted environment."
             ) from None
         state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if not isinstance(state_dict, dict) or not state_dict:
