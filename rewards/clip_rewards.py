@@ -337,6 +337,7 @@ def aesthetic(
 def pickscore(
     model: str = PICKSCORE_MODEL,
     processor: str = PICKSCORE_PROCESSOR,
+    scale: Optional[float] = None,
     device: Optional[Union[str, torch.device]] = None,
     dtype: Union[None, str, torch.dtype] = None,
     batch_size: Optional[int] = None,
@@ -344,12 +345,16 @@ def pickscore(
     """PickScore (Kirstain et al., 2023): `logit_scale.exp() * cos(image, text)`, about 18-24 for SD images.
 
     Same computation as the reference code of `yuvalkirstain/PickScore_v1` (CLIP ViT-H/14 fine-tuned on
-    Pick-a-Pic) with the processor of `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`.
+    Pick-a-Pic) with the processor of `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`. PickScore_v1's
+    `logit_scale.exp()` is about 100; DRaFT and PRDP report (and weight their reward mixtures with) the score
+    divided by 100, about 0.22: pass `scale=1.0` for that.
 
     Args:
         model (`str`, *optional*, defaults to `"yuvalkirstain/PickScore_v1"`): Model directory or hub id.
         processor (`str`, *optional*, defaults to `"laion/CLIP-ViT-H-14-laion2B-s32B-b79K"`):
             Processor (tokenizer + image processor) directory or hub id.
+        scale (`float`, *optional*):
+            Multiplier of the cosine; by default the model's `logit_scale.exp()` (the reference score).
         device (`str` or `torch.device`, *optional*): Device to load the model on; by default it follows the images.
         dtype (`str` or `torch.dtype`, *optional*): Model dtype (default float32).
         batch_size (`int`, *optional*): Maximum images per forward pass.
@@ -360,7 +365,7 @@ def pickscore(
         clip_model,
         clip_processor.tokenizer,
         preprocess_kwargs_from_image_processor(clip_processor.image_processor),
-        scale=None,
+        scale=None if scale is None else float(scale),
         batch_size=batch_size,
         name="pickscore",
     )

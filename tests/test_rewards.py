@@ -340,6 +340,9 @@ def test_pickscore_matches_reference_computation(clip_dir, reference_clip):
     text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
     expected = model.logit_scale.exp() * (image_embeds * text_embeds).sum(-1)
     torch.testing.assert_close(scores, expected.detach(), atol=2e-3, rtol=1e-3)
+    # DRaFT/PRDP scale (cosine, i.e. the score / logit_scale.exp())
+    cosine = get_reward("pickscore", model=clip_dir, processor=clip_dir, scale=1.0)(images, PROMPTS)
+    torch.testing.assert_close(cosine, scores / model.logit_scale.exp().item(), atol=1e-5, rtol=1e-4)
 
 
 def test_clip_score_scale_and_prompt_checks(clip_dir):
