@@ -55,13 +55,8 @@ def write_clip_vocab(directory: str) -> tuple:
     return vocab_path, merges_path
 
 
-def offline_clip_tokenizer(model_max_length: int = 77):
-    """Returns a `transformers.CLIPTokenizer` with CLIP's real vocabulary, built without network access.
-
-    Args:
-        model_max_length (`int`, *optional*, defaults to 77):
-            Prompts are padded and truncated to this many tokens (77 for Stable Diffusion).
-    """
+@lru_cache(maxsize=4)
+def _cached_tokenizer(model_max_length: int):
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,3 +65,15 @@ def offline_clip_tokenizer(model_max_length: int = 77):
         tokenizer = CLIPTokenizer(vocab=vocab_path, merges=merges_path)
     tokenizer.model_max_length = model_max_length
     return tokenizer
+
+
+def offline_clip_tokenizer(model_max_length: int = 77):
+    """Returns a `transformers.CLIPTokenizer` with CLIP's real vocabulary, built without network access.
+
+    Args:
+        model_max_length (`int`, *optional*, defaults to 77):
+            Prompts are padded and truncated to this many tokens (77 for Stable Diffusion).
+    """
+    import copy
+
+    return copy.deepcopy(_cached_tokenizer(model_max_length))

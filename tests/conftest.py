@@ -26,9 +26,17 @@ def tiny_model_dir(tmp_path_factory):
     return save_tiny_sd_pipeline(str(tmp_path_factory.mktemp("tiny_sd")))
 
 
-@pytest.fixture
-def tiny_pipe():
+@pytest.fixture(scope="session")
+def _tiny_pipe_template():
     from diffalign.testing import tiny_sd_pipeline
 
-    torch.manual_seed(0)
     return tiny_sd_pipeline()
+
+
+@pytest.fixture
+def tiny_pipe(_tiny_pipe_template):
+    """A fresh copy of a tiny random `StableDiffusionPipeline` (tests may add adapters or train it)."""
+    import copy
+
+    torch.manual_seed(0)
+    return copy.deepcopy(_tiny_pipe_template)

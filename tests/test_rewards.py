@@ -260,6 +260,8 @@ def test_mixture_is_weighted_sum_of_parts(tmp_path, monkeypatch):
     torch.testing.assert_close(same(images, PROMPTS[:3]), -pil_jpeg_kb(images, 50))
     with pytest.raises(ValueError, match="weight"):
         get_reward({"jpeg_compressibility": {"quality": 50}})
+    with pytest.raises(ValueError, match="not parts of the mixture"):
+        get_reward({"jpeg_compressibility": 1.0}, jpeg_compresibility={"quality": 50})  # typo
 
 
 # --------------------------------------------------------------------------------------------------

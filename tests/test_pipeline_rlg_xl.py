@@ -1,0 +1,179 @@
+"""StableDiffusionXLRLGPipeline on tiny SDXL components: identities against StableDiffusionXLPipeline."""
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from diffalign.pipelines import StableDiffusionXLRLGPipeline
+from diffalign.testing import perturbed_unet
+from diffalign.tokenization import BOS_TOKEN_ID, EOS_TOKEN_ID, VOCAB_SIZE, offline_clip_tokenizer
+
+PIPELINE_FILE = os.path.join(os.path.dirname(__file__), "..", "pipelines", "pipeline_stable_diffusion_xl_rlg.py")
+PROMPT = "a photo of a cat"
+ATOL = 1e-4
+
+
+def tiny_sdxl_components(seed=0):
+    """Tiny random SDXL components, after diffusers' own SDXL tests (two CLIP text encoders, text-time embedding)."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,  # 6 time ids * 8 + pooled text embedding (32)
+        cross_attention_dim=64,  # both text encoders' hidden states, concatenated
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    config = CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        projection_dim=32,
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=77,
+        bos_token_id=BOS_TOKEN_ID,
+        eos_token_id=EOS_TOKEN_ID,
+        pad_token_id=EOS_TOKEN_ID,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(config)
+    text_encoder_2 = CLIPTextModelWithProjection(config)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": offline_clip_tokenizer(),
+        "tokenizer_2": offline_clip_tokenizer(),
+        "scheduler": scheduler,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def add_lora(unet, seed=0, std=0.1):
+    config = LoraConfig(
+        r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+    )
+    unet.add_adapter(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.copy_(std * torch.randn(param.shape, generator=generator))
+    return unet
+
+
+def xl(cls, components, **kwargs):
+    pipe = cls(**components, **kwargs, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, **kwargs):
+    kwargs = {"num_inference_steps": 2, "output_type": "np", "generator": torch.Generator("cpu").manual_seed(0), **kwargs}
+    return pipe(PROMPT, **kwargs).images
+
+
+@pytest.fixture(scope="module")
+def components():
+    return tiny_sdxl_components()
+
+
+def test_full_weight_identities(components):
+    aligned = perturbed_unet(components["unet"])
+    pipe = xl(StableDiffusionXLRLGPipeline, components, aligned_unet=aligned)
+    base = run(xl(StableDiffusionXLPipeline, components))
+    aligned_images = run(xl(StableDiffusionXLPipeline, {**components, "unet": aligned}))
+    assert np.abs(base - aligned_images).max() > 1e-2
+    np.testing.assert_allclose(run(pipe, rlg_scale=0.0), base, atol=ATOL)
+    np.testing.assert_allclose(run(pipe, rlg_scale=1.0), aligned_images, atol=ATOL)
+    # guidance happens inside each model, so w = 0.5 lies between, not on either
+    half = run(pipe, rlg_scale=0.5)
+    assert np.abs(half - base).max() > 1e-3 and np.abs(half - aligned_images).max() > 1e-3
+
+
+def test_lora_single_pass_two_pass_and_user_path(components, tmp_path):
+    lora_components = {**components, "unet": add_lora(copy.deepcopy(components["unet"]))}
+    pipe = xl(StableDiffusionXLRLGPipeline, lora_components)
+
+    base = run(xl(StableDiffusionXLPipeline, components))
+    np.testing.assert_allclose(run(pipe, rlg_scale=0.0), base, atol=ATOL)
+    fused = xl(StableDiffusionXLPipeline, {**lora_components, "unet": copy.deepcopy(lora_components["unet"])})
+    fused.fuse_lora()
+    np.testing.assert_allclose(run(pipe, rlg_scale=1.0), run(fused), atol=ATOL)
+
+    rows = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    single = run(pipe, rlg_scale=1.5, output_type="latent")
+    double = run(pipe, rlg_scale=1.5, output_type="latent", rlg_single_pass=False)
+    handle.remove()
+    assert rows == [4, 4] + [2, 2, 2, 2]
+    torch.testing.assert_close(single, double, atol=ATOL, rtol=0)
+
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    StableDiffusionXLPipeline.save_lora_weights(
+        str(tmp_path),
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(lora_components["unet"])),
+    )
+    loaded = xl(StableDiffusionXLRLGPipeline, components)
+    with pytest.raises(ValueError, match="needs an aligned model"):
+        run(loaded, rlg_scale=1.5)
+    loaded.load_lora_weights(str(tmp_path), adapter_name="reward")
+    torch.testing.assert_close(run(loaded, rlg_scale=1.5, output_type="latent"), single, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="Unknown LoRA adapter"):
+        run(loaded, rlg_scale={"typo": 1.0})
+    with pytest.raises(ValueError, match="has 3 values, but the sampler runs 2 steps"):
+        run(loaded, rlg_scale=[1.0, 1.0, 1.0])
+
+
+def test_custom_pipeline_loading(components, tmp_path):
+    xl(StableDiffusionXLPipeline, components).save_pretrained(str(tmp_path), safe_serialization=True)
+    pipe = DiffusionPipeline.from_pretrained(
+        str(tmp_path), custom_pipeline=os.path.abspath(PIPELINE_FILE), trust_remote_code=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe).__name__ == "StableDiffusionXLRLGPipeline" and pipe.aligned_unet is None
+    assert run(pipe).shape == (1, 32, 32, 3)

@@ -1,0 +1,119 @@
+import copy
+
+import pytest
+import torch
+
+from diffalign.config import DDPOConfig, PRDPConfig
+from diffalign.rollout import step_log_probs
+from diffalign.trainers import DDPOTrainer, PRDPTrainer
+
+
+def brightness(images, prompts, metadata=None):
+    return images.mean(dim=(1, 2, 3)).float().cpu()
+
+
+def tiny_config(cls, tmp_path, **overrides):
+    settings = dict(
+        model="unused", output_dir=str(tmp_path / "run"), prompts=["a cat", "a dog"], num_epochs=1,
+        sample_num_steps=3, sample_guidance_scale=3.0, sample_num_prompts_per_epoch=2, sample_images_per_prompt=2,
+        sample_batch_size=4, grid_num_images=2, train_learning_rate=1e-2,
+    )
+    settings.update(overrides)
+    return cls(**settings)
+
+
+def lora_weights(trainer):
+    return [p.detach().clone() for p in trainer.trainable_params]
+
+
+def test_ddpo_epoch_changes_only_the_lora(tmp_path, tiny_pipe):
+    config = tiny_config(DDPOConfig, tmp_path, train_batch_size=2, advantage_mode="group", train_clip_range=0.2)
+    base = {n: p.detach().clone() for n, p in tiny_pipe.unet.named_parameters()}
+    trainer = DDPOTrainer(config, pipeline=tiny_pipe, reward_fn=brightness)
+    before = lora_weights(trainer)
+    metrics = trainer.step(0)
+    for key in ("reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "kl_to_base", "time_epoch"):
+        assert key in metrics
+    assert any(not torch.equal(a, b) for a, b in zip(before, lora_weights(trainer)))
+    for name, param in trainer.pipe.unet.named_parameters():
+        if "lora" not in name:
+            torch.testing.assert_close(param.detach(), base[name.replace(".base_layer", "")])
+
+
+def test_ddpo_full_unet_with_kl_penalty(tmp_path, tiny_pipe):
+    config = tiny_config(DDPOConfig, tmp_path, use_lora=False, train_batch_size=4, train_kl_coef=0.1,
+                         train_learning_rate=1e-3, advantage_mode="batch")
+    trainer = DDPOTrainer(config, pipeline=tiny_pipe, reward_fn=brightness)
+    assert trainer.ref_unet is not None
+    before = copy.deepcopy(trainer.pipe.unet.state_dict())
+    trainer.step(0)
+    metrics = trainer.step(1)
+    assert metrics["kl_penalty"] > 0 and metrics["kl_to_base"] > 0
+    changed = [k for k, v in trainer.pipe.unet.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed
+
+
+def implicit_rewards(trainer, traj):
+    n, steps = len(traj), traj.num_steps
+    rows, step_index = torch.arange(n).repeat_interleave(steps), torch.arange(steps).repeat(n)
+    with torch.no_grad():
+        log_probs, _, _ = step_log_probs(trainer.unet, trainer.pipe.scheduler, traj, rows, step_index,
+                                         trainer.config.sample_guidance_scale, trainer.config.sample_eta)
+    return (log_probs.view(n, steps) - traj.ref_log_probs).mean(dim=1)
+
+
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_one_prdp_update_raises_the_implicit_reward_of_the_better_image(tmp_path, tiny_pipe, two_pass):
+    config = tiny_config(PRDPConfig, tmp_path, prompts=["a cat"], sample_num_prompts_per_epoch=1,
+                         train_num_inner_epochs=1, train_beta=1.0, train_clip_eps=1.0, train_learning_rate=1e-3,
+                         train_two_pass=two_pass, train_micro_batch_size=2)
+    trainer = PRDPTrainer(config, pipeline=tiny_pipe, reward_fn=brightness)
+    traj = trainer.sample(0, ["a cat", "a cat"], compute_reference=True)
+    rewards = torch.tensor([1.0, 0.0])
+    before = implicit_rewards(trainer, traj)
+    trainer.unet.train()
+    metrics = trainer.train_on_samples(traj, rewards, rewards, traj.prompts, 0)
+    after = implicit_rewards(trainer, traj)
+    assert metrics["loss"] > 0
+    assert (after[0] - after[1]) > (before[0] - before[1])
+
+
+def test_prdp_two_pass_gradient_equals_single_pass(tmp_path, tiny_pipe):
+    config = tiny_config(PRDPConfig, tmp_path, train_clip_eps=1e-3, train_beta=0.1, train_micro_batch_size=3)
+    trainer = PRDPTrainer(config, pipeline=tiny_pipe, reward_fn=brightness)
+    traj = trainer.sample(0, ["a cat"] * 2 + ["a dog"] * 2, compute_reference=True)
+    rewards = torch.tensor([0.3, 0.1, 0.5, 0.9])
+    samples = torch.arange(4)
+    plan = torch.tensor([[0, 2], [1, 2], [0, 1], [2, 0]])
+    grads = []
+    for update in (trainer._single_pass_update, trainer._two_pass_update):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        update(traj, rewards, samples, plan)
+        grads.append(torch.cat([p.grad.reshape(-1) for p in trainer.trainable_params]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_nan_reward_is_skipped_without_touching_weights(tmp_path, tiny_pipe):
+    def nan_reward(images, prompts, metadata=None):
+        return torch.full((images.shape[0],), float("nan"))
+
+    config = tiny_config(DDPOConfig, tmp_path, train_batch_size=2, max_nonfinite_in_a_row=2)
+    trainer = DDPOTrainer(config, pipeline=tiny_pipe, reward_fn=nan_reward)
+    before = lora_weights(trainer)
+    metrics = trainer.step(0)
+    assert metrics["skipped_nonfinite"] == 1.0 and metrics["nonfinite_total"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, lora_weights(trainer)))
+    from diffalign.trainers import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="2 batches in a row"):
+        trainer.step(1)
+
+
+def test_nan_gradient_is_skipped(tmp_path, tiny_pipe):
+    config = tiny_config(DDPOConfig, tmp_path, train_batch_size=4, advantage_mode="batch")
+    trainer = DDPOTrainer(config, pipeline=tiny_pipe, reward_fn=brightness)
+    trainer.trainable_params[0].register_hook(lambda grad: grad * float("nan"))
+    before = lora_weights(trainer)
+    metrics = trainer.step(0)
+    assert metrics["skipped"] == 1.0 and trainer.nonfinite_total == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, lora_weights(trainer)))
