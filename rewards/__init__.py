@@ -155,6 +155,9 @@ class RewardMixture:
     def __init__(self, weights: Mapping[str, Union[float, Mapping]], **kwargs):
         if not weights:
             raise ValueError("a reward mixture needs at least one reward")
+        unknown = sorted(set(kwargs) - set(weights))
+        if unknown:
+            raise ValueError(f"options given for {unknown}, which are not parts of the mixture {sorted(weights)}")
         self.weights: Dict[str, float] = {}
         self.parts: Dict[str, RewardFn] = {}
         for name, value in weights.items():
