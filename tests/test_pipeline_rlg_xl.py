@@ -158,7 +158,7 @@ def test_lora_single_pass_two_pass_and_user_path(components, tmp_path):
         str(tmp_path),
         unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(lora_components["unet"])),
     )
-    loaded = xl(StableDiffusionXLRLGPipeline, components)
+    loaded = xl(StableDiffusionXLRLGPipeline, {**components, "unet": copy.deepcopy(components["unet"])})
     with pytest.raises(ValueError, match="needs an aligned model"):
         run(loaded, rlg_scale=1.5)
     loaded.load_lora_weights(str(tmp_path), adapter_name="reward")
