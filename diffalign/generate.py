@@ -1,0 +1,236 @@
+"""`diffalign generate`: sample a base model and its aligned version at several RLG scales, side by side.
+
+Writes, under `--output-dir`:
+- `rlg_grid.png`: one row per RLG scale, the same prompts and seeds in every row;
+- with `--reward NAME`: `rlg_rewards.json` (one entry per scale: mean, std and every image's reward), the same table
+  on stdout, and `rlg_rewards.png` (reward against scale).
+
+Example:
+    diffalign generate --model digits --lora runs/digits-prdp/lora --rlg-scale 0 0.5 1 1.5 2 \\
+        --reward digit_correctness --num-images 4 --output-dir runs/rlg
+"""
+
+import argparse
+import json
+import logging
+import os
+from typing import Dict, List, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SCALES = [0.0, 0.5, 1.0, 1.5, 2.0]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the `generate` options to `parser` (the CLI's `generate` subcommand)."""
+    parser.add_argument("--model", default="digits", help="diffusers model directory, or a bundled name (digits)")
+    parser.add_argument("--lora", default=None, help="LoRA directory (pytorch_lora_weights.safetensors) = aligned")
+    parser.add_argument("--aligned-unet", default=None, help="fully fine-tuned UNet directory (or model dir with unet/)")
+    parser.add_argument("--prompt", action="append", default=None, help="a prompt; repeat for several")
+    parser.add_argument(
+        "--rlg-scale", type=float, nargs="+", default=DEFAULT_SCALES, help="RLG scales, one grid row each"
+    )
+    parser.add_argument("--reward", default=None, help="reward name (see diffalign.rewards) to score every image")
+    parser.add_argument("--num-images", type=int, default=4, help="images per prompt (seeds seed..seed+N-1)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
+    parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance inside each model")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rlg-start", type=float, default=0.0, help="fraction of steps where RLG starts")
+    parser.add_argument("--rlg-stop", type=float, default=1.0, help="fraction of steps where RLG stops")
+    parser.add_argument("--two-pass", action="store_true", help="one UNet forward per model instead of one batched")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--output-dir", default=os.path.join("runs", "generate"))
+    return parser
+
+
+def _resolve_model(name_or_path: str) -> str:
+    """The local diffusers directory of `name_or_path`: `digits` is the bundled model, anything else a directory.
+
+    Raises a `ValueError` (`diffalign.modeling.ModelError`) naming what is missing.
+    """
+    from diffalign.modeling import resolve_model_path
+
+    return resolve_model_path(name_or_path)
+
+
+def _default_prompts(model: str) -> List[str]:
+    from diffalign.prompts import DIGIT_WORDS, PromptError
+
+    if model == "digits":
+        return [f"a handwritten digit {word}" for word in DIGIT_WORDS]
+    raise PromptError("no --prompt given (only the bundled 'digits' model has default prompts)")
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> Dict:
+    # diffusers renamed `torch_dtype` to `dtype` (and deprecated the old name) in 0.42
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else {"torch_dtype": dtype}
+
+
+def _load_aligned_unet(path: str, dtype: torch.dtype):
+    from diffusers import UNet2DConditionModel
+
+    from diffalign.modeling import ModelError
+
+    if os.path.isfile(os.path.join(path, "unet", "config.json")):
+        return UNet2DConditionModel.from_pretrained(path, subfolder="unet", **_dtype_kwargs(dtype))
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return UNet2DConditionModel.from_pretrained(path, **_dtype_kwargs(dtype))
+    raise ModelError(f"--aligned-unet '{path}' is neither a UNet directory nor a model directory with unet/")
+
+
+def load_rlg_pipeline(
+    model: str,
+    lora: Optional[str] = None,
+    aligned_unet: Optional[str] = None,
+    device: Optional[str] = None,
+    dtype: str = "auto",
+):
+    """A `StableDiffusionRLGPipeline` for `model` with its aligned version (LoRA and/or fully fine-tuned UNet)."""
+    from diffalign.pipelines import StableDiffusionRLGPipeline
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        dtype = "float16" if str(device).startswith("cuda") else "float32"
+    torch_dtype = getattr(torch, dtype)
+    pipe = StableDiffusionRLGPipeline.from_pretrained(
+        _resolve_model(model),
+        **_dtype_kwargs(torch_dtype),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if aligned_unet:
+        pipe.register_modules(aligned_unet=_load_aligned_unet(aligned_unet, torch_dtype))
+    if lora:
+        from diffalign.modeling import load_lora_into_pipeline
+
+        load_lora_into_pipeline(pipe, lora, adapter_name="aligned")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@torch.no_grad()
+def sample_scales(pipe, prompts: List[str], scales: List[float], num_images: int, seed: int, **call_kwargs) -> Dict:
+    """Images `[len(prompts) * num_images, 3, H, W]` in [0, 1] for each scale; the same seeds at every scale."""
+    device = pipe._execution_device
+    generator_device = "cpu" if device.type == "mps" else device
+    images = {}
+    for scale in scales:
+        rows = []
+        for prompt in prompts:
+            generators = [torch.Generator(generator_device).manual_seed(seed + j) for j in range(num_images)]
+            out = pipe(
+                prompt,
+                num_images_per_prompt=num_images,
+                generator=generators,
+                rlg_scale=scale,
+                output_type="pt",
+                **call_kwargs,
+            )
+            rows.append(out.images.float().cpu())
+        images[scale] = torch.cat(rows)
+    return images
+
+
+def _plot_rewards(results: List[Dict], reward: str, path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = [r["rlg_scale"] for r in results]
+    means = [r["reward_mean"] for r in results]
+    stds = [r["reward_std"] for r in results]
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.errorbar(scales, means, yerr=stds, marker="o", capsize=3)
+    ax.axvline(1.0, color="gray", linestyle=":", linewidth=1)  # the aligned model without RLG
+    ax.set_xlabel("RLG scale")
+    ax.set_ylabel(reward)
+    ax.set_title(f"{reward} vs RLG scale")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs `diffalign generate` with parsed `args`; returns the exit code."""
+    from diffalign.config import ConfigError
+    from diffalign.plotting import grid_scale, image_grid, labelled_rows
+
+    prompts = args.prompt or _default_prompts(args.model)
+    scales = [float(s) for s in args.rlg_scale]
+    if args.num_images < 1 or args.steps < 1:
+        raise ConfigError("--num-images and --steps must be at least 1")
+    if not 0.0 <= args.rlg_start <= args.rlg_stop <= 1.0:
+        raise ConfigError("need 0 <= --rlg-start <= --rlg-stop <= 1")
+    if not args.lora and not args.aligned_unet and any(s != 1.0 for s in scales):
+        raise ConfigError("RLG needs an aligned model: pass --lora DIR or --aligned-unet DIR")
+    reward_fn = None
+    if args.reward:
+        from diffalign.rewards import get_reward
+
+        reward_fn = get_reward(args.reward)
+
+    pipe = load_rlg_pipeline(args.model, args.lora, args.aligned_unet, args.device, args.dtype)
+    images = sample_scales(
+        pipe,
+        prompts,
+        scales,
+        args.num_images,
+        args.seed,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        eta=args.eta,
+        rlg_start=args.rlg_start,
+        rlg_stop=args.rlg_stop,
+        rlg_single_pass=not args.two_pass,
+    )
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    size = next(iter(images.values())).shape[-1]
+    grids = [image_grid(images[s], nrow=len(images[s]), scale=grid_scale(size)) for s in scales]
+    grid_path = os.path.join(args.output_dir, "rlg_grid.png")
+    labelled_rows(grids, [f"w = {s:g}" for s in scales]).save(grid_path)
+    print(f"wrote {grid_path} ({len(scales)} rows: RLG scales {', '.join(f'{s:g}' for s in scales)})")
+
+    if reward_fn is not None:
+        batch_prompts = [p for p in prompts for _ in range(args.num_images)]
+        results = []
+        for scale in scales:
+            rewards = reward_fn(images[scale], batch_prompts, None).float().cpu()
+            results.append(
+                {
+                    "rlg_scale": scale,
+                    "reward": args.reward,
+                    "reward_mean": rewards.mean().item(),
+                    "reward_std": rewards.std(unbiased=False).item(),
+                    "rewards": rewards.tolist(),
+                }
+            )
+        json_path = os.path.join(args.output_dir, "rlg_rewards.json")
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=2)
+        plot_path = os.path.join(args.output_dir, "rlg_rewards.png")
+        _plot_rewards(results, args.reward, plot_path)
+
+        print(f"\n{'rlg_scale':>9}  {args.reward + ' mean':>24}  {'std':>9}")
+        for r in results:
+            print(f"{r['rlg_scale']:>9g}  {r['reward_mean']:>24.4f}  {r['reward_std']:>9.4f}")
+        print(f"\nwrote {json_path} and {plot_path}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="diffalign generate", description=__doc__.splitlines()[0]))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
