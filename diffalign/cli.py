@@ -10,9 +10,6 @@ import os
 import sys
 from typing import List, Optional
 
-USER_ERRORS = ()
-
-
 def _user_errors():
     """Exception types that mean bad input (one line, exit code 2) rather than a bug."""
     from diffalign.checkpoint import CheckpointError
@@ -23,12 +20,9 @@ def _user_errors():
     from diffalign.trainers.base import NonFiniteError
 
     errors = [ConfigError, ModelError, PromptError, CheckpointError, UnknownRewardError, NonFiniteError]
-    try:
-        from diffalign.rewards import RewardWeightsNotFoundError
+    from diffalign.rewards import MissingRewardDependencyError, RewardWeightsNotFoundError
 
-        errors.append(RewardWeightsNotFoundError)
-    except ImportError:
-        pass
+    errors += [RewardWeightsNotFoundError, MissingRewardDependencyError]
     return tuple(errors)
 
 
@@ -40,6 +34,9 @@ def _setup_environment():
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars; our own tqdm bars stay
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     logging.getLogger("diffalign").setLevel(logging.INFO)
 
 

@@ -49,9 +49,11 @@ class TrainConfig:
         metadata={"help": "Reward name, `module:function` (user code), or a {name: weight} mixture."},
     )
     reward_kwargs: Dict[str, Any] = field(default_factory=dict, metadata={"help": "Keyword arguments of the reward."})
-    eval_reward: Optional[str] = field(
-        default=None, metadata={"help": "A second scorer logged on every epoch's samples, never trained on (a judge)."}
+    eval_reward: Any = field(
+        default=None,
+        metadata={"help": "A second scorer (name, module:function or mixture) logged on every epoch, never trained on."},
     )
+    eval_reward_kwargs: Dict[str, Any] = field(default_factory=dict, metadata={"help": "Keyword arguments of it."})
 
     # > Model
     use_lora: bool = field(default=True, metadata={"help": "Train a peft LoRA adapter (else the full UNet)."})

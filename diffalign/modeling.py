@@ -50,12 +50,21 @@ def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32, s
 
     path = resolve_model_path(name_or_path)
     pipe = StableDiffusionPipeline.from_pretrained(
-        path, torch_dtype=torch_dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        path, **dtype_kwarg(torch_dtype), safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     if scheduler == "ddim" and not isinstance(pipe.scheduler, DDIMScheduler):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """`from_pretrained`'s dtype argument: `dtype` from diffusers 0.42 on (`torch_dtype` is deprecated there)."""
+    import diffusers
+    from packaging import version
+
+    name = "dtype" if version.parse(diffusers.__version__) >= version.parse("0.42") else "torch_dtype"
+    return {name: dtype}
 
 
 def check_resolution(pipe, resolution: int):

@@ -12,6 +12,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# The tiny models gain nothing from a second thread, and intra-op threads spinning against other work on a
+# 2-core machine can slow a test tenfold.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_hf_home(tmp_path_factory, monkeypatch):
     # custom_pipeline loading copies modules into HF_HOME; keep that out of the user's cache.

@@ -7,6 +7,7 @@ import math
 import os
 import random
 import time
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -76,7 +77,7 @@ class BaseTrainer:
         if config.eval_reward:
             from diffalign.rewards import get_reward
 
-            self.eval_reward_fn = get_reward(config.eval_reward)
+            self.eval_reward_fn = get_reward(config.eval_reward, **config.eval_reward_kwargs)
 
         self.pipe = pipeline if pipeline is not None else load_pipeline(config.model)
         self.pipe.set_progress_bar_config(disable=True)
@@ -296,7 +297,9 @@ class BaseTrainer:
             metrics.update(self.train_on_samples(trajectories, rewards, all_rewards, all_prompts, epoch))
             if metrics.get("skipped", 0) < 1:
                 self.nonfinite_in_a_row = 0
-        self.lr_scheduler.step()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")  # a skipped update
+            self.lr_scheduler.step()
         t3 = time.perf_counter()
         metrics.update(
             lr=self.lr_scheduler.get_last_lr()[0],

@@ -1,0 +1,111 @@
+import json
+import os
+
+import pytest
+import torch
+
+from diffalign.cli import main
+
+TINY_ARGS = [
+    "--prompts", "[a cat, a dog]", "--num_epochs", "2", "--sample_num_steps", "3", "--sample_num_prompts_per_epoch",
+    "2", "--sample_images_per_prompt", "2", "--grid_num_images", "4", "--reward", "jpeg_compressibility",
+]
+
+
+@pytest.fixture(scope="module")
+def ddpo_run(tiny_model_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cli") / "ddpo")
+    code = main(["train", "ddpo", "--model", tiny_model_dir, "--output_dir", out, "--train_batch_size", "2"] + TINY_ARGS)
+    assert code == 0
+    return out
+
+
+def test_two_epoch_ddpo_run_writes_every_output(ddpo_run):
+    for name in ("final/pytorch_lora_weights.safetensors", "metrics.jsonl", "reward_curve.png", "grid_before.png",
+                 "grid_after.png", "grid_before_after.png", "config.json"):
+        assert os.path.isfile(os.path.join(ddpo_run, name)), name
+    with open(os.path.join(ddpo_run, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["epoch"] for r in records] == [0, 1]
+    for key in ("reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "kl_to_base", "time_epoch"):
+        assert key in records[-1]
+
+
+def test_trained_lora_loads_into_a_plain_pipeline(ddpo_run, tiny_model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    base = run()
+    pipe.load_lora_weights(os.path.join(ddpo_run, "final"))
+    assert not torch.allclose(base, run())
+
+
+def test_prdp_cli_run(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "prdp")
+    code = main(["train", "prdp", "--model", tiny_model_dir, "--output_dir", out, "--train_num_inner_epochs", "2",
+                 "--train_beta", "0.1", "--train_clip_eps", "1e-3"] + TINY_ARGS)
+    assert code == 0
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        last = [json.loads(line) for line in f][-1]
+    assert "implicit_reward_error" in last and "kl_to_base" in last
+    for name in ("final/pytorch_lora_weights.safetensors", "reward_curve.png", "grid_before_after.png"):
+        assert os.path.isfile(os.path.join(out, name))
+
+
+@pytest.mark.parametrize("command", [["--help"], ["train", "ddpo", "--help"], ["train", "prdp", "--help"],
+                                     ["generate", "--help"], ["env"]])
+def test_help_exits_zero(command, capsys):
+    try:
+        code = main(command)
+    except SystemExit as e:
+        code = e.code
+    assert code == 0
+
+
+def run_error(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_input_gives_one_line_and_exit_code_2(tiny_model_dir, tmp_path, capsys):
+    # tiny settings, so that an error case that fails to fail costs seconds, not a full default run
+    base = ["train", "ddpo", "--model", tiny_model_dir, "--output_dir", str(tmp_path / "x"), "--num_epochs", "1",
+            "--sample_num_steps", "2", "--grid_num_images", "1"]
+    assert "unknown option '--not_a_key'" in run_error(base + ["--not_a_key", "1"], capsys)
+    assert "expected an integer" in run_error(base + ["--num_epochs", "many"], capsys)
+    assert "divisible by train_batch_size" in run_error(
+        base + ["--sample_num_prompts_per_epoch", "3", "--sample_images_per_prompt", "1", "--train_batch_size", "2"],
+        capsys)
+    assert "does not exist" in run_error(
+        ["train", "ddpo", "--model", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "x")], capsys)
+    assert "hub is offline" in run_error(
+        ["train", "ddpo", "--model", "runwayml/stable-diffusion-v1-5", "--output_dir", str(tmp_path / "x")], capsys)
+    assert "not a multiple of" in run_error(base + ["--sample_resolution", "30"], capsys)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# only a comment\n")
+    assert "has no prompts" in run_error(base + ["--prompt_file", str(empty)], capsys)
+    assert "does not exist" in run_error(base + ["--prompt_file", str(tmp_path / "missing.txt")], capsys)
+    assert "unknown reward 'nope'" in run_error(base + ["--prompts", "[a]", "--reward", "nope"], capsys)
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("sample_num_steps: 3\ntypo_key: 1\n")
+    assert "unknown config key 'typo_key'" in run_error(["train", "ddpo", "--config", str(bad_yaml)], capsys)
+    assert "neither a file nor a preset" in run_error(["train", "ddpo", "--config", "no-such-preset"], capsys)
+
+
+def test_yaml_then_cli_precedence(tmp_path):
+    from diffalign.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train_learning_rate: 1e-5\nsample_num_steps: 7\nreward: {jpeg_compressibility: 2.0}\n")
+    config = load_config("prdp", str(path), cli_overrides=["--sample_num_steps", "9"])
+    assert config.train_learning_rate == 1e-5 and config.sample_num_steps == 9
+    assert config.reward == {"jpeg_compressibility": 2.0}
+    assert config.train_beta == 3e-5  # default from the paper's Table 4
