@@ -188,7 +188,9 @@ class PRDPConfig(TrainConfig):
     train_beta: float = field(default=3e-5, metadata={"help": "KL weight beta: targets are (r_a - r_b) / beta."})
     train_clip_eps: float = field(default=1e-6, metadata={"help": "Per-step clip eps of the log-ratio around theta_old."})
     train_prompts_per_step: int = field(
-        default=1, metadata={"help": "Prompts (groups of B images) per optimizer step (per process)."}
+        default=0,
+        metadata={"help": "Prompts (groups of B images) per optimizer step, per process; 0 = all of the epoch's, i.e. "
+                          "one update per inner epoch as in Algorithm 1."},
     )
     train_two_pass: bool = field(
         default=False,
@@ -205,7 +207,9 @@ class PRDPConfig(TrainConfig):
         if self.train_beta <= 0:
             raise ConfigError(f"train_beta must be > 0; got {self.train_beta}")
         local_prompts = self.sample_num_prompts_per_epoch // num_processes
-        if local_prompts % self.train_prompts_per_step:
+        if self.train_prompts_per_step < 0:
+            raise ConfigError(f"train_prompts_per_step must be >= 0; got {self.train_prompts_per_step}")
+        if self.train_prompts_per_step and local_prompts % self.train_prompts_per_step:
             raise ConfigError(
                 f"prompts per process per epoch ({local_prompts}) must be divisible by train_prompts_per_step "
                 f"({self.train_prompts_per_step})"

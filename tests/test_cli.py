@@ -109,3 +109,21 @@ def test_yaml_then_cli_precedence(tmp_path):
     assert config.train_learning_rate == 1e-5 and config.sample_num_steps == 9
     assert config.reward == {"jpeg_compressibility": 2.0}
     assert config.train_beta == 3e-5  # default from the paper's Table 4
+
+
+def shipped_presets():
+    from importlib import resources
+
+    return sorted(p.name[:-5] for p in resources.files("diffalign.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("preset", shipped_presets())
+def test_every_shipped_preset_loads_and_validates(preset):
+    import yaml
+
+    from diffalign.config import load_config, preset_path
+
+    with open(preset_path(preset)) as f:
+        algorithm = yaml.safe_load(f)["algorithm"]
+    config = load_config(algorithm, preset)
+    config.validate(num_processes=1)

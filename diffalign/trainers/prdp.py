@@ -47,8 +47,9 @@ class PRDPTrainer(BaseTrainer):
         for _ in range(config.train_num_inner_epochs):
             plan = self.train_step_plan(len(trajectories), generator)  # (num_samples, S)
             order = groups[torch.randperm(len(groups), generator=generator)]
-            for start in range(0, len(order), config.train_prompts_per_step):
-                chosen = order[start : start + config.train_prompts_per_step].to(trajectories.group_ids.device)
+            per_step = config.train_prompts_per_step or len(order)
+            for start in range(0, len(order), per_step):
+                chosen = order[start : start + per_step].to(trajectories.group_ids.device)
                 samples = torch.nonzero(torch.isin(trajectories.group_ids, chosen)).squeeze(1)
                 update = self._two_pass_update if config.train_two_pass else self._single_pass_update
                 stats = update(trajectories, rewards, samples, plan[samples.cpu()])
