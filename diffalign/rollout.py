@@ -111,6 +111,46 @@ def reference_model(unet, ref_unet=None):
     raise ValueError("a reference model needs either a LoRA adapter on the UNet or a frozen `ref_unet`")
 
 
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" rows in a mixed-adapter batch
+
+
+@contextmanager
+def adapter_rows(unet, adapter_names: List[str]):
+    """Runs each row of the next UNet forwards through its own LoRA adapter (`"__base__"`: none).
+
+    peft's mixed-batch inference, injected with forward pre-hooks on every `LoraLayer` because diffusers' UNet does not
+    pass `adapter_names` down. Exact, and needs no second copy of the weights (the model must be in eval mode).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    def hook(module, args, kwargs):
+        return args, {**kwargs, "adapter_names": adapter_names}
+
+    layers = [m for m in unwrap(unet).modules() if isinstance(m, LoraLayer)]
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def policy_and_reference_noise_pred(unet, latents, t, prompt_embeds, negative_prompt_embeds, guidance_scale):
+    """Guided predictions of the LoRA policy and of its base model from **one** batched UNet forward."""
+    (adapter,) = unwrap(unet).peft_config  # the one trained adapter
+    b = latents.shape[0]
+    names = [adapter] * b + [BASE_ADAPTER] * b
+    if negative_prompt_embeds is not None:
+        names = names * 2  # guided_noise_pred stacks [all uncond rows, all cond rows]
+        negative_prompt_embeds = torch.cat([negative_prompt_embeds, negative_prompt_embeds])
+    with adapter_rows(unet, names):
+        pred = guided_noise_pred(
+            unet, torch.cat([latents, latents]), t, torch.cat([prompt_embeds, prompt_embeds]), negative_prompt_embeds,
+            guidance_scale,
+        )
+    return pred.chunk(2)
+
+
 def guided_noise_pred(unet, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale: float):
     """Classifier-free guided prediction `eps_u + g (eps_c - eps_u)`, both halves in one batched forward.
 
@@ -226,14 +266,27 @@ def sample_trajectories(
     ref_log_probs, kls, ref_means = [], [], []
     if compute_reference:
         ref_module, ref_context = reference_model(unet, ref_unet)
+    # With one LoRA adapter, policy and reference rows share a forward (the model must be in eval mode for peft).
+    one_forward = (
+        compute_reference and ref_unet is None and has_lora(unet) and len(unwrap(unet).peft_config) == 1
+        and not unwrap(unet).training
+    )
     for t in tqdm(timesteps, desc="sampling", leave=False, disable=not progress):
         x_in = scheduler.scale_model_input(x, t)
-        noise_pred = guided_noise_pred(unet, x_in, t, prompt_embeds, negative_prompt_embeds, guidance_scale)
+        if one_forward:
+            noise_pred, ref_pred = policy_and_reference_noise_pred(
+                unet, x_in, t, prompt_embeds, negative_prompt_embeds, guidance_scale
+            )
+        else:
+            noise_pred = guided_noise_pred(unet, x_in, t, prompt_embeds, negative_prompt_embeds, guidance_scale)
         x_prev, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, x, eta=eta, generator=generator)
         if compute_reference:
             mean, std = ddim_step_mean_std(scheduler, noise_pred, t, x, eta)
-            with ref_context():
-                ref_pred = guided_noise_pred(ref_module, x_in, t, prompt_embeds, negative_prompt_embeds, guidance_scale)
+            if not one_forward:
+                with ref_context():
+                    ref_pred = guided_noise_pred(
+                        ref_module, x_in, t, prompt_embeds, negative_prompt_embeds, guidance_scale
+                    )
             ref_mean, _ = ddim_step_mean_std(scheduler, ref_pred, t, x, eta)
             ref_log_probs.append(gaussian_log_prob(x_prev, ref_mean, std))
             kls.append(gaussian_kl(mean, ref_mean, std))

@@ -71,3 +71,19 @@ def test_prompt_encoder_caches(tiny_pipe):
     tiny_pipe.encode_prompt = lambda *args, **kwargs: calls.append(args) or original(*args, **kwargs)
     encoder(["b", "a"])
     assert calls == []
+
+
+def test_reference_from_the_shared_forward_matches_a_separate_forward(tiny_pipe):
+    add_lora(tiny_pipe.unet)
+    for param in tiny_pipe.unet.parameters():
+        if param.requires_grad:
+            param.data.normal_(0, 0.05)
+    runs = []
+    for training in (False, True):  # eval: one mixed-adapter forward; train mode: two forwards (adapters toggled)
+        tiny_pipe.unet.train(training)
+        runs.append(sample_trajectories(tiny_pipe, ["a cat", "a dog"], num_inference_steps=3, guidance_scale=3.0,
+                                        generator=torch.Generator().manual_seed(2), compute_reference=True))
+    shared, separate = runs
+    torch.testing.assert_close(shared.log_probs, separate.log_probs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared.ref_log_probs, separate.ref_log_probs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared.kl_to_ref, separate.kl_to_ref, atol=1e-6, rtol=1e-3)
