@@ -21,8 +21,15 @@ class PromptError(ValueError):
     """Prompts that cannot be used (reported as one line by the CLI)."""
 
 
+def _all_digit_prompts() -> List[str]:
+    from diffalign.rewards.digits import digit_prompts
+
+    return digit_prompts()
+
+
 BUILTIN_PROMPTS = {
     "digits": lambda: [f"a handwritten digit {word}" for word in DIGIT_WORDS],
+    "digits_all": _all_digit_prompts,  # every phrasing the bundled model was trained on (80 prompts)
     "simple_animals": lambda: [f"a painting of a {animal}" for animal in SIMPLE_ANIMALS],
 }
 
