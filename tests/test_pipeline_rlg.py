@@ -112,6 +112,10 @@ def test_full_weight_identities_and_formula(components):
     np.testing.assert_allclose(pipe(**call_kwargs(rlg_scale=0.0)).images, base_images, atol=ATOL)
     np.testing.assert_allclose(pipe(**call_kwargs(rlg_scale=1.0)).images, aligned_images, atol=ATOL)
 
+    # guidance_rescale acts inside each model, so the identities hold with it too
+    rescaled = sd_pipe(components)(**call_kwargs(guidance_rescale=0.7)).images
+    np.testing.assert_allclose(pipe(**call_kwargs(rlg_scale=0.0, guidance_rescale=0.7)).images, rescaled, atol=ATOL)
+
     expected = hand_rlg_latents(pipe, {"base": unet_eps(pipe.unet), "aligned": unet_eps(aligned)}, {"aligned": 1.7})
     latents = pipe(**call_kwargs(rlg_scale=1.7, guidance_scale=5.0, output_type="latent")).images
     torch.testing.assert_close(latents, expected, atol=ATOL, rtol=0)
@@ -164,6 +168,15 @@ def test_lora_single_pass_matches_two_pass_and_formula(lora_components, guidance
 
         expected = hand_rlg_latents(pipe, {"base": base_eps, "aligned": unet_eps(unet)}, {"aligned": 1.5})
         torch.testing.assert_close(single, expected, atol=ATOL, rtol=0)
+
+
+def test_bfloat16(lora_components):
+    pipe = rlg_pipe(lora_components).to(torch.bfloat16)
+    kwargs = call_kwargs(rlg_scale=1.5, output_type="latent", num_inference_steps=2)
+    single = pipe(**kwargs).images
+    double = pipe(**{**kwargs, "generator": gen()}, rlg_single_pass=False).images
+    assert single.dtype == torch.bfloat16 and torch.isfinite(single.float()).all()
+    torch.testing.assert_close(single.float(), double.float(), atol=5e-2, rtol=0)
 
 
 def test_load_lora_weights_user_path(lora_components, tmp_path):
