@@ -8,7 +8,7 @@ import os
 import random
 import time
 import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -18,7 +18,6 @@ from ..checkpoint import (
     CheckpointError,
     atomic_save_dir,
     find_resumable,
-    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
@@ -91,7 +90,8 @@ class BaseTrainer:
         self.metrics_history: List[Dict] = []
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
-        os.makedirs(config.output_dir, exist_ok=True) if acc.is_main_process else None
+        if acc.is_main_process:
+            os.makedirs(config.output_dir, exist_ok=True)
         if config.resume_from:
             self._resume(config.resume_from)
 
@@ -266,7 +266,7 @@ class BaseTrainer:
         """One epoch: SAMPLING -> SCORING -> TRAINING. Returns the epoch's metrics."""
         from accelerate.utils import gather_object
 
-        config, acc = self.config, self.accelerator
+        acc = self.accelerator
         t0 = time.perf_counter()
         prompts = self.local_prompts(epoch)
 
