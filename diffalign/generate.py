@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the `generate` options to `parser` (the CLI's `generate` subcommand)."""
     parser.add_argument("--model", default="digits", help="diffusers model directory, or a bundled name (digits)")
     parser.add_argument("--lora", default=None, help="LoRA directory (pytorch_lora_weights.safetensors) = aligned")
-    parser.add_argument("--aligned-unet", default=None, help="fully fine-tuned UNet directory (or model dir with unet/)")
+    parser.add_argument(
+        "--aligned-unet", default=None, help="fully fine-tuned UNet directory (or model dir with unet/)"
+    )
     parser.add_argument("--prompt", action="append", default=None, help="a prompt; repeat for several")
     parser.add_argument(
         "--rlg-scale", type=float, nargs="+", default=DEFAULT_SCALES, help="RLG scales, one grid row each"
@@ -69,7 +71,9 @@ def _dtype_kwargs(dtype: torch.dtype) -> Dict:
     # diffusers renamed `torch_dtype` to `dtype` (and deprecated the old name) in 0.42
     from diffusers.utils import deprecation_utils
 
-    return {"dtype": dtype} if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else {"torch_dtype": dtype}
+    return (
+        {"dtype": dtype} if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else {"torch_dtype": dtype}
+    )
 
 
 def _load_aligned_unet(path: str, dtype: torch.dtype):

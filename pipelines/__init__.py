@@ -11,7 +11,7 @@ _PIPELINES = {
     "StableDiffusionXLRLGPipeline": "pipeline_stable_diffusion_xl_rlg",
 }
 
-__all__ = list(_PIPELINES)
+__all__ = ["StableDiffusionRLGPipeline", "StableDiffusionXLRLGPipeline"]
 
 if TYPE_CHECKING:
     from .pipeline_stable_diffusion_rlg import StableDiffusionRLGPipeline

@@ -13,9 +13,6 @@ from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
-from packaging import version
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
-
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.configuration_utils import FrozenDict
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
@@ -42,7 +39,8 @@ from diffusers.utils import (
     unscale_lora_layers,
 )
 from diffusers.utils.torch_utils import randn_tensor
-
+from packaging import version
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 if is_torch_xla_available():
     import torch_xla.core.xla_model as xm
@@ -821,7 +819,9 @@ class StableDiffusionRLGPipeline(
         lora_layers = _lora_layers(self.unet)
         if isinstance(rlg_scale, dict):
             if self.aligned_unet is not None:
-                raise ValueError("A dict `rlg_scale` mixes LoRA adapters of `unet`; it cannot be used with `aligned_unet`.")
+                raise ValueError(
+                    "A dict `rlg_scale` mixes LoRA adapters of `unet`; it cannot be used with `aligned_unet`."
+                )
             if len(rlg_scale) == 0:
                 raise ValueError("`rlg_scale` is an empty dict; give at least one `{adapter_name: scale}`.")
             if (rlg_start, rlg_stop) != (0.0, 1.0):
@@ -1199,7 +1199,9 @@ class StableDiffusionRLGPipeline(
         text_encoder_has_lora = (
             prompt_embeds is None and self.aligned_unet is None and len(_lora_layers(self.text_encoder)) > 0
         )
-        encoders = {model.name: model.adapter for model in rlg_models.values()} if text_encoder_has_lora else {"": None}
+        encoders = (
+            {model.name: model.adapter for model in rlg_models.values()} if text_encoder_has_lora else {"": None}
+        )
         encoded = {}
         for name, adapter in encoders.items():
             with _lora_adapter_rows(self.text_encoder, adapter):
@@ -1269,7 +1271,10 @@ class StableDiffusionRLGPipeline(
         # concatenated into a single batch, as in Stable Diffusion
         def model_conditioning(embeds):
             positive, negative = embeds
-            return (torch.cat([negative, positive]) if self.do_classifier_free_guidance else positive, added_cond_kwargs)
+            return (
+                torch.cat([negative, positive]) if self.do_classifier_free_guidance else positive,
+                added_cond_kwargs,
+            )
 
         conditioning = {
             model.name: model_conditioning(encoded[model.name if text_encoder_has_lora else ""])
@@ -1345,7 +1350,10 @@ class StableDiffusionRLGPipeline(
                     latents = callback_outputs.pop("latents", latents)
                     new_prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     new_negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-                    if new_prompt_embeds is not prompt_embeds or new_negative_prompt_embeds is not negative_prompt_embeds:
+                    if (
+                        new_prompt_embeds is not prompt_embeds
+                        or new_negative_prompt_embeds is not negative_prompt_embeds
+                    ):
                         # embeddings set by the callback condition every model from the next step on
                         prompt_embeds, negative_prompt_embeds = new_prompt_embeds, new_negative_prompt_embeds
                         conditioning = {

@@ -11,17 +11,9 @@
 # (Copyright 2026 The HuggingFace Team, Apache-2.0), copied from diffusers 0.42.1 without changes.
 import inspect
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
-from transformers import (
-    CLIPImageProcessor,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    CLIPVisionModelWithProjection,
-)
-
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.loaders import (
@@ -47,7 +39,13 @@ from diffusers.utils import (
     unscale_lora_layers,
 )
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
-
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
 
 if is_invisible_watermark_available():
     from diffusers.pipelines.stable_diffusion_xl.watermark import StableDiffusionXLWatermarker
@@ -369,6 +367,7 @@ class StableDiffusionXLRLGPipeline(
             self.watermark = StableDiffusionXLWatermarker()
         else:
             self.watermark = None
+
     # Copied from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl.StableDiffusionXLPipeline.encode_prompt
     def encode_prompt(
         self,
@@ -895,7 +894,9 @@ class StableDiffusionXLRLGPipeline(
         lora_layers = _lora_layers(self.unet)
         if isinstance(rlg_scale, dict):
             if self.aligned_unet is not None:
-                raise ValueError("A dict `rlg_scale` mixes LoRA adapters of `unet`; it cannot be used with `aligned_unet`.")
+                raise ValueError(
+                    "A dict `rlg_scale` mixes LoRA adapters of `unet`; it cannot be used with `aligned_unet`."
+                )
             if len(rlg_scale) == 0:
                 raise ValueError("`rlg_scale` is an empty dict; give at least one `{adapter_name: scale}`.")
             if (rlg_start, rlg_stop) != (0.0, 1.0):
@@ -1353,7 +1354,9 @@ class StableDiffusionXLRLGPipeline(
             and self.aligned_unet is None
             and len(_lora_layers(self.text_encoder)) + len(_lora_layers(self.text_encoder_2)) > 0
         )
-        encoders = {model.name: model.adapter for model in rlg_models.values()} if text_encoder_has_lora else {"": None}
+        encoders = (
+            {model.name: model.adapter for model in rlg_models.values()} if text_encoder_has_lora else {"": None}
+        )
         encoded = {}
         for name, adapter in encoders.items():
             with _lora_adapter_rows(self.text_encoder, adapter), _lora_adapter_rows(self.text_encoder_2, adapter):

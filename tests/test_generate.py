@@ -20,7 +20,9 @@ def lora_dir(tmp_path_factory):
 
     unet = tiny_sd_pipeline().unet
     unet.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        LoraConfig(
+            r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+        )
     )
     with torch.no_grad():
         for name, param in unet.named_parameters():

@@ -275,7 +275,9 @@ def test_text_encoder_lora(tmp_path):
     components = tiny_sd_components()
     add_lora(components["unet"])
     text_encoder = components["text_encoder"]
-    text_encoder_lora = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["q_proj", "v_proj"])
+    text_encoder_lora = LoraConfig(
+        r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["q_proj", "v_proj"]
+    )
     inject_adapter_in_model(text_encoder_lora, text_encoder)
     with torch.no_grad():
         for name, param in text_encoder.named_parameters():

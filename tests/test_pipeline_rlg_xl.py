@@ -112,7 +112,12 @@ def xl(cls, components, **kwargs):
 
 
 def run(pipe, **kwargs):
-    kwargs = {"num_inference_steps": 2, "output_type": "np", "generator": torch.Generator("cpu").manual_seed(0), **kwargs}
+    kwargs = {
+        "num_inference_steps": 2,
+        "output_type": "np",
+        "generator": torch.Generator("cpu").manual_seed(0),
+        **kwargs,
+    }
     return pipe(PROMPT, **kwargs).images
 
 
