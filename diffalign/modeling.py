@@ -126,4 +126,6 @@ def load_lora_into_pipeline(pipe, directory: str, adapter_name: str = "default")
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"LoRA in '{directory}' does not match the model: {first[:300]}") from None
+    if adapter_name not in (getattr(pipe.unet, "peft_config", None) or {}):
+        raise ModelError(f"LoRA in '{directory}' does not match the model: none of its weights target this UNet")
     return pipe

@@ -127,3 +127,17 @@ def test_every_shipped_preset_loads_and_validates(preset):
         algorithm = yaml.safe_load(f)["algorithm"]
     config = load_config(algorithm, preset)
     config.validate(num_processes=1)
+
+
+def test_lora_that_does_not_match_the_model_is_one_line(tiny_model_dir, tmp_path, capsys):
+    from diffalign.modeling import add_lora, save_lora
+    from diffalign.testing import tiny_unet
+
+    other = add_lora(tiny_unet(cross_attention_dim=16))  # different attention shapes
+    save_lora(other, str(tmp_path / "other"))
+    args = ["generate", "--model", tiny_model_dir, "--lora", str(tmp_path / "other"), "--prompt", "a cat",
+            "--rlg-scale", "0", "1", "--steps", "2", "--output-dir", str(tmp_path / "out")]
+    assert "does not match the model" in run_error(args, capsys)
+    missing = ["generate", "--model", tiny_model_dir, "--lora", str(tmp_path), "--prompt", "a cat", "--rlg-scale",
+               "1", "--output-dir", str(tmp_path / "out")]
+    assert "has no pytorch_lora_weights.safetensors" in run_error(missing, capsys)
