@@ -100,6 +100,11 @@ class TrainConfig:
     grid_num_images: int = field(default=16, metadata={"help": "Images in the before/after grids (fixed seeds)."})
     grid_prompts: Optional[List[str]] = field(default=None, metadata={"help": "Prompts of the grids (default: cycled)."})
     log_every: int = field(default=1, metadata={"help": "Print a metrics line every N epochs."})
+    final_eval_num_images: int = field(
+        default=0,
+        metadata={"help": "After training, score this many fixed-seed samples of the base and of the trained model "
+                          "(reward, eval reward, KL to base) into final_eval.json; 0 = off."},
+    )
 
     algorithm = "base"
 

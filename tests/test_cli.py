@@ -48,8 +48,13 @@ def test_trained_lora_loads_into_a_plain_pipeline(ddpo_run, tiny_model_dir):
 def test_prdp_cli_run(tiny_model_dir, tmp_path):
     out = str(tmp_path / "prdp")
     code = main(["train", "prdp", "--model", tiny_model_dir, "--output_dir", out, "--train_num_inner_epochs", "2",
-                 "--train_beta", "0.1", "--train_clip_eps", "1e-3"] + TINY_ARGS)
+                 "--train_beta", "0.1", "--train_clip_eps", "1e-3", "--final_eval_num_images", "4",
+                 "--eval_reward", "jpeg_incompressibility"] + TINY_ARGS)
     assert code == 0
+    with open(os.path.join(out, "final_eval.json")) as f:
+        final = json.load(f)
+    assert final["base"].keys() == {"reward_mean", "reward_std", "eval_mean"}
+    assert final["trained"]["kl_to_base"] > 0 and final["num_images"] == 4
     with open(os.path.join(out, "metrics.jsonl")) as f:
         last = [json.loads(line) for line in f][-1]
     assert "implicit_reward_error" in last and "kl_to_base" in last

@@ -1,5 +1,6 @@
 """The sample -> score -> update loop shared by the trainers; algorithms implement `train_on_samples`."""
 
+import contextlib
 import copy
 import json
 import logging
@@ -25,7 +26,7 @@ from ..config import TrainConfig
 from ..modeling import add_lora, check_resolution, load_pipeline, save_lora
 from ..plotting import grid_scale, image_grid, labelled_rows, plot_metrics
 from ..prompts import prompt_source
-from ..rollout import PromptEncoder, Trajectories, sample_trajectories, unwrap
+from ..rollout import PromptEncoder, Trajectories, reference_model, sample_trajectories, unwrap
 
 logger = logging.getLogger("diffalign")
 
@@ -345,8 +346,44 @@ class BaseTrainer:
             self.save_final()
             self.save_grid("grid_after.png")
             self.plot()
+            if config.final_eval_num_images:
+                self.final_evaluation()
         acc.wait_for_everyone()
         return self.metrics_history
+
+    @torch.no_grad()
+    def final_evaluation(self) -> Dict[str, Dict[str, float]]:
+        """Base vs trained model on the same prompts and seeds: mean reward, eval reward and KL to base."""
+        config = self.config
+        n = config.final_eval_num_images
+        prompts = self.prompts.grid_prompts(n, config.seed + 1)
+        results = {}
+        ref_module, ref_context = reference_model(self.unet, self.ref_unet)
+        for name in ("base", "trained"):
+            batches = []
+            generator = torch.Generator(self.device).manual_seed(_seed_for(config.seed, 2**31, 7))
+            for start in range(0, n, config.sample_batch_size):
+                chunk = prompts[start : start + config.sample_batch_size]
+                context = ref_context() if name == "base" else contextlib.nullcontext()
+                with context, self.accelerator.autocast():
+                    batches.append(sample_trajectories(
+                        self.pipe, chunk, config.sample_num_steps, config.sample_guidance_scale, config.sample_eta,
+                        self.resolution, self.resolution, generator=generator,
+                        unet=ref_module if name == "base" else self.unet, ref_unet=self.ref_unet,
+                        compute_reference=name == "trained", prompt_encoder=self.prompt_encoder,
+                    ))
+            trajectories = concat_trajectories(batches)
+            scores = self.score(trajectories)
+            results[name] = {"reward_mean": scores["reward"].mean().item(), "reward_std": scores["reward"].std().item()}
+            if "eval" in scores:
+                results[name]["eval_mean"] = scores["eval"].mean().item()
+            if trajectories.kl_to_ref is not None:
+                results[name]["kl_to_base"] = trajectories.kl_to_ref.mean().item()
+        results["num_images"] = n
+        with open(os.path.join(config.output_dir, "final_eval.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        logger.info("final evaluation (%d images, fixed seeds): %s", n, json.dumps(results))
+        return results
 
     # ----------------------------------------------------------------- outputs
     @torch.no_grad()
