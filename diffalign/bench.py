@@ -117,7 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser):
     g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="weights/mixed precision (fp16/bf16 only meaningful on CUDA)")
     g.add_argument("--xformers", action="store_true", help="xformers attention (CUDA with xformers installed only)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 1 on a CPU: spinning intra-op threads on a shared machine slow "
+                        "small models tenfold; 0 keeps torch's default)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--force", action="store_true", help="run SD1.5-sized models or fp16/bf16 on a CPU anyway")
     g.add_argument("--output", default=None, help="JSON file (default bench_<sub>.json)")
@@ -358,9 +360,10 @@ class Context:
         import torch
 
         self.args = args
-        if args.threads:
-            torch.set_num_threads(args.threads)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        threads = args.threads if args.threads is not None else (1 if device == "cpu" else 0)
+        if threads:
+            torch.set_num_threads(threads)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BenchError("--device cuda but CUDA is not available")
         self.device = torch.device(device)
