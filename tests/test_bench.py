@@ -1,0 +1,96 @@
+"""`diffalign bench`: every sub-benchmark runs in-process on tiny components and reports every figure (no timed
+assertion: the numbers depend on the machine)."""
+
+import json
+import math
+
+import pytest
+
+from diffalign.cli import main
+
+TINY = ["--tiny", "--steps", "2", "--batch-size", "2", "--repeats", "1", "--threads", "1"]
+
+
+def run_bench(capsys, tmp_path, sub, *extra):
+    output = tmp_path / f"{sub}.json"
+    assert main(["bench", sub, *TINY, "--output", str(output), *extra]) == 0
+    table = capsys.readouterr().out
+    result = json.loads(output.read_text())
+    assert result["benchmark"] == sub
+    assert result["machine"]["device"] == "cpu" and result["settings"]
+    figures = result["figures"]
+    assert figures
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    for name, entry in figures.items():
+        assert name in rows, f"{name} missing from the table"
+        value = entry["value"]
+        assert value is not None and not (isinstance(value, float) and math.isnan(value)), name
+    return result
+
+
+def test_rollout(capsys, tmp_path):
+    result = run_bench(capsys, tmp_path, "rollout")
+    figures = result["figures"]
+    for name in ("rollout_images_per_s", "plain_images_per_s", "rollout_time_ratio", "rollout_peak_mem_mib",
+                 "plain_peak_mem_mib"):
+        assert figures[name]["value"] > 0
+    assert len(result["timings"]["ours"]["times"]) == 1
+
+
+def test_train(capsys, tmp_path):
+    result = run_bench(capsys, tmp_path, "train", "--prompts-per-epoch", "1", "--images-per-prompt", "2",
+                       "--set", "train_num_inner_epochs=1")
+    figures = result["figures"]
+    for algorithm in ("prdp", "ddpo"):
+        for part in ("epoch_s", "unet_floor_s", "epoch_over_unet", "sampling_over_unet", "training_over_unet",
+                     "peak_mem_mib"):
+            assert figures[f"{algorithm}_{part}"]["value"] > 0
+        shares = [v["value"] for k, v in figures.items() if k.startswith(f"{algorithm}_share_")]
+        assert len(shares) == 9 and sum(shares) == pytest.approx(1.0, abs=1e-6)
+        calls = result["details"][algorithm]["unet_calls"]
+        assert calls["sampling_forwards"] == 2 * 2  # 2 steps x (policy + reference: sample_compute_kl is on)
+    assert result["details"]["prdp"]["config"]["train_num_inner_epochs"] == 1
+
+
+def test_learn(capsys, tmp_path):
+    result = run_bench(capsys, tmp_path, "learn", "--max-epochs", "2", "--target", "-1000",
+                       "--prompts-per-epoch", "1", "--images-per-prompt", "2", "--prdp-inner-epochs", "1")
+    figures = result["figures"]
+    configs = result["settings"]["configs"]
+    assert set(configs) == {"ddpo_baseline", "ddpo_half_steps_k2", "prdp_k1", "ddpo_no_cfg", "prdp_k1_no_cfg"}
+    assert configs["ddpo_baseline"]["train_timestep_fraction"] == 1.0
+    assert configs["ddpo_no_cfg"]["sample_guidance_scale"] == 1.0
+    for name in configs:
+        assert figures[f"{name}_epochs_to_target"]["value"] == 1  # any image beats -1000 kB
+        assert figures[f"{name}_time_to_target_s"]["value"] > 0
+    assert figures["ddpo_baseline_ratio_to_baseline"]["value"] == 1.0
+
+
+def test_rlg(capsys, tmp_path):
+    result = run_bench(capsys, tmp_path, "rlg")
+    figures = result["figures"]
+    for name in ("single_pass_0_1", "two_pass_0_1", "single_pass_0_0.5", "single_pass_0.5_1"):
+        assert figures[f"rlg_{name}_over_plain"]["value"] > 0
+        assert figures[f"rlg_{name}_peak_mem_mib"]["value"] > 0
+
+
+def test_errors_are_one_line(capsys, tmp_path):
+    assert main(["bench", "rollout", "--sd15-random", "--device", "cpu", "--output", str(tmp_path / "x.json")]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["bench", "rollout", "--tiny", "--dtype", "fp16", "--device", "cpu"]) == 2
+    assert "fp16" in capsys.readouterr().err
+    assert main(["bench", "learn", "--tiny", "--output", str(tmp_path / "y.json")]) == 2  # no target for jpeg
+    assert "--target" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_sd15_random_shapes():
+    """The SD1.5-shaped random model has SD1.5's parameter counts (built on the meta device: no memory, no time)."""
+    import torch
+
+    from diffalign.bench import sd15_random_pipeline
+
+    pipe = sd15_random_pipeline("meta", torch.float16)
+    counts = [sum(p.numel() for p in m.parameters()) for m in (pipe.unet, pipe.vae, pipe.text_encoder)]
+    assert counts == [859_520_964, 83_653_863, 123_060_480]
+    assert pipe.unet.dtype == torch.float16 and pipe.tokenizer.model_max_length == 77
