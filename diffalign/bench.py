@@ -604,15 +604,56 @@ def bench_rollout(ctx) -> dict:
 
     meter = PeakMemory(device)
     timings = timed_interleaved({"ours": ours, "plain": plain}, ctx.repeats, device, meter)
+    # where the difference goes: the same calls again, with the time inside UNet forwards and VAE decodes measured
+    outside = {"ours": [], "plain": []}
+    with _module_timer([pipe.unet, pipe.vae.decoder], device) as inside:
+        for r in range(ctx.repeats):
+            for name, fn in (("ours", ours), ("plain", plain))[:: 1 if r % 2 == 0 else -1]:
+                inside.clear()
+                sync(device)
+                start = time.perf_counter()
+                fn()
+                sync(device)
+                outside[name].append(time.perf_counter() - start - sum(inside.values()))
     figures = Figures()
     figures.add("rollout_images_per_s", batch / timings["ours"]["median"], "img/s")
     figures.add("plain_images_per_s", batch / timings["plain"]["median"], "img/s")
     r = paired_ratio(timings["ours"], timings["plain"])
     figures.add("rollout_time_ratio", r["ratio"], "ours/plain, medians (target <= 1.02)")
     figures.add("rollout_time_ratio_min", r["ratio_min"], "ours/plain, minima")
+    figures.add("rollout_outside_unet_vae_s", median(outside["ours"]), "s per call outside UNet/VAE (median)")
+    figures.add("plain_outside_unet_vae_s", median(outside["plain"]), "s per call outside UNet/VAE (median)")
     figures.add("rollout_peak_mem_mib", mib(timings["ours"]["peak_bytes"]), meter.kind)
     figures.add("plain_peak_mem_mib", mib(timings["plain"]["peak_bytes"]), meter.kind)
-    return {"figures": figures, "timings": timings}
+    return {"figures": figures, "timings": timings, "outside_unet_vae": outside}
+
+
+@contextlib.contextmanager
+def _module_timer(modules, device):
+    """`{module index: seconds}` spent inside the forwards of `modules` (clear it between measurements)."""
+    totals: Dict[int, float] = {}
+    starts = {}
+
+    def pre(index):
+        def hook(module, args):
+            sync(device)
+            starts[index] = time.perf_counter()
+        return hook
+
+    def post(index):
+        def hook(module, args, output):
+            sync(device)
+            totals[index] = totals.get(index, 0.0) + time.perf_counter() - starts.pop(index)
+        return hook
+
+    handles = []
+    for i, m in enumerate(modules):
+        handles += [m.register_forward_pre_hook(pre(i)), m.register_forward_hook(post(i))]
+    try:
+        yield totals
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ------------------------------------------------------------------------------------------------------ train

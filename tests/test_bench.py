@@ -32,6 +32,7 @@ def test_rollout(capsys, tmp_path):
     result = run_bench(capsys, tmp_path, "rollout")
     figures = result["figures"]
     for name in ("rollout_images_per_s", "plain_images_per_s", "rollout_time_ratio", "rollout_peak_mem_mib",
+                 "rollout_outside_unet_vae_s", "plain_outside_unet_vae_s",
                  "plain_peak_mem_mib"):
         assert figures[name]["value"] > 0
     assert len(result["timings"]["ours"]["times"]) == 1
