@@ -140,6 +140,9 @@ def add_arguments(parser: argparse.ArgumentParser):
     learn.add_argument("--max-epochs", type=int, default=30, help="give up after this many epochs")
     learn.add_argument("--window", type=int, default=1,
                        help="the reward of an epoch is the mean reward_mean of the last WINDOW epochs")
+    learn.add_argument("--eval-images", type=int, default=0,
+                       help="judge the target on this many images of fixed prompts and seeds sampled after each epoch "
+                            "(not timed); 0: on the epoch's own training samples")
     learn.add_argument("--prdp-inner-epochs", type=int, default=4, help="K of the PRDP configurations")
     learn.add_argument("--configs", default=None,
                        help=f"comma-separated subset of: {', '.join(LEARN_CONFIGS)} (the baseline always runs)")
@@ -992,7 +995,7 @@ def bench_learn(ctx) -> dict:
     reward_fn = get_reward(reward)
     configs = learn_configs(ctx)
     ctx.settings.update(model=ctx.model_name, reward=reward, target=target, max_epochs=args.max_epochs,
-                        window=args.window, seeds=ctx.repeats, shared=ctx.base_settings(),
+                        window=args.window, eval_images=args.eval_images, seeds=ctx.repeats, shared=ctx.base_settings(),
                         configs={name: {"algorithm": a, **o} for name, (a, o) in configs.items()})
     meter = PeakMemory(ctx.device)
     details = {}
@@ -1003,7 +1006,9 @@ def bench_learn(ctx) -> dict:
                 trainer = ctx.make_trainer(algorithm, overrides, os.path.join(tmp, f"{name}-{s}"),
                                            reward_fn=reward_fn, reward=reward, seed=args.seed + s)
                 meter.reset()
-                runs.append(_learn_one(trainer, target, args.max_epochs, args.window))
+                evaluate = _evaluator(trainer, ctx.prompts(args.eval_images), reward_fn, args.seed) \
+                    if args.eval_images else None
+                runs.append(_learn_one(trainer, target, args.max_epochs, args.window, evaluate))
                 runs[-1]["peak_bytes"] = meter.peak()
                 del trainer
             details[name] = {"algorithm": algorithm, "overrides": overrides, "runs": runs}
@@ -1035,24 +1040,75 @@ def _median_reached(runs: List[dict], key: str):
     return None if math.isinf(value) else value
 
 
-def _learn_one(trainer, target: float, max_epochs: int, window: int) -> dict:
-    """Epochs until the (windowed) epoch reward reaches `target`. The time counts every full epoch before, plus the
-    sampling and scoring of the epoch whose samples reach it (its update is not needed)."""
-    elapsed, rewards, epoch_times = 0.0, [], []
+def _evaluator(trainer, prompts: List[str], reward_fn, seed: int):
+    """Mean reward of the current policy on fixed prompts and seeds (the same images for an unchanged policy)."""
+    import torch
+
+    from diffalign.rollout import sample_trajectories
+
+    config = trainer.config
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        trainer.unet.eval()
+        generator = torch.Generator(trainer.device).manual_seed(seed + 12345)
+        scores = []
+        for start in range(0, len(prompts), config.sample_batch_size):
+            chunk = prompts[start : start + config.sample_batch_size]
+            with trainer.accelerator.autocast():
+                images = sample_trajectories(
+                    trainer.pipe, chunk, config.sample_num_steps, config.sample_guidance_scale, config.sample_eta,
+                    trainer.resolution, trainer.resolution, generator=generator, unet=trainer.unet,
+                    prompt_encoder=trainer.prompt_encoder,
+                ).images
+            scores.append(torch.as_tensor(reward_fn(images, chunk, None), dtype=torch.float32).reshape(-1).cpu())
+        return torch.cat(scores).mean().item()
+
+    return evaluate
+
+
+def _learn_one(trainer, target: float, max_epochs: int, window: int, evaluate=None) -> dict:
+    """Epochs until the (windowed) reward reaches `target`.
+
+    Without `evaluate` the reward of an epoch is `reward_mean` of its own samples, and the time counts every full
+    epoch before plus the sampling and scoring of the epoch whose samples reach it (its update is not needed). With
+    `evaluate` (fixed prompts and seeds, untimed) the policy is judged before training and after each epoch, and the
+    time counts the full epochs up to the one after which it reaches the target.
+    """
+    elapsed, rewards, epoch_times, train_rewards = 0.0, [], [], []
+
+    def reached(values):
+        return sum(values[-window:]) / len(values[-window:]) >= target
+
+    def result(ok, epochs):
+        out = {"reached": ok, "epochs_to_target": epochs, "time_to_target_s": elapsed if ok else None,
+               "rewards": rewards, "epoch_times": epoch_times, "best_reward": max(rewards), "elapsed_s": elapsed}
+        if evaluate is not None:
+            out["train_rewards"] = train_rewards
+        return out
+
+    if evaluate is not None:
+        rewards.append(evaluate())
+        if reached(rewards):
+            return result(True, 0)
     for epoch in range(max_epochs):
         start = time.perf_counter()
         metrics = trainer.step(epoch)
         wall = time.perf_counter() - start
-        rewards.append(metrics["reward_mean"])
         epoch_times.append(wall)
-        smoothed = sum(rewards[-window:]) / len(rewards[-window:])
-        if smoothed >= target:
-            elapsed += metrics["time_sample"] + metrics["time_reward"]
-            return {"reached": True, "epochs_to_target": epoch + 1, "time_to_target_s": elapsed,
-                    "rewards": rewards, "epoch_times": epoch_times, "best_reward": max(rewards)}
-        elapsed += wall
-    return {"reached": False, "epochs_to_target": None, "time_to_target_s": None, "rewards": rewards,
-            "epoch_times": epoch_times, "best_reward": max(rewards), "elapsed_s": elapsed}
+        if evaluate is None:
+            rewards.append(metrics["reward_mean"])
+            if reached(rewards):
+                elapsed += metrics["time_sample"] + metrics["time_reward"]
+                return result(True, epoch + 1)
+            elapsed += wall
+        else:
+            elapsed += wall
+            train_rewards.append(metrics["reward_mean"])
+            rewards.append(evaluate())
+            if reached(rewards):
+                return result(True, epoch + 1)
+    return result(False, None)
 
 
 # -------------------------------------------------------------------------------------------------------- rlg

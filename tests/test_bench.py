@@ -11,7 +11,7 @@ from diffalign.cli import main
 TINY = ["--tiny", "--steps", "2", "--batch-size", "2", "--repeats", "1", "--threads", "1"]
 
 
-def run_bench(capsys, tmp_path, sub, *extra):
+def run_bench(capsys, tmp_path, sub, *extra, complete=True):
     output = tmp_path / f"{sub}.json"
     assert main(["bench", sub, *TINY, "--output", str(output), *extra]) == 0
     table = capsys.readouterr().out
@@ -24,7 +24,7 @@ def run_bench(capsys, tmp_path, sub, *extra):
     for name, entry in figures.items():
         assert name in rows, f"{name} missing from the table"
         value = entry["value"]
-        assert value is not None and not (isinstance(value, float) and math.isnan(value)), name
+        assert not complete or value is not None and not (isinstance(value, float) and math.isnan(value)), name
     return result
 
 
@@ -95,3 +95,12 @@ def test_sd15_random_shapes():
     counts = [sum(p.numel() for p in m.parameters()) for m in (pipe.unet, pipe.vae, pipe.text_encoder)]
     assert counts == [859_520_964, 83_653_863, 123_060_480]
     assert pipe.unet.dtype == torch.float16 and pipe.tokenizer.model_max_length == 77
+
+
+def test_learn_with_fixed_evaluation(capsys, tmp_path):
+    result = run_bench(capsys, tmp_path, "learn", "--max-epochs", "1", "--target", "-1000", "--eval-images", "2",
+                       "--prompts-per-epoch", "1", "--images-per-prompt", "2", "--configs", "ddpo_no_cfg", complete=False)
+    assert set(result["settings"]["configs"]) == {"ddpo_baseline", "ddpo_no_cfg"}
+    assert result["figures"]["ddpo_no_cfg_epochs_to_target"]["value"] == 0  # judged before any training
+    assert len(result["details"]["ddpo_no_cfg"]["runs"][0]["rewards"]) == 1
+    assert result["figures"]["ddpo_no_cfg_ratio_to_baseline"]["value"] is None  # 0 s / 0 s
