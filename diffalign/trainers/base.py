@@ -105,11 +105,15 @@ class BaseTrainer:
         self.ref_unet = None
         torch.manual_seed(config.seed)  # same LoRA initialisation on every process
         if config.use_lora:
-            unet.to(self.device, self.weight_dtype)
+            unet.to(self.device)
+            if unet.dtype != self.weight_dtype:
+                unet.to(dtype=self.weight_dtype)
             add_lora(unet, config.lora_rank, config.lora_alpha, config.lora_target_modules)
         else:
             self.ref_unet = copy.deepcopy(unet).requires_grad_(False).to(self.device, self.weight_dtype).eval()
-            unet.requires_grad_(True).to(self.device, torch.float32)
+            unet.requires_grad_(True).to(self.device)
+            if unet.dtype != torch.float32:
+                unet.to(dtype=torch.float32)
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if config.enable_xformers and torch.cuda.is_available():
