@@ -871,6 +871,8 @@ def bench_train(ctx) -> dict:
             for part in ("unet_sampling", "unet_training", "text_encoding", "vae_decode", "reward", "optimizer_step",
                          "rest_sampling", "rest_training", "rest_epoch"):
                 figures.add(f"{name}_share_{part}", b["shares"].get(part), "fraction of instrumented epoch")
+            unet_share = b["shares"].get("unet_sampling", 0.0) + b["shares"].get("unet_training", 0.0)
+            figures.add(f"{name}_outside_unet_share", 1.0 - unet_share, "fraction of instrumented epoch")
             figures.add(f"{name}_peak_mem_mib", mib(entry["peak_bytes"]), meter.kind)
             del trainer
     return {"figures": figures, "details": details}

@@ -44,7 +44,7 @@ def test_train(capsys, tmp_path):
     figures = result["figures"]
     for algorithm in ("prdp", "ddpo"):
         for part in ("epoch_s", "unet_floor_s", "epoch_over_unet", "sampling_over_unet", "training_over_unet",
-                     "peak_mem_mib"):
+                     "peak_mem_mib", "outside_unet_share"):
             assert figures[f"{algorithm}_{part}"]["value"] > 0
         shares = [v["value"] for k, v in figures.items() if k.startswith(f"{algorithm}_share_")]
         assert len(shares) == 9 and sum(shares) == pytest.approx(1.0, abs=1e-6)
