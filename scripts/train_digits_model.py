@@ -1,19 +1,22 @@
 """Trains the bundled digits text-to-image model (`diffalign/models/digits`) and its reward classifier.
 
 A tiny Stable-Diffusion-style latent diffusion model, trained from scratch on scikit-learn's
-`load_digits` (1797 grey 8x8 digits, bilinear-upsampled to 32x32, bright ink on dark, replicated to
+`load_digits` (1797 grey 8x8 digits, bilinear-upsampled to 16x16, bright ink on dark, replicated to
 RGB), saved in the stock diffusers `StableDiffusionPipeline` format:
 
-* `vae`: `AutoencoderKL` (3 channels, 2 blocks, vae_scale_factor 2: 32x32 images <-> 4x16x16 latents),
+* `vae`: `AutoencoderKL` (3 channels, 2 blocks, vae_scale_factor 2: 16x16 images <-> 4x8x8 latents),
   trained first (reconstruction + small KL); `scaling_factor` is set so latents have unit variance.
-* `text_encoder`: a frozen, randomly initialised small `CLIPTextModel` (hidden 32, 2 layers, CLIP's
-  49408-token vocabulary, 16 positions); `tokenizer`: `diffalign.tokenization.offline_clip_tokenizer(16)`.
-* `unet`: `UNet2DConditionModel` (cross-attention dim 32), epsilon prediction, EMA weights; prompts in
+* `text_encoder`: a small `CLIPTextModel` (hidden 32, 2 layers, CLIP's 49408-token vocabulary,
+  16 positions), trained jointly with the UNet from a random init (a frozen random encoder gave weak
+  conditioning: 68% judge accuracy at CFG 2); `tokenizer`:
+  `diffalign.tokenization.offline_clip_tokenizer(16)`.
+* `unet`: `UNet2DConditionModel` (cross-attention dim 32), epsilon prediction, EMA weights (UNet and
+  text encoder); prompts in
   8 phrasings per digit (`diffalign.rewards.digits.PROMPT_TEMPLATES`), 10% empty-prompt dropout so
   classifier-free guidance works.
 * `scheduler`: `DDIMScheduler` (1000 steps, squaredcos_cap_v2, steps_offset 1, set_alpha_to_one False,
   clip_sample False).
-* `classifier/`: the reward CNN of `diffalign.rewards.digits` (safetensors + config.json), 32x32 grey.
+* `classifier/`: the reward CNN of `diffalign.rewards.digits` (safetensors + config.json), 16x16 grey.
 
 Weights are stored in fp16 safetensors to keep the package small (~8 MB); diffusers models load them
 as fp32 by default, and the text encoder's config says `"dtype": "float32"` so transformers' default
@@ -76,7 +79,7 @@ def build_text_encoder(seed, max_length):
         pad_token_id=EOS_TOKEN_ID,
         projection_dim=32,
     )
-    return CLIPTextModel(config).eval().requires_grad_(False)
+    return CLIPTextModel(config)
 
 
 def build_vae(resolution):
@@ -169,22 +172,26 @@ def encode_all(vae, images, batch=256):
     return torch.cat(means), torch.cat(stds)
 
 
-@torch.no_grad()
-def prompt_embeddings(tokenizer, text_encoder):
-    """`[10, T, L, D]` embeddings of every training prompt and `[L, D]` of the empty prompt."""
+def prompt_ids(tokenizer):
+    """Token ids `[10, T, L]` of every training prompt (T phrasings per digit) and `[L]` of the empty prompt."""
     prompts = [digit_prompt(d, t) for d in range(10) for t in range(len(PROMPT_TEMPLATES))] + [""]
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
-    emb = text_encoder(ids)[0]
-    return emb[:-1].reshape(10, len(PROMPT_TEMPLATES), *emb.shape[1:]), emb[-1]
+    return ids[:-1].reshape(10, len(PROMPT_TEMPLATES), -1), ids[-1]
 
 
-def train_unet(latent_mean, latent_std, labels, cond, uncond, scheduler, args):
-    unet = build_unet(latent_mean.shape[-1], cond.shape[-1])
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    log(f"unet params {sum(p.numel() for p in unet.parameters()) / 1e6:.3f} M")
+def train_unet(latent_mean, latent_std, labels, text_encoder, cond_ids, uncond_ids, scheduler, args):
+    """Trains the UNet and the text encoder jointly; returns their EMA copies."""
+    unet = build_unet(latent_mean.shape[-1], text_encoder.config.hidden_size)
+    text_encoder.train().requires_grad_(True)
+    models = (unet, text_encoder)
+    emas = [copy.deepcopy(m).eval().requires_grad_(False) for m in models]
+    log(f"unet params {sum(p.numel() for p in unet.parameters()) / 1e6:.3f} M, text encoder params "
+        f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.3f} M")
     unet.train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=1e-4)
+    # No weight decay on the text encoder: rows of unused tokens then stay exactly as initialised.
+    opt = torch.optim.AdamW([{"params": unet.parameters(), "weight_decay": 1e-4},
+                             {"params": text_encoder.parameters(), "weight_decay": 0.0}], lr=args.unet_lr)
     gen = torch.Generator().manual_seed(args.seed + 1)
     alphas = scheduler.alphas_cumprod
     t0, running = time.time(), []
@@ -194,10 +201,11 @@ def train_unet(latent_mean, latent_std, labels, cond, uncond, scheduler, args):
         idx = torch.randint(0, len(labels), (args.batch_size,), generator=gen)
         z0 = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)
         z0 = z0 * args.scaling_factor
-        phrasing = torch.randint(0, cond.shape[1], (args.batch_size,), generator=gen)
-        enc = cond[labels[idx], phrasing]
+        phrasing = torch.randint(0, cond_ids.shape[1], (args.batch_size,), generator=gen)
+        ids = cond_ids[labels[idx], phrasing]
         drop = torch.rand(args.batch_size, generator=gen) < args.uncond_prob
-        enc = torch.where(drop[:, None, None], uncond[None], enc)
+        ids = torch.where(drop[:, None], uncond_ids[None], ids)
+        enc = text_encoder(ids)[0]
         t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
@@ -206,17 +214,18 @@ def train_unet(latent_mean, latent_std, labels, cond, uncond, scheduler, args):
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for m in models for p in m.parameters()], 1.0)
         opt.step()
         decay = min(args.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
+            for ema, model in zip(emas, models):
+                for pe, p in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(p, 1 - decay)
         running.append(loss.item())
         if (step + 1) % 100 == 0 or step + 1 == args.unet_steps:
             log(f"unet step {step + 1}/{args.unet_steps} loss {sum(running[-100:]) / len(running[-100:]):.4f} "
                 f"({time.time() - t0:.0f}s)")
-    return ema.eval()
+    return emas
 
 
 def augment(x, gen, max_shift=3, noise=0.05):
@@ -293,7 +302,7 @@ def main():
     parser.add_argument("--max-length", type=int, default=16, help="tokenizer/text encoder positions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--vae-steps", type=int, default=500)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--vae-kl-weight", type=float, default=1e-3, help="weight of KL per pixel")
     parser.add_argument("--unet-steps", type=int, default=2500)
@@ -314,7 +323,7 @@ def main():
 
     tokenizer = offline_clip_tokenizer(model_max_length=args.max_length)
     text_encoder = build_text_encoder(args.seed, args.max_length)
-    cond, uncond = prompt_embeddings(tokenizer, text_encoder)
+    cond_ids, uncond_ids = prompt_ids(tokenizer)
 
     t0 = time.time()
     torch.manual_seed(args.seed)
@@ -333,7 +342,7 @@ def main():
     t0 = time.time()
     scheduler = build_scheduler()
     torch.manual_seed(args.seed + 1)
-    unet = train_unet(mean, std, labels, cond, uncond, scheduler, args)
+    unet, text_encoder = train_unet(mean, std, labels, text_encoder, cond_ids, uncond_ids, scheduler, args)
     t_unet = time.time() - t0
     log(f"unet done in {t_unet:.0f}s")
 
