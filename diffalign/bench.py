@@ -1016,6 +1016,7 @@ def bench_learn(ctx) -> dict:
             details[name] = {"algorithm": algorithm, "overrides": overrides, "runs": runs}
     figures = Figures()
     base_time = _median_reached(details[BASELINE]["runs"], "time_to_target_s")
+    base_epoch = median([x for r in details[BASELINE]["runs"] for x in r["epoch_times"]])
     for name, entry in details.items():
         runs = entry["runs"]
         reached = sum(r["reached"] for r in runs)
@@ -1028,7 +1029,9 @@ def bench_learn(ctx) -> dict:
         figures.add(f"{name}_time_to_target_s", t, "s")
         figures.add(f"{name}_ratio_to_baseline", entry["ratio_to_baseline"],
                     "time/baseline time (target <= 0.5)" if name != BASELINE else "")
-        figures.add(f"{name}_epoch_s", median([x for r in runs for x in r["epoch_times"]]), "s per epoch (median)")
+        entry["epoch_s"] = median([x for r in runs for x in r["epoch_times"]])
+        figures.add(f"{name}_epoch_s", entry["epoch_s"], "s per epoch (median)")
+        figures.add(f"{name}_epoch_ratio_to_baseline", ratio(entry["epoch_s"], base_epoch), "epoch time/baseline's")
         figures.add(f"{name}_best_reward", max(r["best_reward"] for r in runs), "")
         figures.add(f"{name}_peak_mem_mib", mib(max(r["peak_bytes"] or 0 for r in runs)), meter.kind)
     return {"figures": figures, "details": details}
