@@ -18,7 +18,7 @@ RGB), saved in the stock diffusers `StableDiffusionPipeline` format:
   clip_sample False).
 * `classifier/`: the reward CNN of `diffalign.rewards.digits` (safetensors + config.json), 16x16 grey.
 
-Weights are stored in fp16 safetensors to keep the package small (~8 MB); diffusers models load them
+Weights are stored in fp16 safetensors to keep the package small (8.8 MB); diffusers models load them
 as fp32 by default, and the text encoder's config says `"dtype": "float32"` so transformers' default
 `dtype="auto"` upcasts it too (`StableDiffusionPipeline.from_pretrained(path)` gives an all-fp32
 pipeline that runs on a CPU). The tokenizer is stored as vocab.json + merges.txt (1.5 MB, no
@@ -28,8 +28,9 @@ Exact command that produced the committed weights (2 CPU cores, torch 2.13 CPU):
 
     HF_HUB_OFFLINE=1 python scripts/train_digits_model.py --output diffalign/models/digits
 
-Measured wall time: see docs/digits.md (~20 min on the shared 2-core machine: VAE ~4 min, UNet
-~15 min, classifier ~1 min). Everything is seeded, but CPU kernels are not bit-reproducible
+Measured wall time of the committed run: 24.8 min on the shared 2-core machine (1 torch thread, load
+average 4-5 from other jobs): VAE 4.8 min, UNet + text encoder 19.7 min, classifier 13 s. With
+other jobs on the cores, 2 torch threads were 5x slower than 1 (hence `--threads 1`). Everything is seeded, but CPU kernels are not bit-reproducible
 across machines.
 """
 
