@@ -341,7 +341,7 @@ def format_table(result: dict) -> str:
     rows = [(name, format_value(entry["value"]), entry.get("unit", "")) for name, entry in result["figures"].items()]
     header = ("figure", "value", "unit")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     out = [f"diffalign bench {result['benchmark']}  ({result['machine']['device']}, {result['machine']['dtype']})",
            line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in rows]
@@ -532,7 +532,7 @@ class Context:
         skip = ("sample_", "num_epochs", "output_dir", "model", "reward", "prompt", "grid_", "checkpoint", "log_")
         return {k: v for k, v in data.items() if k != "algorithm" and not k.startswith(skip)}
 
-    def make_trainer(self, algorithm: str, overrides: dict, output_dir: str, reward_fn=None, reward: str = None,
+    def make_trainer(self, algorithm: str, overrides: dict, output_dir: str, reward_fn=None, reward: Optional[str] = None,
                      seed: Optional[int] = None):
         """A trainer on a fresh copy of the model; `overrides` win over `base_settings` and the algorithm preset."""
         from accelerate import Accelerator
@@ -704,7 +704,7 @@ class _UNetFloor:
         reference = list(sampling) if self.reference else []
         steps = config.num_train_steps
         micro = config.train_micro_batch_size
-        split = lambda total: [min(micro, total - s) for s in range(0, total, micro)]  # noqa: E731
+        split = lambda total: [min(micro, total - s) for s in range(0, total, micro)]
         updates = []
         if self.trainer.algorithm == "ddpo":
             for _ in range(config.train_num_inner_epochs):
