@@ -471,7 +471,9 @@ class Context:
     def guidance_scale(self) -> float:
         if self.args.guidance_scale is not None:
             return self.args.guidance_scale
-        return float(self.preset.get("sample_guidance_scale", 5.0))
+        # the preset's scale only if it is a CFG scale: the CFG configurations must differ from the no-CFG ones
+        preset = float(self.preset.get("sample_guidance_scale", 5.0))
+        return preset if preset != 1.0 else 5.0
 
     def prompts(self, n: int) -> List[str]:
         if self.is_digits:
@@ -493,7 +495,7 @@ class Context:
         from diffalign.config import _parse_cli_value
 
         values = {key: value for key, value in self.preset.items()
-                  if key.startswith("sample_") or key in ("prompts", "prompt_fn", "prompt_file", "seed")}
+                  if key.startswith("sample_") or key in ("prompts", "prompt_fn", "prompt_file")}
         if not self.is_digits:
             values.update(prompts=TINY_PROMPTS[:2])
         values.update(
@@ -529,8 +531,14 @@ class Context:
             return {}
         with open(path) as f:
             data = yaml.safe_load(f) or {}
-        skip = ("sample_", "num_epochs", "output_dir", "model", "reward", "prompt", "grid_", "checkpoint", "log_")
-        return {k: v for k, v in data.items() if k != "algorithm" and not k.startswith(skip)}
+        import dataclasses
+
+        from diffalign.config import CONFIG_CLASSES
+
+        known = {f.name for f in dataclasses.fields(CONFIG_CLASSES[algorithm])}
+        skip = ("sample_", "num_epochs", "output_dir", "model", "reward", "eval_", "prompt", "grid_", "checkpoint",
+                "log_", "resume")
+        return {k: v for k, v in data.items() if k in known and not k.startswith(skip)}
 
     def make_trainer(self, algorithm: str, overrides: dict, output_dir: str, reward_fn=None, reward: Optional[str] = None,
                      seed: Optional[int] = None):
@@ -546,9 +554,15 @@ class Context:
             values["seed"] = seed
         if reward is not None:
             values["reward"] = reward
+        # keep the batch arithmetic valid when the shape options shrink the preset's epoch
         if algorithm == "ddpo":
             local = values["sample_num_prompts_per_epoch"] * values["sample_images_per_prompt"]
-            values.setdefault("train_batch_size", math.gcd(local, 8))
+            size = values.get("train_batch_size", 8)
+            if local % size:
+                values["train_batch_size"] = math.gcd(local, size)
+        elif values.get("train_prompts_per_step"):
+            values["train_prompts_per_step"] = math.gcd(values["sample_num_prompts_per_epoch"],
+                                                        values["train_prompts_per_step"])
         config = load_config(algorithm, None, values)
         pipe = copy.deepcopy(self.template())
         accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=self.device.type == "cpu")
