@@ -165,6 +165,11 @@ class DDPOConfig(TrainConfig):
     train_clip_range: float = field(default=1e-4, metadata={"help": "PPO ratio clip eps."})
     train_adv_clip_max: float = field(default=5.0, metadata={"help": "Advantages are clipped to +-this."})
     train_kl_coef: float = field(default=0.0, metadata={"help": "Weight of the per-step KL to the base model."})
+    sample_compute_kl: bool = field(
+        default=False,
+        metadata={"help": "Run the base model at sampling to log KL to base every epoch (costs ~30% of an epoch; "
+                          "PRDP always has it for free). The final evaluation reports it either way."},
+    )
 
     algorithm = "ddpo"
 

@@ -20,9 +20,18 @@ from typing import List, Optional, Tuple, Union
 import torch
 
 
+def _alphas_cumprod(scheduler, device) -> torch.Tensor:
+    # A device copy of the table, kept on the scheduler: a host-to-device copy per step would block a GPU.
+    cached = getattr(scheduler, "_diffalign_alphas_cumprod", None)
+    if cached is None or cached.device != torch.device(device) or cached.shape != scheduler.alphas_cumprod.shape:
+        cached = scheduler.alphas_cumprod.to(device)
+        scheduler._diffalign_alphas_cumprod = cached
+    return cached
+
+
 def _per_sample(values: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
     # (num_train_timesteps,) table -> (B, 1, 1, ...) broadcastable against `sample`.
-    out = values.to(sample.device)[timestep.to(sample.device)]
+    out = values[timestep.to(values.device)]
     return out.reshape(-1, *([1] * (sample.ndim - 1)))
 
 
@@ -53,7 +62,7 @@ def ddim_step_mean_std(scheduler, model_output: torch.Tensor, timestep, sample: 
         timestep = timestep.expand(sample.shape[0])
     prev_timestep = timestep - config.num_train_timesteps // scheduler.num_inference_steps
 
-    alphas_cumprod = scheduler.alphas_cumprod
+    alphas_cumprod = _alphas_cumprod(scheduler, sample.device)
     alpha_prod_t = _per_sample(alphas_cumprod, timestep, sample)
     alpha_prod_t_prev = torch.where(
         prev_timestep.to(sample.device).reshape(alpha_prod_t.shape) >= 0,

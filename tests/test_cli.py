@@ -15,7 +15,8 @@ TINY_ARGS = [
 @pytest.fixture(scope="module")
 def ddpo_run(tiny_model_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cli") / "ddpo")
-    code = main(["train", "ddpo", "--model", tiny_model_dir, "--output_dir", out, "--train_batch_size", "2"] + TINY_ARGS)
+    code = main(["train", "ddpo", "--model", tiny_model_dir, "--output_dir", out, "--train_batch_size", "2",
+                 "--sample_compute_kl", "true"] + TINY_ARGS)
     assert code == 0
     return out
 

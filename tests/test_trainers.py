@@ -27,7 +27,8 @@ def lora_weights(trainer):
 
 
 def test_ddpo_epoch_changes_only_the_lora(tmp_path, tiny_pipe):
-    config = tiny_config(DDPOConfig, tmp_path, train_batch_size=2, advantage_mode="group", train_clip_range=0.2)
+    config = tiny_config(DDPOConfig, tmp_path, train_batch_size=2, advantage_mode="group", train_clip_range=0.2,
+                         sample_compute_kl=True)
     base = {n: p.detach().clone() for n, p in tiny_pipe.unet.named_parameters()}
     trainer = DDPOTrainer(config, pipeline=tiny_pipe, reward_fn=brightness)
     before = lora_weights(trainer)

@@ -79,7 +79,8 @@ class DDPOTrainer(BaseTrainer):
         """Forward+backward of one optimizer step's (sample, step) rows, in micro-batches; returns averages."""
         config = self.config
         total = rows.shape[0]
-        stats = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "kl_penalty": 0.0}
+        # Accumulated as tensors and read once per optimizer step (an `.item()` per micro-batch would sync the GPU).
+        stats = {key: torch.zeros((), device=self.device) for key in ("loss", "approx_kl", "clipfrac", "kl_penalty")}
         for start in range(0, total, config.train_micro_batch_size):
             r = rows[start : start + config.train_micro_batch_size].to(self.device)
             s = steps[start : start + config.train_micro_batch_size].to(self.device)
@@ -93,13 +94,13 @@ class DDPOTrainer(BaseTrainer):
             if config.train_kl_coef > 0:
                 kl = gaussian_kl(mean, trajectories.ref_means[r, s], std).mean()
                 loss = loss + config.train_kl_coef * kl
-                stats["kl_penalty"] += kl.item() * weight
+                stats["kl_penalty"] += kl.detach() * weight
             # A non-finite loss gives a non-finite gradient norm, and `optimizer_step` then skips the update.
             self.backward(loss * weight)
-            stats["loss"] += out["loss"].item() * weight
-            stats["approx_kl"] += out["approx_kl"].item() * weight
-            stats["clipfrac"] += out["clipfrac"].item() * weight
-        return stats
+            stats["loss"] += out["loss"].detach() * weight
+            stats["approx_kl"] += out["approx_kl"] * weight
+            stats["clipfrac"] += out["clipfrac"] * weight
+        return {key: value.item() for key, value in stats.items()}
 
     def extra_state(self) -> dict:
         return {"stat_tracker": self.stat_tracker.state_dict()}
