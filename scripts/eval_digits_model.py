@@ -42,8 +42,10 @@ SWEEP = [  # (steps, guidance scale, eta)
     (20, 1.0, 1.0),
     (10, 2.0, 1.0),
     (10, 1.0, 1.0),
-    (10, 0.5, 1.0),
     (10, 1.0, 0.0),
+    (10, 0.75, 1.0),  # scales below 1 interpolate towards the unconditional model (diffalign's sampler)
+    (10, 0.5, 1.0),
+    (20, 0.5, 1.0),
 ]
 
 
@@ -67,6 +69,15 @@ def sample(pipe, prompts, steps, guidance_scale, eta, seed, batch_size):
     images = []
     for i in range(0, len(prompts), batch_size):
         generator = torch.Generator().manual_seed(seed + i)
+        if guidance_scale < 1:
+            # The stock pipeline turns guidance off at scales <= 1; the trainers' sampler interpolates
+            # eps_u + w (eps_c - eps_u) for any w (it needs eta > 0: it records log-probs).
+            from diffalign.rollout import sample_trajectories
+
+            trajectories = sample_trajectories(pipe, prompts[i : i + batch_size], steps, guidance_scale, eta,
+                                               generator=generator)
+            images.append(trajectories.images.float().cpu())
+            continue
         out = pipe(prompts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance_scale, eta=eta,
                    generator=generator, output_type="pt")
         images.append(out.images.float().cpu())
