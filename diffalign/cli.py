@@ -5,6 +5,7 @@ Multi-GPU (or multi-process CPU) training goes through accelerate:
 """
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -128,32 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("-h", "--help", action="store_true")
     train.set_defaults(func=train_command, allow_extra=True)
 
-    generate = sub.add_parser("generate", help="sample with RLG at several alignment strengths")
-    try:
-        from diffalign import generate as generate_module
-
-        generate_module.add_arguments(generate)
-        generate.set_defaults(func=lambda args, extra: generate_module.run(args), allow_extra=False)
-    except ImportError:
-        generate.set_defaults(func=lambda args, extra: _missing("generate"), allow_extra=False)
-
-    bench = sub.add_parser("bench", help="benchmarks: rollout, train, learn, rlg")
-    try:
-        from diffalign import bench as bench_module
-
-        bench_module.add_arguments(bench)
-        bench.set_defaults(func=lambda args, extra: bench_module.run(args), allow_extra=False)
-    except ImportError:
-        bench.set_defaults(func=lambda args, extra: _missing("bench"), allow_extra=False)
+    for name, help_text in (("generate", "sample with RLG at several alignment strengths"),
+                            ("bench", "benchmarks: rollout, train, learn, rlg")):
+        # Each of these modules defines `add_arguments(parser)` and `run(args) -> int`.
+        command = sub.add_parser(name, help=help_text)
+        module = importlib.import_module(f"diffalign.{name}")
+        module.add_arguments(command)
+        command.set_defaults(func=lambda args, extra, module=module: module.run(args), allow_extra=False)
 
     env = sub.add_parser("env", help="print versions and devices")
     env.set_defaults(func=env_command, allow_extra=False)
     return parser
-
-
-def _missing(name: str) -> int:
-    print(f"diffalign: error: the '{name}' command is not available in this installation", file=sys.stderr)
-    return 2
 
 
 def main(argv: Optional[List[str]] = None) -> int:

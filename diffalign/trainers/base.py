@@ -99,21 +99,17 @@ class BaseTrainer:
     # ------------------------------------------------------------------ setup
     def _setup_models(self):
         config, acc, pipe = self.config, self.accelerator, self.pipe
-        pipe.vae.requires_grad_(False).to(self.device, self.weight_dtype)
-        pipe.text_encoder.requires_grad_(False).to(self.device, self.weight_dtype)
+        for frozen in (pipe.vae, pipe.text_encoder):
+            _place(frozen.requires_grad_(False), self.device, self.weight_dtype)
         unet = pipe.unet
         self.ref_unet = None
         torch.manual_seed(config.seed)  # same LoRA initialisation on every process
         if config.use_lora:
-            unet.to(self.device)
-            if unet.dtype != self.weight_dtype:
-                unet.to(dtype=self.weight_dtype)
+            _place(unet, self.device, self.weight_dtype)
             add_lora(unet, config.lora_rank, config.lora_alpha, config.lora_target_modules)
         else:
-            self.ref_unet = copy.deepcopy(unet).requires_grad_(False).to(self.device, self.weight_dtype).eval()
-            unet.requires_grad_(True).to(self.device)
-            if unet.dtype != torch.float32:
-                unet.to(dtype=torch.float32)
+            self.ref_unet = _place(copy.deepcopy(unet).requires_grad_(False), self.device, self.weight_dtype).eval()
+            _place(unet.requires_grad_(True), self.device, torch.float32)
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if config.enable_xformers and torch.cuda.is_available():
@@ -503,6 +499,14 @@ class BaseTrainer:
                 f.writelines(json.dumps(r) + "\n" for r in records)
             self.metrics_history = records
         logger.info("resumed from %s at epoch %d", checkpoint, self.first_epoch)
+
+
+def _place(module, device, dtype):
+    """Moves `module` to `device` and casts it only if its dtype differs (diffusers warns on needless casts)."""
+    module.to(device)
+    if module.dtype != dtype:
+        module.to(dtype=dtype)
+    return module
 
 
 def _numpy_state_to_list(state) -> list:
