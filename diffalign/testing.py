@@ -14,6 +14,23 @@ import torch
 from .tokenization import BOS_TOKEN_ID, EOS_TOKEN_ID, VOCAB_SIZE, offline_clip_tokenizer
 
 
+def tiny_clip_text_kwargs(**overrides) -> dict:
+    """Keyword arguments of a tiny `CLIPTextConfig` with CLIP's real vocabulary and special tokens."""
+    kwargs = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=77,
+        bos_token_id=BOS_TOKEN_ID,
+        eos_token_id=EOS_TOKEN_ID,
+        pad_token_id=EOS_TOKEN_ID,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
 def tiny_unet(seed: int = 0, sample_size: int = 16, cross_attention_dim: int = 32):
     from diffusers import UNet2DConditionModel
 
@@ -59,19 +76,7 @@ def tiny_sd_components(seed: int = 0, sample_size: int = 16, prediction_type: st
         sample_size=sample_size * 2,
     )
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=VOCAB_SIZE,
-            max_position_embeddings=77,
-            bos_token_id=BOS_TOKEN_ID,
-            eos_token_id=EOS_TOKEN_ID,
-            pad_token_id=EOS_TOKEN_ID,
-        )
-    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_clip_text_kwargs()))
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,

@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     )
     if args.algorithm == "ddpo":
         overrides.update(train_batch_size=8)
+    else:
+        overrides.update(train_num_inner_epochs=1)
     config = load_config(args.algorithm, None, overrides)
     trainer = (DDPOTrainer if args.algorithm == "ddpo" else PRDPTrainer)(config)
     torch.set_num_threads(2)

@@ -19,7 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from diffalign.pipelines import StableDiffusionXLRLGPipeline
 from diffalign.testing import perturbed_unet
-from diffalign.tokenization import BOS_TOKEN_ID, EOS_TOKEN_ID, VOCAB_SIZE, offline_clip_tokenizer
+from diffalign.tokenization import offline_clip_tokenizer
 
 PIPELINE_FILE = os.path.join(os.path.dirname(__file__), "..", "pipelines", "pipeline_stable_diffusion_xl_rlg.py")
 PROMPT = "a photo of a cat"
@@ -56,18 +56,9 @@ def tiny_sdxl_components(seed=0):
         norm_num_groups=8,
         sample_size=32,
     )
-    config = CLIPTextConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        projection_dim=32,
-        vocab_size=VOCAB_SIZE,
-        max_position_embeddings=77,
-        bos_token_id=BOS_TOKEN_ID,
-        eos_token_id=EOS_TOKEN_ID,
-        pad_token_id=EOS_TOKEN_ID,
-    )
+    from diffalign.testing import tiny_clip_text_kwargs
+
+    config = CLIPTextConfig(**tiny_clip_text_kwargs(projection_dim=32))
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(config)
     text_encoder_2 = CLIPTextModelWithProjection(config)

@@ -68,20 +68,12 @@ def clip_dir(tmp_path_factory):
     """A tiny random `CLIPModel` + `CLIPProcessor` (real CLIP tokenizer, default image processor) on disk."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from diffalign.tokenization import BOS_TOKEN_ID, EOS_TOKEN_ID, VOCAB_SIZE, offline_clip_tokenizer
+    from diffalign.tokenization import offline_clip_tokenizer
 
     directory = tmp_path_factory.mktemp("tiny_clip")
-    text_config = dict(
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=VOCAB_SIZE,
-        max_position_embeddings=77,
-        bos_token_id=BOS_TOKEN_ID,
-        eos_token_id=EOS_TOKEN_ID,
-        pad_token_id=EOS_TOKEN_ID,
-    )
+    from diffalign.testing import tiny_clip_text_kwargs
+
+    text_config = tiny_clip_text_kwargs()
     vision_config = dict(
         hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=224, patch_size=32
     )
