@@ -45,6 +45,8 @@ LEARN_CONFIGS: Dict[str, tuple] = {
         "ddpo", {"train_timestep_fraction": 0.5, "train_num_inner_epochs": 2, "sample_compute_kl": False}
     ),
     "prdp_k{K}": ("prdp", {"train_num_inner_epochs": "{K}"}),
+    # PRDP's K updates per epoch on a third of the steps: about the baseline's training cost per epoch.
+    "prdp_k{K}_third_steps": ("prdp", {"train_num_inner_epochs": "{K}", "train_timestep_fraction": 0.3}),
     "ddpo_no_cfg": (
         "ddpo",
         {"train_timestep_fraction": 1.0, "train_num_inner_epochs": 1, "sample_compute_kl": False,

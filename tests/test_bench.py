@@ -59,7 +59,8 @@ def test_learn(capsys, tmp_path):
                        "--prompts-per-epoch", "1", "--images-per-prompt", "2", "--prdp-inner-epochs", "1")
     figures = result["figures"]
     configs = result["settings"]["configs"]
-    assert set(configs) == {"ddpo_baseline", "ddpo_half_steps_k2", "prdp_k1", "ddpo_no_cfg", "prdp_k1_no_cfg"}
+    assert set(configs) == {"ddpo_baseline", "ddpo_half_steps_k2", "prdp_k1", "prdp_k1_third_steps", "ddpo_no_cfg",
+                            "prdp_k1_no_cfg"}
     assert configs["ddpo_baseline"]["train_timestep_fraction"] == 1.0
     assert configs["ddpo_no_cfg"]["sample_guidance_scale"] == 1.0
     for name in configs:
