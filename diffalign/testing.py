@@ -31,6 +31,16 @@ def tiny_clip_text_kwargs(**overrides) -> dict:
     return kwargs
 
 
+def tiny_ddim_scheduler(**overrides):
+    """A `DDIMScheduler` with Stable Diffusion 1.x's configuration (scaled-linear betas, steps_offset 1)."""
+    from diffusers import DDIMScheduler
+
+    config = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                  set_alpha_to_one=False, steps_offset=1)
+    config.update(overrides)
+    return DDIMScheduler(**config)
+
+
 def tiny_unet(seed: int = 0, sample_size: int = 16, cross_attention_dim: int = 32):
     from diffusers import UNet2DConditionModel
 
@@ -60,7 +70,7 @@ def tiny_sd_components(seed: int = 0, sample_size: int = 16, prediction_type: st
         prediction_type (`str`, *optional*, defaults to `"epsilon"`):
             `"epsilon"` or `"v_prediction"`, set on the scheduler.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
     unet = tiny_unet(seed, sample_size)
@@ -77,15 +87,7 @@ def tiny_sd_components(seed: int = 0, sample_size: int = 16, prediction_type: st
     )
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_clip_text_kwargs()))
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    scheduler = tiny_ddim_scheduler(prediction_type=prediction_type)
     return {
         "unet": unet,
         "vae": vae,

@@ -8,7 +8,6 @@ import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
     DiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -56,20 +55,13 @@ def tiny_sdxl_components(seed=0):
         norm_num_groups=8,
         sample_size=32,
     )
-    from diffalign.testing import tiny_clip_text_kwargs
+    from diffalign.testing import tiny_clip_text_kwargs, tiny_ddim_scheduler
 
     config = CLIPTextConfig(**tiny_clip_text_kwargs(projection_dim=32))
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(config)
     text_encoder_2 = CLIPTextModelWithProjection(config)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = tiny_ddim_scheduler()
     return {
         "unet": unet,
         "vae": vae,
