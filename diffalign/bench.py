@@ -44,9 +44,27 @@ LEARN_CONFIGS: Dict[str, tuple] = {
     "ddpo_half_steps_k2": (
         "ddpo", {"train_timestep_fraction": 0.5, "train_num_inner_epochs": 2, "sample_compute_kl": False}
     ),
+    "ddpo_fifth_steps_k2": (
+        "ddpo", {"train_timestep_fraction": 0.2, "train_num_inner_epochs": 2, "sample_compute_kl": False}
+    ),
+    "ddpo_tenth_steps_k2": (
+        "ddpo", {"train_timestep_fraction": 0.1, "train_num_inner_epochs": 2, "sample_compute_kl": False}
+    ),
+    "ddpo_fifth_steps_k4": (
+        "ddpo", {"train_timestep_fraction": 0.2, "train_num_inner_epochs": 4, "sample_compute_kl": False}
+    ),
+    # the cheapest configuration that learns at the baseline's pace, plus prompts of moderate difficulty first
+    "ddpo_fifth_steps_k2_moderate": (
+        "ddpo", {"train_timestep_fraction": 0.2, "train_num_inner_epochs": 2, "sample_compute_kl": False,
+                 "sample_prompt_selection": "moderate"}
+    ),
     "prdp_k{K}": ("prdp", {"train_num_inner_epochs": "{K}"}),
     # PRDP's K updates per epoch on a third of the steps: about the baseline's training cost per epoch.
     "prdp_k{K}_third_steps": ("prdp", {"train_num_inner_epochs": "{K}", "train_timestep_fraction": 0.3}),
+    # ... and on a fifth of the steps, with pi_ref computed for those steps only (no per-epoch KL log)
+    "prdp_k{K}_fifth_steps": (
+        "prdp", {"train_num_inner_epochs": "{K}", "train_timestep_fraction": 0.2, "sample_compute_kl": False}
+    ),
     "ddpo_no_cfg": (
         "ddpo",
         {"train_timestep_fraction": 1.0, "train_num_inner_epochs": 1, "sample_compute_kl": False,
@@ -714,6 +732,8 @@ class _UNetFloor:
     def _plan(self) -> dict:
         """`sampling`: row counts of the no-grad sampling forwards (policy, then reference ones); `training`: a list
         of updates, each `(no_grad_rows, [[micro-batch rows of one backward], ...])`."""
+        import torch
+
         config, n = self.config, self.num_samples
         chunks = [min(config.sample_batch_size, n - s) for s in range(0, n, config.sample_batch_size)]
         sampling = [c for c in chunks for _ in range(config.sample_num_steps)]
@@ -722,6 +742,14 @@ class _UNetFloor:
         micro = config.train_micro_batch_size
         split = lambda total: [min(micro, total - s) for s in range(0, total, micro)]
         updates = []
+        lazy_reference = []
+        if self.trainer.algorithm == "prdp" and not self.reference:
+            # PRDP computes pi_ref in training for the union of the K inner epochs' planned steps (no grad)
+            plans = [self.trainer.train_step_plan(n, self.generator) for _ in range(config.train_num_inner_epochs)]
+            needed = torch.zeros(n, config.sample_num_steps, dtype=torch.bool)
+            for plan in plans:
+                needed.scatter_(1, plan, True)
+            lazy_reference = split(int(needed.sum()))
         if self.trainer.algorithm == "ddpo":
             for _ in range(config.train_num_inner_epochs):
                 for s in range(0, n, config.train_batch_size):
@@ -737,7 +765,7 @@ class _UNetFloor:
                         updates.append((rows, [[m] for m in split(rows)]))
                     else:
                         updates.append((0, [split(rows)]))  # one graph over all micro-batches, one backward
-        return {"sampling": sampling, "reference": reference, "training": updates}
+        return {"sampling": sampling, "reference": reference, "lazy_reference": lazy_reference, "training": updates}
 
     def _forward(self, rows: int):
         x, t, e = self._inputs(rows)
@@ -764,7 +792,16 @@ class _UNetFloor:
     def training(self):
         import torch
 
+        from diffalign.rollout import reference_model
+
         trainer = self.trainer
+        if self.plan["lazy_reference"]:
+            self.unet.eval()
+            module, context = reference_model(trainer.unet, trainer.ref_unet)
+            with torch.no_grad(), trainer.accelerator.autocast(), context():
+                for rows in self.plan["lazy_reference"]:
+                    x, t, e = self._inputs(rows)
+                    module(x, t, encoder_hidden_states=e)
         self.unet.train()
         for no_grad_rows, graphs in self.plan["training"]:
             if no_grad_rows:
@@ -784,6 +821,7 @@ class _UNetFloor:
     def counts(self) -> dict:
         cfg = 2 if self.cfg else 1
         train_fwd = sum(sum(sum(m) for m in graphs) + nog for nog, graphs in self.plan["training"])
+        train_fwd += sum(self.plan["lazy_reference"])
         return {
             "sampling_forwards": len(self.plan["sampling"]) + len(self.plan["reference"]),
             "sampling_unet_rows": cfg * (sum(self.plan["sampling"]) + sum(self.plan["reference"])),

@@ -74,6 +74,12 @@ class TrainConfig:
     sample_compute_kl: bool = field(
         default=True, metadata={"help": "Record the reference model at sampling, to log KL to base every epoch."}
     )
+    sample_prompt_selection: str = field(
+        default="uniform",
+        metadata={"help": "`uniform`, or `moderate`: draw each epoch's prompts from the list (with replacement) "
+                          "weighted by the spread of their recent rewards, so prompts every sample already solves, "
+                          "or none does, are drawn less (a prompt list only)."},
+    )
 
     # > Parameters that control training
     train_learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate."})
@@ -121,6 +127,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
         if not 0 < self.train_timestep_fraction <= 1:
             raise ConfigError(f"train_timestep_fraction must be in (0, 1]; got {self.train_timestep_fraction}")
+        if self.sample_prompt_selection not in ("uniform", "moderate"):
+            raise ConfigError(
+                f"sample_prompt_selection must be 'uniform' or 'moderate'; got '{self.sample_prompt_selection}'"
+            )
         if self.nonfinite_policy not in ("skip", "error"):
             raise ConfigError(f"nonfinite_policy must be 'skip' or 'error'; got '{self.nonfinite_policy}'")
         if self.sample_num_prompts_per_epoch % num_processes:
@@ -207,6 +217,12 @@ class PRDPConfig(TrainConfig):
         metadata={"help": "Exact gradient with activations for one micro-batch at a time (one extra no-grad forward)."},
     )
     train_num_inner_epochs: int = field(default=10, metadata={"help": "Gradient updates per epoch over all pairs (K)."})
+    sample_compute_kl: bool = field(
+        default=True,
+        metadata={"help": "Record pi_ref at every sampling step and log KL to base every epoch. The loss needs pi_ref "
+                          "only at the trained steps: with train_timestep_fraction < 1, `false` computes it for "
+                          "those steps alone (cheaper; no per-epoch KL). With every step trained it is always on."},
+    )
 
     algorithm = "prdp"
 

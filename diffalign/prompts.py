@@ -3,7 +3,7 @@
 import importlib
 import os
 import random
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -43,7 +43,15 @@ class PromptSource:
         self.prompts = list(prompts or [])
         self.fn = fn
 
-    def epoch_prompts(self, epoch: int, num_prompts: int, seed: int) -> List[str]:
+    def epoch_prompts(self, epoch: int, num_prompts: int, seed: int, weights: Optional[np.ndarray] = None) -> List[str]:
+        """`num_prompts` prompts for `epoch`: uniform draws (without replacement while the list allows), or, with
+        `weights` (one per listed prompt), weighted draws with replacement."""
+        if weights is not None:
+            if self.fn is not None:
+                raise PromptError("weighted prompt selection needs a prompt list, not a prompt function")
+            rng = np.random.default_rng([seed, epoch])
+            index = rng.choice(len(self.prompts), size=num_prompts, replace=True, p=weights / weights.sum())
+            return [self.prompts[i] for i in index]
         if self.fn is not None:
             state = random.getstate()
             random.seed(seed * 1_000_003 + epoch)
@@ -55,12 +63,55 @@ class PromptSource:
         index = rng.choice(len(self.prompts), size=num_prompts, replace=num_prompts > len(self.prompts))
         return [self.prompts[i] for i in index]
 
+    @property
+    def is_list(self) -> bool:
+        return self.fn is None
 
     def grid_prompts(self, num_prompts: int, seed: int) -> List[str]:
         """Fixed prompts for before/after grids: the list in order (cycled), or fixed draws from the function."""
         if self.fn is not None:
             return self.epoch_prompts(2**31, num_prompts, seed)
         return [self.prompts[i % len(self.prompts)] for i in range(num_prompts)]
+
+
+class PromptDifficulty:
+    """Recent rewards per prompt, and sampling weights that favour prompts of moderate difficulty.
+
+    A prompt's weight is the spread (std) of its last `buffer_size` rewards: policy-gradient and reward-difference
+    updates learn only from reward differences between samples of the same prompt, so a prompt that every sample
+    already solves (or that none does) teaches nothing and is drawn less. Prompts with fewer than `min_count` rewards
+    get the largest weight seen (they are explored first), and every weight is at least `floor` x the largest, so no
+    prompt is dropped for good and the estimates stay fresh.
+    """
+
+    def __init__(self, buffer_size: int = 16, min_count: int = 4, floor: float = 0.1):
+        self.buffer_size = buffer_size
+        self.min_count = min_count
+        self.floor = floor
+        self.rewards: Dict[str, List[float]] = {}
+
+    def record(self, prompts: List[str], rewards) -> None:
+        for prompt, reward in zip(prompts, np.asarray(rewards, dtype=np.float64).reshape(-1).tolist()):
+            if np.isfinite(reward):
+                buffer = self.rewards.setdefault(prompt, [])
+                buffer.append(reward)
+                del buffer[: -self.buffer_size]
+
+    def weights(self, prompts: List[str]) -> np.ndarray:
+        spread = np.array([np.std(self.rewards[p]) if len(self.rewards.get(p, ())) >= self.min_count else np.nan
+                           for p in prompts])
+        known = spread[np.isfinite(spread)]
+        top = known.max() if known.size and known.max() > 0 else 1.0
+        spread = np.where(np.isfinite(spread), spread, top)
+        return np.maximum(spread, self.floor * top)
+
+    def state_dict(self) -> dict:
+        return {"buffer_size": self.buffer_size, "min_count": self.min_count, "floor": self.floor,
+                "rewards": {p: list(r) for p, r in self.rewards.items()}}
+
+    def load_state_dict(self, state: dict):
+        self.buffer_size, self.min_count, self.floor = state["buffer_size"], state["min_count"], state["floor"]
+        self.rewards = {p: list(r) for p, r in state["rewards"].items()}
 
 
 def read_prompt_file(path: str) -> List[str]:

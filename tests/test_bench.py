@@ -54,13 +54,25 @@ def test_train(capsys, tmp_path):
     assert result["details"]["prdp"]["config"]["train_num_inner_epochs"] == 1
 
 
+def test_train_prdp_with_reference_at_trained_steps_only(capsys, tmp_path):
+    result = run_bench(capsys, tmp_path, "train", "--algorithms", "prdp", "--prompts-per-epoch", "1",
+                       "--images-per-prompt", "2", "--set", "train_num_inner_epochs=1",
+                       "--set", "train_timestep_fraction=0.5", "--set", "sample_compute_kl=false")
+    calls = result["details"]["prdp"]["unet_calls"]
+    assert calls["sampling_forwards"] == 2  # policy only
+    # CFG x 2 samples x 1 trained step, for pi_ref (no grad) and for pi_theta (with grad)
+    assert calls["training_forward_rows"] == 2 * 2 * 1 * 2
+    assert result["figures"]["prdp_epoch_over_unet"]["value"] > 0
+
+
 def test_learn(capsys, tmp_path):
     result = run_bench(capsys, tmp_path, "learn", "--max-epochs", "2", "--target", "-1000",
                        "--prompts-per-epoch", "1", "--images-per-prompt", "2", "--prdp-inner-epochs", "1")
     figures = result["figures"]
     configs = result["settings"]["configs"]
-    assert set(configs) == {"ddpo_baseline", "ddpo_half_steps_k2", "prdp_k1", "prdp_k1_third_steps", "ddpo_no_cfg",
-                            "prdp_k1_no_cfg"}
+    assert set(configs) == {"ddpo_baseline", "ddpo_half_steps_k2", "ddpo_fifth_steps_k2", "ddpo_tenth_steps_k2",
+                            "ddpo_fifth_steps_k4", "ddpo_fifth_steps_k2_moderate", "prdp_k1", "prdp_k1_third_steps",
+                            "prdp_k1_fifth_steps", "ddpo_no_cfg", "prdp_k1_no_cfg"}
     assert configs["ddpo_baseline"]["train_timestep_fraction"] == 1.0
     assert configs["ddpo_no_cfg"]["sample_guidance_scale"] == 1.0
     for name in configs:

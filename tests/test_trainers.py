@@ -118,3 +118,44 @@ def test_nan_gradient_is_skipped(tmp_path, tiny_pipe):
     metrics = trainer.step(0)
     assert metrics["skipped"] == 1.0 and trainer.nonfinite_total == 1
     assert all(torch.equal(a, b) for a, b in zip(before, lora_weights(trainer)))
+
+
+def test_moderate_prompt_selection_drops_a_solved_prompt(tmp_path, tiny_pipe):
+    def solved_cat(images, prompts, metadata=None):
+        # every "a cat" image scores 1; "a dog" images vary with brightness
+        return torch.tensor([1.0 if p == "a cat" else float(x) for p, x in zip(prompts, brightness(images, prompts))])
+
+    config = tiny_config(DDPOConfig, tmp_path, prompts=["a cat", "a dog"], train_batch_size=2, train_clip_range=0.2,
+                         sample_num_prompts_per_epoch=8, sample_images_per_prompt=1, sample_batch_size=8,
+                         sample_prompt_selection="moderate")
+    trainer = DDPOTrainer(config, pipeline=tiny_pipe, reward_fn=solved_cat)
+    trainer.prompt_difficulty.min_count = 2
+    assert trainer.step(0)["distinct_prompts"] == 2  # nothing known yet: both prompts drawn alike
+    weights = trainer.prompt_difficulty.weights(["a cat", "a dog"])
+    assert weights[0] == pytest.approx(0.1 * weights[1])  # no spread: the floor weight
+    drawn = [p for epoch in range(1, 6) for p in trainer.local_prompts(epoch)]
+    assert drawn.count("a dog") > 3 * drawn.count("a cat")
+    assert trainer.extra_state()["prompt_difficulty"]["rewards"]["a cat"] == [1.0] * len(
+        trainer.prompt_difficulty.rewards["a cat"])
+
+
+def test_prdp_computes_reference_log_probs_of_trained_steps_only(tmp_path, tiny_pipe):
+    config = tiny_config(PRDPConfig, tmp_path, sample_num_steps=4, train_timestep_fraction=0.5,
+                         sample_compute_kl=False, train_num_inner_epochs=2)
+    trainer = PRDPTrainer(config, pipeline=tiny_pipe, reward_fn=brightness)
+    assert not trainer.needs_reference()
+    recorded = trainer.sample(0, trainer.local_prompts(0), compute_reference=True)
+    generator = torch.Generator().manual_seed(0)
+    plans = [trainer.train_step_plan(len(recorded), generator) for _ in range(2)]
+    lazy = trainer._reference_log_probs(recorded.to(trainer.device), plans)
+    trained = torch.zeros_like(lazy, dtype=torch.bool)
+    for plan in plans:
+        trained.scatter_(1, plan, True)
+    assert not trained.all()
+    torch.testing.assert_close(lazy[trained], recorded.ref_log_probs[trained], rtol=0, atol=1e-5)
+    assert torch.isnan(lazy[~trained]).all()
+    before = lora_weights(trainer)
+    metrics = trainer.step(0)
+    assert "kl_to_base" not in metrics and torch.isfinite(torch.tensor(metrics["loss"]))
+    assert any(not torch.equal(a, b) for a, b in zip(before, lora_weights(trainer)))
+    assert trainer.unet.training  # the reference pass restores the mode

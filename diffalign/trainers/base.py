@@ -25,7 +25,7 @@ from ..checkpoint import (
 from ..config import TrainConfig
 from ..modeling import add_lora, check_resolution, load_pipeline, save_lora
 from ..plotting import grid_scale, image_grid, labelled_rows, plot_metrics
-from ..prompts import prompt_source
+from ..prompts import PromptDifficulty, PromptError, prompt_source
 from ..rollout import PromptEncoder, Trajectories, reference_model, sample_trajectories, unwrap
 
 logger = logging.getLogger("diffalign")
@@ -68,6 +68,12 @@ class BaseTrainer:
             torch.backends.cuda.matmul.allow_tf32 = True
 
         self.prompts = prompt_fn or prompt_source(config.prompts, config.prompt_file, config.prompt_fn)
+        self.prompt_difficulty = None
+        if config.sample_prompt_selection == "moderate":
+            if not self.prompts.is_list:
+                raise PromptError("sample_prompt_selection 'moderate' needs a prompt list (prompts, prompt_file or a "
+                                  "built-in set), not a prompt function")
+            self.prompt_difficulty = PromptDifficulty()
         if reward_fn is None:
             from diffalign.rewards import get_reward
 
@@ -197,7 +203,11 @@ class BaseTrainer:
     # --------------------------------------------------------------- sampling
     def local_prompts(self, epoch: int) -> List[str]:
         config, acc = self.config, self.accelerator
-        prompts = self.prompts.epoch_prompts(epoch, config.sample_num_prompts_per_epoch, config.seed)
+        weights = None
+        if self.prompt_difficulty is not None:
+            # every process holds the same gathered statistics, so every process draws the same prompts
+            weights = self.prompt_difficulty.weights(self.prompts.prompts)
+        prompts = self.prompts.epoch_prompts(epoch, config.sample_num_prompts_per_epoch, config.seed, weights)
         per_process = len(prompts) // acc.num_processes
         mine = prompts[acc.process_index * per_process : (acc.process_index + 1) * per_process]
         return [p for p in mine for _ in range(config.sample_images_per_prompt)]
@@ -286,6 +296,9 @@ class BaseTrainer:
             if key != "reward":
                 name = "eval_mean" if key == "eval" else f"{key}_mean"
                 metrics[name] = self.gather(value).mean().item()
+        if self.prompt_difficulty is not None:
+            self.prompt_difficulty.record(all_prompts, all_rewards.numpy())
+            metrics["distinct_prompts"] = len(set(all_prompts))
         if trajectories.kl_to_ref is not None:
             metrics["kl_to_base"] = self.gather(trajectories.kl_to_ref.mean(dim=1)).mean().item()
 
@@ -445,10 +458,14 @@ class BaseTrainer:
         return {names[id(p)]: p.detach() for p in self.trainable_params}
 
     def extra_state(self) -> dict:
-        return {}
+        """Algorithm state beyond the weights, saved in checkpoints (JSON-serialisable)."""
+        if self.prompt_difficulty is None:
+            return {}
+        return {"prompt_difficulty": self.prompt_difficulty.state_dict()}
 
     def load_extra_state(self, state: dict):
-        pass
+        if self.prompt_difficulty is not None and "prompt_difficulty" in state:
+            self.prompt_difficulty.load_state_dict(state["prompt_difficulty"])
 
     def save_checkpoint(self, epoch: int):
         acc = self.accelerator

@@ -103,8 +103,9 @@ class DDPOTrainer(BaseTrainer):
         return {key: value.item() for key, value in stats.items()}
 
     def extra_state(self) -> dict:
-        return {"stat_tracker": self.stat_tracker.state_dict()}
+        return {**super().extra_state(), "stat_tracker": self.stat_tracker.state_dict()}
 
     def load_extra_state(self, state: dict):
+        super().load_extra_state(state)
         if "stat_tracker" in state:
             self.stat_tracker.load_state_dict(state["stat_tracker"])

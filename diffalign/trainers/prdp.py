@@ -8,7 +8,7 @@ import torch
 
 from ..config import PRDPConfig
 from ..losses import implicit_reward_error, prdp_loss
-from ..rollout import Trajectories, step_log_probs
+from ..rollout import Trajectories, reference_model, step_log_probs
 from .base import BaseTrainer, _seed_for
 
 
@@ -33,7 +33,9 @@ class PRDPTrainer(BaseTrainer):
         super().__init__(config, *args, **kwargs)
 
     def needs_reference(self) -> bool:
-        return True
+        # pi_ref at every sampling step costs one more UNet pass per step; when only a fraction of the steps is
+        # trained (and no per-epoch KL is asked for), `_reference_log_probs` computes just the steps that are used.
+        return self.config.sample_compute_kl or self.config.num_train_steps == self.config.sample_num_steps
 
     def train_on_samples(self, trajectories, rewards, all_rewards, all_prompts: List[str], epoch: int) -> Dict:
         config = self.config
@@ -44,8 +46,18 @@ class PRDPTrainer(BaseTrainer):
         totals = {"loss": 0.0, "grad_norm": 0.0, "skipped": 0.0, "implicit_reward_error": 0.0, "log_ratio_to_old": 0.0}
         num_updates = 0
 
-        for _ in range(config.train_num_inner_epochs):
-            plan = self.train_step_plan(len(trajectories), generator)  # (num_samples, S)
+        plans = None
+        if trajectories.ref_log_probs is None:
+            plan_generator = torch.Generator().manual_seed(
+                _seed_for(config.seed, epoch, self.accelerator.process_index, 3)
+            )
+            plans = [self.train_step_plan(len(trajectories), plan_generator)
+                     for _ in range(config.train_num_inner_epochs)]
+            trajectories.ref_log_probs = self._reference_log_probs(trajectories, plans)
+
+        for inner in range(config.train_num_inner_epochs):
+            # (num_samples, S)
+            plan = plans[inner] if plans is not None else self.train_step_plan(len(trajectories), generator)
             order = groups[torch.randperm(len(groups), generator=generator)]
             per_step = config.train_prompts_per_step or len(order)
             for start in range(0, len(order), per_step):
@@ -60,6 +72,31 @@ class PRDPTrainer(BaseTrainer):
 
         return {key: value / max(num_updates, 1) for key, value in totals.items()}
 
+
+    @torch.no_grad()
+    def _reference_log_probs(self, trajectories: Trajectories, plans: List[torch.Tensor]) -> torch.Tensor:
+        """`(B, T)` `log pi_ref` of the recorded transitions at the steps some plan trains (NaN elsewhere)."""
+        num_samples, num_steps = trajectories.log_probs.shape
+        needed = torch.zeros(num_samples, num_steps, dtype=torch.bool)
+        for plan in plans:
+            needed.scatter_(1, plan, True)
+        rows, steps = needed.nonzero(as_tuple=True)
+        ref_log_probs = torch.full((num_samples, num_steps), float("nan"), device=self.device)
+        module, context = reference_model(self.unet, self.ref_unet)
+        was_training = self.unet.training
+        self.unet.eval()
+        size = self.config.train_micro_batch_size
+        with context():
+            for start in range(0, rows.shape[0], size):
+                r, t = rows[start : start + size].to(self.device), steps[start : start + size].to(self.device)
+                with self.accelerator.autocast():
+                    log_probs, _, _ = step_log_probs(
+                        module, self.pipe.scheduler, trajectories, r, t, self.config.sample_guidance_scale,
+                        self.config.sample_eta,
+                    )
+                ref_log_probs[r, t] = log_probs.float()
+        self.unet.train(was_training)
+        return ref_log_probs
 
     def _log_probs(self, trajectories: Trajectories, samples, plan) -> torch.Tensor:
         """`(n, S)` log pi_theta of the planned steps of `samples`, in micro-batches (graph kept if grad enabled)."""
