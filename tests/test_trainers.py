@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -159,3 +160,15 @@ def test_prdp_computes_reference_log_probs_of_trained_steps_only(tmp_path, tiny_
     assert "kl_to_base" not in metrics and torch.isfinite(torch.tensor(metrics["loss"]))
     assert any(not torch.equal(a, b) for a, b in zip(before, lora_weights(trainer)))
     assert trainer.unet.training  # the reference pass restores the mode
+
+
+def test_prompt_difficulty_is_restored_on_resume(tmp_path, tiny_pipe):
+    config = tiny_config(PRDPConfig, tmp_path, num_epochs=2, checkpoint_every=1, train_num_inner_epochs=1,
+                         sample_prompt_selection="moderate")
+    trainer = PRDPTrainer(config, pipeline=copy.deepcopy(tiny_pipe), reward_fn=brightness)
+    trainer.train(progress=False)
+    resumed = PRDPTrainer(dataclasses.replace(config, num_epochs=3, resume_from=config.output_dir),
+                          pipeline=tiny_pipe, reward_fn=brightness)
+    assert resumed.first_epoch == 2
+    assert resumed.prompt_difficulty.rewards == trainer.prompt_difficulty.rewards
+    assert resumed.local_prompts(2) == trainer.local_prompts(2)
