@@ -732,8 +732,6 @@ class _UNetFloor:
     def _plan(self) -> dict:
         """`sampling`: row counts of the no-grad sampling forwards (policy, then reference ones); `training`: a list
         of updates, each `(no_grad_rows, [[micro-batch rows of one backward], ...])`."""
-        import torch
-
         config, n = self.config, self.num_samples
         chunks = [min(config.sample_batch_size, n - s) for s in range(0, n, config.sample_batch_size)]
         sampling = [c for c in chunks for _ in range(config.sample_num_steps)]
@@ -745,11 +743,10 @@ class _UNetFloor:
         lazy_reference = []
         if self.trainer.algorithm == "prdp" and not self.reference:
             # PRDP computes pi_ref in training for the union of the K inner epochs' planned steps (no grad)
+            from diffalign.trainers.prdp import planned_steps
+
             plans = [self.trainer.train_step_plan(n, self.generator) for _ in range(config.train_num_inner_epochs)]
-            needed = torch.zeros(n, config.sample_num_steps, dtype=torch.bool)
-            for plan in plans:
-                needed.scatter_(1, plan, True)
-            lazy_reference = split(int(needed.sum()))
+            lazy_reference = split(int(planned_steps(plans, config.sample_num_steps).sum()))
         if self.trainer.algorithm == "ddpo":
             for _ in range(config.train_num_inner_epochs):
                 for s in range(0, n, config.train_batch_size):

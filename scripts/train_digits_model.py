@@ -57,7 +57,8 @@ from diffalign.rewards.digits import (  # noqa: E402
     load_digit_images,
     save_classifier,
 )
-from diffalign.tokenization import BOS_TOKEN_ID, EOS_TOKEN_ID, VOCAB_SIZE, offline_clip_tokenizer  # noqa: E402
+from diffalign.testing import tiny_clip_text_kwargs  # noqa: E402
+from diffalign.tokenization import offline_clip_tokenizer  # noqa: E402
 
 
 def log(msg):
@@ -69,16 +70,7 @@ def build_text_encoder(seed, max_length):
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=VOCAB_SIZE,
-        max_position_embeddings=max_length,
-        bos_token_id=BOS_TOKEN_ID,
-        eos_token_id=EOS_TOKEN_ID,
-        pad_token_id=EOS_TOKEN_ID,
-        projection_dim=32,
+        **tiny_clip_text_kwargs(intermediate_size=64, max_position_embeddings=max_length, projection_dim=32)
     )
     return CLIPTextModel(config)
 

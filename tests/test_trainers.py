@@ -7,6 +7,7 @@ import torch
 from diffalign.config import DDPOConfig, PRDPConfig
 from diffalign.rollout import step_log_probs
 from diffalign.trainers import DDPOTrainer, PRDPTrainer
+from diffalign.trainers.prdp import planned_steps
 
 
 def brightness(images, prompts, metadata=None):
@@ -151,8 +152,9 @@ def test_prdp_computes_reference_log_probs_of_trained_steps_only(tmp_path, tiny_
     lazy = trainer._reference_log_probs(recorded.to(trainer.device), plans)
     trained = torch.zeros_like(lazy, dtype=torch.bool)
     for plan in plans:
-        trained.scatter_(1, plan, True)
-    assert not trained.all()
+        for sample, steps in enumerate(plan.tolist()):
+            trained[sample, steps] = True
+    assert torch.equal(planned_steps(plans, 4), trained) and not trained.all()
     torch.testing.assert_close(lazy[trained], recorded.ref_log_probs[trained], rtol=0, atol=1e-5)
     assert torch.isnan(lazy[~trained]).all()
     before = lora_weights(trainer)

@@ -12,6 +12,14 @@ from ..rollout import Trajectories, reference_model, step_log_probs
 from .base import BaseTrainer, _seed_for
 
 
+def planned_steps(plans: List[torch.Tensor], num_steps: int) -> torch.Tensor:
+    """`(num_samples, num_steps)` mask of the steps that any of the `(num_samples, S)` step plans trains."""
+    mask = torch.zeros(plans[0].shape[0], num_steps, dtype=torch.bool)
+    for plan in plans:
+        mask.scatter_(1, plan, True)
+    return mask
+
+
 class PRDPTrainer(BaseTrainer):
     """Each epoch samples N prompts x B images from the snapshot theta_old, scores them, then runs K inner epochs of
     gradient updates on `diffalign.losses.prdp_loss` over all same-prompt pairs.
@@ -77,10 +85,7 @@ class PRDPTrainer(BaseTrainer):
     def _reference_log_probs(self, trajectories: Trajectories, plans: List[torch.Tensor]) -> torch.Tensor:
         """`(B, T)` `log pi_ref` of the recorded transitions at the steps some plan trains (NaN elsewhere)."""
         num_samples, num_steps = trajectories.log_probs.shape
-        needed = torch.zeros(num_samples, num_steps, dtype=torch.bool)
-        for plan in plans:
-            needed.scatter_(1, plan, True)
-        rows, steps = needed.nonzero(as_tuple=True)
+        rows, steps = planned_steps(plans, num_steps).nonzero(as_tuple=True)
         ref_log_probs = torch.full((num_samples, num_steps), float("nan"), device=self.device)
         module, context = reference_model(self.unet, self.ref_unet)
         was_training = self.unet.training
