@@ -175,6 +175,12 @@ class DDPOConfig(TrainConfig):
     train_clip_range: float = field(default=1e-4, metadata={"help": "PPO ratio clip eps."})
     train_adv_clip_max: float = field(default=5.0, metadata={"help": "Advantages are clipped to +-this."})
     train_kl_coef: float = field(default=0.0, metadata={"help": "Weight of the per-step KL to the base model."})
+    train_reuse_epochs: int = field(
+        default=0,
+        metadata={"help": "Also train on the samples of the last N epochs, with the log-probs and advantages recorded "
+                          "when they were drawn: the PPO ratio against the policy that sampled them corrects for their "
+                          "age and the clip bounds the step. Lets an epoch sample fewer fresh images."},
+    )
     sample_compute_kl: bool = field(
         default=False,
         metadata={"help": "Run the base model at sampling to log KL to base every epoch (costs ~30% of an epoch; "
@@ -193,6 +199,8 @@ class DDPOConfig(TrainConfig):
                 f"samples per process per epoch ({local} = sample_num_prompts_per_epoch / processes x "
                 f"sample_images_per_prompt) must be divisible by train_batch_size ({self.train_batch_size})"
             )
+        if self.train_reuse_epochs < 0:
+            raise ConfigError(f"train_reuse_epochs must be >= 0; got {self.train_reuse_epochs}")
         if self.advantage_mode == "group" and self.sample_images_per_prompt < 2:
             raise ConfigError("advantage_mode 'group' needs sample_images_per_prompt >= 2")
 

@@ -86,7 +86,8 @@ def test_resume_with_different_settings_is_refused(tiny_model_dir, tmp_path, cap
 
 ALGORITHM_ARGS = {
     "prdp": ["--train_num_inner_epochs", "2", "--train_beta", "0.1", "--train_clip_eps", "0.01"],
-    "ddpo": ["--train_batch_size", "2", "--advantage_mode", "per_prompt", "--per_prompt_min_count", "2"],
+    "ddpo": ["--train_batch_size", "2", "--advantage_mode", "per_prompt", "--per_prompt_min_count", "2",
+             "--train_reuse_epochs", "1"],
 }
 
 
@@ -105,4 +106,6 @@ def test_two_processes_stay_in_sync(tiny_model_dir, tmp_path, algorithm):
     assert [r["epoch"] for r in records] == [0, 1]  # written once, by the main process
     assert all(r["params_max_rank_diff"] == 0.0 for r in records)
     assert all(r["images"] == 4 for r in records)  # rewards gathered from both ranks (2 prompts x 2 images)
+    if algorithm == "ddpo":  # each rank also trained on its own samples of the epoch before
+        assert [r["reused_samples"] for r in records] == [0, 4]
     assert len(list_checkpoints(str(out))) == 2 and (out / "final" / "pytorch_lora_weights.safetensors").exists()

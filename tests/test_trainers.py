@@ -174,3 +174,48 @@ def test_prompt_difficulty_is_restored_on_resume(tmp_path, tiny_pipe):
     assert resumed.first_epoch == 2
     assert resumed.prompt_difficulty.rewards == trainer.prompt_difficulty.rewards
     assert resumed.local_prompts(2) == trainer.local_prompts(2)
+
+
+def test_ddpo_trains_on_the_last_epochs_samples_too(tmp_path, tiny_pipe):
+    config = tiny_config(DDPOConfig, tmp_path, train_batch_size=2, advantage_mode="batch", train_clip_range=0.2,
+                         train_reuse_epochs=1)
+    trainer = DDPOTrainer(config, pipeline=tiny_pipe, reward_fn=brightness)
+    seen = []
+    accumulate = trainer._accumulate
+
+    def spy(trajectories, advantages, *args):
+        seen.append((trajectories, advantages))
+        return accumulate(trajectories, advantages, *args)
+
+    trainer._accumulate = spy
+    assert trainer.step(0)["reused_samples"] == 0
+    assert len(seen) == 2 and len(seen[-1][0]) == 4  # 4 fresh samples, 2 per update
+    first, first_advantages = seen[-1]
+    assert trainer.step(1)["reused_samples"] == 4
+    assert len(seen) == 6  # twice the updates: 4 old + 4 fresh samples
+    both, advantages = seen[-1]
+    assert len(both) == 8 and both.images is None
+    # the old samples keep what was recorded when they were drawn: latents, log pi_old and advantages
+    for name in ("latents", "log_probs", "prompt_embeds"):
+        torch.testing.assert_close(getattr(both, name)[:4], getattr(first, name), rtol=0, atol=0)
+    torch.testing.assert_close(advantages[:4], first_advantages, rtol=0, atol=0)
+    assert not torch.equal(both.latents[4:], first.latents)
+    assert len(trainer.replay) == 1 and torch.equal(trainer.replay[0][0].latents, both.latents[4:].cpu())
+
+
+def test_reused_samples_are_restored_on_resume(tmp_path, tiny_pipe):
+    config = tiny_config(DDPOConfig, tmp_path, num_epochs=2, checkpoint_every=1, train_batch_size=2,
+                         advantage_mode="batch", train_clip_range=0.2, train_reuse_epochs=1)
+    trainer = DDPOTrainer(config, pipeline=copy.deepcopy(tiny_pipe), reward_fn=brightness)
+    trainer.train(progress=False)
+    resumed = DDPOTrainer(dataclasses.replace(config, num_epochs=3, resume_from=config.output_dir),
+                          pipeline=tiny_pipe, reward_fn=brightness)
+    assert resumed.first_epoch == 2 and len(resumed.replay) == 1
+    (saved, saved_advantages), (restored, restored_advantages) = trainer.replay[0], resumed.replay[0]
+    assert restored.prompts == saved.prompts and torch.equal(restored_advantages, saved_advantages)
+    for name in ("latents", "log_probs", "timesteps", "group_ids"):
+        assert torch.equal(getattr(restored, name), getattr(saved, name))
+    trainer.step(2)
+    resumed.step(2)
+    for a, b in zip(lora_weights(trainer), lora_weights(resumed)):
+        torch.testing.assert_close(a, b)

@@ -458,7 +458,8 @@ class BaseTrainer:
         return {names[id(p)]: p.detach() for p in self.trainable_params}
 
     def extra_state(self) -> dict:
-        """Algorithm state beyond the weights, saved in checkpoints (JSON-serialisable)."""
+        """Algorithm state beyond the weights, saved in checkpoints (nested dicts/lists of JSON values and tensors).
+        Called on every process."""
         if self.prompt_difficulty is None:
             return {}
         return {"prompt_difficulty": self.prompt_difficulty.state_dict()}
@@ -474,6 +475,7 @@ class BaseTrainer:
             "numpy": _numpy_state_to_list(np.random.get_state()),
             "python": random.getstate(),
         }
+        extra = self.extra_state()  # on every process: it may gather per-process state
         if acc.is_main_process:
             states = {
                 "model": self.trainable_state(),
@@ -481,7 +483,7 @@ class BaseTrainer:
                 "scheduler": self.lr_scheduler.state_dict(),
                 "rng": rng,
                 "trainer": {"epoch": epoch, "nonfinite_total": self.nonfinite_total,
-                            "nonfinite_in_a_row": self.nonfinite_in_a_row, **self.extra_state()},
+                            "nonfinite_in_a_row": self.nonfinite_in_a_row, **extra},
             }
             save_checkpoint(self.config.output_dir, epoch, states, self.config.hash(), self.config.checkpoints_total_limit)
         acc.wait_for_everyone()

@@ -1,6 +1,8 @@
 """DDPO (Black et al., "Training Diffusion Models with Reinforcement Learning", ICLR 2024) with PPO clipping."""
 
-from typing import Dict, List
+import dataclasses
+import logging
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -9,7 +11,9 @@ from ..config import DDPOConfig
 from ..logprob import gaussian_kl
 from ..losses import ppo_clipped_loss
 from ..rollout import Trajectories, step_log_probs
-from .base import BaseTrainer, _seed_for
+from .base import BaseTrainer, _seed_for, concat_trajectories
+
+logger = logging.getLogger("diffalign")
 
 
 class DDPOTrainer(BaseTrainer):
@@ -28,6 +32,8 @@ class DDPOTrainer(BaseTrainer):
 
     def __init__(self, config: DDPOConfig, *args, **kwargs):
         self.stat_tracker = PerPromptStatTracker(config.per_prompt_buffer_size, config.per_prompt_min_count)
+        # (trajectories on the CPU, advantages) of this process's last `train_reuse_epochs` epochs, oldest first
+        self.replay: List[Tuple[Trajectories, torch.Tensor]] = []
         super().__init__(config, *args, **kwargs)
 
     def needs_reference(self) -> bool:
@@ -53,7 +59,14 @@ class DDPOTrainer(BaseTrainer):
 
     def train_on_samples(self, trajectories, rewards, all_rewards, all_prompts: List[str], epoch: int) -> Dict:
         config = self.config
-        advantages = self.advantages(trajectories, rewards, all_rewards, all_prompts).to(self.device)
+        advantages = self.advantages(trajectories, rewards, all_rewards, all_prompts)
+        reused = sum(len(t) for t, _ in self.replay)
+        if config.train_reuse_epochs:
+            fresh = (_replayable(trajectories), advantages.cpu())
+            trajectories = concat_trajectories([t for t, _ in self.replay] + [fresh[0]])
+            advantages = torch.cat([a for _, a in self.replay] + [fresh[1]])
+            self.replay = (self.replay + [fresh])[-config.train_reuse_epochs :]
+        advantages = advantages.to(self.device)
         trajectories = trajectories.to(self.device)
         generator = torch.Generator().manual_seed(_seed_for(config.seed, epoch, self.accelerator.process_index, 2))
         scheduler = self.pipe.scheduler
@@ -73,7 +86,10 @@ class DDPOTrainer(BaseTrainer):
                 for key in totals:
                     totals[key] += stats.get(key, 0.0)
                 num_updates += 1
-        return {key: value / max(num_updates, 1) for key, value in totals.items()}
+        metrics = {key: value / max(num_updates, 1) for key, value in totals.items()}
+        if config.train_reuse_epochs:
+            metrics["reused_samples"] = reused * self.accelerator.num_processes  # all processes, like `images`
+        return metrics
 
     def _accumulate(self, trajectories, advantages, rows, steps, scheduler) -> Dict[str, float]:
         """Forward+backward of one optimizer step's (sample, step) rows, in micro-batches; returns averages."""
@@ -103,9 +119,37 @@ class DDPOTrainer(BaseTrainer):
         return {key: value.item() for key, value in stats.items()}
 
     def extra_state(self) -> dict:
-        return {**super().extra_state(), "stat_tracker": self.stat_tracker.state_dict()}
+        state = {**super().extra_state(), "stat_tracker": self.stat_tracker.state_dict()}
+        if self.config.train_reuse_epochs:
+            local = [{"advantages": a, **{f.name: getattr(t, f.name) for f in dataclasses.fields(t)}}
+                     for t, a in self.replay]
+            if self.accelerator.num_processes > 1:
+                from accelerate.utils import gather_object
+
+                state["replay"] = gather_object([local])
+            else:
+                state["replay"] = [local]
+        return state
 
     def load_extra_state(self, state: dict):
         super().load_extra_state(state)
         if "stat_tracker" in state:
             self.stat_tracker.load_state_dict(state["stat_tracker"])
+        replay = state.get("replay")
+        if replay is None:
+            return
+        acc = self.accelerator
+        if len(replay) != acc.num_processes:
+            logger.warning("the checkpoint's replayed samples come from %d processes, this run has %d: starting "
+                           "without them", len(replay), acc.num_processes)
+            return
+        self.replay = []
+        for entry in replay[acc.process_index]:
+            entry = dict(entry)
+            advantages = entry.pop("advantages")
+            self.replay.append((Trajectories(**entry), advantages))
+
+
+def _replayable(trajectories: Trajectories) -> Trajectories:
+    """What training needs of a batch, on the CPU (no images, no KL log)."""
+    return dataclasses.replace(trajectories.to("cpu"), images=None, kl_to_ref=None)
