@@ -35,7 +35,8 @@ SUBCOMMANDS = ("rollout", "train", "learn", "rlg")
 # --------------------------------------------------------------------------------------------- configurations
 # `learn`: each configuration is `(algorithm, overrides)`. The overrides go on top of the shared settings (the
 # digits preset's sampling settings, or small ones; see `base_settings`), so every configuration samples the same
-# number of images per epoch with the same sampler. `{K}` in a name is `--prdp-inner-epochs`.
+# number of images per epoch with the same sampler, except where a configuration reuses samples and draws fewer
+# fresh ones. `{K}` in a name is `--prdp-inner-epochs`; the value `{half}` is half the shared value (at least 1).
 BASELINE = "ddpo_baseline"
 LEARN_CONFIGS: Dict[str, tuple] = {
     # DDPO as in the reference code (kvablack/ddpo-pytorch): every timestep trained, CFG recomputed in training
@@ -57,6 +58,16 @@ LEARN_CONFIGS: Dict[str, tuple] = {
     "ddpo_fifth_steps_k2_moderate": (
         "ddpo", {"train_timestep_fraction": 0.2, "train_num_inner_epochs": 2, "sample_compute_kl": False,
                  "sample_prompt_selection": "moderate"}
+    ),
+    # Reuse of recent rollouts: half the fresh images per epoch, each trained in two epochs (its own and the next),
+    # so an epoch trains on as many samples as the baseline's at half the sampling cost.
+    "ddpo_half_fresh_reuse": (
+        "ddpo", {"train_timestep_fraction": 1.0, "train_num_inner_epochs": 1, "sample_compute_kl": False,
+                 "sample_images_per_prompt": "{half}", "train_reuse_epochs": 1}
+    ),
+    "ddpo_fifth_steps_k2_reuse": (
+        "ddpo", {"train_timestep_fraction": 0.2, "train_num_inner_epochs": 2, "sample_compute_kl": False,
+                 "sample_images_per_prompt": "{half}", "train_reuse_epochs": 1}
     ),
     "prdp_k{K}": ("prdp", {"train_num_inner_epochs": "{K}"}),
     # PRDP's K updates per epoch on a third of the steps: about the baseline's training cost per epoch.
@@ -1020,10 +1031,19 @@ def _breakdown(parts: Dict[str, float], total: float, metrics: dict) -> dict:
 # ------------------------------------------------------------------------------------------------------ learn
 def learn_configs(ctx) -> Dict[str, tuple]:
     k = ctx.args.prdp_inner_epochs
+    shared = ctx.base_settings()
+
+    def resolve(key, value):
+        if value == "{K}":
+            return k
+        if value == "{half}":
+            return max(1, shared[key] // 2)
+        return value
+
     configs = {}
     for name, (algorithm, overrides) in LEARN_CONFIGS.items():
         name = name.replace("{K}", str(k))
-        configs[name] = (algorithm, {key: (k if value == "{K}" else value) for key, value in overrides.items()})
+        configs[name] = (algorithm, {key: resolve(key, value) for key, value in overrides.items()})
     if ctx.args.configs:
         wanted = [c.strip() for c in ctx.args.configs.split(",") if c.strip()]
         unknown = [c for c in wanted if c not in configs]
@@ -1083,6 +1103,8 @@ def bench_learn(ctx) -> dict:
         entry["epoch_s"] = median([x for r in runs for x in r["epoch_times"]])
         figures.add(f"{name}_epoch_s", entry["epoch_s"], "s per epoch (median)")
         figures.add(f"{name}_epoch_ratio_to_baseline", ratio(entry["epoch_s"], base_epoch), "epoch time/baseline's")
+        images = [x for r in runs for x in r["images"]]
+        figures.add(f"{name}_fresh_images_per_epoch", median(images) if images else None, "sampled per epoch")
         figures.add(f"{name}_best_reward", max(r["best_reward"] for r in runs), "")
         figures.add(f"{name}_peak_mem_mib", mib(max(r["peak_bytes"] or 0 for r in runs)), meter.kind)
     return {"figures": figures, "details": details}
@@ -1131,14 +1153,15 @@ def _learn_one(trainer, target: float, max_epochs: int, window: int, evaluate=No
     `evaluate` (fixed prompts and seeds, untimed) the policy is judged before training and after each epoch, and the
     time counts the full epochs up to the one after which it reaches the target.
     """
-    elapsed, rewards, epoch_times, train_rewards = 0.0, [], [], []
+    elapsed, rewards, epoch_times, train_rewards, images = 0.0, [], [], [], []
 
     def reached(values):
         return sum(values[-window:]) / len(values[-window:]) >= target
 
     def result(ok, epochs):
         out = {"reached": ok, "epochs_to_target": epochs, "time_to_target_s": elapsed if ok else None,
-               "rewards": rewards, "epoch_times": epoch_times, "best_reward": max(rewards), "elapsed_s": elapsed}
+               "rewards": rewards, "epoch_times": epoch_times, "images": images, "best_reward": max(rewards),
+               "elapsed_s": elapsed}
         if evaluate is not None:
             out["train_rewards"] = train_rewards
         return out
@@ -1152,6 +1175,7 @@ def _learn_one(trainer, target: float, max_epochs: int, window: int, evaluate=No
         metrics = trainer.step(epoch)
         wall = time.perf_counter() - start
         epoch_times.append(wall)
+        images.append(metrics["images"])  # fresh images sampled this epoch
         if evaluate is None:
             rewards.append(metrics["reward_mean"])
             if reached(rewards):

@@ -71,10 +71,13 @@ def test_learn(capsys, tmp_path):
     figures = result["figures"]
     configs = result["settings"]["configs"]
     assert set(configs) == {"ddpo_baseline", "ddpo_half_steps_k2", "ddpo_fifth_steps_k2", "ddpo_tenth_steps_k2",
-                            "ddpo_fifth_steps_k4", "ddpo_fifth_steps_k2_moderate", "prdp_k1", "prdp_k1_third_steps",
+                            "ddpo_fifth_steps_k4", "ddpo_fifth_steps_k2_moderate", "ddpo_half_fresh_reuse",
+                            "ddpo_fifth_steps_k2_reuse", "prdp_k1", "prdp_k1_third_steps",
                             "prdp_k1_fifth_steps", "ddpo_no_cfg", "prdp_k1_no_cfg"}
     assert configs["ddpo_baseline"]["train_timestep_fraction"] == 1.0
     assert configs["ddpo_no_cfg"]["sample_guidance_scale"] == 1.0
+    assert configs["ddpo_fifth_steps_k2_reuse"]["sample_images_per_prompt"] == 1  # half the fresh images
+    assert result["details"]["ddpo_half_fresh_reuse"]["runs"][0]["images"] == [1]
     for name in configs:
         assert figures[f"{name}_epochs_to_target"]["value"] == 1  # any image beats -1000 kB
         assert figures[f"{name}_time_to_target_s"]["value"] > 0
