@@ -516,8 +516,9 @@ class Context:
         return [source[i % len(source)] for i in range(n)]
 
     def command_line(self) -> str:
-        return "diffalign bench " + " ".join(sys.argv[1:]) if sys.argv and "bench" in sys.argv else \
-            f"diffalign bench {self.args.bench_command} (in-process)"
+        if "bench" in sys.argv[1:]:
+            return "diffalign " + " ".join(sys.argv[sys.argv.index("bench", 1):])
+        return f"diffalign bench {self.args.bench_command} (in-process)"
 
     # ---- trainers
     def base_settings(self) -> dict:

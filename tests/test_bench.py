@@ -121,3 +121,27 @@ def test_learn_with_fixed_evaluation(capsys, tmp_path):
     assert result["figures"]["ddpo_no_cfg_epochs_to_target"]["value"] == 0  # judged before any training
     assert len(result["details"]["ddpo_no_cfg"]["runs"][0]["rewards"]) == 1
     assert result["figures"]["ddpo_no_cfg_ratio_to_baseline"]["value"] is None  # 0 s / 0 s
+
+
+def test_pool_learn_judges_each_configuration_on_its_own_seeds():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "pool_learn.py"
+    spec = importlib.util.spec_from_file_location("pool_learn", path)
+    pool_learn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pool_learn)
+
+    def run(time):
+        return {"reached": time is not None, "time_to_target_s": time, "epoch_times": [1.0]}
+
+    def result(baseline, other):
+        details = {"ddpo_baseline": {"runs": [run(t) for t in baseline]}}
+        if other is not None:
+            details["fast"] = {"runs": [run(t) for t in other]}
+        return {"settings": {"target": 0.9, "reward": "r", "shared": {}}, "details": details}
+
+    pooled = pool_learn.pool([result([10.0, 20.0, None], [4.0, None, 6.0]), result([30.0, 40.0, 50.0], None)])
+    assert pooled["ddpo_baseline"]["median_time_s"] == 30.0  # over six seeds: 10 20 30 40 50 inf
+    assert pooled["fast"]["median_time_s"] == 6.0 and pooled["fast"]["ratio"] == 6.0 / 20.0  # first file's seeds
+    assert pooled["fast"]["paired"] == [0.4, None, None]

@@ -1,0 +1,80 @@
+"""Pools the seeds of several `diffalign bench learn` runs (e.g. `--seed 0`, `--seed 3`, `--seed 6`, each with
+`--repeats 3`) into one table, so a configuration is judged on all of them at once.
+
+    python scripts/pool_learn.py learn_seed0.json learn_seed3.json learn_seed6.json
+
+Per configuration: the runs that reached the target, the median time to it over all runs (a run that did not reach
+it counts as infinitely slow, as in `bench learn`), that median over the baseline's on the same seeds, the per-seed ratios (the
+configuration's time over the baseline's on the same seed; `-` where either missed the target) and the median epoch
+time over the baseline's. Every file must use the same target, reward and baseline.
+"""
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from typing import Dict, List
+
+BASELINE = "ddpo_baseline"
+
+
+def median_time(runs: List[dict]) -> float:
+    values = sorted(r["time_to_target_s"] if r["reached"] else math.inf for r in runs)
+    return values[(len(values) - 1) // 2]
+
+
+def pool(results: List[dict]) -> Dict[str, dict]:
+    keys = {(r["settings"]["target"], r["settings"]["reward"], r["settings"].get("shared", {}).get(
+        "sample_guidance_scale")) for r in results}
+    if len(keys) > 1:
+        raise SystemExit(f"pool_learn: the files differ in target, reward or guidance scale: {sorted(keys)}")
+    pooled: Dict[str, dict] = {}
+    for result in results:
+        baseline_runs = result["details"][BASELINE]["runs"]
+        for name, entry in result["details"].items():
+            row = pooled.setdefault(name, {"runs": [], "baseline_runs": [], "paired": [], "epoch_ratios": []})
+            row["runs"] += entry["runs"]
+            row["baseline_runs"] += baseline_runs
+            for run, base in zip(entry["runs"], baseline_runs):
+                both = run["reached"] and base["reached"]
+                row["paired"].append(run["time_to_target_s"] / base["time_to_target_s"] if both else None)
+            base_epoch = statistics.median([t for r in baseline_runs for t in r["epoch_times"]])
+            row["epoch_ratios"].append(statistics.median([t for r in entry["runs"] for t in r["epoch_times"]])
+                                       / base_epoch)
+    for row in pooled.values():
+        # against the baseline on the same seeds (a configuration may be missing from some files)
+        base_time = median_time(row["baseline_runs"])
+        row["median_time_s"] = median_time(row["runs"])
+        row["ratio"] = row["median_time_s"] / base_time if math.isfinite(row["median_time_s"] * base_time) else None
+    return pooled
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="+", help="bench_learn JSON files")
+    args = parser.parse_args(argv)
+    results = []
+    for path in args.files:
+        with open(path) as f:
+            result = json.load(f)
+        if result.get("benchmark") != "learn":
+            raise SystemExit(f"pool_learn: {path} is not a `bench learn` result")
+        results.append(result)
+    pooled = pool(results)
+    print(f"target {results[0]['settings']['target']} ({results[0]['settings']['reward']}), "
+          f"{len(pooled[BASELINE]['runs'])} seeds from {len(results)} files")
+    print("| configuration | reached | median time to target | / baseline | per-seed ratios | epoch / baseline's |")
+    print("|---|---|---|---|---|---|")
+    for name, row in pooled.items():
+        time = f"{row['median_time_s']:.1f} s" if math.isfinite(row["median_time_s"]) else "not reached"
+        ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
+        paired = ", ".join(f"{x:.2f}" if x is not None else "-" for x in row["paired"])
+        epoch = ", ".join(f"{x:.2f}" for x in row["epoch_ratios"])
+        print(f"| {name} | {sum(r['reached'] for r in row['runs'])}/{len(row['runs'])} | {time} | {ratio} | "
+              f"{paired} | {epoch} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
