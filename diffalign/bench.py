@@ -1155,6 +1155,7 @@ def _learn_one(trainer, target: float, max_epochs: int, window: int, evaluate=No
     time counts the full epochs up to the one after which it reaches the target.
     """
     elapsed, rewards, epoch_times, train_rewards, images = 0.0, [], [], [], []
+    diagnostics = {}  # per-epoch update statistics, to see what happened when a curve falls
 
     def reached(values):
         return sum(values[-window:]) / len(values[-window:]) >= target
@@ -1162,7 +1163,7 @@ def _learn_one(trainer, target: float, max_epochs: int, window: int, evaluate=No
     def result(ok, epochs):
         out = {"reached": ok, "epochs_to_target": epochs, "time_to_target_s": elapsed if ok else None,
                "rewards": rewards, "epoch_times": epoch_times, "images": images, "best_reward": max(rewards),
-               "elapsed_s": elapsed}
+               "elapsed_s": elapsed, "diagnostics": diagnostics}
         if evaluate is not None:
             out["train_rewards"] = train_rewards
         return out
@@ -1177,6 +1178,9 @@ def _learn_one(trainer, target: float, max_epochs: int, window: int, evaluate=No
         wall = time.perf_counter() - start
         epoch_times.append(wall)
         images.append(metrics["images"])  # fresh images sampled this epoch
+        for key in ("loss", "approx_kl", "clipfrac", "grad_norm", "implicit_reward_error", "log_ratio_to_old"):
+            if key in metrics:
+                diagnostics.setdefault(key, []).append(metrics[key])
         if evaluate is None:
             rewards.append(metrics["reward_mean"])
             if reached(rewards):
