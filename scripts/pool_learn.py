@@ -4,24 +4,18 @@
     python scripts/pool_learn.py learn_seed0.json learn_seed3.json learn_seed6.json
 
 Per configuration: the runs that reached the target, the median time to it over all runs (a run that did not reach
-it counts as infinitely slow, as in `bench learn`), that median over the baseline's on the same seeds, the per-seed ratios (the
-configuration's time over the baseline's on the same seed; `-` where either missed the target) and the median epoch
-time over the baseline's. Every file must use the same target, reward and baseline.
+it counts as infinitely slow, as in `bench learn`), that median over the baseline's on the same seeds, the per-seed
+ratios (the configuration's time over the baseline's on the same seed; `-` where either missed the target) and the
+median epoch time over the baseline's. Every file must use the same target, reward and guidance scale.
 """
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from typing import Dict, List
 
-BASELINE = "ddpo_baseline"
-
-
-def median_time(runs: List[dict]) -> float:
-    values = sorted(r["time_to_target_s"] if r["reached"] else math.inf for r in runs)
-    return values[(len(values) - 1) // 2]
+from diffalign.bench import BASELINE, _median_reached
 
 
 def pool(results: List[dict]) -> Dict[str, dict]:
@@ -44,9 +38,9 @@ def pool(results: List[dict]) -> Dict[str, dict]:
                                        / base_epoch)
     for row in pooled.values():
         # against the baseline on the same seeds (a configuration may be missing from some files)
-        base_time = median_time(row["baseline_runs"])
-        row["median_time_s"] = median_time(row["runs"])
-        row["ratio"] = row["median_time_s"] / base_time if math.isfinite(row["median_time_s"] * base_time) else None
+        base_time = _median_reached(row["baseline_runs"], "time_to_target_s")
+        row["median_time_s"] = _median_reached(row["runs"], "time_to_target_s")  # None: most runs missed the target
+        row["ratio"] = row["median_time_s"] / base_time if row["median_time_s"] and base_time else None
     return pooled
 
 
@@ -67,7 +61,7 @@ def main(argv=None) -> int:
     print("| configuration | reached | median time to target | / baseline | per-seed ratios | epoch / baseline's |")
     print("|---|---|---|---|---|---|")
     for name, row in pooled.items():
-        time = f"{row['median_time_s']:.1f} s" if math.isfinite(row["median_time_s"]) else "not reached"
+        time = f"{row['median_time_s']:.1f} s" if row["median_time_s"] is not None else "not reached"
         ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
         paired = ", ".join(f"{x:.2f}" if x is not None else "-" for x in row["paired"])
         epoch = ", ".join(f"{x:.2f}" for x in row["epoch_ratios"])
