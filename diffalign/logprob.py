@@ -152,3 +152,118 @@ def ddim_step_with_logprob(
         prev_sample = mean + std * noise
     log_prob = gaussian_log_prob(prev_sample.detach(), mean, std)
     return prev_sample.type(sample.dtype), log_prob
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flow matching (rectified flow): the SDE of Flow-GRPO (Liu et al. 2025, arXiv 2505.05470, Eq. 8-9), adapted from
+# `yifan123/flow_grpo` (`flow_grpo/diffusers_patch/sd3_sde_with_logprob.py`, MIT). Modifications: the step index of
+# each sample is found with one vectorised lookup instead of `index_for_timestep` per sample; mean and std are exposed
+# (`flow_sde_step_mean_std`) so the closed-form KL uses the transition's own std.
+
+
+def _sigmas(scheduler, device) -> torch.Tensor:
+    cached = getattr(scheduler, "_diffalign_sigmas", None)
+    if cached is None or cached.device != torch.device(device) or cached.shape != scheduler.sigmas.shape:
+        cached = scheduler.sigmas.to(device=device, dtype=torch.float32)
+        scheduler._diffalign_sigmas = cached
+    return cached
+
+
+def flow_step_index(scheduler, timestep, batch_size: int, device) -> torch.Tensor:
+    """`(B,)` positions in `scheduler.timesteps` of `timestep` (a scalar or one timestep per sample)."""
+    if scheduler.timesteps is None or getattr(scheduler, "num_inference_steps", None) is None:
+        raise ValueError("the scheduler has no timesteps: call `scheduler.set_timesteps(num_inference_steps)` first")
+    timesteps = scheduler.timesteps.to(device=device, dtype=torch.float32)
+    timestep = torch.as_tensor(timestep, device=device, dtype=torch.float32)
+    if timestep.ndim == 0:
+        timestep = timestep.expand(batch_size)
+    return (timesteps[None, :] - timestep[:, None]).abs().argmin(dim=1)
+
+
+def flow_sde_step_mean_std(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+                           noise_level: float = 0.7):
+    """Mean and standard deviation of Flow-GRPO's SDE transition for a velocity-predicting flow model.
+
+    With `sigma` the current noise level, `sigma'` the next one, `dt = sigma' - sigma < 0`, `v` the (guided) velocity
+    and `a` the noise level:
+
+        sigma_t = a * sqrt(sigma / (1 - sigma))        (sigma == 1 in the denominator replaced by sigmas[1])
+        mu      = x (1 + sigma_t^2 dt / (2 sigma)) + v (1 + sigma_t^2 (1 - sigma) / (2 sigma)) dt
+        std     = sigma_t sqrt(-dt)
+
+    The SDE has the same marginals as the Euler ODE `x + v dt` (`FlowMatchEulerDiscreteScheduler.step`), which is
+    its `a -> 0` limit. Computed in float32.
+
+    Args:
+        scheduler (`FlowMatchEulerDiscreteScheduler`): a scheduler on which `set_timesteps` was called.
+        model_output (`torch.Tensor`): the velocity prediction, shaped like `sample`.
+        timestep (`float` or `torch.Tensor`): a scalar, or a 1-D tensor with one timestep per sample.
+        sample (`torch.Tensor`): `x_t`, shape `(B, ...)`.
+        noise_level (`float`, *optional*, defaults to 0.7): `a`.
+
+    Returns:
+        `(mean, std)`: `mean` shaped like `sample` (float32), `std` shaped `(B, 1, ...)`.
+    """
+    device = sample.device
+    index = flow_step_index(scheduler, timestep, sample.shape[0], device)
+    sigmas = _sigmas(scheduler, device)
+    shape = (-1, *([1] * (sample.ndim - 1)))
+    sigma = sigmas[index].reshape(shape)
+    sigma_next = sigmas[index + 1].reshape(shape)
+    dt = sigma_next - sigma
+    sigma_max = sigmas[1]
+    std_dev_t = noise_level * torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma)))
+    x, v = sample.float(), model_output.float()
+    mean = x * (1 + std_dev_t**2 / (2 * sigma) * dt) + v * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    return mean, std_dev_t * torch.sqrt(-dt)
+
+
+def flow_ode_step(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
+    """The deterministic Euler step `x + v dt` (as `FlowMatchEulerDiscreteScheduler.step`), with per-sample timesteps."""
+    index = flow_step_index(scheduler, timestep, sample.shape[0], sample.device)
+    sigmas = _sigmas(scheduler, sample.device)
+    shape = (-1, *([1] * (sample.ndim - 1)))
+    dt = (sigmas[index + 1] - sigmas[index]).reshape(shape)
+    return (sample.float() + dt * model_output.float()).to(sample.dtype)
+
+
+def flow_sde_step_with_logprob(
+    scheduler,
+    model_output: torch.Tensor,
+    timestep: Union[float, torch.Tensor],
+    sample: torch.Tensor,
+    noise_level: float = 0.7,
+    prev_sample: Optional[torch.Tensor] = None,
+    generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One Flow-GRPO SDE step that also returns the log-probability of the transition it takes.
+
+    Samples `x_{t+dt} ~ N(mu, std^2 I)` (see `flow_sde_step_mean_std`) unless `prev_sample` is given, in which case only
+    its log-probability is evaluated. Same convention as `ddim_step_with_logprob`: the Gaussian log-density averaged
+    over all non-batch dimensions, in float32.
+
+    Args:
+        scheduler (`FlowMatchEulerDiscreteScheduler`): a scheduler on which `set_timesteps` was called.
+        model_output (`torch.Tensor`): the (guided) velocity prediction.
+        timestep (`float` or `torch.Tensor`): a scalar, or a 1-D tensor with one timestep per sample.
+        sample (`torch.Tensor`): `x_t`.
+        noise_level (`float`, *optional*, defaults to 0.7): `a`, must be > 0.
+        prev_sample (`torch.Tensor`, *optional*): a recorded next latent whose log-probability to evaluate.
+        generator (`torch.Generator` or list, *optional*): noise source when sampling.
+
+    Returns:
+        `(prev_sample, log_prob)`: `prev_sample` shaped (and typed) like `sample`, `log_prob` of shape `(B,)`.
+    """
+    if noise_level <= 0:
+        raise ValueError(f"log-probabilities need a stochastic step: noise_level must be > 0, got {noise_level}")
+    if prev_sample is not None and generator is not None:
+        raise ValueError("pass either `prev_sample` (to evaluate) or `generator` (to sample), not both")
+    mean, std = flow_sde_step_mean_std(scheduler, model_output, timestep, sample, noise_level)
+    if prev_sample is None:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                             dtype=model_output.dtype)
+        prev_sample = mean + std * noise.float()
+    log_prob = gaussian_log_prob(prev_sample.detach(), mean, std)
+    return prev_sample.type(sample.dtype), log_prob

@@ -125,3 +125,159 @@ def perturbed_unet(unet, scale: float = 0.05, seed: Optional[int] = 1):
         for param in aligned.parameters():
             param.add_(scale * torch.randn(param.shape, generator=generator, dtype=param.dtype))
     return aligned
+
+
+def tiny_vae(seed: int = 0, sample_size: int = 32, **overrides):
+    """A tiny 4-channel `AutoencoderKL` (vae_scale_factor 2)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    kwargs = dict(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size,
+    )
+    kwargs.update(overrides)
+    return AutoencoderKL(**kwargs)
+
+
+def tiny_sdxl_components(seed: int = 0, sample_size: int = 16) -> dict:
+    """Components of a tiny random `StableDiffusionXLPipeline`, after diffusers' own SDXL tests: two CLIP text
+    encoders (the second with a projection: the pooled embedding), a UNet with the text-time embedding
+    (`projection_class_embeddings_input_dim` = 6 time ids x 8 + the pooled size 32)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,  # both text encoders' hidden states, concatenated
+        norm_num_groups=8,
+    )
+    vae = tiny_vae(seed, sample_size * 2)
+    config = CLIPTextConfig(**tiny_clip_text_kwargs(projection_dim=32))
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(config)
+    text_encoder_2 = CLIPTextModelWithProjection(config)
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": offline_clip_tokenizer(),
+        "tokenizer_2": offline_clip_tokenizer(),
+        "scheduler": tiny_ddim_scheduler(),
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+# A small word-level vocabulary: enough for the tiny T5 to tokenize test prompts offline (unknown words map to <unk>).
+_T5_WORDS = (
+    "a an the of in on with and photo picture drawing painting cat dog bird horse digit number handwritten zero one "
+    "two three four five six seven eight nine red blue green black white small large big car tree house"
+).split()
+
+
+def tiny_t5_tokenizer(model_max_length: int = 32):
+    """A `T5TokenizerFast` built from a vocabulary list (no sentencepiece file, no hub): pad 0, eos 1, unk 2."""
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [("\u2581" + word, -1.0) for word in _T5_WORDS] + [(ch, -5.0) for ch in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_t5_encoder(seed: int = 0, vocab_size: int = 128):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4))
+
+
+def tiny_flow_scheduler(shift: float = 3.0, **overrides):
+    """A `FlowMatchEulerDiscreteScheduler` as in SD3 (shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=shift, **overrides)
+
+
+def tiny_sd3_components(seed: int = 0, sample_size: int = 8, with_t5: bool = True) -> dict:
+    """Components of a tiny random `StableDiffusion3Pipeline`: an MM-DiT transformer, two CLIP text encoders with
+    projections, a tiny T5 (or none: the pipeline then feeds zeros), a flow-matching scheduler with shift 3."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=1,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+    )
+    vae = tiny_vae(seed, sample_size * 2, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                   scaling_factor=1.5035)
+    config = CLIPTextConfig(**tiny_clip_text_kwargs(projection_dim=32))
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(config)
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(config)
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "text_encoder_3": tiny_t5_encoder(seed) if with_t5 else None,
+        "tokenizer": offline_clip_tokenizer(),
+        "tokenizer_2": offline_clip_tokenizer(),
+        "tokenizer_3": tiny_t5_tokenizer() if with_t5 else None,
+        "scheduler": tiny_flow_scheduler(),
+    }
+
+
+def tiny_sdxl_pipeline(seed: int = 0, **kwargs):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(seed, **kwargs))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd3_pipeline(seed: int = 0, **kwargs):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(**tiny_sd3_components(seed, **kwargs))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+TINY_PIPELINES = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, "sd3": tiny_sd3_pipeline}
+
+
+def save_tiny_pipeline(family: str, directory: str, seed: int = 0, **kwargs) -> str:
+    """Writes a tiny random pipeline of `family` (`sd`, `sdxl`, `sd3`, `flux`) in diffusers format (safetensors)."""
+    os.makedirs(directory, exist_ok=True)
+    TINY_PIPELINES[family](seed, **kwargs).save_pretrained(directory, safe_serialization=True)
+    return directory
