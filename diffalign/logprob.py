@@ -158,14 +158,19 @@ def ddim_step_with_logprob(
 # Flow matching (rectified flow): the SDE of Flow-GRPO (Liu et al. 2025, arXiv 2505.05470, Eq. 8-9), adapted from
 # `yifan123/flow_grpo` (`flow_grpo/diffusers_patch/sd3_sde_with_logprob.py`, MIT). Modifications: the step index of
 # each sample is found with one vectorised lookup instead of `index_for_timestep` per sample; mean and std are exposed
-# (`flow_sde_step_mean_std`) so the closed-form KL uses the transition's own std.
+# (`flow_sde_step_mean_std`) so the closed-form KL uses the transition's own std (Flow-GRPO's `train_sd3.py`
+# divides by `2 std_dev_t^2`, without the `-dt` factor, so its KL is `-dt` times this one and its beta does not
+# carry over); a sampled next latent is returned in the input dtype and its log-prob is that of the rounded value
+# (Flow-GRPO returns float32 latents).
 
 
 def _sigmas(scheduler, device) -> torch.Tensor:
-    cached = getattr(scheduler, "_diffalign_sigmas", None)
-    if cached is None or cached.device != torch.device(device) or cached.shape != scheduler.sigmas.shape:
+    # A device copy of `scheduler.sigmas`, keyed on the tensor itself: every `set_timesteps` call replaces it, and a
+    # new schedule of the same length (another `mu`, shift or custom sigmas) must not reuse the old copy.
+    source, cached = getattr(scheduler, "_diffalign_sigmas", (None, None))
+    if source is not scheduler.sigmas or cached.device != torch.device(device):
         cached = scheduler.sigmas.to(device=device, dtype=torch.float32)
-        scheduler._diffalign_sigmas = cached
+        scheduler._diffalign_sigmas = (scheduler.sigmas, cached)
     return cached
 
 
@@ -224,7 +229,9 @@ def flow_ode_step(scheduler, model_output: torch.Tensor, timestep, sample: torch
     sigmas = _sigmas(scheduler, sample.device)
     shape = (-1, *([1] * (sample.ndim - 1)))
     dt = (sigmas[index + 1] - sigmas[index]).reshape(shape)
-    return (sample.float() + dt * model_output.float()).to(sample.dtype)
+    # Rounded as `scheduler.step` rounds it (bit-exact in bf16 too): its 0-d `dt` times a bf16 `v` is cast to bf16
+    # first and the product is bf16; only the sum with the sample is float32.
+    return (sample.float() + dt.to(model_output.dtype) * model_output).to(sample.dtype)
 
 
 def flow_sde_step_with_logprob(
@@ -262,8 +269,12 @@ def flow_sde_step_with_logprob(
     if prev_sample is None:
         from diffusers.utils.torch_utils import randn_tensor
 
+        # float32 noise, as Flow-GRPO draws it (it upcasts its inputs): the same generator gives the same sample.
         noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                             dtype=model_output.dtype)
-        prev_sample = mean + std * noise.float()
+                             dtype=torch.float32)
+        # Rounded to the latents' dtype *before* its density is taken: the log-prob is then that of the sample that
+        # is returned and recorded, and re-evaluating it later gives the same value (with bf16 latents the density
+        # of the unrounded sample differs by ~1e-2 at the last steps, far more than a PPO clip range of 1e-4).
+        prev_sample = (mean + std * noise).to(sample.dtype)
     log_prob = gaussian_log_prob(prev_sample.detach(), mean, std)
     return prev_sample.type(sample.dtype), log_prob
