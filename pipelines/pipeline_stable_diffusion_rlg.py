@@ -98,6 +98,10 @@ def _loaded_adapters(model) -> List[str]:
     return sorted(names)
 
 
+def _uses_dora(lora_layers: list, adapter: str) -> bool:
+    return any(layer.use_dora.get(adapter, False) for layer in lora_layers)
+
+
 @contextmanager
 def _lora_adapter_rows(model, adapter_names: Union[str, List[str], None]):
     r"""
@@ -289,6 +293,8 @@ class StableDiffusionRLGPipeline(
     _optional_components = ["safety_checker", "feature_extractor", "image_encoder", "aligned_unet"]
     _exclude_from_cpu_offload = ["safety_checker"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    # text encoders a LoRA adapter may also change: the base model's prompt is encoded with the adapters off
+    _rlg_text_encoders = ["text_encoder"]
 
     def __init__(
         self,
@@ -803,10 +809,11 @@ class StableDiffusionRLGPipeline(
         assert emb.shape == (w.shape[0], embedding_dim)
         return emb
 
-    def check_rlg_inputs(self, rlg_scale, rlg_start: float, rlg_stop: float):
+    def check_rlg_inputs(self, rlg_scale, rlg_start: float, rlg_stop: float, prompt_embeds=None):
         r"""
         Validates the RLG arguments of `__call__` against the pipeline's models (see `__call__` for their meaning).
         Raises a `ValueError` rather than silently sampling the base model when no aligned model is available.
+        `prompt_embeds` is `__call__`'s: when given, the text encoders are not used.
         """
         is_schedule = isinstance(rlg_scale, (list, tuple)) or callable(rlg_scale)
         if not (_is_number(rlg_scale) or is_schedule or isinstance(rlg_scale, dict)):
@@ -848,11 +855,25 @@ class StableDiffusionRLGPipeline(
             if not lora_layers[0].active_adapters:
                 raise ValueError("No LoRA adapter of `unet` is active; activate one with `pipe.set_adapters(...)`.")
 
-        if self.aligned_unet is None and lora_layers and any(layer.merged for layer in lora_layers):
-            if not (_is_number(rlg_scale) and rlg_scale == 1):
+        if self.aligned_unet is None and not (_is_number(rlg_scale) and rlg_scale == 1):
+            # the base model is needed: it comes from per-sample adapter selection (peft's mixed batch), in the
+            # denoiser and in each text encoder with a LoRA, which needs unfused adapters
+            models = {"unet": lora_layers}
+            if prompt_embeds is None:
+                models.update({name: _lora_layers(getattr(self, name, None)) for name in self._rlg_text_encoders})
+            fused = [f"`{name}`" for name, layers in models.items() if any(layer.merged for layer in layers)]
+            if fused:
                 raise ValueError(
-                    "The LoRA adapters are fused into `unet`, so its base weights are gone; call `pipe.unfuse_lora()`."
+                    f"The LoRA adapters are fused into {', '.join(fused)}, so the base weights are gone and"
+                    f" `rlg_scale={rlg_scale}` cannot run the base model; call `pipe.unfuse_lora()`."
                 )
+            if isinstance(rlg_scale, dict):
+                dora = sorted({name for name in rlg_scale for layers in models.values() if _uses_dora(layers, name)})
+                if dora:
+                    raise ValueError(
+                        f"LoRA adapter(s) {dora} use DoRA, which peft cannot select per sample; a dict `rlg_scale`"
+                        " mixes plain LoRA adapters only."
+                    )
 
     @staticmethod
     def _rlg_scale_at(scale, step: int) -> float:
@@ -881,10 +902,24 @@ class StableDiffusionRLGPipeline(
         if isinstance(rlg_scale, dict):
             return {"base": base, **{name: _RLGModel(name, "unet", name) for name in rlg_scale}}
         active = list(lora_layers[0].active_adapters)
-        # several adapters active at once form one aligned model that a per-row adapter cannot express: it then runs
-        # in its own forward pass, exactly as configured
-        aligned = _RLGModel("aligned", "unet", active[0] if len(active) == 1 else None)
+        # several adapters active at once form one aligned model that a per-row adapter cannot express, nor can a
+        # DoRA adapter be selected per row: the aligned model then runs in its own forward pass, exactly as configured
+        per_row = len(active) == 1 and not _uses_dora(lora_layers, active[0])
+        aligned = _RLGModel("aligned", "unet", active[0] if per_row else None)
         return {"base": base, "aligned": aligned}
+
+    def _rlg_text_encoder_adapter(self, model: _RLGModel) -> Optional[str]:
+        r"""
+        The LoRA adapter the text encoders encode `model`'s prompt with, when the LoRA also adapts them: `None` runs
+        them exactly as configured (no per-sample adapter: fused and DoRA adapters work), as for the aligned model.
+        """
+        if model.adapter is None:
+            return None
+        for name in self._rlg_text_encoders:
+            layers = _lora_layers(getattr(self, name, None))
+            if layers and [model.adapter] != list(layers[0].active_adapters):
+                return model.adapter
+        return None
 
     def _rlg_terms(self) -> Dict[str, float]:
         r"""`{model: w}` for this step's combination `pred_base + sum_i w_i (pred_i - pred_base)`; `{}` is the base alone."""
@@ -1164,7 +1199,7 @@ class StableDiffusionRLGPipeline(
             ip_adapter_image_embeds,
             callback_on_step_end_tensor_inputs,
         )
-        self.check_rlg_inputs(rlg_scale, rlg_start, rlg_stop)
+        self.check_rlg_inputs(rlg_scale, rlg_start, rlg_stop, prompt_embeds)
 
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
@@ -1195,28 +1230,33 @@ class StableDiffusionRLGPipeline(
         )
 
         # A LoRA adapter may also change the text encoder: each LoRA variant of `unet` then gets the prompt encoded
-        # with the same adapter (or none, for the base model).
+        # with the same adapter (or none, for the base model), when a step first needs it. `encoded` is keyed by the
+        # text encoder's adapter; `None` runs it as configured, as diffusers does (the aligned model's prompt).
         text_encoder_has_lora = (
             prompt_embeds is None and self.aligned_unet is None and len(_lora_layers(self.text_encoder)) > 0
         )
-        encoders = (
-            {model.name: model.adapter for model in rlg_models.values()} if text_encoder_has_lora else {"": None}
-        )
-        encoded = {}
-        for name, adapter in encoders.items():
+
+        given_embeds = (prompt_embeds, negative_prompt_embeds)
+
+        def encode(adapter):
             with _lora_adapter_rows(self.text_encoder, adapter):
-                encoded[name] = self.encode_prompt(
+                return self.encode_prompt(
                     prompt,
                     device,
                     num_images_per_prompt,
                     self.do_classifier_free_guidance,
                     negative_prompt,
-                    prompt_embeds=prompt_embeds,
-                    negative_prompt_embeds=negative_prompt_embeds,
+                    prompt_embeds=given_embeds[0],
+                    negative_prompt_embeds=given_embeds[1],
                     lora_scale=lora_scale,
                     clip_skip=self.clip_skip,
                 )
-        prompt_embeds, negative_prompt_embeds = encoded.get("aligned", next(iter(encoded.values())))
+
+        def text_encoder_adapter(model):
+            return self._rlg_text_encoder_adapter(model) if text_encoder_has_lora else None
+
+        encoded = {None: encode(None)}
+        prompt_embeds, negative_prompt_embeds = encoded[None]
 
         if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
             image_embeds = self.prepare_ip_adapter_image_embeds(
@@ -1276,10 +1316,20 @@ class StableDiffusionRLGPipeline(
                 added_cond_kwargs,
             )
 
-        conditioning = {
-            model.name: model_conditioning(encoded[model.name if text_encoder_has_lora else ""])
-            for model in rlg_models.values()
-        }
+        conditioning = {}  # by model name, filled when a step first needs the model
+        callback_embeds = None  # embeddings set by `callback_on_step_end`, shared by every model
+
+        def conditioning_of(model):
+            if model.name not in conditioning:
+                if callback_embeds is not None:
+                    embeds = callback_embeds
+                else:
+                    adapter = text_encoder_adapter(model)
+                    if adapter not in encoded:
+                        encoded[adapter] = encode(adapter)
+                    embeds = encoded[adapter]
+                conditioning[model.name] = model_conditioning(embeds)
+            return conditioning[model.name]
 
         # 6.4 RLG window, in steps
         rlg_start_step, rlg_stop_step = int(rlg_start * len(timesteps)), int(rlg_stop * len(timesteps))
@@ -1312,8 +1362,9 @@ class StableDiffusionRLGPipeline(
                     latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
 
                 # predict the noise residual of every model, in one batched forward where possible
+                step_conditioning = {model.name: conditioning_of(model) for model in step_models}
                 noise_preds = self._rlg_forward(
-                    step_models, latent_model_input, t, conditioning, timestep_cond, rlg_single_pass
+                    step_models, latent_model_input, t, step_conditioning, timestep_cond, rlg_single_pass
                 )
 
                 # perform guidance inside each model
@@ -1356,9 +1407,8 @@ class StableDiffusionRLGPipeline(
                     ):
                         # embeddings set by the callback condition every model from the next step on
                         prompt_embeds, negative_prompt_embeds = new_prompt_embeds, new_negative_prompt_embeds
-                        conditioning = {
-                            name: model_conditioning((prompt_embeds, negative_prompt_embeds)) for name in conditioning
-                        }
+                        callback_embeds = (prompt_embeds, negative_prompt_embeds)
+                        conditioning = {}
 
                 # call the callback, if provided
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):

@@ -109,6 +109,11 @@ def _loaded_adapters(model) -> List[str]:
     return sorted(names)
 
 
+# Copied from diffalign.pipelines.pipeline_stable_diffusion_rlg._uses_dora
+def _uses_dora(lora_layers: list, adapter: str) -> bool:
+    return any(layer.use_dora.get(adapter, False) for layer in lora_layers)
+
+
 @contextmanager
 # Copied from diffalign.pipelines.pipeline_stable_diffusion_rlg._lora_adapter_rows
 def _lora_adapter_rows(model, adapter_names: Union[str, List[str], None]):
@@ -321,6 +326,8 @@ class StableDiffusionXLRLGPipeline(
         "add_text_embeds",
         "add_time_ids",
     ]
+    # text encoders a LoRA adapter may also change: the base model's prompt is encoded with the adapters off
+    _rlg_text_encoders = ["text_encoder", "text_encoder_2"]
 
     def __init__(
         self,
@@ -878,10 +885,11 @@ class StableDiffusionXLRLGPipeline(
         return emb
 
     # Copied from diffalign.pipelines.pipeline_stable_diffusion_rlg.StableDiffusionRLGPipeline.check_rlg_inputs
-    def check_rlg_inputs(self, rlg_scale, rlg_start: float, rlg_stop: float):
+    def check_rlg_inputs(self, rlg_scale, rlg_start: float, rlg_stop: float, prompt_embeds=None):
         r"""
         Validates the RLG arguments of `__call__` against the pipeline's models (see `__call__` for their meaning).
         Raises a `ValueError` rather than silently sampling the base model when no aligned model is available.
+        `prompt_embeds` is `__call__`'s: when given, the text encoders are not used.
         """
         is_schedule = isinstance(rlg_scale, (list, tuple)) or callable(rlg_scale)
         if not (_is_number(rlg_scale) or is_schedule or isinstance(rlg_scale, dict)):
@@ -923,11 +931,25 @@ class StableDiffusionXLRLGPipeline(
             if not lora_layers[0].active_adapters:
                 raise ValueError("No LoRA adapter of `unet` is active; activate one with `pipe.set_adapters(...)`.")
 
-        if self.aligned_unet is None and lora_layers and any(layer.merged for layer in lora_layers):
-            if not (_is_number(rlg_scale) and rlg_scale == 1):
+        if self.aligned_unet is None and not (_is_number(rlg_scale) and rlg_scale == 1):
+            # the base model is needed: it comes from per-sample adapter selection (peft's mixed batch), in the
+            # denoiser and in each text encoder with a LoRA, which needs unfused adapters
+            models = {"unet": lora_layers}
+            if prompt_embeds is None:
+                models.update({name: _lora_layers(getattr(self, name, None)) for name in self._rlg_text_encoders})
+            fused = [f"`{name}`" for name, layers in models.items() if any(layer.merged for layer in layers)]
+            if fused:
                 raise ValueError(
-                    "The LoRA adapters are fused into `unet`, so its base weights are gone; call `pipe.unfuse_lora()`."
+                    f"The LoRA adapters are fused into {', '.join(fused)}, so the base weights are gone and"
+                    f" `rlg_scale={rlg_scale}` cannot run the base model; call `pipe.unfuse_lora()`."
                 )
+            if isinstance(rlg_scale, dict):
+                dora = sorted({name for name in rlg_scale for layers in models.values() if _uses_dora(layers, name)})
+                if dora:
+                    raise ValueError(
+                        f"LoRA adapter(s) {dora} use DoRA, which peft cannot select per sample; a dict `rlg_scale`"
+                        " mixes plain LoRA adapters only."
+                    )
 
     # Copied from diffalign.pipelines.pipeline_stable_diffusion_rlg.StableDiffusionRLGPipeline._rlg_scale_at
     @staticmethod
@@ -959,10 +981,25 @@ class StableDiffusionXLRLGPipeline(
         if isinstance(rlg_scale, dict):
             return {"base": base, **{name: _RLGModel(name, "unet", name) for name in rlg_scale}}
         active = list(lora_layers[0].active_adapters)
-        # several adapters active at once form one aligned model that a per-row adapter cannot express: it then runs
-        # in its own forward pass, exactly as configured
-        aligned = _RLGModel("aligned", "unet", active[0] if len(active) == 1 else None)
+        # several adapters active at once form one aligned model that a per-row adapter cannot express, nor can a
+        # DoRA adapter be selected per row: the aligned model then runs in its own forward pass, exactly as configured
+        per_row = len(active) == 1 and not _uses_dora(lora_layers, active[0])
+        aligned = _RLGModel("aligned", "unet", active[0] if per_row else None)
         return {"base": base, "aligned": aligned}
+
+    # Copied from diffalign.pipelines.pipeline_stable_diffusion_rlg.StableDiffusionRLGPipeline._rlg_text_encoder_adapter
+    def _rlg_text_encoder_adapter(self, model: _RLGModel) -> Optional[str]:
+        r"""
+        The LoRA adapter the text encoders encode `model`'s prompt with, when the LoRA also adapts them: `None` runs
+        them exactly as configured (no per-sample adapter: fused and DoRA adapters work), as for the aligned model.
+        """
+        if model.adapter is None:
+            return None
+        for name in self._rlg_text_encoders:
+            layers = _lora_layers(getattr(self, name, None))
+            if layers and [model.adapter] != list(layers[0].active_adapters):
+                return model.adapter
+        return None
 
     # Copied from diffalign.pipelines.pipeline_stable_diffusion_rlg.StableDiffusionRLGPipeline._rlg_terms
     def _rlg_terms(self) -> Dict[str, float]:
@@ -1316,7 +1353,7 @@ class StableDiffusionXLRLGPipeline(
             ip_adapter_image_embeds,
             callback_on_step_end_tensor_inputs,
         )
-        self.check_rlg_inputs(rlg_scale, rlg_start, rlg_stop)
+        self.check_rlg_inputs(rlg_scale, rlg_start, rlg_stop, prompt_embeds)
 
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
@@ -1348,19 +1385,18 @@ class StableDiffusionXLRLGPipeline(
         )
 
         # A LoRA adapter may also change the text encoders: each LoRA variant of `unet` then gets the prompt encoded
-        # with the same adapter (or none, for the base model).
+        # with the same adapter (or none, for the base model), when a step first needs it. `encoded` is keyed by the
+        # text encoders' adapter; `None` runs them as configured, as diffusers does (the aligned model's prompt).
         text_encoder_has_lora = (
             prompt_embeds is None
             and self.aligned_unet is None
             and len(_lora_layers(self.text_encoder)) + len(_lora_layers(self.text_encoder_2)) > 0
         )
-        encoders = (
-            {model.name: model.adapter for model in rlg_models.values()} if text_encoder_has_lora else {"": None}
-        )
-        encoded = {}
-        for name, adapter in encoders.items():
+        given_embeds = (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
+
+        def encode(adapter):
             with _lora_adapter_rows(self.text_encoder, adapter), _lora_adapter_rows(self.text_encoder_2, adapter):
-                encoded[name] = self.encode_prompt(
+                return self.encode_prompt(
                     prompt=prompt,
                     prompt_2=prompt_2,
                     device=device,
@@ -1368,19 +1404,24 @@ class StableDiffusionXLRLGPipeline(
                     do_classifier_free_guidance=self.do_classifier_free_guidance,
                     negative_prompt=negative_prompt,
                     negative_prompt_2=negative_prompt_2,
-                    prompt_embeds=prompt_embeds,
-                    negative_prompt_embeds=negative_prompt_embeds,
-                    pooled_prompt_embeds=pooled_prompt_embeds,
-                    negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                    prompt_embeds=given_embeds[0],
+                    negative_prompt_embeds=given_embeds[1],
+                    pooled_prompt_embeds=given_embeds[2],
+                    negative_pooled_prompt_embeds=given_embeds[3],
                     lora_scale=lora_scale,
                     clip_skip=self.clip_skip,
                 )
+
+        def text_encoder_adapter(model):
+            return self._rlg_text_encoder_adapter(model) if text_encoder_has_lora else None
+
+        encoded = {None: encode(None)}
         (
             prompt_embeds,
             negative_prompt_embeds,
             pooled_prompt_embeds,
             negative_pooled_prompt_embeds,
-        ) = encoded.get("aligned", next(iter(encoded.values())))
+        ) = encoded[None]
 
         # 4. Prepare timesteps
         is_neuron_device = device.type == "neuron"
@@ -1445,8 +1486,7 @@ class StableDiffusionXLRLGPipeline(
                 add_text_embeds = torch.cat([negative_pooled_prompt_embeds, add_text_embeds], dim=0)
             return prompt_embeds.to(device), add_text_embeds.to(device)
 
-        embeds = {name: model_embeds(value) for name, value in encoded.items()}
-        prompt_embeds, add_text_embeds = embeds.get("aligned", next(iter(embeds.values())))
+        prompt_embeds, add_text_embeds = model_embeds(encoded[None])
 
         if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
             image_embeds = self.prepare_ip_adapter_image_embeds(
@@ -1484,10 +1524,20 @@ class StableDiffusionXLRLGPipeline(
                 added_cond_kwargs["image_embeds"] = image_embeds
             return prompt_embeds, added_cond_kwargs
 
-        conditioning = {
-            model.name: model_conditioning(*embeds[model.name if text_encoder_has_lora else ""])
-            for model in rlg_models.values()
-        }
+        conditioning = {}  # by model name, filled when a step first needs the model
+        callback_conditioning = None  # set by `callback_on_step_end`, shared by every model
+
+        def conditioning_of(model):
+            if model.name not in conditioning:
+                if callback_conditioning is not None:
+                    conditioning[model.name] = callback_conditioning
+                else:
+                    adapter = text_encoder_adapter(model)
+                    if adapter not in encoded:
+                        encoded[adapter] = encode(adapter)
+                    conditioning[model.name] = model_conditioning(*model_embeds(encoded[adapter]))
+            return conditioning[model.name]
+
         rlg_start_step, rlg_stop_step = int(rlg_start * len(timesteps)), int(rlg_stop * len(timesteps))
 
         # 9. Optionally get Guidance Scale Embedding
@@ -1528,8 +1578,9 @@ class StableDiffusionXLRLGPipeline(
                 # [Neuron] pre-cast timestep to float32 on device. Neuron XLA does not support
                 # int64 ops; the compiled UNet graph requires a float32 timestep input on-device.
                 t_unet = t.to(torch.float32).to(device) if is_neuron_device else t
+                step_conditioning = {model.name: conditioning_of(model) for model in step_models}
                 noise_preds = self._rlg_forward(
-                    step_models, latent_model_input, t_unet, conditioning, timestep_cond, rlg_single_pass
+                    step_models, latent_model_input, t_unet, step_conditioning, timestep_cond, rlg_single_pass
                 )
 
                 # perform guidance inside each model
@@ -1580,9 +1631,8 @@ class StableDiffusionXLRLGPipeline(
                         # conditioning set by the callback applies to every model from the next step on
                         prompt_embeds, add_text_embeds = new_prompt_embeds, new_add_text_embeds
                         add_time_ids = new_add_time_ids
-                        conditioning = {
-                            name: model_conditioning(prompt_embeds, add_text_embeds) for name in conditioning
-                        }
+                        callback_conditioning = model_conditioning(prompt_embeds, add_text_embeds)
+                        conditioning = {}
 
                 # call the callback, if provided
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):

@@ -301,6 +301,68 @@ def test_text_encoder_lora(tmp_path):
     assert np.abs(half - base).max() > 1e-3 and np.abs(half - aligned).max() > 1e-3
 
 
+def count_forwards(module):
+    calls = []
+    handle = module.register_forward_pre_hook(lambda *args: calls.append(1))
+    return calls, handle
+
+
+def test_text_encoder_lora_fused_or_dora_at_default_scale(tmp_path):
+    """Regression: a fused (or DoRA) text-encoder LoRA runs at the default `rlg_scale=1` like diffusers' pipeline, the
+    text encoder runs as often as there, and `rlg_scale != 1` with a fused one raises one clear error."""
+    test_text_encoder_lora(tmp_path)  # writes the unet + text encoder LoRA to tmp_path
+    fused_sd = sd_pipe(tiny_sd_components())
+    fused_sd.load_lora_weights(str(tmp_path))
+    fused_sd.fuse_lora()
+    sd_calls, handle = count_forwards(fused_sd.text_encoder)
+    expected = fused_sd(**call_kwargs()).images
+    handle.remove()
+
+    pipe = rlg_pipe(tiny_sd_components())
+    pipe.load_lora_weights(str(tmp_path))
+    pipe.fuse_lora()
+    calls, handle = count_forwards(pipe.text_encoder)
+    np.testing.assert_allclose(pipe(**call_kwargs()).images, expected, atol=ATOL)
+    handle.remove()
+    assert len(calls) == len(sd_calls) == 2  # prompt and negative prompt, once each
+    with pytest.raises(ValueError, match=r"fused into `unet`, `text_encoder`.*unfuse_lora"):
+        pipe(**call_kwargs(rlg_scale=1.5))
+    pipe.unfuse_lora()
+    pipe(**call_kwargs(rlg_scale=1.5))  # runs again
+
+    # DoRA adapters on the UNet and the text encoder: the default scale runs like diffusers, and RLG runs the DoRA
+    # aligned model in its own pass (peft cannot select DoRA per row), the base with the adapters off
+    components = tiny_sd_components()
+    dora = LoraConfig(r=4, lora_alpha=4, use_dora=True, init_lora_weights="gaussian", target_modules=["to_q", "to_v"])
+    components["unet"].add_adapter(dora)
+    inject_adapter_in_model(
+        LoraConfig(r=4, lora_alpha=4, use_dora=True, init_lora_weights="gaussian", target_modules=["q_proj"]),
+        components["text_encoder"],
+    )
+    with torch.no_grad():
+        for model in (components["unet"], components["text_encoder"]):
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.3, generator=torch.Generator().manual_seed(4))
+    reference = sd_pipe(components)
+    calls, handle = count_forwards(components["text_encoder"])
+    aligned = reference(**call_kwargs()).images
+    reference.disable_lora()
+    base = reference(**call_kwargs()).images
+    reference.enable_lora()
+    assert np.abs(aligned - base).max() > 1e-2
+    pipe = rlg_pipe(components)
+    np.testing.assert_allclose(pipe(**call_kwargs()).images, aligned, atol=ATOL)
+    assert len(calls) == 2 * 2 + 2  # 2 per call: the two reference calls and RLG's at rlg_scale=1
+    handle.remove()
+    np.testing.assert_allclose(pipe(**call_kwargs(rlg_scale=0.0)).images, base, atol=ATOL)
+    single = pipe(**call_kwargs(rlg_scale=1.5, output_type="latent")).images
+    double = pipe(**call_kwargs(rlg_scale=1.5, output_type="latent", rlg_single_pass=False)).images
+    torch.testing.assert_close(single, double, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match=r"\['default'\] use DoRA"):
+        pipe(**call_kwargs(rlg_scale={"default": 1.5}))
+
+
 # --- errors ---------------------------------------------------------------------------------------------------
 
 

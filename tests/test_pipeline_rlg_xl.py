@@ -165,3 +165,71 @@ def test_custom_pipeline_loading(components, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe).__name__ == "StableDiffusionXLRLGPipeline" and pipe.aligned_unet is None
     assert run(pipe).shape == (1, 32, 32, 3)
+
+
+def test_text_encoder_lora_fused_at_default_scale(components, tmp_path):
+    """Regression: with a LoRA on the UNet and both text encoders, fused, the default `rlg_scale=1` runs like
+    diffusers' pipeline (no per-row adapters in the text encoders, each run once); `rlg_scale != 1` raises one clear
+    error; unfused, `w = 0` and `w = 1` match diffusers and the base prompt is encoded only once a step needs it."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import inject_adapter_in_model
+
+    unet = add_lora(copy.deepcopy(components["unet"]))
+    text_encoders = [copy.deepcopy(components["text_encoder"]), copy.deepcopy(components["text_encoder_2"])]
+    for seed, text_encoder in enumerate(text_encoders):
+        inject_adapter_in_model(
+            LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["q_proj", "v_proj"]),
+            text_encoder,
+        )
+        with torch.no_grad():
+            for name, param in text_encoder.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
+    state = [convert_state_dict_to_diffusers(get_peft_model_state_dict(model)) for model in [unet] + text_encoders]
+    StableDiffusionXLPipeline.save_lora_weights(
+        str(tmp_path),
+        unet_lora_layers=state[0],
+        text_encoder_lora_layers=state[1],
+        text_encoder_2_lora_layers=state[2],
+    )
+
+    def loaded(cls, fuse=False):
+        pipe = xl(cls, copy.deepcopy(components))
+        pipe.load_lora_weights(str(tmp_path))
+        if fuse:
+            pipe.fuse_lora()
+        return pipe
+
+    def text_encoder_calls(pipe, **kwargs):
+        calls = []
+        handles = [
+            m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in (pipe.text_encoder, pipe.text_encoder_2)
+        ]
+        images = run(pipe, **kwargs)
+        for handle in handles:
+            handle.remove()
+        return images, len(calls)
+
+    expected, expected_calls = text_encoder_calls(loaded(StableDiffusionXLPipeline, fuse=True))
+    pipe = loaded(StableDiffusionXLRLGPipeline, fuse=True)
+    images, calls = text_encoder_calls(pipe)
+    np.testing.assert_allclose(images, expected, atol=ATOL)
+    assert calls == expected_calls == 2  # each encoder once (empty negative prompt: zeros)
+    with pytest.raises(ValueError, match=r"fused into `unet`, `text_encoder`, `text_encoder_2`"):
+        run(pipe, rlg_scale=0.5)
+
+    pipe = loaded(StableDiffusionXLRLGPipeline)
+    aligned, calls = text_encoder_calls(pipe)
+    assert calls == 2
+    np.testing.assert_allclose(aligned, run(loaded(StableDiffusionXLPipeline)), atol=ATOL)
+    base, calls = text_encoder_calls(pipe, rlg_scale=0.0)
+    assert calls == 4  # the aligned prompt (as configured) and the base prompt
+    np.testing.assert_allclose(base, run(xl(StableDiffusionXLPipeline, components)), atol=ATOL)
+    assert np.abs(base - aligned).max() > 1e-2
+
+    def callback(pipeline, step, timestep, callback_kwargs):
+        pipeline._rlg_scale = 1.5  # from the next step on: the base prompt is encoded then
+        return callback_kwargs
+
+    switched = run(pipe, output_type="latent", callback_on_step_end=callback)
+    torch.testing.assert_close(switched, run(pipe, output_type="latent", rlg_scale=[1.0, 1.5]), atol=ATOL, rtol=0)
