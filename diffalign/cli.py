@@ -12,19 +12,26 @@ import sys
 from typing import List, Optional
 
 def _user_errors():
-    """Exception types that mean bad input (one line, exit code 2) rather than a bug."""
-    from diffalign.checkpoint import CheckpointError
-    from diffalign.config import ConfigError
-    from diffalign.modeling import ModelError
-    from diffalign.prompts import PromptError
-    from diffalign.rewards import UnknownRewardError
-    from diffalign.trainers.base import NonFiniteError
+    """Exception types that mean bad input (one line, exit code 2) rather than a bug: `diffalign.errors.UserError`,
+    the base class of every such error (ConfigError, PromptError, CheckpointError, RewardError, ...)."""
+    from diffalign.errors import UserError
 
-    errors = [ConfigError, ModelError, PromptError, CheckpointError, UnknownRewardError, NonFiniteError]
-    from diffalign.rewards import MissingRewardDependencyError, RewardWeightsNotFoundError
-
-    errors += [RewardWeightsNotFoundError, MissingRewardDependencyError]
+    errors = [UserError]
+    # Transitional: error types of modules that do not derive from UserError yet. Remove each once its class
+    # subclasses `diffalign.errors.UserError`.
+    for module, name in (("diffalign.modeling", "ModelError"), ("diffalign.trainers.base", "NonFiniteError")):
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        if not issubclass(cls, UserError):
+            errors.append(cls)
     return tuple(errors)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
 
 
 def _setup_environment():
@@ -151,7 +158,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args, extra)
     except _user_errors() as e:
-        print(f"diffalign: error: {e}", file=sys.stderr)
+        print(f"diffalign: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from diffalign.errors import is_disk_error
+
+        if not is_disk_error(e):
+            raise
+        # a full disk, a read-only or forbidden output location: the OS' message and the path, not a traceback
+        where = f": '{e.filename}'" if isinstance(e, OSError) and e.filename else ""
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else _one_line(e)
+        print(f"diffalign: error: cannot write output: {detail}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("diffalign: interrupted", file=sys.stderr)

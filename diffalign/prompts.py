@@ -7,6 +7,8 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from .errors import UserError, first_line
+
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 # DDPO's `simple_animals` set (kvablack/ddpo-pytorch, assets/simple_animals.txt), used by PRDP's small-scale runs.
@@ -17,7 +19,7 @@ SIMPLE_ANIMALS = (
 ).split()
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """Prompts that cannot be used (reported as one line by the CLI)."""
 
 
@@ -117,8 +119,20 @@ class PromptDifficulty:
 def read_prompt_file(path: str) -> List[str]:
     if not os.path.isfile(path):
         raise PromptError(f"prompt file '{path}' does not exist")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise PromptError(f"prompt file '{path}' cannot be read: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise PromptError(f"prompt file '{path}' is not UTF-8 text (line {line}, byte 0x{data[e.start]:02x}): "
+                          f"save it as UTF-8") from None
+    if "\x00" in text:
+        raise PromptError(f"prompt file '{path}' is not a text file (it holds NUL bytes)")
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise PromptError(f"prompt file '{path}' has no prompts")
     return prompts
@@ -140,7 +154,12 @@ def prompt_source(prompts=None, prompt_file=None, prompt_fn=None) -> PromptSourc
         fn = getattr(importlib.import_module(module_name), attr)  # runs user code, as documented
     except (ImportError, AttributeError) as e:
         raise PromptError(f"prompt_fn '{prompt_fn}' cannot be loaded ({e})") from None
-    result = fn()
+    if not callable(fn):
+        raise PromptError(f"prompt_fn '{prompt_fn}' is not a function")
+    try:
+        result = fn()
+    except Exception as e:
+        raise PromptError(f"prompt_fn '{prompt_fn}' failed: {first_line(e)}") from e
     if isinstance(result, (list, tuple)):
         return PromptSource(prompts=[str(p) for p in result])
     return PromptSource(fn=fn)

@@ -21,9 +21,13 @@ Built-ins (see docs/rewards.md for the weights each one needs):
 """
 
 import importlib
+import inspect
+import math
 from typing import Callable, Dict, List, Mapping, Optional, Union
 
 import torch
+
+from diffalign.errors import UserError, first_line
 
 RewardFn = Callable[[torch.Tensor, List[str], Optional[List[dict]]], torch.Tensor]
 
@@ -44,25 +48,34 @@ __all__ = [
     "RewardMixture",
     "RewardWeightsNotFoundError",
     "MissingRewardDependencyError",
+    "RewardError",
     "UnknownRewardError",
     "available_rewards",
+    "call_reward",
+    "check_reward_output",
     "get_reward",
+    "reward_name",
     "register_reward",
 ]
 
 
-class UnknownRewardError(ValueError):
+class RewardError(UserError, ValueError):
+    """A reward that cannot be built from its settings, or that fails or returns something other than one finite
+    or non-finite number per image (one line naming the reward)."""
+
+
+class UnknownRewardError(RewardError):
     """A reward name that is neither registered nor an importable `module:function`."""
 
 
-class RewardWeightsNotFoundError(ValueError):
+class RewardWeightsNotFoundError(UserError, ValueError):
     """A reward model's weights could not be found locally (and not downloaded, e.g. offline).
 
     The message is one line: the reward, what to download and which keyword argument to point at it.
     """
 
 
-class MissingRewardDependencyError(ImportError):
+class MissingRewardDependencyError(UserError, ImportError):
     """A reward needs an optional dependency (an extra such as `diffalign[openclip]`) that is not installed."""
 
 
@@ -125,7 +138,30 @@ def _load_user_function(spec: str, **kwargs) -> RewardFn:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise UnknownRewardError(f"reward '{spec}': module '{module_name}' has no function '{attr}'")
-    return fn(**kwargs) if kwargs else fn
+    if not kwargs:
+        return fn
+    _check_kwargs(spec, fn, kwargs)
+    return fn(**kwargs)
+
+
+def _check_kwargs(name: str, factory: Callable, kwargs: dict):
+    """A `RewardError` naming the options `factory` does not take (instead of a `TypeError` traceback)."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(**kwargs)
+    except TypeError:
+        params = signature.parameters.values()
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return
+        accepted = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise RewardError(f"reward '{name}' has no option {', '.join(repr(k) for k in unknown)}; its options: "
+                              f"{', '.join(accepted) or 'none'}") from None
+        raise RewardError(f"reward '{name}': the options {sorted(kwargs)} do not fit {name}{signature}") from None
 
 
 def _split_weight(name: str, value) -> tuple:
@@ -133,9 +169,19 @@ def _split_weight(name: str, value) -> tuple:
     if isinstance(value, Mapping):
         options = dict(value)
         if "weight" not in options:
-            raise ValueError(f"reward mixture entry '{name}' needs a 'weight', got {sorted(options)}")
-        return float(options.pop("weight")), options
-    return float(value), {}
+            raise RewardError(f"reward mixture entry '{name}' needs a 'weight', got {sorted(options)}")
+        return _weight(name, options.pop("weight")), options
+    return _weight(name, value), {}
+
+
+def _weight(name: str, value) -> float:
+    try:
+        weight = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        weight = math.nan
+    if not math.isfinite(weight):
+        raise RewardError(f"reward mixture entry '{name}': the weight must be a finite number, got {value!r}")
+    return weight
 
 
 class RewardMixture:
@@ -154,10 +200,16 @@ class RewardMixture:
 
     def __init__(self, weights: Mapping[str, Union[float, Mapping]], **kwargs):
         if not weights:
-            raise ValueError("a reward mixture needs at least one reward")
+            raise RewardError("a reward mixture needs at least one reward, e.g. {jpeg_compressibility: 1.0}")
         unknown = sorted(set(kwargs) - set(weights))
         if unknown:
-            raise ValueError(f"options given for {unknown}, which are not parts of the mixture {sorted(weights)}")
+            raise RewardError(f"options given for {unknown}, which are not parts of the mixture {sorted(weights)}")
+        bad = [name for name in weights if not isinstance(name, str)]
+        if bad:
+            raise RewardError(f"reward mixture keys must be reward names; got {bad}")
+        not_mappings = [name for name in weights if name in kwargs and not isinstance(kwargs[name], Mapping)]
+        if not_mappings:
+            raise RewardError(f"options of mixture part(s) {not_mappings} must be mappings of keyword arguments")
         self.weights: Dict[str, float] = {}
         self.parts: Dict[str, RewardFn] = {}
         for name, value in weights.items():
@@ -170,10 +222,8 @@ class RewardMixture:
     def __call__(
         self, images: torch.Tensor, prompts: List[str], metadata: Optional[List[dict]] = None
     ) -> torch.Tensor:
-        self.last_parts = {
-            name: torch.as_tensor(fn(images, prompts, metadata)).detach().float().cpu()
-            for name, fn in self.parts.items()
-        }
+        self.last_parts = {name: call_reward(fn, images, prompts, metadata, name=name)
+                           for name, fn in self.parts.items()}
         total = torch.zeros(images.shape[0], dtype=torch.float32)
         for name, value in self.last_parts.items():
             total = total + self.weights[name] * value
@@ -207,10 +257,62 @@ def get_reward(spec: Union[str, Mapping[str, Union[float, Mapping]]], **kwargs) 
     """
     if isinstance(spec, Mapping):
         return RewardMixture(spec, **kwargs)
+    if not isinstance(spec, str):
+        raise RewardError(f"reward must be a name, 'module:function' or a {{name: weight}} mixture; got {spec!r}")
     if ":" in spec:
         return _load_user_function(spec, **kwargs)
     if spec not in REWARDS:
         _load_builtins()
     if spec not in REWARDS:
         raise UnknownRewardError(f"unknown reward '{spec}'; available: {', '.join(available_rewards())}")
+    _check_kwargs(spec, REWARDS[spec], kwargs)
     return REWARDS[spec](**kwargs)
+
+
+def reward_name(fn, spec=None) -> str:
+    """A short name of a reward for messages: its config spec, else its function or class name."""
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, Mapping):
+        return "mixture " + "+".join(str(k) for k in spec)
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def check_reward_output(name: str, output, num_images: int) -> torch.Tensor:
+    """`output` as float32 CPU scores `[num_images]`, or a `RewardError` naming the reward and what it returned.
+
+    Accepted: a tensor, array or sequence of real numbers of shape `[B]` or `[B, 1]` (non-finite values pass; the
+    trainer's `nonfinite_policy` handles them).
+    """
+    if output is None:
+        raise RewardError(f"reward '{name}' returned None; it must return one score per image ({num_images})")
+    if isinstance(output, (str, bytes)):
+        raise RewardError(f"reward '{name}' returned a string; it must return one number per image ({num_images})")
+    try:
+        scores = torch.as_tensor(output)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        kinds = sorted({type(v).__name__ for v in output}) if isinstance(output, (list, tuple)) else []
+        what = f"a {type(output).__name__} of {', '.join(kinds)}" if kinds else f"a {type(output).__name__}"
+        raise RewardError(f"reward '{name}' returned {what}; it must return one number per image ({num_images})") from None
+    if scores.is_complex() or not (scores.is_floating_point() or scores.dtype in (
+            torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)):
+        raise RewardError(f"reward '{name}' returned {scores.dtype} values; it must return real numbers")
+    if scores.dim() == 2 and scores.shape[1] == 1 or scores.dim() == 0 and num_images == 1:
+        scores = scores.reshape(-1)
+    if scores.dim() != 1 or scores.shape[0] != num_images:
+        raise RewardError(f"reward '{name}' returned shape {list(scores.shape)} for {num_images} images; it must "
+                          f"return one score per image, shape [{num_images}]")
+    return scores.detach().to(device="cpu", dtype=torch.float32)
+
+
+def call_reward(fn, images, prompts, metadata=None, name: Optional[str] = None) -> torch.Tensor:
+    """Calls a reward and checks its output (`check_reward_output`); an exception it raises becomes a one-line
+    `RewardError` naming it (the original stays as `__cause__`)."""
+    name = name or reward_name(fn)
+    try:
+        output = fn(images, prompts, metadata)
+    except UserError:
+        raise
+    except Exception as e:
+        raise RewardError(f"reward '{name}' failed: {first_line(e)}") from e
+    return check_reward_output(name, output, len(images))

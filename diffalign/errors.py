@@ -1,0 +1,54 @@
+"""The base class of user errors: bad input that the CLI reports as one line with exit code 2 (not a bug).
+
+Every error type that means "the user gave something unusable" (a config value, a model directory, a prompt file, a
+checkpoint, a reward, an output directory that cannot be written) subclasses `UserError`, so `diffalign.cli` catches
+exactly one class instead of a hand-kept list. Subclasses keep their historical bases (`ValueError`, `ImportError`,
+...) so existing `except ValueError` code keeps working.
+"""
+
+import errno as _errno
+
+
+class UserError(Exception):
+    """Bad input or an unusable environment, reported by the CLI as `diffalign: error: <message>` and exit code 2.
+
+    The message must be one line that names the offending value and, where possible, what to do instead.
+    """
+
+
+class OutputError(UserError, OSError):
+    """The output directory cannot be written (no space left, read-only, permissions)."""
+
+
+# OSError numbers that mean "the disk or the permissions", not a bug: reported as one line by the CLI.
+OUTPUT_ERRNOS = frozenset(
+    getattr(_errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EFBIG") if hasattr(_errno, name)
+)
+
+
+def is_disk_error(error: BaseException) -> bool:
+    """True for a full disk, a read-only file system or missing permissions (an `OSError` or safetensors' error,
+    which carries only the OS message)."""
+    if isinstance(error, OSError) and error.errno in OUTPUT_ERRNOS:
+        return True
+    if type(error).__name__ == "SafetensorError":
+        text = str(error)
+        return any(m in text for m in ("No space left", "Read-only file system", "Permission denied", "Disk quota"))
+    return False
+
+
+def output_error(what: str, error: BaseException) -> OutputError:
+    """An `OutputError` for `error` raised while writing `what` (a path), as one line."""
+    detail = (error.strerror or str(error)) if isinstance(error, OSError) else str(error)
+    detail = detail.strip().splitlines()[0] if detail and detail.strip() else type(error).__name__
+    code = getattr(error, "errno", None)
+    result = OutputError(f"cannot write {what}: {detail}")
+    result.errno = code
+    return result
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """`TypeName: first line of the message` of an exception, for one-line reports."""
+    text = str(error).strip()
+    text = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {text[:limit]}" if text else type(error).__name__
