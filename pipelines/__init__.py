@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING
 _PIPELINES = {
     "StableDiffusionRLGPipeline": "pipeline_stable_diffusion_rlg",
     "StableDiffusionXLRLGPipeline": "pipeline_stable_diffusion_xl_rlg",
+    "StableDiffusion3RLGPipeline": "pipeline_stable_diffusion_3_rlg",
 }
 
-__all__ = ["StableDiffusionRLGPipeline", "StableDiffusionXLRLGPipeline"]
+__all__ = ["StableDiffusion3RLGPipeline", "StableDiffusionRLGPipeline", "StableDiffusionXLRLGPipeline"]
 
 if TYPE_CHECKING:
+    from .pipeline_stable_diffusion_3_rlg import StableDiffusion3RLGPipeline
     from .pipeline_stable_diffusion_rlg import StableDiffusionRLGPipeline
     from .pipeline_stable_diffusion_xl_rlg import StableDiffusionXLRLGPipeline
 
