@@ -15,8 +15,10 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A user error in a configuration (reported as one line, exit code 2, by the CLI)."""
 
 
@@ -28,7 +30,11 @@ class TrainConfig:
     """
 
     # > Parameters that control the run
-    model: str = field(default="digits", metadata={"help": "Local diffusers model directory, or `digits` (bundled)."})
+    model: str = field(
+        default="digits",
+        metadata={"help": "Local diffusers model directory (a StableDiffusion, StableDiffusionXL or StableDiffusion3 "
+                          "pipeline), or a bundled model: `digits` (UNet), `digits-flow` (SD3 architecture)."},
+    )
     output_dir: str = field(default="runs/diffalign", metadata={"help": "Output directory of the run."})
     seed: int = field(default=0, metadata={"help": "Seed; each process samples with seed + rank."})
     num_epochs: int = field(default=100, metadata={"help": "Epochs: one epoch samples, scores, then updates."})
@@ -56,16 +62,31 @@ class TrainConfig:
     eval_reward_kwargs: Dict[str, Any] = field(default_factory=dict, metadata={"help": "Keyword arguments of it."})
 
     # > Model
-    use_lora: bool = field(default=True, metadata={"help": "Train a peft LoRA adapter (else the full UNet)."})
+    use_lora: bool = field(default=True, metadata={"help": "Train a peft LoRA adapter (else the full denoiser)."})
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=4.0, metadata={"help": "LoRA alpha (scale alpha / r)."})
-    lora_target_modules: List[str] = field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], metadata={"help": "UNet modules given LoRA."}
+    lora_target_modules: Optional[List[str]] = field(
+        default=None,
+        metadata={"help": "Denoiser modules given LoRA; default the family's (SD/SDXL: to_q, to_k, to_v, to_out.0; "
+                          "SD3: also the text stream's add_q/k/v_proj and to_add_out, as Flow-GRPO)."},
     )
 
     # > Parameters that control sampling
-    sample_num_steps: int = field(default=50, metadata={"help": "DDIM steps of each trajectory."})
-    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta (> 0; 1.0 is DDPM)."})
+    sample_num_steps: int = field(default=50, metadata={"help": "Denoising steps of each trajectory."})
+    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta (> 0; 1.0 is DDPM), UNet families."})
+    sample_noise_level: float = field(
+        default=0.7, metadata={"help": "Flow-GRPO SDE noise level a (> 0), flow-matching families (SD3)."}
+    )
+    sample_sde_window_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Sample only this many consecutive steps stochastically (the rest with the deterministic "
+                          "ODE step) and train only those (Flow-GRPO-Fast, MixGRPO); default every step."},
+    )
+    sample_sde_window_range: Optional[List[int]] = field(
+        default=None,
+        metadata={"help": "[low, high): each epoch the SDE window starts at a step drawn uniformly so that it fits "
+                          "in this range; default [0, sample_num_steps]."},
+    )
     sample_guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale (1.0 = no CFG, also in training)."})
     sample_resolution: Optional[int] = field(default=None, metadata={"help": "Image side; default the model's."})
     sample_num_prompts_per_epoch: int = field(default=8, metadata={"help": "Prompts per epoch, all processes (N)."})
@@ -116,6 +137,10 @@ class TrainConfig:
 
     def validate(self, num_processes: int = 1):
         """Checks values and batch arithmetic; raises `ConfigError`."""
+        for f in dataclasses.fields(self):  # NaN passes every `<=` check below: refuse non-finite numbers first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and (value != value or abs(value) == float("inf")):
+                raise ConfigError(f"{f.name} must be a finite number; got {value}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision must be one of no, fp16, bf16; got '{self.mixed_precision}'")
         if self.sample_eta <= 0:
@@ -125,6 +150,19 @@ class TrainConfig:
                      "checkpoint_every", "checkpoints_total_limit", "grid_num_images", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.sample_noise_level <= 0:
+            raise ConfigError(f"sample_noise_level must be > 0 (log-probabilities need a stochastic sampler); got "
+                              f"{self.sample_noise_level}")
+        if self.sample_sde_window_size is not None:
+            if not 1 <= self.sample_sde_window_size <= self.sample_num_steps:
+                raise ConfigError(f"sample_sde_window_size must be in [1, sample_num_steps={self.sample_num_steps}] "
+                                  f"for training; got {self.sample_sde_window_size}")
+            low, high = self.sde_window_range
+            if not (0 <= low and high <= self.sample_num_steps and high - low >= self.sample_sde_window_size):
+                raise ConfigError(f"sample_sde_window_range {[low, high]} must lie in [0, {self.sample_num_steps}] "
+                                  f"and hold the window of {self.sample_sde_window_size} steps")
+        elif self.sample_sde_window_range is not None:
+            raise ConfigError("sample_sde_window_range needs sample_sde_window_size")
         if not 0 < self.train_timestep_fraction <= 1:
             raise ConfigError(f"train_timestep_fraction must be in (0, 1]; got {self.train_timestep_fraction}")
         if self.sample_prompt_selection not in ("uniform", "moderate"):
@@ -141,11 +179,56 @@ class TrainConfig:
         sources = [s for s in (self.prompts, self.prompt_file, self.prompt_fn) if s]
         if len(sources) > 1:
             raise ConfigError("give only one of prompts, prompt_file, prompt_fn")
+        for name in ("prompts", "grid_prompts"):
+            value = getattr(self, name)
+            if value is not None and (not value or not all(isinstance(p, str) and p.strip() for p in value)):
+                raise ConfigError(f"{name} must be a non-empty list of non-empty prompts; got {value!r}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in [0, 2^63); got {self.seed}")
+        if self.sample_resolution is not None and self.sample_resolution < 1:
+            raise ConfigError(f"sample_resolution must be a positive number of pixels; got {self.sample_resolution}")
+        limits = {  # name: (lowest, whether the lowest is allowed, highest or None)
+            "train_learning_rate": (0.0, False, None), "train_adam_beta1": (0.0, True, 1.0),
+            "train_adam_beta2": (0.0, True, 1.0), "train_adam_epsilon": (0.0, True, None),
+            "train_adam_weight_decay": (0.0, True, None), "train_max_grad_norm": (0.0, False, None),
+            "lora_alpha": (0.0, False, None), "train_lr_warmup_epochs": (0, True, None),
+            "final_eval_num_images": (0, True, None), "max_nonfinite_in_a_row": (1, True, None),
+        }
+        for name, (low, inclusive, high) in limits.items():
+            value = getattr(self, name, None)
+            if value is None:
+                continue
+            if value < low or (value == low and not inclusive) or (high is not None and value >= high):
+                interval = f"{'[' if inclusive else '('}{low:g}, {high:g})" if high is not None else (
+                    f"{'>=' if inclusive else '>'} {low:g}")
+                raise ConfigError(f"{name} must be {'in ' if high is not None else ''}{interval}; got {value}")
+        if isinstance(self.reward, dict) and not self.reward:
+            raise ConfigError("reward: an empty mixture; give a reward name or {name: weight, ...}")
+        if not isinstance(self.reward, (str, dict)):
+            raise ConfigError(f"reward must be a name, 'module:function' or a {{name: weight}} mixture; got "
+                              f"{self.reward!r}")
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise ConfigError(f"output_dir '{self.output_dir}' is a file, not a directory: choose another --output_dir")
+        if self.resume_from and not os.path.exists(self.resume_from):
+            raise ConfigError(f"resume path '{self.resume_from}' does not exist")
+
+    @property
+    def num_sde_steps(self) -> int:
+        """Stochastic steps per trajectory: the SDE window's, or every step."""
+        return self.sample_num_steps if self.sample_sde_window_size is None else self.sample_sde_window_size
+
+    @property
+    def sde_window_range(self) -> List[int]:
+        if self.sample_sde_window_range is None:
+            return [0, self.sample_num_steps]
+        if len(self.sample_sde_window_range) != 2:
+            raise ConfigError(f"sample_sde_window_range must be [low, high]; got {self.sample_sde_window_range}")
+        return list(self.sample_sde_window_range)
 
     @property
     def num_train_steps(self) -> int:
-        """Denoising steps trained per sample (`timestep_fraction` of `sample_num_steps`, at least 1)."""
-        return max(1, int(self.sample_num_steps * self.train_timestep_fraction))
+        """Denoising steps trained per sample (`timestep_fraction` of the stochastic steps, at least 1)."""
+        return max(1, int(self.num_sde_steps * self.train_timestep_fraction))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -191,6 +274,15 @@ class DDPOConfig(TrainConfig):
 
     def validate(self, num_processes: int = 1):
         super().validate(num_processes)
+        for name in ("train_batch_size", "per_prompt_buffer_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
+        for name in ("train_clip_range", "train_adv_clip_max"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0; got {getattr(self, name)}")
+        for name in ("train_kl_coef", "per_prompt_min_count"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
         if self.advantage_mode not in ("per_prompt", "group", "batch"):
             raise ConfigError(f"advantage_mode must be per_prompt, group or batch; got '{self.advantage_mode}'")
         local = self.sample_num_prompts_per_epoch // num_processes * self.sample_images_per_prompt
@@ -240,6 +332,8 @@ class PRDPConfig(TrainConfig):
             raise ConfigError("PRDP needs pairs: sample_images_per_prompt must be >= 2")
         if self.train_beta <= 0:
             raise ConfigError(f"train_beta must be > 0; got {self.train_beta}")
+        if self.train_clip_eps <= 0:
+            raise ConfigError(f"train_clip_eps must be > 0; got {self.train_clip_eps}")
         local_prompts = self.sample_num_prompts_per_epoch // num_processes
         if self.train_prompts_per_step < 0:
             raise ConfigError(f"train_prompts_per_step must be >= 0; got {self.train_prompts_per_step}")
@@ -284,7 +378,7 @@ def _coerce(name: str, value, tp):
                 return _coerce(name, value, arg)
             except ConfigError as e:
                 errors.append(str(e))
-        raise errors[0] if len(errors) == 1 else ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(errors[0]) if len(errors) == 1 else ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {value!r}")

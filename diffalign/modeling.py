@@ -44,18 +44,11 @@ def resolve_model_path(name_or_path: str) -> str:
     raise ModelError(f"model directory '{name_or_path}' does not exist")
 
 
-def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32, scheduler: str = "ddim"):
-    """Loads a Stable-Diffusion-style pipeline (no safety checker) with a DDIM scheduler for trajectory sampling."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32):
+    """Loads a supported pipeline (SD, SDXL, SD3; safetensors only) with its family's sampling scheduler."""
+    from .families import load_family
 
-    path = resolve_model_path(name_or_path)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        path, **dtype_kwarg(torch_dtype), safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-    if scheduler == "ddim" and not isinstance(pipe.scheduler, DDIMScheduler):
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_family(name_or_path, torch_dtype).pipe
 
 
 def dtype_kwarg(dtype: torch.dtype) -> dict:
@@ -67,19 +60,9 @@ def dtype_kwarg(dtype: torch.dtype) -> dict:
     return {name: dtype}
 
 
-def check_resolution(pipe, resolution: int):
-    """Raises a clear error when the VAE and UNet cannot process `resolution`-pixel images."""
-    num_down = len(pipe.unet.config.down_block_types) - 1
-    multiple = pipe.vae_scale_factor * 2**num_down
-    if resolution % multiple:
-        raise ModelError(
-            f"resolution {resolution} is not a multiple of {multiple} (VAE factor {pipe.vae_scale_factor} x UNet "
-            f"downsampling {2 ** num_down}); try {max(multiple, round(resolution / multiple) * multiple)}"
-        )
-
-
 def add_lora(unet, rank: int = 4, alpha: float = 4.0, target_modules: Optional[List[str]] = None, adapter_name="default"):
-    """Freezes the UNet and adds a trainable peft LoRA adapter (Gaussian A, zero B: starts at the base model)."""
+    """Freezes the denoiser (UNet or transformer) and adds a trainable peft LoRA adapter (Gaussian A, zero B: starts
+    at the base model). `target_modules` defaults to the attention projections of SD's UNet."""
     from peft import LoraConfig
 
     unet.requires_grad_(False)
@@ -107,13 +90,11 @@ def lora_state_dict(unet) -> dict:
 
 
 def save_lora(unet, directory: str):
-    """Writes `pytorch_lora_weights.safetensors` so `StableDiffusionPipeline.load_lora_weights(directory)` loads it."""
-    from diffusers import StableDiffusionPipeline
+    """Writes an SD1.x/2.x UNet's LoRA so `StableDiffusionPipeline.load_lora_weights(directory)` loads it (other
+    families: `ModelFamily.save_lora`)."""
+    from .families import StableDiffusionFamily
 
-    os.makedirs(directory, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(
-        directory, unet_lora_layers=lora_state_dict(unet), safe_serialization=True, weight_name=LORA_WEIGHT_NAME
-    )
+    StableDiffusionFamily.save_lora(StableDiffusionFamily(None), unet, directory)
 
 
 def load_lora_into_pipeline(pipe, directory: str, adapter_name: str = "default"):

@@ -208,7 +208,8 @@ def tiny_t5_encoder(seed: int = 0, vocab_size: int = 128):
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4))
+    model = T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4))
+    return model.eval()  # a model built from a config is in train mode: T5's dropout would make encodings random
 
 
 def tiny_flow_scheduler(shift: float = 3.0, **overrides):

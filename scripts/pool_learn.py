@@ -15,7 +15,7 @@ import statistics
 import sys
 from typing import Dict, List
 
-from diffalign.bench import BASELINE, _median_reached
+from diffalign.bench.learn import BASELINE, _median_reached
 
 
 def pool(results: List[dict]) -> Dict[str, dict]:

@@ -106,7 +106,7 @@ def test_sd15_random_shapes():
     """The SD1.5-shaped random model has SD1.5's parameter counts (built on the meta device: no memory, no time)."""
     import torch
 
-    from diffalign.bench import sd15_random_pipeline
+    from diffalign.bench.common import sd15_random_pipeline
 
     pipe = sd15_random_pipeline("meta", torch.float16)
     counts = [sum(p.numel() for p in m.parameters()) for m in (pipe.unet, pipe.vae, pipe.text_encoder)]

@@ -1,15 +1,18 @@
 import torch
 
 from diffalign.modeling import add_lora
-from diffalign.rollout import PromptEncoder, sample_trajectories, step_log_probs
+from diffalign.families import family_for_pipeline
+from diffalign.rollout import default_kernel, sample_trajectories, step_log_probs
 
 
 def recompute(pipe, unet, traj, guidance_scale):
     n, steps = len(traj), traj.num_steps
     rows = torch.arange(n).repeat_interleave(steps)
     step_index = torch.arange(steps).repeat(n)
+    family = family_for_pipeline(pipe)
     with torch.no_grad():
-        log_probs, _, _ = step_log_probs(unet, pipe.scheduler, traj, rows, step_index, guidance_scale, 1.0)
+        log_probs, _, _ = step_log_probs(family, unet, default_kernel(family, eta=1.0), traj, rows, step_index,
+                                         guidance_scale)
     return log_probs.view(n, steps)
 
 
@@ -19,7 +22,9 @@ def test_trajectory_shapes_and_groups(tiny_pipe):
     assert traj.latents.shape == (3, 4, 4, 16, 16)
     assert traj.log_probs.shape == (3, 3) and traj.log_probs.dtype == torch.float32
     assert traj.images.shape == (3, 3, 32, 32) and 0 <= traj.images.min() and traj.images.max() <= 1
-    assert traj.prompt_embeds.shape[0] == 3 and traj.negative_prompt_embeds.shape == traj.prompt_embeds.shape
+    embeds = traj.conditioning["encoder_hidden_states"]
+    assert embeds.shape[0] == 3 and traj.negative_conditioning["encoder_hidden_states"].shape == embeds.shape
+    assert traj.stochastic.all() and traj.stochastic.shape == (3, 3)
     assert traj.group_ids.tolist() == [0, 0, 1]
     assert torch.equal(traj.timesteps, tiny_pipe.scheduler.timesteps)
     subset = traj.select(torch.tensor([2, 0]))
@@ -45,7 +50,7 @@ def test_no_cfg_sampling_and_same_seed_same_trajectory(tiny_pipe):
                             generator=torch.Generator().manual_seed(5))
     b = sample_trajectories(tiny_pipe, ["x"], num_inference_steps=2, guidance_scale=1.0,
                             generator=torch.Generator().manual_seed(5))
-    assert a.negative_prompt_embeds is None
+    assert a.negative_conditioning is None
     assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
 
 
@@ -61,15 +66,15 @@ def test_sampling_with_guidance_matches_the_stock_pipeline(tiny_pipe):
     torch.testing.assert_close(ours.images, stock, atol=1e-5, rtol=1e-4)
 
 
-def test_prompt_encoder_caches(tiny_pipe):
-    encoder = PromptEncoder(tiny_pipe)
-    first = encoder(["a", "b", "a"])
-    assert set(encoder.cache) == {"a", "b"}
+def test_family_caches_prompt_embeddings(tiny_pipe):
+    family = family_for_pipeline(tiny_pipe)
+    first = family.encode_prompts(["a", "b", "a"])["encoder_hidden_states"]
+    assert set(family._cache) == {"a", "b"}
     torch.testing.assert_close(first[0], first[2])
     calls = []
     original = tiny_pipe.encode_prompt
     tiny_pipe.encode_prompt = lambda *args, **kwargs: calls.append(args) or original(*args, **kwargs)
-    encoder(["b", "a"])
+    family.encode_prompts(["b", "a"])
     assert calls == []
 
 

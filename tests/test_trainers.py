@@ -47,7 +47,7 @@ def test_ddpo_full_unet_with_kl_penalty(tmp_path, tiny_pipe):
     config = tiny_config(DDPOConfig, tmp_path, use_lora=False, train_batch_size=4, train_kl_coef=0.1,
                          train_learning_rate=1e-3, advantage_mode="batch")
     trainer = DDPOTrainer(config, pipeline=tiny_pipe, reward_fn=brightness)
-    assert trainer.ref_unet is not None
+    assert trainer.ref_denoiser is not None
     before = copy.deepcopy(trainer.pipe.unet.state_dict())
     trainer.step(0)
     metrics = trainer.step(1)
@@ -60,8 +60,8 @@ def implicit_rewards(trainer, traj):
     n, steps = len(traj), traj.num_steps
     rows, step_index = torch.arange(n).repeat_interleave(steps), torch.arange(steps).repeat(n)
     with torch.no_grad():
-        log_probs, _, _ = step_log_probs(trainer.unet, trainer.pipe.scheduler, traj, rows, step_index,
-                                         trainer.config.sample_guidance_scale, trainer.config.sample_eta)
+        log_probs, _, _ = step_log_probs(trainer.family, trainer.denoiser, trainer.kernel, traj, rows, step_index,
+                                         trainer.config.sample_guidance_scale)
     return (log_probs.view(n, steps) - traj.ref_log_probs).mean(dim=1)
 
 
@@ -74,7 +74,7 @@ def test_one_prdp_update_raises_the_implicit_reward_of_the_better_image(tmp_path
     traj = trainer.sample(0, ["a cat", "a cat"], compute_reference=True)
     rewards = torch.tensor([1.0, 0.0])
     before = implicit_rewards(trainer, traj)
-    trainer.unet.train()
+    trainer.denoiser.train()
     metrics = trainer.train_on_samples(traj, rewards, rewards, traj.prompts, 0)
     after = implicit_rewards(trainer, traj)
     assert metrics["loss"] > 0
@@ -148,7 +148,7 @@ def test_prdp_computes_reference_log_probs_of_trained_steps_only(tmp_path, tiny_
     assert not trainer.needs_reference()
     recorded = trainer.sample(0, trainer.local_prompts(0), compute_reference=True)
     generator = torch.Generator().manual_seed(0)
-    plans = [trainer.train_step_plan(len(recorded), generator) for _ in range(2)]
+    plans = [trainer.train_step_plan(recorded.stochastic, generator) for _ in range(2)]
     lazy = trainer._reference_log_probs(recorded.to(trainer.device), plans)
     trained = torch.zeros_like(lazy, dtype=torch.bool)
     for plan in plans:
@@ -161,7 +161,7 @@ def test_prdp_computes_reference_log_probs_of_trained_steps_only(tmp_path, tiny_
     metrics = trainer.step(0)
     assert "kl_to_base" not in metrics and torch.isfinite(torch.tensor(metrics["loss"]))
     assert any(not torch.equal(a, b) for a, b in zip(before, lora_weights(trainer)))
-    assert trainer.unet.training  # the reference pass restores the mode
+    assert trainer.denoiser.training  # the reference pass restores the mode
 
 
 def test_prompt_difficulty_is_restored_on_resume(tmp_path, tiny_pipe):
@@ -196,8 +196,10 @@ def test_ddpo_trains_on_the_last_epochs_samples_too(tmp_path, tiny_pipe):
     both, advantages = seen[-1]
     assert len(both) == 8 and both.images is None
     # the old samples keep what was recorded when they were drawn: latents, log pi_old and advantages
-    for name in ("latents", "log_probs", "prompt_embeds"):
+    for name in ("latents", "log_probs"):
         torch.testing.assert_close(getattr(both, name)[:4], getattr(first, name), rtol=0, atol=0)
+    torch.testing.assert_close(both.conditioning["encoder_hidden_states"][:4],
+                               first.conditioning["encoder_hidden_states"], rtol=0, atol=0)
     torch.testing.assert_close(advantages[:4], first_advantages, rtol=0, atol=0)
     assert not torch.equal(both.latents[4:], first.latents)
     assert len(trainer.replay) == 1 and torch.equal(trainer.replay[0][0].latents, both.latents[4:].cpu())

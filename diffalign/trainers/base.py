@@ -15,24 +15,30 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import (
-    CheckpointError,
-    atomic_save_dir,
-    find_resumable,
-    load_checkpoint,
-    save_checkpoint,
-)
+from ..checkpoint import CheckpointError, atomic_save_dir, load_resumable, save_checkpoint
 from ..config import TrainConfig
-from ..modeling import add_lora, check_resolution, load_pipeline, save_lora
+from ..errors import UserError
+from ..runlog import append_metrics, prepare_output_dir, read_metrics, write_metrics
+from ..validation import check_lora_target_modules
+from ..families import load_family
+from ..kernels import sde_window_mask
+from ..modeling import add_lora
 from ..plotting import grid_scale, image_grid, labelled_rows, plot_metrics
 from ..prompts import PromptDifficulty, PromptError, prompt_source
-from ..rollout import PromptEncoder, Trajectories, reference_model, sample_trajectories, unwrap
+from ..rollout import Trajectories, as_family, concat_trajectories, reference_model, sample_trajectories, unwrap
 
 logger = logging.getLogger("diffalign")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Too many non-finite rewards, losses or gradients in a row (or one, with `nonfinite_policy: error`)."""
+
+
+def _launched_processes() -> int:
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def _seed_for(*parts: int) -> int:
@@ -45,7 +51,8 @@ class BaseTrainer:
 
     Args:
         config (`TrainConfig`): the run's settings.
-        pipeline (`StableDiffusionPipeline`, *optional*): a loaded pipeline; by default `config.model` is loaded.
+        pipeline (`DiffusionPipeline` or `ModelFamily`, *optional*): a loaded pipeline of a supported family (SD,
+            SDXL, SD3); by default `config.model` is loaded with its family (`diffalign.families`).
         reward_fn (*optional*): `reward(images, prompts, metadata) -> Tensor[B]`; by default `config.reward`.
         prompt_fn (*optional*): a `diffalign.prompts.PromptSource`; by default from the config's prompt fields.
         accelerator (`accelerate.Accelerator`, *optional*).
@@ -57,11 +64,16 @@ class BaseTrainer:
         from accelerate import Accelerator
 
         self.config = config
+        # validate before the Accelerator is built (it fails on a bad mixed_precision with a traceback); the
+        # process count is the launcher's until the Accelerator knows it
+        config.validate(accelerator.num_processes if accelerator is not None else _launched_processes())
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available()
         )
         acc = self.accelerator
         config.validate(acc.num_processes)
+        if acc.is_main_process:  # one run per output directory: lock it (and refuse to start over an earlier run)
+            self._run_lock = prepare_output_dir(config.output_dir, resume=bool(config.resume_from), owner=self)
         self.device = acc.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
         if config.allow_tf32 and torch.cuda.is_available():
@@ -74,6 +86,9 @@ class BaseTrainer:
                 raise PromptError("sample_prompt_selection 'moderate' needs a prompt list (prompts, prompt_file or a "
                                   "built-in set), not a prompt function")
             self.prompt_difficulty = PromptDifficulty()
+        from diffalign.rewards import reward_name
+
+        self.reward_label = reward_name(reward_fn, config.reward if reward_fn is None else None)
         if reward_fn is None:
             from diffalign.rewards import get_reward
 
@@ -85,42 +100,50 @@ class BaseTrainer:
 
             self.eval_reward_fn = get_reward(config.eval_reward, **config.eval_reward_kwargs)
 
-        self.pipe = pipeline if pipeline is not None else load_pipeline(config.model)
+        if pipeline is not None:
+            self.family = as_family(pipeline)
+            self.family.set_kernel_scheduler(self.family.pipe)
+        else:
+            self.family = load_family(config.model)
+        self.pipe = self.family.pipe
         self.pipe.set_progress_bar_config(disable=True)
+        self.kernel = self.family.make_kernel(config)
         if config.sample_resolution:
-            check_resolution(self.pipe, config.sample_resolution)
-        self.resolution = config.sample_resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+            self.family.check_resolution(config.sample_resolution)
+        self.resolution = config.sample_resolution or self.family.default_resolution()
+        if config.use_lora:
+            check_lora_target_modules(self.family.denoiser, config.lora_target_modules)
         self._setup_models()
-        self.prompt_encoder = PromptEncoder(self.pipe, self.device)
 
         self.first_epoch = 0
         self.metrics_history: List[Dict] = []
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
-        if acc.is_main_process:
-            os.makedirs(config.output_dir, exist_ok=True)
         if config.resume_from:
             self._resume(config.resume_from)
 
     # ------------------------------------------------------------------ setup
     def _setup_models(self):
-        config, acc, pipe = self.config, self.accelerator, self.pipe
-        for frozen in (pipe.vae, pipe.text_encoder):
+        config, acc, family = self.config, self.accelerator, self.family
+        for frozen in family.frozen_modules():
             _place(frozen.requires_grad_(False), self.device, self.weight_dtype)
-        unet = pipe.unet
-        self.ref_unet = None
+        denoiser = family.denoiser
+        self.ref_denoiser = None
         torch.manual_seed(config.seed)  # same LoRA initialisation on every process
         if config.use_lora:
-            _place(unet, self.device, self.weight_dtype)
-            add_lora(unet, config.lora_rank, config.lora_alpha, config.lora_target_modules)
+            _place(denoiser, self.device, self.weight_dtype)
+            add_lora(denoiser, config.lora_rank, config.lora_alpha,
+                     config.lora_target_modules or family.default_lora_target_modules)
         else:
-            self.ref_unet = _place(copy.deepcopy(unet).requires_grad_(False), self.device, self.weight_dtype).eval()
-            _place(unet.requires_grad_(True), self.device, torch.float32)
+            self.ref_denoiser = _place(
+                copy.deepcopy(denoiser).requires_grad_(False), self.device, self.weight_dtype
+            ).eval()
+            _place(denoiser.requires_grad_(True), self.device, torch.float32)
         if config.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+            denoiser.enable_gradient_checkpointing()
         if config.enable_xformers and torch.cuda.is_available():
-            unet.enable_xformers_memory_efficient_attention()
-        self.trainable_params = [p for p in unet.parameters() if p.requires_grad]
+            denoiser.enable_xformers_memory_efficient_attention()
+        self.trainable_params = [p for p in denoiser.parameters() if p.requires_grad]
         self._broadcast_parameters()
         optimizer = torch.optim.AdamW(
             self.trainable_params,
@@ -133,11 +156,11 @@ class BaseTrainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda epoch: min(1.0, (epoch + 1) / warmup) if warmup else 1.0
         )
-        # The UNet is not wrapped in DDP: gradients are averaged explicitly in `sync_gradients`, which keeps the
+        # The denoiser is not wrapped in DDP: gradients are averaged explicitly in `sync_gradients`, which keeps the
         # multi-forward PRDP update and the adapter toggling simple. The optimizer goes through accelerate for the
         # fp16 gradient scaler.
         self.optimizer = acc.prepare(optimizer)
-        self.unet = torch.compile(unet) if config.compile_unet else unet
+        self.denoiser = torch.compile(denoiser) if config.compile_unet else denoiser
 
     def _broadcast_parameters(self):
         if self.accelerator.num_processes > 1:
@@ -194,11 +217,27 @@ class BaseTrainer:
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(tensor.to(self.device)).cpu()
 
-    def train_step_plan(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:
-        """`(num_samples, S)` step indices to train: an independent random subset of S steps per sample."""
-        steps = self.config.sample_num_steps
+    def train_step_plan(self, stochastic: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """`(num_samples, S)` step indices to train: an independent random subset of S of each sample's stochastic
+        steps (`stochastic`: `(num_samples, T)` bool, see `Trajectories.stochastic`)."""
         keep = self.config.num_train_steps
-        return torch.stack([torch.randperm(steps, generator=generator)[:keep] for _ in range(num_samples)])
+        plans = []
+        for mask in stochastic.cpu():
+            candidates = mask.nonzero().squeeze(1)
+            plans.append(candidates[torch.randperm(candidates.shape[0], generator=generator)[:keep]])
+        return torch.stack(plans)
+
+    def stochastic_steps(self, epoch: int) -> torch.Tensor:
+        """`(T,)` bool: the steps sampled with the SDE this epoch. With `sample_sde_window_size`, a window whose start
+        is drawn per epoch from `sample_sde_window_range` (the same on every process), else every step."""
+        config = self.config
+        size = config.sample_sde_window_size
+        if size is None:
+            return sde_window_mask(config.sample_num_steps, None)
+        low, high = config.sde_window_range
+        generator = torch.Generator().manual_seed(_seed_for(config.seed, epoch, 4))
+        start = low + int(torch.randint(high - size - low + 1, (1,), generator=generator))
+        return sde_window_mask(config.sample_num_steps, size, start)
 
     # --------------------------------------------------------------- sampling
     def local_prompts(self, epoch: int) -> List[str]:
@@ -221,7 +260,8 @@ class BaseTrainer:
         )
         ids = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
         group_ids = torch.tensor([ids[p] for p in prompts], dtype=torch.long)
-        self.unet.eval()
+        self.denoiser.eval()
+        stochastic_steps = self.stochastic_steps(epoch)
         batches = []
         for start in tqdm(range(0, len(prompts), config.sample_batch_size), desc=f"epoch {epoch}: sampling",
                           leave=False, disable=not progress):
@@ -229,37 +269,37 @@ class BaseTrainer:
             with self.accelerator.autocast():
                 batches.append(
                     sample_trajectories(
-                        self.pipe,
+                        self.family,
                         chunk,
                         num_inference_steps=config.sample_num_steps,
                         guidance_scale=config.sample_guidance_scale,
-                        eta=config.sample_eta,
                         height=self.resolution,
                         width=self.resolution,
                         generator=generator,
-                        unet=self.unet,
-                        ref_unet=self.ref_unet,
+                        denoiser=self.denoiser,
+                        ref_denoiser=self.ref_denoiser,
                         compute_reference=compute_reference,
                         keep_reference_means=keep_reference_means,
-                        prompt_encoder=self.prompt_encoder,
                         group_ids=group_ids[start : start + config.sample_batch_size],
+                        kernel=self.kernel,
+                        stochastic_steps=stochastic_steps,
                     )
                 )
         return concat_trajectories(batches)
 
     def score(self, trajectories: Trajectories) -> Dict[str, torch.Tensor]:
+        from diffalign.rewards import call_reward, reward_name
+
+        # a reward that raises, or returns None, strings or the wrong shape or count: one line naming it (RewardError)
         metadata = [{"group_id": int(g)} for g in trajectories.group_ids]
-        rewards = self.reward_fn(trajectories.images, trajectories.prompts, metadata)
-        rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1).cpu()
-        if rewards.shape[0] != len(trajectories):
-            raise ValueError(f"the reward returned {rewards.shape[0]} scores for {len(trajectories)} images")
+        rewards = call_reward(self.reward_fn, trajectories.images, trajectories.prompts, metadata,
+                              name=getattr(self, "reward_label", None))
         scores = {"reward": rewards}
         for name, part in getattr(self.reward_fn, "last_parts", {}).items():
             scores[f"reward_{name}"] = torch.as_tensor(part, dtype=torch.float32).reshape(-1).cpu()
         if self.eval_reward_fn is not None:
-            scores["eval"] = torch.as_tensor(
-                self.eval_reward_fn(trajectories.images, trajectories.prompts, metadata), dtype=torch.float32
-            ).reshape(-1).cpu()
+            scores["eval"] = call_reward(self.eval_reward_fn, trajectories.images, trajectories.prompts, metadata,
+                                         name=reward_name(self.eval_reward_fn, self.config.eval_reward))
         return scores
 
     # ------------------------------------------------------------- the loop
@@ -300,14 +340,14 @@ class BaseTrainer:
             self.prompt_difficulty.record(all_prompts, all_rewards.numpy())
             metrics["distinct_prompts"] = len(set(all_prompts))
         if trajectories.kl_to_ref is not None:
-            metrics["kl_to_base"] = self.gather(trajectories.kl_to_ref.mean(dim=1)).mean().item()
+            metrics["kl_to_base"] = self.gather(trajectories.kl_to_ref.nanmean(dim=1)).mean().item()
 
         # ------------------------------------------------------------ TRAINING
         if not torch.isfinite(all_rewards).all():
             self._record_nonfinite("reward")
             metrics["skipped_nonfinite"] = 1.0
         else:
-            self.unet.train()
+            self.denoiser.train()
             metrics.update(self.train_on_samples(trajectories, rewards, all_rewards, all_prompts, epoch))
             if metrics.get("skipped", 0) < 1:
                 self.nonfinite_in_a_row = 0
@@ -346,9 +386,8 @@ class BaseTrainer:
         for epoch in bar:
             metrics = self.step(epoch)
             self.metrics_history.append(metrics)
-            if acc.is_main_process:
-                with open(os.path.join(config.output_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+            if acc.is_main_process:  # strict JSON (non-finite values as null); a cut last line is tolerated
+                append_metrics(os.path.join(config.output_dir, "metrics.jsonl"), metrics)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.4f}", kl=f"{metrics.get('kl_to_base', 0):.2e}")
                 if epoch % config.log_every == 0:
                     logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -371,7 +410,7 @@ class BaseTrainer:
         n = config.final_eval_num_images
         prompts = self.prompts.grid_prompts(n, config.seed + 1)
         results = {}
-        ref_module, ref_context = reference_model(self.unet, self.ref_unet)
+        ref_module, ref_context = reference_model(self.denoiser, self.ref_denoiser)
         for name in ("base", "trained"):
             batches = []
             generator = torch.Generator(self.device).manual_seed(_seed_for(config.seed, 2**31, 7))
@@ -380,10 +419,10 @@ class BaseTrainer:
                 context = ref_context() if name == "base" else contextlib.nullcontext()
                 with context, self.accelerator.autocast():
                     batches.append(sample_trajectories(
-                        self.pipe, chunk, config.sample_num_steps, config.sample_guidance_scale, config.sample_eta,
-                        self.resolution, self.resolution, generator=generator,
-                        unet=ref_module if name == "base" else self.unet, ref_unet=self.ref_unet,
-                        compute_reference=name == "trained", prompt_encoder=self.prompt_encoder,
+                        self.family, chunk, config.sample_num_steps, config.sample_guidance_scale,
+                        height=self.resolution, width=self.resolution, generator=generator,
+                        denoiser=ref_module if name == "base" else self.denoiser, ref_denoiser=self.ref_denoiser,
+                        compute_reference=name == "trained", kernel=self.kernel,
                     ))
             trajectories = concat_trajectories(batches)
             scores = self.score(trajectories)
@@ -391,7 +430,7 @@ class BaseTrainer:
             if "eval" in scores:
                 results[name]["eval_mean"] = scores["eval"].mean().item()
             if trajectories.kl_to_ref is not None:
-                results[name]["kl_to_base"] = trajectories.kl_to_ref.mean().item()
+                results[name]["kl_to_base"] = trajectories.kl_to_ref.nanmean().item()
         results["num_images"] = n
         with open(os.path.join(config.output_dir, "final_eval.json"), "w") as f:
             json.dump(results, f, indent=1)
@@ -406,12 +445,12 @@ class BaseTrainer:
         source = config.grid_prompts or self.prompts.grid_prompts(n, config.seed)
         prompts = [source[i % len(source)] for i in range(n)]
         generator = torch.Generator(self.device).manual_seed(_seed_for(config.seed, 2**31))
-        self.unet.eval()
+        self.denoiser.eval()
         with self.accelerator.autocast():
             trajectories = sample_trajectories(
-                self.pipe, prompts, config.sample_num_steps, config.sample_guidance_scale, config.sample_eta,
-                self.resolution, self.resolution, generator=generator, unet=self.unet,
-                prompt_encoder=self.prompt_encoder,
+                self.family, prompts, config.sample_num_steps, config.sample_guidance_scale,
+                height=self.resolution, width=self.resolution, generator=generator, denoiser=self.denoiser,
+                kernel=self.kernel,
             )
         return trajectories.images
 
@@ -435,26 +474,25 @@ class BaseTrainer:
                      title=f"{self.algorithm.upper()} on {os.path.basename(str(self.config.model))}")
 
     def read_metrics(self) -> List[Dict]:
-        path = os.path.join(self.config.output_dir, "metrics.jsonl")
-        if not os.path.exists(path):
-            return []
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        # tolerant: a line cut by a kill mid-append is skipped with a warning
+        return read_metrics(os.path.join(self.config.output_dir, "metrics.jsonl"))
 
     def save_final(self):
-        """`final/pytorch_lora_weights.safetensors` (LoRA) or `final/unet/` (full UNet), written atomically."""
-        unet = unwrap(self.unet)
+        """`final/pytorch_lora_weights.safetensors` (LoRA, in the family's diffusers format) or `final/unet/`
+        (`final/transformer/`) for a full fine-tune, written atomically."""
+        denoiser = unwrap(self.denoiser)
         final = os.path.join(self.config.output_dir, "final")
         if self.config.use_lora:
-            atomic_save_dir(lambda tmp: save_lora(unet, tmp), final)
+            atomic_save_dir(lambda tmp: self.family.save_lora(denoiser, tmp), final)
         else:
-            atomic_save_dir(lambda tmp: unet.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True), final)
+            atomic_save_dir(lambda tmp: denoiser.save_pretrained(
+                os.path.join(tmp, self.family.denoiser_name), safe_serialization=True), final)
         with open(os.path.join(self.config.output_dir, "config.json"), "w") as f:
             json.dump(self.config.to_dict(), f, indent=1, default=str)
 
     # ------------------------------------------------------- checkpoint/resume
     def trainable_state(self) -> Dict[str, torch.Tensor]:
-        names = {id(p): n for n, p in unwrap(self.unet).named_parameters()}
+        names = {id(p): n for n, p in unwrap(self.denoiser).named_parameters()}
         return {names[id(p)]: p.detach() for p in self.trainable_params}
 
     def extra_state(self) -> dict:
@@ -489,33 +527,64 @@ class BaseTrainer:
         acc.wait_for_everyone()
 
     def _resume(self, path: str):
-        checkpoint, manifest = find_resumable(path)
-        if manifest["config_hash"] != self.config.hash():
-            raise CheckpointError(
-                f"checkpoint '{checkpoint}' was written with a different configuration (hash {manifest['config_hash']}"
-                f" vs {self.config.hash()}): resume with the run's original settings"
-            )
-        states = load_checkpoint(checkpoint)
-        params = dict(unwrap(self.unet).named_parameters())
-        for name, value in states["model"].items():
-            params[name].data.copy_(value)
-        self.optimizer.state_dict()  # materialise accelerate's wrapper before loading
-        self.optimizer.load_state_dict(states["optimizer"])
-        self.lr_scheduler.load_state_dict(states["scheduler"])
-        rng = states["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(_numpy_state_from_list(rng["numpy"]))
-        random.setstate(_to_tuple(rng["python"]))
-        trainer = states["trainer"]
-        self.first_epoch = trainer["epoch"] + 1
-        self.nonfinite_total = trainer["nonfinite_total"]
-        self.nonfinite_in_a_row = trainer["nonfinite_in_a_row"]
-        self.load_extra_state(trainer)
-        # metrics.jsonl may hold epochs after the checkpoint (the run was killed later): drop them.
+        params = dict(unwrap(self.denoiser).named_parameters())
+        expected = self.trainable_state()
+
+        def check(checkpoint: str, states: dict):
+            # what the checkpoint's states must hold before anything is applied; a failure skips to the previous
+            # complete checkpoint (or names the problem in one line)
+            def bad(what: str):
+                return CheckpointError(f"checkpoint '{checkpoint}' does not fit this run: {what}")
+
+            model, trainer = states["model"], states["trainer"]
+            if not isinstance(model, dict) or set(model) != set(expected):
+                keys = set(model) if isinstance(model, dict) else set()
+                raise bad(f"model.safetensors holds {len(keys)} tensors, {len(keys - set(expected))} unknown, "
+                          f"{len(set(expected) - keys)} missing (of {len(expected)} trainable)")
+            for name, value in model.items():
+                if not isinstance(value, torch.Tensor) or value.shape != expected[name].shape:
+                    raise bad(f"'{name}' has shape {getattr(value, 'shape', None)}, not {tuple(expected[name].shape)}")
+            if not isinstance(trainer, dict):
+                raise bad("trainer.json is not a mapping")
+            for key in ("epoch", "nonfinite_total", "nonfinite_in_a_row"):
+                if not isinstance(trainer.get(key), int) or isinstance(trainer.get(key), bool) or trainer[key] < 0:
+                    raise bad(f"trainer.json has no valid '{key}'")
+            rng = states["rng"]
+            if not isinstance(rng, dict) or not {"torch", "numpy", "python"} <= set(rng):
+                raise bad("rng.json lacks the torch, numpy or python state")
+            for name in ("optimizer", "scheduler"):
+                if not isinstance(states[name], dict):
+                    raise bad(f"{name}.json is not a mapping")
+
+        checkpoint, manifest, states = load_resumable(
+            path, ["model", "optimizer", "scheduler", "rng", "trainer"], config_hash=self.config.hash(), check=check,
+            finite=["model", "optimizer", "scheduler"],
+        )
+        try:
+            for name, value in states["model"].items():
+                params[name].data.copy_(value)
+            self.optimizer.state_dict()  # materialise accelerate's wrapper before loading
+            self.optimizer.load_state_dict(states["optimizer"])
+            self.lr_scheduler.load_state_dict(states["scheduler"])
+            rng = states["rng"]
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(_numpy_state_from_list(rng["numpy"]))
+            random.setstate(_to_tuple(rng["python"]))
+            trainer = states["trainer"]
+            self.first_epoch = trainer["epoch"] + 1
+            self.nonfinite_total = trainer["nonfinite_total"]
+            self.nonfinite_in_a_row = trainer["nonfinite_in_a_row"]
+            self.load_extra_state(trainer)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint '{checkpoint}' cannot be applied to this run: "
+                                  f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+                                  ) from e
+        # metrics.jsonl may hold epochs after the checkpoint (the run was killed later): drop them, rewriting the
+        # file atomically (a kill during the rewrite leaves the old file whole)
         if self.accelerator.is_main_process:
-            records = [r for r in self.read_metrics() if r["epoch"] < self.first_epoch]
-            with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
+            records = [r for r in self.read_metrics()
+                       if isinstance(r.get("epoch"), int) and r["epoch"] < self.first_epoch]
+            write_metrics(os.path.join(self.config.output_dir, "metrics.jsonl"), records)
             self.metrics_history = records
         logger.info("resumed from %s at epoch %d", checkpoint, self.first_epoch)
 
@@ -540,21 +609,3 @@ def _numpy_state_from_list(state) -> tuple:
 
 def _to_tuple(value):
     return tuple(_to_tuple(v) for v in value) if isinstance(value, list) else value
-
-
-def concat_trajectories(batches: List[Trajectories]) -> Trajectories:
-    if len(batches) == 1:
-        return batches[0]
-    first = batches[0]
-    values = {}
-    for name in first.__dataclass_fields__:
-        items = [getattr(b, name) for b in batches]
-        if name == "timesteps":
-            values[name] = items[0]
-        elif items[0] is None:
-            values[name] = None
-        elif name == "prompts":
-            values[name] = [p for item in items for p in item]
-        else:
-            values[name] = torch.cat(items)
-    return Trajectories(**values)

@@ -10,8 +10,8 @@ from ..advantages import PerPromptStatTracker, batch_advantages, group_advantage
 from ..config import DDPOConfig
 from ..logprob import gaussian_kl
 from ..losses import ppo_clipped_loss
-from ..rollout import Trajectories, step_log_probs
-from .base import BaseTrainer, _seed_for, concat_trajectories
+from ..rollout import Trajectories, concat_trajectories, micro_batched_log_probs
+from .base import BaseTrainer, _seed_for
 
 logger = logging.getLogger("diffalign")
 
@@ -69,19 +69,18 @@ class DDPOTrainer(BaseTrainer):
         advantages = advantages.to(self.device)
         trajectories = trajectories.to(self.device)
         generator = torch.Generator().manual_seed(_seed_for(config.seed, epoch, self.accelerator.process_index, 2))
-        scheduler = self.pipe.scheduler
         num_samples = len(trajectories)
         totals = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "kl_penalty": 0.0, "grad_norm": 0.0, "skipped": 0.0}
         num_updates = 0
 
         for _ in range(config.train_num_inner_epochs):
             order = torch.randperm(num_samples, generator=generator)
-            plan = self.train_step_plan(num_samples, generator)  # (num_samples, S)
+            plan = self.train_step_plan(trajectories.stochastic, generator)  # (num_samples, S)
             for start in range(0, num_samples, config.train_batch_size):
                 samples = order[start : start + config.train_batch_size]
                 rows = samples.repeat_interleave(plan.shape[1])  # (b * S,)
                 steps = plan[samples].reshape(-1)
-                stats = self._accumulate(trajectories, advantages, rows, steps, scheduler)
+                stats = self._accumulate(trajectories, advantages, rows, steps)
                 stats.update(self.optimizer_step())
                 for key in totals:
                     totals[key] += stats.get(key, 0.0)
@@ -91,20 +90,19 @@ class DDPOTrainer(BaseTrainer):
             metrics["reused_samples"] = reused * self.accelerator.num_processes  # all processes, like `images`
         return metrics
 
-    def _accumulate(self, trajectories, advantages, rows, steps, scheduler) -> Dict[str, float]:
+    def _accumulate(self, trajectories, advantages, rows, steps) -> Dict[str, float]:
         """Forward+backward of one optimizer step's (sample, step) rows, in micro-batches; returns averages."""
         config = self.config
         total = rows.shape[0]
+        rows, steps = rows.to(self.device), steps.to(self.device)
         # Accumulated as tensors and read once per optimizer step (an `.item()` per micro-batch would sync the GPU).
         stats = {key: torch.zeros((), device=self.device) for key in ("loss", "approx_kl", "clipfrac", "kl_penalty")}
-        for start in range(0, total, config.train_micro_batch_size):
-            r = rows[start : start + config.train_micro_batch_size].to(self.device)
-            s = steps[start : start + config.train_micro_batch_size].to(self.device)
+        for positions, (log_probs, mean, std) in micro_batched_log_probs(
+            self.family, self.denoiser, self.kernel, trajectories, rows, steps, config.sample_guidance_scale,
+            config.train_micro_batch_size, self.accelerator.autocast,
+        ):
+            r, s = rows[positions], steps[positions]
             weight = r.shape[0] / total
-            with self.accelerator.autocast():
-                log_probs, mean, std = step_log_probs(
-                    self.unet, scheduler, trajectories, r, s, config.sample_guidance_scale, config.sample_eta
-                )
             out = ppo_clipped_loss(log_probs, trajectories.log_probs[r, s], advantages[r], config.train_clip_range)
             loss = out["loss"]
             if config.train_kl_coef > 0:

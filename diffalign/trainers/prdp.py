@@ -8,7 +8,7 @@ import torch
 
 from ..config import PRDPConfig
 from ..losses import implicit_reward_error, prdp_loss
-from ..rollout import Trajectories, reference_model, step_log_probs
+from ..rollout import Trajectories, micro_batched_log_probs, reference_model
 from .base import BaseTrainer, _seed_for
 
 
@@ -43,7 +43,7 @@ class PRDPTrainer(BaseTrainer):
     def needs_reference(self) -> bool:
         # pi_ref at every sampling step costs one more UNet pass per step; when only a fraction of the steps is
         # trained (and no per-epoch KL is asked for), `_reference_log_probs` computes just the steps that are used.
-        return self.config.sample_compute_kl or self.config.num_train_steps == self.config.sample_num_steps
+        return self.config.sample_compute_kl or self.config.num_train_steps == self.config.num_sde_steps
 
     def train_on_samples(self, trajectories, rewards, all_rewards, all_prompts: List[str], epoch: int) -> Dict:
         config = self.config
@@ -59,13 +59,13 @@ class PRDPTrainer(BaseTrainer):
             plan_generator = torch.Generator().manual_seed(
                 _seed_for(config.seed, epoch, self.accelerator.process_index, 3)
             )
-            plans = [self.train_step_plan(len(trajectories), plan_generator)
+            plans = [self.train_step_plan(trajectories.stochastic, plan_generator)
                      for _ in range(config.train_num_inner_epochs)]
             trajectories.ref_log_probs = self._reference_log_probs(trajectories, plans)
 
         for inner in range(config.train_num_inner_epochs):
             # (num_samples, S)
-            plan = plans[inner] if plans is not None else self.train_step_plan(len(trajectories), generator)
+            plan = plans[inner] if plans is not None else self.train_step_plan(trajectories.stochastic, generator)
             order = groups[torch.randperm(len(groups), generator=generator)]
             per_step = config.train_prompts_per_step or len(order)
             for start in range(0, len(order), per_step):
@@ -87,37 +87,28 @@ class PRDPTrainer(BaseTrainer):
         num_samples, num_steps = trajectories.log_probs.shape
         rows, steps = planned_steps(plans, num_steps).nonzero(as_tuple=True)
         ref_log_probs = torch.full((num_samples, num_steps), float("nan"), device=self.device)
-        module, context = reference_model(self.unet, self.ref_unet)
-        was_training = self.unet.training
-        self.unet.eval()
-        size = self.config.train_micro_batch_size
+        rows, steps = rows.to(self.device), steps.to(self.device)
+        module, context = reference_model(self.denoiser, self.ref_denoiser)
+        was_training = self.denoiser.training
+        self.denoiser.eval()
         with context():
-            for start in range(0, rows.shape[0], size):
-                r, t = rows[start : start + size].to(self.device), steps[start : start + size].to(self.device)
-                with self.accelerator.autocast():
-                    log_probs, _, _ = step_log_probs(
-                        module, self.pipe.scheduler, trajectories, r, t, self.config.sample_guidance_scale,
-                        self.config.sample_eta,
-                    )
-                ref_log_probs[r, t] = log_probs.float()
-        self.unet.train(was_training)
+            for positions, (log_probs, _, _) in self._micro_batches(module, trajectories, rows, steps):
+                ref_log_probs[rows[positions], steps[positions]] = log_probs.float()
+        self.denoiser.train(was_training)
         return ref_log_probs
 
     def _log_probs(self, trajectories: Trajectories, samples, plan) -> torch.Tensor:
         """`(n, S)` log pi_theta of the planned steps of `samples`, in micro-batches (graph kept if grad enabled)."""
         rows = samples.repeat_interleave(plan.shape[1]).to(self.device)
         steps = plan.reshape(-1).to(self.device)
-        chunks = []
-        for start in range(0, rows.shape[0], self.config.train_micro_batch_size):
-            r = rows[start : start + self.config.train_micro_batch_size]
-            s = steps[start : start + self.config.train_micro_batch_size]
-            with self.accelerator.autocast():
-                log_probs, _, _ = step_log_probs(
-                    self.unet, self.pipe.scheduler, trajectories, r, s, self.config.sample_guidance_scale,
-                    self.config.sample_eta,
-                )
-            chunks.append(log_probs)
+        chunks = [log_probs for _, (log_probs, _, _) in self._micro_batches(self.denoiser, trajectories, rows, steps)]
         return torch.cat(chunks).view(samples.shape[0], plan.shape[1])
+
+    def _micro_batches(self, denoiser, trajectories: Trajectories, rows, steps):
+        return micro_batched_log_probs(
+            self.family, denoiser, self.kernel, trajectories, rows, steps, self.config.sample_guidance_scale,
+            self.config.train_micro_batch_size, self.accelerator.autocast,
+        )
 
     def _loss_inputs(self, trajectories: Trajectories, rewards, samples, plan):
         index = samples.to(self.device)[:, None]
@@ -153,14 +144,8 @@ class PRDPTrainer(BaseTrainer):
         rows = samples.repeat_interleave(plan.shape[1]).to(self.device)
         steps = plan.reshape(-1).to(self.device)
         coef = coef.reshape(-1)
-        size = self.config.train_micro_batch_size
-        for start in range(0, rows.shape[0], size):
-            with self.accelerator.autocast():
-                lp, _, _ = step_log_probs(
-                    self.unet, self.pipe.scheduler, trajectories, rows[start : start + size],
-                    steps[start : start + size], self.config.sample_guidance_scale, self.config.sample_eta,
-                )
-            self.backward((lp * coef[start : start + size]).sum())
+        for positions, (lp, _, _) in self._micro_batches(self.denoiser, trajectories, rows, steps):
+            self.backward((lp * coef[positions]).sum())
         return self._stats(loss, log_probs, old, ref, r, g)
 
     def _stats(self, loss, log_probs, old, ref, rewards, group_ids) -> Dict[str, float]:

@@ -1,0 +1,462 @@
+"""Shared pieces of the benchmarks: options context, timing, memory, tables, models."""
+
+import copy
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+
+# Stable Diffusion 1.5's architecture (random weights) for GPU checks without downloading the model.
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, act_fn="silu", downsample_padding=1,
+    flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1, norm_eps=1e-5, center_input_sample=False,
+)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+    act_fn="silu", sample_size=512, scaling_factor=0.18215,
+)
+SD15_TEXT = dict(
+    hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, max_position_embeddings=77,
+    hidden_act="quick_gelu", projection_dim=768,
+)
+SD15_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+DIGITS_PRESET = "digits-ddpo"
+TINY_PROMPTS = ["a photo of a cat", "a photo of a dog", "a red car", "a blue house"]
+
+
+class BenchError(ValueError):
+    """A benchmark that cannot run with the given options (one line, exit code 2)."""
+
+
+# -------------------------------------------------------------------------------------------------- helpers
+def median(values: List[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
+
+
+class PeakMemory:
+    """Peak memory of a stretch of code: `torch.cuda.max_memory_allocated` on CUDA; on a CPU the resident set's
+    high-water mark (VmHWM, reset through /proc/self/clear_refs on Linux, so each stretch gets its own peak), else
+    the process-lifetime `ru_maxrss`."""
+
+    def __init__(self, device):
+        import torch
+
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.can_reset = False
+        if self.cuda:
+            self.kind = "cuda_max_memory_allocated"
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.can_reset = self._vm("VmHWM") is not None
+            except OSError:
+                pass
+            self.kind = "rss_high_water_mark" if self.can_reset else "ru_maxrss_process_lifetime"
+
+    @staticmethod
+    def _vm(key: str) -> Optional[int]:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    def reset(self):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.can_reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def peak(self) -> int:
+        """Bytes."""
+        import torch
+
+        if self.cuda:
+            return torch.cuda.max_memory_allocated(self.device)
+        if self.can_reset:
+            return self._vm("VmHWM")
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, kB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+    def current(self) -> int:
+        import torch
+
+        if self.cuda:
+            return torch.cuda.memory_allocated(self.device)
+        return self._vm("VmRSS") or 0
+
+
+def mib(value: Optional[int]) -> Optional[float]:
+    return None if value is None else value / 2**20
+
+
+def sync(device):
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_interleaved(fns: Dict[str, Callable[[], None]], repeats: int, device, meter: PeakMemory,
+                      warmup: int = 1) -> Dict[str, dict]:
+    """Times each function `repeats` times, alternating the order every round; `{name: {times, median, min,
+    peak_bytes}}` (peak over the timed calls)."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    out = {name: {"times": [], "peak_bytes": 0} for name in names}
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            sync(device)
+            meter.reset()
+            start = time.perf_counter()
+            fns[name]()
+            sync(device)
+            out[name]["times"].append(time.perf_counter() - start)
+            out[name]["peak_bytes"] = max(out[name]["peak_bytes"], meter.peak() or 0)
+    for entry in out.values():
+        entry["median"] = median(entry["times"])
+        entry["min"] = min(entry["times"])
+    return out
+
+
+def paired_ratio(a: dict, b: dict) -> Dict[str, Optional[float]]:
+    """Ratios of medians and of minima, and the median of the per-round ratios."""
+    return {
+        "ratio": ratio(a["median"], b["median"]),
+        "ratio_min": ratio(a["min"], b["min"]),
+        "ratio_paired_median": median([x / y for x, y in zip(a["times"], b["times"]) if y]),
+    }
+
+
+def machine_info(ctx) -> dict:
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(ctx.device),
+        "dtype": ctx.args.dtype,
+        "memory_measure": PeakMemory(ctx.device).kind,
+    }
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    if ctx.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(ctx.device)
+    for name in ("diffusers", "transformers", "peft", "accelerate"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return info
+
+
+def format_value(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.0f}"
+    return str(value)
+
+
+def format_table(result: dict) -> str:
+    """The `figures` of a result as a table: one row per figure, `name | value | unit`."""
+    rows = [(name, format_value(entry["value"]), entry.get("unit", "")) for name, entry in result["figures"].items()]
+    header = ("figure", "value", "unit")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    out = [f"diffalign bench {result['benchmark']}  ({result['machine']['device']}, {result['machine']['dtype']})",
+           line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+class Figures(dict):
+    """Ordered `{name: {"value": v, "unit": u}}`: the rows of the table, also stored in the JSON."""
+
+    def add(self, name: str, value, unit: str = ""):
+        self[name] = {"value": value, "unit": unit}
+
+
+# ---------------------------------------------------------------------------------------------------- context
+class Context:
+    """Options, device and models shared by the benchmarks."""
+
+    def __init__(self, args):
+        import torch
+
+        self.args = args
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        threads = args.threads if args.threads is not None else (1 if device == "cpu" else 0)
+        if threads:
+            torch.set_num_threads(threads)
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BenchError("--device cuda but CUDA is not available")
+        self.device = torch.device(device)
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+        if self.device.type == "cpu" and args.dtype != "fp32" and not args.force:
+            raise BenchError(f"--dtype {args.dtype} on a CPU is slow or unsupported and says nothing about a GPU: "
+                             "use --device cuda, or --force")
+        if args.xformers:
+            if self.device.type != "cuda":
+                raise BenchError("--xformers needs --device cuda")
+            try:
+                import xformers  # noqa: F401
+            except ImportError:
+                raise BenchError("--xformers: xformers is not installed (pip install diffalign[xformers])") from None
+        if args.tiny and args.sd15_random:
+            raise BenchError("give only one of --tiny and --sd15-random")
+        if args.sd15_random and self.device.type == "cpu" and not args.force:
+            raise BenchError("--sd15-random on a CPU takes minutes per image (an SD1.5-sized UNet, 860M parameters): "
+                             "run it with --device cuda, or pass --force")
+        if args.repeats is not None and args.repeats < 1:
+            raise BenchError("--repeats must be >= 1")
+        self.preset = self._digits_preset() if self.is_digits else {}
+        self.repeats = args.repeats or (1 if args.bench_command == "learn" else 3)
+        self._template = None
+        self.settings = {}
+
+    # ---- the model
+    @property
+    def is_digits(self) -> bool:
+        return not self.args.tiny and not self.args.sd15_random and self.args.model == "digits"
+
+    @property
+    def model_name(self) -> str:
+        if self.args.tiny:
+            return "tiny"
+        if self.args.sd15_random:
+            return "sd15-random"
+        return self.args.model
+
+    def _digits_preset(self) -> dict:
+        import yaml
+
+        from diffalign.config import ConfigError, preset_path
+
+        try:
+            path = preset_path(DIGITS_PRESET)
+        except ConfigError:
+            return {}
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        return data if isinstance(data, dict) else {}
+
+    def template(self):
+        """The benchmark's pipeline in fp32 on the CPU (or on the device for --sd15-random), loaded once."""
+        if self._template is None:
+            if self.args.tiny:
+                from diffalign.testing import tiny_sd_pipeline
+
+                self._template = tiny_sd_pipeline(self.args.seed)
+            elif self.args.sd15_random:
+                self._template = sd15_random_pipeline(self.device, self.dtype, self.args.seed)
+            else:
+                from diffalign.modeling import load_pipeline
+
+                self._template = load_pipeline(self.args.model)
+            self._template.set_progress_bar_config(disable=True)
+        return self._template
+
+    def pipeline(self, copy_: bool = True):
+        """A pipeline on the device in `--dtype` (a fresh copy unless `copy_=False`)."""
+        pipe = copy.deepcopy(self.template()) if copy_ else self.template()
+        pipe.to(self.device, self.dtype)
+        if self.args.xformers:
+            pipe.enable_xformers_memory_efficient_attention()
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    # ---- shapes
+    def resolution(self, pipe) -> int:
+        if self.args.resolution:
+            from diffalign.families import family_for_pipeline
+
+            family_for_pipeline(pipe).check_resolution(self.args.resolution)
+            return self.args.resolution
+        from diffalign.families import family_for_pipeline
+
+        return self.preset.get("sample_resolution") or family_for_pipeline(pipe).default_resolution()
+
+    @property
+    def steps(self) -> int:
+        if self.args.steps:
+            return self.args.steps
+        if self.args.tiny:
+            return 10
+        if self.args.sd15_random:
+            return 50
+        return int(self.preset.get("sample_num_steps", 20))
+
+    @property
+    def batch_size(self) -> int:
+        return self.args.batch_size or (4 if self.args.tiny else 8)
+
+    @property
+    def guidance_scale(self) -> float:
+        if self.args.guidance_scale is not None:
+            return self.args.guidance_scale
+        # the preset's scale only if it is a CFG scale: the CFG configurations must differ from the no-CFG ones
+        preset = float(self.preset.get("sample_guidance_scale", 5.0))
+        return preset if preset != 1.0 else 5.0
+
+    def prompts(self, n: int) -> List[str]:
+        if self.is_digits:
+            from diffalign.prompts import BUILTIN_PROMPTS
+
+            source = BUILTIN_PROMPTS["digits"]()
+        else:
+            source = TINY_PROMPTS
+        return [source[i % len(source)] for i in range(n)]
+
+    def command_line(self) -> str:
+        if "bench" in sys.argv[1:]:
+            return "diffalign " + " ".join(sys.argv[sys.argv.index("bench", 1):])
+        return f"diffalign bench {self.args.bench_command} (in-process)"
+
+    # ---- trainers
+    def base_settings(self) -> dict:
+        """Config values shared by every trainer of `train`/`learn`: the preset's sampling settings (digits), the
+        shape options, then `--set` overrides."""
+        from diffalign.config import _parse_cli_value
+
+        values = {key: value for key, value in self.preset.items()
+                  if key.startswith("sample_") or key in ("prompts", "prompt_fn", "prompt_file")}
+        if not self.is_digits:
+            values.update(prompts=TINY_PROMPTS[:2])
+        values.update(
+            sample_num_steps=self.steps,
+            sample_guidance_scale=self.guidance_scale,
+            sample_batch_size=self.args.batch_size or values.get("sample_batch_size", self.batch_size),
+            sample_num_prompts_per_epoch=self.args.prompts_per_epoch or values.get("sample_num_prompts_per_epoch", 2),
+            sample_images_per_prompt=self.args.images_per_prompt or values.get("sample_images_per_prompt", 4),
+            mixed_precision={"fp32": "no"}.get(self.args.dtype, self.args.dtype),
+            enable_xformers=self.args.xformers,
+            seed=self.args.seed,
+        )
+        if self.args.resolution:
+            values["sample_resolution"] = self.args.resolution
+        for item in self.args.overrides:
+            key, sep, text = item.partition("=")
+            if not sep:
+                raise BenchError(f"--set {item}: expected KEY=VALUE")
+            values[key.strip().replace("-", "_")] = _parse_cli_value(text)
+        return values
+
+    def algorithm_preset(self, algorithm: str) -> dict:
+        """Training settings of `digits-<algorithm>.yaml` (train_*/advantage/lora keys), when it exists."""
+        if not self.is_digits:
+            return {}
+        import yaml
+
+        from diffalign.config import ConfigError, preset_path
+
+        try:
+            path = preset_path(f"digits-{algorithm}")
+        except ConfigError:
+            return {}
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        import dataclasses
+
+        from diffalign.config import CONFIG_CLASSES
+
+        known = {f.name for f in dataclasses.fields(CONFIG_CLASSES[algorithm])}
+        skip = ("sample_", "num_epochs", "output_dir", "model", "reward", "eval_", "prompt", "grid_", "checkpoint",
+                "log_", "resume")
+        return {k: v for k, v in data.items() if k in known and not k.startswith(skip)}
+
+    def make_trainer(self, algorithm: str, overrides: dict, output_dir: str, reward_fn=None, reward: Optional[str] = None,
+                     seed: Optional[int] = None):
+        """A trainer on a fresh copy of the model; `overrides` win over `base_settings` and the algorithm preset."""
+        from accelerate import Accelerator
+
+        from diffalign.config import load_config
+        from diffalign.trainers import DDPOTrainer, PRDPTrainer
+
+        values = {**self.algorithm_preset(algorithm), **self.base_settings(), **overrides}
+        values.update(model=self.model_name, output_dir=output_dir, num_epochs=10**6, checkpoint_every=10**6)
+        if seed is not None:
+            values["seed"] = seed
+        if reward is not None:
+            values["reward"] = reward
+        # keep the batch arithmetic valid when the shape options shrink the preset's epoch
+        if algorithm == "ddpo":
+            local = values["sample_num_prompts_per_epoch"] * values["sample_images_per_prompt"]
+            size = values.get("train_batch_size", 8)
+            if local % size:
+                values["train_batch_size"] = math.gcd(local, size)
+        elif values.get("train_prompts_per_step"):
+            values["train_prompts_per_step"] = math.gcd(values["sample_num_prompts_per_epoch"],
+                                                        values["train_prompts_per_step"])
+        config = load_config(algorithm, None, values)
+        pipe = copy.deepcopy(self.template())
+        accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=self.device.type == "cpu")
+        if self.device.type == "cuda" and accelerator.device.type != "cuda":
+            raise BenchError("accelerate did not select the CUDA device")
+        cls = {"ddpo": DDPOTrainer, "prdp": PRDPTrainer}[algorithm]
+        return cls(config, pipeline=pipe, reward_fn=reward_fn, accelerator=accelerator)
+
+
+def sd15_random_pipeline(device, dtype, seed: int = 0):
+    """A `StableDiffusionPipeline` with SD1.5's architecture and random weights, built directly on `device`."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffalign.tokenization import BOS_TOKEN_ID, EOS_TOKEN_ID, VOCAB_SIZE, offline_clip_tokenizer
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SD15_UNET)
+        vae = AutoencoderKL(**SD15_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            **SD15_TEXT, vocab_size=VOCAB_SIZE, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID,
+            pad_token_id=EOS_TOKEN_ID,
+        ))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=offline_clip_tokenizer(77), unet=unet,
+        scheduler=DDIMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe.to(device, dtype)
+
+

@@ -1,0 +1,239 @@
+"""`bench learn`: wall time to reach a reward, per trainer configuration, against a baseline."""
+
+import math
+import os
+import tempfile
+import time
+from typing import Dict, List
+
+
+from .common import (
+    BenchError,
+    Figures,
+    PeakMemory,
+    median,
+    mib,
+    ratio,
+)
+
+
+# --------------------------------------------------------------------------------------------- configurations
+# `learn`: each configuration is `(algorithm, overrides)`. The overrides go on top of the shared settings (the
+# digits preset's sampling settings, or small ones; see `base_settings`), so every configuration samples the same
+# number of images per epoch with the same sampler, except where a configuration reuses samples and draws fewer
+# fresh ones. `{K}` in a name is `--prdp-inner-epochs`; the value `{half}` is half the shared value (at least 1).
+BASELINE = "ddpo_baseline"
+LEARN_CONFIGS: Dict[str, tuple] = {
+    # DDPO as in the reference code (kvablack/ddpo-pytorch): every timestep trained, CFG recomputed in training
+    # (the trainer always does this when sample_guidance_scale != 1), one inner epoch, no KL bookkeeping at sampling.
+    BASELINE: ("ddpo", {"train_timestep_fraction": 1.0, "train_num_inner_epochs": 1, "sample_compute_kl": False}),
+    "ddpo_half_steps_k2": (
+        "ddpo", {"train_timestep_fraction": 0.5, "train_num_inner_epochs": 2, "sample_compute_kl": False}
+    ),
+    "ddpo_fifth_steps_k2": (
+        "ddpo", {"train_timestep_fraction": 0.2, "train_num_inner_epochs": 2, "sample_compute_kl": False}
+    ),
+    "ddpo_tenth_steps_k2": (
+        "ddpo", {"train_timestep_fraction": 0.1, "train_num_inner_epochs": 2, "sample_compute_kl": False}
+    ),
+    "ddpo_fifth_steps_k4": (
+        "ddpo", {"train_timestep_fraction": 0.2, "train_num_inner_epochs": 4, "sample_compute_kl": False}
+    ),
+    # the cheapest configuration that learns at the baseline's pace, plus prompts of moderate difficulty first
+    "ddpo_fifth_steps_k2_moderate": (
+        "ddpo", {"train_timestep_fraction": 0.2, "train_num_inner_epochs": 2, "sample_compute_kl": False,
+                 "sample_prompt_selection": "moderate"}
+    ),
+    # Reuse of recent rollouts: half the fresh images per epoch, each trained in two epochs (its own and the next),
+    # so an epoch trains on as many samples as the baseline's at half the sampling cost.
+    "ddpo_half_fresh_reuse": (
+        "ddpo", {"train_timestep_fraction": 1.0, "train_num_inner_epochs": 1, "sample_compute_kl": False,
+                 "sample_images_per_prompt": "{half}", "train_reuse_epochs": 1}
+    ),
+    "ddpo_fifth_steps_k2_reuse": (
+        "ddpo", {"train_timestep_fraction": 0.2, "train_num_inner_epochs": 2, "sample_compute_kl": False,
+                 "sample_images_per_prompt": "{half}", "train_reuse_epochs": 1}
+    ),
+    "prdp_k{K}": ("prdp", {"train_num_inner_epochs": "{K}"}),
+    # PRDP's K updates per epoch on a third of the steps: about the baseline's training cost per epoch.
+    "prdp_k{K}_third_steps": ("prdp", {"train_num_inner_epochs": "{K}", "train_timestep_fraction": 0.3}),
+    # ... and on a fifth of the steps, with pi_ref computed for those steps only (no per-epoch KL log)
+    "prdp_k{K}_fifth_steps": (
+        "prdp", {"train_num_inner_epochs": "{K}", "train_timestep_fraction": 0.2, "sample_compute_kl": False}
+    ),
+    "ddpo_no_cfg": (
+        "ddpo",
+        {"train_timestep_fraction": 1.0, "train_num_inner_epochs": 1, "sample_compute_kl": False,
+         "sample_guidance_scale": 1.0},
+    ),
+    "prdp_k{K}_no_cfg": ("prdp", {"train_num_inner_epochs": "{K}", "sample_guidance_scale": 1.0}),
+}
+
+
+# ------------------------------------------------------------------------------------------------------ learn
+def learn_configs(ctx) -> Dict[str, tuple]:
+    k = ctx.args.prdp_inner_epochs
+    shared = ctx.base_settings()
+
+    def resolve(key, value):
+        if value == "{K}":
+            return k
+        if value == "{half}":
+            return max(1, shared[key] // 2)
+        return value
+
+    configs = {}
+    for name, (algorithm, overrides) in LEARN_CONFIGS.items():
+        name = name.replace("{K}", str(k))
+        configs[name] = (algorithm, {key: resolve(key, value) for key, value in overrides.items()})
+    if ctx.args.configs:
+        wanted = [c.strip() for c in ctx.args.configs.split(",") if c.strip()]
+        unknown = [c for c in wanted if c not in configs]
+        if unknown:
+            raise BenchError(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(configs)}")
+        configs = {name: value for name, value in configs.items() if name == BASELINE or name in wanted}
+    return configs
+
+
+def run_benchmark(ctx) -> dict:
+    args = ctx.args
+    if args.sd15_random:
+        raise BenchError("learn needs a trained model (random weights learn nothing meaningful); drop --sd15-random")
+    reward = args.reward or ("digit_correctness" if ctx.is_digits else "jpeg_compressibility")
+    target = args.target
+    if target is None:
+        if reward != "digit_correctness":
+            raise BenchError(f"--target is required with reward '{reward}'")
+        target = 0.9
+    from diffalign.rewards import get_reward
+
+    reward_fn = get_reward(reward)
+    configs = learn_configs(ctx)
+    ctx.settings.update(model=ctx.model_name, reward=reward, target=target, max_epochs=args.max_epochs,
+                        window=args.window, eval_images=args.eval_images, seeds=ctx.repeats, shared=ctx.base_settings(),
+                        configs={name: {"algorithm": a, **o} for name, (a, o) in configs.items()})
+    meter = PeakMemory(ctx.device)
+    details = {}
+    with tempfile.TemporaryDirectory(prefix="diffalign-bench-") as tmp:
+        for name, (algorithm, overrides) in configs.items():
+            runs = []
+            for s in range(ctx.repeats):
+                trainer = ctx.make_trainer(algorithm, overrides, os.path.join(tmp, f"{name}-{s}"),
+                                           reward_fn=reward_fn, reward=reward, seed=args.seed + s)
+                meter.reset()
+                evaluate = _evaluator(trainer, ctx.prompts(args.eval_images), reward_fn, args.seed) \
+                    if args.eval_images else None
+                runs.append(_learn_one(trainer, target, args.max_epochs, args.window, evaluate))
+                runs[-1]["peak_bytes"] = meter.peak()
+                del trainer
+            details[name] = {"algorithm": algorithm, "overrides": overrides, "runs": runs}
+    figures = Figures()
+    base_time = _median_reached(details[BASELINE]["runs"], "time_to_target_s")
+    base_epoch = median([x for r in details[BASELINE]["runs"] for x in r["epoch_times"]])
+    for name, entry in details.items():
+        runs = entry["runs"]
+        reached = sum(r["reached"] for r in runs)
+        t = _median_reached(runs, "time_to_target_s")
+        e = _median_reached(runs, "epochs_to_target")
+        entry.update(time_to_target_s=t, epochs_to_target=e, reached=reached, ratio_to_baseline=ratio(t, base_time))
+        note = f"{reached}/{len(runs)} reached" if len(runs) > 1 else ("reached" if reached else
+                                                                        f"not reached in {args.max_epochs} epochs")
+        figures.add(f"{name}_epochs_to_target", e, note)
+        figures.add(f"{name}_time_to_target_s", t, "s")
+        figures.add(f"{name}_ratio_to_baseline", entry["ratio_to_baseline"],
+                    "time/baseline time (target <= 0.5)" if name != BASELINE else "")
+        entry["epoch_s"] = median([x for r in runs for x in r["epoch_times"]])
+        figures.add(f"{name}_epoch_s", entry["epoch_s"], "s per epoch (median)")
+        figures.add(f"{name}_epoch_ratio_to_baseline", ratio(entry["epoch_s"], base_epoch), "epoch time/baseline's")
+        images = [x for r in runs for x in r["images"]]
+        figures.add(f"{name}_fresh_images_per_epoch", median(images) if images else None, "sampled per epoch")
+        figures.add(f"{name}_best_reward", max(r["best_reward"] for r in runs), "")
+        figures.add(f"{name}_peak_mem_mib", mib(max(r["peak_bytes"] or 0 for r in runs)), meter.kind)
+    return {"figures": figures, "details": details}
+
+
+def _median_reached(runs: List[dict], key: str):
+    """The median over seeds, counting a run that did not reach the target as infinitely slow (None if most
+    did not)."""
+    values = sorted(r[key] if r["reached"] else math.inf for r in runs)
+    value = values[(len(values) - 1) // 2]
+    return None if math.isinf(value) else value
+
+
+def _evaluator(trainer, prompts: List[str], reward_fn, seed: int):
+    """Mean reward of the current policy on fixed prompts and seeds (the same images for an unchanged policy)."""
+    import torch
+
+    from diffalign.rollout import sample_trajectories
+
+    config = trainer.config
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        trainer.denoiser.eval()
+        generator = torch.Generator(trainer.device).manual_seed(seed + 12345)
+        scores = []
+        for start in range(0, len(prompts), config.sample_batch_size):
+            chunk = prompts[start : start + config.sample_batch_size]
+            with trainer.accelerator.autocast():
+                images = sample_trajectories(
+                    trainer.family, chunk, config.sample_num_steps, config.sample_guidance_scale,
+                    height=trainer.resolution, width=trainer.resolution, generator=generator,
+                    denoiser=trainer.denoiser, kernel=trainer.kernel,
+                ).images
+            scores.append(torch.as_tensor(reward_fn(images, chunk, None), dtype=torch.float32).reshape(-1).cpu())
+        return torch.cat(scores).mean().item()
+
+    return evaluate
+
+
+def _learn_one(trainer, target: float, max_epochs: int, window: int, evaluate=None) -> dict:
+    """Epochs until the (windowed) reward reaches `target`.
+
+    Without `evaluate` the reward of an epoch is `reward_mean` of its own samples, and the time counts every full
+    epoch before plus the sampling and scoring of the epoch whose samples reach it (its update is not needed). With
+    `evaluate` (fixed prompts and seeds, untimed) the policy is judged before training and after each epoch, and the
+    time counts the full epochs up to the one after which it reaches the target.
+    """
+    elapsed, rewards, epoch_times, train_rewards, images = 0.0, [], [], [], []
+    diagnostics = {}  # per-epoch update statistics, to see what happened when a curve falls
+
+    def reached(values):
+        return sum(values[-window:]) / len(values[-window:]) >= target
+
+    def result(ok, epochs):
+        out = {"reached": ok, "epochs_to_target": epochs, "time_to_target_s": elapsed if ok else None,
+               "rewards": rewards, "epoch_times": epoch_times, "images": images, "best_reward": max(rewards),
+               "elapsed_s": elapsed, "diagnostics": diagnostics}
+        if evaluate is not None:
+            out["train_rewards"] = train_rewards
+        return out
+
+    if evaluate is not None:
+        rewards.append(evaluate())
+        if reached(rewards):
+            return result(True, 0)
+    for epoch in range(max_epochs):
+        start = time.perf_counter()
+        metrics = trainer.step(epoch)
+        wall = time.perf_counter() - start
+        epoch_times.append(wall)
+        images.append(metrics["images"])  # fresh images sampled this epoch
+        for key in ("loss", "approx_kl", "clipfrac", "grad_norm", "implicit_reward_error", "log_ratio_to_old"):
+            if key in metrics:
+                diagnostics.setdefault(key, []).append(metrics[key])
+        if evaluate is None:
+            rewards.append(metrics["reward_mean"])
+            if reached(rewards):
+                elapsed += metrics["time_sample"] + metrics["time_reward"]
+                return result(True, epoch + 1)
+            elapsed += wall
+        else:
+            elapsed += wall
+            train_rewards.append(metrics["reward_mean"])
+            rewards.append(evaluate())
+            if reached(rewards):
+                return result(True, epoch + 1)
+    return result(False, None)
+
+
