@@ -1,0 +1,323 @@
+"""Reinforcement Learning Guidance as a diffusers guider, for modular pipelines.
+
+`ReinforcementLearningGuidance` is a `diffusers.guiders.BaseGuidance`: swap it into any modular pipeline whose
+denoising loop takes a `guider` component (SDXL, SD3, QwenImage, ...) with
+`pipe.update_components(guider=ReinforcementLearningGuidance(...))`. The denoiser carries the reward fine-tune as a
+LoRA adapter: the base model is the denoiser with its adapters off, the aligned model the denoiser with its adapters
+on (or one named adapter). Classifier-free guidance is applied inside each model, then
+
+    pred = pred_base + rlg_scale * (pred_aligned - pred_base)
+
+(Jin et al., "Inference-time Alignment Control for Diffusion Models with Reinforcement Learning Guidance",
+https://huggingface.co/papers/2508.21016). The same contract as diffalign's RLG pipelines
+(`diffalign.pipelines.StableDiffusionRLGPipeline` and its SDXL and SD3 siblings).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Union
+
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput, rescale_noise_cfg
+from diffusers.utils import is_peft_available
+
+if TYPE_CHECKING:
+    from diffusers.modular_pipelines.modular_pipeline import BlockState
+
+__all__ = ["ReinforcementLearningGuidance"]
+
+# Name peft uses for "no adapter" rows in a mixed-adapter batch (`adapter_names=[...]`).
+BASE_ADAPTER_NAME = "__base__"
+
+RLGScale = Union[float, list[float]]
+
+
+# Copied from diffalign.pipelines.pipeline_stable_diffusion_rlg._lora_layers
+def _lora_layers(model) -> list:
+    if model is None or not is_peft_available():
+        return []
+    from peft.tuners.lora import LoraLayer
+
+    return [module for module in model.modules() if isinstance(module, LoraLayer)]
+
+
+# Copied from diffalign.pipelines.pipeline_stable_diffusion_rlg._uses_dora
+def _uses_dora(lora_layers: list, adapter: str) -> bool:
+    return any(layer.use_dora.get(adapter, False) for layer in lora_layers)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class ReinforcementLearningGuidance(BaseGuidance):
+    r"""
+    Reinforcement Learning Guidance (RLG): https://huggingface.co/papers/2508.21016
+
+    Mixes a base model and its reward fine-tuned (aligned) version at every denoising step. Both are the pipeline's
+    denoiser: the aligned model is a LoRA adapter on it, the base model the denoiser with its adapters off (selected per
+    forward pass through peft's per-sample adapters, injected in `prepare_models` and removed in `cleanup_models`; the
+    adapters' configuration is never changed). Classifier-free guidance is applied inside each model, then
+    `pred = pred_base + rlg_scale * (pred_aligned - pred_base)`: `rlg_scale=0` samples the base model, `1` the aligned
+    model (plain CFG), `0 < w < 1` interpolates and `w > 1` extrapolates.
+
+    Several adapters (e.g. one per reward) mix as `pred_base + sum_i w_i (pred_i - pred_base)`: pass
+    `rlg_scale={"aesthetic": 1.2, "jpeg": 0.5}`, or `adapters=["aesthetic", "jpeg"]` with one `rlg_scale` for all.
+
+    Each condition (model x conditional/unconditional) is one forward pass of the denoiser, as with diffusers' other
+    guiders: 4 per step with RLG and CFG, 2 outside the RLG window or where the scale is 1 (the aligned model's CFG
+    alone). The guider only changes the denoiser: a LoRA that also adapts the text encoders is applied to the prompt of
+    both models (use diffalign's RLG pipelines to encode the base model's prompt without it).
+
+    Args:
+        guidance_scale (`float`, defaults to `7.5`):
+            Classifier-free guidance scale, applied inside each model. `1.0` disables CFG (one condition per model).
+        rlg_scale (`float`, `list[float]` or `dict[str, float | list[float]]`, defaults to `1.0`):
+            The RLG scale `w`. A list gives one value per denoising step (its length must be the number of steps). A
+            dict `{adapter_name: w_i}` mixes several LoRA adapters of the denoiser, each `w_i` a float or a list.
+        adapters (`str` or `list[str]`, *optional*):
+            The LoRA adapter(s) forming the aligned model. `None` (default): the denoiser exactly as configured (its
+            active adapters, as `set_adapters` left them). A name: that adapter. A list of names: each is an aligned
+            model with the same `rlg_scale`, mixed as above. Leave it `None` with a dict `rlg_scale`.
+        guidance_rescale (`float`, defaults to `0.0`):
+            Rescale factor of [Common Diffusion Noise Schedules and Sample Steps are
+            Flawed](https://huggingface.co/papers/2305.08891), applied to each model's guided prediction before the
+            mix (so `w = 0` and `w = 1` still match `ClassifierFreeGuidance`).
+        use_original_formulation (`bool`, defaults to `False`):
+            Use CFG's original formulation `cond + g (cond - uncond)`; see
+            [`~guiders.classifier_free_guidance.ClassifierFreeGuidance`].
+        start (`float`, defaults to `0.0`):
+            Fraction of the denoising steps after which RLG starts. Outside [`start`, `stop`) the aligned model runs
+            alone, with CFG. Needs a single aligned model (not several adapters).
+        stop (`float`, defaults to `1.0`):
+            Fraction of the denoising steps at which RLG stops.
+        enabled (`bool`, defaults to `True`):
+            Whether RLG is enabled. When disabled, the denoiser runs as configured, with CFG.
+    """
+
+    _input_predictions = ["pred_cond", "pred_uncond", "pred_cond_base", "pred_uncond_base"]
+
+    @register_to_config
+    def __init__(
+        self,
+        guidance_scale: float = 7.5,
+        rlg_scale: RLGScale | dict[str, RLGScale] = 1.0,
+        adapters: str | list[str] | None = None,
+        guidance_rescale: float = 0.0,
+        use_original_formulation: bool = False,
+        start: float = 0.0,
+        stop: float = 1.0,
+        enabled: bool = True,
+    ):
+        super().__init__(start, stop, enabled)
+
+        self.guidance_scale = guidance_scale
+        self.rlg_scale = rlg_scale
+        self.adapters = adapters
+        self.guidance_rescale = guidance_rescale
+        self.use_original_formulation = use_original_formulation
+
+        def is_scale(value):
+            return _is_number(value) or (isinstance(value, (list, tuple)) and all(_is_number(v) for v in value))
+
+        if isinstance(rlg_scale, dict):
+            if adapters is not None:
+                raise ValueError(
+                    "Give the adapters either as the keys of a dict `rlg_scale` or as `adapters`, not both."
+                )
+            if not rlg_scale or not all(is_scale(value) for value in rlg_scale.values()):
+                raise ValueError(f"A dict `rlg_scale` maps adapter names to floats or lists, but is {rlg_scale}.")
+        elif not is_scale(rlg_scale):
+            raise ValueError(f"`rlg_scale` must be a float, a list of floats or a dict, but is {rlg_scale!r}.")
+        if not (adapters is None or isinstance(adapters, str) or (isinstance(adapters, (list, tuple)) and adapters)):
+            raise ValueError(f"`adapters` must be an adapter name or a non-empty list of names, but is {adapters!r}.")
+        if self._mixes_adapters and (start, stop) != (0.0, 1.0):
+            raise ValueError(
+                "`start`/`stop` need a single aligned model to fall back to; with several adapters use per-adapter"
+                " schedules (lists) instead."
+            )
+
+        self._batches: list[tuple[str, bool]] = []  # (model, conditional?) of each prepared batch, in order
+        self._terms: dict[str, float] | None = None
+        self._hook_handles = []
+
+    # --- which models run this step -----------------------------------------------------------------------------
+
+    @property
+    def _mixes_adapters(self) -> bool:
+        return isinstance(self.rlg_scale, dict) or isinstance(self.adapters, (list, tuple))
+
+    def _scale_at(self, scale: RLGScale) -> float:
+        if isinstance(scale, (list, tuple)):
+            if self._num_inference_steps is not None and len(scale) != self._num_inference_steps:
+                raise ValueError(
+                    f"The `rlg_scale` schedule has {len(scale)} values, but the sampler runs"
+                    f" {self._num_inference_steps} steps."
+                )
+            return float(scale[self._step or 0])
+        return float(scale)
+
+    def _is_rlg_enabled(self) -> bool:
+        if not self._enabled:
+            return False
+        if self._num_inference_steps is None:
+            return True
+        start_step = int(self._start * self._num_inference_steps)
+        stop_step = int(self._stop * self._num_inference_steps)
+        return start_step <= (self._step or 0) < stop_step
+
+    def _is_cfg_enabled(self) -> bool:
+        if self.use_original_formulation:
+            return not math.isclose(self.guidance_scale, 0.0)
+        return not math.isclose(self.guidance_scale, 1.0)
+
+    def _rlg_terms(self) -> dict[str, float] | None:
+        r"""`{model: w}` of this step's `pred_base + sum_i w_i (pred_i - pred_base)` (`{}`: the base alone), or `None`
+        when RLG is off (outside the window, disabled, or `w == 1`): the aligned model alone."""
+        if not self._is_rlg_enabled():
+            return None
+        if isinstance(self.rlg_scale, dict):
+            scales = {f"adapter:{name}": self._scale_at(scale) for name, scale in self.rlg_scale.items()}
+        elif isinstance(self.adapters, (list, tuple)):
+            scales = {f"adapter:{name}": self._scale_at(self.rlg_scale) for name in self.adapters}
+        else:
+            w = self._scale_at(self.rlg_scale)
+            if w == 1:
+                return None
+            scales = {"aligned": w}
+        return {name: w for name, w in scales.items() if w != 0}
+
+    def _plan(self) -> list[tuple[str, bool]]:
+        terms = self._rlg_terms()
+        models = ["aligned"] if terms is None else ["base"] + list(terms)
+        conditions = [True, False] if self._is_cfg_enabled() else [True]
+        return [(model, conditional) for model in models for conditional in conditions]
+
+    @staticmethod
+    def _identifier(model: str, conditional: bool) -> str:
+        prediction = "pred_cond" if conditional else "pred_uncond"
+        return prediction if model == "aligned" else f"{prediction}_{model}"
+
+    def _adapter_of(self, model: str) -> str | None:
+        r"""The LoRA adapter `model` runs with: `"__base__"` for none, `None` for the denoiser as configured."""
+        if model == "base":
+            return BASE_ADAPTER_NAME
+        if model.startswith("adapter:"):
+            return model[len("adapter:") :]
+        return self.adapters if isinstance(self.adapters, str) else None
+
+    # --- BaseGuidance interface ---------------------------------------------------------------------------------
+
+    def set_state(self, step: int, num_inference_steps: int, timestep: torch.LongTensor) -> None:
+        super().set_state(step, num_inference_steps, timestep)
+        self._terms = self._rlg_terms()  # also checks the schedules' lengths
+
+    def prepare_inputs(self, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list["BlockState"]:
+        self._batches = self._plan()
+        self._terms = self._rlg_terms()
+        return [
+            self._prepare_batch(data, 0 if conditional else 1, self._identifier(model, conditional))
+            for model, conditional in self._batches
+        ]
+
+    def prepare_inputs_from_block_state(
+        self, data: "BlockState", input_fields: dict[str, str | tuple[str, str]]
+    ) -> list["BlockState"]:
+        self._batches = self._plan()
+        self._terms = self._rlg_terms()
+        return [
+            self._prepare_batch_from_block_state(
+                input_fields, data, 0 if conditional else 1, self._identifier(model, conditional)
+            )
+            for model, conditional in self._batches
+        ]
+
+    def prepare_models(self, denoiser: torch.nn.Module) -> None:
+        self._count_prepared += 1
+        model, _ = self._batches[self._count_prepared - 1]
+        adapter = self._adapter_of(model)
+        if adapter is None:
+            return  # the denoiser exactly as configured
+        lora_layers = _lora_layers(denoiser)
+        self._check_adapter(lora_layers, adapter)
+        if adapter != BASE_ADAPTER_NAME and [adapter] == list(lora_layers[0].active_adapters):
+            return  # the adapter the denoiser runs anyway
+
+        def hook(module, args, kwargs):
+            inputs = args[0] if args else kwargs["x"]
+            return args, {**kwargs, "adapter_names": [adapter] * inputs.shape[0]}
+
+        self._hook_handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in lora_layers]
+
+    def cleanup_models(self, denoiser: torch.nn.Module) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+
+    def _check_adapter(self, lora_layers: list, adapter: str):
+        r"""Raises a `ValueError` rather than silently sampling the wrong model."""
+        if not lora_layers:
+            raise ValueError(
+                "RLG needs the aligned model as a LoRA adapter on the denoiser (the base model is the denoiser with its"
+                " adapters off), but the denoiser has none; load one with `pipe.load_lora_weights(...)`."
+            )
+        if any(layer.merged for layer in lora_layers):
+            raise ValueError(
+                "The LoRA adapters are fused into the denoiser, so its base weights are gone; call"
+                " `pipe.unfuse_lora()` (or the denoiser's `unfuse_lora()`)."
+            )
+        if adapter == BASE_ADAPTER_NAME:
+            if all(layer.disable_adapters for layer in lora_layers) and not self._mixes_adapters:
+                raise ValueError("The LoRA adapters of the denoiser are disabled, so there is no aligned model.")
+            return
+        loaded = sorted({name for layer in lora_layers for name in layer.lora_A})
+        if adapter not in loaded:
+            raise ValueError(f"Unknown LoRA adapter '{adapter}'; the denoiser has {loaded}.")
+        if _uses_dora(lora_layers, adapter) and [adapter] != list(lora_layers[0].active_adapters):
+            raise ValueError(
+                f"LoRA adapter '{adapter}' uses DoRA, which peft cannot select per forward pass; activate it with"
+                " `set_adapters` and leave `adapters=None`."
+            )
+
+    def forward(self, **predictions: torch.Tensor) -> GuiderOutput:
+        # classifier-free guidance inside each model
+        guided, conditional, unconditional = {}, {}, {}
+        for model in dict.fromkeys(model for model, _ in self._batches):
+            pred_cond = predictions[self._identifier(model, True)]
+            pred_uncond = predictions.get(self._identifier(model, False))
+            if self._is_cfg_enabled():
+                shift = pred_cond - pred_uncond
+                pred = pred_cond if self.use_original_formulation else pred_uncond
+                pred = pred + self.guidance_scale * shift
+            else:
+                pred = pred_cond
+            if self.guidance_rescale > 0.0:
+                pred = rescale_noise_cfg(pred, pred_cond, self.guidance_rescale)
+            guided[model], conditional[model], unconditional[model] = pred, pred_cond, pred_uncond
+
+        # reinforcement learning guidance: pred_base + sum_i w_i (pred_i - pred_base)
+        if self._terms is None:
+            pred = guided["aligned"]
+        else:
+            pred = guided["base"]
+            for model, w in self._terms.items():
+                pred = pred + w * (guided[model] - guided["base"])
+        main = "aligned" if "aligned" in guided else "base"
+        return GuiderOutput(pred=pred, pred_cond=conditional[main], pred_uncond=unconditional[main])
+
+    @property
+    def is_conditional(self) -> bool:
+        if 0 < self._count_prepared <= len(self._batches):
+            return self._batches[self._count_prepared - 1][1]
+        return False
+
+    @property
+    def num_conditions(self) -> int:
+        return len(self._plan())
+
+    def get_state(self):
+        state = super().get_state()
+        state["rlg_terms"] = self._terms
+        return state
