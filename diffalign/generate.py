@@ -1,5 +1,8 @@
 """`diffalign generate`: sample a base model and its aligned version at several RLG scales, side by side.
 
+The model directory's `model_index.json` (`_class_name`) picks the RLG pipeline: Stable Diffusion 1.x/2.x
+(`StableDiffusionRLGPipeline`), SDXL (`StableDiffusionXLRLGPipeline`) or SD3 / SD3.5 (`StableDiffusion3RLGPipeline`).
+
 Writes, under `--output-dir`:
 - `rlg_grid.png`: one row per RLG scale, the same prompts and seeds in every row;
 - with `--reward NAME`: `rlg_rewards.json` (one entry per scale: mean, std and every image's reward), the same table
@@ -11,6 +14,7 @@ Example:
 """
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -28,7 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default="digits", help="diffusers model directory, or a bundled name (digits)")
     parser.add_argument("--lora", default=None, help="LoRA directory (pytorch_lora_weights.safetensors) = aligned")
     parser.add_argument(
-        "--aligned-unet", default=None, help="fully fine-tuned UNet directory (or model dir with unet/)"
+        "--aligned-denoiser",
+        "--aligned-unet",
+        "--aligned-transformer",
+        dest="aligned_denoiser",
+        default=None,
+        help="fully fine-tuned denoiser (UNet, or SD3 transformer) directory, or a model dir with unet/ or transformer/",
     )
     parser.add_argument("--prompt", action="append", default=None, help="a prompt; repeat for several")
     parser.add_argument(
@@ -38,11 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt (seeds seed..seed+N-1)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance inside each model")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (SD, SDXL; SD3 samples the ODE)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rlg-start", type=float, default=0.0, help="fraction of steps where RLG starts")
     parser.add_argument("--rlg-stop", type=float, default=1.0, help="fraction of steps where RLG stops")
-    parser.add_argument("--two-pass", action="store_true", help="one UNet forward per model instead of one batched")
+    parser.add_argument(
+        "--two-pass", action="store_true", help="one denoiser forward per model instead of one batched"
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--output-dir", default=os.path.join("runs", "generate"))
@@ -76,45 +87,103 @@ def _dtype_kwargs(dtype: torch.dtype) -> Dict:
     )
 
 
-def _load_aligned_unet(path: str, dtype: torch.dtype):
-    from diffusers import UNet2DConditionModel
+# diffusers pipeline class (`model_index.json` `_class_name`) -> (RLG pipeline class, denoiser attribute, its class)
+RLG_PIPELINES = {
+    "StableDiffusionPipeline": ("StableDiffusionRLGPipeline", "unet", "UNet2DConditionModel"),
+    "StableDiffusionXLPipeline": ("StableDiffusionXLRLGPipeline", "unet", "UNet2DConditionModel"),
+    "StableDiffusion3Pipeline": ("StableDiffusion3RLGPipeline", "transformer", "SD3Transformer2DModel"),
+}
+# a directory saved from an RLG pipeline (with its aligned model) loads with the same pipeline
+RLG_PIPELINES.update({rlg: (rlg, denoiser, cls) for rlg, denoiser, cls in list(RLG_PIPELINES.values())})
 
+
+def rlg_pipeline_for(path: str):
+    """`(RLG pipeline class, denoiser attribute name, denoiser class)` for the diffusers model at `path`.
+
+    Raises a `ModelError` naming the supported pipeline classes for any other model.
+    """
+    import diffusers
+
+    import diffalign.pipelines
     from diffalign.modeling import ModelError
 
-    if os.path.isfile(os.path.join(path, "unet", "config.json")):
-        return UNet2DConditionModel.from_pretrained(path, subfolder="unet", **_dtype_kwargs(dtype))
+    if os.path.isdir(path):
+        from diffalign.families import pipeline_class_of
+
+        pipeline_class = pipeline_class_of(path)
+    else:  # a hub id (hub reachable)
+        pipeline_class = diffusers.DiffusionPipeline.load_config(path)["_class_name"]
+    if pipeline_class not in RLG_PIPELINES:
+        supported = [name for name in RLG_PIPELINES if "RLG" not in name]
+        raise ModelError(
+            f"unsupported model: pipeline class '{pipeline_class}'; diffalign generate supports {', '.join(supported)}"
+        )
+    rlg_class, denoiser_name, denoiser_class = RLG_PIPELINES[pipeline_class]
+    return getattr(diffalign.pipelines, rlg_class), denoiser_name, getattr(diffusers, denoiser_class)
+
+
+def _load_aligned_denoiser(path: str, denoiser_name: str, denoiser_class, dtype: torch.dtype):
+    from diffalign.modeling import ModelError
+
+    if os.path.isfile(os.path.join(path, denoiser_name, "config.json")):
+        return denoiser_class.from_pretrained(path, subfolder=denoiser_name, **_dtype_kwargs(dtype))
     if os.path.isfile(os.path.join(path, "config.json")):
-        return UNet2DConditionModel.from_pretrained(path, **_dtype_kwargs(dtype))
-    raise ModelError(f"--aligned-unet '{path}' is neither a UNet directory nor a model directory with unet/")
+        return denoiser_class.from_pretrained(path, **_dtype_kwargs(dtype))
+    raise ModelError(
+        f"--aligned-denoiser '{path}' is neither a {denoiser_class.__name__} directory nor a model directory with"
+        f" {denoiser_name}/"
+    )
+
+
+def _load_lora(pipe, directory: str, denoiser_name: str, adapter_name: str = "aligned"):
+    """`pipe.load_lora_weights` with a clear error when the directory or its weights do not fit the model."""
+    from diffalign.modeling import LORA_WEIGHT_NAME, ModelError
+
+    if not os.path.isfile(os.path.join(directory, LORA_WEIGHT_NAME)):
+        raise ModelError(f"LoRA directory '{directory}' has no {LORA_WEIGHT_NAME}")
+    try:
+        pipe.load_lora_weights(directory, weight_name=LORA_WEIGHT_NAME, adapter_name=adapter_name)
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"LoRA in '{directory}' does not match the model: {first[:300]}") from None
+    if adapter_name not in (getattr(getattr(pipe, denoiser_name), "peft_config", None) or {}):
+        raise ModelError(
+            f"LoRA in '{directory}' does not match the model: none of its weights target this {denoiser_name}"
+        )
+    return pipe
 
 
 def load_rlg_pipeline(
     model: str,
     lora: Optional[str] = None,
-    aligned_unet: Optional[str] = None,
+    aligned_denoiser: Optional[str] = None,
     device: Optional[str] = None,
     dtype: str = "auto",
+    aligned_unet: Optional[str] = None,
 ):
-    """A `StableDiffusionRLGPipeline` for `model` with its aligned version (LoRA and/or fully fine-tuned UNet)."""
-    from diffalign.pipelines import StableDiffusionRLGPipeline
+    """The RLG pipeline of `model`'s family with its aligned version (a LoRA and/or a fully fine-tuned denoiser).
 
+    `aligned_unet` is the former name of `aligned_denoiser` (a UNet or an SD3 transformer).
+    """
+    aligned_denoiser = aligned_denoiser or aligned_unet
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         dtype = "float16" if str(device).startswith("cuda") else "float32"
     torch_dtype = getattr(torch, dtype)
-    pipe = StableDiffusionRLGPipeline.from_pretrained(
-        _resolve_model(model),
-        **_dtype_kwargs(torch_dtype),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    if aligned_unet:
-        pipe.register_modules(aligned_unet=_load_aligned_unet(aligned_unet, torch_dtype))
+    path = _resolve_model(model)
+    pipeline_class, denoiser_name, denoiser_class = rlg_pipeline_for(path)
+    init_parameters = inspect.signature(pipeline_class.__init__).parameters
+    extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    if "add_watermarker" in init_parameters:
+        extra = {"add_watermarker": False}
+    elif "safety_checker" not in init_parameters:
+        extra = {}
+    pipe = pipeline_class.from_pretrained(path, **_dtype_kwargs(torch_dtype), **extra)
+    if aligned_denoiser:
+        aligned = _load_aligned_denoiser(aligned_denoiser, denoiser_name, denoiser_class, torch_dtype)
+        pipe.register_modules(**{f"aligned_{denoiser_name}": aligned})
     if lora:
-        from diffalign.modeling import load_lora_into_pipeline
-
-        load_lora_into_pipeline(pipe, lora, adapter_name="aligned")
+        _load_lora(pipe, lora, denoiser_name)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -122,6 +191,8 @@ def load_rlg_pipeline(
 @torch.no_grad()
 def sample_scales(pipe, prompts: List[str], scales: List[float], num_images: int, seed: int, **call_kwargs) -> Dict:
     """Images `[len(prompts) * num_images, 3, H, W]` in [0, 1] for each scale; the same seeds at every scale."""
+    if "eta" not in inspect.signature(pipe.__call__).parameters:
+        call_kwargs.pop("eta", None)  # flow-matching pipelines (SD3) sample the deterministic ODE: no eta
     device = pipe._execution_device
     generator_device = "cpu" if device.type == "mps" else device
     images = {}
@@ -174,15 +245,15 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--num-images and --steps must be at least 1")
     if not 0.0 <= args.rlg_start <= args.rlg_stop <= 1.0:
         raise ConfigError("need 0 <= --rlg-start <= --rlg-stop <= 1")
-    if not args.lora and not args.aligned_unet and any(s != 1.0 for s in scales):
-        raise ConfigError("RLG needs an aligned model: pass --lora DIR or --aligned-unet DIR")
+    if not args.lora and not args.aligned_denoiser and any(s != 1.0 for s in scales):
+        raise ConfigError("RLG needs an aligned model: pass --lora DIR or --aligned-denoiser DIR")
     reward_fn = None
     if args.reward:
         from diffalign.rewards import get_reward
 
         reward_fn = get_reward(args.reward)
 
-    pipe = load_rlg_pipeline(args.model, args.lora, args.aligned_unet, args.device, args.dtype)
+    pipe = load_rlg_pipeline(args.model, args.lora, args.aligned_denoiser, args.device, args.dtype)
     images = sample_scales(
         pipe,
         prompts,

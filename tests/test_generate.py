@@ -75,3 +75,77 @@ def test_errors(tiny_model_dir, tmp_path):
         generate.run(parse(["--model", tiny_model_dir, "--prompt", "a", "--output-dir", str(tmp_path)]))
     assert generate._default_prompts("digits")[9] == "a handwritten digit nine"
     assert not os.listdir(tmp_path)
+
+
+def test_sd3_model_dir_with_lora_and_aligned_transformer(tmp_path, capsys):
+    """An SD3 directory picks StableDiffusion3RLGPipeline; a LoRA saved with StableDiffusion3Pipeline.save_lora_weights
+    is the aligned model; `--aligned-transformer` (alias of `--aligned-denoiser`) takes a full-weight transformer."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from diffalign.testing import save_tiny_pipeline, tiny_sd3_components
+
+    model_dir = save_tiny_pipeline("sd3", str(tmp_path / "sd3"))
+    transformer = tiny_sd3_components()["transformer"]
+    transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_v"])
+    )
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    lora = str(tmp_path / "lora")
+    StableDiffusion3Pipeline.save_lora_weights(lora, transformer_lora_layers=get_peft_model_state_dict(transformer))
+
+    out = tmp_path / "out"
+    args = parse(
+        ["--model", model_dir, "--lora", lora, "--prompt", "a cat", "--rlg-scale", "0", "1.6"]
+        + ["--reward", "jpeg_compressibility", "--num-images", "2", "--steps", "2", "--output-dir", str(out)]
+    )
+    assert generate.run(args) == 0
+    assert (out / "rlg_grid.png").is_file() and (out / "rlg_rewards.png").is_file()
+    assert [r["rlg_scale"] for r in json.loads((out / "rlg_rewards.json").read_text())] == [0.0, 1.6]
+    assert "jpeg_compressibility mean" in capsys.readouterr().out
+
+    pipe = generate.load_rlg_pipeline(model_dir, lora=lora, device="cpu")
+    assert type(pipe).__name__ == "StableDiffusion3RLGPipeline"
+    images = generate.sample_scales(pipe, ["a cat"], [0.0, 1.6], 1, 0, num_inference_steps=2, eta=0.0)
+    base = generate.load_rlg_pipeline(model_dir, device="cpu")
+    torch.testing.assert_close(
+        images[0.0], generate.sample_scales(base, ["a cat"], [1.0], 1, 0, num_inference_steps=2)[1.0]
+    )
+    assert not torch.allclose(images[0.0], images[1.6], atol=1e-3)
+
+    aligned_dir = str(tmp_path / "aligned")
+    perturbed_unet(tiny_sd3_components()["transformer"]).save_pretrained(aligned_dir)
+    args = parse(["--model", model_dir, "--aligned-transformer", aligned_dir, "--prompt", "a cat", "--steps", "2"])
+    assert args.aligned_denoiser == aligned_dir
+    pipe = generate.load_rlg_pipeline(model_dir, aligned_denoiser=aligned_dir, device="cpu")
+    assert pipe.aligned_transformer is not None
+    assert parse(["--aligned-unet", "u"]).aligned_denoiser == "u"  # the former flag still works
+
+
+def test_pipeline_choice_from_model_index(tmp_path):
+    from diffalign.modeling import ModelError
+    from diffalign.testing import save_tiny_pipeline
+
+    for family, expected in [("sdxl", "StableDiffusionXLRLGPipeline"), ("sd", "StableDiffusionRLGPipeline")]:
+        directory = save_tiny_pipeline(family, str(tmp_path / family))
+        assert generate.rlg_pipeline_for(directory)[0].__name__ == expected
+    sdxl = generate.load_rlg_pipeline(str(tmp_path / "sdxl"), device="cpu")
+    assert type(sdxl).__name__ == "StableDiffusionXLRLGPipeline" and sdxl.watermark is None
+    assert generate.sample_scales(sdxl, ["a cat"], [1.0], 1, 0, num_inference_steps=1, eta=0.0)[1.0].shape == (
+        1,
+        3,
+        32,
+        32,
+    )
+
+    flux = tmp_path / "flux"
+    flux.mkdir()
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(ModelError) as error:
+        generate.rlg_pipeline_for(str(flux))
+    message = str(error.value)
+    assert "\n" not in message and "FluxPipeline" in message
+    assert "StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline" in message
