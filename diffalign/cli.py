@@ -79,9 +79,10 @@ def train_command(args, extra: List[str]) -> int:
     elif not explicit_output and (not args.config or "output_dir" not in _yaml_keys(args.config)):
         config.output_dir = _default_output_dir(args.algorithm, args.config)
 
-    from diffalign.trainers import DDPOTrainer, PRDPTrainer
 
-    trainer_cls = {"ddpo": DDPOTrainer, "prdp": PRDPTrainer}[args.algorithm]
+    from diffalign.config import trainer_class
+
+    trainer_cls = trainer_class(args.algorithm)
     trainer = trainer_cls(config)
     history = trainer.train()
     if trainer.accelerator.is_main_process and history:
@@ -130,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="fine-tune with a reward (ddpo or prdp)", add_help=False)
-    train.add_argument("algorithm", choices=["ddpo", "prdp"])
+    from diffalign.config import CONFIG_CLASSES
+
+    train.add_argument("algorithm", choices=list(CONFIG_CLASSES))
     train.add_argument("--config", default=None, help="YAML file or preset name (see diffalign/configs)")
     train.add_argument("--resume", default=None, help="run directory or checkpoint to resume")
     train.add_argument("-h", "--help", action="store_true")

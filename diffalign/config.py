@@ -271,6 +271,7 @@ class DDPOConfig(TrainConfig):
     )
 
     algorithm = "ddpo"
+    trainer_class = "diffalign.trainers.ddpo.DDPOTrainer"
 
     def validate(self, num_processes: int = 1):
         super().validate(num_processes)
@@ -325,6 +326,7 @@ class PRDPConfig(TrainConfig):
     )
 
     algorithm = "prdp"
+    trainer_class = "diffalign.trainers.prdp.PRDPTrainer"
 
     def validate(self, num_processes: int = 1):
         super().validate(num_processes)
@@ -344,7 +346,17 @@ class PRDPConfig(TrainConfig):
             )
 
 
-CONFIG_CLASSES = {"ddpo": DDPOConfig, "prdp": PRDPConfig}
+# The algorithm registry: `diffalign train <name>`, presets, `bench` and the Python API all read it. Adding an algorithm
+# is a config class here (with `algorithm` and `trainer_class`) and its trainer module in `diffalign/trainers/`.
+CONFIG_CLASSES = {cls.algorithm: cls for cls in (DDPOConfig, PRDPConfig)}
+
+
+def trainer_class(algorithm: str):
+    """The trainer class of a registered algorithm (imported on demand: the CLI parses configs without torch)."""
+    import importlib
+
+    module, _, name = CONFIG_CLASSES[algorithm].trainer_class.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def preset_path(name_or_path: str) -> str:

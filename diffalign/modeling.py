@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import torch
 
-BUNDLED_MODELS = {"digits": "models/digits"}
+BUNDLED_MODELS = {"digits": "models/digits", "digits-flow": "models/digits-flow"}
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 

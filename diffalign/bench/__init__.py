@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     """Adds `diffalign bench <sub>` and its options to the `bench` sub-parser of the CLI."""
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("model and shapes")
-    g.add_argument("--model", default="digits", help="bundled model name (digits) or a local diffusers directory")
+    g.add_argument("--model", default="digits", help="bundled model name (digits, digits-flow) or a local diffusers directory")
     g.add_argument("--tiny", action="store_true", help="tiny random components (diffalign.testing), for smoke tests")
     g.add_argument("--sd15-random", action="store_true",
                    help="SD1.5-shaped UNet/VAE/CLIP text encoder with random weights (a GPU check; CPU needs --force)")

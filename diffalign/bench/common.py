@@ -33,7 +33,11 @@ SD15_SCHEDULER = dict(
     steps_offset=1,
 )
 
-DIGITS_PRESET = "digits-ddpo"
+# The bundled models and their presets per algorithm: shared sampling settings come from the `ddpo` one.
+DIGITS_PRESETS = {
+    "digits": {"ddpo": "digits-ddpo", "prdp": "digits-prdp"},
+    "digits-flow": {"ddpo": "digits-flow-grpo", "prdp": "digits-flow-prdp"},
+}
 TINY_PROMPTS = ["a photo of a cat", "a photo of a dog", "a red car", "a blue house"]
 
 
@@ -257,7 +261,7 @@ class Context:
     # ---- the model
     @property
     def is_digits(self) -> bool:
-        return not self.args.tiny and not self.args.sd15_random and self.args.model == "digits"
+        return not self.args.tiny and not self.args.sd15_random and self.args.model in DIGITS_PRESETS
 
     @property
     def model_name(self) -> str:
@@ -273,7 +277,7 @@ class Context:
         from diffalign.config import ConfigError, preset_path
 
         try:
-            path = preset_path(DIGITS_PRESET)
+            path = preset_path(DIGITS_PRESETS[self.args.model]["ddpo"])
         except ConfigError:
             return {}
         with open(path) as f:
@@ -382,7 +386,8 @@ class Context:
         return values
 
     def algorithm_preset(self, algorithm: str) -> dict:
-        """Training settings of `digits-<algorithm>.yaml` (train_*/advantage/lora keys), when it exists."""
+        """Training settings of the bundled model's preset of `algorithm` (train_*/advantage/lora keys), when it
+        exists."""
         if not self.is_digits:
             return {}
         import yaml
@@ -390,7 +395,7 @@ class Context:
         from diffalign.config import ConfigError, preset_path
 
         try:
-            path = preset_path(f"digits-{algorithm}")
+            path = preset_path(DIGITS_PRESETS[self.args.model][algorithm])
         except ConfigError:
             return {}
         with open(path) as f:
@@ -410,7 +415,6 @@ class Context:
         from accelerate import Accelerator
 
         from diffalign.config import load_config
-        from diffalign.trainers import DDPOTrainer, PRDPTrainer
 
         values = {**self.algorithm_preset(algorithm), **self.base_settings(), **overrides}
         values.update(model=self.model_name, output_dir=output_dir, num_epochs=10**6, checkpoint_every=10**6)
@@ -432,7 +436,9 @@ class Context:
         accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=self.device.type == "cpu")
         if self.device.type == "cuda" and accelerator.device.type != "cuda":
             raise BenchError("accelerate did not select the CUDA device")
-        cls = {"ddpo": DDPOTrainer, "prdp": PRDPTrainer}[algorithm]
+        from diffalign.config import trainer_class
+
+        cls = trainer_class(algorithm)
         return cls(config, pipeline=pipe, reward_fn=reward_fn, accelerator=accelerator)
 
 

@@ -67,6 +67,23 @@ LEARN_CONFIGS: Dict[str, tuple] = {
          "sample_guidance_scale": 1.0},
     ),
     "prdp_k{K}_no_cfg": ("prdp", {"train_num_inner_epochs": "{K}", "sample_guidance_scale": 1.0}),
+    # SDE windows (Flow-GRPO-Fast, MixGRPO): only a window of steps is stochastic and trained, drawn each epoch in
+    # the first half of the trajectory; deterministic (ODE) steps elsewhere. `{first_half}` is [0, steps / 2].
+    "ddpo_window2": (
+        "ddpo", {"sample_sde_window_size": 2, "sample_sde_window_range": "{first_half}",
+                 "train_timestep_fraction": 1.0, "train_num_inner_epochs": 1, "sample_compute_kl": False}
+    ),
+    "ddpo_window2_k2": (
+        "ddpo", {"sample_sde_window_size": 2, "sample_sde_window_range": "{first_half}",
+                 "train_timestep_fraction": 1.0, "train_num_inner_epochs": 2, "sample_compute_kl": False}
+    ),
+    "ddpo_window3_k2": (
+        "ddpo", {"sample_sde_window_size": 3, "sample_sde_window_range": "{first_half}",
+                 "train_timestep_fraction": 1.0, "train_num_inner_epochs": 2, "sample_compute_kl": False}
+    ),
+    "prdp_k{K}_window3": (
+        "prdp", {"train_num_inner_epochs": "{K}", "sample_sde_window_size": 3, "sample_sde_window_range": "{first_half}"}
+    ),
 }
 
 
@@ -82,10 +99,16 @@ def learn_configs(ctx) -> Dict[str, tuple]:
             return max(1, shared[key] // 2)
         return value
 
+    steps = shared["sample_num_steps"]
     configs = {}
     for name, (algorithm, overrides) in LEARN_CONFIGS.items():
         name = name.replace("{K}", str(k))
-        configs[name] = (algorithm, {key: resolve(key, value) for key, value in overrides.items()})
+        values = {key: resolve(key, value) for key, value in overrides.items()}
+        if "sample_sde_window_size" in values:  # a window no longer than the trajectory, in its first half
+            values["sample_sde_window_size"] = size = min(values["sample_sde_window_size"], steps)
+            if values.get("sample_sde_window_range") == "{first_half}":
+                values["sample_sde_window_range"] = [0, max(steps // 2, size)]
+        configs[name] = (algorithm, values)
     if ctx.args.configs:
         wanted = [c.strip() for c in ctx.args.configs.split(",") if c.strip()]
         unknown = [c for c in wanted if c not in configs]
