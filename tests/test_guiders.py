@@ -201,3 +201,74 @@ def test_config_round_trip_and_errors(sd3, tmp_path):
             run_sd3(pipe, ReinforcementLearningGuidance(rlg_scale=1.5))
     finally:
         transformer.unfuse_lora()
+
+
+def test_wan_modular_pipeline(monkeypatch):
+    """Another modular pipeline with a `guider`: Wan 2.1 text-to-video, tiny components (as in diffusers' Wan tests)."""
+    import diffusers.modular_pipelines.wan.encoders as wan_encoders
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from diffusers.modular_pipelines import WanBlocks
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from diffalign.testing import tiny_t5_tokenizer
+
+    if not hasattr(wan_encoders, "ftfy"):  # the prompt cleaning needs ftfy, an optional dependency
+        monkeypatch.setattr(wan_encoders, "basic_clean", lambda text: text.strip())
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    add_lora(transformer, std=0.3)
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4))
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = modular(
+        WanBlocks(),
+        dict(
+            vae=vae,
+            transformer=transformer,
+            text_encoder=text_encoder,
+            tokenizer=tiny_t5_tokenizer(),
+            scheduler=scheduler,
+        ),
+    )
+
+    def run(guider):
+        pipe.update_components(guider=guider)
+        torch.manual_seed(0)  # the Wan blocks draw the initial latents from the global generator
+        return pipe(
+            prompt=PROMPT,
+            negative_prompt="",
+            num_inference_steps=3,
+            height=16,
+            width=16,
+            num_frames=5,
+            max_sequence_length=16,
+            output="latents",
+        )
+
+    aligned = run(ClassifierFreeGuidance(guidance_scale=5.0))
+    transformer.disable_adapters()
+    base = run(ClassifierFreeGuidance(guidance_scale=5.0))
+    transformer.enable_adapters()
+    assert (aligned - base).abs().max() > 1e-2
+    torch.testing.assert_close(
+        run(ReinforcementLearningGuidance(guidance_scale=5.0, rlg_scale=0.0)), base, atol=0, rtol=0
+    )
+    torch.testing.assert_close(run(ReinforcementLearningGuidance(guidance_scale=5.0)), aligned, atol=0, rtol=0)
+    assert (run(ReinforcementLearningGuidance(guidance_scale=5.0, rlg_scale=1.5)) - aligned).abs().max() > 1e-3
