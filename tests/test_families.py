@@ -126,3 +126,14 @@ def test_cli_trains_each_family_and_the_lora_loads_in_its_pipeline(family_dirs, 
     pipe.load_lora_weights(lora_dir)
     after = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(0), **kwargs).images
     assert (after - before).abs().max() > 1e-4  # the trained LoRA is loaded and changes the images
+
+    # ... and in the family's RLG pipeline: w = 1 is the LoRA model, w = 0 the base
+    import diffalign.pipelines
+
+    rlg_cls = getattr(diffalign.pipelines, pipeline_cls.__name__.replace("Pipeline", "RLGPipeline"))
+    rlg = rlg_cls.from_pretrained(model)
+    rlg.set_progress_bar_config(disable=True)
+    rlg.load_lora_weights(lora_dir)
+    for scale, expected in ((1.0, after), (0.0, before)):
+        images = rlg(PROMPTS[0], generator=torch.Generator().manual_seed(0), rlg_scale=scale, **kwargs).images
+        torch.testing.assert_close(images, expected, atol=1e-4, rtol=1e-4)
