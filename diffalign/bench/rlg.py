@@ -1,6 +1,5 @@
-"""`bench rlg`: RLG sampling (single/two pass, windows) against plain CFG sampling."""
-
-
+"""`bench rlg`: RLG sampling (single/two pass, windows) against plain CFG sampling, for SD, SDXL and SD3 models; for
+SDXL and SD3 also the RLG guider in the modular pipeline against the stock CFG guider."""
 
 from .common import (
     BenchError,
@@ -24,35 +23,52 @@ RLG_CASES = [
 
 
 # -------------------------------------------------------------------------------------------------------- rlg
-def add_random_lora(unet, std: float = 0.1, seed: int = 0, adapter_name: str = "default"):
+def add_random_lora(denoiser, std: float = 0.1, seed: int = 0, adapter_name: str = "default"):
     """A peft LoRA (rank 4, attention projections) with random non-zero B weights, so it changes the model."""
     import torch
     from peft import LoraConfig
 
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name=adapter_name)
+    denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name=adapter_name)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in unet.named_parameters():
+        for name, param in denoiser.named_parameters():
             if f"lora_B.{adapter_name}." in name:
                 param.copy_((std * torch.randn(param.shape, generator=generator)).to(param.device, param.dtype))
-    return unet
+    return denoiser
+
+
+# family -> (RLG pipeline, plain diffusers pipeline, modular blocks with a `guider`, or None)
+FAMILY_PIPELINES = {
+    "sd": ("StableDiffusionRLGPipeline", "StableDiffusionPipeline", None),
+    "sdxl": ("StableDiffusionXLRLGPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLAutoBlocks"),
+    "sd3": ("StableDiffusion3RLGPipeline", "StableDiffusion3Pipeline", "StableDiffusion3AutoBlocks"),
+}
+# `rlg` with a modular pipeline: (name, start, stop) of the RLG guider, against the stock CFG guider
+GUIDER_CASES = [("guider_0_1", 0.0, 1.0), ("guider_0_0.5", 0.0, 0.5)]
 
 
 def run_benchmark(ctx) -> dict:
+    """RLG sampling against plain CFG sampling of the same (LoRA) model, for the model's family (SD, SDXL, SD3: e.g.
+    `--model DIR` with an SD3 directory); for SDXL and SD3 also the RLG guider in the family's modular pipeline
+    against its stock `ClassifierFreeGuidance` guider."""
+    import diffusers
     import torch
-    from diffusers import StableDiffusionPipeline
 
-    from diffalign.pipelines import StableDiffusionRLGPipeline
+    import diffalign.pipelines
+    from diffalign.families import family_for_pipeline
 
     args = ctx.args
     base = ctx.pipeline(copy_=not args.sd15_random)
-    add_random_lora(base.unet, args.lora_std, args.seed)
-    base.unet.to(ctx.device, ctx.dtype).eval()
-    components = {k: v for k, v in base.components.items()}
-    rlg = StableDiffusionRLGPipeline(**components, requires_safety_checker=False)
-    plain = StableDiffusionPipeline(**{k: v for k, v in components.items() if k != "aligned_unet"},
-                                    requires_safety_checker=False)
+    family = family_for_pipeline(base)
+    rlg_class, plain_class, blocks_class = FAMILY_PIPELINES[family.name]
+    denoiser = getattr(base, family.denoiser_name)
+    add_random_lora(denoiser, args.lora_std, args.seed)
+    denoiser.to(ctx.device, ctx.dtype).eval()
+    components = {k: v for k, v in base.components.items() if not k.startswith("aligned_")}
+    init_extra = {"sd": {"requires_safety_checker": False}, "sdxl": {"add_watermarker": False}}.get(family.name, {})
+    rlg = getattr(diffalign.pipelines, rlg_class)(**components, **init_extra)
+    plain = getattr(diffusers, plain_class)(**components, **init_extra)
     for p in (rlg, plain):
         p.set_progress_bar_config(disable=True)
     steps, g, batch = ctx.steps, ctx.guidance_scale, ctx.batch_size
@@ -60,10 +76,12 @@ def run_benchmark(ctx) -> dict:
         raise BenchError("rlg compares against CFG sampling: use --guidance-scale > 1")
     res = ctx.resolution(base)
     prompts = ctx.prompts(batch)
-    ctx.settings.update(model=ctx.model_name, batch_size=batch, steps=steps, guidance_scale=g, resolution=res,
-                        rlg_scale=args.rlg_scale, lora_std=args.lora_std, repeats=ctx.repeats,
+    ctx.settings.update(model=ctx.model_name, family=family.name, batch_size=batch, steps=steps, guidance_scale=g,
+                        resolution=res, rlg_scale=args.rlg_scale, lora_std=args.lora_std, repeats=ctx.repeats,
                         cases={n: {"rlg_single_pass": s, "rlg_start": a, "rlg_stop": b} for n, s, a, b in RLG_CASES})
     common = dict(num_inference_steps=steps, guidance_scale=g, height=res, width=res, output_type="pt")
+    if family.name == "sd3":
+        common["max_sequence_length"] = family.max_sequence_length  # the same T5 length in every case
 
     def generator():
         return torch.Generator(ctx.device).manual_seed(args.seed)
@@ -73,15 +91,47 @@ def run_benchmark(ctx) -> dict:
         fns[name] = (lambda single=single, start=start, stop=stop: rlg(
             prompts, generator=generator(), rlg_scale=args.rlg_scale, rlg_start=start, rlg_stop=stop,
             rlg_single_pass=single, **common))
+
+    guider_cases = GUIDER_CASES if blocks_class else []
+    if guider_cases:
+        # the same components in the family's modular pipeline, one pipeline per guider
+        import diffusers.modular_pipelines
+        from diffusers.guiders import ClassifierFreeGuidance
+
+        from diffalign.guiders import ReinforcementLearningGuidance
+
+        blocks = getattr(diffusers.modular_pipelines, blocks_class)
+        modular_kwargs = {k: v for k, v in common.items() if k != "guidance_scale"}
+        if family.name == "sd3":
+            modular_kwargs["negative_prompt"] = [""] * len(prompts)  # the SD3 blocks run CFG only with one
+
+        def modular(guider):
+            pipe = blocks().init_pipeline()
+            pipe.update_components(**{k: v for k, v in components.items() if v is not None}, guider=guider)
+            pipe.set_progress_bar_config(disable=True)
+            return lambda: pipe(prompt=prompts, generator=generator(), output="images", **modular_kwargs)
+
+        fns["guider_cfg"] = modular(ClassifierFreeGuidance(guidance_scale=g))
+        for name, start, stop in guider_cases:
+            fns[name] = modular(
+                ReinforcementLearningGuidance(guidance_scale=g, rlg_scale=args.rlg_scale, start=start, stop=stop)
+            )
+        ctx.settings["guider_cases"] = {n: {"start": a, "stop": b} for n, a, b in guider_cases}
+
     meter = PeakMemory(ctx.device)
     timings = timed_interleaved(fns, ctx.repeats, ctx.device, meter)
     figures = Figures()
     figures.add("plain_images_per_s", batch / timings["plain"]["median"], "img/s")
     for name, _, start, stop in RLG_CASES:
         figures.add(f"rlg_{name}_over_plain", paired_ratio(timings[name], timings["plain"])["ratio"],
-                    f"time ratio, RLG in steps [{start}, {stop}) (2 UNet passes: ~{1 + (stop - start):.2g})")
+                    f"time ratio, RLG in steps [{start}, {stop}) (2 denoiser passes: ~{1 + (stop - start):.2g})")
+    if guider_cases:
+        figures.add("guider_cfg_images_per_s", batch / timings["guider_cfg"]["median"], "img/s")
+        for name, start, stop in guider_cases:
+            figures.add(f"rlg_{name}_over_guider_cfg", paired_ratio(timings[name], timings["guider_cfg"])["ratio"],
+                        f"time ratio, RLG guider in steps [{start}, {stop}) vs the CFG guider"
+                        f" (~{1 + (stop - start):.2g})")
     figures.add("plain_peak_mem_mib", mib(timings["plain"]["peak_bytes"]), meter.kind)
     for name, *_ in RLG_CASES:
         figures.add(f"rlg_{name}_peak_mem_mib", mib(timings[name]["peak_bytes"]), meter.kind)
     return {"figures": figures, "timings": timings}
-
