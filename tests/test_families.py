@@ -137,3 +137,14 @@ def test_cli_trains_each_family_and_the_lora_loads_in_its_pipeline(family_dirs, 
     for scale, expected in ((1.0, after), (0.0, before)):
         images = rlg(PROMPTS[0], generator=torch.Generator().manual_seed(0), rlg_scale=scale, **kwargs).images
         torch.testing.assert_close(images, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_names_the_supported_families_for_another_pipeline(tmp_path, capsys):
+    from diffalign.cli import main
+
+    model = tmp_path / "kandinsky"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    assert main(["train", "ddpo", "--model", str(model), "--output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unsupported model" in err[0] and "StableDiffusion3Pipeline" in err[0]
