@@ -268,9 +268,10 @@ class ReinforcementLearningGuidance(BaseGuidance):
                 "The LoRA adapters are fused into the denoiser, so its base weights are gone; call"
                 " `pipe.unfuse_lora()` (or the denoiser's `unfuse_lora()`)."
             )
+        if all(layer.disable_adapters for layer in lora_layers):
+            # peft runs disabled adapters as the base model, whatever adapter a forward pass selects
+            raise ValueError("The LoRA adapters of the denoiser are disabled, so there is no aligned model.")
         if adapter == BASE_ADAPTER_NAME:
-            if all(layer.disable_adapters for layer in lora_layers) and not self._mixes_adapters:
-                raise ValueError("The LoRA adapters of the denoiser are disabled, so there is no aligned model.")
             return
         loaded = sorted({name for layer in lora_layers for name in layer.lora_A})
         if adapter not in loaded:

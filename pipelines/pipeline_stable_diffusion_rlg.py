@@ -839,6 +839,9 @@ class StableDiffusionRLGPipeline(
             unknown = [name for name in rlg_scale if name not in loaded]
             if unknown:
                 raise ValueError(f"Unknown LoRA adapter(s) {unknown} in `rlg_scale`; loaded adapters: {loaded}.")
+            if all(layer.disable_adapters for layer in lora_layers):
+                # peft runs disabled adapters as the base model, whatever adapter a row selects
+                raise ValueError("The LoRA adapters of `unet` are disabled; call `pipe.enable_lora()`.")
             for name, scale in rlg_scale.items():
                 if not (_is_number(scale) or isinstance(scale, (list, tuple)) or callable(scale)):
                     raise ValueError(f"`rlg_scale['{name}']` must be a float or a schedule, but is {type(scale)}.")

@@ -195,6 +195,16 @@ def test_config_round_trip_and_errors(sd3, tmp_path):
         run_sd3(plain, ReinforcementLearningGuidance(rlg_scale=1.5))
     run_sd3(plain, ReinforcementLearningGuidance(rlg_scale=1.0))  # w = 1 is plain CFG: no adapter needed
     transformer = components["transformer"]
+    transformer.disable_adapters()
+    try:
+        for guider in (
+            ReinforcementLearningGuidance(rlg_scale=1.5),
+            ReinforcementLearningGuidance(adapters="default"),
+        ):
+            with pytest.raises(ValueError, match="disabled"):
+                run_sd3(pipe, guider)
+    finally:
+        transformer.enable_adapters()
     transformer.fuse_lora()
     try:
         with pytest.raises(ValueError, match="fused"):

@@ -351,8 +351,9 @@ def test_errors(base_components, lora_components):
     with pytest.raises(ValueError, match="must be a float"):
         pipe(**call_kwargs(rlg_scale="1.5"))
     pipe.disable_lora()
-    with pytest.raises(ValueError, match="disabled"):
-        pipe(**call_kwargs(rlg_scale=1.5))
+    for scale in (1.5, {"default": 1.5}):
+        with pytest.raises(ValueError, match="disabled"):
+            pipe(**call_kwargs(rlg_scale=scale))
     pipe.enable_lora()
     with pytest.raises(ValueError, match="cannot be used with `aligned_transformer`"):
         make(StableDiffusion3RLGPipeline, base_components, aligned_transformer=lora_components["transformer"])(
