@@ -87,7 +87,16 @@ class TrainConfig:
         metadata={"help": "[low, high): each epoch the SDE window starts at a step drawn uniformly so that it fits "
                           "in this range; default [0, sample_num_steps]."},
     )
-    sample_guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale (1.0 = no CFG, also in training)."})
+    sample_guidance_scale: float = field(
+        default=5.0,
+        metadata={"help": "CFG scale (1.0 = no CFG, also in training); for FLUX the optional true CFG with an empty "
+                          "negative prompt (FluxPipeline's `true_cfg_scale`; 1.0 = off, FLUX.1-dev's usual setting)."},
+    )
+    sample_embedded_guidance: float = field(
+        default=3.5,
+        metadata={"help": "FLUX.1-dev's embedded guidance, a transformer input (FluxPipeline's `guidance_scale`); "
+                          "other families and models without `guidance_embeds` ignore it."},
+    )
     sample_resolution: Optional[int] = field(default=None, metadata={"help": "Image side; default the model's."})
     sample_num_prompts_per_epoch: int = field(default=8, metadata={"help": "Prompts per epoch, all processes (N)."})
     sample_images_per_prompt: int = field(default=4, metadata={"help": "Images per prompt (B), one group."})

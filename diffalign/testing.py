@@ -274,7 +274,59 @@ def tiny_sd3_pipeline(seed: int = 0, **kwargs):
     return pipe
 
 
+def tiny_flux_components(seed: int = 0, guidance_embeds: bool = True) -> dict:
+    """Components of a tiny random `FluxPipeline`: a FLUX transformer with one double- and one single-stream block
+    (16 input channels: the 4-channel latents packed 2x2), the embedded guidance of FLUX.1-dev (`guidance_embeds`;
+    False is FLUX.1-schnell), a CLIP text encoder (its pooled output) and a tiny T5, a 4-channel VAE with FLUX's
+    latent scaling and shift, and FLUX.1-dev's scheduler (dynamic shifting from the image sequence length)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+        guidance_embeds=guidance_embeds,
+    )
+    vae = tiny_vae(seed, 32, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
+                   scaling_factor=0.3611)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_clip_text_kwargs()))
+    # FLUX.1-dev's scheduler_config.json
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": tiny_t5_encoder(seed),
+        "tokenizer": offline_clip_tokenizer(),
+        "tokenizer_2": tiny_t5_tokenizer(),
+        "scheduler": scheduler,
+    }
+
+
+def tiny_flux_pipeline(seed: int = 0, **kwargs):
+    """A tiny `FluxPipeline` with random weights (see `tiny_flux_components`). Its default image side is FluxPipeline's
+    (`default_sample_size` 128 x `vae_scale_factor` 2 = 256 px); pass `height`/`width` (multiples of 4) for speed."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline(**tiny_flux_components(seed, **kwargs))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 TINY_PIPELINES = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, "sd3": tiny_sd3_pipeline}
+TINY_PIPELINES["flux"] = tiny_flux_pipeline
 
 
 def save_tiny_pipeline(family: str, directory: str, seed: int = 0, **kwargs) -> str:

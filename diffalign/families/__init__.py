@@ -12,13 +12,14 @@ import torch
 
 from ..modeling import ModelError, resolve_model_path
 from .base import Conditioning, ModelFamily
+from .flux import FluxFamily
 from .sd import StableDiffusionFamily
 from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
 
 FAMILIES: Dict[str, Type[ModelFamily]] = {
     family.pipeline_class: family
-    for family in (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family)
+    for family in (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family, FluxFamily)
 }
 
 
@@ -65,5 +66,5 @@ def load_family(name_or_path: str, torch_dtype: torch.dtype = torch.float32) -> 
     return cls(cls.load(path, torch_dtype))
 
 
-__all__ = ["FAMILIES", "Conditioning", "ModelFamily", "StableDiffusion3Family", "StableDiffusionFamily",
+__all__ = ["FAMILIES", "Conditioning", "FluxFamily", "ModelFamily", "StableDiffusion3Family", "StableDiffusionFamily",
            "StableDiffusionXLFamily", "family_class", "family_for_pipeline", "load_family", "pipeline_class_of"]

@@ -1,0 +1,183 @@
+"""FLUX.1 (dev, schnell): a guidance-distilled MM-DiT flow transformer on CLIP (pooled) and T5 text, latents packed
+2x2 into tokens; trajectories with Flow-GRPO's SDE.
+
+What differs from SD3, and where it lives here:
+
+- the guidance scale of FLUX.1-dev is an **input** of the transformer (`guidance`, when `guidance_embeds`), not a CFG
+  pair: `embedded_guidance` (the run's `sample_embedded_guidance`, default 3.5 as `FluxPipeline`) travels in the
+  conditioning mapping as one value per row, so a recorded trajectory is re-evaluated with the guidance it was
+  sampled with. The generic CFG of `ModelFamily.predict` (`sample_guidance_scale != 1`, a negative prompt) is
+  FluxPipeline's optional *true* CFG (`true_cfg_scale`); both halves then go through one forward.
+- latents are packed: `(B, (h/2)(w/2), 4C)`. `prepare_latents` returns packed latents (as `FluxPipeline`), the
+  kernels step them as they are, `decode` unpacks them. `img_ids`/`txt_ids` are not per row: `forward` builds them
+  from the shapes, as the pipeline does.
+- timesteps: FLUX's sigmas `linspace(1, 1/n, n)` and the dynamic shift `mu` from the image sequence length, exactly
+  as `FluxPipeline.__call__`; the transformer takes `t / 1000`.
+"""
+
+import math
+from typing import Dict, List, Tuple
+
+import torch
+
+from ..kernels import FlowSDEKernel
+from .base import Conditioning, ModelFamily
+
+
+class FluxFamily(ModelFamily):
+    name = "flux"
+    pipeline_class = "FluxPipeline"
+    denoiser_name = "transformer"
+    kernel_class = FlowSDEKernel
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    # diffusers' examples/dreambooth/train_dreambooth_lora_flux.py (the default `--lora_layers`): the attention of
+    # both streams of the double-stream blocks and their feed-forwards; the single-stream blocks' attention matches
+    # the `attn.to_q/k/v` suffixes too.
+    default_lora_target_modules = [
+        "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
+        "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    ]
+    max_sequence_length = 512  # T5 tokens, FluxPipeline's default (FLUX.1-dev; Flow-GRPO and DanceGRPO train so)
+    embedded_guidance = 3.5  # FluxPipeline's default `guidance_scale`; set per run by `make_kernel(config)`
+
+    def __init__(self, pipe, max_cache: int = 4096):
+        super().__init__(pipe, max_cache)
+        # token count -> (height, width) in pixels of the latents last prepared with that many tokens: packed latents
+        # do not say their 2-D grid, which `forward` (img_ids) and `decode` (unpacking) need
+        self._sizes: Dict[int, Tuple[int, int]] = {}
+
+    def make_kernel(self, config):
+        """The flow SDE kernel; also takes the run's embedded guidance (`sample_embedded_guidance`), if it has one."""
+        self.embedded_guidance = float(getattr(config, "sample_embedded_guidance", self.embedded_guidance))
+        return super().make_kernel(config)
+
+    # -------------------------------------------------------------------- prompts
+    def encode_text(self, prompts: List[str], device) -> Conditioning:
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=device, num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def uses_embedded_guidance(self) -> bool:
+        from ..rollout import unwrap
+
+        return bool(unwrap(self.denoiser).config.get("guidance_embeds", False))
+
+    def conditioning(self, prompts: List[str], negative_prompt: str, do_cfg: bool, height: int, width: int):
+        """As `ModelFamily.conditioning`, plus the embedded guidance per row (`guidance`, float32 as FluxPipeline's)."""
+        cond, negative = super().conditioning(prompts, negative_prompt, do_cfg, height, width)
+        self._remember_size(height, width)
+        if self.uses_embedded_guidance():
+            device = cond["encoder_hidden_states"].device
+            guidance = torch.full((len(prompts),), self.embedded_guidance, device=device, dtype=torch.float32)
+            cond = {**cond, "guidance": guidance}
+            if negative is not None:
+                negative = {**negative, "guidance": guidance.clone()}
+        return cond, negative
+
+    # ----------------------------------------------------------- latents and time
+    def default_resolution(self) -> int:
+        return self.pipe.default_sample_size * self.vae_scale_factor
+
+    def resolution_multiple(self) -> int:
+        return self.vae_scale_factor * 2  # the VAE's downsampling, then 2x2 packing
+
+    def latent_channels(self, denoiser=None) -> int:
+        return super().latent_channels(denoiser) // 4  # the transformer sees 2x2-packed channels
+
+    def _grid(self, height: int, width: int) -> Tuple[int, int]:
+        """The packed token grid `(rows, columns)` of an image size, as `FluxPipeline.prepare_latents` rounds it."""
+        multiple = self.vae_scale_factor * 2
+        return int(height) // multiple, int(width) // multiple
+
+    def _remember_size(self, height: int, width: int):
+        rows, columns = self._grid(height, width)
+        self._sizes[rows * columns] = (int(height), int(width))
+
+    def _size_of(self, num_tokens: int) -> Tuple[int, int]:
+        """`(height, width)` of packed latents with `num_tokens` tokens: the size last prepared, else square."""
+        if num_tokens in self._sizes:
+            return self._sizes[num_tokens]
+        side = math.isqrt(num_tokens)
+        if side * side != num_tokens:
+            raise ValueError(f"packed FLUX latents of {num_tokens} tokens: prepare them with the family first "
+                             "(`prepare_latents` or `conditioning`) so that their height and width are known")
+        return side * self.resolution_multiple(), side * self.resolution_multiple()
+
+    def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents=None, denoiser=None):
+        """Packed latents `(B, (h/2)(w/2), 4C)` as `FluxPipeline.prepare_latents` (given `latents` must be packed)."""
+        self._remember_size(height, width)
+        latents, _ = self.pipe.prepare_latents(batch_size, self.latent_channels(denoiser), height, width, dtype, device,
+                                               generator, latents)
+        return latents
+
+    def set_timesteps(self, num_inference_steps: int, device, height: int, width: int) -> torch.Tensor:
+        # As FluxPipeline.__call__: sigmas linspace(1, 1/n, n) (none with `use_flow_sigmas`) and `mu` from the image
+        # sequence length, always passed (a scheduler without dynamic shifting ignores it).
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        self._remember_size(height, width)
+        scheduler = self.scheduler
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        if getattr(scheduler.config, "use_flow_sigmas", False):
+            sigmas = None
+        rows, columns = self._grid(height, width)
+        mu = calculate_shift(
+            rows * columns, scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096), scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
+        return timesteps
+
+    # ------------------------------------------------------------------ denoising
+    def forward(self, denoiser, latents, timesteps, cond: Conditioning):
+        """One FLUX transformer call on packed latents; any batch of rows (CFG doubles it): the position ids are the
+        same for every row, built from the shapes as in `FluxPipeline`."""
+        height, width = self._size_of(latents.shape[1])
+        rows, columns = self._grid(height, width)
+        embeds = cond["encoder_hidden_states"]
+        img_ids = self.pipe._prepare_latent_image_ids(latents.shape[0], rows, columns, latents.device, embeds.dtype)
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=embeds.dtype)
+        guidance = cond.get("guidance")
+        return denoiser(
+            hidden_states=latents, timestep=timesteps.to(latents.dtype) / 1000,
+            guidance=guidance.float() if guidance is not None else None,
+            pooled_projections=cond["pooled_projections"], encoder_hidden_states=embeds, txt_ids=txt_ids,
+            img_ids=img_ids, return_dict=False,
+        )[0]
+
+    # ------------------------------------------------------------------- decoding
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unpacks (`FluxPipeline._unpack_latents`), then `latents / scaling_factor + shift_factor` and the VAE."""
+        height, width = self._size_of(latents.shape[1])
+        return super().decode(self.pipe._unpack_latents(latents, height, width, self.vae_scale_factor))
+
+    # ----------------------------------------------------------------------- LoRA
+    def lora_state_dict(self, denoiser) -> dict:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(denoiser)  # as diffusers' train_dreambooth_lora_flux.py saves it
+
+    def save_lora(self, denoiser, directory: str):
+        """Writes `pytorch_lora_weights.safetensors` so `FluxPipeline.load_lora_weights(directory)` loads it, with the
+        adapter's peft config as metadata (as train_dreambooth_lora_flux.py): without it diffusers loads the LoRA with
+        `lora_alpha = r`, and a LoRA trained with another alpha would load at the wrong scale."""
+        import os
+
+        from diffusers import FluxPipeline
+
+        from ..modeling import LORA_WEIGHT_NAME
+        from ..rollout import unwrap
+
+        model = unwrap(denoiser)
+        os.makedirs(directory, exist_ok=True)
+        (adapter,) = model.peft_config  # the one trained adapter
+        FluxPipeline.save_lora_weights(
+            directory, transformer_lora_layers=self.lora_state_dict(model),
+            transformer_lora_adapter_metadata=model.peft_config[adapter].to_dict(), safe_serialization=True,
+            weight_name=LORA_WEIGHT_NAME,
+        )
