@@ -16,17 +16,7 @@ def _user_errors():
     the base class of every such error (ConfigError, PromptError, CheckpointError, RewardError, ...)."""
     from diffalign.errors import UserError
 
-    errors = [UserError]
-    # Transitional: error types of modules that do not derive from UserError yet. Remove each once its class
-    # subclasses `diffalign.errors.UserError`.
-    for module, name in (("diffalign.modeling", "ModelError"), ("diffalign.trainers.base", "NonFiniteError")):
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            continue
-        if not issubclass(cls, UserError):
-            errors.append(cls)
-    return tuple(errors)
+    return (UserError,)
 
 
 def _one_line(error: BaseException) -> str:

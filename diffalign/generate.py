@@ -136,21 +136,10 @@ def _load_aligned_denoiser(path: str, denoiser_name: str, denoiser_class, dtype:
 
 
 def _load_lora(pipe, directory: str, denoiser_name: str, adapter_name: str = "aligned"):
-    """`pipe.load_lora_weights` with a clear error when the directory or its weights do not fit the model."""
-    from diffalign.modeling import LORA_WEIGHT_NAME, ModelError
+    """`pipe.load_lora_weights` with one clear error when the LoRA is missing, unreadable or does not fit."""
+    from diffalign.modeling import load_lora_into_pipeline
 
-    if not os.path.isfile(os.path.join(directory, LORA_WEIGHT_NAME)):
-        raise ModelError(f"LoRA directory '{directory}' has no {LORA_WEIGHT_NAME}")
-    try:
-        pipe.load_lora_weights(directory, weight_name=LORA_WEIGHT_NAME, adapter_name=adapter_name)
-    except (RuntimeError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"LoRA in '{directory}' does not match the model: {first[:300]}") from None
-    if adapter_name not in (getattr(getattr(pipe, denoiser_name), "peft_config", None) or {}):
-        raise ModelError(
-            f"LoRA in '{directory}' does not match the model: none of its weights target this {denoiser_name}"
-        )
-    return pipe
+    return load_lora_into_pipeline(pipe, directory, adapter_name, denoiser_name)
 
 
 def load_rlg_pipeline(

@@ -5,12 +5,15 @@ from importlib import resources
 from typing import List, Optional
 
 import torch
+from safetensors import SafetensorError
+
+from .errors import UserError
 
 BUNDLED_MODELS = {"digits": "models/digits", "digits-flow": "models/digits-flow"}
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model or weights location that cannot be used (reported as one line by the CLI)."""
 
 
@@ -97,16 +100,19 @@ def save_lora(unet, directory: str):
     StableDiffusionFamily.save_lora(StableDiffusionFamily(None), unet, directory)
 
 
-def load_lora_into_pipeline(pipe, directory: str, adapter_name: str = "default"):
-    """`pipe.load_lora_weights` with a clear error when the directory or its weights do not fit the model."""
+def load_lora_into_pipeline(pipe, directory: str, adapter_name: str = "default", denoiser_name: str = "unet"):
+    """`pipe.load_lora_weights` with one clear error when the directory or its weights are missing, unreadable or do
+    not fit the model (`denoiser_name`: the pipeline attribute the LoRA must target, `unet` or `transformer`)."""
     weight_file = os.path.join(directory, LORA_WEIGHT_NAME)
     if not os.path.isfile(weight_file):
         raise ModelError(f"LoRA directory '{directory}' has no {LORA_WEIGHT_NAME}")
     try:
         pipe.load_lora_weights(directory, weight_name=LORA_WEIGHT_NAME, adapter_name=adapter_name)
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as e:  # garbage or cut files too
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"LoRA in '{directory}' does not match the model: {first[:300]}") from None
-    if adapter_name not in (getattr(pipe.unet, "peft_config", None) or {}):
-        raise ModelError(f"LoRA in '{directory}' does not match the model: none of its weights target this UNet")
+    if adapter_name not in (getattr(getattr(pipe, denoiser_name), "peft_config", None) or {}):
+        raise ModelError(
+            f"LoRA in '{directory}' does not match the model: none of its weights target this {denoiser_name}"
+        )
     return pipe
