@@ -10,11 +10,15 @@ _PIPELINES = {
     "StableDiffusionRLGPipeline": "pipeline_stable_diffusion_rlg",
     "StableDiffusionXLRLGPipeline": "pipeline_stable_diffusion_xl_rlg",
     "StableDiffusion3RLGPipeline": "pipeline_stable_diffusion_3_rlg",
+    "FluxRLGPipeline": "pipeline_flux_rlg",
 }
 
-__all__ = ["StableDiffusion3RLGPipeline", "StableDiffusionRLGPipeline", "StableDiffusionXLRLGPipeline"]
+__all__ = [
+    "FluxRLGPipeline", "StableDiffusion3RLGPipeline", "StableDiffusionRLGPipeline", "StableDiffusionXLRLGPipeline",
+]
 
 if TYPE_CHECKING:
+    from .pipeline_flux_rlg import FluxRLGPipeline
     from .pipeline_stable_diffusion_3_rlg import StableDiffusion3RLGPipeline
     from .pipeline_stable_diffusion_rlg import StableDiffusionRLGPipeline
     from .pipeline_stable_diffusion_xl_rlg import StableDiffusionXLRLGPipeline
