@@ -77,6 +77,11 @@ class TrainConfig:
     sample_noise_level: float = field(
         default=0.7, metadata={"help": "Flow-GRPO SDE noise level a (> 0), flow-matching families (SD3)."}
     )
+    sample_max_sequence_length: Optional[int] = field(
+        default=None,
+        metadata={"help": "T5 tokens per prompt (SD3, FLUX; the pipelines' max_sequence_length); default the "
+                          "pipeline's (SD3 256, FLUX 512). Flow-GRPO trains SD3.5 with 128."},
+    )
     sample_sde_window_size: Optional[int] = field(
         default=None,
         metadata={"help": "Sample only this many consecutive steps stochastically (the rest with the deterministic "

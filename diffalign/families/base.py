@@ -80,6 +80,13 @@ class ModelFamily:
         modules += [getattr(self.pipe, n) for n in self.text_encoder_names if getattr(self.pipe, n, None) is not None]
         return modules
 
+    def configure(self, config):
+        """Takes the run's model settings: `sample_max_sequence_length` (T5 tokens) for families with a T5."""
+        tokens = getattr(config, "sample_max_sequence_length", None)
+        if tokens is not None and hasattr(self, "max_sequence_length"):
+            self.max_sequence_length = tokens
+            self._cache.clear()
+
     def make_kernel(self, config):
         return self.kernel_class.from_config(config)
 

@@ -18,7 +18,7 @@ class StableDiffusion3Family(ModelFamily):
         "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
         "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
     ]
-    max_sequence_length = 256  # T5 tokens, as Flow-GRPO trains SD3.5 (the pipeline's default)
+    max_sequence_length = 256  # T5 tokens: StableDiffusion3Pipeline's default (Flow-GRPO trains SD3.5 with 128)
 
     def encode_text(self, prompts: List[str], device) -> Conditioning:
         embeds, _, pooled, _ = self.pipe.encode_prompt(

@@ -107,6 +107,7 @@ class BaseTrainer:
             self.family = load_family(config.model)
         self.pipe = self.family.pipe
         self.pipe.set_progress_bar_config(disable=True)
+        self.family.configure(config)
         self.kernel = self.family.make_kernel(config)
         if config.sample_resolution:
             self.family.check_resolution(config.sample_resolution)
