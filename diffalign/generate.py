@@ -1,7 +1,8 @@
 """`diffalign generate`: sample a base model and its aligned version at several RLG scales, side by side.
 
 The model directory's `model_index.json` (`_class_name`) picks the RLG pipeline: Stable Diffusion 1.x/2.x
-(`StableDiffusionRLGPipeline`), SDXL (`StableDiffusionXLRLGPipeline`) or SD3 / SD3.5 (`StableDiffusion3RLGPipeline`).
+(`StableDiffusionRLGPipeline`), SDXL (`StableDiffusionXLRLGPipeline`), SD3 / SD3.5 (`StableDiffusion3RLGPipeline`) or
+FLUX.1 (`FluxRLGPipeline`; `--guidance-scale` is then its embedded guidance, default 3.5).
 
 Writes, under `--output-dir`:
 - `rlg_grid.png`: one row per RLG scale, the same prompts and seeds in every row;
@@ -46,7 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--reward", default=None, help="reward name (see diffalign.rewards) to score every image")
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt (seeds seed..seed+N-1)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
-    parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance inside each model")
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance inside each model (default 5); FLUX: the embedded guidance (default 3.5)",
+    )
+    parser.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (SD, SDXL; SD3 samples the ODE)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rlg-start", type=float, default=0.0, help="fraction of steps where RLG starts")
@@ -92,7 +99,10 @@ RLG_PIPELINES = {
     "StableDiffusionPipeline": ("StableDiffusionRLGPipeline", "unet", "UNet2DConditionModel"),
     "StableDiffusionXLPipeline": ("StableDiffusionXLRLGPipeline", "unet", "UNet2DConditionModel"),
     "StableDiffusion3Pipeline": ("StableDiffusion3RLGPipeline", "transformer", "SD3Transformer2DModel"),
+    "FluxPipeline": ("FluxRLGPipeline", "transformer", "FluxTransformer2DModel"),
 }
+# `--guidance-scale` when not given: FLUX.1's is an embedded guidance (FluxPipeline's default), the others' CFG
+DEFAULT_GUIDANCE_SCALE = {"FluxRLGPipeline": 3.5}
 # a directory saved from an RLG pipeline (with its aligned model) loads with the same pipeline
 RLG_PIPELINES.update({rlg: (rlg, denoiser, cls) for rlg, denoiser, cls in list(RLG_PIPELINES.values())})
 
@@ -232,6 +242,8 @@ def run(args: argparse.Namespace) -> int:
     scales = [float(s) for s in args.rlg_scale]
     if args.num_images < 1 or args.steps < 1:
         raise ConfigError("--num-images and --steps must be at least 1")
+    if args.resolution is not None and args.resolution < 1:
+        raise ConfigError("--resolution must be a positive number of pixels")
     if not 0.0 <= args.rlg_start <= args.rlg_stop <= 1.0:
         raise ConfigError("need 0 <= --rlg-start <= --rlg-stop <= 1")
     if not args.lora and not args.aligned_denoiser and any(s != 1.0 for s in scales):
@@ -250,7 +262,10 @@ def run(args: argparse.Namespace) -> int:
         args.num_images,
         args.seed,
         num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
+        guidance_scale=args.guidance_scale
+        if args.guidance_scale is not None
+        else DEFAULT_GUIDANCE_SCALE.get(type(pipe).__name__, 5.0),
+        **({"height": args.resolution, "width": args.resolution} if args.resolution else {}),
         eta=args.eta,
         rlg_start=args.rlg_start,
         rlg_stop=args.rlg_stop,

@@ -153,3 +153,40 @@ def test_cli_trains_flux_and_the_lora_loads_in_flux_pipelines(flux_dir, tmp_path
     for scale, expected in ((1.0, after), (0.0, before)):
         images = rlg(PROMPTS[0], generator=torch.Generator().manual_seed(0), rlg_scale=scale, **kwargs).images
         torch.testing.assert_close(images, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_generate_picks_flux_rlg_pipeline(flux_dir, tmp_path, monkeypatch):
+    """`diffalign generate --model <FLUX dir> --lora DIR`: FluxRLGPipeline, the embedded guidance 3.5 by default;
+    w = 0 is FluxPipeline on the base, w = 1 with the LoRA (written by the FLUX family)."""
+    import argparse
+
+    from diffalign import generate
+
+    family = load_family(flux_dir)
+    add_lora(family.denoiser, rank=4, alpha=8, target_modules=family.default_lora_target_modules)
+    _randomise_lora(family.denoiser)
+    lora_dir = str(tmp_path / "lora")
+    family.save_lora(family.denoiser, lora_dir)
+
+    calls = []
+    sample_scales = generate.sample_scales
+    monkeypatch.setattr(generate, "sample_scales", lambda *args, **kwargs: calls.append(kwargs) or sample_scales(
+        *args, **kwargs))
+    out = tmp_path / "out"
+    argv = ["--model", flux_dir, "--lora", lora_dir, "--prompt", "a cat", "--rlg-scale", "0", "1", "--num-images", "1",
+            "--steps", "2", "--resolution", "16", "--output-dir", str(out)]
+    assert generate.run(generate.add_arguments(argparse.ArgumentParser()).parse_args(argv)) == 0
+    assert (out / "rlg_grid.png").is_file()
+    assert calls[0]["guidance_scale"] == 3.5 and calls[0]["height"] == 16 and "eta" in calls[0]
+
+    pipe = generate.load_rlg_pipeline(flux_dir, lora=lora_dir, device="cpu")
+    assert type(pipe).__name__ == "FluxRLGPipeline"
+    kwargs = dict(num_inference_steps=2, guidance_scale=3.5, height=16, width=16)
+    images = generate.sample_scales(pipe, ["a cat"], [0.0, 1.0], 1, 0, eta=0.0, **kwargs)
+    stock = FluxPipeline.from_pretrained(flux_dir)
+    stock.set_progress_bar_config(disable=True)
+    run = lambda: stock("a cat", generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs).images  # noqa: E731
+    torch.testing.assert_close(images[0.0], run(), atol=1e-4, rtol=1e-4)
+    stock.load_lora_weights(lora_dir)
+    torch.testing.assert_close(images[1.0], run(), atol=1e-4, rtol=1e-4)
+    assert (images[1.0] - images[0.0]).abs().max() > 1e-3

@@ -141,11 +141,11 @@ def test_pipeline_choice_from_model_index(tmp_path):
         32,
     )
 
-    flux = tmp_path / "flux"
-    flux.mkdir()
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    other = tmp_path / "kandinsky"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
     with pytest.raises(ModelError) as error:
-        generate.rlg_pipeline_for(str(flux))
+        generate.rlg_pipeline_for(str(other))
     message = str(error.value)
-    assert "\n" not in message and "FluxPipeline" in message
-    assert "StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline" in message
+    assert "\n" not in message and "KandinskyPipeline" in message
+    assert "StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline" in message
