@@ -32,8 +32,8 @@ class TrainConfig:
     # > Parameters that control the run
     model: str = field(
         default="digits",
-        metadata={"help": "Local diffusers model directory (a StableDiffusion, StableDiffusionXL or StableDiffusion3 "
-                          "pipeline), or a bundled model: `digits` (UNet), `digits-flow` (SD3 architecture)."},
+        metadata={"help": "Local diffusers model directory (a StableDiffusion, StableDiffusionXL, StableDiffusion3 or "
+                          "Flux pipeline), or a bundled model: `digits` (UNet), `digits-flow` (SD3 architecture)."},
     )
     output_dir: str = field(default="runs/diffalign", metadata={"help": "Output directory of the run."})
     seed: int = field(default=0, metadata={"help": "Seed; each process samples with seed + rank."})
@@ -68,14 +68,15 @@ class TrainConfig:
     lora_target_modules: Optional[List[str]] = field(
         default=None,
         metadata={"help": "Denoiser modules given LoRA; default the family's (SD/SDXL: to_q, to_k, to_v, to_out.0; "
-                          "SD3: also the text stream's add_q/k/v_proj and to_add_out, as Flow-GRPO)."},
+                          "SD3: also the text stream's add_q/k/v_proj and to_add_out, as Flow-GRPO; FLUX: these and "
+                          "the feed-forwards, as diffusers' train_dreambooth_lora_flux.py)."},
     )
 
     # > Parameters that control sampling
     sample_num_steps: int = field(default=50, metadata={"help": "Denoising steps of each trajectory."})
     sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta (> 0; 1.0 is DDPM), UNet families."})
     sample_noise_level: float = field(
-        default=0.7, metadata={"help": "Flow-GRPO SDE noise level a (> 0), flow-matching families (SD3)."}
+        default=0.7, metadata={"help": "Flow-GRPO SDE noise level a (> 0), flow-matching families (SD3, FLUX)."}
     )
     sample_max_sequence_length: Optional[int] = field(
         default=None,

@@ -59,7 +59,8 @@ def test_zero_width_window_rollout_equals_flux_pipeline(pipe, embedded, true_cfg
 def test_recomputed_log_probs_give_ratio_one_and_window_steps_only():
     pipe = tiny_flux_pipeline()
     family = family_for_pipeline(pipe)
-    family.make_kernel(type("Config", (), {"sample_noise_level": 0.7, "sample_embedded_guidance": 2.5})())
+    family.configure(type("Config", (), {"sample_embedded_guidance": 2.5, "sample_max_sequence_length": 64})())
+    assert family.max_sequence_length == 64
     assert family.embedded_guidance == 2.5
     add_lora(family.denoiser, target_modules=family.default_lora_target_modules)
     assert any("single_transformer_blocks" in name and "lora_A" in name for name, _ in family.denoiser.named_parameters())

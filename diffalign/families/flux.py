@@ -39,7 +39,7 @@ class FluxFamily(ModelFamily):
         "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
     ]
     max_sequence_length = 512  # T5 tokens, FluxPipeline's default (FLUX.1-dev; Flow-GRPO and DanceGRPO train so)
-    embedded_guidance = 3.5  # FluxPipeline's default `guidance_scale`; set per run by `make_kernel(config)`
+    embedded_guidance = 3.5  # FluxPipeline's default `guidance_scale`; set per run by `configure(config)`
 
     def __init__(self, pipe, max_cache: int = 4096):
         super().__init__(pipe, max_cache)
@@ -47,10 +47,10 @@ class FluxFamily(ModelFamily):
         # do not say their 2-D grid, which `forward` (img_ids) and `decode` (unpacking) need
         self._sizes: Dict[int, Tuple[int, int]] = {}
 
-    def make_kernel(self, config):
-        """The flow SDE kernel; also takes the run's embedded guidance (`sample_embedded_guidance`), if it has one."""
+    def configure(self, config):
+        """`ModelFamily.configure`, and the run's embedded guidance (`sample_embedded_guidance`)."""
+        super().configure(config)
         self.embedded_guidance = float(getattr(config, "sample_embedded_guidance", self.embedded_guidance))
-        return super().make_kernel(config)
 
     # -------------------------------------------------------------------- prompts
     def encode_text(self, prompts: List[str], device) -> Conditioning:
