@@ -389,7 +389,8 @@ class BaseTrainer:
             self.metrics_history.append(metrics)
             if acc.is_main_process:  # strict JSON (non-finite values as null); a cut last line is tolerated
                 append_metrics(os.path.join(config.output_dir, "metrics.jsonl"), metrics)
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.4f}", kl=f"{metrics.get('kl_to_base', 0):.2e}")
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.4f}", **({"kl": f"{metrics['kl_to_base']:.2e}"} if
+                                metrics.get("kl_to_base") is not None else {}))  # KL only when it is computed
                 if epoch % config.log_every == 0:
                     logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in metrics.items()))
