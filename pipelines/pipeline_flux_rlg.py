@@ -48,7 +48,8 @@ EXAMPLE_DOC_STRING = """
         >>> import torch
         >>> from diffalign.pipelines import FluxRLGPipeline
 
-        >>> pipe = FluxRLGPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16).to("cuda")
+        >>> pipe = FluxRLGPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16)
+        >>> pipe = pipe.to("cuda")
         >>> pipe.load_lora_weights("path/to/grpo_lora")  # e.g. a LoRA trained with `diffalign train ddpo`
 
         >>> prompt = "a photo of an astronaut riding a horse on mars"
@@ -392,7 +393,6 @@ class FluxRLGPipeline(FluxPipeline):
         `rlg_scale != 1`); otherwise the aligned model runs alone, with the cost of plain CFG."""
         return self._rlg_in_window and (isinstance(self._rlg_scale, dict) or self._rlg_scale != 1)
 
-
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -492,8 +492,8 @@ class FluxRLGPipeline(FluxPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             max_sequence_length=max_sequence_length,
         )
-        ip_inputs = (ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image, negative_ip_adapter_image_embeds)
-        if any(value is not None for value in ip_inputs):
+        ip_inputs = (ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image)
+        if any(value is not None for value in (*ip_inputs, negative_ip_adapter_image_embeds)):
             raise ValueError("FluxRLGPipeline does not support IP-Adapter inputs; use FluxPipeline for them.")
         self.check_rlg_inputs(rlg_scale, rlg_start, rlg_stop, prompt_embeds)
 
@@ -724,9 +724,8 @@ class FluxRLGPipeline(FluxPipeline):
                     if new_prompt_embeds is not prompt_embeds:
                         # conditioning set by the callback applies to every model from the next step on
                         prompt_embeds = new_prompt_embeds
-                        callback_conditioning = model_conditioning(
-                            (prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds)
-                        )
+                        negative = (negative_prompt_embeds, negative_pooled_prompt_embeds)
+                        callback_conditioning = model_conditioning((prompt_embeds, pooled_prompt_embeds, *negative))
                         conditioning = {}
 
                 # call the callback, if provided

@@ -63,7 +63,8 @@ def test_recomputed_log_probs_give_ratio_one_and_window_steps_only():
     assert family.max_sequence_length == 64
     assert family.embedded_guidance == 2.5
     add_lora(family.denoiser, target_modules=family.default_lora_target_modules)
-    assert any("single_transformer_blocks" in name and "lora_A" in name for name, _ in family.denoiser.named_parameters())
+    names = [name for name, _ in family.denoiser.named_parameters()]
+    assert any("single_transformer_blocks" in name and "lora_A" in name for name in names)
     _randomise_lora(family.denoiser)
     family.denoiser.eval()
     kernel = default_kernel(family, noise_level=0.7)

@@ -32,7 +32,9 @@ def gen(seed=0):
 def add_lora(transformer, adapter_name="default", seed=0, std=0.1):
     """A LoRA adapter with random (non-zero) B weights on both streams and the single-stream blocks."""
     config = LoraConfig(
-        r=4, lora_alpha=4, init_lora_weights="gaussian",
+        r=4,
+        lora_alpha=4,
+        init_lora_weights="gaussian",
         target_modules=["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "proj_out"],
     )
     transformer.add_adapter(config, adapter_name=adapter_name)
@@ -80,8 +82,13 @@ def lora_components(base_components):
 def transformer_velocity(transformer):
     def velocity(x, t, guidance, embeds, pooled, txt_ids, img_ids):
         return transformer(
-            hidden_states=x, timestep=t.expand(x.shape[0]) / 1000, guidance=guidance.expand(x.shape[0]),
-            pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids,
+            hidden_states=x,
+            timestep=t.expand(x.shape[0]) / 1000,
+            guidance=guidance.expand(x.shape[0]),
+            pooled_projections=pooled,
+            encoder_hidden_states=embeds,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
             return_dict=False,
         )[0]
 
@@ -107,8 +114,9 @@ def hand_rlg_latents(pipe, velocities, weights, guidance_scale=3.5, true_cfg=Non
     """
     embeds, pooled, txt_ids = pipe.encode_prompt(PROMPT, device="cpu", max_sequence_length=MAX_SEQUENCE_LENGTH)
     if true_cfg is not None:
-        negative, negative_pooled, _ = pipe.encode_prompt(true_cfg[1], device="cpu",
-                                                          max_sequence_length=MAX_SEQUENCE_LENGTH)
+        negative, negative_pooled, _ = pipe.encode_prompt(
+            true_cfg[1], device="cpu", max_sequence_length=MAX_SEQUENCE_LENGTH
+        )
         embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
     latents, img_ids = pipe.prepare_latents(1, 4, SIZE, SIZE, embeds.dtype, "cpu", gen())
     scheduler = copy.deepcopy(pipe.scheduler)
@@ -303,8 +311,13 @@ def test_custom_pipeline_from_pipe_and_save_load(base_components, tmp_path):
 
 def test_outputs_and_callbacks(lora_components):
     pipe = make(FluxRLGPipeline, lora_components)
-    kwargs = {"rlg_scale": 1.6, "num_inference_steps": 2, "max_sequence_length": MAX_SEQUENCE_LENGTH,
-              "height": SIZE, "width": SIZE}
+    kwargs = {
+        "rlg_scale": 1.6,
+        "num_inference_steps": 2,
+        "max_sequence_length": MAX_SEQUENCE_LENGTH,
+        "height": SIZE,
+        "width": SIZE,
+    }
 
     pil = pipe(PROMPT, generator=gen(), **kwargs).images
     assert len(pil) == 1 and pil[0].size == (SIZE, SIZE)
@@ -348,8 +361,14 @@ def test_outputs_and_callbacks(lora_components):
     def swap(pipeline, step, timestep, callback_kwargs):
         return {"prompt_embeds": other_embeds} if step == 0 else {}
 
-    swapped = pipe(PROMPT, generator=gen(), output_type="latent", callback_on_step_end=swap,
-                   callback_on_step_end_tensor_inputs=["prompt_embeds"], **kwargs).images
+    swapped = pipe(
+        PROMPT,
+        generator=gen(),
+        output_type="latent",
+        callback_on_step_end=swap,
+        callback_on_step_end_tensor_inputs=["prompt_embeds"],
+        **kwargs,
+    ).images
     plain = pipe(PROMPT, generator=gen(), output_type="latent", **kwargs).images
     assert (swapped - plain).abs().max() > 1e-4
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):

@@ -66,7 +66,7 @@ class FluxFamily(ModelFamily):
         return bool(unwrap(self.denoiser).config.get("guidance_embeds", False))
 
     def conditioning(self, prompts: List[str], negative_prompt: str, do_cfg: bool, height: int, width: int):
-        """As `ModelFamily.conditioning`, plus the embedded guidance per row (`guidance`, float32 as FluxPipeline's)."""
+        """As `ModelFamily.conditioning`, plus the embedded guidance per row (`guidance`, float32 as FluxPipeline)."""
         cond, negative = super().conditioning(prompts, negative_prompt, do_cfg, height, width)
         self._remember_size(height, width)
         if self.uses_embedded_guidance():
@@ -109,8 +109,8 @@ class FluxFamily(ModelFamily):
     def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents=None, denoiser=None):
         """Packed latents `(B, (h/2)(w/2), 4C)` as `FluxPipeline.prepare_latents` (given `latents` must be packed)."""
         self._remember_size(height, width)
-        latents, _ = self.pipe.prepare_latents(batch_size, self.latent_channels(denoiser), height, width, dtype, device,
-                                               generator, latents)
+        channels = self.latent_channels(denoiser)
+        latents, _ = self.pipe.prepare_latents(batch_size, channels, height, width, dtype, device, generator, latents)
         return latents
 
     def set_timesteps(self, num_inference_steps: int, device, height: int, width: int) -> torch.Tensor:
