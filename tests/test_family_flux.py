@@ -192,3 +192,36 @@ def test_generate_picks_flux_rlg_pipeline(flux_dir, tmp_path, monkeypatch):
     stock.load_lora_weights(lora_dir)
     torch.testing.assert_close(images[1.0], run(), atol=1e-4, rtol=1e-4)
     assert (images[1.0] - images[0.0]).abs().max() > 1e-3
+
+
+def test_schnell_without_embedded_guidance_or_dynamic_shift():
+    """FLUX.1-schnell: no `guidance_embeds` and a fixed-shift scheduler; the rollout still equals FluxPipeline and
+    FluxRLGPipeline at w = 0 / 1 equals it too (the aligned model: a LoRA)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffalign.pipelines import FluxRLGPipeline
+    from diffalign.testing import tiny_flux_components
+
+    components = tiny_flux_components(guidance_embeds=False)
+    components["scheduler"] = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    pipe = FluxPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    family = family_for_pipeline(pipe)
+    latents = family.prepare_latents(2, 16, 16, torch.float32, "cpu", torch.Generator().manual_seed(3))
+    ours = sample_trajectories(family, PROMPTS, num_inference_steps=3, guidance_scale=1.0, latents=latents,
+                               height=16, width=16, stochastic_steps=sde_window_mask(3, 0))
+    assert "guidance" not in ours.conditioning
+    kwargs = dict(num_inference_steps=3, height=16, width=16, output_type="pt")
+    stock = pipe(PROMPTS, latents=latents, **kwargs).images
+    torch.testing.assert_close(ours.images, stock, atol=1e-5, rtol=1e-4)
+
+    rlg = FluxRLGPipeline(**components)
+    rlg.set_progress_bar_config(disable=True)
+    add_lora(rlg.transformer, target_modules=family.default_lora_target_modules)
+    _randomise_lora(rlg.transformer)
+    torch.testing.assert_close(rlg(PROMPTS, latents=latents, rlg_scale=0.0, **kwargs).images, stock, atol=1e-4,
+                               rtol=1e-4)
+    aligned = FluxPipeline(**components)(PROMPTS, latents=latents, **kwargs).images  # the LoRA is on the transformer
+    assert (aligned - stock).abs().max() > 1e-3
+    torch.testing.assert_close(rlg(PROMPTS, latents=latents, rlg_scale=1.0, **kwargs).images, aligned, atol=1e-4,
+                               rtol=1e-4)
