@@ -5,27 +5,32 @@ The model directory's `model_index.json` (`_class_name`) picks the RLG pipeline:
 FLUX.1 (`FluxRLGPipeline`; `--guidance-scale` is then its embedded guidance, default 3.5).
 
 Writes, under `--output-dir`:
-- `rlg_grid.png`: one row per RLG scale, the same prompts and seeds in every row;
+- `rlg_grid.png`: one labelled row per RLG scale with the same images in every row (at most `GRID_PER_ROW` = 8: the
+  first image of each prompt, then the second, ...), a picture of bounded size whatever `--num-images` is;
+- `rlg_images/w<scale>/p<prompt>_seed<seed>.png`: every image, and `rlg_images/index.json` (file, prompt, seed, scale);
 - with `--reward NAME`: `rlg_rewards.json` (one entry per scale: mean, std and every image's reward), the same table
   on stdout, and `rlg_rewards.png` (reward against scale).
+A progress bar per scale counts the images on stderr.
 
 Example:
-    diffalign generate --model digits --lora runs/digits-prdp/lora --rlg-scale 0 0.5 1 1.5 2 \\
+    diffalign generate --model digits --lora runs/digits-prdp/final --rlg-scale 0 0.5 1 1.5 2 \\
         --reward digit_correctness --num-images 4 --output-dir runs/rlg
 """
+
+from __future__ import annotations  # torch loads when a command runs, not when the CLI builds its parser
 
 import argparse
 import inspect
 import json
 import logging
+import math
 import os
 from typing import Dict, List, Optional
-
-import torch
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SCALES = [0.0, 0.5, 1.0, 1.5, 2.0]
+GRID_PER_ROW = 8  # images per scale in rlg_grid.png (all of them go to rlg_images/)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -164,6 +169,8 @@ def load_rlg_pipeline(
 
     `aligned_unet` is the former name of `aligned_denoiser` (a UNet or an SD3 transformer).
     """
+    import torch
+
     aligned_denoiser = aligned_denoiser or aligned_unet
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
@@ -187,9 +194,16 @@ def load_rlg_pipeline(
     return pipe.to(device)
 
 
-@torch.no_grad()
-def sample_scales(pipe, prompts: List[str], scales: List[float], num_images: int, seed: int, **call_kwargs) -> Dict:
-    """Images `[len(prompts) * num_images, 3, H, W]` in [0, 1] for each scale; the same seeds at every scale."""
+def sample_scales(
+    pipe, prompts: List[str], scales: List[float], num_images: int, seed: int, progress: bool = False, **call_kwargs
+) -> Dict:
+    """Images `[len(prompts) * num_images, 3, H, W]` in [0, 1] for each scale; the same seeds at every scale.
+
+    `progress`: a tqdm bar per scale (on stderr) counting its images.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
     if "eta" not in inspect.signature(pipe.__call__).parameters:
         call_kwargs.pop("eta", None)  # flow-matching pipelines (SD3) sample the deterministic ODE: no eta
     device = pipe._execution_device
@@ -197,19 +211,71 @@ def sample_scales(pipe, prompts: List[str], scales: List[float], num_images: int
     images = {}
     for scale in scales:
         rows = []
-        for prompt in prompts:
-            generators = [torch.Generator(generator_device).manual_seed(seed + j) for j in range(num_images)]
-            out = pipe(
-                prompt,
-                num_images_per_prompt=num_images,
-                generator=generators,
-                rlg_scale=scale,
-                output_type="pt",
-                **call_kwargs,
-            )
-            rows.append(out.images.float().cpu())
+        with tqdm(total=len(prompts) * num_images, desc=f"w = {scale:g}", unit="img", disable=not progress) as bar:
+            for prompt in prompts:
+                generators = [torch.Generator(generator_device).manual_seed(seed + j) for j in range(num_images)]
+                with torch.no_grad():
+                    out = pipe(
+                        prompt,
+                        num_images_per_prompt=num_images,
+                        generator=generators,
+                        rlg_scale=scale,
+                        output_type="pt",
+                        **call_kwargs,
+                    )
+                rows.append(out.images.float().cpu())
+                bar.update(num_images)
         images[scale] = torch.cat(rows)
     return images
+
+
+def grid_order(num_prompts: int, num_images: int) -> List[int]:
+    """Image indices (prompt-major, as `sample_scales` returns them) for a grid row: the first image of each prompt,
+    then the second, ..."""
+    return [p * num_images + j for j in range(num_images) for p in range(num_prompts)]
+
+
+def save_images(images: Dict, prompts: List[str], num_images: int, seed: int, directory: str) -> str:
+    """Every image as `directory/w<scale>/p<prompt>_seed<seed>.png` plus `directory/index.json`; returns the index."""
+    from PIL import Image
+
+    entries = []
+    digits = max(2, len(str(len(prompts) - 1)))
+    for scale, batch in images.items():
+        folder = os.path.join(directory, f"w{scale:g}")
+        os.makedirs(folder, exist_ok=True)
+        array = (batch.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+        for i, pixels in enumerate(array):
+            p, j = divmod(i, num_images)
+            name = os.path.join(f"w{scale:g}", f"p{p:0{digits}d}_seed{seed + j}.png")
+            Image.fromarray(pixels).save(os.path.join(directory, name))
+            entries.append({"file": name, "rlg_scale": scale, "prompt": prompts[p], "seed": seed + j})
+    index = os.path.join(directory, "index.json")
+    with open(index, "w") as f:
+        json.dump(entries, f, indent=1)
+    return index
+
+
+def check_device(name: Optional[str]):
+    """Raises a one-line `ConfigError` for a `--device` that is not a torch device or not available here."""
+    import torch
+
+    from diffalign.config import ConfigError
+
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"--device '{name}' is not a torch device ({str(e).strip().splitlines()[0]})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"--device {name}: {built}; use --device cpu (or leave --device out)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available here; use --device cpu")
 
 
 def _plot_rewards(results: List[Dict], reward: str, path: str):
@@ -236,24 +302,39 @@ def _plot_rewards(results: List[Dict], reward: str, path: str):
 def run(args: argparse.Namespace) -> int:
     """Runs `diffalign generate` with parsed `args`; returns the exit code."""
     from diffalign.config import ConfigError
-    from diffalign.plotting import grid_scale, image_grid, labelled_rows
+    from diffalign.modeling import ModelError
+    from diffalign.plotting import rows_grid
 
-    prompts = args.prompt or _default_prompts(args.model)
+    # the most basic problem first: the model, then the values, the device, the prompts, the aligned model
+    _resolve_model(args.model)
     scales = [float(s) for s in args.rlg_scale]
+    for flag, values in (("--rlg-scale", scales), ("--guidance-scale", [args.guidance_scale]), ("--eta", [args.eta]),
+                         ("--rlg-start", [args.rlg_start]), ("--rlg-stop", [args.rlg_stop])):
+        bad = [v for v in values if v is not None and not math.isfinite(v)]
+        if bad:
+            raise ConfigError(f"{flag} must be a finite number; got {bad[0]}")
     if args.num_images < 1 or args.steps < 1:
         raise ConfigError("--num-images and --steps must be at least 1")
     if args.resolution is not None and args.resolution < 1:
         raise ConfigError("--resolution must be a positive number of pixels")
     if not 0.0 <= args.rlg_start <= args.rlg_stop <= 1.0:
         raise ConfigError("need 0 <= --rlg-start <= --rlg-stop <= 1")
+    check_device(args.device)
+    prompts = args.prompt or _default_prompts(args.model)
     if not args.lora and not args.aligned_denoiser and any(s != 1.0 for s in scales):
         raise ConfigError("RLG needs an aligned model: pass --lora DIR or --aligned-denoiser DIR")
+    for flag, path in (("--lora", args.lora), ("--aligned-denoiser", args.aligned_denoiser)):
+        if path and not os.path.exists(path):
+            raise ModelError(f"{flag} '{path}' does not exist")
     reward_fn = None
     if args.reward:
         from diffalign.rewards import get_reward
 
         reward_fn = get_reward(args.reward)
 
+    from diffalign.cli import quiet_libraries
+
+    quiet_libraries()
     pipe = load_rlg_pipeline(args.model, args.lora, args.aligned_denoiser, args.device, args.dtype)
     images = sample_scales(
         pipe,
@@ -261,6 +342,7 @@ def run(args: argparse.Namespace) -> int:
         scales,
         args.num_images,
         args.seed,
+        progress=True,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale
         if args.guidance_scale is not None
@@ -273,11 +355,16 @@ def run(args: argparse.Namespace) -> int:
     )
 
     os.makedirs(args.output_dir, exist_ok=True)
-    size = next(iter(images.values())).shape[-1]
-    grids = [image_grid(images[s], nrow=len(images[s]), scale=grid_scale(size)) for s in scales]
+    shown = grid_order(len(prompts), args.num_images)[:GRID_PER_ROW]
     grid_path = os.path.join(args.output_dir, "rlg_grid.png")
-    labelled_rows(grids, [f"w = {s:g}" for s in scales]).save(grid_path)
-    print(f"wrote {grid_path} ({len(scales)} rows: RLG scales {', '.join(f'{s:g}' for s in scales)})")
+    rows_grid([images[s][shown] for s in scales], [f"w = {s:g}" for s in scales], max_per_row=GRID_PER_ROW).save(
+        grid_path
+    )
+    index = save_images(images, prompts, args.num_images, args.seed, os.path.join(args.output_dir, "rlg_images"))
+    total = len(prompts) * args.num_images
+    print(f"wrote {grid_path} ({len(scales)} rows: RLG scales {', '.join(f'{s:g}' for s in scales)}; "
+          f"{len(shown)} of {total} images per scale) and all {total * len(scales)} images under "
+          f"{os.path.dirname(index)}")
 
     if reward_fn is not None:
         batch_prompts = [p for p in prompts for _ in range(args.num_images)]

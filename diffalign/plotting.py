@@ -44,6 +44,31 @@ def grid_scale(image_size: int) -> int:
     return max(1, 128 // image_size)
 
 
+def fit_width(image: Image.Image, width: int) -> Image.Image:
+    """`image` resized to `width` pixels wide, keeping its aspect ratio (nearest-neighbour up, Lanczos down)."""
+    if image.width == width:
+        return image
+    height = max(1, round(image.height * width / image.width))
+    return image.resize((width, height), Image.NEAREST if width > image.width else Image.LANCZOS)
+
+
+def rows_grid(rows: List[torch.Tensor], labels: List[str], max_per_row: int = 8, max_tile: int = 256,
+              padding: int = 2) -> Image.Image:
+    """One labelled row per tensor `(N, 3, H, W)`, showing its first `max_per_row` images.
+
+    Each image is shown `max_tile` pixels wide at most (small images are upscaled to ~128 px, see `grid_scale`), so the
+    picture stays a size people can open: about `90 + max_per_row * max_tile` pixels wide at most.
+    """
+    width = rows[0].shape[-1]
+    tile = min(width * grid_scale(width), max_tile)
+    grids = []
+    for images in rows:
+        images = images[:max_per_row]
+        grid = image_grid(images, nrow=len(images), padding=padding)
+        grids.append(fit_width(grid, round(grid.width * tile / width)))
+    return labelled_rows(grids, labels)
+
+
 def plot_metrics(records: List[Dict], keys: Sequence[str], path: str, title: str = ""):
     """Line plot of `keys` against `epoch`, one panel per key, saved as PNG."""
     import matplotlib

@@ -149,3 +149,55 @@ def test_pipeline_choice_from_model_index(tmp_path):
     message = str(error.value)
     assert "\n" not in message and "KandinskyPipeline" in message
     assert "StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline" in message
+
+
+def test_cli_generate_shows_progress_and_writes_a_bounded_grid(tiny_model_dir, lora_dir, tmp_path, capsys):
+    """A tqdm bar per scale counts the images; `rlg_grid.png` shows at most `GRID_PER_ROW` images per scale row
+    however many are sampled, and `rlg_images/` keeps every one (snake_case flags work as kebab-case)."""
+    from PIL import Image
+
+    from diffalign.cli import main
+
+    out = tmp_path / "out"
+    assert main(["generate", "--model", tiny_model_dir, "--lora", lora_dir, "--prompt", "a cat", "--prompt", "a dog",
+                 "--rlg_scale", "0", "1", "2", "--num_images", "6", "--steps", "1", "--output_dir", str(out)]) == 0
+    err = capsys.readouterr().err
+    for scale in ("0", "1", "2"):
+        assert f"w = {scale}: 100%" in err and "12/12" in err, err
+    grid = Image.open(out / "rlg_grid.png")
+    tile = 128  # the tiny model's 32 px images are shown 128 px wide
+    assert grid.width <= 90 + generate.GRID_PER_ROW * (tile + 8) + 8 and grid.height <= 3 * (tile + 16)
+    assert grid.width >= 90 + generate.GRID_PER_ROW * tile
+    index = json.loads((out / "rlg_images" / "index.json").read_text())
+    assert len(index) == 3 * 12 and {e["prompt"] for e in index} == {"a cat", "a dog"}
+    assert all((out / "rlg_images" / e["file"]).is_file() for e in index)
+    assert index[7] == {"file": os.path.join("w0", "p01_seed1.png"), "rlg_scale": 0.0, "prompt": "a dog", "seed": 1}
+    assert generate.grid_order(2, 3) == [0, 3, 1, 4, 2, 5]
+
+
+def test_cli_generate_errors_are_one_line_and_the_model_comes_first(tiny_model_dir, tmp_path, capsys):
+    from diffalign.cli import main
+
+    def error(argv):
+        code = main(["generate", *argv, "--output-dir", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        return err
+
+    # no --prompt and no aligned model either: the missing model is what the user hears about
+    assert "does not exist" in error(["--model", str(tmp_path / "missing"), "--rlg-scale", "0", "2"])
+    assert "--rlg-scale must be a finite number; got nan" in error(["--model", tiny_model_dir, "--rlg-scale", "nan"])
+    assert "--guidance-scale must be a finite" in error(["--model", tiny_model_dir, "--guidance-scale", "inf"])
+    if not torch.cuda.is_available():
+        assert "--device cuda" in error(["--model", tiny_model_dir, "--prompt", "a", "--rlg-scale", "1", "--device",
+                                         "cuda"])
+    assert "not a torch device" in error(["--model", tiny_model_dir, "--device", "gpu0"])
+    assert "--lora" in error(["--model", tiny_model_dir, "--prompt", "a", "--lora", str(tmp_path / "nope")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_grid_of_large_images_stays_bounded():
+    from diffalign.plotting import rows_grid
+
+    grid = rows_grid([torch.rand(12, 3, 300, 300)] * 3, ["w = 0", "w = 1", "w = 2"], max_per_row=8, max_tile=256)
+    assert 90 + 8 * 256 <= grid.width <= 90 + 8 * (256 + 4) + 4 and grid.height <= 3 * (256 + 8)
