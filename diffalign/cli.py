@@ -2,6 +2,10 @@
 
 Multi-GPU (or multi-process CPU) training goes through accelerate:
 `accelerate launch -m diffalign.cli train prdp --config digits-prdp`.
+
+Arguments are parsed and checked before any heavy library loads: building the parser and `diffalign.config` import
+neither torch nor diffusers, so `--help` and configuration errors come back at once; each command imports what it
+needs when it runs. Options take both spellings, `--snake_case` and `--kebab-case`, in every command.
 """
 
 import argparse
@@ -25,17 +29,31 @@ def _one_line(error: BaseException) -> str:
 
 
 def _setup_environment():
+    # environment and logging only: importing diffusers/transformers here would cost every `--help` seconds
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("diffalign").setLevel(logging.INFO)
+
+
+def quiet_libraries():
+    """Turns off diffusers' and transformers' own progress bars ("Loading pipeline components"; ours stay). Imports
+    both libraries: the commands that load models call it once their arguments are checked."""
     from diffusers.utils import logging as diffusers_logging
 
-    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars; our own tqdm bars stay
+    diffusers_logging.disable_progress_bar()
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    logging.getLogger("diffalign").setLevel(logging.INFO)
+
+
+def _launched_processes() -> int:
+    # the process count of `accelerate launch` / torchrun (WORLD_SIZE), before accelerate is imported
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def _default_output_dir(algorithm: str, config_name: Optional[str]) -> str:
@@ -68,8 +86,12 @@ def train_command(args, extra: List[str]) -> int:
         config.output_dir = _run_dir_of(config.resume_from)
     elif not explicit_output and (not args.config or "output_dir" not in _yaml_keys(args.config)):
         config.output_dir = _default_output_dir(args.algorithm, args.config)
+    # every check that needs no model before the heavy imports: values, batch arithmetic, then the model location
+    config.validate(_launched_processes())
+    from diffalign.modeling import resolve_model_path  # torch, not diffusers
 
-
+    resolve_model_path(config.model)
+    quiet_libraries()
     from diffalign.config import trainer_class
 
     trainer_cls = trainer_class(args.algorithm)
@@ -131,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_text in (("generate", "sample with RLG at several alignment strengths"),
                             ("bench", "benchmarks: rollout, train, learn, rlg")):
-        # Each of these modules defines `add_arguments(parser)` and `run(args) -> int`.
+        # Each of these modules defines `add_arguments(parser)` and `run(args) -> int`, and imports no heavy library
+        # at module level (run() does).
         command = sub.add_parser(name, help=help_text)
         module = importlib.import_module(f"diffalign.{name}")
         module.add_arguments(command)
@@ -142,12 +165,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def normalize_flags(argv: List[str]) -> List[str]:
+    """`--snake_case` options as `--kebab-case` for the argparse commands (`generate`, `bench`); `train` reads both
+    spellings of its config keys itself. Values, and everything after `--`, are left alone."""
+    out = list(argv)
+    command = next((i for i, a in enumerate(out) if not a.startswith("-")), None)
+    if command is None or out[command] not in ("generate", "bench"):
+        return out
+    for i in range(command + 1, len(out)):
+        if out[i] == "--":
+            break
+        flag, eq, value = out[i].partition("=")
+        if flag.startswith("--") and "_" in flag:
+            out[i] = flag.replace("_", "-") + eq + value
+    return out
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> List[str]:
+    """Every `--option` of `parser` and of its sub-commands (for "did you mean")."""
+    options = []
+    for action in parser._actions:
+        options += [o for o in action.option_strings if o.startswith("--")]
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                options += _option_strings(child)
+    return sorted(set(options))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     _setup_environment()
     parser = build_parser()
+    argv = normalize_flags(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "allow_extra", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        from diffalign.config import did_you_mean
+
+        command = parser._subparsers._group_actions[0].choices[args.command]
+        hint = did_you_mean(extra[0].partition("=")[0].lstrip("-"), [o[2:] for o in _option_strings(command)], "--")
+        command.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     try:
         return args.func(args, extra)
     except _user_errors() as e:

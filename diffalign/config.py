@@ -22,6 +22,16 @@ class ConfigError(UserError, ValueError):
     """A user error in a configuration (reported as one line, exit code 2, by the CLI)."""
 
 
+def did_you_mean(word: str, candidates, prefix: str = "") -> str:
+    """`"; did you mean '<prefix><closest>'?"` for the candidate closest to `word` (difflib), or `""` when none is
+    close. Dashes and underscores count as the same character (`--sample-num-steps` is `sample_num_steps`)."""
+    import difflib
+
+    normal = {str(c).replace("-", "_"): str(c) for c in candidates}
+    match = difflib.get_close_matches(word.replace("-", "_"), list(normal), n=1, cutoff=0.6)
+    return f"; did you mean '{prefix}{normal[match[0]]}'?" if match else ""
+
+
 @dataclass
 class TrainConfig:
     """Settings shared by all trainers, grouped as run, prompts and reward, model, sampling, training, reliability.
@@ -383,7 +393,9 @@ def preset_path(name_or_path: str) -> str:
     if candidate.is_file():
         return str(candidate)
     presets = sorted(p.name[:-5] for p in resources.files("diffalign.configs").iterdir() if p.name.endswith(".yaml"))
-    raise ConfigError(f"config '{name_or_path}' is neither a file nor a preset; presets: {', '.join(presets)}")
+    hint = did_you_mean(os.path.basename(name_or_path)[:-5] if name_or_path.endswith(".yaml") else name_or_path,
+                        presets)
+    raise ConfigError(f"config '{name_or_path}' is neither a file nor a preset{hint} (presets: {', '.join(presets)})")
 
 
 def _type_name(tp) -> str:
@@ -478,12 +490,12 @@ def load_config(algorithm: str, config: Optional[str] = None, overrides: Optiona
             raise ConfigError(f"{path} is a '{declared}' config, not '{algorithm}'")
         for key, value in data.items():
             if key not in known:
-                raise ConfigError(f"unknown config key '{key}' in {path}")
+                raise ConfigError(f"unknown config key '{key}' in {path}{did_you_mean(str(key), known)}")
             values[key] = value
 
     for key, value in (overrides or {}).items():
         if key not in known:
-            raise ConfigError(f"unknown config key '{key}'")
+            raise ConfigError(f"unknown config key '{key}'{did_you_mean(str(key), known)}")
         values[key] = value
 
     args = list(cli_overrides or [])
@@ -494,7 +506,7 @@ def load_config(algorithm: str, config: Optional[str] = None, overrides: Optiona
         key, _, inline = flag[2:].partition("=")
         key = key.replace("-", "_")
         if key not in known:
-            raise ConfigError(f"unknown option '--{key}' for {algorithm}")
+            raise ConfigError(f"unknown option '--{key}' for {algorithm}{did_you_mean(key, known, '--')}")
         if inline:
             text = inline
         elif hints[key] is bool and (not args or args[0].startswith("--")):

@@ -147,3 +147,87 @@ def test_lora_that_does_not_match_the_model_is_one_line(tiny_model_dir, tmp_path
     missing = ["generate", "--model", tiny_model_dir, "--lora", str(tmp_path), "--prompt", "a cat", "--rlg-scale",
                "1", "--output-dir", str(tmp_path / "out")]
     assert "has no pytorch_lora_weights.safetensors" in run_error(missing, capsys)
+
+
+# ------------------------------------------------------------------------------ fast parsing, flag spellings (issue 21)
+LIGHT_CLI_SCRIPT = r"""
+import sys
+from diffalign.cli import main
+
+for argv in (["--help"], ["train", "ddpo", "--help"], ["generate", "--help"], ["bench", "rollout", "--help"]):
+    try:
+        main(argv)
+    except SystemExit as e:
+        assert e.code == 0, (argv, e.code)
+codes = [
+    main(["train", "ddpo", "--no_such_key", "1"]),
+    main(["train", "ddpo", "--sample_num_step", "3"]),
+    main(["train", "prdp", "--config", "digit-prdp"]),
+    main(["train", "ddpo", "--num_epochs", "0"]),
+]
+print("codes", codes)
+print("heavy", sorted(m for m in ("torch", "diffusers", "transformers", "accelerate", "peft") if m in sys.modules))
+"""
+
+
+def test_cli_parses_and_rejects_bad_keys_without_heavy_imports(tmp_path):
+    """`--help` of every command and config errors (unknown key, preset typo, bad value) need neither torch nor
+    diffusers: a fresh interpreter shows none in `sys.modules` afterwards. Misspellings get a suggestion."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", LIGHT_CLI_SCRIPT], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "codes [2, 2, 2, 2]" in done.stdout and "heavy []" in done.stdout, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("diffalign: error:")]
+    assert len(errors) == 4, done.stderr
+    assert "unknown option '--no_such_key'" in errors[0]
+    assert "did you mean '--sample_num_steps'?" in errors[1]
+    assert "did you mean 'digits-prdp'?" in errors[2]
+    assert "num_epochs must be >= 1" in errors[3]
+
+
+def test_yaml_key_typo_suggests_the_key(tmp_path):
+    from diffalign.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("lora_rnak: 8\n")
+    with pytest.raises(ConfigError, match="did you mean 'lora_rank'"):
+        load_config("prdp", str(path))
+
+
+def test_both_flag_spellings_in_every_command():
+    from diffalign.cli import build_parser, normalize_flags
+    from diffalign.config import load_config
+
+    for keys in (["--sample_num_steps", "--train-batch-size"], ["--sample-num-steps", "--train_batch_size"]):
+        config = load_config("ddpo", cli_overrides=[keys[0], "3", keys[1], "4"])
+        assert config.sample_num_steps == 3 and config.train_batch_size == 4
+    parser = build_parser()
+    for spelling in (["--num_images", "3", "--rlg_scale", "0", "2", "--output_dir=o"],
+                     ["--num-images", "3", "--rlg-scale", "0", "2", "--output-dir=o"]):
+        args, extra = parser.parse_known_args(normalize_flags(["generate", *spelling, "--prompt=--a_b"]))
+        assert not extra and (args.num_images, args.rlg_scale, args.output_dir) == (3, [0.0, 2.0], "o")
+        assert args.prompt == ["--a_b"]  # values are left alone
+    for spelling in (["--batch_size", "2", "--images_per_prompt", "3"], ["--batch-size", "2", "--images-per-prompt", "3"]):
+        args, extra = parser.parse_known_args(normalize_flags(["bench", "train", *spelling]))
+        assert not extra and (args.batch_size, args.images_per_prompt) == (2, 3)
+
+
+def test_unknown_generate_option_suggests_one(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--num_imgs", "2"])
+    assert exit_info.value.code == 2
+    assert "did you mean '--num-images'?" in capsys.readouterr().err
+
+
+def test_bench_writes_under_runs_bench_by_default(tmp_path, monkeypatch, capsys):
+    """`diffalign bench <sub>` without `--output` writes `runs/bench/bench_<sub>.json`, not into the working
+    directory; snake_case options work there too."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "rollout", "--tiny", "--steps", "1", "--batch_size", "1", "--repeats", "1",
+                 "--threads", "1"]) == 0
+    assert (tmp_path / "runs" / "bench" / "bench_rollout.json").is_file()
+    assert not list(tmp_path.glob("*.json"))
+    assert "runs/bench/bench_rollout.json" in capsys.readouterr().out

@@ -13,7 +13,8 @@ Every figure is a ratio against a floor or a baseline measured **in the same run
 * `rlg`: `StableDiffusionRLGPipeline` (single-pass and two-pass LoRA paths, step windows) against plain CFG sampling
   with `StableDiffusionPipeline` on the same (LoRA) model.
 
-One module per benchmark (`diffalign/bench/<name>.py`, each with `run_benchmark(ctx)`); each writes a JSON file (`--output`, default `bench_<sub>.json`) and prints a table. See docs/bench.md.
+One module per benchmark (`diffalign/bench/<name>.py`, each with `run_benchmark(ctx)`); each writes a JSON file
+(`--output`, default `runs/bench/bench_<sub>.json`) and prints a table. See docs/bench.md.
 """
 
 import argparse
@@ -26,6 +27,12 @@ from .common import BenchError, Context, format_table, machine_info
 from .learn import LEARN_CONFIGS
 
 SUBCOMMANDS = ("rollout", "train", "learn", "rlg")
+RESULTS_DIR = os.path.join("runs", "bench")  # where `--output` goes by default
+
+
+def default_output(sub: str) -> str:
+    """`runs/bench/bench_<sub>.json`: results stay out of the working directory unless `--output` says otherwise."""
+    return os.path.join(RESULTS_DIR, f"bench_{sub}.json")
 
 
 # ------------------------------------------------------------------------------------------------- arguments
@@ -51,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser):
                         "small models tenfold; 0 keeps torch's default)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--force", action="store_true", help="run SD1.5-sized models or fp16/bf16 on a CPU anyway")
-    g.add_argument("--output", default=None, help="JSON file (default bench_<sub>.json)")
+    g.add_argument("--output", default=None, help=f"JSON file (default {default_output('<sub>')})")
     t = common.add_argument_group("train and learn")
     t.add_argument("--prompts-per-epoch", type=int, default=None, help="prompts per epoch (default: preset, else 2)")
     t.add_argument("--images-per-prompt", type=int, default=None, help="images per prompt (default: preset, else 4)")
@@ -98,7 +105,7 @@ def run(args) -> int:
         "settings": ctx.settings,
         **result,
     }
-    output = args.output or f"bench_{args.bench_command}.json"
+    output = args.output or default_output(args.bench_command)
     if os.path.dirname(output):
         os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output, "w") as f:
