@@ -136,6 +136,12 @@ def env_command(args, extra) -> int:
     return 0
 
 
+def _run_module(module, args) -> int:
+    if module.__name__ == "diffalign.bench":  # `generate` checks its arguments first, then quiets them itself
+        quiet_libraries()
+    return module.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffalign", description="Align text-to-image diffusion models with rewards and steer them at inference."
@@ -158,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text)
         module = importlib.import_module(f"diffalign.{name}")
         module.add_arguments(command)
-        command.set_defaults(func=lambda args, extra, module=module: module.run(args), allow_extra=False)
+        command.set_defaults(func=lambda args, extra, module=module: _run_module(module, args), allow_extra=False)
 
     env = sub.add_parser("env", help="print versions and devices")
     env.set_defaults(func=env_command, allow_extra=False)
