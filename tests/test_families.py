@@ -148,3 +148,19 @@ def test_cli_names_the_supported_families_for_another_pipeline(tmp_path, capsys)
     assert main(["train", "ddpo", "--model", str(model), "--output_dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unsupported model" in err[0] and "StableDiffusion3Pipeline" in err[0]
+
+
+@pytest.mark.parametrize("name", ["sd", "sd3"])
+def test_saved_lora_reloads_at_its_trained_scale(name, tmp_path):
+    # alpha != rank: diffusers needs the adapter's config as metadata, else it loads the LoRA with alpha = rank
+    pipe = PIPELINES[name]()
+    family = family_for_pipeline(pipe)
+    add_lora(family.denoiser, rank=4, alpha=8.0, target_modules=family.default_lora_target_modules)
+    _randomise_lora(family.denoiser, std=0.2)
+    kwargs = dict(num_inference_steps=2, guidance_scale=3.0, output_type="pt")
+    trained = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(0), **kwargs).images
+    family.save_lora(family.denoiser, str(tmp_path))
+    fresh = PIPELINES[name]()
+    fresh.load_lora_weights(str(tmp_path))
+    reloaded = fresh(PROMPTS[0], generator=torch.Generator().manual_seed(0), **kwargs).images
+    torch.testing.assert_close(reloaded, trained, atol=1e-5, rtol=1e-4)

@@ -208,13 +208,18 @@ class ModelFamily:
         return f"{self.denoiser_name}_lora_layers"
 
     def save_lora(self, denoiser, directory: str):
-        """Writes `pytorch_lora_weights.safetensors` so `<pipeline_class>.load_lora_weights(directory)` loads it."""
+        """Writes `pytorch_lora_weights.safetensors` so `<pipeline_class>.load_lora_weights(directory)` loads it, with
+        the adapter's peft config as metadata (as diffusers' LoRA training scripts do): without it diffusers loads a
+        LoRA with `lora_alpha = r`, and one trained with another alpha would load at the wrong scale."""
         import diffusers
 
         from ..rollout import unwrap
 
+        model = unwrap(denoiser)
+        (adapter,) = model.peft_config  # the one trained adapter
         os.makedirs(directory, exist_ok=True)
         getattr(diffusers, self.pipeline_class).save_lora_weights(
-            directory, **{self.lora_layers_kwarg(): self.lora_state_dict(unwrap(denoiser))},
+            directory, **{self.lora_layers_kwarg(): self.lora_state_dict(model),
+                          f"{self.denoiser_name}_lora_adapter_metadata": model.peft_config[adapter].to_dict()},
             safe_serialization=True, weight_name=LORA_WEIGHT_NAME,
         )

@@ -161,23 +161,3 @@ class FluxFamily(ModelFamily):
         from peft.utils import get_peft_model_state_dict
 
         return get_peft_model_state_dict(denoiser)  # as diffusers' train_dreambooth_lora_flux.py saves it
-
-    def save_lora(self, denoiser, directory: str):
-        """Writes `pytorch_lora_weights.safetensors` so `FluxPipeline.load_lora_weights(directory)` loads it, with the
-        adapter's peft config as metadata (as train_dreambooth_lora_flux.py): without it diffusers loads the LoRA with
-        `lora_alpha = r`, and a LoRA trained with another alpha would load at the wrong scale."""
-        import os
-
-        from diffusers import FluxPipeline
-
-        from ..modeling import LORA_WEIGHT_NAME
-        from ..rollout import unwrap
-
-        model = unwrap(denoiser)
-        os.makedirs(directory, exist_ok=True)
-        (adapter,) = model.peft_config  # the one trained adapter
-        FluxPipeline.save_lora_weights(
-            directory, transformer_lora_layers=self.lora_state_dict(model),
-            transformer_lora_adapter_metadata=model.peft_config[adapter].to_dict(), safe_serialization=True,
-            weight_name=LORA_WEIGHT_NAME,
-        )
