@@ -6,6 +6,7 @@ The test classes are diffusers' own (copied in `upstream/`); only the dummy comp
 `pipeline_class` is one subclass per class.
 """
 
+import unittest
 from unittest import mock
 
 import diffusers
@@ -120,6 +121,14 @@ class StableDiffusion3PipelineFastTestsRLG(
         # there for the test (the test itself runs unchanged).
         with mock.patch.object(diffusers.pipelines, self.pipeline_class.__name__, self.pipeline_class, create=True):
             super().test_encode_prompt_works_in_isolation()
+
+    @unittest.expectedFailure
+    def test_components_function(self):
+        # diffalign: the one intended difference. Our pipeline has one more optional component, `aligned_transformer`
+        # (a full-weight aligned model; None by default), so `pipe.components` has a key diffusers' class does not
+        # take: `StableDiffusion3Pipeline(**rlg_pipe.components)` needs `aligned_transformer` dropped (`from_pipe`
+        # does that). The SD, SDXL and FLUX RLG pipelines have the same extra component (`aligned_unet`/`_transformer`).
+        super().test_components_function()
 
 
 class _OfflineSD3LoRAComponents:
