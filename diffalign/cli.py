@@ -81,6 +81,12 @@ def train_command(args, extra: List[str]) -> int:
     if args.resume:
         overrides["resume_from"] = args.resume
     config = load_config(args.algorithm, args.config, overrides, extra)
+    if args.accelerate_config:  # the same command under `accelerate launch` with a shipped config
+        from diffalign.accelerate_configs import launch
+
+        again = ["--config", args.config] if args.config else []
+        again += ["--resume", args.resume] if args.resume else []
+        return launch(args.accelerate_config, ["train", args.algorithm] + again + list(extra))
     explicit_output = any(a.split("=")[0] in ("--output_dir", "--output-dir") for a in extra)
     if config.resume_from and not explicit_output:
         config.output_dir = _run_dir_of(config.resume_from)
@@ -154,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("algorithm", choices=list(CONFIG_CLASSES))
     train.add_argument("--config", default=None, help="YAML file or preset name (see diffalign/configs)")
     train.add_argument("--resume", default=None, help="run directory or checkpoint to resume")
+    train.add_argument("--accelerate-config", default=None, metavar="NAME",
+                       help="run under `accelerate launch` with a shipped config: multi_gpu, fsdp, zero2, zero3, "
+                            "multi_node (or a config file); see diffalign.accelerate_configs")
     train.add_argument("-h", "--help", action="store_true")
     train.set_defaults(func=train_command, allow_extra=True)
 

@@ -279,7 +279,9 @@ class DDPOConfig(TrainConfig):
     per_prompt_buffer_size: int = field(default=16, metadata={"help": "Rewards kept per prompt by the tracker."})
     per_prompt_min_count: int = field(default=16, metadata={"help": "Tracker size before per-prompt statistics."})
     group_global_std: bool = field(default=False, metadata={"help": "Group mode: divide by the batch std."})
-    train_batch_size: int = field(default=8, metadata={"help": "Samples per optimizer step (per process)."})
+    train_batch_size: int = field(
+        default=8, metadata={"help": "Samples per optimizer step, over all processes (the run does not depend on their "
+                                     "number)."})
     train_clip_range: float = field(default=1e-4, metadata={"help": "PPO ratio clip eps."})
     train_adv_clip_max: float = field(default=5.0, metadata={"help": "Advantages are clipped to +-this."})
     train_kl_coef: float = field(default=0.0, metadata={"help": "Weight of the per-step KL to the base model."})
@@ -311,11 +313,11 @@ class DDPOConfig(TrainConfig):
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
         if self.advantage_mode not in ("per_prompt", "group", "batch"):
             raise ConfigError(f"advantage_mode must be per_prompt, group or batch; got '{self.advantage_mode}'")
-        local = self.sample_num_prompts_per_epoch // num_processes * self.sample_images_per_prompt
-        if local % self.train_batch_size:
+        samples = self.sample_num_prompts_per_epoch * self.sample_images_per_prompt
+        if samples % self.train_batch_size:
             raise ConfigError(
-                f"samples per process per epoch ({local} = sample_num_prompts_per_epoch / processes x "
-                f"sample_images_per_prompt) must be divisible by train_batch_size ({self.train_batch_size})"
+                f"samples per epoch ({samples} = sample_num_prompts_per_epoch x sample_images_per_prompt) must be "
+                f"divisible by train_batch_size ({self.train_batch_size}, samples per optimizer step over all processes)"
             )
         if self.train_reuse_epochs < 0:
             raise ConfigError(f"train_reuse_epochs must be >= 0; got {self.train_reuse_epochs}")
@@ -335,8 +337,8 @@ class PRDPConfig(TrainConfig):
     train_clip_eps: float = field(default=1e-6, metadata={"help": "Per-step clip eps of the log-ratio around theta_old."})
     train_prompts_per_step: int = field(
         default=0,
-        metadata={"help": "Prompts (groups of B images) per optimizer step, per process; 0 = all of the epoch's, i.e. "
-                          "one update per inner epoch as in Algorithm 1."},
+        metadata={"help": "Prompts (groups of B images) per optimizer step, over all processes; 0 = all of the epoch's, "
+                          "i.e. one update per inner epoch as in Algorithm 1."},
     )
     train_two_pass: bool = field(
         default=False,
@@ -361,13 +363,12 @@ class PRDPConfig(TrainConfig):
             raise ConfigError(f"train_beta must be > 0; got {self.train_beta}")
         if self.train_clip_eps <= 0:
             raise ConfigError(f"train_clip_eps must be > 0; got {self.train_clip_eps}")
-        local_prompts = self.sample_num_prompts_per_epoch // num_processes
         if self.train_prompts_per_step < 0:
             raise ConfigError(f"train_prompts_per_step must be >= 0; got {self.train_prompts_per_step}")
-        if self.train_prompts_per_step and local_prompts % self.train_prompts_per_step:
+        if self.train_prompts_per_step and self.sample_num_prompts_per_epoch % self.train_prompts_per_step:
             raise ConfigError(
-                f"prompts per process per epoch ({local_prompts}) must be divisible by train_prompts_per_step "
-                f"({self.train_prompts_per_step})"
+                f"sample_num_prompts_per_epoch ({self.sample_num_prompts_per_epoch}) must be divisible by "
+                f"train_prompts_per_step ({self.train_prompts_per_step}, prompts per optimizer step over all processes)"
             )
 
 

@@ -104,7 +104,7 @@ def test_two_processes_stay_in_sync(tiny_model_dir, tmp_path, algorithm):
     with open(out / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert [r["epoch"] for r in records] == [0, 1]  # written once, by the main process
-    assert all(r["params_max_rank_diff"] == 0.0 for r in records)
+    # ranks holding identical weights after every epoch: tests/test_distributed.py (DDP-prepared denoiser)
     assert all(r["images"] == 4 for r in records)  # rewards gathered from both ranks (2 prompts x 2 images)
     if algorithm == "ddpo":  # each rank also trained on its own samples of the epoch before
         assert [r["reused_samples"] for r in records] == [0, 4]

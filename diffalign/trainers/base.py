@@ -9,7 +9,7 @@ import os
 import random
 import time
 import warnings
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError, atomic_save_dir, load_resumable, save_checkpoint
 from ..config import TrainConfig
+from ..distributed import (ddp_kwargs, engine_name, full_parameters, full_state_dict_view, gradient_sync, is_dtensor,
+                           is_sharded, load_optimizer_state, optimizer_state, prepare_reference)
 from ..errors import UserError
 from ..runlog import append_metrics, prepare_output_dir, read_metrics, write_metrics
 from ..validation import check_lora_target_modules
@@ -46,6 +48,35 @@ def _seed_for(*parts: int) -> int:
     return int(np.random.default_rng(list(parts)).integers(0, 2**63 - 1))
 
 
+class GlobalLayout:
+    """Where the samples of a training set live across processes, so that the trainers can plan on the global batch.
+
+    Each process holds `num_local` samples in blocks of `per_block` (one block per epoch: replayed epochs first, then
+    the fresh one). Global block `b` is every process's block `b` in process order, so a global index `g` lives on
+    process `(g % (per_block * P)) // per_block`. With one process, global and local indices coincide.
+    """
+
+    def __init__(self, num_local: int, per_block: int, num_processes: int, process_index: int):
+        self.per_block = per_block
+        self.blocks = num_local // per_block
+        self.global_block = per_block * num_processes
+        self.num_global = self.blocks * self.global_block
+        self.process_index = process_index
+
+    def owner(self, index: torch.Tensor) -> torch.Tensor:
+        return (index % self.global_block) // self.per_block
+
+    def local_index(self, index: torch.Tensor) -> torch.Tensor:
+        """Local positions of global indices owned by this process."""
+        return (index // self.global_block) * self.per_block + (index % self.global_block) % self.per_block
+
+    def global_rows(self, local_rows: torch.Tensor) -> torch.Tensor:
+        """`(num_global, ...)` from per-sample values that are the same for every sample of a block (the SDE window
+        of an epoch)."""
+        firsts = local_rows[:: self.per_block][: self.blocks]
+        return firsts.repeat_interleave(self.global_block, dim=0)
+
+
 class BaseTrainer:
     """Owns the epoch loop: sample trajectories, score them, update the policy, log and checkpoint.
 
@@ -68,7 +99,7 @@ class BaseTrainer:
         # process count is the launcher's until the Accelerator knows it
         config.validate(accelerator.num_processes if accelerator is not None else _launched_processes())
         self.accelerator = accelerator or Accelerator(
-            mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available()
+            mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp_kwargs()]
         )
         acc = self.accelerator
         config.validate(acc.num_processes)
@@ -120,8 +151,9 @@ class BaseTrainer:
         self.metrics_history: List[Dict] = []
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
-        if config.resume_from:
-            self._resume(config.resume_from)
+        if self._resume_states is not None:
+            self._apply_resume(*self._resume_states)
+            self._resume_states = None
 
     # ------------------------------------------------------------------ setup
     def _setup_models(self):
@@ -129,25 +161,23 @@ class BaseTrainer:
         for frozen in family.frozen_modules():
             _place(frozen.requires_grad_(False), self.device, self.weight_dtype)
         denoiser = family.denoiser
-        self.ref_denoiser = None
+        ref_denoiser = None
         torch.manual_seed(config.seed)  # same LoRA initialisation on every process
         if config.use_lora:
             _place(denoiser, self.device, self.weight_dtype)
             add_lora(denoiser, config.lora_rank, config.lora_alpha,
                      config.lora_target_modules or family.default_lora_target_modules)
         else:
-            self.ref_denoiser = _place(
-                copy.deepcopy(denoiser).requires_grad_(False), self.device, self.weight_dtype
-            ).eval()
+            ref_denoiser = _place(copy.deepcopy(denoiser).requires_grad_(False), self.device, self.weight_dtype).eval()
             _place(denoiser.requires_grad_(True), self.device, torch.float32)
         if config.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
         if config.enable_xformers and torch.cuda.is_available():
             denoiser.enable_xformers_memory_efficient_attention()
-        self.trainable_params = [p for p in denoiser.parameters() if p.requires_grad]
-        self._broadcast_parameters()
+        # a resumed run's weights go into the module before it is prepared (sharded engines split them then)
+        self._resume_states = self._load_resume(config.resume_from, denoiser) if config.resume_from else None
         optimizer = torch.optim.AdamW(
-            self.trainable_params,
+            [p for p in denoiser.parameters() if p.requires_grad],
             lr=config.train_learning_rate,
             betas=(config.train_adam_beta1, config.train_adam_beta2),
             weight_decay=config.train_adam_weight_decay,
@@ -157,46 +187,54 @@ class BaseTrainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda epoch: min(1.0, (epoch + 1) / warmup) if warmup else 1.0
         )
-        # The denoiser is not wrapped in DDP: gradients are averaged explicitly in `sync_gradients`, which keeps the
-        # multi-forward PRDP update and the adapter toggling simple. The optimizer goes through accelerate for the
-        # fp16 gradient scaler.
-        self.optimizer = acc.prepare(optimizer)
-        self.denoiser = torch.compile(denoiser) if config.compile_unet else denoiser
+        # The denoiser and its optimizer go through accelerate: DDP by default, FSDP or DeepSpeed from the launch
+        # config (`diffalign.accelerate_configs`). Gradients are reduced in the last backward of each optimizer step
+        # (`gradient_sync`); adapters are toggled on the unwrapped module (`diffalign.rollout.unwrap`).
+        self.prepared, self.optimizer = self._prepare_training(denoiser, optimizer)
+        self.ref_denoiser = self._prepare_reference(ref_denoiser) if ref_denoiser is not None else None
+        self.trainable_params = [p for p in self.prepared.parameters() if p.requires_grad]
+        self.sharded = is_sharded(acc, self.prepared)
+        self.denoiser = torch.compile(self.prepared) if config.compile_unet else self.prepared
 
-    def _broadcast_parameters(self):
-        if self.accelerator.num_processes > 1:
-            import torch.distributed as dist
+    def _prepare_training(self, denoiser, optimizer):
+        """`(prepared denoiser, prepared optimizer)` for the launch's engine (DDP, FSDP, DeepSpeed or one process)."""
+        acc = self.accelerator
+        if engine_name(acc) == "deepspeed":
+            ds_config = acc.state.deepspeed_plugin.deepspeed_config
+            if ds_config.get("gradient_clipping", "auto") == "auto":  # DeepSpeed clips inside its step
+                ds_config["gradient_clipping"] = self.config.train_max_grad_norm
+            if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+                ds_config["train_micro_batch_size_per_gpu"] = 1  # batching is the trainer's; DeepSpeed never sees it
+        prepared, optimizer = acc.prepare(denoiser, optimizer)
+        if acc.mixed_precision != "no":
+            # the trainers autocast themselves; accelerate's forward wrapper would also cast outputs to fp32
+            acc.unwrap_model(prepared, keep_fp32_wrapper=False)
+        return prepared, optimizer
 
-            for param in self.trainable_params:
-                dist.broadcast(param.data, src=0)
+    def _prepare_reference(self, ref_denoiser):
+        """The frozen reference copy (full fine-tuning), placed per engine (`diffalign.distributed`)."""
+        return prepare_reference(self.accelerator, ref_denoiser)
 
     # ---------------------------------------------------------------- helpers
-    def sync_gradients(self):
-        """Averages the trainable parameters' gradients over processes (one flat all-reduce)."""
-        if self.accelerator.num_processes == 1:
-            return
-        import torch.distributed as dist
-
-        params = [p for p in self.trainable_params if p.grad is not None]
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat)
-        flat /= self.accelerator.num_processes
-        offset = 0
-        for p in params:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-            offset += n
+    def gradient_sync(self, last: bool):
+        """Context for one backward of an optimizer step: gradients are reduced across processes (averaged, by DDP,
+        FSDP or DeepSpeed) only in the `last` one. Every process runs the same sequence (`diffalign.distributed`)."""
+        return gradient_sync(self.accelerator, self.prepared, last)
 
     def optimizer_step(self) -> Dict[str, float]:
-        """Syncs, clips and applies the accumulated gradients unless any is non-finite (then skips the step)."""
-        self.sync_gradients()
+        """Clips and applies the accumulated (already averaged) gradients unless any is non-finite (then skips).
+
+        Under DeepSpeed the engine steps inside the last backward and clips with `gradient_clipping`; its fp16 loss
+        scaler skips overflowing steps."""
         grad_norm = self.accelerator.clip_grad_norm_(self.trainable_params, self.config.train_max_grad_norm)
+        if is_dtensor(grad_norm):
+            grad_norm = grad_norm.full_tensor()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         finite = math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if not finite and self.weight_dtype != torch.float16:
+        if not finite and self.weight_dtype != torch.float16 and engine_name(self.accelerator) != "deepspeed":
             # fp16's scaler legitimately skips overflowing steps; anything else is a real non-finite gradient.
             self._record_nonfinite("gradient")
         return {"grad_norm": grad_norm, "skipped": 0.0 if finite else 1.0}
@@ -252,15 +290,27 @@ class BaseTrainer:
         mine = prompts[acc.process_index * per_process : (acc.process_index + 1) * per_process]
         return [p for p in mine for _ in range(config.sample_images_per_prompt)]
 
+    def global_sample_offset(self, num_local: int) -> int:
+        """The global index of this process's first sample of an epoch (processes hold consecutive blocks of the
+        epoch's `sample_num_prompts_per_epoch x sample_images_per_prompt` samples, whole prompt groups each)."""
+        return self.accelerator.process_index * num_local
+
+    def sample_generators(self, epoch: int, indices) -> List[torch.Generator]:
+        """One generator per sample, seeded by its global index: the initial noise and every step's noise of a
+        sample are the same whichever process draws it and however the batch is split."""
+        return [torch.Generator(self.device).manual_seed(_seed_for(self.config.seed, epoch, 10, i)) for i in indices]
+
     @torch.no_grad()
     def sample(self, epoch: int, prompts: List[str], compute_reference: bool, keep_reference_means: bool = False,
-               progress: bool = False) -> Trajectories:
+               progress: bool = False, first_index: Optional[int] = None) -> Trajectories:
+        """Samples `prompts` (this process's block of the epoch, see `local_prompts`). Sample `i` of the block has
+        the global index `first_index + i` (by default `global_sample_offset`), which seeds its noise and gives its
+        group id: the prompt slot `global index // sample_images_per_prompt`."""
         config = self.config
-        generator = torch.Generator(self.device).manual_seed(
-            _seed_for(config.seed, epoch, self.accelerator.process_index, 1)
-        )
-        ids = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-        group_ids = torch.tensor([ids[p] for p in prompts], dtype=torch.long)
+        first = self.global_sample_offset(len(prompts)) if first_index is None else first_index
+        indices = list(range(first, first + len(prompts)))
+        generators = self.sample_generators(epoch, indices)
+        group_ids = torch.tensor([i // config.sample_images_per_prompt for i in indices], dtype=torch.long)
         self.denoiser.eval()
         stochastic_steps = self.stochastic_steps(epoch)
         batches = []
@@ -276,7 +326,7 @@ class BaseTrainer:
                         guidance_scale=config.sample_guidance_scale,
                         height=self.resolution,
                         width=self.resolution,
-                        generator=generator,
+                        generator=generators[start : start + config.sample_batch_size],
                         denoiser=self.denoiser,
                         ref_denoiser=self.ref_denoiser,
                         compute_reference=compute_reference,
@@ -365,23 +415,13 @@ class BaseTrainer:
             time_epoch=t3 - t0,
             images=len(all_rewards),
         )
-        if acc.num_processes > 1:
-            metrics["params_max_rank_diff"] = self.parameter_divergence()
         return metrics
-
-    @torch.no_grad()
-    def parameter_divergence(self) -> float:
-        """Largest difference of a parameter fingerprint across processes (0.0 when every rank holds the same
-        weights, which explicit gradient averaging guarantees; logged so a desync can never go unnoticed)."""
-        fingerprint = torch.stack([p.double().sum() for p in self.trainable_params]).sum().reshape(1)
-        fingerprints = self.accelerator.gather(fingerprint.to(self.device))
-        return (fingerprints.max() - fingerprints.min()).item()
 
     def train(self, progress: bool = True) -> List[Dict]:
         """Runs epochs `first_epoch .. num_epochs - 1`, writing metrics, curves, grids, checkpoints and the result."""
         config, acc = self.config, self.accelerator
-        if self.first_epoch == 0 and acc.is_main_process:
-            self.save_grid("grid_before.png")
+        if self.first_epoch == 0:
+            self.save_grid("grid_before.png")  # every process samples (a sharded denoiser needs them all)
         bar = tqdm(range(self.first_epoch, config.num_epochs), desc=f"{self.algorithm}", disable=not (
             progress and acc.is_local_main_process), initial=self.first_epoch, total=config.num_epochs)
         for epoch in bar:
@@ -396,12 +436,12 @@ class BaseTrainer:
                                          for k, v in metrics.items()))
             if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.num_epochs:
                 self.save_checkpoint(epoch)
+        self.save_final()
+        self.save_grid("grid_after.png")
         if acc.is_main_process:
-            self.save_final()
-            self.save_grid("grid_after.png")
             self.plot()
-            if config.final_eval_num_images:
-                self.final_evaluation()
+        if config.final_eval_num_images:
+            self.final_evaluation()
         acc.wait_for_everyone()
         return self.metrics_history
 
@@ -409,6 +449,8 @@ class BaseTrainer:
     def final_evaluation(self) -> Dict[str, Dict[str, float]]:
         """Base vs trained model on the same prompts and seeds: mean reward, eval reward and KL to base."""
         config = self.config
+        if not self._takes_part():
+            return {}
         n = config.final_eval_num_images
         prompts = self.prompts.grid_prompts(n, config.seed + 1)
         results = {}
@@ -434,6 +476,8 @@ class BaseTrainer:
             if trajectories.kl_to_ref is not None:
                 results[name]["kl_to_base"] = trajectories.kl_to_ref.nanmean().item()
         results["num_images"] = n
+        if not self.accelerator.is_main_process:
+            return results
         with open(os.path.join(config.output_dir, "final_eval.json"), "w") as f:
             json.dump(results, f, indent=1)
         logger.info("final evaluation (%d images, fixed seeds): %s", n, json.dumps(results))
@@ -456,8 +500,17 @@ class BaseTrainer:
             )
         return trajectories.images
 
+    def _takes_part(self) -> bool:
+        """Whether this process runs the main process's sampling (grids, final evaluation): every process when the
+        denoiser is sharded (each forward gathers the weights from all of them), else the main one alone."""
+        return self.sharded or self.accelerator.is_main_process
+
     def save_grid(self, filename: str):
+        if not self._takes_part():
+            return
         images = self.grid_images()
+        if not self.accelerator.is_main_process:
+            return
         nrow = math.ceil(math.sqrt(len(images)))
         image_grid(images, nrow=nrow, scale=grid_scale(self.resolution)).save(os.path.join(self.config.output_dir, filename))
         before = os.path.join(self.config.output_dir, "grid_before.png")
@@ -481,21 +534,34 @@ class BaseTrainer:
 
     def save_final(self):
         """`final/pytorch_lora_weights.safetensors` (LoRA, in the family's diffusers format) or `final/unet/`
-        (`final/transformer/`) for a full fine-tune, written atomically."""
-        denoiser = unwrap(self.denoiser)
+        (`final/transformer/`) for a full fine-tune, written atomically by the main process (from the gathered weights
+        when the denoiser is sharded: every process takes part then)."""
+        acc = self.accelerator
+        module = unwrap(self.denoiser)
+        full = None
+        if self.sharded or engine_name(acc) == "deepspeed":
+            names = list(self.trainable_names()) if self.config.use_lora else None
+            full = full_parameters(acc, self.prepared, names, buffers=not self.config.use_lora)
+        if not acc.is_main_process:
+            return
         final = os.path.join(self.config.output_dir, "final")
-        if self.config.use_lora:
-            atomic_save_dir(lambda tmp: self.family.save_lora(denoiser, tmp), final)
-        else:
-            atomic_save_dir(lambda tmp: denoiser.save_pretrained(
-                os.path.join(tmp, self.family.denoiser_name), safe_serialization=True), final)
+        with full_state_dict_view(module, full) if full is not None else contextlib.nullcontext():
+            if self.config.use_lora:
+                atomic_save_dir(lambda tmp: self.family.save_lora(module, tmp), final)
+            else:
+                atomic_save_dir(lambda tmp: module.save_pretrained(
+                    os.path.join(tmp, self.family.denoiser_name), safe_serialization=True), final)
         with open(os.path.join(self.config.output_dir, "config.json"), "w") as f:
             json.dump(self.config.to_dict(), f, indent=1, default=str)
 
     # ------------------------------------------------------- checkpoint/resume
+    def trainable_names(self) -> List[str]:
+        return [n for n, p in unwrap(self.prepared).named_parameters() if p.requires_grad]
+
     def trainable_state(self) -> Dict[str, torch.Tensor]:
-        names = {id(p): n for n, p in unwrap(self.denoiser).named_parameters()}
-        return {names[id(p)]: p.detach() for p in self.trainable_params}
+        """The trainable weights by name, full (gathered) on the main process; `{}` on the others when the denoiser
+        is sharded. Collective then: call it on every process."""
+        return full_parameters(self.accelerator, self.prepared, self.trainable_names())
 
     def extra_state(self) -> dict:
         """Algorithm state beyond the weights, saved in checkpoints (nested dicts/lists of JSON values and tensors).
@@ -509,6 +575,9 @@ class BaseTrainer:
             self.prompt_difficulty.load_state_dict(state["prompt_difficulty"])
 
     def save_checkpoint(self, epoch: int):
+        """One checkpoint in the same format for every engine and process count: the weights and the optimizer state
+        by parameter name, gathered from the shards when the denoiser is sharded, written by the main process
+        (atomically, with a checksummed manifest: `diffalign.checkpoint`)."""
         acc = self.accelerator
         rng = {
             "torch": torch.get_rng_state(),
@@ -516,10 +585,14 @@ class BaseTrainer:
             "python": random.getstate(),
         }
         extra = self.extra_state()  # on every process: it may gather per-process state
+        model = self.trainable_state()  # on every process: collective when sharded
+        optimizer = optimizer_state(acc, self.prepared, self.optimizer)
+        if optimizer is None:  # DeepSpeed's partitioned optimizer is not saved (resume starts fresh moments)
+            optimizer = {"engine": "deepspeed"}
         if acc.is_main_process:
             states = {
-                "model": self.trainable_state(),
-                "optimizer": self.optimizer.state_dict(),
+                "model": model,
+                "optimizer": optimizer,
                 "scheduler": self.lr_scheduler.state_dict(),
                 "rng": rng,
                 "trainer": {"epoch": epoch, "nonfinite_total": self.nonfinite_total,
@@ -528,9 +601,11 @@ class BaseTrainer:
             save_checkpoint(self.config.output_dir, epoch, states, self.config.hash(), self.config.checkpoints_total_limit)
         acc.wait_for_everyone()
 
-    def _resume(self, path: str):
-        params = dict(unwrap(self.denoiser).named_parameters())
-        expected = self.trainable_state()
+    def _load_resume(self, path: str, denoiser):
+        """Loads the newest usable checkpoint of `path` (every process reads it) and puts its weights into
+        `denoiser` before it is prepared; returns `(checkpoint, states)` for `_apply_resume`."""
+        params = dict(denoiser.named_parameters())
+        expected = {n: p for n, p in params.items() if p.requires_grad}
 
         def check(checkpoint: str, states: dict):
             # what the checkpoint's states must hold before anything is applied; a failure skips to the previous
@@ -562,11 +637,31 @@ class BaseTrainer:
             path, ["model", "optimizer", "scheduler", "rng", "trainer"], config_hash=self.config.hash(), check=check,
             finite=["model", "optimizer", "scheduler"],
         )
+        with self._applying(checkpoint):
+            with torch.no_grad():
+                for name, value in states["model"].items():
+                    params[name].data.copy_(value)
+        return checkpoint, states
+
+    @contextlib.contextmanager
+    def _applying(self, checkpoint: str):
         try:
-            for name, value in states["model"].items():
-                params[name].data.copy_(value)
-            self.optimizer.state_dict()  # materialise accelerate's wrapper before loading
-            self.optimizer.load_state_dict(states["optimizer"])
+            yield
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise CheckpointError(f"checkpoint '{checkpoint}' cannot be applied to this run: {type(e).__name__}: "
+                                  f"{detail}") from e
+
+    def _apply_resume(self, checkpoint: str, states: dict):
+        """The optimizer (each process takes its shard), LR schedule, RNG and trainer state of a loaded checkpoint."""
+        with self._applying(checkpoint):
+            optimizer = states["optimizer"]
+            if engine_name(self.accelerator) == "deepspeed" or "param_groups" not in optimizer:
+                logger.warning("checkpoint '%s': the optimizer state is not restored under DeepSpeed (fresh Adam "
+                               "moments)", checkpoint)
+            else:
+                self.optimizer.state_dict()  # materialise accelerate's wrapper before loading
+                load_optimizer_state(self.accelerator, self.prepared, self.optimizer, optimizer)
             self.lr_scheduler.load_state_dict(states["scheduler"])
             rng = states["rng"]
             torch.set_rng_state(rng["torch"])
@@ -577,10 +672,6 @@ class BaseTrainer:
             self.nonfinite_total = trainer["nonfinite_total"]
             self.nonfinite_in_a_row = trainer["nonfinite_in_a_row"]
             self.load_extra_state(trainer)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
-            raise CheckpointError(f"checkpoint '{checkpoint}' cannot be applied to this run: "
-                                  f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
-                                  ) from e
         # metrics.jsonl may hold epochs after the checkpoint (the run was killed later): drop them, rewriting the
         # file atomically (a kill during the rewrite leaves the old file whole)
         if self.accelerator.is_main_process:
