@@ -48,6 +48,11 @@ def _finite(value):
     return value
 
 
+def finite_json(value):
+    """`value` ready for strict JSON: every non-finite float (also in nested dicts and lists) becomes `None`."""
+    return _finite(value)
+
+
 def dumps_record(record: Dict) -> str:
     """One line of strict JSON: NaN and infinities become `null`."""
     return json.dumps(_finite(record), allow_nan=False, default=str)

@@ -209,10 +209,13 @@ def test_nonfinite_metrics_are_written_as_null(tiny_model_dir, tmp_path, capsys,
         "    return torch.full((len(images),), float('nan'))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     code, err = train(tiny_model_dir, tmp_path / "run", "--reward", "nan_reward_mod:nan_reward", "--num_epochs", "1",
-                      capsys=capsys)
+                      "--final_eval_num_images", "2", capsys=capsys)
     assert code == 0, err
     (record,) = strict_records(tmp_path / "run" / "metrics.jsonl")
     assert record["reward_mean"] is None and record["skipped_nonfinite"] == 1.0
+    # final_eval.json too: strict JSON (no NaN token), non-finite rewards as null
+    final = json.loads((tmp_path / "run" / "final_eval.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert final["base"]["reward_mean"] is None and final["trained"]["reward_mean"] is None
 
 
 def test_restart_without_resume_is_refused(tiny_model_dir, two_epoch_run, tmp_path, capsys):

@@ -20,7 +20,7 @@ from ..config import TrainConfig
 from ..distributed import (ddp_kwargs, engine_name, full_parameters, full_state_dict_view, gradient_sync, is_dtensor,
                            is_sharded, load_optimizer_state, optimizer_state, prepare_reference)
 from ..errors import UserError
-from ..runlog import append_metrics, prepare_output_dir, read_metrics, write_metrics
+from ..runlog import append_metrics, finite_json, prepare_output_dir, read_metrics, write_metrics
 from ..validation import check_lora_target_modules
 from ..families import load_family
 from ..kernels import sde_window_mask
@@ -479,7 +479,7 @@ class BaseTrainer:
         if not self.accelerator.is_main_process:
             return results
         with open(os.path.join(config.output_dir, "final_eval.json"), "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump(finite_json(results), f, indent=1, allow_nan=False)  # a NaN reward is written as null
         logger.info("final evaluation (%d images, fixed seeds): %s", n, json.dumps(results))
         return results
 
