@@ -142,6 +142,10 @@ class _OfflineSD3LoRAComponents:
     text_encoder_2_cls, text_encoder_2_id = offline.clip_text_encoder_with_projection(seed=1), None
     text_encoder_3_cls, text_encoder_3_id = offline.t5_encoder(seed=0), None
 
+    @unittest.skip("diffalign: loads LoRA files of hf-internal-testing/tiny-sd3-loras from the hub; the suite runs offline")
+    def test_sd3_lora(self):
+        pass
+
 
 class SD3LoRATestsDiffusers(_OfflineSD3LoRAComponents, upstream_lora.SD3LoRATests):
     pipeline_class = StableDiffusion3Pipeline
