@@ -186,8 +186,9 @@ class ModelFamily:
         return uncond + guidance_scale * (text - uncond)
 
     # ------------------------------------------------------------------- decoding
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE decode to images in [0, 1], `(B, 3, H, W)` float32."""
+    def decode(self, latents: torch.Tensor, height: Optional[int] = None, width: Optional[int] = None) -> torch.Tensor:
+        """VAE decode to images in [0, 1], `(B, 3, H, W)` float32 (`height`, `width`: the image size, for families
+        whose latents do not show it)."""
         vae = self.pipe.vae
         latents = latents / vae.config.scaling_factor
         if getattr(vae.config, "shift_factor", None):

@@ -15,8 +15,7 @@ What differs from SD3, and where it lives here:
   as `FluxPipeline.__call__`; the transformer takes `t / 1000`.
 """
 
-import math
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 
@@ -41,12 +40,6 @@ class FluxFamily(ModelFamily):
     max_sequence_length = 512  # T5 tokens, FluxPipeline's default (FLUX.1-dev; Flow-GRPO and DanceGRPO train so)
     embedded_guidance = 3.5  # FluxPipeline's default `guidance_scale`; set per run by `configure(config)`
 
-    def __init__(self, pipe, max_cache: int = 4096):
-        super().__init__(pipe, max_cache)
-        # token count -> (height, width) in pixels of the latents last prepared with that many tokens: packed latents
-        # do not say their 2-D grid, which `forward` (img_ids) and `decode` (unpacking) need
-        self._sizes: Dict[int, Tuple[int, int]] = {}
-
     def configure(self, config):
         """`ModelFamily.configure`, and the run's embedded guidance (`sample_embedded_guidance`)."""
         super().configure(config)
@@ -68,7 +61,6 @@ class FluxFamily(ModelFamily):
     def conditioning(self, prompts: List[str], negative_prompt: str, do_cfg: bool, height: int, width: int):
         """As `ModelFamily.conditioning`, plus the embedded guidance per row (`guidance`, float32 as FluxPipeline)."""
         cond, negative = super().conditioning(prompts, negative_prompt, do_cfg, height, width)
-        self._remember_size(height, width)
         if self.uses_embedded_guidance():
             device = cond["encoder_hidden_states"].device
             guidance = torch.full((len(prompts),), self.embedded_guidance, device=device, dtype=torch.float32)
@@ -92,23 +84,14 @@ class FluxFamily(ModelFamily):
         multiple = self.vae_scale_factor * 2
         return int(height) // multiple, int(width) // multiple
 
-    def _remember_size(self, height: int, width: int):
-        rows, columns = self._grid(height, width)
-        self._sizes[rows * columns] = (int(height), int(width))
-
-    def _size_of(self, num_tokens: int) -> Tuple[int, int]:
-        """`(height, width)` of packed latents with `num_tokens` tokens: the size last prepared, else square."""
-        if num_tokens in self._sizes:
-            return self._sizes[num_tokens]
-        side = math.isqrt(num_tokens)
-        if side * side != num_tokens:
-            raise ValueError(f"packed FLUX latents of {num_tokens} tokens: prepare them with the family first "
-                             "(`prepare_latents` or `conditioning`) so that their height and width are known")
-        return side * self.resolution_multiple(), side * self.resolution_multiple()
+    def add_resolution(self, cond: Conditioning, height: int, width: int) -> Conditioning:
+        """Adds `image_size` `(B, 2)`: packed latents do not say their 2-D grid, which `forward` needs (img_ids)."""
+        batch = cond["encoder_hidden_states"].shape[0]
+        size = torch.tensor([int(height), int(width)], device=cond["encoder_hidden_states"].device)
+        return {**cond, "image_size": size.expand(batch, 2).clone()}
 
     def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents=None, denoiser=None):
         """Packed latents `(B, (h/2)(w/2), 4C)` as `FluxPipeline.prepare_latents` (given `latents` must be packed)."""
-        self._remember_size(height, width)
         channels = self.latent_channels(denoiser)
         latents, _ = self.pipe.prepare_latents(batch_size, channels, height, width, dtype, device, generator, latents)
         return latents
@@ -119,7 +102,6 @@ class FluxFamily(ModelFamily):
         import numpy as np
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-        self._remember_size(height, width)
         scheduler = self.scheduler
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         if getattr(scheduler.config, "use_flow_sigmas", False):
@@ -137,7 +119,7 @@ class FluxFamily(ModelFamily):
     def forward(self, denoiser, latents, timesteps, cond: Conditioning):
         """One FLUX transformer call on packed latents; any batch of rows (CFG doubles it): the position ids are the
         same for every row, built from the shapes as in `FluxPipeline`."""
-        height, width = self._size_of(latents.shape[1])
+        height, width = cond["image_size"][0].tolist()
         rows, columns = self._grid(height, width)
         embeds = cond["encoder_hidden_states"]
         img_ids = self.pipe._prepare_latent_image_ids(latents.shape[0], rows, columns, latents.device, embeds.dtype)
@@ -151,10 +133,9 @@ class FluxFamily(ModelFamily):
         )[0]
 
     # ------------------------------------------------------------------- decoding
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Unpacks (`FluxPipeline._unpack_latents`), then `latents / scaling_factor + shift_factor` and the VAE."""
-        height, width = self._size_of(latents.shape[1])
-        return super().decode(self.pipe._unpack_latents(latents, height, width, self.vae_scale_factor))
+        return super().decode(self.pipe._unpack_latents(latents, height, width, self.vae_scale_factor), height, width)
 
     # ----------------------------------------------------------------------- LoRA
     def lora_state_dict(self, denoiser) -> dict:
