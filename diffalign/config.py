@@ -53,6 +53,12 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for UNet activation memory."})
     enable_xformers: bool = field(default=False, metadata={"help": "xformers attention (CUDA and the extra only)."})
     compile_unet: bool = field(default=False, metadata={"help": "torch.compile the UNet."})
+    num_threads: Optional[int] = field(
+        default=None,
+        metadata={"help": "Torch CPU threads per process (torch.set_num_threads). Default: 1 for the bundled models "
+                          "(digits, digits-flow) on a CPU, where one thread is the fastest on a shared machine and makes "
+                          "a run bit-reproducible on any core count; torch's default otherwise."},
+    )
 
     # > Prompts and reward
     prompts: Optional[List[str]] = field(default=None, metadata={"help": "Training prompts (cycled)."})
@@ -210,6 +216,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a non-empty list of non-empty prompts; got {value!r}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be in [0, 2^63); got {self.seed}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError(f"num_threads must be >= 1; got {self.num_threads}")
         if self.sample_resolution is not None and self.sample_resolution < 1:
             raise ConfigError(f"sample_resolution must be a positive number of pixels; got {self.sample_resolution}")
         limits = {  # name: (lowest, whether the lowest is allowed, highest or None)
@@ -260,7 +268,7 @@ class TrainConfig:
 
     def hash(self) -> str:
         """A short hash of the settings that define the run (resuming with different ones is refused)."""
-        ignored = {"resume_from", "num_epochs", "checkpoint_every", "checkpoints_total_limit", "log_every", "output_dir"}
+        ignored = {"resume_from", "num_threads", "num_epochs", "checkpoint_every", "checkpoints_total_limit", "log_every", "output_dir"}
         items = {k: v for k, v in self.to_dict().items() if k not in ignored}
         return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -340,9 +348,11 @@ class PRDPConfig(TrainConfig):
         metadata={"help": "Prompts (groups of B images) per optimizer step, over all processes; 0 = all of the epoch's, "
                           "i.e. one update per inner epoch as in Algorithm 1."},
     )
-    train_two_pass: bool = field(
-        default=False,
-        metadata={"help": "Exact gradient with activations for one micro-batch at a time (one extra no-grad forward)."},
+    train_two_pass: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Exact gradient with activations for one micro-batch at a time (one extra no-grad forward), "
+                          "so memory is bounded by train_micro_batch_size. Default: two passes when an update has "
+                          "more (sample, step) rows than one micro-batch, else one pass (the same gradient)."},
     )
     train_num_inner_epochs: int = field(default=10, metadata={"help": "Gradient updates per epoch over all pairs (K)."})
     sample_compute_kl: bool = field(

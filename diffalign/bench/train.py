@@ -96,7 +96,10 @@ class _UNetFloor:
             for _ in range(config.train_num_inner_epochs):
                 for s in range(0, groups, per_step):
                     rows = min(per_step, groups - s) * config.sample_images_per_prompt * steps
-                    if config.train_two_pass:
+                    two_pass = config.train_two_pass
+                    if two_pass is None:  # the trainer's default: two passes when the rows exceed one micro-batch
+                        two_pass = rows > micro
+                    if two_pass:
                         updates.append((rows, [[m] for m in split(rows)]))
                     else:
                         updates.append((0, [split(rows)]))  # one graph over all micro-batches, one backward

@@ -36,6 +36,19 @@ class NonFiniteError(UserError, RuntimeError):
     """Too many non-finite rewards, losses or gradients in a row (or one, with `nonfinite_policy: error`)."""
 
 
+def set_torch_threads(config: TrainConfig):
+    """`torch.set_num_threads` from `config.num_threads`; by default one thread for the bundled models on a CPU (their
+    small convolutions are fastest on one thread when the cores are shared, and one thread makes runs bit-reproducible
+    across machines with different core counts)."""
+    from ..modeling import BUNDLED_MODELS
+
+    threads = config.num_threads
+    if threads is None and config.model in BUNDLED_MODELS and not torch.cuda.is_available():
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 def _launched_processes() -> int:
     try:
         return max(1, int(os.environ.get("WORLD_SIZE", "1")))
@@ -95,6 +108,7 @@ class BaseTrainer:
         from accelerate import Accelerator
 
         self.config = config
+        set_torch_threads(config)
         # validate before the Accelerator is built (it fails on a bad mixed_precision with a traceback); the
         # process count is the launcher's until the Accelerator knows it
         config.validate(accelerator.num_processes if accelerator is not None else _launched_processes())

@@ -95,7 +95,8 @@ class PRDPTrainer(BaseTrainer):
                     slots=max_count(micro_batch_count(x, micro) for x in rows),
                     num_processes=acc.num_processes,
                 )
-                update = self._two_pass_update if config.train_two_pass else self._single_pass_update
+                two_pass = config.train_two_pass if config.train_two_pass is not None else step.slots > 1
+                update = self._two_pass_update if two_pass else self._single_pass_update
                 stats = update(trajectories, rewards, samples, plan[offset + samples], step)
                 stats.update(self.optimizer_step())
                 for key in totals:

@@ -1,0 +1,144 @@
+"""Reruns the README's result tables over several seeds and prints them as mean +- spread.
+
+Each (preset, seed) is one `diffalign train` run with `--seed S` (which also picks the final evaluation's 200
+fixed-seed images); the RLG table samples each seed's PRDP LoRA at several strengths with `diffalign generate`.
+Runs whose outputs exist are reused, so an interrupted call continues where it stopped.
+
+    python scripts/reproduce_results.py                      # README tables, seeds 0 1 2, two runs at a time
+    python scripts/reproduce_results.py --seeds 0 1 2 3 4 --jobs 1 --presets digits-prdp
+
+Every run uses one torch thread (the bundled presets' default), so a run is bit-reproducible on this machine kind
+whatever its core count; results are written to `<output>/results.json` and the tables to `<output>/results.md`.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+# preset -> algorithm (the README's two tables)
+PRESETS = {
+    "digits-prdp": "prdp",
+    "digits-ddpo": "ddpo",
+    "digits-flow-grpo": "ddpo",
+    "digits-flow-prdp": "prdp",
+}
+RLG_PRESET = "digits-prdp"
+RLG_SCALES = ["0", "0.5", "1", "1.5", "2", "3"]
+RLG_ARGS = ["--reward", "digit_correctness", "--steps", "10", "--guidance-scale", "1", "--eta", "1",
+            "--num-images", "20"]
+
+
+def run(command, log_path):
+    """Runs `command`, its output in `log_path`; returns the wall time in seconds (raises on failure)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    start = time.time()
+    with open(log_path, "w") as log:
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if code:
+        raise RuntimeError(f"{' '.join(command)} failed with exit code {code}; see {log_path}")
+    return time.time() - start
+
+
+def train(preset: str, seed: int, output: str) -> dict:
+    run_dir = os.path.join(output, f"{preset}-seed{seed}")
+    result_path = os.path.join(run_dir, "final_eval.json")
+    timing_path = os.path.join(output, f"{preset}-seed{seed}.time")
+    if not os.path.isfile(result_path):
+        if os.path.isdir(run_dir):  # an interrupted run: start it again
+            import shutil
+
+            shutil.rmtree(run_dir)
+        wall = run([sys.executable, "-m", "diffalign.cli", "train", PRESETS[preset], "--config", preset,
+                    "--seed", str(seed), "--output_dir", run_dir], os.path.join(output, f"{preset}-seed{seed}.log"))
+        with open(timing_path, "w") as f:
+            f.write(f"{wall:.1f}\n")
+    with open(result_path) as f:
+        result = json.load(f)
+    result["wall_s"] = float(open(timing_path).read()) if os.path.isfile(timing_path) else None
+    return result
+
+
+def rlg(seed: int, output: str) -> dict:
+    lora = os.path.join(output, f"{RLG_PRESET}-seed{seed}", "final")
+    out_dir = os.path.join(output, f"rlg-{RLG_PRESET}-seed{seed}")
+    result_path = os.path.join(out_dir, "rlg_rewards.json")
+    if not os.path.isfile(result_path):
+        run([sys.executable, "-m", "diffalign.cli", "generate", "--model", "digits", "--lora", lora, "--rlg-scale",
+             *RLG_SCALES, *RLG_ARGS, "--seed", str(seed), "--output-dir", out_dir],
+            os.path.join(output, f"rlg-seed{seed}.log"))
+    with open(result_path) as f:
+        return json.load(f)
+
+
+def spread(values, scale=1.0, digits=3) -> str:
+    """`mean +- std (min-max)` of `values` (sample std over seeds)."""
+    values = [v * scale for v in values]
+    mean = statistics.mean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {std:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+def tables(results: dict, rlg_results: dict, seeds) -> str:
+    lines = [f"Seeds {', '.join(map(str, seeds))}; mean ± sample std (min–max) over seeds; 200 fixed-seed images per "
+             "evaluation (`final_eval.json`); one torch thread per run.", "",
+             "| preset | reward base | reward trained | judge base (%) | judge trained (%) | KL to base | wall time (min) |",
+             "|---|---|---|---|---|---|---|"]
+    for preset, runs in results.items():
+        base = [r["base"]["reward_mean"] for r in runs]
+        trained = [r["trained"]["reward_mean"] for r in runs]
+        judge_base = [r["base"]["eval_mean"] for r in runs]
+        judge_trained = [r["trained"]["eval_mean"] for r in runs]
+        kl = [r["trained"]["kl_to_base"] for r in runs]
+        walls = [r["wall_s"] / 60 for r in runs if r.get("wall_s")]
+        lines.append(f"| `{preset}` | {spread(base)} | {spread(trained)} | {spread(judge_base, 100, 1)} | "
+                     f"{spread(judge_trained, 100, 1)} | {spread(kl)} | {spread(walls, digits=1) if walls else '-'} |")
+    lines += ["", "Per seed (reward trained, judge trained %, KL):", ""]
+    for preset, runs in results.items():
+        cells = [f"seed {s}: {r['trained']['reward_mean']:.3f}, {100 * r['trained']['eval_mean']:.1f}%, "
+                 f"{r['trained']['kl_to_base']:.3f}" for s, r in zip(seeds, runs)]
+        lines.append(f"- `{preset}`: " + "; ".join(cells))
+    if rlg_results:
+        lines += ["", f"RLG on each seed's `{RLG_PRESET}` LoRA (digit_correctness, 200 images per strength):", "",
+                  "| `rlg_scale` w | " + " | ".join(RLG_SCALES) + " |", "|---|" + "---|" * len(RLG_SCALES)]
+        row = []
+        for w in RLG_SCALES:
+            means = [next(e["reward_mean"] for e in r if float(e["rlg_scale"]) == float(w)) for r in rlg_results.values()]
+            row.append(spread(means))
+        lines.append("| digit_correctness | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
+    parser.add_argument("--output", default=os.path.join("runs", "reproduce"))
+    parser.add_argument("--no-rlg", action="store_true", help="skip the RLG table")
+    args = parser.parse_args(argv)
+    os.makedirs(args.output, exist_ok=True)
+
+    # the slowest runs first, so that the pool ends together
+    order = sorted(((p, s) for p in args.presets for s in args.seeds), key=lambda ps: ("flow" not in ps[0], ps[1]))
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {key: pool.submit(train, *key, args.output) for key in order}
+        results = {p: [futures[(p, s)].result() for s in args.seeds] for p in args.presets}
+        rlg_results = {}
+        if RLG_PRESET in args.presets and not args.no_rlg:
+            rlg_futures = {s: pool.submit(rlg, s, args.output) for s in args.seeds}
+            rlg_results = {s: f.result() for s, f in rlg_futures.items()}
+    text = tables(results, rlg_results, args.seeds)
+    with open(os.path.join(args.output, "results.json"), "w") as f:
+        json.dump({"seeds": args.seeds, "train": results, "rlg": rlg_results}, f, indent=1)
+    with open(os.path.join(args.output, "results.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
