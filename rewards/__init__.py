@@ -18,6 +18,7 @@ Built-ins (see docs/rewards.md for the weights each one needs):
 | `pickscore` | `clip_rewards` | PickScore: `logit_scale * cos(image, text)` |
 | `clip_score` | `clip_rewards` | `scale * cos(image, text)` of a CLIP model |
 | `hpsv2`, `hpsv2.1` | `hpsv2` | HPSv2 / HPSv2.1: `cos(image, text)` (needs `diffalign[openclip]`) |
+| `remote` | `remote` | the scores of an HTTP server (`url=...`); `python -m diffalign.rewards.serve` serves any reward |
 """
 
 import importlib
@@ -40,6 +41,7 @@ _BUILTIN_MODULES = [
     "diffalign.rewards.digits",
     "diffalign.rewards.clip_rewards",
     "diffalign.rewards.hpsv2",
+    "diffalign.rewards.remote",
 ]
 
 __all__ = [
