@@ -1,9 +1,12 @@
 """Prompt sources: a list, a file, a built-in set, or a user's `module:function`."""
 
+import csv
 import importlib
+import io
+import json
 import os
 import random
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -37,43 +40,71 @@ BUILTIN_PROMPTS = {
 
 
 class PromptSource:
-    """Draws each epoch's prompts reproducibly from `(seed, epoch)`, so every process and a resumed run agree."""
+    """Draws each epoch's prompts reproducibly from `(seed, epoch)`, so every process and a resumed run agree.
 
-    def __init__(self, prompts: Optional[List[str]] = None, fn: Optional[Callable[[], str]] = None):
+    Each prompt may carry a metadata dict (the other fields of its row in a JSONL/CSV file or dataset, e.g. GenEval's
+    `tag` and `include`), which travels with it to the reward (`reward(images, prompts, metadata)`). A prompt function
+    returns a prompt, or `(prompt, metadata)` as ddpo-pytorch's prompt functions do.
+    """
+
+    def __init__(self, prompts: Optional[List[str]] = None, fn: Optional[Callable[[], str]] = None,
+                 metadata: Optional[List[dict]] = None):
         if not prompts and fn is None:
-            raise PromptError("no prompts: give `prompts`, `prompt_file` or `prompt_fn`")
+            raise PromptError("no prompts: give `prompts`, `prompt_file`, `prompt_dataset` or `prompt_fn`")
         self.prompts = list(prompts or [])
         self.fn = fn
+        self.metadata = [dict(m) for m in metadata] if metadata is not None else [{} for _ in self.prompts]
+        if len(self.metadata) != len(self.prompts):
+            raise PromptError(f"{len(self.metadata)} metadata rows for {len(self.prompts)} prompts")
 
-    def epoch_prompts(self, epoch: int, num_prompts: int, seed: int, weights: Optional[np.ndarray] = None) -> List[str]:
-        """`num_prompts` prompts for `epoch`: uniform draws (without replacement while the list allows), or, with
-        `weights` (one per listed prompt), weighted draws with replacement."""
+    def epoch_items(self, epoch: int, num_prompts: int, seed: int,
+                    weights: Optional[np.ndarray] = None) -> List[Tuple[str, dict]]:
+        """`num_prompts` `(prompt, metadata)` pairs for `epoch`: uniform draws (without replacement while the list
+        allows), or, with `weights` (one per listed prompt), weighted draws with replacement."""
         if weights is not None:
             if self.fn is not None:
                 raise PromptError("weighted prompt selection needs a prompt list, not a prompt function")
             rng = np.random.default_rng([seed, epoch])
             index = rng.choice(len(self.prompts), size=num_prompts, replace=True, p=weights / weights.sum())
-            return [self.prompts[i] for i in index]
+            return [self._item(i) for i in index]
         if self.fn is not None:
             state = random.getstate()
             random.seed(seed * 1_000_003 + epoch)
             try:
-                return [str(self.fn()) for _ in range(num_prompts)]
+                return [self._call_fn() for _ in range(num_prompts)]
             finally:
                 random.setstate(state)
         rng = np.random.default_rng([seed, epoch])
         index = rng.choice(len(self.prompts), size=num_prompts, replace=num_prompts > len(self.prompts))
-        return [self.prompts[i] for i in index]
+        return [self._item(i) for i in index]
+
+    def epoch_prompts(self, epoch: int, num_prompts: int, seed: int, weights: Optional[np.ndarray] = None) -> List[str]:
+        """The prompts of `epoch_items`."""
+        return [prompt for prompt, _ in self.epoch_items(epoch, num_prompts, seed, weights)]
 
     @property
     def is_list(self) -> bool:
         return self.fn is None
 
-    def grid_prompts(self, num_prompts: int, seed: int) -> List[str]:
-        """Fixed prompts for before/after grids: the list in order (cycled), or fixed draws from the function."""
+    def grid_items(self, num_prompts: int, seed: int) -> List[Tuple[str, dict]]:
+        """Fixed `(prompt, metadata)` pairs for grids and evaluations: the list in order (cycled), or fixed draws
+        from the function."""
         if self.fn is not None:
-            return self.epoch_prompts(2**31, num_prompts, seed)
-        return [self.prompts[i % len(self.prompts)] for i in range(num_prompts)]
+            return self.epoch_items(2**31, num_prompts, seed)
+        return [self._item(i % len(self.prompts)) for i in range(num_prompts)]
+
+    def grid_prompts(self, num_prompts: int, seed: int) -> List[str]:
+        """The prompts of `grid_items`."""
+        return [prompt for prompt, _ in self.grid_items(num_prompts, seed)]
+
+    def _item(self, index) -> Tuple[str, dict]:
+        return self.prompts[index], self.metadata[index]
+
+    def _call_fn(self) -> Tuple[str, dict]:
+        result = self.fn()
+        if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict):
+            return str(result[0]), result[1]
+        return str(result), {}
 
 
 class PromptDifficulty:
@@ -116,34 +147,168 @@ class PromptDifficulty:
         self.rewards = {p: list(r) for p, r in state["rewards"].items()}
 
 
-def read_prompt_file(path: str) -> List[str]:
+# The trainer sets each sample's `group_id` in the reward's metadata (the prompt slot of its group).
+RESERVED_METADATA = ("group_id",)
+
+
+def _read_text(path: str, what: str = "prompt file") -> str:
     if not os.path.isfile(path):
-        raise PromptError(f"prompt file '{path}' does not exist")
+        raise PromptError(f"{what} '{path}' does not exist")
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise PromptError(f"prompt file '{path}' cannot be read: {e.strerror or e}") from None
+        raise PromptError(f"{what} '{path}' cannot be read: {e.strerror or e}") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise PromptError(f"prompt file '{path}' is not UTF-8 text (line {line}, byte 0x{data[e.start]:02x}): "
+        raise PromptError(f"{what} '{path}' is not UTF-8 text (line {line}, byte 0x{data[e.start]:02x}): "
                           f"save it as UTF-8") from None
     if "\x00" in text:
-        raise PromptError(f"prompt file '{path}' is not a text file (it holds NUL bytes)")
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        raise PromptError(f"{what} '{path}' is not a text file (it holds NUL bytes)")
+    return text
+
+
+def _record(row: dict, column: str, where: str) -> Tuple[str, dict]:
+    """`(prompt, metadata)` of one row: its `column` (a non-empty string) and its other fields."""
+    if column not in row:
+        fields = ", ".join(str(k) for k in row) or "none"
+        raise PromptError(f"{where} has no '{column}' field (fields: {fields}); set prompt_column to the prompt's")
+    prompt = row[column]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PromptError(f"{where}: '{column}' must be a non-empty string; got {prompt!r}")
+    metadata = {k: v for k, v in row.items() if k != column}
+    for key in RESERVED_METADATA:
+        if key in metadata:
+            raise PromptError(f"{where} has a '{key}' field, which is reserved (the trainer sets each sample's "
+                              f"{key}): rename it")
+    return prompt.strip(), metadata
+
+
+def _read_jsonl(path: str, text: str, column: str) -> Tuple[List[str], List[dict]]:
+    prompts, metadata = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptError(f"prompt file '{path}' line {number} is not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise PromptError(f"prompt file '{path}' line {number} is not a JSON object (one object per line, "
+                              f"with a '{column}' field)")
+        prompt, meta = _record(row, column, f"prompt file '{path}' line {number}")
+        prompts.append(prompt)
+        metadata.append(meta)
+    return prompts, metadata
+
+
+def _read_csv(path: str, text: str, column: str) -> Tuple[List[str], List[dict]]:
+    reader = csv.DictReader(io.StringIO(text))
+    if reader.fieldnames is not None and column not in reader.fieldnames:
+        raise PromptError(f"prompt file '{path}' has no '{column}' column (columns: {', '.join(reader.fieldnames)}); "
+                          f"set prompt_column to the prompt's")
+    prompts, metadata = [], []
+    try:
+        for row in reader:
+            where = f"prompt file '{path}' line {reader.line_num}"
+            if None in row:
+                raise PromptError(f"{where} has more cells than the header has columns")
+            if not any((value or "").strip() for value in row.values()):
+                continue  # a blank line
+            prompt, meta = _record(row, column, where)
+            prompts.append(prompt)
+            metadata.append(meta)
+    except csv.Error as e:
+        raise PromptError(f"prompt file '{path}' line {reader.line_num} is not valid CSV ({e})") from None
+    return prompts, metadata
+
+
+def read_prompt_records(path: str, column: str = "prompt") -> Tuple[List[str], List[dict]]:
+    """`(prompts, metadata)` of a prompt file: JSON Lines (`.jsonl`, one object per line) or CSV (`.csv`, a header
+    row) with the prompt in `column` and the other fields as the prompt's metadata; any other file is text, one
+    prompt per line (blank lines and `#` comments skipped), without metadata."""
+    text = _read_text(path)
+    extension = os.path.splitext(path)[1].lower()
+    if extension == ".jsonl":
+        prompts, metadata = _read_jsonl(path, text, column)
+    elif extension == ".csv":
+        prompts, metadata = _read_csv(path, text, column)
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        metadata = [{} for _ in prompts]
     if not prompts:
         raise PromptError(f"prompt file '{path}' has no prompts")
-    return prompts
+    return prompts, metadata
 
 
-def prompt_source(prompts=None, prompt_file=None, prompt_fn=None) -> PromptSource:
-    """Builds the prompt source of a config (exactly one of the three, or `digits` when none is given)."""
+def read_prompt_file(path: str, column: str = "prompt") -> List[str]:
+    """The prompts of a prompt file (see `read_prompt_records`)."""
+    return read_prompt_records(path, column)[0]
+
+
+def read_prompt_dataset(path: str, split: str = "train", column: str = "prompt",
+                        whole: bool = True) -> Tuple[List[str], List[dict]]:
+    """`(prompts, metadata)` of split `split` of a Hugging Face `datasets` dataset stored locally (the hub is never
+    asked): a directory written by `save_to_disk`, or data files (a directory of them, or one `.jsonl`/`.json`/
+    `.csv`/`.parquet` file) read with `load_dataset`. The prompt is column `column`; the other columns are the prompt's
+    metadata. A dataset without splits is used `whole` (the training prompts), else refused."""
+    if not os.path.exists(path):
+        raise PromptError(f"prompt_dataset '{path}' does not exist (a local dataset directory written by save_to_disk, "
+                          f"or data files; the hub is not used)")
+    try:
+        import datasets
+    except ImportError:
+        raise PromptError("prompt_dataset needs the `datasets` package: pip install 'diffalign[datasets]'") from None
+    try:
+        if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name)) for name in
+                                       ("dataset_dict.json", "dataset_info.json", "state.json")):
+            loaded = datasets.load_from_disk(path)
+        elif os.path.isdir(path):
+            loaded = datasets.load_dataset(path)
+        else:
+            builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+            builder = builders.get(os.path.splitext(path)[1].lower())
+            if builder is None:
+                raise PromptError(f"prompt_dataset '{path}' is not a dataset directory or a "
+                                  f"{'/'.join(sorted(builders))} file")
+            loaded = datasets.load_dataset(builder, data_files=path)
+    except PromptError:
+        raise
+    except Exception as e:  # noqa: BLE001 (datasets raises many types: FileNotFoundError, DatasetGenerationError...)
+        raise PromptError(f"prompt_dataset '{path}' cannot be loaded: {first_line(e)}") from None
+    if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if split not in loaded:
+            raise PromptError(f"prompt_dataset '{path}' has no split '{split}' (splits: {', '.join(loaded)})")
+        dataset = loaded[split]
+    elif whole:
+        dataset = loaded
+    else:
+        raise PromptError(f"prompt_dataset '{path}' has no splits, so it has no split '{split}'")
+    if column not in (dataset.column_names or []):
+        raise PromptError(f"prompt_dataset '{path}' split '{split}' has no '{column}' column (columns: "
+                          f"{', '.join(dataset.column_names or [])}); set prompt_column to the prompt's")
+    prompts, metadata = [], []
+    for number, row in enumerate(dataset):
+        prompt, meta = _record(row, column, f"prompt_dataset '{path}' split '{split}' row {number}")
+        prompts.append(prompt)
+        metadata.append(meta)
+    if not prompts:
+        raise PromptError(f"prompt_dataset '{path}' split '{split}' is empty")
+    return prompts, metadata
+
+
+def prompt_source(prompts=None, prompt_file=None, prompt_fn=None, prompt_dataset=None, prompt_dataset_split="train",
+                  prompt_column="prompt") -> PromptSource:
+    """Builds the prompt source of a config (exactly one of the four, or `digits` when none is given)."""
     if prompts:
         return PromptSource(prompts=prompts)
     if prompt_file:
-        return PromptSource(prompts=read_prompt_file(prompt_file))
+        return PromptSource(*_as_list_and_metadata(read_prompt_records(prompt_file, prompt_column)))
+    if prompt_dataset:
+        return PromptSource(*_as_list_and_metadata(read_prompt_dataset(prompt_dataset, prompt_dataset_split,
+                                                                       prompt_column)))
     prompt_fn = prompt_fn or "digits"
     if prompt_fn in BUILTIN_PROMPTS:
         return PromptSource(prompts=BUILTIN_PROMPTS[prompt_fn]())
@@ -160,6 +325,29 @@ def prompt_source(prompts=None, prompt_file=None, prompt_fn=None) -> PromptSourc
         result = fn()
     except Exception as e:
         raise PromptError(f"prompt_fn '{prompt_fn}' failed: {first_line(e)}") from e
-    if isinstance(result, (list, tuple)):
+    if isinstance(result, (list, tuple)) and not _is_prompt_with_metadata(result):
         return PromptSource(prompts=[str(p) for p in result])
     return PromptSource(fn=fn)
+
+
+def heldout_prompt_source(eval_prompts=None, eval_prompt_file=None, eval_dataset_split=None, prompt_dataset=None,
+                          prompt_column="prompt") -> Optional[PromptSource]:
+    """The held-out prompts of a config (`eval_prompts`, `eval_prompt_file`, or split `eval_dataset_split` of
+    `prompt_dataset`), or `None` when it has none."""
+    if eval_prompts:
+        return PromptSource(prompts=eval_prompts)
+    if eval_prompt_file:
+        return PromptSource(*_as_list_and_metadata(read_prompt_records(eval_prompt_file, prompt_column)))
+    if eval_dataset_split:
+        return PromptSource(*_as_list_and_metadata(read_prompt_dataset(prompt_dataset, eval_dataset_split,
+                                                                       prompt_column, whole=False)))
+    return None
+
+
+def _as_list_and_metadata(records: Tuple[List[str], List[dict]]):
+    prompts, metadata = records
+    return prompts, None, metadata
+
+
+def _is_prompt_with_metadata(result) -> bool:
+    return isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict)
