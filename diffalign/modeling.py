@@ -38,6 +38,7 @@ def resolve_model_path(name_or_path: str) -> str:
         return name_or_path
     looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/"))
     if looks_like_hub_id and not _hub_offline():
+        check_hub_model(name_or_path)
         return name_or_path
     if looks_like_hub_id:
         raise ModelError(
@@ -45,6 +46,50 @@ def resolve_model_path(name_or_path: str) -> str:
             f"download it where the hub is reachable (`hf download {name_or_path} --local-dir DIR`) and pass DIR"
         )
     raise ModelError(f"model directory '{name_or_path}' does not exist")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def hub_unreachable_reason(timeout: float = 5.0) -> Optional[str]:
+    """Why the Hugging Face Hub cannot be reached (offline mode, or one failed connection to its endpoint), or None.
+    One attempt: the hub client would retry a dead network for ~25 s per file before failing with a traceback."""
+    import socket
+    from urllib.parse import urlparse
+
+    if _hub_offline():
+        return "HF_HUB_OFFLINE=1"
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError as e:
+        return f"{constants.ENDPOINT} cannot be reached: {_first_line(e)}"
+    return None
+
+
+def check_hub_model(repo_id: str):
+    """Checks that the hub answers and has `repo_id`'s `model_index.json` (fetched into the cache), so a machine
+    without a hub gets one line at once instead of the hub client's retries and a loader traceback."""
+    from huggingface_hub import hf_hub_download
+
+    download = f"download it where the hub is reachable (`hf download {repo_id} --local-dir DIR`) and pass DIR"
+    reason = hub_unreachable_reason()
+    if reason:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str):
+            return  # downloaded before: the loaders fall back to the cache
+        raise ModelError(f"model '{repo_id}' is not a local directory and the Hugging Face Hub {reason}: {download}")
+    try:
+        hf_hub_download(repo_id, "model_index.json")
+    except Exception as e:  # unknown repo, gated model, no model_index.json, network failure
+        raise ModelError(f"model '{repo_id}' could not be fetched from the Hugging Face Hub ({_first_line(e)}): check "
+                         f"the id and access, or {download}") from None
 
 
 def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32):

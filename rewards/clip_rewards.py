@@ -65,10 +65,19 @@ def from_pretrained_or_raise(cls, name_or_path: str, *, reward: str, argument: s
     """
     from huggingface_hub.utils import HFValidationError
 
+    from diffalign.modeling import hub_unreachable_reason
+
+    unreachable = None
+    if not os.path.isdir(name_or_path):  # a hub id without a hub: the cache or one line at once, not minutes of retries
+        unreachable = hub_unreachable_reason()
+        if unreachable and unreachable != "HF_HUB_OFFLINE=1":
+            kwargs["local_files_only"] = True
     try:
         return cls.from_pretrained(name_or_path, **kwargs)
     except (OSError, HFValidationError) as error:
-        raise weights_not_found(reward, argument, name_or_path, default, _first_line(error)) from None
+        reason = f"not in the cache and the Hugging Face Hub {unreachable}" if unreachable and (
+            unreachable != "HF_HUB_OFFLINE=1") else _first_line(error)
+        raise weights_not_found(reward, argument, name_or_path, default, reason) from None
 
 
 def _load_clip_model(name_or_path: str, reward: str, default: str, dtype: torch.dtype):

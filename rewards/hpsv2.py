@@ -65,8 +65,10 @@ def resolve_checkpoint(checkpoint: Optional[str], version: str, reward: str = "h
         return path
     from huggingface_hub import hf_hub_download
 
-    try:
-        return hf_hub_download(HPS_REPO, filename)
+    from diffalign.modeling import hub_unreachable_reason
+
+    try:  # without a hub, the cache only (the client would retry a dead network for ~25 s)
+        return hf_hub_download(HPS_REPO, filename, local_files_only=hub_unreachable_reason() is not None)
     except Exception as error:  # offline, not cached, no network: all mean "not available here"
         raise RewardWeightsNotFoundError(
             f"reward '{reward}': no checkpoint given and '{HPS_REPO}/{filename}' is not in the HF cache "

@@ -138,3 +138,21 @@ def test_reward_output_check_accepts_what_rewards_return():
     for bad in (torch.ones(3, 2), torch.ones(2), "abc", None, [None, None, None], torch.ones(3, dtype=torch.complex64)):
         with pytest.raises(RewardError, match="reward 'r'"):
             check_reward_output("r", bad, 3)
+
+
+def test_hub_id_without_a_reachable_hub_is_one_line_exit_2(tmp_path):
+    """A hub id with HF_HUB_OFFLINE unset on a machine whose hub cannot be reached (here: a closed local port) is one
+    line and exit code 2 within seconds, not the hub client's retries and a loader traceback."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # the discard port: nothing listens there
+    for command in (["train", "prdp", "--model", "stabilityai/stable-diffusion-2-1", "--output_dir",
+                     str(tmp_path / "run")],
+                    ["generate", "--model", "stabilityai/stable-diffusion-2-1", "--output-dir", str(tmp_path / "gen")]):
+        result = subprocess.run([sys.executable, "-m", "diffalign.cli", *command], capture_output=True, text=True,
+                                env=env, timeout=120)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "stabilityai/stable-diffusion-2-1" in lines[0] and "cannot be reached" in lines[0]
