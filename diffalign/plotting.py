@@ -69,6 +69,21 @@ def rows_grid(rows: List[torch.Tensor], labels: List[str], max_per_row: int = 8,
     return labelled_rows(grids, labels)
 
 
+def reward_band(records: List[Dict]):
+    """`(epochs, low, high)`: the band mean +- std of the epochs' rewards, clipped to each epoch's observed min and max
+    (mean +- std of a bounded reward, a probability, passes its bounds), or None without `reward_std`."""
+    rows = [r for r in records if r.get("reward_mean") is not None]
+    if not rows or not all(r.get("reward_std") is not None for r in rows):
+        return None
+    mean = np.array([r["reward_mean"] for r in rows], dtype=float)
+    std = np.array([r["reward_std"] for r in rows], dtype=float)
+    low, high = mean - std, mean + std
+    if all(r.get("reward_min") is not None and r.get("reward_max") is not None for r in rows):
+        low = np.maximum(low, [r["reward_min"] for r in rows])
+        high = np.minimum(high, [r["reward_max"] for r in rows])
+    return [r["epoch"] for r in rows], low, high
+
+
 def plot_metrics(records: List[Dict], keys: Sequence[str], path: str, title: str = ""):
     """Line plot of `keys` against `epoch`, one panel per key, saved as PNG."""
     import matplotlib
@@ -85,9 +100,9 @@ def plot_metrics(records: List[Dict], keys: Sequence[str], path: str, title: str
         if points:
             epochs, values = zip(*points)
             ax.plot(epochs, values, marker="o", markersize=2.5)
-            if key == "reward_mean" and all("reward_std" in r for r in records):
-                std = np.array([r["reward_std"] for r in records if key in r])
-                ax.fill_between(epochs, np.array(values) - std, np.array(values) + std, alpha=0.2)
+            band = reward_band(records) if key == "reward_mean" else None
+            if band is not None:
+                ax.fill_between(*band, alpha=0.2)
         ax.set_xlabel("epoch")
         ax.set_title(key)
         ax.grid(alpha=0.3)

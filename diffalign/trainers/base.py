@@ -9,24 +9,27 @@ import os
 import random
 import time
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError, atomic_save_dir, load_resumable, save_checkpoint
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..distributed import (ddp_kwargs, engine_name, full_parameters, full_state_dict_view, gradient_sync, is_dtensor,
                            is_sharded, load_optimizer_state, optimizer_state, prepare_reference)
 from ..errors import UserError
 from ..runlog import append_metrics, finite_json, prepare_output_dir, read_metrics, write_metrics
 from ..validation import check_lora_target_modules
 from ..families import load_family
+from .. import tracking
+from ..modelcard import push_to_hub, warn_if_offline, write_model_card
 from ..kernels import sde_window_mask
 from ..modeling import add_lora
 from ..plotting import grid_scale, image_grid, labelled_rows, plot_metrics
-from ..prompts import PromptDifficulty, PromptError, prompt_source
+from ..ema import ParameterEMA
+from ..prompts import PromptDifficulty, PromptError, heldout_prompt_source, prompt_source
 from ..rollout import Trajectories, as_family, concat_trajectories, reference_model, sample_trajectories, unwrap
 
 logger = logging.getLogger("diffalign")
@@ -112,9 +115,13 @@ class BaseTrainer:
         # validate before the Accelerator is built (it fails on a bad mixed_precision with a traceback); the
         # process count is the launcher's until the Accelerator knows it
         config.validate(accelerator.num_processes if accelerator is not None else _launched_processes())
+        # trackers (report_to) are checked here, before any model loads: a missing package is one line
         self.accelerator = accelerator or Accelerator(
-            mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp_kwargs()]
+            mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp_kwargs()],
+            **tracking.accelerator_kwargs(config),
         )
+        if accelerator is not None:
+            tracking.check_accelerator(accelerator, config)
         acc = self.accelerator
         config.validate(acc.num_processes)
         if acc.is_main_process:  # one run per output directory: lock it (and refuse to start over an earlier run)
@@ -124,7 +131,12 @@ class BaseTrainer:
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
 
-        self.prompts = prompt_fn or prompt_source(config.prompts, config.prompt_file, config.prompt_fn)
+        self.prompts = prompt_fn or prompt_source(config.prompts, config.prompt_file, config.prompt_fn,
+                                                  config.prompt_dataset, config.prompt_dataset_split,
+                                                  config.prompt_column)
+        # held-out prompts (with their metadata) for `heldout_evaluation` and the final evaluation; None when not given
+        self.heldout = heldout_prompt_source(config.eval_prompts, config.eval_prompt_file, config.eval_dataset_split,
+                                             config.prompt_dataset, config.prompt_column)
         self.prompt_difficulty = None
         if config.sample_prompt_selection == "moderate":
             if not self.prompts.is_list:
@@ -209,6 +221,12 @@ class BaseTrainer:
         self.trainable_params = [p for p in self.prepared.parameters() if p.requires_grad]
         self.sharded = is_sharded(acc, self.prepared)
         self.denoiser = torch.compile(self.prepared) if config.compile_unet else self.prepared
+        self.ema = None
+        if config.ema_decay:
+            if self.sharded:  # each process would average only its shard, and checkpoints need the full average
+                raise ConfigError("ema_decay needs the whole weights on every process: not with FSDP or DeepSpeed "
+                                  "ZeRO-3 (use DDP, or ZeRO-1/2)")
+            self.ema = ParameterEMA(self.trainable_params, config.ema_decay, config.ema_update_every)
 
     def _prepare_training(self, denoiser, optimizer):
         """`(prepared denoiser, prepared optimizer)` for the launch's engine (DDP, FSDP, DeepSpeed or one process)."""
@@ -247,11 +265,18 @@ class BaseTrainer:
         finite = math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.step()
         self.optimizer.zero_grad(set_to_none=True)
         if not finite and self.weight_dtype != torch.float16 and engine_name(self.accelerator) != "deepspeed":
             # fp16's scaler legitimately skips overflowing steps; anything else is a real non-finite gradient.
             self._record_nonfinite("gradient")
         return {"grad_norm": grad_norm, "skipped": 0.0 if finite else 1.0}
+
+    def ema_weights(self):
+        """Context in which the denoiser holds the EMA of its trained weights (`ema_decay`), for grids, evaluations
+        and the saved result; the live weights come back afterwards. Does nothing without EMA."""
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor):
         self.accelerator.backward(loss)
@@ -293,16 +318,23 @@ class BaseTrainer:
         return sde_window_mask(config.sample_num_steps, size, start)
 
     # --------------------------------------------------------------- sampling
-    def local_prompts(self, epoch: int) -> List[str]:
+    def local_items(self, epoch: int) -> Tuple[List[str], List[dict]]:
+        """This process's prompts of `epoch`, one per sample (`sample_images_per_prompt` in a row), and each one's
+        metadata for the reward. Every process draws the epoch's whole list and takes its block, so a prompt and its
+        metadata stay together on whichever process samples them."""
         config, acc = self.config, self.accelerator
         weights = None
         if self.prompt_difficulty is not None:
             # every process holds the same gathered statistics, so every process draws the same prompts
             weights = self.prompt_difficulty.weights(self.prompts.prompts)
-        prompts = self.prompts.epoch_prompts(epoch, config.sample_num_prompts_per_epoch, config.seed, weights)
-        per_process = len(prompts) // acc.num_processes
-        mine = prompts[acc.process_index * per_process : (acc.process_index + 1) * per_process]
-        return [p for p in mine for _ in range(config.sample_images_per_prompt)]
+        items = self.prompts.epoch_items(epoch, config.sample_num_prompts_per_epoch, config.seed, weights)
+        per_process = len(items) // acc.num_processes
+        mine = [item for item in items[acc.process_index * per_process : (acc.process_index + 1) * per_process]
+                for _ in range(config.sample_images_per_prompt)]
+        return [prompt for prompt, _ in mine], [metadata for _, metadata in mine]
+
+    def local_prompts(self, epoch: int) -> List[str]:
+        return self.local_items(epoch)[0]
 
     def global_sample_offset(self, num_local: int) -> int:
         """The global index of this process's first sample of an epoch (processes hold consecutive blocks of the
@@ -352,11 +384,15 @@ class BaseTrainer:
                 )
         return concat_trajectories(batches)
 
-    def score(self, trajectories: Trajectories) -> Dict[str, torch.Tensor]:
+    def score(self, trajectories: Trajectories, metadata: Optional[List[dict]] = None) -> Dict[str, torch.Tensor]:
+        """The reward (and eval reward) of each sample. `metadata` (one dict per sample, in the order of
+        `trajectories.prompts`) holds its prompt's fields from a JSONL/CSV prompt file or dataset; the reward gets
+        them with the sample's `group_id`."""
         from diffalign.rewards import call_reward, reward_name
 
         # a reward that raises, or returns None, strings or the wrong shape or count: one line naming it (RewardError)
-        metadata = [{"group_id": int(g)} for g in trajectories.group_ids]
+        rows = metadata if metadata is not None else [{}] * len(trajectories)
+        metadata = [{**row, "group_id": int(g)} for row, g in zip(rows, trajectories.group_ids)]
         rewards = call_reward(self.reward_fn, trajectories.images, trajectories.prompts, metadata,
                               name=getattr(self, "reward_label", None))
         scores = {"reward": rewards}
@@ -384,19 +420,20 @@ class BaseTrainer:
 
         acc = self.accelerator
         t0 = time.perf_counter()
-        prompts = self.local_prompts(epoch)
+        prompts, metadata = self.local_items(epoch)
 
         # ------------------------------------------------------------ SAMPLING
         trajectories = self.sample(epoch, prompts, self.needs_reference(), self.keep_reference_means(), progress)
         t1 = time.perf_counter()
 
         # ------------------------------------------------------------- SCORING
-        scores = self.score(trajectories)
+        scores = self.score(trajectories, metadata)
         rewards = scores["reward"]
         t2 = time.perf_counter()
         all_rewards = self.gather(rewards)
         all_prompts = gather_object(list(trajectories.prompts)) if acc.num_processes > 1 else list(prompts)
-        metrics = {"epoch": epoch, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item()}
+        metrics = {"epoch": epoch, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
+                   "reward_min": all_rewards.min().item(), "reward_max": all_rewards.max().item()}
         for key, value in scores.items():
             if key != "reward":
                 name = "eval_mean" if key == "eval" else f"{key}_mean"
@@ -429,11 +466,61 @@ class BaseTrainer:
             time_epoch=t3 - t0,
             images=len(all_rewards),
         )
+        if self.config.eval_every and (epoch + 1) % self.config.eval_every == 0:
+            metrics.update(self.heldout_evaluation())
+        return metrics
+
+    @torch.no_grad()
+    def heldout_evaluation(self) -> Dict[str, float]:
+        """Reward (and eval reward) of fixed-seed samples of the held-out prompts (`eval_prompts`, `eval_prompt_file`
+        or `eval_dataset_split`), of the EMA weights when `ema_decay` is set.
+
+        Image `i` is held-out prompt `i` (cycled) with the noise of seed `(seed, i)` whatever the epoch, so the same
+        weights give the same images and numbers, and a resumed run the uninterrupted run's. The images are shared
+        out over the processes (each samples as many, so a sharded denoiser runs the same forwards everywhere) and
+        the scores gathered; the global RNG is left as it was, so evaluating does not change the training."""
+        config, acc = self.config, self.accelerator
+        t0 = time.perf_counter()
+        n = config.eval_num_images or len(self.heldout.prompts)
+        items = self.heldout.grid_items(n, config.seed)
+        mine = list(range(acc.process_index, n, acc.num_processes))
+        per_process = math.ceil(n / acc.num_processes)
+        index = mine + [mine[-1] if mine else 0] * (per_process - len(mine))  # padding, dropped after the gather
+        generators = [torch.Generator(self.device).manual_seed(_seed_for(config.seed, 2**31, 11, i)) for i in index]
+        batches = []
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.ema_weights():
+            self.denoiser.eval()
+            for start in range(0, per_process, config.sample_batch_size):
+                chunk = index[start : start + config.sample_batch_size]
+                with acc.autocast():
+                    batches.append(sample_trajectories(
+                        self.family, [items[i][0] for i in chunk], config.sample_num_steps, config.sample_guidance_scale,
+                        height=self.resolution, width=self.resolution, generator=generators[start : start + len(chunk)],
+                        denoiser=self.denoiser, kernel=self.kernel, group_ids=torch.tensor(chunk) % len(self.heldout.prompts),
+                    ))
+        trajectories = concat_trajectories(batches)
+        scores = self.score(trajectories, [items[i][1] for i in index])
+        real = torch.tensor([1.0] * len(mine) + [0.0] * (per_process - len(mine)))
+        gathered_real = self.gather(real).bool()
+        gathered_index = self.gather(torch.tensor(index, dtype=torch.long))[gathered_real]
+        order = gathered_index.argsort()  # image order, whatever the number of processes
+        metrics = {}
+        for key, value in scores.items():
+            values = self.gather(value.float())[gathered_real][order]
+            name = {"reward": "heldout_reward", "eval": "heldout_eval"}.get(key, f"heldout_{key}")
+            metrics[f"{name}_mean"] = values.mean().item()
+            if key == "reward":
+                metrics["heldout_reward_std"] = values.std().item() if len(values) > 1 else 0.0
+        metrics["time_heldout"] = time.perf_counter() - t0
         return metrics
 
     def train(self, progress: bool = True) -> List[Dict]:
         """Runs epochs `first_epoch .. num_epochs - 1`, writing metrics, curves, grids, checkpoints and the result."""
         config, acc = self.config, self.accelerator
+        tracker = tracking.RunTracker(self)  # report_to: accelerate's trackers (none by default)
+        tracker.start()
+        warn_if_offline(config)  # push_to_hub while offline: said now, the one-line error comes at the end
         if self.first_epoch == 0:
             self.save_grid("grid_before.png")  # every process samples (a sharded denoiser needs them all)
         bar = tqdm(range(self.first_epoch, config.num_epochs), desc=f"{self.algorithm}", disable=not (
@@ -448,6 +535,7 @@ class BaseTrainer:
                 if epoch % config.log_every == 0:
                     logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in metrics.items()))
+            tracker.log_epoch(metrics, epoch)
             if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.num_epochs:
                 self.save_checkpoint(epoch)
         self.save_final()
@@ -456,17 +544,25 @@ class BaseTrainer:
             self.plot()
         if config.final_eval_num_images:
             self.final_evaluation()
+        if acc.is_main_process:
+            write_model_card(self)  # final/README.md, after final_eval.json (its table) exists
         acc.wait_for_everyone()
+        tracker.end()
+        if config.push_to_hub and acc.is_main_process:
+            push_to_hub(config)  # last: a failed push (one line) loses nothing
         return self.metrics_history
 
     @torch.no_grad()
     def final_evaluation(self) -> Dict[str, Dict[str, float]]:
-        """Base vs trained model on the same prompts and seeds: mean reward, eval reward and KL to base."""
+        """Base vs trained model (its EMA with `ema_decay`) on the same prompts and seeds: mean reward, eval reward
+        and KL to base. The prompts are the held-out ones when the config has them, else the training prompts."""
         config = self.config
         if not self._takes_part():
             return {}
         n = config.final_eval_num_images
-        prompts = self.prompts.grid_prompts(n, config.seed + 1)
+        source = self.heldout if self.heldout is not None else self.prompts
+        items = source.grid_items(n, config.seed + 1)
+        prompts, metadata = [prompt for prompt, _ in items], [row for _, row in items]
         results = {}
         ref_module, ref_context = reference_model(self.denoiser, self.ref_denoiser)
         for name in ("base", "trained"):
@@ -474,7 +570,7 @@ class BaseTrainer:
             generator = torch.Generator(self.device).manual_seed(_seed_for(config.seed, 2**31, 7))
             for start in range(0, n, config.sample_batch_size):
                 chunk = prompts[start : start + config.sample_batch_size]
-                context = ref_context() if name == "base" else contextlib.nullcontext()
+                context = ref_context() if name == "base" else self.ema_weights()
                 with context, self.accelerator.autocast():
                     batches.append(sample_trajectories(
                         self.family, chunk, config.sample_num_steps, config.sample_guidance_scale,
@@ -483,7 +579,7 @@ class BaseTrainer:
                         compute_reference=name == "trained", kernel=self.kernel,
                     ))
             trajectories = concat_trajectories(batches)
-            scores = self.score(trajectories)
+            scores = self.score(trajectories, metadata)
             results[name] = {"reward_mean": scores["reward"].mean().item(), "reward_std": scores["reward"].std().item()}
             if "eval" in scores:
                 results[name]["eval_mean"] = scores["eval"].mean().item()
@@ -500,19 +596,24 @@ class BaseTrainer:
     # ----------------------------------------------------------------- outputs
     @torch.no_grad()
     def grid_images(self) -> torch.Tensor:
+        return self.grid_trajectories().images
+
+    @torch.no_grad()
+    def grid_trajectories(self) -> Trajectories:
+        """The fixed-seed grid samples (`grid_num_images`, `grid_prompts`) of the current weights."""
         config = self.config
         n = config.grid_num_images
         source = config.grid_prompts or self.prompts.grid_prompts(n, config.seed)
         prompts = [source[i % len(source)] for i in range(n)]
         generator = torch.Generator(self.device).manual_seed(_seed_for(config.seed, 2**31))
         self.denoiser.eval()
-        with self.accelerator.autocast():
+        with self.ema_weights(), self.accelerator.autocast():
             trajectories = sample_trajectories(
                 self.family, prompts, config.sample_num_steps, config.sample_guidance_scale,
                 height=self.resolution, width=self.resolution, generator=generator, denoiser=self.denoiser,
                 kernel=self.kernel,
             )
-        return trajectories.images
+        return trajectories
 
     def _takes_part(self) -> bool:
         """Whether this process runs the main process's sampling (grids, final evaluation): every process when the
@@ -537,7 +638,7 @@ class BaseTrainer:
 
     def plot(self):
         records = self.read_metrics()
-        keys = ["reward_mean", "eval_mean", "kl_to_base", "loss"]
+        keys = ["reward_mean", "eval_mean", "heldout_reward_mean", "kl_to_base", "loss"]
         keys += sorted({k for r in records for k in r if k.startswith("reward_") and k.endswith("_mean")} - {"reward_mean"})
         plot_metrics(records, keys, os.path.join(self.config.output_dir, "reward_curve.png"),
                      title=f"{self.algorithm.upper()} on {os.path.basename(str(self.config.model))}")
@@ -549,7 +650,11 @@ class BaseTrainer:
     def save_final(self):
         """`final/pytorch_lora_weights.safetensors` (LoRA, in the family's diffusers format) or `final/unet/`
         (`final/transformer/`) for a full fine-tune, written atomically by the main process (from the gathered weights
-        when the denoiser is sharded: every process takes part then)."""
+        when the denoiser is sharded: every process takes part then). With `ema_decay`, the EMA weights."""
+        with self.ema_weights():
+            self._save_final()
+
+    def _save_final(self):
         acc = self.accelerator
         module = unwrap(self.denoiser)
         full = None
@@ -612,6 +717,8 @@ class BaseTrainer:
                 "trainer": {"epoch": epoch, "nonfinite_total": self.nonfinite_total,
                             "nonfinite_in_a_row": self.nonfinite_in_a_row, **extra},
             }
+            if self.ema is not None:  # the average of the trained weights, by parameter name (float32)
+                states["ema"] = self.ema.state_dict(self.trainable_names())
             save_checkpoint(self.config.output_dir, epoch, states, self.config.hash(), self.config.checkpoints_total_limit)
         acc.wait_for_everyone()
 
@@ -646,10 +753,17 @@ class BaseTrainer:
             for name in ("optimizer", "scheduler"):
                 if not isinstance(states[name], dict):
                     raise bad(f"{name}.json is not a mapping")
+            if ema:
+                weights = states["ema"].get("weights") if isinstance(states["ema"], dict) else None
+                if not isinstance(weights, dict) or set(weights) != set(expected) or any(
+                        getattr(weights[n], "shape", None) != expected[n].shape for n in expected):
+                    raise bad("ema.safetensors does not hold the EMA of every trainable weight")
 
+        ema = bool(self.config.ema_decay)
+        names = ["model", "optimizer", "scheduler", "rng", "trainer"] + (["ema"] if ema else [])
         checkpoint, manifest, states = load_resumable(
-            path, ["model", "optimizer", "scheduler", "rng", "trainer"], config_hash=self.config.hash(), check=check,
-            finite=["model", "optimizer", "scheduler"],
+            path, names, config_hash=self.config.hash(), check=check,
+            finite=["model", "optimizer", "scheduler"] + (["ema"] if ema else []),
         )
         with self._applying(checkpoint):
             with torch.no_grad():
@@ -686,6 +800,8 @@ class BaseTrainer:
             self.nonfinite_total = trainer["nonfinite_total"]
             self.nonfinite_in_a_row = trainer["nonfinite_in_a_row"]
             self.load_extra_state(trainer)
+            if self.ema is not None:
+                self.ema.load_state_dict(states["ema"], self.trainable_names())
         # metrics.jsonl may hold epochs after the checkpoint (the run was killed later): drop them, rewriting the
         # file atomically (a kill during the rewrite leaves the old file whole)
         if self.accelerator.is_main_process:
