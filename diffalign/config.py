@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -32,9 +33,21 @@ def did_you_mean(word: str, candidates, prefix: str = "") -> str:
     return f"; did you mean '{prefix}{normal[match[0]]}'?" if match else ""
 
 
+# Fields of the held-out evaluation: it samples with its own seeds and leaves the training untouched (not hashed).
+HELDOUT_KEYS = frozenset({"eval_every", "eval_prompts", "eval_prompt_file", "eval_dataset_split", "eval_num_images"})
+# Fields added after runs were made, hashed only when set: earlier runs' checkpoints keep their hash.
+HASHED_WHEN_SET = frozenset({"prompt_dataset", "prompt_dataset_split", "prompt_column", "ema_decay", "ema_update_every"})
+
+
+# Fields that say where a run is reported and published, not what it trains (left out of `TrainConfig.hash`).
+LOGGING_KEYS = frozenset({"report_to", "tracker_project_name", "run_name", "log_images_every", "push_to_hub",
+                          "hub_model_id", "hub_private", "hub_license", "hub_base_model"})
+
+
 @dataclass
 class TrainConfig:
-    """Settings shared by all trainers, grouped as run, prompts and reward, model, sampling, training, reliability.
+    """Settings shared by all trainers, grouped as run, prompts and reward, model, sampling, training, reliability,
+    logging and the Hub.
 
     Each field's `help` metadata documents it; `diffalign train ddpo --help` prints them all with their defaults.
     """
@@ -62,16 +75,32 @@ class TrainConfig:
 
     # > Prompts and reward
     prompts: Optional[List[str]] = field(default=None, metadata={"help": "Training prompts (cycled)."})
-    prompt_file: Optional[str] = field(default=None, metadata={"help": "Text file, one prompt per line."})
+    prompt_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "Prompt file: text, one prompt per line; or .jsonl / .csv rows with a prompt_column and "
+                          "per-prompt metadata (the other fields) for the reward."},
+    )
     prompt_fn: Optional[str] = field(
         default=None, metadata={"help": "Prompt source: `digits`, `simple_animals`, or `module:function` (user code)."}
     )
-    reward: Any = field(
+    prompt_dataset: Optional[str] = field(
+        default=None,
+        metadata={"help": "A Hugging Face `datasets` dataset on this machine (never the hub): a save_to_disk directory, "
+                          "a directory of data files, or one .jsonl/.json/.csv/.parquet file; needs the `datasets` "
+                          "extra. The other columns of a row are its prompt's metadata for the reward."},
+    )
+    prompt_dataset_split: str = field(default="train", metadata={"help": "Split of prompt_dataset to train on."})
+    prompt_column: str = field(
+        default="prompt",
+        metadata={"help": "Column of the prompt in a .jsonl/.csv prompt_file, eval_prompt_file or prompt_dataset; the "
+                          "other columns are handed to the reward as per-prompt metadata (e.g. GenEval's tag, include)."},
+    )
+    reward: Union[str, dict] = field(
         default="jpeg_compressibility",
         metadata={"help": "Reward name, `module:function` (user code), or a {name: weight} mixture."},
     )
     reward_kwargs: Dict[str, Any] = field(default_factory=dict, metadata={"help": "Keyword arguments of the reward."})
-    eval_reward: Any = field(
+    eval_reward: Optional[Union[str, dict]] = field(
         default=None,
         metadata={"help": "A second scorer (name, module:function or mixture) logged on every epoch, never trained on."},
     )
@@ -146,6 +175,15 @@ class TrainConfig:
         default=16, metadata={"help": "(sample, step) rows per UNet forward+backward in training (memory knob)."}
     )
     train_lr_warmup_epochs: int = field(default=0, metadata={"help": "Linear learning-rate warm-up, in epochs."})
+    ema_decay: float = field(
+        default=0.0,
+        metadata={"help": "Keep an exponential moving average of the trained weights with this decay (0 = off; "
+                          "Flow-GRPO: 0.9) and use it for the after grid, the evaluations and the saved result; "
+                          "training goes on from the live weights. Warms up as min(decay, (1 + n) / (10 + n))."},
+    )
+    ema_update_every: int = field(
+        default=8, metadata={"help": "Optimizer steps between two EMA updates (Flow-GRPO: 8)."}
+    )
 
     # > Reliability and outputs
     checkpoint_every: int = field(default=10, metadata={"help": "Save a resumable checkpoint every N epochs."})
@@ -162,6 +200,59 @@ class TrainConfig:
         default=0,
         metadata={"help": "After training, score this many fixed-seed samples of the base and of the trained model "
                           "(reward, eval reward, KL to base) into final_eval.json; 0 = off."},
+    )
+    eval_every: int = field(
+        default=0,
+        metadata={"help": "Every N epochs, score fixed-seed samples of the held-out prompts (eval_prompts, "
+                          "eval_prompt_file or eval_dataset_split) with the reward and eval_reward, logged as "
+                          "heldout_reward_mean, heldout_eval_mean; the same weights give the same numbers. 0 = off."},
+    )
+    eval_prompts: Optional[List[str]] = field(default=None, metadata={"help": "Held-out prompts."})
+    eval_prompt_file: Optional[str] = field(
+        default=None, metadata={"help": "Held-out prompt file (text, .jsonl or .csv, as prompt_file)."}
+    )
+    eval_dataset_split: Optional[str] = field(
+        default=None, metadata={"help": "Held-out split of prompt_dataset (e.g. `test`)."}
+    )
+    eval_num_images: Optional[int] = field(
+        default=None,
+        metadata={"help": "Images per held-out evaluation, the held-out prompts in order (cycled); default one per "
+                          "prompt. With held-out prompts the final evaluation uses them too."},
+    )
+
+    # > Logging and the Hub
+    report_to: Optional[str] = field(
+        default=None,
+        metadata={"help": "Experiment trackers, through accelerate: `tensorboard` (under <output_dir>/logs), `wandb`, "
+                          "`trackio`, `mlflow`, several comma-separated, or `all` (every one installed); each is a pip "
+                          "extra (`diffalign[tensorboard]`, ..., `diffalign[trackers]`). Default: none "
+                          "(metrics.jsonl is always written)."},
+    )
+    tracker_project_name: str = field(default="diffalign", metadata={"help": "Project of the trackers' runs."})
+    run_name: Optional[str] = field(
+        default=None, metadata={"help": "Trackers' run name; default the output directory's name."}
+    )
+    log_images_every: int = field(
+        default=10,
+        metadata={"help": "With report_to: log a fixed-seed sample grid captioned with prompts and rewards every N "
+                          "epochs and after the last (grid_num_images images); 0 = off."},
+    )
+    push_to_hub: bool = field(
+        default=False,
+        metadata={"help": "Upload final/ (weights, model card, before/after grid) to the Hub repo hub_model_id at the "
+                          "end (token from `hf auth login` or HF_TOKEN). A failed push is one error line; every output "
+                          "stays on disk."},
+    )
+    hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repo, `name` or `owner/name`."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo private."})
+    hub_license: Optional[str] = field(
+        default=None,
+        metadata={"help": "Model card licence; default the base model's (from its README.md), else `other`."},
+    )
+    hub_base_model: Optional[str] = field(
+        default=None,
+        metadata={"help": "Hub id of the base model for the card's base_model, when `model` is a local directory that "
+                          "is not a hub cache snapshot."},
     )
 
     algorithm = "base"
@@ -207,10 +298,10 @@ class TrainConfig:
                 f"sample_num_prompts_per_epoch ({self.sample_num_prompts_per_epoch}) must be divisible by the number "
                 f"of processes ({num_processes})"
             )
-        sources = [s for s in (self.prompts, self.prompt_file, self.prompt_fn) if s]
+        sources = [s for s in (self.prompts, self.prompt_file, self.prompt_fn, self.prompt_dataset) if s]
         if len(sources) > 1:
-            raise ConfigError("give only one of prompts, prompt_file, prompt_fn")
-        for name in ("prompts", "grid_prompts"):
+            raise ConfigError("give only one of prompts, prompt_file, prompt_fn, prompt_dataset")
+        for name in ("prompts", "grid_prompts", "eval_prompts"):
             value = getattr(self, name)
             if value is not None and (not value or not all(isinstance(p, str) and p.strip() for p in value)):
                 raise ConfigError(f"{name} must be a non-empty list of non-empty prompts; got {value!r}")
@@ -244,6 +335,51 @@ class TrainConfig:
             raise ConfigError(f"output_dir '{self.output_dir}' is a file, not a directory: choose another --output_dir")
         if self.resume_from and not os.path.exists(self.resume_from):
             raise ConfigError(f"resume path '{self.resume_from}' does not exist")
+        self._validate_logging()
+        self._validate_heldout_and_ema()
+
+    def _validate_heldout_and_ema(self):
+        """The prompt columns, the held-out evaluation and the EMA."""
+        for name in ("prompt_column", "prompt_dataset_split"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ConfigError(f"{name} must be a non-empty name; got {getattr(self, name)!r}")
+        heldout = [name for name in ("eval_prompts", "eval_prompt_file", "eval_dataset_split") if getattr(self, name)]
+        if len(heldout) > 1:
+            raise ConfigError(f"give only one held-out prompt source; got {', '.join(heldout)}")
+        if self.eval_dataset_split and not self.prompt_dataset:
+            raise ConfigError("eval_dataset_split is a split of prompt_dataset: set prompt_dataset (or use "
+                              "eval_prompts / eval_prompt_file)")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every must be >= 0 (0 = off); got {self.eval_every}")
+        if self.eval_every and not heldout:
+            raise ConfigError(f"eval_every {self.eval_every} needs held-out prompts: eval_prompts, eval_prompt_file "
+                              f"or eval_dataset_split")
+        if self.eval_num_images is not None and self.eval_num_images < 1:
+            raise ConfigError(f"eval_num_images must be >= 1; got {self.eval_num_images}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1) (0 = off; Flow-GRPO uses 0.9); got {self.ema_decay}")
+        if self.ema_update_every < 1:
+            raise ConfigError(f"ema_update_every must be >= 1; got {self.ema_update_every}")
+
+    def _validate_logging(self):
+        """`report_to`, the trackers' names and the Hub settings (package checks wait for the trainer)."""
+        import re
+
+        from .tracking import parse_report_to
+
+        parse_report_to(self.report_to)
+        if self.log_images_every < 0:
+            raise ConfigError(f"log_images_every must be >= 0 (0 = off); got {self.log_images_every}")
+        for name in ("tracker_project_name", "run_name", "hub_license", "hub_base_model"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise ConfigError(f"{name} must not be empty")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ConfigError("push_to_hub needs hub_model_id (the Hub repo, `name` or `owner/name`)")
+        for name in ("hub_model_id", "hub_base_model"):
+            value = getattr(self, name)
+            if value is not None and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value):
+                raise ConfigError(f"{name} must be a Hub repo id, `name` or `owner/name`; got '{value}'")
 
     @property
     def num_sde_steps(self) -> int:
@@ -269,6 +405,12 @@ class TrainConfig:
     def hash(self) -> str:
         """A short hash of the settings that define the run (resuming with different ones is refused)."""
         ignored = {"resume_from", "num_threads", "num_epochs", "checkpoint_every", "checkpoints_total_limit", "log_every", "output_dir"}
+        ignored |= LOGGING_KEYS  # where a run reports to does not define it (and keeps older checkpoints' hashes)
+        ignored |= HELDOUT_KEYS
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in HASHED_WHEN_SET}
+        ignored |= {k for k, default in defaults.items() if getattr(self, k) == default}
+        if not self.ema_decay:
+            ignored.add("ema_update_every")  # meaningless without EMA
         items = {k: v for k, v in self.to_dict().items() if k not in ignored}
         return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -409,57 +551,265 @@ def preset_path(name_or_path: str) -> str:
     raise ConfigError(f"config '{name_or_path}' is neither a file nor a preset{hint} (presets: {', '.join(presets)})")
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+# ------------------------------------------------------------------------------------------------ parsing (TrlParser)
+# `load_config` is TRL's `TrlParser` pattern on transformers' `HfArgumentParser`: the YAML file (or preset) and Python
+# overrides become the parser's defaults, then the command line is parsed over them into the config dataclass. Its
+# argparse options come from the dataclass fields alone (names, both spellings, `help` metadata, defaults), so fields
+# added to the config classes need nothing here. `ConfigParser` adapts what HfArgumentParser does not do, each for a
+# reason given where it is done: one-line `ConfigError`s instead of argparse's usage-and-exit, YAML values on the
+# command line, and type checks of the YAML and Python values (argparse converts strings only).
+
+_YAML_NULLS = frozenset({"null", "Null", "NULL", "~"})
 
 
-def _coerce(name: str, value, tp):
-    """Checks `value` against the annotation `tp` (int/float/bool/str, Optional, List, Dict, Any)."""
-    origin = typing.get_origin(tp)
+def _hf_argparser():
+    """transformers' `hf_argparser` module, without importing `transformers` when it is not loaded yet.
+
+    `import transformers` takes ~0.7 s (its dependency checks and hub utilities) and would be in `sys.modules` after
+    `diffalign train ... --help`, which promises neither; `hf_argparser.py` itself needs only the standard library
+    and PyYAML, so that one file is loaded on its own. A transformers whose file needs more falls back to the regular
+    import.
+    """
+    import importlib.util
+    import sys
+
+    for name in ("transformers.hf_argparser", "diffalign._hf_argparser"):
+        if name in sys.modules:
+            return sys.modules[name]
+    try:
+        location = importlib.util.find_spec("transformers").submodule_search_locations[0]
+        spec = importlib.util.spec_from_file_location("diffalign._hf_argparser",
+                                                      os.path.join(location, "hf_argparser.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception:
+        from transformers import hf_argparser as module
+
+        return module
+    sys.modules["diffalign._hf_argparser"] = module
+    return module
+
+
+def _members(tp) -> tuple:
+    """The members of a Union other than None (`Optional[X]` -> `(X,)`), else `(tp,)`."""
+    if typing.get_origin(tp) in (Union, getattr(types, "UnionType", Union)):
+        return tuple(a for a in typing.get_args(tp) if a is not type(None))
+    return (tp,)
+
+
+def _allows_none(tp) -> bool:
+    return typing.get_origin(tp) in (Union, getattr(types, "UnionType", Union)) and type(None) in typing.get_args(tp)
+
+
+_KINDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
+          dict: "a mapping"}
+
+
+def _kind(tp):
+    """`str`, `int`, `float`, `bool`, `list`, `dict` or `Any` for an annotation this parser checks, else None."""
     if tp is Any:
-        return value
-    if origin is Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        errors = []
-        for arg in args:
+        return Any
+    origin = typing.get_origin(tp) or tp
+    return origin if origin in _KINDS else None
+
+
+def _check(name: str, value, tp):
+    """`value` (from YAML or Python) as annotated by `tp`, ints widened to floats, or a one-line `ConfigError`.
+
+    HfArgumentParser takes the values it is given as defaults (a YAML file's) as they are unless they are strings, as
+    argparse does: this check is what makes `num_epochs: 2.5` in a file an error rather than a crash later.
+    """
+    if value is None and (_allows_none(tp) or tp is Any):
+        return None
+    members = _members(tp)
+    if len(members) > 1:
+        for member in members:
             try:
-                return _coerce(name, value, arg)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0]) if len(errors) == 1 else ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
-    if origin in (list, List):
+                return _check(name, value, member)
+            except ConfigError:
+                pass
+        kinds = " or ".join(dict.fromkeys(_KINDS.get(_kind(m), _type_name(m)) for m in members))
+        raise ConfigError(f"{name}: expected {kinds}, got {value!r}")
+    (tp,) = members
+    kind = _kind(tp)
+    if kind is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {value!r}")
         (item_type,) = typing.get_args(tp) or (Any,)
-        return [_coerce(name, v, item_type) for v in value]
-    if origin in (dict, Dict):
+        return [_check(name, item, item_type) for item in value]
+    if kind is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
         return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if kind in (bool, int, float, str):
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads `3e-5` as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"{name}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
+        if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
             return value
-        raise ConfigError(f"{name}: expected a string, got {value!r}")
+        raise ConfigError(f"{name}: expected {_KINDS[kind]}, got {value!r}")
     return value
+
+
+def _from_text(name: str, text: str, tp):
+    """A command-line string as a value of `tp`: numbers and booleans as written (transformers' `string_to_bool`,
+    plus on/off), lists and mappings as YAML flow (`[a, b]`, `{pickscore: 10}`), a YAML null for an optional field.
+
+    A field taking a string or something else (`reward`: a name or a mixture) tries the other types first and keeps
+    the text otherwise, so a name is never re-read as YAML (`no`, `hpsv2.1` stay strings).
+    """
+    if text in _YAML_NULLS and _allows_none(tp):
+        return None
+    members = sorted(_members(tp), key=lambda m: m is str)  # str last: the fallback
+    problems = []
+    for member in members:
+        kind = _kind(member)
+        if kind is str:
+            return text
+        try:
+            if kind is bool:
+                if text.lower() in ("on", "off"):
+                    return text.lower() == "on"
+                try:
+                    return _hf_argparser().string_to_bool(text)
+                except Exception:
+                    raise ConfigError(f"{name}: expected true or false, got {text!r}") from None
+            if kind is int:
+                try:
+                    return int(text)
+                except ValueError:
+                    raise ConfigError(f"{name}: expected an integer, got {text!r}") from None
+            if kind is float:
+                try:
+                    return float(text)
+                except ValueError:
+                    raise ConfigError(f"{name}: expected a number, got {text!r}") from None
+            return _check(name, _parse_cli_value(text), member)
+        except ConfigError as e:
+            problems.append(e)
+    if len(problems) == 1:
+        raise problems[0]
+    raise ConfigError(f"{name}: expected {' or '.join(_KINDS.get(_kind(m), _type_name(m)) for m in members)}, "
+                      f"got {text!r}")
+
+
+class _CliType:
+    """The argparse `type=` of a field: `_from_text`, its `ConfigError` as argparse's `ArgumentTypeError`."""
+
+    def __init__(self, name: str, tp):
+        self.name, self.tp = name, tp
+        self.__name__ = _type_name(tp)  # argparse names the type in some messages
+
+    def __call__(self, text: str):
+        import argparse
+
+        try:
+            return _from_text(self.name, text, self.tp)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _metavar(tp) -> str:
+    kinds = [_kind(m) for m in _members(tp)]
+    if None in kinds:
+        return None
+    names = {str: "STR", int: "INT", float: "FLOAT", bool: "BOOL", list: "LIST", dict: "MAPPING", Any: "YAML"}
+    return "|".join(dict.fromkeys(names[k] for k in kinds))
+
+
+def _config_parser(cls):
+    """An `HfArgumentParser` of the config class `cls` (a subclass defined on first use: its base loads lazily)."""
+    import argparse
+    import copy
+    import re
+
+    HfArgumentParser = _hf_argparser().HfArgumentParser
+
+    class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+        """argparse's help with defaults, one spelling per key (the description says both work)."""
+
+        def __init__(self, prog):
+            super().__init__(prog, max_help_position=36)
+
+        def _format_action_invocation(self, action):
+            if not action.option_strings or action.nargs == 0:
+                return super()._format_action_invocation(action)
+            metavar = self._format_args(action, self._get_default_metavar_for_optional(action))
+            return f"{action.option_strings[0]} {metavar}"
+
+    class ConfigParser(HfArgumentParser):
+        """HfArgumentParser of one config class, with these adaptations:
+
+        - errors raise a one-line `ConfigError` (the CLI prints it, exit code 2) instead of printing the usage and
+          exiting: `error()` raises and `exit_on_error=False` lets `argparse.ArgumentError` through to `parse`;
+        - every field takes one value, read as its annotation says (`_from_text`): lists and mappings as YAML flow,
+          `--prompts '[a cat, a dog]'` (HfArgumentParser's `nargs="+"` would make `--prompts notalist` a list and
+          `--reward '{pickscore: 10}'` is no type it can call); `Union[str, Dict]` fields, which it narrows to one
+          type, get both;
+        - a boolean, `Optional[bool]` too, may stand alone (`--use_lora`); its `--no_<name>` stays out of `--help`;
+        - no abbreviations (`--sample_num_step` is a typo to report with a suggestion, not `--sample_num_steps`);
+        - `-1e-4` and `-inf` are values, not options (argparse knows only `-1` and `-.5`);
+        - the dataclass's fields are left as they are (HfArgumentParser narrows `field.type` in place).
+        """
+
+        def __init__(self):
+            self.hints = typing.get_type_hints(cls)
+            super().__init__(cls, prog=f"diffalign train {cls.algorithm}", add_help=False, allow_abbrev=False,
+                             exit_on_error=False, formatter_class=HelpFormatter)
+            self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$", re.I)
+
+        def _parse_dataclass_field(self, parser, field):
+            start = len(parser._actions)
+            try:
+                HfArgumentParser._parse_dataclass_field(parser, copy.copy(field))
+            except (ValueError, TypeError):  # a Union it refuses (neither Optional[X] nor with str): one value, read by its type
+                default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+                spellings = dict.fromkeys([f"--{field.name}", f"--{field.name.replace('_', '-')}"])
+                parser.add_argument(*spellings, default=default, help=field.metadata.get("help"))
+            hint = self.hints[field.name]
+            for action in parser._actions[start:]:
+                if isinstance(action, argparse._StoreFalseAction):  # `--no_<name>`: works, not listed
+                    action.help = argparse.SUPPRESS
+                    continue
+                action.help = (action.help or "").replace("%", "%%")
+                if action.choices is not None or any(_kind(m) is None for m in _members(hint)):
+                    continue  # Literal / Enum choices, or a type this parser does not know: HfArgumentParser's own
+                action.type = _CliType(field.name, hint)
+                action.metavar = _metavar(hint)
+                if any(_kind(m) is bool for m in _members(hint)):
+                    action.nargs, action.const = "?", True
+                elif action.nargs == "+":
+                    action.nargs = None
+
+        def error(self, message):
+            raise ConfigError(message)
+
+        def set_defaults_with_config(self, values: dict):
+            """TrlParser's: the YAML (and override) values become the options' defaults, under the command line."""
+            for action in self._actions:
+                if action.dest in values:
+                    action.default = values[action.dest]
+                    action.required = False
+
+        def parse(self, args: List[str]):
+            """`(config, unparsed strings)`; argparse's errors as one-line `ConfigError`s."""
+            try:
+                *parsed, rest = self.parse_args_into_dataclasses(args=args, return_remaining_strings=True,
+                                                                 look_for_args_file=False)
+            except argparse.ArgumentError as e:
+                option = (e.argument_name or "").split("/")[0]
+                dest = option.lstrip("-").replace("-", "_")
+                if e.message.startswith("expected "):  # "expected one argument": a value-less `--key` before `--x`
+                    raise ConfigError(f"option '{option}' needs a value") from None
+                if e.message.startswith(f"{dest}:"):  # a `_from_text` ConfigError
+                    raise ConfigError(e.message) from None
+                raise ConfigError(f"{option}: {e.message}") from None
+            return parsed[0], rest
+
+    return ConfigParser()
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
 def _parse_cli_value(text: str):
@@ -478,7 +828,8 @@ def load_config(algorithm: str, config: Optional[str] = None, overrides: Optiona
         algorithm (`str`): `ddpo` or `prdp`.
         config (`str`, *optional*): YAML path or preset name.
         overrides (`dict`, *optional*): already-typed values (highest precedence after `cli_overrides`).
-        cli_overrides (`List[str]`, *optional*): `["--key", "value", ...]` from the command line.
+        cli_overrides (`List[str]`, *optional*): `["--key", "value", ...]` from the command line (both spellings,
+            `--key=value`, a boolean `--key` alone).
     """
     if algorithm not in CONFIG_CLASSES:
         raise ConfigError(f"unknown algorithm '{algorithm}'; choose from {', '.join(CONFIG_CLASSES)}")
@@ -509,35 +860,27 @@ def load_config(algorithm: str, config: Optional[str] = None, overrides: Optiona
             raise ConfigError(f"unknown config key '{key}'{did_you_mean(str(key), known)}")
         values[key] = value
 
-    args = list(cli_overrides or [])
-    while args:
-        flag = args.pop(0)
+    parser = _config_parser(cls)
+    parser.set_defaults_with_config(values)
+    result, rest = parser.parse(list(cli_overrides or []))
+    if rest:
+        flag = rest[0]
         if not flag.startswith("--"):
             raise ConfigError(f"unexpected argument '{flag}' (options look like --key value)")
-        key, _, inline = flag[2:].partition("=")
-        key = key.replace("-", "_")
-        if key not in known:
-            raise ConfigError(f"unknown option '--{key}' for {algorithm}{did_you_mean(key, known, '--')}")
-        if inline:
-            text = inline
-        elif hints[key] is bool and (not args or args[0].startswith("--")):
-            text = "true"
-        elif not args:
-            raise ConfigError(f"option '--{key}' needs a value")
-        else:
-            text = args.pop(0)
-        values[key] = _parse_cli_value(text)
-
-    typed = {key: _coerce(key, value, hints[key]) for key, value in values.items()}
-    return cls(**typed)
+        key = flag[2:].partition("=")[0].replace("-", "_")
+        raise ConfigError(f"unknown option '--{key}' for {algorithm}{did_you_mean(key, known, '--')}")
+    for key in values:  # file and Python values: argparse converted the strings among them, not the rest
+        setattr(result, key, _check(key, getattr(result, key), hints[key]))
+    return result
 
 
 def config_help(algorithm: str) -> str:
-    """One line per field: `--name (type, default): help`."""
-    cls = CONFIG_CLASSES[algorithm]
-    hints = typing.get_type_hints(cls)
-    lines = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  --{f.name} ({_type_name(hints[f.name])}, default {default!r}): {f.metadata.get('help', '')}")
-    return "\n".join(lines)
+    """`--help` of `diffalign train <algorithm>`: every config key with its type, meaning and default (argparse's help
+    of the HfArgumentParser)."""
+    parser = _config_parser(CONFIG_CLASSES[algorithm])
+    parser.usage = (f"diffalign train {algorithm} [--config FILE_OR_PRESET] [--resume RUN_OR_CHECKPOINT] "
+                    f"[--accelerate-config NAME] [--key value ...]")
+    parser.description = ("Config keys, in a YAML file (--config) or as --key value (both spellings; lists and "
+                          "mappings as YAML, e.g. --prompts '[a cat, a dog]' --reward '{pickscore: 10}'; a boolean "
+                          "--key alone is true, --no_key false). Flags override the file.")
+    return parser.format_help().rstrip()

@@ -1,0 +1,324 @@
+"""The model card of a trained run (`final/README.md`) and its upload to the Hub.
+
+The card follows the Hub's and diffusers' conventions: YAML front matter (`base_model`, `library_name: diffusers`,
+`license`, `tags`, `pipeline_tag`) written with `huggingface_hub.ModelCardData`, then a body with the algorithm, the
+reward, the key settings, the `final_eval.json` table, the before/after grid (copied into `final/`) and a usage
+snippet for the family's pipeline (`load_lora_weights`, or the trained denoiser of a full fine-tune) and for
+diffalign's RLG pipeline (`rlg_scale`). `push_to_hub` uploads `final/` with `HfApi.upload_folder`; it runs after
+everything is written, so a failed push (offline, no token, HTTP error) is one line and loses nothing.
+"""
+
+import json
+import logging
+import os
+import shutil
+from typing import Dict, List, Optional
+
+import yaml
+
+from .errors import UserError, first_line
+
+logger = logging.getLogger("diffalign")
+
+CARD = "README.md"
+GRID = "grid_before_after.png"
+CONFIG_COPY = "diffalign_config.json"
+
+# family name -> the Hub's tag for it
+FAMILY_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux"}
+ALGORITHMS = {
+    "prdp": ("PRDP", "Proximal Reward Difference Prediction, [Deng et al., CVPR 2024](https://arxiv.org/abs/2402.08714)"),
+    "ddpo": ("DDPO", "Denoising Diffusion Policy Optimization, [Black et al., 2023](https://arxiv.org/abs/2305.13301)"),
+}
+# settings shown in the card, when the run's config has them
+KEY_SETTINGS = [
+    "num_epochs", "sample_num_steps", "sample_guidance_scale", "sample_eta", "sample_noise_level",
+    "sample_num_prompts_per_epoch", "sample_images_per_prompt", "sample_sde_window_size", "train_learning_rate",
+    "train_num_inner_epochs", "train_timestep_fraction", "train_beta", "train_clip_eps", "train_prompts_per_step",
+    "advantage_mode", "train_batch_size", "train_clip_range", "train_kl_coef", "lora_rank", "lora_alpha",
+    "mixed_precision", "seed",
+]
+
+
+class HubError(UserError, RuntimeError):
+    """The upload to the Hub failed (offline, no token, no rights, HTTP error); the run's outputs are on disk."""
+
+
+def base_model_id(config) -> Optional[str]:
+    """The card's `base_model`: `hub_base_model`; a bundled model's name; the hub id of a model given as a hub id or
+    as a hub cache snapshot (`.../models--owner--name/snapshots/<rev>`); `None` for another local directory (a
+    filesystem path is not valid Hub metadata)."""
+    from .modeling import BUNDLED_MODELS
+
+    if config.hub_base_model:
+        return config.hub_base_model
+    model = str(config.model)
+    if model in BUNDLED_MODELS:
+        return model
+    if os.path.isdir(model):
+        parts = os.path.abspath(model).split(os.sep)
+        if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+            return parts[-3][len("models--"):].replace("--", "/")
+        return None
+    return model
+
+
+def base_license(config) -> str:
+    """`hub_license`; else the base model's own (`license` in the front matter of its directory's README.md, as a
+    hub snapshot has it; the bundled models are diffalign's, Apache-2.0); else `other`."""
+    from .modeling import BUNDLED_MODELS
+
+    if config.hub_license:
+        return config.hub_license
+    if config.model in BUNDLED_MODELS:
+        return "apache-2.0"
+    readme = os.path.join(str(config.model), CARD)
+    if os.path.isfile(readme):
+        metadata = _front_matter(readme)
+        if isinstance(metadata.get("license"), str):
+            return metadata["license"]
+    return "other"
+
+
+def _front_matter(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.startswith("---"):
+        return {}
+    try:
+        data = yaml.safe_load(text.split("---", 2)[1])
+    except (yaml.YAMLError, IndexError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _number(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _results_table(final_eval: Dict) -> List[str]:
+    rows = [name for name in ("base", "trained") if isinstance(final_eval.get(name), dict)]
+    if not rows:
+        return []
+    columns = [("reward", "reward_mean"), ("eval reward", "eval_mean"), ("KL to base", "kl_to_base")]
+    columns = [(title, key) for title, key in columns if any(key in final_eval[r] for r in rows)]
+    lines = ["| model | " + " | ".join(title for title, _ in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for name in rows:
+        result = final_eval[name]
+        cells = []
+        for _, key in columns:
+            cell = _number(result.get(key))
+            if key == "reward_mean" and result.get("reward_std") is not None:
+                cell += f" ± {_number(result['reward_std'])}"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def usage_snippets(config, pipeline_class: str, denoiser_name: str, denoiser_class: str, family_name: str,
+                   prompt: str, weights: str, resolution: int) -> List[str]:
+    """Two runnable Python snippets: the family's diffusers pipeline with the trained weights, and diffalign's RLG
+    pipeline with `rlg_scale`, sampling as in training (steps, guidance, image size). `weights` is the Hub repo or
+    the local `final/` directory."""
+    from .modeling import BUNDLED_MODELS
+
+    rlg_class = pipeline_class.replace("Pipeline", "RLGPipeline")
+    ours = []  # diffalign imports, after the third-party ones
+    if config.model in BUNDLED_MODELS:  # the bundled models ship inside the package
+        ours.append("from diffalign.modeling import resolve_model_path")
+        base = f"resolve_model_path({_py(config.model)})"
+    else:
+        base = _py(base_model_id(config) or str(config.model))
+    call = [f"num_inference_steps={config.sample_num_steps}"]
+    if family_name == "flux":  # FLUX's guidance is the embedded one; sample_guidance_scale is FluxPipeline's true CFG
+        call.append(f"guidance_scale={config.sample_embedded_guidance:g}")
+        if config.sample_guidance_scale != 1:
+            call.append(f'true_cfg_scale={config.sample_guidance_scale:g}, negative_prompt=""')
+    else:
+        call.append(f"guidance_scale={config.sample_guidance_scale:g}")
+    call.append(f"height={resolution}, width={resolution}")  # the trained size, which may not be the pipeline's
+    call = ", ".join(call)
+
+    rlg_call = ["# rlg_scale: 0 = the base model, 1 = this fine-tune, > 1 = stronger alignment",
+                f"image = pipe({_py(prompt)}, {call}, rlg_scale=1.5).images[0]"]
+    rlg_import = f"from diffalign.pipelines import {rlg_class}"
+    if config.use_lora:
+        plain = _snippet([f"from diffusers import {pipeline_class}"], ours, [
+            f"pipe = {pipeline_class}.from_pretrained({base})",
+            f"pipe.load_lora_weights({_py(weights)})",
+            f"image = pipe({_py(prompt)}, {call}).images[0]",
+        ])
+        rlg = _snippet([], ours + [rlg_import], [
+            f"pipe = {rlg_class}.from_pretrained({base})",
+            f"pipe.load_lora_weights({_py(weights)})",
+        ] + rlg_call)
+    else:
+        load = f"{denoiser_name} = {denoiser_class}.from_pretrained({_py(weights)}, subfolder={_py(denoiser_name)})"
+        plain = _snippet([f"from diffusers import {denoiser_class}, {pipeline_class}"], ours, [
+            load,
+            f"pipe = {pipeline_class}.from_pretrained({base}, {denoiser_name}={denoiser_name})",
+            f"image = pipe({_py(prompt)}, {call}).images[0]",
+        ])
+        rlg = _snippet([f"from diffusers import {denoiser_class}"], ours + [rlg_import], [
+            load,
+            f"pipe = {rlg_class}.from_pretrained({base}, aligned_{denoiser_name}={denoiser_name})",
+        ] + rlg_call)
+    return [plain, rlg]
+
+
+def _snippet(third_party: List[str], ours: List[str], body: List[str]) -> str:
+    """Python code: third-party imports, diffalign's imports, then the body, as blocks separated by a blank line."""
+    return "\n\n".join("\n".join(block) for block in (third_party, sorted(ours), body) if block)
+
+
+def _py(text: str) -> str:
+    """A Python string literal (double-quoted, as the Hub's cards and diffusers' examples write them)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def model_card(config, *, pipeline_class: str, denoiser_name: str, denoiser_class: str, family_name: str,
+               reward_label: str, prompt: str, resolution: int, final_eval: Optional[Dict] = None,
+               history: Optional[List[Dict]] = None, has_grid: bool = False):
+    """The `huggingface_hub.ModelCard` of a run (see the module docstring)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    algorithm = config.algorithm
+    short, reference = ALGORITHMS.get(algorithm, (algorithm.upper(), algorithm))
+    tags = ["diffalign", algorithm]
+    if algorithm == "ddpo" and getattr(config, "advantage_mode", None) == "group":
+        tags.append("grpo")
+    tags += ["lora"] if config.use_lora else []
+    tags += [FAMILY_TAGS.get(family_name, family_name), "text-to-image", "diffusers", "reward-fine-tuning"]
+    base = base_model_id(config)
+    data = ModelCardData(base_model=base, library_name="diffusers", license=base_license(config), tags=tags,
+                         pipeline_tag="text-to-image")
+
+    weights = config.hub_model_id or os.path.join(config.output_dir, "final")
+    title = config.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(config.output_dir)))
+    kind = f"A LoRA (rank {config.lora_rank})" if config.use_lora else f"A fully fine-tuned `{denoiser_name}`"
+    if base and base not in _bundled():
+        base_text = f"[`{base}`](https://huggingface.co/{base})"
+    elif base:
+        base_text = f"diffalign's bundled `{base}` model"
+    else:
+        base_text = f"the local model `{config.model}`"
+    lines = [f"# {title}", "",
+             (f"{kind} of {base_text} ({pipeline_class}), fine-tuned with **{short}** ({reference}) by diffalign "
+              f"to raise the reward **{reward_label}**."), "",
+             "## Training", "",
+             f"- reward: `{_describe(config.reward)}`" + (f" with `{json.dumps(config.reward_kwargs)}`"
+                                                          if config.reward_kwargs else ""),
+             ]
+    if config.eval_reward:
+        lines.append(f"- held-out scorer (logged, not trained on): `{_describe(config.eval_reward)}`")
+    lines.append(f"- prompts: {_prompt_source(config)}")
+    if history:
+        first, last = history[0].get("reward_mean"), history[-1].get("reward_mean")
+        lines.append(f"- training reward (epoch mean): {_number(first)} at epoch {history[0].get('epoch')} -> "
+                     f"{_number(last)} at epoch {history[-1].get('epoch')}")
+    lines += ["", "| setting | value |", "|---|---|"]
+    settings = config.to_dict()
+    irrelevant = {"sample_noise_level"} if family_name in ("sd", "sdxl") else {"sample_eta"}  # UNet vs flow kernels
+    if not config.use_lora:
+        irrelevant |= {"lora_rank", "lora_alpha"}
+    shown = [k for k in KEY_SETTINGS if settings.get(k) is not None and k not in irrelevant]
+    lines += [f"| `{key}` | {_number(settings[key])} |" for key in shown]
+    lines += ["", f"All settings: [`{CONFIG_COPY}`]({CONFIG_COPY}).", ""]
+    table = _results_table(final_eval or {})
+    if table:
+        lines += ["## Results", "",
+                  (f"Base and fine-tuned model on the same {final_eval.get('num_images', '')} fixed-seed samples "
+                   "(`final_eval.json`):"), ""] + table + [""]
+    if has_grid:
+        lines += ["## Samples", "", f"![before and after training]({GRID})", "",
+                  "Fixed-seed samples of the base model (top) and the fine-tuned one (bottom).", ""]
+    plain, rlg = usage_snippets(config, pipeline_class, denoiser_name, denoiser_class, family_name, prompt, weights,
+                                resolution)
+    lines += ["## Usage", "", "```python", plain, "```", "",
+              "With reinforcement-learning guidance (RLG), which scales the fine-tune's effect at inference:", "",
+              "```python", rlg, "```", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _bundled():
+    from .modeling import BUNDLED_MODELS
+
+    return BUNDLED_MODELS
+
+
+def _describe(reward) -> str:
+    return json.dumps(reward) if isinstance(reward, dict) else str(reward)
+
+
+def _prompt_source(config) -> str:
+    if config.prompt_fn:
+        return f"`{config.prompt_fn}`"
+    if config.prompt_file:
+        return f"the file `{os.path.basename(config.prompt_file)}`"
+    if config.prompts:
+        shown = ", ".join(f"\"{p}\"" for p in config.prompts[:5])
+        return f"{len(config.prompts)} prompts ({shown}{', ...' if len(config.prompts) > 5 else ''})"
+    return "the default prompts"
+
+
+def write_model_card(trainer) -> str:
+    """Writes `final/README.md` for a trained `BaseTrainer` (main process), with a copy of the before/after grid and
+    of the run's config next to it; returns the card's path."""
+    config = trainer.config
+    final = os.path.join(config.output_dir, "final")
+    has_grid = os.path.isfile(os.path.join(config.output_dir, GRID))
+    if has_grid:
+        shutil.copyfile(os.path.join(config.output_dir, GRID), os.path.join(final, GRID))
+    with open(os.path.join(final, CONFIG_COPY), "w") as f:
+        json.dump({"algorithm": config.algorithm, **config.to_dict()}, f, indent=1, default=str)
+    final_eval = None
+    path = os.path.join(config.output_dir, "final_eval.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            final_eval = json.load(f)
+    prompts = config.grid_prompts or trainer.prompts.grid_prompts(1, config.seed)
+    family = trainer.family
+    card = model_card(
+        config, pipeline_class=family.pipeline_class, denoiser_name=family.denoiser_name,
+        denoiser_class=type(family.denoiser).__name__, family_name=family.name,
+        reward_label=trainer.reward_label or _describe(config.reward), prompt=prompts[0],
+        resolution=trainer.resolution, final_eval=final_eval,
+        history=trainer.metrics_history, has_grid=has_grid,
+    )
+    card.save(os.path.join(final, CARD))
+    return os.path.join(final, CARD)
+
+
+def warn_if_offline(config):
+    """A warning at the start of a run that will not be able to push (the push itself fails at the end, as one line,
+    after every output is written)."""
+    if not config.push_to_hub:
+        return
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        logger.warning("push_to_hub: the Hub is offline (HF_HUB_OFFLINE); the run will train and save locally, "
+                       "and the push at the end will fail")
+
+
+def push_to_hub(config) -> str:
+    """Uploads `final/` to the Hub repo `hub_model_id` (created if needed, `hub_private`); returns its URL. Any
+    failure is a one-line `HubError` naming where the outputs are."""
+    from huggingface_hub import HfApi
+
+    final = os.path.join(config.output_dir, "final")
+    try:
+        api = HfApi()
+        repo = api.create_repo(config.hub_model_id, private=config.hub_private, exist_ok=True, repo_type="model")
+        message = f"diffalign {config.algorithm}: {os.path.basename(os.path.abspath(config.output_dir))}"
+        api.upload_folder(repo_id=repo.repo_id, folder_path=final, repo_type="model", commit_message=message)
+    except Exception as e:  # offline, no token, no rights, network or HTTP error: the run itself succeeded
+        reason = first_line(e).rstrip(".")
+        raise HubError(f"could not push {final} to the Hub ({config.hub_model_id}): {reason}; the run's outputs are "
+                       f"in {config.output_dir}") from e
+    url = str(repo)
+    logger.info("pushed %s to %s", final, url)
+    return url
