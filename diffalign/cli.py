@@ -73,8 +73,6 @@ def train_command(args, extra: List[str]) -> int:
     from diffalign.config import config_help, load_config
 
     if args.help:
-        print(f"usage: diffalign train {args.algorithm} [--config FILE_OR_PRESET] [--resume RUN_OR_CHECKPOINT] [--key value ...]\n")
-        print("Config keys (YAML or --key value; CLI flags override the file):")
         print(config_help(args.algorithm))
         return 0
     overrides = {}

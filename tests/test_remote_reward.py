@@ -167,3 +167,24 @@ def test_reference_server_rejects_bad_requests():
             with pytest.raises(urllib.error.HTTPError) as error:
                 urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=5)
             assert error.value.code == 400 and expected in json.load(error.value)["error"]
+
+
+def test_training_with_a_remote_reward(tiny_model_dir, tmp_path, capsys):
+    """`reward: remote` from the command line: a short run scores through the reference server (and its metadata, the
+    group ids, travels as JSON); the same run against a closed port stops with one line and exit code 2."""
+    from diffalign.cli import main
+
+    args = ["train", "ddpo", "--model", tiny_model_dir, "--prompts", "[a cat, a dog]", "--num_epochs", "1",
+            "--sample_num_steps", "2", "--sample_num_prompts_per_epoch", "2", "--sample_images_per_prompt", "2",
+            "--train_batch_size", "2", "--grid_num_images", "1", "--reward", "remote"]
+    with serving(make_server("jpeg_compressibility", port=0, device="cpu")) as url:
+        code = main(args + ["--output_dir", str(tmp_path / "run"), "--reward_kwargs", f"{{url: {url}, timeout: 10}}"])
+    assert code == 0
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        record = json.loads(f.readline())
+    assert record["reward_mean"] < 0  # -(JPEG size in kB), computed by the server
+    capsys.readouterr()
+    url = f"http://127.0.0.1:{closed_port()}/score"
+    code = main(args + ["--output_dir", str(tmp_path / "down"), "--reward_kwargs", f"{{url: {url}, retries: 0}}"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("diffalign: error:")]
+    assert code == 2 and len(errors) == 1 and "connection refused" in errors[0], errors
