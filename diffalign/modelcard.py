@@ -36,7 +36,7 @@ KEY_SETTINGS = [
     "sample_num_prompts_per_epoch", "sample_images_per_prompt", "sample_sde_window_size", "train_learning_rate",
     "train_num_inner_epochs", "train_timestep_fraction", "train_beta", "train_clip_eps", "train_prompts_per_step",
     "advantage_mode", "train_batch_size", "train_clip_range", "train_kl_coef", "lora_rank", "lora_alpha",
-    "mixed_precision", "seed",
+    "ema_decay", "mixed_precision", "seed",
 ]
 
 
@@ -224,6 +224,8 @@ def model_card(config, *, pipeline_class: str, denoiser_name: str, denoiser_clas
     irrelevant = {"sample_noise_level"} if family_name in ("sd", "sdxl") else {"sample_eta"}  # UNet vs flow kernels
     if not config.use_lora:
         irrelevant |= {"lora_rank", "lora_alpha"}
+    if not settings.get("ema_decay"):
+        irrelevant.add("ema_decay")
     shown = [k for k in KEY_SETTINGS if settings.get(k) is not None and k not in irrelevant]
     lines += [f"| `{key}` | {_number(settings[key])} |" for key in shown]
     lines += ["", f"All settings: [`{CONFIG_COPY}`]({CONFIG_COPY}).", ""]
@@ -256,6 +258,8 @@ def _describe(reward) -> str:
 def _prompt_source(config) -> str:
     if config.prompt_fn:
         return f"`{config.prompt_fn}`"
+    if getattr(config, "prompt_dataset", None):
+        return f"the dataset `{os.path.basename(os.path.normpath(config.prompt_dataset))}`"
     if config.prompt_file:
         return f"the file `{os.path.basename(config.prompt_file)}`"
     if config.prompts:

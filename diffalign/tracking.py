@@ -205,13 +205,17 @@ class RunTracker:
     def log_samples(self, epoch: int):
         """Samples the fixed-seed grid (`BaseTrainer.grid_trajectories`), scores it and logs it captioned with each
         image's prompt and reward."""
+        import torch
+
         trainer = self.trainer
         if not trainer._takes_part():
             return
-        trajectories = trainer.grid_trajectories()
-        if not self.accelerator.is_main_process:
-            return
-        scores = trainer.score(trajectories)
+        devices = [trainer.device] if trainer.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the global RNG is left as it was: logging changes no training
+            trajectories = trainer.grid_trajectories()
+            if not self.accelerator.is_main_process:
+                return
+            scores = trainer.score(trajectories)
         captions = []
         for i, prompt in enumerate(trajectories.prompts):
             caption = f"{prompt}\nreward {float(scores['reward'][i]):.4g}"
