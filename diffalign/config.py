@@ -4,6 +4,7 @@ Precedence is defaults < YAML file (`--config path-or-preset`) < `--key value` f
 wrong type and impossible batch arithmetic raise `ConfigError` with one line naming the problem.
 """
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -582,7 +583,7 @@ def _hf_argparser():
                                                       os.path.join(location, "hf_argparser.py"))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    except Exception:
+    except (AttributeError, ImportError, OSError, SyntaxError):  # no such file, or it imports more now
         from transformers import hf_argparser as module
 
         return module
@@ -671,7 +672,7 @@ def _from_text(name: str, text: str, tp):
                     return text.lower() == "on"
                 try:
                     return _hf_argparser().string_to_bool(text)
-                except Exception:
+                except argparse.ArgumentTypeError:
                     raise ConfigError(f"{name}: expected true or false, got {text!r}") from None
             if kind is int:
                 try:
@@ -700,8 +701,6 @@ class _CliType:
         self.__name__ = _type_name(tp)  # argparse names the type in some messages
 
     def __call__(self, text: str):
-        import argparse
-
         try:
             return _from_text(self.name, text, self.tp)
         except ConfigError as e:
@@ -718,7 +717,6 @@ def _metavar(tp) -> str:
 
 def _config_parser(cls):
     """An `HfArgumentParser` of the config class `cls` (a subclass defined on first use: its base loads lazily)."""
-    import argparse
     import copy
     import re
 
@@ -755,7 +753,8 @@ def _config_parser(cls):
             self.hints = typing.get_type_hints(cls)
             super().__init__(cls, prog=f"diffalign train {cls.algorithm}", add_help=False, allow_abbrev=False,
                              exit_on_error=False, formatter_class=HelpFormatter)
-            self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$", re.I)
+            self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$",
+                                                       re.IGNORECASE)
 
         def _parse_dataclass_field(self, parser, field):
             start = len(parser._actions)
