@@ -760,7 +760,7 @@ def _config_parser(cls):
             start = len(parser._actions)
             try:
                 HfArgumentParser._parse_dataclass_field(parser, copy.copy(field))
-            except (ValueError, TypeError):  # a Union it refuses (neither Optional[X] nor with str): one value, read by its type
+            except (ValueError, TypeError):  # a Union it refuses (not Optional[X], no str): one value, read by type
                 default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
                 spellings = dict.fromkeys([f"--{field.name}", f"--{field.name.replace('_', '-')}"])
                 parser.add_argument(*spellings, default=default, help=field.metadata.get("help"))

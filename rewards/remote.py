@@ -90,7 +90,8 @@ class RemoteReward:
             raise RewardError(f"reward 'remote': url must be http://host:port/path or https://...; got {url!r}")
         for name, value, low in (("timeout", timeout, 0.0), ("backoff", backoff, 0.0)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low or math.isinf(value):
-                raise RewardError(f"reward 'remote': {name} must be a finite number of seconds >= {low:g}; got {value!r}")
+                raise RewardError(f"reward 'remote': {name} must be a finite number of seconds >= {low:g}; "
+                                  f"got {value!r}")
         if timeout == 0:
             raise RewardError("reward 'remote': timeout must be > 0 seconds")
         for name, value, low in (("retries", retries, 0), ("batch_size", batch_size, 1)):
@@ -104,7 +105,8 @@ class RemoteReward:
         self.headers = {"Content-Type": "application/json", "Accept": "application/json", **dict(headers or {})}
         self.last_parts: Dict[str, torch.Tensor] = {}
 
-    def __call__(self, images: torch.Tensor, prompts: List[str], metadata: Optional[List[dict]] = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: List[str],
+                 metadata: Optional[List[dict]] = None) -> torch.Tensor:
         scores: List[float] = []
         parts: Dict[str, List[float]] = {}
         for start in range(0, len(images), self.batch_size):
@@ -126,7 +128,8 @@ class RemoteReward:
             body = json.dumps({"images": encode_images(images), "prompts": prompts, "metadata": metadata},
                               default=_json_default).encode()
         except (TypeError, ValueError) as e:
-            raise RewardError(f"reward 'remote': the prompts or metadata cannot be sent as JSON ({_short(e)})") from None
+            raise RewardError(f"reward 'remote': the prompts or metadata cannot be sent as JSON "
+                              f"({_short(e)})") from None
         answer = self._post(body)
         if not isinstance(answer, dict) or not isinstance(answer.get("scores"), list):
             raise RewardError(f"reward server {self.url} answered {_short(json.dumps(answer), 80)}; expected "
@@ -135,7 +138,8 @@ class RemoteReward:
         parts = answer.get("parts") or {}
         if not isinstance(parts, dict):
             raise RewardError(f"reward server {self.url} answered 'parts' that is not a mapping of name to scores")
-        return scores, {str(name): self._numbers(f"parts.{name}", values, len(images)) for name, values in parts.items()}
+        return scores, {str(name): self._numbers(f"parts.{name}", values, len(images))
+                        for name, values in parts.items()}
 
     def _numbers(self, what: str, values, count: int) -> List[float]:
         if not isinstance(values, list) or len(values) != count:

@@ -80,7 +80,8 @@ class RewardServer(ThreadingHTTPServer):
             raise BadRequest('expected a JSON object {"images": [...], "prompts": [...], "metadata": [...]}')
         images = decode_images(request.get("images"), self.device)
         prompts = request.get("prompts")
-        if not isinstance(prompts, list) or len(prompts) != len(images) or not all(isinstance(p, str) for p in prompts):
+        if not (isinstance(prompts, list) and len(prompts) == len(images)
+                and all(isinstance(p, str) for p in prompts)):
             raise BadRequest(f"'prompts' must be a list of {len(images)} strings, one per image")
         metadata = request.get("metadata")
         if metadata is not None and (not isinstance(metadata, list) or len(metadata) != len(images)):
@@ -158,8 +159,10 @@ def main(argv=None) -> int:
     from diffalign.errors import UserError
 
     parser = argparse.ArgumentParser(prog="python -m diffalign.rewards.serve", description=__doc__.split("\n")[0])
-    parser.add_argument("--reward", required=True, help="reward name, module:function or a YAML {name: weight} mixture")
-    parser.add_argument("--reward_kwargs", "--reward-kwargs", default="{}", help="YAML mapping of the reward's options")
+    parser.add_argument("--reward", required=True,
+                        help="reward name, module:function or a YAML {name: weight} mixture")
+    parser.add_argument("--reward_kwargs", "--reward-kwargs", default="{}",
+                        help="YAML mapping of the reward's options")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default=None, help="device of the images (default cuda when available)")

@@ -37,7 +37,8 @@ def test_flags_the_parser_adds():
     assert config.train_learning_rate == -1e-4 and config.resume_from is None
     assert config.mixed_precision == "no" and config.reward == "hpsv2.1"  # strings are never re-read as YAML
     config = load_config("ddpo", cli_overrides=["--reward={pickscore: 10, hpsv2: 2}", "--eval-reward", "aesthetic",
-                                                "--sample-sde-window-range", "[0, 4]", "--gradient_checkpointing", "on"])
+                                                "--sample-sde-window-range", "[0, 4]",
+                                                "--gradient_checkpointing", "on"])
     assert config.reward == {"pickscore": 10, "hpsv2": 2} and config.eval_reward == "aesthetic"
     assert config.sample_sde_window_range == [0, 4] and config.gradient_checkpointing is True
 
