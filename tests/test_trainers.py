@@ -221,3 +221,48 @@ def test_reused_samples_are_restored_on_resume(tmp_path, tiny_pipe):
     resumed.step(2)
     for a, b in zip(lora_weights(trainer), lora_weights(resumed)):
         torch.testing.assert_close(a, b)
+
+
+def test_thread_count_default_is_one_for_the_bundled_models_and_explicit_otherwise(monkeypatch):
+    """The bundled presets run on one torch thread whatever the caller's setting (fast on a shared CPU, and the same
+    bits on any core count); `num_threads` sets it for any model; other models keep torch's setting."""
+    from diffalign.config import PRDPConfig
+    from diffalign.trainers.base import set_torch_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    try:
+        torch.set_num_threads(2)
+        set_torch_threads(PRDPConfig(model="digits"))
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        set_torch_threads(PRDPConfig(model="digits-flow", num_threads=2))
+        assert torch.get_num_threads() == 2
+        set_torch_threads(PRDPConfig(model="/models/sd15"))
+        assert torch.get_num_threads() == 2
+        set_torch_threads(PRDPConfig(model="/models/sd15", num_threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_prdp_two_pass_default_follows_the_micro_batch(tmp_path, _tiny_pipe_template, monkeypatch):
+    """`train_two_pass` unset: one pass when an update's rows fit one micro-batch, two passes (memory bounded by the
+    micro-batch) when they do not."""
+    from diffalign.config import PRDPConfig
+    from diffalign.trainers.prdp import PRDPTrainer
+
+    used = []
+    for micro, expected in ((64, "single"), (2, "two")):
+        config = PRDPConfig(output_dir=str(tmp_path / f"m{micro}"), prompts=["a", "b"], num_epochs=1,
+                            sample_num_steps=2, sample_num_prompts_per_epoch=2, sample_images_per_prompt=2,
+                            sample_batch_size=4, train_num_inner_epochs=1, train_micro_batch_size=micro,
+                            sample_guidance_scale=1.0, grid_num_images=2, reward="jpeg_compressibility")
+        trainer = PRDPTrainer(config, pipeline=copy.deepcopy(_tiny_pipe_template))
+        for name in ("single", "two"):
+            method = getattr(trainer, f"_{name}_pass_update")
+            monkeypatch.setattr(trainer, f"_{name}_pass_update",
+                                lambda *a, _m=method, _n=name, **k: (used.append(_n), _m(*a, **k))[1])
+        trainer.step(0)
+        assert set(used) == {expected}, (micro, used)
+        used.clear()
