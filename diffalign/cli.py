@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=train_command, allow_extra=True)
 
     for name, help_text in (("generate", "sample with RLG at several alignment strengths"),
-                            ("bench", "benchmarks: rollout, train, learn, rlg")):
+                            ("bench", "benchmarks: rollout, train, learn, rlg, tradeoff")):
         # Each of these modules defines `add_arguments(parser)` and `run(args) -> int`, and imports no heavy library
         # at module level (run() does).
         command = sub.add_parser(name, help=help_text)

@@ -25,8 +25,9 @@ import sys
 
 from .common import BenchError, Context, format_table, machine_info
 from .learn import LEARN_CONFIGS
+from .tradeoff import add_arguments as add_tradeoff_arguments
 
-SUBCOMMANDS = ("rollout", "train", "learn", "rlg")
+SUBCOMMANDS = ("rollout", "train", "learn", "rlg", "tradeoff")
 RESULTS_DIR = os.path.join("runs", "bench")  # where `--output` goes by default
 
 
@@ -65,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every trainer (YAML value), e.g. --set train_micro_batch_size=8")
 
-    sub = parser.add_subparsers(dest="bench_command", metavar="{rollout,train,learn,rlg}", required=True)
+    sub = parser.add_subparsers(dest="bench_command", metavar="{rollout,train,learn,rlg,tradeoff}", required=True)
     sub.add_parser("rollout", parents=[common], help="trajectory sampling with log-probs vs plain pipeline sampling")
     train = sub.add_parser("train", parents=[common], help="epoch time of PRDP and DDPO vs their UNet passes alone")
     train.add_argument("--algorithms", default="prdp,ddpo", help="comma-separated: prdp, ddpo")
@@ -85,6 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     rlg = sub.add_parser("rlg", parents=[common], help="RLG sampling (single/two pass, windows) vs plain CFG")
     rlg.add_argument("--rlg-scale", type=float, default=1.5)
     rlg.add_argument("--lora-std", type=float, default=0.1, help="std of the random LoRA B weights")
+    add_tradeoff_arguments(sub.add_parser("tradeoff", parents=[common], help="reward hacking, the KL dial and RLG's w"))
 
 
 def run(args) -> int:

@@ -1,0 +1,189 @@
+"""`diffalign bench tradeoff`: the RLG-guided sampler's identities (w = 0 is the base model with KL 0, w = 1 the
+adapter with its own KL, other w mix the guided predictions linearly) and a smoke run of the command with tiny
+settings that produces every output."""
+
+import json
+
+import pytest
+import torch
+
+from diffalign.bench.rlg import add_random_lora
+from diffalign.bench.tradeoff import RLGDenoiser, ratio_pairs, sample_guided
+from diffalign.cli import main
+from diffalign.rollout import adapters_disabled, as_family, default_kernel, sample_trajectories
+
+PROMPTS = ["a photo of a cat", "a red car", "a photo of a cat"]
+SEEDS = [11, 12, 13]
+
+
+def _generators(device="cpu"):
+    return [torch.Generator(device).manual_seed(s) for s in SEEDS]
+
+
+@pytest.fixture
+def lora_family(tiny_pipe):
+    add_random_lora(tiny_pipe.unet, std=0.1, seed=0)
+    tiny_pipe.unet.eval()
+    return as_family(tiny_pipe)
+
+
+def test_w0_is_the_base_model_with_zero_kl(lora_family):
+    family, kernel = lora_family, default_kernel(lora_family, eta=1.0)
+    out = sample_guided(family, kernel, family.denoiser, 0.0, PROMPTS, SEEDS, num_steps=3, guidance_scale=3.0,
+                        resolution=None, batch_size=3)
+    with adapters_disabled(family.denoiser):
+        base = sample_trajectories(family, PROMPTS, 3, 3.0, generator=_generators(), kernel=kernel)
+    assert torch.equal(out["images"], base.images)
+    assert torch.equal(out["kl"], torch.zeros(len(PROMPTS)))
+
+
+def test_w1_reproduces_the_adapter_and_its_kl(lora_family):
+    family, kernel = lora_family, default_kernel(lora_family, eta=1.0)
+    out = sample_guided(family, kernel, family.denoiser, 1.0, PROMPTS, SEEDS, num_steps=3, guidance_scale=3.0,
+                        resolution=None, batch_size=3)
+    # the adapter's own sampling, with KL to base from the trainers' one-forward (mixed-adapter) path
+    own = sample_trajectories(family, PROMPTS, 3, 3.0, generator=_generators(), kernel=kernel,
+                              compute_reference=True)
+    kl = own.kl_to_ref.nanmean(dim=1)
+    assert kl.min() > 1e-4  # the random LoRA moves the model: the comparison is not 0 == 0
+    torch.testing.assert_close(out["kl"], kl, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(out["images"], own.images, rtol=0, atol=1e-5)
+
+
+def test_other_w_mix_the_cfg_guided_predictions(lora_family):
+    """RLG mixes the two models' CFG-guided predictions; mixing the raw outputs before CFG is the same (CFG is
+    linear), and KL grows with w."""
+    family = lora_family
+    unet = family.denoiser
+    res = family.default_resolution()
+    cond, negative = family.conditioning(PROMPTS, "", True, res, res)
+    x = family.prepare_latents(len(PROMPTS), res, res, torch.float32, "cpu", torch.Generator().manual_seed(0))
+    family.set_timesteps(3, "cpu", res, res)
+    t = family.scheduler.timesteps[1]
+    with torch.no_grad():
+        aligned = family.predict(unet, x, t, cond, negative, 3.0)
+        with adapters_disabled(unet):
+            base = family.predict(unet, x, t, cond, negative, 3.0)
+        for w in (0.5, 2.0, -1.0):
+            mixed = family.predict(RLGDenoiser(unet, w), x, t, cond, negative, 3.0)
+            torch.testing.assert_close(mixed, base + w * (aligned - base), rtol=1e-5, atol=1e-5)
+    kernel = default_kernel(family, eta=1.0)
+    kls = [sample_guided(family, kernel, unet, w, PROMPTS, SEEDS, 3, 3.0, None, 3)["kl"].mean().item()
+           for w in (0.5, 1.0, 2.0)]
+    assert 0 < kls[0] < kls[1] < kls[2]
+
+
+def test_sd3_tuple_outputs_mix_too():
+    """The flow family's transformer returns a tuple: w = 0 still samples the base model with KL 0."""
+    from diffalign.testing import tiny_sd3_pipeline
+
+    torch.manual_seed(0)
+    pipe = tiny_sd3_pipeline()
+    add_random_lora(pipe.transformer, std=0.1, seed=0)
+    pipe.transformer.eval()
+    family = as_family(pipe)
+    kernel = default_kernel(family, noise_level=0.7)
+    zero = sample_guided(family, kernel, pipe.transformer, 0.0, PROMPTS[:2], SEEDS[:2], 2, 2.0, None, 2)
+    with adapters_disabled(pipe.transformer):
+        base = sample_trajectories(family, PROMPTS[:2], 2, 2.0, generator=_generators()[:2], kernel=kernel)
+    assert torch.equal(zero["images"], base.images) and torch.equal(zero["kl"], torch.zeros(2))
+    two = sample_guided(family, kernel, pipe.transformer, 2.0, PROMPTS[:2], SEEDS[:2], 2, 2.0, None, 2)
+    assert (two["kl"] > 0).all() and not torch.equal(two["images"], base.images)
+
+
+def test_ratio_pairs():
+    assert ratio_pairs([0.02, 0.005, 0.01]) == [(0.005, 0.01), (0.01, 0.02)]
+    assert ratio_pairs([0.0, 0.5, 1.0, 3.0]) == [(0.5, 1.0)]
+    assert ratio_pairs([0.1, 0.3]) == []
+
+
+def test_beta_w_table_pairs_and_distances():
+    """Pairs in ratio 2 of either kind; distances are those of the paired samplers' numbers and images."""
+    from diffalign.bench.tradeoff import beta_w_table
+
+    def sweep(reward, judge, kl, pixel):
+        return {"reward": torch.tensor([reward, reward]), "judge": torch.tensor([judge, judge]),
+                "kl": torch.tensor([kl, kl]), "images": torch.full((2, 3, 4, 4), pixel)}
+
+    specs = {"ddpo_kl0": ("ddpo", "train_kl_coef", 0.0), "ddpo_kl1": ("ddpo", "train_kl_coef", 1.0),
+             "ddpo_kl2": ("ddpo", "train_kl_coef", 2.0), "prdp_beta0.1": ("prdp", "train_beta", 0.1),
+             "prdp_beta0.3": ("prdp", "train_beta", 0.3)}
+    sweeps = {name: {w: sweep(i + w, 0.5 + 0.1 * w, 0.01 * w * w, 0.1 * i + 0.01 * w)
+                     for w in (0.5, 1.0, 2.0)} for i, name in enumerate(specs)}
+    (row,) = beta_w_table(specs, sweeps)  # the betas are not in ratio 2; the KL weights 1 and 2 are (0 never pairs)
+    assert (row["kind"], row["small"], row["big"]) == ("ddpo", 1.0, 2.0)
+    big_w2, small_w05 = row["comparisons"]
+    assert (big_w2["arm"], big_w2["w"], big_w2["vs_arm"]) == ("ddpo_kl2", 2.0, "ddpo_kl1")
+    # ddpo_kl2 (i = 2) at w = 2 against ddpo_kl1 (i = 1) at w = 1
+    assert big_w2["d_reward"] == pytest.approx(2.0) and big_w2["d_judge"] == pytest.approx(0.1)
+    assert big_w2["d_kl"] == pytest.approx(0.03) and big_w2["pixel_distance"] == pytest.approx(0.11)
+    assert row["models"]["pixel_distance"] == pytest.approx(0.1)
+    assert big_w2["pixel_over_models"] == pytest.approx(1.1)
+    assert (small_w05["arm"], small_w05["w"], small_w05["vs_arm"]) == ("ddpo_kl1", 0.5, "ddpo_kl2")
+    assert small_w05["pixel_distance"] == pytest.approx(0.105)
+
+
+TINY = ["--epochs", "1", "--steps", "3", "--prompts-per-epoch", "2", "--images-per-prompt", "2",
+        "--kl-coefs", "0", "0.5", "--prdp-betas", "0.01", "0.02", "--rlg-scales", "0", "1", "--rlg-prompts", "2",
+        "--rlg-seeds", "2", "--set", "train_num_inner_epochs=1", "--set", "grid_num_images=2"]
+
+
+def test_tradeoff_smoke(capsys, tmp_path):
+    out = tmp_path / "tradeoff"
+    assert main(["bench", "tradeoff", *TINY, "--output-dir", str(out)]) == 0
+    table = capsys.readouterr().out
+    result = json.loads((out / "tradeoff.json").read_text())
+    assert result["benchmark"] == "tradeoff" and (out / "tradeoff.png").stat().st_size > 0
+    arms = result["arms"]
+    assert list(arms) == ["ddpo_kl0", "ddpo_kl0.5", "prdp_beta0.01", "prdp_beta0.02"]
+    for name, arm in arms.items():
+        curves = arm["curves"]
+        assert len(curves["reward"]) == len(curves["judge"]) == len(curves["kl"]) == 1
+        assert None not in curves["judge"] and None not in curves["kl"]  # judge and KL logged every epoch
+        assert arm["config"]["reward"] == "jpeg_compressibility" and arm["config"]["eval_reward"] == "digit_judge"
+        assert (out / name / "final" / "pytorch_lora_weights.safetensors").exists()
+        assert (out / name / "rlg_grid.png").exists()
+    assert arms["ddpo_kl0.5"]["config"]["train_kl_coef"] == 0.5
+    assert arms["prdp_beta0.02"]["config"]["train_beta"] == 0.02
+    assert arms["prdp_beta0.02"]["config"]["sample_num_steps"] == 3
+    rlg = result["rlg"]
+    assert rlg["scales"] == [0.0, 0.5, 1.0, 2.0]  # the beta/w test's 0.5 and 2 are always swept
+    assert len(rlg["prompts"]) == len(rlg["seeds"]) == 4
+    for name in arms:
+        points = rlg["sweeps"][name]
+        assert [p["w"] for p in points] == rlg["scales"]
+        assert points[0]["kl"] == 0 and points[0]["reward"] == rlg["base"]["reward"]
+        assert points[2]["kl"] > 0
+    # one pair of betas (and one of KL weights) in ratio 2: two comparisons each, next to the models' distance
+    (prdp,) = [row for row in result["beta_w"] if row["kind"] == "prdp"]
+    assert (prdp["small"], prdp["big"]) == (0.01, 0.02)
+    assert [(c["arm"], c["w"], c["vs_arm"]) for c in prdp["comparisons"]] == [
+        ("prdp_beta0.02", 2.0, "prdp_beta0.01"), ("prdp_beta0.01", 0.5, "prdp_beta0.02")]
+    for entry in [*prdp["comparisons"], prdp["models"]]:
+        for key in ("d_reward", "d_judge", "d_kl", "pixel_distance"):
+            assert entry[key] >= 0
+    assert [row["kind"] for row in result["beta_w"]] == ["prdp"]  # KL weights 0 and 0.5: no pair in ratio 2
+    assert "beta/w test" in table and "train_beta=0.02 at w=2" in table
+
+    # a second run reuses every finished arm
+    assert main(["bench", "tradeoff", *TINY, "--output-dir", str(out)]) == 0
+    again = json.loads((out / "tradeoff.json").read_text())
+    assert all(arm["reused"] for arm in again["arms"].values())
+    assert again["arms"]["prdp_beta0.01"]["curves"] == arms["prdp_beta0.01"]["curves"]
+    assert again["rlg"]["sweeps"] == rlg["sweeps"]  # fixed prompts and seeds: the same numbers
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prdp-betas", "0.01", "0.03"], "ratio 2"),
+    (["--prdp-betas", "0.01", "0.02", "--beta", "0.01"], "not both"),
+    (["--kl-coefs", "-1"], "non-negative"),
+    (["--set", "train_beta=0.1"], "--prdp-betas"),
+    (["--set", "no_such_key=1"], "not a config key"),
+    (["--tiny"], "bundled digits model"),
+    (["--rlg-prompts", "11"], "--rlg-prompts"),
+])
+def test_bad_options_are_one_line(capsys, tmp_path, argv, message):
+    assert main(["bench", "tradeoff", "--epochs", "1", *argv, "--output-dir", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "t" / "ddpo_kl0" / "metrics.jsonl").exists()
