@@ -123,9 +123,10 @@ def test_beta_w_table_pairs_and_distances():
     assert small_w05["pixel_distance"] == pytest.approx(0.105)
 
 
-TINY = ["--epochs", "1", "--steps", "3", "--prompts-per-epoch", "2", "--images-per-prompt", "2",
-        "--kl-coefs", "0", "0.5", "--prdp-betas", "0.01", "0.02", "--rlg-scales", "0", "1", "--rlg-prompts", "2",
-        "--rlg-seeds", "2", "--set", "train_num_inner_epochs=1", "--set", "grid_num_images=2"]
+SHAPES = ["--epochs", "1", "--steps", "3", "--prompts-per-epoch", "2", "--images-per-prompt", "2",
+          "--set", "train_num_inner_epochs=1", "--set", "grid_num_images=2",
+          "--rlg-scales", "0", "1", "--rlg-prompts", "2", "--rlg-seeds", "2"]
+TINY = [*SHAPES, "--kl-coefs", "0", "0.5", "--prdp-betas", "0.01", "0.02"]
 
 
 def test_tradeoff_smoke(capsys, tmp_path):
@@ -171,6 +172,30 @@ def test_tradeoff_smoke(capsys, tmp_path):
     assert all(arm["reused"] for arm in again["arms"].values())
     assert again["arms"]["prdp_beta0.01"]["curves"] == arms["prdp_beta0.01"]["curves"]
     assert again["rlg"]["sweeps"] == rlg["sweeps"]  # fixed prompts and seeds: the same numbers
+
+    # an arm cut after its last checkpoint but before arm.json continues from the checkpoint (no epoch retrained)
+    (out / "prdp_beta0.02" / "arm.json").unlink()
+    assert main(["bench", "tradeoff", *TINY, "--output-dir", str(out)]) == 0
+    resumed = json.loads((out / "tradeoff.json").read_text())["arms"]["prdp_beta0.02"]
+    assert resumed["resumed"] and not resumed["reused"]
+    assert resumed["curves"] == arms["prdp_beta0.02"]["curves"]
+    # ... and an arm trained with other settings is never silently reused or mixed
+    assert main(["bench", "tradeoff", *TINY, "--set", "train_learning_rate=0.01", "--output-dir", str(out)]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_tradeoff_on_the_flow_model(tmp_path):
+    """digits-flow: the Flow-GRPO / PRDP presets' SDE sampler, the transformer's tuple outputs in the sweeps."""
+    out = tmp_path / "flow"
+    argv = ["bench", "tradeoff", "--model", "digits-flow", *SHAPES, "--kl-coefs", "--prdp-betas", "1", "2",
+            "--output-dir", str(out)]
+    assert main(argv) == 0
+    result = json.loads((out / "tradeoff.json").read_text())
+    assert list(result["arms"]) == ["prdp_beta1", "prdp_beta2"]
+    config = result["arms"]["prdp_beta1"]["config"]
+    assert config["model"] == "digits-flow" and config["sample_noise_level"] == 0.7
+    assert config["sample_compute_kl"] is True  # the flow PRDP preset turns it off; the bench logs KL every epoch
+    assert result["rlg"]["sweeps"]["prdp_beta2"][2]["kl"] > 0 and len(result["beta_w"]) == 1
 
 
 @pytest.mark.parametrize("argv, message", [
