@@ -39,7 +39,7 @@ DEFAULT_OUTPUT_DIR = os.path.join("runs", "bench", "tradeoff")
 # where beta binds (0.01 to 0.4 all trained alike: targets 0.01 / beta out of reach, Adam's steps ignore their size);
 # DDPO: no penalty and two weights in ratio 2 that bind, so the beta/w test can also be read on the penalised arms.
 DEFAULT_BETA = 2.0
-DEFAULT_KL_COEFS = (0.0, 0.2, 0.4)
+DEFAULT_KL_COEFS = (0.0, 0.1, 0.2)
 DEFAULT_RLG_SCALES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 PAIR_SCALES = (0.5, 1.0, 2.0)  # always swept: w = 1 is the trained model, 0.5 and 2 are the beta/w test's samplers
 ARM_FILE = "arm.json"  # written into an arm's run directory when its training is complete
@@ -322,12 +322,10 @@ def train_arm(ctx, name: str, algorithm: str, key: str, value: float, run_dir: s
     existing = run_files(run_dir) if os.path.isdir(run_dir) else []
     resume = "checkpoints/" in existing
     if existing and not resume:  # cut before its first checkpoint: nothing to continue
-        _log(f"{name}: no checkpoint in {run_dir}; training again from epoch 0")
-        metrics = os.path.join(run_dir, "metrics.jsonl")
-        if os.path.isfile(metrics):
-            os.remove(metrics)
         if "final/" in existing:
             raise BenchError(f"{run_dir} holds final weights but no checkpoint or {ARM_FILE}: remove it")
+        _log(f"{name}: no checkpoint in {run_dir}; training again from epoch 0")
+        os.remove(os.path.join(run_dir, "metrics.jsonl"))  # the only other thing run_files counts
     if resume:
         config = arm_config(ctx, algorithm, key, value, run_dir, args.epochs, resume=True)
     _log(f"{name}: {'continuing' if resume else 'training'} {algorithm} with {key}={value:g} for "
