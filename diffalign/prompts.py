@@ -302,13 +302,10 @@ def read_prompt_dataset(path: str, split: str = "train", column: str = "prompt",
 def prompt_source(prompts=None, prompt_file=None, prompt_fn=None, prompt_dataset=None, prompt_dataset_split="train",
                   prompt_column="prompt") -> PromptSource:
     """Builds the prompt source of a config (exactly one of the four, or `digits` when none is given)."""
-    if prompts:
-        return PromptSource(prompts=prompts)
-    if prompt_file:
-        return PromptSource(*_as_list_and_metadata(read_prompt_records(prompt_file, prompt_column)))
-    if prompt_dataset:
-        return PromptSource(*_as_list_and_metadata(read_prompt_dataset(prompt_dataset, prompt_dataset_split,
-                                                                       prompt_column)))
+    listed = _listed_source(prompts, prompt_file, prompt_dataset if prompt_dataset else None, prompt_dataset_split,
+                            prompt_column)
+    if listed is not None:
+        return listed
     prompt_fn = prompt_fn or "digits"
     if prompt_fn in BUILTIN_PROMPTS:
         return PromptSource(prompts=BUILTIN_PROMPTS[prompt_fn]())
@@ -334,13 +331,19 @@ def heldout_prompt_source(eval_prompts=None, eval_prompt_file=None, eval_dataset
                           prompt_column="prompt") -> Optional[PromptSource]:
     """The held-out prompts of a config (`eval_prompts`, `eval_prompt_file`, or split `eval_dataset_split` of
     `prompt_dataset`), or `None` when it has none."""
-    if eval_prompts:
-        return PromptSource(prompts=eval_prompts)
-    if eval_prompt_file:
-        return PromptSource(*_as_list_and_metadata(read_prompt_records(eval_prompt_file, prompt_column)))
-    if eval_dataset_split:
-        return PromptSource(*_as_list_and_metadata(read_prompt_dataset(prompt_dataset, eval_dataset_split,
-                                                                       prompt_column, whole=False)))
+    return _listed_source(eval_prompts, eval_prompt_file, prompt_dataset if eval_dataset_split else None,
+                          eval_dataset_split, prompt_column, whole=False)
+
+
+def _listed_source(prompts, prompt_file, dataset, split, column, whole=True) -> Optional[PromptSource]:
+    """A prompt list given inline, as a file (text, JSONL, CSV) or as a dataset split, in that order; else None."""
+    if prompts:
+        return PromptSource(prompts=prompts)
+    if prompt_file:
+        return PromptSource(*_as_list_and_metadata(read_prompt_records(prompt_file, column)))
+    if dataset:
+        kwargs = {} if whole else {"whole": False}
+        return PromptSource(*_as_list_and_metadata(read_prompt_dataset(dataset, split, column, **kwargs)))
     return None
 
 
