@@ -6,6 +6,11 @@ Runs whose outputs exist are reused, so an interrupted call continues where it s
 
     python scripts/reproduce_results.py                      # README tables, seeds 0 1 2, two runs at a time
     python scripts/reproduce_results.py --seeds 0 1 2 3 4 --jobs 1 --presets digits-prdp
+    python scripts/reproduce_results.py --presets --tradeoff-seeds 0 1 2   # only the reward-hacking tables
+
+`--tradeoff-seeds` also runs `diffalign bench tradeoff` (the digits model trained on the hackable JPEG reward, 3 DDPO
+and 3 PRDP arms, their RLG sweeps and the beta/w test; about 40 minutes per seed on one thread) once per seed and
+prints its tables over those seeds.
 
 Every run uses one torch thread (the bundled presets' default), so a run is bit-reproducible on this machine kind
 whatever its core count; results are written to `<output>/results.json` and the tables to `<output>/results.md`.
@@ -75,6 +80,17 @@ def rlg(seed: int, output: str) -> dict:
         return json.load(f)
 
 
+def tradeoff(seed: int, output: str) -> dict:
+    """`diffalign bench tradeoff --seed S` (defaults otherwise) in `<output>/tradeoff-seed{S}`; reuses its JSON."""
+    out_dir = os.path.join(output, f"tradeoff-seed{seed}")
+    result_path = os.path.join(out_dir, "tradeoff.json")
+    if not os.path.isfile(result_path):  # the bench itself reuses finished arms and resumes interrupted ones
+        run([sys.executable, "-m", "diffalign.cli", "bench", "tradeoff", "--seed", str(seed), "--output-dir", out_dir],
+            os.path.join(output, f"tradeoff-seed{seed}.log"))
+    with open(result_path) as f:
+        return json.load(f)
+
+
 def spread(values, scale=1.0, digits=3) -> str:
     """`mean +- std (min-max)` of `values` (sample std over seeds)."""
     values = [v * scale for v in values]
@@ -113,13 +129,52 @@ def tables(results: dict, rlg_results: dict, seeds) -> str:
     return "\n".join(lines)
 
 
+def tradeoff_tables(results: dict) -> str:
+    """The bench's RLG sweeps at w = 1 (each arm's trained model; 200 fixed images) and its beta/w test, over seeds."""
+    seeds = list(results)
+    first = results[seeds[0]]
+    lines = [f"`diffalign bench tradeoff` (digits, `jpeg_compressibility` trained, `digit_judge` judged), seeds "
+             f"{', '.join(map(str, seeds))}; mean ± sample std (min–max) over seeds.", "",
+             "Each arm's sampler on the sweep's fixed prompts and seeds (200 images), at RLG scale w:", "",
+             "| arm | w | reward (JPEG, -kB) | judge (%) | KL to base |", "|---|---|---|---|---|"]
+
+    def at(result, arm, w):
+        return next(p for p in result["rlg"]["sweeps"][arm] if p["w"] == w)
+
+    base = [r["rlg"]["base"] for r in results.values()]
+    lines.append(f"| base | 0 | {spread([b['reward'] for b in base])} | {spread([b['judge'] for b in base], 100, 1)} "
+                 "| 0 |")
+    for arm in first["rlg"]["sweeps"]:
+        for w in (0.5, 1.0, 2.0):
+            points = [at(r, arm, w) for r in results.values()]
+            lines.append(f"| `{arm}` | {w:g} | {spread([p['reward'] for p in points])} | "
+                         f"{spread([p['judge'] for p in points], 100, 1)} | {spread([p['kl'] for p in points], digits=4)} |")
+    lines += ["", "The beta/w test: the sampler against the model trained with the coefficient the test equates it "
+              "with (absolute differences; pixel distance = mean per-image |Δ| of pixel values in [0, 1]; the last "
+              "row of each pair: the two trained models against each other):", "",
+              "| sampler | vs | Δreward | Δjudge (points) | ΔKL | pixel distance | pixel / models' |",
+              "|---|---|---|---|---|---|---|"]
+    for i, row in enumerate(first["beta_w"]):
+        entries = [*((e, j) for j, e in enumerate(row["comparisons"])), (row["models"], None)]
+        for entry, j in entries:
+            rows = [r["beta_w"][i]["comparisons"][j] if j is not None else r["beta_w"][i]["models"]
+                    for r in results.values()]
+            ratio = spread([e["pixel_over_models"] for e in rows], digits=2) if j is not None else "1"
+            lines.append(f"| {entry['sampler']} | {entry['vs']} | {spread([e['d_reward'] for e in rows])} | "
+                         f"{spread([e['d_judge'] for e in rows], 100, 1)} | {spread([e['d_kl'] for e in rows], digits=4)} | "
+                         f"{spread([e['pixel_distance'] for e in rows])} | {ratio} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--presets", nargs="*", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
     parser.add_argument("--output", default=os.path.join("runs", "reproduce"))
     parser.add_argument("--no-rlg", action="store_true", help="skip the RLG table")
+    parser.add_argument("--tradeoff-seeds", nargs="*", type=int, default=[],
+                        help="also run `diffalign bench tradeoff` for these seeds (about 40 min each) and print its tables")
     args = parser.parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
 
@@ -132,9 +187,16 @@ def main(argv=None):
         if RLG_PRESET in args.presets and not args.no_rlg:
             rlg_futures = {s: pool.submit(rlg, s, args.output) for s in args.seeds}
             rlg_results = {s: f.result() for s, f in rlg_futures.items()}
-    text = tables(results, rlg_results, args.seeds)
+        tradeoff_futures = {s: pool.submit(tradeoff, s, args.output) for s in args.tradeoff_seeds}
+        tradeoff_results = {s: f.result() for s, f in tradeoff_futures.items()}
+    parts = [tables(results, rlg_results, args.seeds)] if results else []
+    if tradeoff_results:
+        parts.append(tradeoff_tables(tradeoff_results))
+    text = "\n\n".join(parts)
     with open(os.path.join(args.output, "results.json"), "w") as f:
-        json.dump({"seeds": args.seeds, "train": results, "rlg": rlg_results}, f, indent=1)
+        json.dump({"seeds": args.seeds, "train": results, "rlg": rlg_results,
+                   "tradeoff": {s: {"rlg": r["rlg"], "beta_w": r["beta_w"]} for s, r in tradeoff_results.items()}},
+                  f, indent=1)
     with open(os.path.join(args.output, "results.md"), "w") as f:
         f.write(text + "\n")
     print(text)

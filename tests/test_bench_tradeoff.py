@@ -2,7 +2,9 @@
 adapter with its own KL, other w mix the guided predictions linearly) and a smoke run of the command with tiny
 settings that produces every output."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from diffalign.rollout import adapters_disabled, as_family, default_kernel, samp
 
 PROMPTS = ["a photo of a cat", "a red car", "a photo of a cat"]
 SEEDS = [11, 12, 13]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _generators(device="cpu"):
@@ -172,6 +175,16 @@ def test_tradeoff_smoke(capsys, tmp_path):
     assert all(arm["reused"] for arm in again["arms"].values())
     assert again["arms"]["prdp_beta0.01"]["curves"] == arms["prdp_beta0.01"]["curves"]
     assert again["rlg"]["sweeps"] == rlg["sweeps"]  # fixed prompts and seeds: the same numbers
+
+    # scripts/reproduce_results.py prints these over seeds (here two copies of one seed: zero spread)
+    spec = importlib.util.spec_from_file_location("reproduce_results", ROOT / "scripts" / "reproduce_results.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    text = reproduce.tradeoff_tables({0: result, 1: again})
+    w2 = next(p for p in rlg["sweeps"]["prdp_beta0.02"] if p["w"] == 2)
+    assert f"| `prdp_beta0.02` | 2 | {w2['reward']:.3f} ± 0.000" in text
+    assert "| train_beta=0.02 at w=2 | train_beta=0.01 at w=1 |" in text
+    assert text.count("\n| ") == 1 + 1 + 4 * 3 + 1 + 3  # header, base, arms x (0.5, 1, 2); header, pair's 3 rows
 
     # an arm cut after its last checkpoint but before arm.json continues from the checkpoint (no epoch retrained)
     (out / "prdp_beta0.02" / "arm.json").unlink()
