@@ -473,7 +473,7 @@ def plot_tradeoff(arms: dict[str, dict], sweeps: dict[str, list[dict]], base: di
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.4))
     cmap = plt.get_cmap("tab10")
     for i, (name, arm) in enumerate(arms.items()):
         color = cmap(i % 10)
@@ -496,9 +496,12 @@ def plot_tradeoff(arms: dict[str, dict], sweeps: dict[str, list[dict]], base: di
         ax.set_ylabel("reward")
         ax.grid(alpha=0.3)
     axes[1].set_xscale("symlog", linthresh=1e-3)
-    axes[1].legend(fontsize=6, loc="best", ncol=2)
+    # one legend under both panels: inside either it covers the curves
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(len(labels), 7), frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    rows = -(-len(labels) // min(len(labels), 7))
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * rows, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
