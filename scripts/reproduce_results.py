@@ -141,13 +141,15 @@ def tradeoff_tables(results: dict) -> str:
     def at(result, arm, w):
         return next(p for p in result["rlg"]["sweeps"][arm] if p["w"] == w)
 
+    # w = 0 is the base model for every arm; w = 1 is the arm's trained model
+
     base = [r["rlg"]["base"] for r in results.values()]
-    lines.append(f"| base | 0 | {spread([b['reward'] for b in base])} | {spread([b['judge'] for b in base], 100, 1)} "
+    lines.append(f"| base | 0 | {spread([b['reward'] for b in base], digits=4)} | {spread([b['judge'] for b in base], 100, 1)} "
                  "| 0 |")
     for arm in first["rlg"]["sweeps"]:
-        for w in (0.5, 1.0, 2.0):
+        for w in (w for w in first["rlg"]["scales"] if w != 0):
             points = [at(r, arm, w) for r in results.values()]
-            lines.append(f"| `{arm}` | {w:g} | {spread([p['reward'] for p in points])} | "
+            lines.append(f"| `{arm}` | {w:g} | {spread([p['reward'] for p in points], digits=4)} | "
                          f"{spread([p['judge'] for p in points], 100, 1)} | {spread([p['kl'] for p in points], digits=4)} |")
     lines += ["", "The beta/w test: the sampler against the model trained with the coefficient the test equates it "
               "with (absolute differences; pixel distance = mean per-image |Δ| of pixel values in [0, 1]; the last "
@@ -160,7 +162,7 @@ def tradeoff_tables(results: dict) -> str:
             rows = [r["beta_w"][i]["comparisons"][j] if j is not None else r["beta_w"][i]["models"]
                     for r in results.values()]
             ratio = spread([e["pixel_over_models"] for e in rows], digits=2) if j is not None else "1"
-            lines.append(f"| {entry['sampler']} | {entry['vs']} | {spread([e['d_reward'] for e in rows])} | "
+            lines.append(f"| {entry['sampler']} | {entry['vs']} | {spread([e['d_reward'] for e in rows], digits=4)} | "
                          f"{spread([e['d_judge'] for e in rows], 100, 1)} | {spread([e['d_kl'] for e in rows], digits=4)} | "
                          f"{spread([e['pixel_distance'] for e in rows])} | {ratio} |")
     return "\n".join(lines)

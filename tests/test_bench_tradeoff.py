@@ -182,9 +182,9 @@ def test_tradeoff_smoke(capsys, tmp_path):
     spec.loader.exec_module(reproduce)
     text = reproduce.tradeoff_tables({0: result, 1: again})
     w2 = next(p for p in rlg["sweeps"]["prdp_beta0.02"] if p["w"] == 2)
-    assert f"| `prdp_beta0.02` | 2 | {w2['reward']:.3f} ± 0.000" in text
+    assert f"| `prdp_beta0.02` | 2 | {w2['reward']:.4f} ± 0.0000" in text
     assert "| train_beta=0.02 at w=2 | train_beta=0.01 at w=1 |" in text
-    assert text.count("\n| ") == 1 + 1 + 4 * 3 + 1 + 3  # header, base, arms x (0.5, 1, 2); header, pair's 3 rows
+    assert text.count("\n| ") == 1 + 1 + 4 * 3 + 1 + 3  # header, base, arms x w in (0.5, 1, 2); header, 3 rows
 
     # an arm cut after its last checkpoint but before arm.json continues from the checkpoint (no epoch retrained)
     (out / "prdp_beta0.02" / "arm.json").unlink()
