@@ -152,7 +152,8 @@ def add_arguments(parser):
                         help="the trained (hackable) reward (default jpeg_compressibility)")
     parser.add_argument("--judge", default="digit_judge",
                         help="the independent judge, logged as eval_reward every epoch and in the w sweeps")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per arm (default: the presets' num_epochs)")
+    parser.add_argument("--epochs", type=int, default=30,
+                        help="epochs of every arm (one number for all, whatever the presets' num_epochs)")
     parser.add_argument("--kl-coefs", type=float, nargs="*", default=list(DEFAULT_KL_COEFS), metavar="C",
                         help="DDPO/GRPO arms, one per train_kl_coef (0: no KL penalty); default "
                              f"{' '.join(f'{c:g}' for c in DEFAULT_KL_COEFS)}; none: --kl-coefs with no value")
