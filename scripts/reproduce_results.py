@@ -7,10 +7,12 @@ Runs whose outputs exist are reused, so an interrupted call continues where it s
     python scripts/reproduce_results.py                      # README tables, seeds 0 1 2, two runs at a time
     python scripts/reproduce_results.py --seeds 0 1 2 3 4 --jobs 1 --presets digits-prdp
     python scripts/reproduce_results.py --presets --tradeoff-seeds 0 1 2   # only the reward-hacking tables
+    python scripts/reproduce_results.py --presets --tradeoff-flow-seeds 0  # the same on the flow model
 
 `--tradeoff-seeds` also runs `diffalign bench tradeoff` (the digits model trained on the hackable JPEG reward, 3 DDPO
 and 3 PRDP arms, their RLG sweeps and the beta/w test; about 40 minutes per seed on one thread) once per seed and
-prints its tables over those seeds.
+prints its tables over those seeds; `--tradeoff-flow-seeds` does the same with `--model digits-flow` (about 75
+minutes per seed).
 
 Every run uses one torch thread (the bundled presets' default), so a run is bit-reproducible on this machine kind
 whatever its core count; results are written to `<output>/results.json` and the tables to `<output>/results.md`.
@@ -80,13 +82,18 @@ def rlg(seed: int, output: str) -> dict:
         return json.load(f)
 
 
-def tradeoff(seed: int, output: str) -> dict:
-    """`diffalign bench tradeoff --seed S` (defaults otherwise) in `<output>/tradeoff-seed{S}`; reuses its JSON."""
-    out_dir = os.path.join(output, f"tradeoff-seed{seed}")
+TRADEOFF_DIRS = {"digits": "tradeoff", "digits-flow": "tradeoff-flow"}
+
+
+def tradeoff(model: str, seed: int, output: str) -> dict:
+    """`diffalign bench tradeoff --model M --seed S` (defaults otherwise) in `<output>/tradeoff[-flow]-seed{S}`;
+    reuses its JSON."""
+    name = f"{TRADEOFF_DIRS[model]}-seed{seed}"
+    out_dir = os.path.join(output, name)
     result_path = os.path.join(out_dir, "tradeoff.json")
     if not os.path.isfile(result_path):  # the bench itself reuses finished arms and resumes interrupted ones
-        run([sys.executable, "-m", "diffalign.cli", "bench", "tradeoff", "--seed", str(seed), "--output-dir", out_dir],
-            os.path.join(output, f"tradeoff-seed{seed}.log"))
+        run([sys.executable, "-m", "diffalign.cli", "bench", "tradeoff", "--model", model, "--seed", str(seed),
+             "--output-dir", out_dir], os.path.join(output, f"{name}.log"))
     with open(result_path) as f:
         return json.load(f)
 
@@ -129,11 +136,11 @@ def tables(results: dict, rlg_results: dict, seeds) -> str:
     return "\n".join(lines)
 
 
-def tradeoff_tables(results: dict) -> str:
+def tradeoff_tables(results: dict, model: str = "digits") -> str:
     """The bench's RLG sweeps at w = 1 (each arm's trained model; 200 fixed images) and its beta/w test, over seeds."""
     seeds = list(results)
     first = results[seeds[0]]
-    lines = [f"`diffalign bench tradeoff` (digits, `jpeg_compressibility` trained, `digit_judge` judged), seeds "
+    lines = [f"`diffalign bench tradeoff --model {model}` (`jpeg_compressibility` trained, `digit_judge` judged), seeds "
              f"{', '.join(map(str, seeds))}; mean ± sample std (min–max) over seeds.", "",
              "Each arm's sampler on the sweep's fixed prompts and seeds (200 images), at RLG scale w:", "",
              "| arm | w | reward (JPEG, -kB) | judge (%) | KL to base |", "|---|---|---|---|---|"]
@@ -177,6 +184,8 @@ def main(argv=None):
     parser.add_argument("--no-rlg", action="store_true", help="skip the RLG table")
     parser.add_argument("--tradeoff-seeds", nargs="*", type=int, default=[],
                         help="also run `diffalign bench tradeoff` for these seeds (about 40 min each) and print its tables")
+    parser.add_argument("--tradeoff-flow-seeds", nargs="*", type=int, default=[],
+                        help="the same with `--model digits-flow` (about 75 min each)")
     args = parser.parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
 
@@ -189,15 +198,20 @@ def main(argv=None):
         if RLG_PRESET in args.presets and not args.no_rlg:
             rlg_futures = {s: pool.submit(rlg, s, args.output) for s in args.seeds}
             rlg_results = {s: f.result() for s, f in rlg_futures.items()}
-        tradeoff_futures = {s: pool.submit(tradeoff, s, args.output) for s in args.tradeoff_seeds}
-        tradeoff_results = {s: f.result() for s, f in tradeoff_futures.items()}
+        tradeoff_futures = {(model, s): pool.submit(tradeoff, model, s, args.output)
+                            for model, seeds in (("digits", args.tradeoff_seeds), ("digits-flow", args.tradeoff_flow_seeds))
+                            for s in seeds}
+        tradeoff_results = {key: f.result() for key, f in tradeoff_futures.items()}
     parts = [tables(results, rlg_results, args.seeds)] if results else []
-    if tradeoff_results:
-        parts.append(tradeoff_tables(tradeoff_results))
+    for model in TRADEOFF_DIRS:
+        per_seed = {s: r for (m, s), r in tradeoff_results.items() if m == model}
+        if per_seed:
+            parts.append(tradeoff_tables(per_seed, model))
     text = "\n\n".join(parts)
     with open(os.path.join(args.output, "results.json"), "w") as f:
         json.dump({"seeds": args.seeds, "train": results, "rlg": rlg_results,
-                   "tradeoff": {s: {"rlg": r["rlg"], "beta_w": r["beta_w"]} for s, r in tradeoff_results.items()}},
+                   "tradeoff": {f"{m}-seed{s}": {"rlg": r["rlg"], "beta_w": r["beta_w"]}
+                                for (m, s), r in tradeoff_results.items()}},
                   f, indent=1)
     with open(os.path.join(args.output, "results.md"), "w") as f:
         f.write(text + "\n")
