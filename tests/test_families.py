@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from diffalign.families import FAMILIES, family_for_pipeline, load_family
 from diffalign.kernels import sde_window_mask
@@ -160,6 +161,10 @@ def test_saved_lora_reloads_at_its_trained_scale(name, tmp_path):
     kwargs = dict(num_inference_steps=2, guidance_scale=3.0, output_type="pt")
     trained = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(0), **kwargs).images
     family.save_lora(family.denoiser, str(tmp_path))
+    with safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), "pt") as f:
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    targets = metadata[f"{family.denoiser_name}.target_modules"]
+    assert targets == sorted(targets)  # not a set's hash-seed order: two identical runs write the same metadata
     fresh = PIPELINES[name]()
     fresh.load_lora_weights(str(tmp_path))
     reloaded = fresh(PROMPTS[0], generator=torch.Generator().manual_seed(0), **kwargs).images

@@ -218,9 +218,13 @@ class ModelFamily:
 
         model = unwrap(denoiser)
         (adapter,) = model.peft_config  # the one trained adapter
+        # peft keeps target_modules as a set, whose order changes with the process's hash seed: sorted, the
+        # metadata of two identical runs is identical too
+        metadata = {key: sorted(value) if isinstance(value, set) else value
+                    for key, value in model.peft_config[adapter].to_dict().items()}
         os.makedirs(directory, exist_ok=True)
         getattr(diffusers, self.pipeline_class).save_lora_weights(
             directory, **{self.lora_layers_kwarg(): self.lora_state_dict(model),
-                          f"{self.denoiser_name}_lora_adapter_metadata": model.peft_config[adapter].to_dict()},
+                          f"{self.denoiser_name}_lora_adapter_metadata": metadata},
             safe_serialization=True, weight_name=LORA_WEIGHT_NAME,
         )
