@@ -102,7 +102,9 @@ def spread(values, scale=1.0, digits=3) -> str:
     """`mean +- std (min-max)` of `values` (sample std over seeds)."""
     values = [v * scale for v in values]
     mean = statistics.mean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    std = statistics.stdev(values)
     return f"{mean:.{digits}f} ± {std:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
@@ -140,8 +142,8 @@ def tradeoff_tables(results: dict, model: str = "digits") -> str:
     """The bench's RLG sweeps at w = 1 (each arm's trained model; 200 fixed images) and its beta/w test, over seeds."""
     seeds = list(results)
     first = results[seeds[0]]
-    lines = [f"`diffalign bench tradeoff --model {model}` (`jpeg_compressibility` trained, `digit_judge` judged), seeds "
-             f"{', '.join(map(str, seeds))}; mean ± sample std (min–max) over seeds.", "",
+    lines = [f"`diffalign bench tradeoff --model {model}` (`jpeg_compressibility` trained, `digit_judge` judged), "
+             f"{'seeds' if len(seeds) > 1 else 'seed'} {', '.join(map(str, seeds))}" + ("; mean ± sample std (min–max) over seeds." if len(seeds) > 1 else "."), "",
              "Each arm's sampler on the sweep's fixed prompts and seeds (200 images), at RLG scale w:", "",
              "| arm | w | reward (JPEG, -kB) | judge (%) | KL to base |", "|---|---|---|---|---|"]
 
@@ -172,6 +174,10 @@ def tradeoff_tables(results: dict, model: str = "digits") -> str:
             lines.append(f"| {entry['sampler']} | {entry['vs']} | {spread([e['d_reward'] for e in rows], digits=4)} | "
                          f"{spread([e['d_judge'] for e in rows], 100, 1)} | {spread([e['d_kl'] for e in rows], digits=4)} | "
                          f"{spread([e['pixel_distance'] for e in rows])} | {ratio} |")
+    train_min = [sum(a["wall_s"] for a in r["arms"].values()) / 60 for r in results.values()]
+    sweep_min = [sum(r["rlg"]["sweep_s"].values()) / 60 for r in results.values()]
+    lines += ["", f"Wall time per seed (one torch thread): training the {len(first['arms'])} arms "
+              f"{spread(train_min, digits=0)} min, the RLG sweeps {spread(sweep_min, digits=0)} min."]
     return "\n".join(lines)
 
 
