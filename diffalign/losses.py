@@ -4,9 +4,11 @@ All log-probabilities follow the project's convention (see `diffalign.logprob`):
 denoising transition averaged over latent dimensions, float32.
 """
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
+
+from .forward_process import prediction_to_x0
 
 
 def ppo_clipped_loss(
@@ -106,3 +108,146 @@ def implicit_reward_error(
         return torch.zeros((), device=implicit.device)
     error = (implicit[:, None] - implicit[None, :] - reward_diff / beta).abs()
     return error[counted].mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward-process objectives: functions of model outputs on noised final samples (`diffalign.forward_process`),
+# not of per-step log-probabilities.
+
+OPTIMALITY_MODES = ("all", "positive_only", "negative_only", "one_only", "binary")
+
+
+def optimality_probability(advantages: torch.Tensor, adv_clip_max: float, mode: str = "all") -> torch.Tensor:
+    """DiffusionNFT's optimality probability `r` in [0, 1] of each sample, from its advantage.
+
+    With `A` the group-normalised advantage (`diffalign.advantages.group_advantages` with `global_std=True`: the
+    prompt's mean, the batch's std, as NVIDIA's `PerPromptStatTracker(global_std=True)`) and `A_max = adv_clip_max`:
+
+        A_clip = clip(A, -A_max, A_max)
+        r      = clip(A_clip / (2 A_max) + 1/2, 0, 1)
+
+    so an average sample has `r = 1/2` (equal weight on the positive and negative objectives). `mode` reshapes
+    `A_clip` first, as NVIDIA's `train.adv_mode` (scripts/train_nft_sd3.py:915-925): `"all"` keeps it,
+    `"positive_only"` / `"negative_only"` zero the other sign, `"one_only"` maps it to 1 where positive and 0
+    elsewhere, `"binary"` to its sign.
+
+    Args:
+        advantages (`torch.Tensor`): `A`, any shape (one per sample).
+        adv_clip_max (`float`): `A_max > 0`; NVIDIA's default is 5 (config/base.py:84).
+        mode (`str`, *optional*, defaults to `"all"`): one of `OPTIMALITY_MODES`.
+
+    Returns:
+        `r`, shaped and typed like `advantages`.
+    """
+    if mode not in OPTIMALITY_MODES:
+        raise ValueError(f"unknown optimality mode '{mode}': expected one of {', '.join(OPTIMALITY_MODES)}")
+    if adv_clip_max <= 0:
+        raise ValueError(f"adv_clip_max must be > 0, got {adv_clip_max}")
+    clipped = torch.clamp(advantages, -adv_clip_max, adv_clip_max)
+    if mode == "positive_only":
+        clipped = torch.clamp(clipped, 0, adv_clip_max)
+    elif mode == "negative_only":
+        clipped = torch.clamp(clipped, -adv_clip_max, 0)
+    elif mode == "one_only":
+        clipped = torch.where(clipped > 0, torch.ones_like(clipped), torch.zeros_like(clipped))
+    elif mode == "binary":
+        clipped = torch.sign(clipped)
+    return torch.clamp((clipped / adv_clip_max) / 2.0 + 0.5, 0, 1)
+
+
+def _adaptive_x0_loss(x0_prediction: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    # `||x0_hat - x0||^2 / w` per sample with `w = max(mean |x0_hat - x0|, 1e-5)` a constant (no gradient), in float64
+    # like NVIDIA's code: its float64 weight promotes the quotient, so the per-sample loss is float64 too.
+    dims = tuple(range(1, x0.ndim))
+    with torch.no_grad():
+        weight = torch.abs(x0_prediction.double() - x0.double()).mean(dim=dims, keepdim=True).clip(min=0.00001)
+    return ((x0_prediction - x0) ** 2 / weight).mean(dim=dims)
+
+
+def nft_loss(
+    model_output: torch.Tensor,
+    old_model_output: torch.Tensor,
+    ref_model_output: Optional[torch.Tensor],
+    noisy_sample: torch.Tensor,
+    x0: torch.Tensor,
+    alpha_t: torch.Tensor,
+    sigma_t: torch.Tensor,
+    optimality: torch.Tensor,
+    beta: float,
+    adv_clip_max: float,
+    kl_weight: float,
+    prediction_type: str = "flow_velocity",
+) -> Dict[str, torch.Tensor]:
+    """DiffusionNFT's negative-aware fine-tuning loss (Zheng et al. 2025, arXiv 2509.16117), as NVIDIA's code.
+
+    A final sample `x0` (from any solver, no log-probabilities) is noised to `x_t = alpha_t x0 + sigma_t eps`
+    (`diffalign.forward_process.add_noise`). With `v_theta` the trained model's output there, `v_old` the old
+    (sampling) policy's and `v_ref` the base model's, the implicit positive and negative policies are
+
+        v+ = beta v_theta + (1 - beta) v_old
+        v- = (1 + beta) v_old - beta v_theta
+
+    and each is read as a clean-sample estimate `x0_hat(v)` (`prediction_to_x0`; `x_t - s v` for a flow). The loss is
+
+        l(v)  = mean ||x0_hat(v) - x0||^2 / sg(max(mean |x0_hat(v) - x0|, 1e-5))      (adaptive x0-space weight)
+        L     = A_max mean_i [ r_i l_i(v+) + (1 - r_i) l_i(v-) ] / beta  +  lambda_KL mean_i mean (v_theta - v_ref)^2
+
+    with `r` the optimality probability (`optimality_probability`), `A_max = adv_clip_max` and `sg` stop-gradient:
+    high-reward samples pull `v_theta` towards `x0`, low-reward ones push the old policy's mirror image towards it.
+    The weight makes each sample's term scale-free (its gradient has the size of a unit-norm direction).
+
+    Every family uses the same loss: mixtures commute with `prediction_to_x0` (affine in the output), so for an
+    epsilon or v model `v` stands for its epsilon or v output. The KL term is measured on raw outputs, as in the
+    reference, so `kl_weight` is not comparable across prediction types. Matches NVIDIA's
+    `scripts/train_nft_sd3.py:908-978` (commit 24af555) in value and gradient (tests/test_nft_math.py).
+
+    Args:
+        model_output (`torch.Tensor`): `v_theta(x_t)`, `(B, ...)`, differentiable.
+        old_model_output (`torch.Tensor`): `v_old(x_t)`, the old policy (NVIDIA: a second LoRA adapter "old").
+        ref_model_output (`torch.Tensor` or `None`): `v_ref(x_t)`, the base model (adapters disabled); `None` drops
+            the KL term (then `kl_weight` must be 0).
+        noisy_sample (`torch.Tensor`): `x_t`.
+        x0 (`torch.Tensor`): the clean final sample.
+        alpha_t, sigma_t (`torch.Tensor`): the forward-process coefficients of `x_t`, `(B, 1, ..., 1)`
+            (`flow_schedule` / `vp_schedule`).
+        optimality (`torch.Tensor`): `r`, `(B,)`.
+        beta (`float`): `beta > 0`, the step from the old policy (NVIDIA's `config.beta`: 1.0, 0.1 for OCR).
+        adv_clip_max (`float`): `A_max`, the scale of the policy term (NVIDIA multiplies by it, config/base.py:84).
+        kl_weight (`float`): `lambda_KL` (NVIDIA's `config.train.beta`, 1e-4).
+        prediction_type (`str`, *optional*, defaults to `"flow_velocity"`): what the model outputs
+            (`diffalign.forward_process.PREDICTION_TYPES`).
+
+    Returns:
+        `dict` with `loss` (scalar, differentiable; float64 like the reference), and detached statistics:
+        `policy_loss` (the first term), `kl` (`mean (v_theta - v_ref)^2`, 0 without a reference), `old_deviation`
+        (`mean (v_theta - v_old)^2`) and `old_kl` (`mean (v_old - v_ref)^2`).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if ref_model_output is None and kl_weight != 0:
+        raise ValueError(f"kl_weight is {kl_weight} but no reference output was given")
+    old_model_output = old_model_output.detach()
+    positive_output = beta * model_output + (1 - beta) * old_model_output
+    negative_output = (1.0 + beta) * old_model_output - beta * model_output
+    positive_loss = _adaptive_x0_loss(
+        prediction_to_x0(positive_output, noisy_sample, alpha_t, sigma_t, prediction_type), x0)
+    negative_loss = _adaptive_x0_loss(
+        prediction_to_x0(negative_output, noisy_sample, alpha_t, sigma_t, prediction_type), x0)
+    per_sample = optimality * positive_loss / beta + (1.0 - optimality) * negative_loss / beta
+    policy_loss = (per_sample * adv_clip_max).mean()
+
+    dims = tuple(range(1, model_output.ndim))
+    loss = policy_loss
+    if ref_model_output is not None:
+        ref_model_output = ref_model_output.detach()
+        kl = ((model_output - ref_model_output) ** 2).mean(dim=dims).mean()
+        loss = loss + kl_weight * kl
+    with torch.no_grad():
+        stats = {
+            "policy_loss": policy_loss.detach(),
+            "kl": kl.detach() if ref_model_output is not None else torch.zeros((), device=model_output.device),
+            "old_deviation": ((model_output - old_model_output) ** 2).mean(),
+            "old_kl": (((old_model_output - ref_model_output) ** 2).mean() if ref_model_output is not None
+                       else torch.zeros((), device=model_output.device)),
+        }
+    return {"loss": loss, **stats}
