@@ -8,11 +8,11 @@ Every family writes its noising the same way (Kingma et al. 2021, "Variational D
 
 with, per family,
 
-    rectified flow (SD3, FLUX; `FlowMatchEulerDiscreteScheduler`):   alpha_t = 1 - s,               sigma_t = s
-    variance preserving (SD1.x/2.x, SDXL; `DDPMScheduler`/`DDIMScheduler`): alpha_t = sqrt(abar_t),  sigma_t = sqrt(1 - abar_t)
+    rectified flow (SD3, FLUX):              alpha_t = 1 - s,          sigma_t = s
+    variance preserving (SD1.x/2.x, SDXL):   alpha_t = sqrt(abar_t),   sigma_t = sqrt(1 - abar_t)
 
-where `s` in [0, 1] is the flow's noise level (`scheduler.sigmas`) and `abar_t` is `scheduler.alphas_cumprod[t]`.
-Because `x_t` ties `x0` and `eps` together, a model output determines both; each prediction type is one linear
+where `s` in [0, 1] is the flow's noise level (`FlowMatchEulerDiscreteScheduler.sigmas`) and `abar_t` is
+`alphas_cumprod[t]` of a `DDPMScheduler` / `DDIMScheduler`. Because `x_t` ties `x0` and `eps` together, a model output determines both; each prediction type is one linear
 combination of them:
 
     "epsilon"        (DDPM, Ho et al. 2020)               output = eps
