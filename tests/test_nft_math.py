@@ -71,11 +71,17 @@ def _predictions(shape, dtype, seed):
     return velocity, old, ref
 
 
-def _reference_and_ours(shape, dtype, beta, adv_mode="all", seed=0, j_idx=3, kl_weight=1e-4, adv_clip_max=5):
+def _reference_and_ours(shape, dtype, beta, adv_mode="all", seed=0, j_idx=3, kl_weight=1e-4, adv_clip_max=5,
+                        near_exact_first=False):
     batch = _rollout_batch(shape, dtype, seed)
     torch.manual_seed(seed)  # the reference draws its noise with `torch.randn_like`
     x0, t, t_expanded, noise, xt = forward_noising(batch, j_idx)
     velocity, old, ref = _predictions(shape, dtype, seed + 1)
+    if near_exact_first:
+        # The first sample's policies within 1e-7 of the true velocity: its x0 errors fall under the weight's floor.
+        exact = (noise - x0)[0]
+        velocity[0] = exact + 1e-7 * torch.randn_like(exact)
+        old[0] = exact + 1e-7 * torch.randn_like(exact)
 
     ref_velocity = velocity.clone().requires_grad_(True)
     config = _config(beta, kl_weight, adv_clip_max, adv_mode)
@@ -123,6 +129,14 @@ def test_nft_loss_equals_nvidias_in_every_advantage_mode(adv_mode):
     torch.testing.assert_close(r, ref_r, rtol=0, atol=0)
     torch.testing.assert_close(out["loss"], ref_loss, rtol=0, atol=0)
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
+
+
+def test_nft_loss_equals_nvidias_where_the_adaptive_weight_hits_its_floor():
+    (_, _, ref_loss, _, ref_grad), (_, _, out, grad) = _reference_and_ours(
+        (3, 2, 4, 4), torch.float64, beta=1.0, seed=4, near_exact_first=True)
+    torch.testing.assert_close(out["loss"], ref_loss, rtol=0, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
+    assert grad[0].abs().max() > 0
 
 
 def test_optimality_probability_values():
