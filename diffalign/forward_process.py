@@ -12,8 +12,8 @@ with, per family,
     variance preserving (SD1.x/2.x, SDXL):   alpha_t = sqrt(abar_t),   sigma_t = sqrt(1 - abar_t)
 
 where `s` in [0, 1] is the flow's noise level (`FlowMatchEulerDiscreteScheduler.sigmas`) and `abar_t` is
-`alphas_cumprod[t]` of a `DDPMScheduler` / `DDIMScheduler`. Because `x_t` ties `x0` and `eps` together, a model output determines both; each prediction type is one linear
-combination of them:
+`alphas_cumprod[t]` of a `DDPMScheduler` / `DDIMScheduler`. Because `x_t` ties `x0` and `eps` together, a model
+output determines both; each prediction type is one linear combination of them:
 
     "epsilon"        (DDPM, Ho et al. 2020)               output = eps
     "v_prediction"   (Salimans & Ho 2022)                 output = alpha_t eps - sigma_t x0

@@ -30,6 +30,7 @@ from diffalign.forward_process import (
     prediction_to_x0,
     update_old_policy_,
     vp_schedule,
+    x0_to_prediction,
 )
 from diffalign.losses import OPTIMALITY_MODES, nft_loss, optimality_probability
 from diffalign.testing import tiny_ddim_scheduler, tiny_flow_scheduler
@@ -47,7 +48,8 @@ def _config(beta, kl_weight=1e-4, adv_clip_max=5, adv_mode="all"):
 
 def _rollout_batch(shape, dtype, seed):
     """What NVIDIA's trainer keeps of a rollout: final latents, the sampler's timesteps (shifted SD3 schedule) in a
-    random order per sample, and advantages repeated over the steps (scripts/train_nft_sd3.py:661-673, 722, 810-816)."""
+    random order per sample, and advantages repeated over the steps (scripts/train_nft_sd3.py:661-673, 722,
+    810-816)."""
     g = torch.Generator().manual_seed(seed)
     scheduler = tiny_flow_scheduler(shift=3.0)
     scheduler.set_timesteps(NUM_STEPS)
@@ -72,11 +74,11 @@ def _predictions(shape, dtype, seed):
 
 
 def _reference_and_ours(shape, dtype, beta, adv_mode="all", seed=0, j_idx=3, kl_weight=1e-4, adv_clip_max=5,
-                        near_exact_first=False):
+                        near_exact_first=False, output_dtype=None):
     batch = _rollout_batch(shape, dtype, seed)
     torch.manual_seed(seed)  # the reference draws its noise with `torch.randn_like`
     x0, t, t_expanded, noise, xt = forward_noising(batch, j_idx)
-    velocity, old, ref = _predictions(shape, dtype, seed + 1)
+    velocity, old, ref = _predictions(shape, output_dtype or dtype, seed + 1)
     if near_exact_first:
         # The first sample's policies within 1e-7 of the true velocity: its x0 errors fall under the weight's floor.
         exact = (noise - x0)[0]
@@ -120,6 +122,16 @@ def test_nft_loss_and_gradient_equal_nvidias(shape, beta, dtype):
     # NVIDIA's logged "policy_loss" is the *total* loss: `loss += ...` (train_nft_sd3.py:970) adds the KL in place
     # to the tensor whose detached view was logged. diffalign's `policy_loss` is the policy term alone.
     torch.testing.assert_close(ref_terms["policy_loss"], ref_loss.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("output_dtype", [torch.bfloat16, torch.float16])
+def test_nft_loss_equals_nvidias_with_half_precision_outputs(output_dtype):
+    # Under NVIDIA's autocast the transformer returns half-precision outputs; latents and noise stay float32.
+    (_, _, ref_loss, _, ref_grad), (_, _, out, grad) = _reference_and_ours(
+        (4, 3, 5, 5), torch.float32, beta=0.1, seed=2, output_dtype=output_dtype)
+    torch.testing.assert_close(out["loss"], ref_loss, rtol=0, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
+    assert grad.dtype == output_dtype
 
 
 @pytest.mark.parametrize("adv_mode", OPTIMALITY_MODES)
@@ -168,7 +180,7 @@ def test_nft_loss_of_a_unet_equals_nvidias_loss_on_the_equivalent_flow(predictio
     # The policy term only reads `x0_hat` of the mixtures, so it must equal NVIDIA's on those velocities.
     shape, beta = (4, 3, 6, 6), 0.3
     g = torch.Generator().manual_seed(5)
-    x0, noise = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+    x0, noise = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2))
     scheduler = tiny_ddim_scheduler(prediction_type=prediction_type)
     timestep = torch.tensor([999, 700, 250, 20])
     alpha_t, sigma_t = vp_schedule(scheduler.alphas_cumprod, timestep, x0)
@@ -283,7 +295,8 @@ def test_vp_x0_and_epsilon_equal_the_schedulers_step(prediction_type):
         torch.testing.assert_close(x0_hat, expected.pred_original_sample, rtol=1e-6, atol=1e-6)
         step = ddim.step(model_output, timestep, sample, eta=0.0)
         torch.testing.assert_close(x0_hat, step.pred_original_sample, rtol=1e-6, atol=1e-6)
-        # Deterministic DDIM re-noises the estimate with the estimated noise: x_{t'} = alpha_t' x0_hat + sigma_t' eps_hat.
+        # Deterministic DDIM re-noises the estimate with the estimated noise:
+        # x_{t'} = alpha_t' x0_hat + sigma_t' eps_hat.
         prev = int(timestep) - config.num_train_timesteps // ddim.num_inference_steps
         alpha_prev, sigma_prev = (vp_schedule(ddim.alphas_cumprod, prev, sample) if prev >= 0 else
                                   (torch.as_tensor(ddim.final_alpha_cumprod) ** 0.5,
@@ -329,8 +342,6 @@ def _schedules(x0):
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_round_trip_output_to_x0_to_output(prediction_type, shape):
-    from diffalign.forward_process import x0_to_prediction
-
     x0, noise = _sample_and_noise(shape, seed=4, dtype=torch.float64)
     schedules = _schedules(x0)
     alpha_t, sigma_t = schedules["flow_velocity" if prediction_type == "flow_velocity" else "vp"]
