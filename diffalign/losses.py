@@ -129,7 +129,8 @@ def optimality_probability(advantages: torch.Tensor, adv_clip_max: float, mode: 
     so an average sample has `r = 1/2` (equal weight on the positive and negative objectives). `mode` reshapes
     `A_clip` first, as NVIDIA's `train.adv_mode` (scripts/train_nft_sd3.py:915-925): `"all"` keeps it,
     `"positive_only"` / `"negative_only"` zero the other sign, `"one_only"` maps it to 1 where positive and 0
-    elsewhere, `"binary"` to its sign.
+    elsewhere, `"binary"` to its sign. Both map before the normalisation, as NVIDIA's code does, so `"binary"` gives
+    `r` in `{1/2 - 1/(2 A_max), 1/2, 1/2 + 1/(2 A_max)}`, not {0, 1}.
 
     Args:
         advantages (`torch.Tensor`): `A`, any shape (one per sample).
@@ -193,8 +194,9 @@ def nft_loss(
         L     = A_max mean_i [ r_i l_i(v+) + (1 - r_i) l_i(v-) ] / beta  +  lambda_KL mean_i mean (v_theta - v_ref)^2
 
     with `r` the optimality probability (`optimality_probability`), `A_max = adv_clip_max` and `sg` stop-gradient:
-    high-reward samples pull `v_theta` towards `x0`, low-reward ones push the old policy's mirror image towards it.
-    The weight makes each sample's term scale-free (its gradient has the size of a unit-norm direction).
+    a high-reward sample pulls `v+` (so `v_theta`) towards its `x0`; a low-reward one pulls `v-` towards it, which
+    pushes `v_theta` away from it, past `v_old`. The weight makes each sample's term scale-free: its gradient in
+    `x0_hat`, `2 (x0_hat - x0) / (D mean |x0_hat - x0|)` over `D` elements, is of order 1/D whatever the error's size.
 
     Every family uses the same loss: mixtures commute with `prediction_to_x0` (affine in the output), so for an
     epsilon or v model `v` stands for its epsilon or v output. The KL term is measured on raw outputs, as in the
