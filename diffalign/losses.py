@@ -1,7 +1,9 @@
-"""Training objectives as pure functions of per-step log-probabilities.
+"""Training objectives as pure functions: of per-step log-probabilities (DDPO/GRPO, PRDP) and of forward-process
+predictions on final samples (DiffusionNFT).
 
 All log-probabilities follow the project's convention (see `diffalign.logprob`): the Gaussian log-density of a
-denoising transition averaged over latent dimensions, float32.
+denoising transition averaged over latent dimensions, float32. The forward-process losses take model outputs at
+forward-noised final samples (see `diffalign.forward_process`).
 """
 
 from typing import Dict, Optional
