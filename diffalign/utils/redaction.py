@@ -65,8 +65,11 @@ def _scrub_url(text: str) -> str:
 
 
 def _hidden(value) -> Any:
-    # None and booleans carry no secret ("auth": false): kept, so that a written config stays readable
-    return value if value is None or isinstance(value, bool) else MARKER
+    # None and booleans carry no secret ("auth": false), nor does a reference to an environment variable: kept, so
+    # that a written config stays readable and says where the secret comes from
+    if value is None or isinstance(value, bool) or (isinstance(value, str) and value.startswith(ENV_PREFIX)):
+        return value
+    return MARKER
 
 
 def redact(value: Any) -> Any:
