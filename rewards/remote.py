@@ -102,10 +102,20 @@ def _shutdown(sock):
 
 
 def _watched(connection_class, deadline: _Deadline):
+    """`connection_class` whose plain socket the deadline watches from the moment it is connected (before a TLS
+    handshake, which a slow server could trickle too)."""
+
     class WatchedConnection(connection_class):
-        def connect(self):
-            super().connect()
-            deadline.watch(self.sock)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            create = self._create_connection
+
+            def create_watched(*a, **k):
+                sock = create(*a, **k)
+                deadline.watch(sock)
+                return sock
+
+            self._create_connection = create_watched
 
     return WatchedConnection
 
