@@ -24,7 +24,9 @@ def _user_errors():
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    from diffalign.utils.redaction import scrub
+
+    text = " ".join(line.strip() for line in scrub(str(error)).splitlines() if line.strip())  # no secret in errors
     return text or type(error).__name__
 
 

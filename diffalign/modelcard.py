@@ -131,7 +131,7 @@ def usage_snippets(config, pipeline_class: str, denoiser_name: str, denoiser_cla
         ours.append("from diffalign.modeling import resolve_model_path")
         base = f"resolve_model_path({_py(config.model)})"
     else:
-        base = _py(base_model_id(config) or str(config.model))
+        base = _py(base_model_id(config) or _local(config.model, config))
     call = [f"num_inference_steps={config.sample_num_steps}"]
     if family_name == "flux":  # FLUX's guidance is the embedded one; sample_guidance_scale is FluxPipeline's true CFG
         call.append(f"guidance_scale={config.sample_embedded_guidance:g}")
@@ -192,11 +192,12 @@ def model_card(config, *, pipeline_class: str, denoiser_name: str, denoiser_clas
         tags.append("grpo")
     tags += ["lora"] if config.use_lora else []
     tags += [FAMILY_TAGS.get(family_name, family_name), "text-to-image", "diffusers", "reward-fine-tuning"]
+    settings = shareable_settings(config)  # secrets redacted, paths relative to the run: the card is shared
     base = base_model_id(config)
     data = ModelCardData(base_model=base, library_name="diffusers", license=base_license(config), tags=tags,
                          pipeline_tag="text-to-image")
 
-    weights = config.hub_model_id or os.path.join(config.output_dir, "final")
+    weights = config.hub_model_id or "final"  # the card is shared: no local path, the run directory's `final/`
     title = config.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(config.output_dir)))
     kind = f"A LoRA (rank {config.lora_rank})" if config.use_lora else f"A fully fine-tuned `{denoiser_name}`"
     if base and base not in _bundled():
@@ -204,23 +205,22 @@ def model_card(config, *, pipeline_class: str, denoiser_name: str, denoiser_clas
     elif base:
         base_text = f"diffalign's bundled `{base}` model"
     else:
-        base_text = f"the local model `{config.model}`"
+        base_text = f"the local model `{_local(config.model, config)}`"
     lines = [f"# {title}", "",
              (f"{kind} of {base_text} ({pipeline_class}), fine-tuned with **{short}** ({reference}) by diffalign "
               f"to raise the reward **{reward_label}**."), "",
              "## Training", "",
-             f"- reward: `{_describe(config.reward)}`" + (f" with `{json.dumps(config.reward_kwargs)}`"
+             f"- reward: `{_describe(settings['reward'])}`" + (f" with `{json.dumps(settings['reward_kwargs'])}`"
                                                           if config.reward_kwargs else ""),
              ]
     if config.eval_reward:
-        lines.append(f"- held-out scorer (logged, not trained on): `{_describe(config.eval_reward)}`")
+        lines.append(f"- held-out scorer (logged, not trained on): `{_describe(settings['eval_reward'])}`")
     lines.append(f"- prompts: {_prompt_source(config)}")
     if history:
         first, last = history[0].get("reward_mean"), history[-1].get("reward_mean")
         lines.append(f"- training reward (epoch mean): {_number(first)} at epoch {history[0].get('epoch')} -> "
                      f"{_number(last)} at epoch {history[-1].get('epoch')}")
     lines += ["", "| setting | value |", "|---|---|"]
-    settings = config.to_dict()
     irrelevant = {"sample_noise_level"} if family_name in ("sd", "sdxl") else {"sample_eta"}  # UNet vs flow kernels
     if not config.use_lora:
         irrelevant |= {"lora_rank", "lora_alpha"}
@@ -239,10 +239,30 @@ def model_card(config, *, pipeline_class: str, denoiser_name: str, denoiser_clas
                   "Fixed-seed samples of the base model (top) and the fine-tuned one (bottom).", ""]
     plain, rlg = usage_snippets(config, pipeline_class, denoiser_name, denoiser_class, family_name, prompt, weights,
                                 resolution)
-    lines += ["## Usage", "", "```python", plain, "```", "",
+    lines += ["## Usage", ""]
+    if not config.hub_model_id:
+        lines += ["Local paths are relative to the run directory (the one holding `final/`).", ""]
+    lines += ["```python", plain, "```", "",
               "With reinforcement-learning guidance (RLG), which scales the fine-tune's effect at inference:", "",
               "```python", rlg, "```", ""]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    from .utils.redaction import scrub
+
+    return ModelCard(scrub(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))  # any remembered secret too
+
+
+def shareable_settings(config) -> Dict:
+    """The run's settings as they may be shared: secrets redacted and absolute paths relative to the run directory
+    (`diffalign.utils.redaction.shareable`), so neither a token nor the user's home directory reaches the Hub."""
+    from .utils.redaction import shareable
+
+    return shareable(config.to_dict(), config.output_dir)
+
+
+def _local(path, config) -> str:
+    """A local model directory as the card names it: relative to the run directory."""
+    from .utils.redaction import shareable_path
+
+    return shareable_path(str(path), config.output_dir)
 
 
 def _bundled():
@@ -277,7 +297,7 @@ def write_model_card(trainer) -> str:
     if has_grid:
         shutil.copyfile(os.path.join(config.output_dir, GRID), os.path.join(final, GRID))
     with open(os.path.join(final, CONFIG_COPY), "w") as f:
-        json.dump({"algorithm": config.algorithm, **config.to_dict()}, f, indent=1, default=str)
+        json.dump({"algorithm": config.algorithm, **shareable_settings(config)}, f, indent=1, default=str)
     final_eval = None
     path = os.path.join(config.output_dir, "final_eval.json")
     if os.path.isfile(path):

@@ -170,7 +170,11 @@ class RunLock:
         self.refs = 0
 
     def _info(self) -> dict:
-        command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
+        from .utils.redaction import redact_argv
+
+        # the command line may carry a token (--reward_kwargs '{headers: ...}') and the home path: both hidden
+        argv = redact_argv(sys.argv)
+        command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(argv))
         return {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "command": command[:200]}
 
     def acquire(self):

@@ -112,10 +112,13 @@ def run_name(config) -> str:
 
 
 def hyperparameters(config) -> Dict[str, object]:
-    """The config as flat hyperparameters: numbers, booleans and strings as they are, `None` as `None` (TensorBoard
-    leaves it out), lists and mappings as JSON strings (trackers accept only scalar hyperparameters)."""
+    """The config as flat hyperparameters, secrets redacted (`diffalign.utils.redaction`): numbers, booleans and
+    strings as they are, `None` as `None` (TensorBoard leaves it out), lists and mappings as JSON strings (trackers
+    accept only scalar hyperparameters)."""
+    from .utils.redaction import redact
+
     values = {"algorithm": config.algorithm}
-    for key, value in config.to_dict().items():
+    for key, value in redact(config.to_dict()).items():
         if value is None or isinstance(value, (bool, int, float, str)):
             values[key] = value
         else:

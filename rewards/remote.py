@@ -14,14 +14,25 @@ holds one number per image, in order; `NaN` (Python's `json` writes it) or `null
 score and reaches the trainer's `nonfinite_policy` like a local reward's NaN. `parts` (e.g. a mixture's unweighted
 parts) become `last_parts`, logged as `reward_<name>`. `python -m diffalign.rewards.serve` is a reference server.
 
-The client uses only the standard library (`urllib.request`, `json`, `base64`).
+The client uses only the standard library (`urllib.request`, `json`, `base64`). Its safety rules:
+
+- `timeout` is a total deadline per try: connecting, sending and reading the whole answer. A watchdog closes the
+  connection when it passes, so a server that trickles its answer a byte at a time fails like one that is silent.
+- Redirects: a same-origin `307`/`308` (e.g. `/score` -> `/score/`) is followed with the same body and headers. A
+  redirect to another origin (scheme, host or port) is refused, so the headers (an `Authorization` token) never reach
+  a host they were not meant for; so is a `301`/`302`/`303`, which would turn the POST into a GET without its images.
+  Either is one line naming the target: set `url` to it if it is right.
+- A retried failure that then passes is logged as one line (what failed, how many tries, how long it took).
 """
 
 import base64
+import http.client
 import io
 import json
+import logging
 import math
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -34,8 +45,117 @@ from PIL import Image
 from . import RewardError, register_reward
 from .jpeg import to_uint8_hwc
 
+logger = logging.getLogger("diffalign")
+
 # HTTP statuses worth another try: the server is overloaded, restarting or behind a proxy that is
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin(url: str):
+    """`(scheme, host, port)` of a URL, the port filled in for http/https: what must match for credentials to go."""
+    parsed = urllib.parse.urlsplit(url)
+    scheme = parsed.scheme.lower()
+    try:
+        port = parsed.port
+    except ValueError:
+        port = None
+    return scheme, (parsed.hostname or "").lower(), port or DEFAULT_PORTS.get(scheme)
+
+
+class _Deadline:
+    """The sockets of one try, shut down together when the try's total deadline passes (from a timer thread), so
+    that a blocked read returns at once however slowly the server trickles its answer."""
+
+    def __init__(self, seconds: float):
+        self.expired = False
+        self._sockets = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self.expire)
+        self._timer.daemon = True
+
+    def watch(self, sock):
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shutdown(sock)
+
+    def expire(self):
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shutdown(sock)
+
+    def __enter__(self):
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+
+
+def _shutdown(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
+
+
+def _watched(connection_class, deadline: _Deadline):
+    """`connection_class` whose plain socket the deadline watches from the moment it is connected (before a TLS
+    handshake, which a slow server could trickle too)."""
+
+    class WatchedConnection(connection_class):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            create = self._create_connection
+
+            def create_watched(*a, **k):
+                sock = create(*a, **k)
+                deadline.watch(sock)
+                return sock
+
+            self._create_connection = create_watched
+
+    return WatchedConnection
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(_watched(http.client.HTTPConnection, self.deadline), req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req):
+        return self.do_open(_watched(http.client.HTTPSConnection, self.deadline), req, context=self._context)
+
+
+class _RedirectRefused(Exception):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows only a same-origin 307/308 (method, body and headers kept); refuses every other redirect."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if origin(newurl) != origin(req.full_url):
+            raise _RedirectRefused(f"redirected to another origin ({_short(newurl, 100)}, HTTP {code}); the client "
+                                   f"does not send its headers there: set reward_kwargs.url to that address if it "
+                                   f"is the right server")
+        if code not in (307, 308):
+            raise _RedirectRefused(f"redirected to {_short(newurl, 100)} with HTTP {code}, which would drop the "
+                                   f"request's body; set reward_kwargs.url to that address")
+        return urllib.request.Request(newurl, data=req.data, headers=dict(req.header_items()), method=req.get_method())
 
 
 def encode_images(images: torch.Tensor) -> List[str]:
@@ -68,16 +188,19 @@ class RemoteReward:
         url (`str`):
             The server's endpoint, e.g. `http://gpu-box:8000/score`.
         timeout (`float`, *optional*, defaults to 30):
-            Seconds to wait for the connection and for each read of the answer.
+            Total seconds of one try: connecting, sending the batch and reading the whole answer.
         retries (`int`, *optional*, defaults to 2):
             Further tries after a refused or lost connection, a timeout, or HTTP 429/502/503/504, with exponential
-            backoff (`backoff`, `2 * backoff`, ...). Other HTTP errors and malformed answers are not retried.
+            backoff (`backoff`, `2 * backoff`, ...). Other HTTP errors, refused redirects and malformed answers are
+            not retried. A batch that passes after a retry is logged as one line.
         batch_size (`int`, *optional*, defaults to 64):
             Images per request.
         backoff (`float`, *optional*, defaults to 1):
             Seconds before the first retry.
         headers (`dict`, *optional*):
-            Extra HTTP headers, e.g. `{"Authorization": "Bearer ..."}` for a server behind a gateway.
+            Extra HTTP headers, e.g. `{"Authorization": "Bearer ..."}` for a server behind a gateway. They are sent
+            to the origin of `url` only, and redacted from everything a run writes (write `"env:NAME"` to read one
+            from the environment variable `NAME`).
 
     Every failure is a one-line `RewardError` naming the URL: not reachable, no answer in time, an HTTP error (with
     the server's message), invalid JSON, or a wrong count or non-numeric score.
@@ -161,34 +284,18 @@ class RemoteReward:
         decoded JSON answer or raises a one-line `RewardError`."""
         tries = self.retries + 1
         problem = ""
+        started = time.monotonic()
         for attempt in range(tries):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    raw = response.read()
+            outcome, value = self._try(body)
+            if outcome == "answer":
+                raw = value
+                if attempt:  # the outage passed: say what was retried, once
+                    logger.warning("reward server %s %s; it answered on try %d of %d, %.1f s after the first",
+                                   self.url, problem, attempt + 1, tries, time.monotonic() - started)
                 break
-            except urllib.error.HTTPError as e:
-                message = _server_message(e)
-                if e.code not in RETRY_STATUSES:
-                    raise RewardError(f"reward server {self.url} answered HTTP {e.code} {e.reason}"
-                                      f"{': ' + message if message else ''}") from None
-                problem = f"answered HTTP {e.code} {e.reason}"
-            except urllib.error.URLError as e:
-                reason = e.reason
-                if isinstance(reason, TimeoutError):
-                    problem = f"did not answer within {self.timeout:g} s"
-                elif isinstance(reason, ConnectionRefusedError):
-                    problem = "is not reachable (connection refused)"
-                elif isinstance(reason, socket.gaierror):
-                    raise RewardError(f"reward server {self.url}: unknown host ({_short(reason)})") from None
-                else:
-                    problem = f"is not reachable ({_short(reason)})"
-            except TimeoutError:  # socket.timeout
-                problem = f"did not answer within {self.timeout:g} s"
-            except (ConnectionError, OSError) as e:  # reset or closed mid-answer (http.client.RemoteDisconnected)
-                problem = f"dropped the connection ({type(e).__name__})"
+            problem = value
         else:
             hint = ("raise reward_kwargs.timeout or check the server" if "answer within" in problem else
                     "start it (python -m diffalign.rewards.serve --reward NAME --port PORT) or fix reward_kwargs.url")
@@ -199,6 +306,47 @@ class RemoteReward:
         except ValueError as e:
             raise RewardError(f"reward server {self.url} answered invalid JSON ({_short(e, 60)}): "
                               f"{_short(raw[:200].decode(errors='replace'), 60)!r}") from None
+
+    def _try(self, body: bytes):
+        """One try within the total deadline `timeout`: `("answer", bytes)` or `("retry", what went wrong)`; raises
+        `RewardError` for what no retry mends."""
+        request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
+        late = f"did not answer within {self.timeout:g} s"
+        with _Deadline(self.timeout) as deadline:
+            opener = urllib.request.build_opener(_DeadlineHTTPHandler(deadline), _DeadlineHTTPSHandler(deadline),
+                                                 _SameOriginRedirects())
+            try:
+                with opener.open(request, timeout=self.timeout) as response:
+                    raw = response.read()
+                if deadline.expired:  # an answer cut by the watchdog may look complete (no Content-Length)
+                    return "retry", late
+                return "answer", raw
+            except _RedirectRefused as e:
+                raise RewardError(f"reward server {self.url} {e.message}") from None
+            except urllib.error.HTTPError as e:
+                message = _server_message(e)
+                if deadline.expired:
+                    return "retry", late
+                if e.code not in RETRY_STATUSES:
+                    raise RewardError(f"reward server {self.url} answered HTTP {e.code} {e.reason}"
+                                      f"{': ' + message if message else ''}") from None
+                return "retry", f"answered HTTP {e.code} {e.reason}"
+            except urllib.error.URLError as e:
+                if isinstance(e.reason, _RedirectRefused):
+                    raise RewardError(f"reward server {self.url} {e.reason.message}") from None
+                reason = e.reason
+                if deadline.expired or isinstance(reason, TimeoutError):
+                    return "retry", late
+                if isinstance(reason, ConnectionRefusedError):
+                    return "retry", "is not reachable (connection refused)"
+                if isinstance(reason, socket.gaierror):
+                    raise RewardError(f"reward server {self.url}: unknown host ({_short(reason)})") from None
+                return "retry", f"is not reachable ({_short(reason)})"
+            except TimeoutError:  # socket.timeout
+                return "retry", late
+            except (ConnectionError, OSError, http.client.HTTPException) as e:
+                # reset or closed mid-answer (RemoteDisconnected, IncompleteRead), or shut by the deadline
+                return "retry", late if deadline.expired else f"dropped the connection ({type(e).__name__})"
 
     def __repr__(self) -> str:
         return f"RemoteReward({self.url!r}, timeout={self.timeout:g}, retries={self.retries})"

@@ -89,7 +89,7 @@ def test_usage_snippets_run_against_the_runs_own_lora(pushed_run):
         assert scope["image"].size == (size, size)
 
 
-def test_full_fine_tune_card_loads_the_trained_unet(tiny_model_dir, tmp_path):
+def test_full_fine_tune_card_loads_the_trained_unet(tiny_model_dir, tmp_path, monkeypatch):
     out = str(tmp_path / "full")
     assert main(["train", "ddpo", "--model", tiny_model_dir, "--output_dir", out, "--use_lora", "false",
                  "--prompts", "[a cat, a dog]", "--num_epochs", "1", "--sample_num_steps", "2",
@@ -105,6 +105,8 @@ def test_full_fine_tune_card_loads_the_trained_unet(tiny_model_dir, tmp_path):
     from diffusers import UNet2DConditionModel
 
     trained = UNet2DConditionModel.from_pretrained(os.path.join(out, "final"), subfolder="unet")
+    assert tiny_model_dir not in body and out not in body  # no local absolute path in a shared card
+    monkeypatch.chdir(out)  # the card's local paths are relative to the run directory
     for code in (plain, rlg):
         scope = {}
         exec(code, scope)

@@ -188,3 +188,138 @@ def test_training_with_a_remote_reward(tiny_model_dir, tmp_path, capsys):
     code = main(args + ["--output_dir", str(tmp_path / "down"), "--reward_kwargs", f"{{url: {url}, retries: 0}}"])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("diffalign: error:")]
     assert code == 2 and len(errors) == 1 and "connection refused" in errors[0], errors
+
+
+# ---------------------------------------------------------------- the client's safety: redirects, deadline, retries
+def recording_server(status=200, location=None, answer=None):
+    """A server that records each request's path and headers, and answers `status` (with `Location: location`) or
+    `answer` (JSON scores for as many images as were sent)."""
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append({"path": self.path, "headers": dict(self.headers)})
+            if location is not None and (status != 307 or self.path == "/score"):
+                self.send_response(status)
+                self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            data = json.dumps(answer or {"scores": [float(i) for i in range(len(body["images"]))]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    return server, seen
+
+
+def test_a_redirect_to_another_origin_is_refused_and_gets_no_credentials():
+    target, target_seen = recording_server()
+    with serving(target) as target_url:
+        for status in (302, 307, 308):
+            source, _ = recording_server(status=status, location=target_url)
+            with serving(source) as url:
+                reward = get_reward("remote", url=url, retries=2, backoff=0.01,
+                                    headers={"Authorization": "Bearer tok-0123456789"})
+                with pytest.raises(RewardError) as error:
+                    reward(images(), PROMPTS)
+            message = str(error.value)
+            assert "\n" not in message and "another origin" in message and target_url in message, message
+    assert target_seen == []  # nothing, and so no Authorization header, reached the other port
+
+
+def test_same_origin_redirects():
+    """A 307/308 on the same origin (a trailing slash) is followed with the body and headers; a 302 would turn the
+    POST into a bodiless GET: refused, one line."""
+    server, seen = recording_server(status=307, location="/score/")
+    with serving(server) as url:
+        reward = get_reward("remote", url=url, headers={"Authorization": "Bearer tok-0123456789"})
+        assert reward(images(), PROMPTS).tolist() == [0.0, 1.0, 2.0]
+    assert [r["path"] for r in seen] == ["/score", "/score/"]
+    assert seen[1]["headers"]["Authorization"] == "Bearer tok-0123456789"
+    server, seen = recording_server(status=302, location="/elsewhere")
+    with serving(server) as url, pytest.raises(RewardError, match="HTTP 302, which would drop the request's body"):
+        get_reward("remote", url=url)(images(), PROMPTS)
+    assert len(seen) == 1
+
+
+def trickling_server(phase: str, interval: float = 0.2):
+    """A server that sends its answer one byte every `interval` seconds, from the status line on (`phase` "head")
+    or after complete headers (`phase` "body"): each read is quick, the whole answer would take ~40 s."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"scores": [0.0] * 3}).encode() + b" " * 150
+            head = (f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\nContent-Type: application/json\r\n\r\n"
+                    .encode())
+            if phase == "body":
+                self.wfile.write(head)
+                self.wfile.flush()
+                head = b""
+            try:
+                for i in range(len(head + body)):
+                    self.wfile.write((head + body)[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(interval)
+            except OSError:  # the client gave up
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    return serving(server)
+
+
+@pytest.mark.parametrize("phase", ["head", "body"])
+def test_a_trickling_server_fails_at_the_total_deadline(phase):
+    with trickling_server(phase) as url:
+        reward = get_reward("remote", url=url, timeout=0.6, retries=0)
+        start = time.perf_counter()
+        with pytest.raises(RewardError) as error:
+            reward(images(), PROMPTS)
+        elapsed = time.perf_counter() - start
+    message = str(error.value)
+    assert 0.5 <= elapsed < 1.5, elapsed  # the deadline, not 40 s of trickle
+    assert "\n" not in message and "did not answer within 0.6 s after 1 try" in message, message
+
+
+def test_an_outage_that_passes_is_one_log_line(caplog):
+    """The server comes up while the client backs off: the batch is scored, and one line says what was retried."""
+    port = closed_port()
+    url = f"http://127.0.0.1:{port}/score"
+    late = {}
+
+    def start_later():
+        time.sleep(0.3)
+        server, _ = recording_server()
+        server.server_close()
+        late["server"] = server = ThreadingHTTPServer(("127.0.0.1", port), server.RequestHandlerClass)
+        server.daemon_threads = True
+        server.serve_forever(poll_interval=0.02)
+
+    thread = threading.Thread(target=start_later, daemon=True)
+    thread.start()
+    try:
+        reward = get_reward("remote", url=url, retries=4, backoff=0.2)
+        with caplog.at_level("INFO", logger="diffalign"):
+            assert reward(images(), PROMPTS).tolist() == [0.0, 1.0, 2.0]
+    finally:
+        thread.join(timeout=0.1)
+        if "server" in late:
+            late["server"].shutdown()
+            late["server"].server_close()
+    lines = [r.getMessage() for r in caplog.records if "reward server" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert url in lines[0] and "connection refused" in lines[0] and "it answered on try" in lines[0], lines[0]

@@ -21,6 +21,7 @@ from ..distributed import (ddp_kwargs, engine_name, full_parameters, full_state_
                            is_sharded, load_optimizer_state, optimizer_state, prepare_reference)
 from ..errors import UserError
 from ..runlog import append_metrics, finite_json, prepare_output_dir, read_metrics, write_metrics
+from ..utils.redaction import redact, reveal
 from ..validation import check_lora_target_modules
 from ..families import load_family
 from .. import tracking
@@ -149,13 +150,14 @@ class BaseTrainer:
         if reward_fn is None:
             from diffalign.rewards import get_reward
 
-            reward_fn = get_reward(config.reward, **config.reward_kwargs)
+            reward_fn = get_reward(config.reward, **reveal(config.reward_kwargs, "reward_kwargs"))
         self.reward_fn = reward_fn
         self.eval_reward_fn = None
         if config.eval_reward:
             from diffalign.rewards import get_reward
 
-            self.eval_reward_fn = get_reward(config.eval_reward, **config.eval_reward_kwargs)
+            self.eval_reward_fn = get_reward(config.eval_reward,
+                                             **reveal(config.eval_reward_kwargs, "eval_reward_kwargs"))
 
         if pipeline is not None:
             self.family = as_family(pipeline)
@@ -671,7 +673,7 @@ class BaseTrainer:
                 atomic_save_dir(lambda tmp: module.save_pretrained(
                     os.path.join(tmp, self.family.denoiser_name), safe_serialization=True), final)
         with open(os.path.join(self.config.output_dir, "config.json"), "w") as f:
-            json.dump(self.config.to_dict(), f, indent=1, default=str)
+            json.dump(redact(self.config.to_dict()), f, indent=1, default=str)  # secrets never reach a file
 
     # ------------------------------------------------------- checkpoint/resume
     def trainable_names(self) -> List[str]:

@@ -1,0 +1,1 @@
+"""Small self-contained helpers shared by the trainer, the trackers and the command line."""
