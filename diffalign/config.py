@@ -819,6 +819,14 @@ def _parse_cli_value(text: str):
         return text
 
 
+def _yaml_error_place(error) -> str:
+    """` at line L, column C: <problem>` of a YAML syntax error (PyYAML's marks count from 0)."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or (str(error).splitlines() or [type(error).__name__])[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {problem}"
+
+
 def load_config(algorithm: str, config: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,
                 cli_overrides: Optional[List[str]] = None):
     """Builds the config of `algorithm` from defaults, an optional YAML file/preset and overrides.
@@ -843,7 +851,7 @@ def load_config(algorithm: str, config: Optional[str] = None, overrides: Optiona
             try:
                 data = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+                raise ConfigError(f"{path}: not valid YAML{_yaml_error_place(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys")
         declared = data.pop("algorithm", algorithm)

@@ -297,12 +297,19 @@ def run_files(directory: str) -> List[str]:
     return found
 
 
+def check_output_dir(directory) -> None:
+    """A one-line `RunDirectoryError` for an output directory that names nothing (`--output_dir ''`)."""
+    if not isinstance(directory, (str, os.PathLike)) or not str(directory).strip():
+        raise RunDirectoryError(f"output_dir {directory!r} is empty: give a directory for the run (e.g. runs/my-run)")
+
+
 def prepare_output_dir(directory: str, resume: bool, owner=None) -> RunLock:
     """Creates `directory`, locks it for this run and refuses to start a new run over an earlier one.
 
     Raises `RunDirectoryError` (one line) when the path is a file, when another process runs there, or when it
     already holds a run and `resume` is false (restarting there would mix two runs' metrics and checkpoints).
     """
+    check_output_dir(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise RunDirectoryError(f"output_dir '{directory}' is a file, not a directory: choose another --output_dir")
     try:

@@ -40,16 +40,11 @@ class NonFiniteError(UserError, RuntimeError):
 
 
 def set_torch_threads(config: TrainConfig):
-    """`torch.set_num_threads` from `config.num_threads`; by default one thread for the bundled models on a CPU (their
-    small convolutions are fastest on one thread when the cores are shared, and one thread makes runs bit-reproducible
-    across machines with different core counts)."""
-    from ..modeling import BUNDLED_MODELS
+    """`torch.set_num_threads` from `config.num_threads` by the rule every command follows
+    (`diffalign.modeling.apply_torch_threads`: one thread for the bundled models on a CPU by default)."""
+    from ..modeling import apply_torch_threads
 
-    threads = config.num_threads
-    if threads is None and config.model in BUNDLED_MODELS and not torch.cuda.is_available():
-        threads = 1
-    if threads is not None:
-        torch.set_num_threads(threads)
+    apply_torch_threads(config.model, config.num_threads)
 
 
 def _launched_processes() -> int:
