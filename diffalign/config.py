@@ -403,8 +403,11 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def hash(self) -> str:
-        """A short hash of the settings that define the run (resuming with different ones is refused)."""
+    def hash(self, resolve_model: bool = True) -> str:
+        """A short hash of the settings that define the run (resuming with different ones is refused).
+
+        A local model directory counts by its real path, so the same model given by a symlink or a relative path is
+        the same run (`resolve_model=False`: as written, the hash of checkpoints from before)."""
         ignored = {"resume_from", "num_threads", "num_epochs", "checkpoint_every", "checkpoints_total_limit", "log_every", "output_dir"}
         ignored |= LOGGING_KEYS  # where a run reports to does not define it (and keeps older checkpoints' hashes)
         ignored |= HELDOUT_KEYS
@@ -413,6 +416,8 @@ class TrainConfig:
         if not self.ema_decay:
             ignored.add("ema_update_every")  # meaningless without EMA
         items = {k: v for k, v in self.to_dict().items() if k not in ignored}
+        if resolve_model and isinstance(items.get("model"), str) and os.path.isdir(items["model"]):
+            items["model"] = os.path.realpath(items["model"])
         return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
