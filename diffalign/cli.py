@@ -128,14 +128,13 @@ def _check_prompt_override(config, preset: Optional[str]):
 
 
 def _say_defaults(algorithm: str, config):
-    """`diffalign train ALGORITHM` without --config trains with the config class' defaults: say which, so that a
-    100-epoch run on a JPEG reward never starts unannounced."""
+    """`diffalign train ALGORITHM` without --config trains with the config class' defaults: say which (on stdout,
+    with the run's result), so that a 100-epoch run on a JPEG reward never starts unannounced."""
     source = next((f"{key} {getattr(config, key)!r}" for key in PROMPT_SOURCES if getattr(config, key, None)),
                   "prompt_fn 'digits' (built-in)")
     print(f"diffalign: no --config: training {algorithm} with its defaults, model '{config.model}', reward "
           f"{config.reward!r}, {source}, {config.num_epochs} epochs, output_dir '{config.output_dir}' "
-          f"(presets: --config digits-{algorithm}, ...; every key: diffalign train {algorithm} --help)",
-          file=sys.stderr, flush=True)
+          f"(presets: --config digits-{algorithm}, ...; every key: diffalign train {algorithm} --help)", flush=True)
 
 
 def train_command(args, extra: List[str]) -> int:

@@ -149,8 +149,8 @@ def test_version(capsys):
 def test_train_without_config_says_which_defaults_it_uses(tmp_path, capsys, no_model_loads):
     with pytest.raises(Loaded):
         main(["train", "prdp", "--output_dir", str(tmp_path / "run")])
-    err = capsys.readouterr().err
-    assert "no --config" in err and "jpeg_compressibility" in err and "100 epochs" in err and "digits" in err, err
+    out = capsys.readouterr().out
+    assert "no --config" in out and "jpeg_compressibility" in out and "100 epochs" in out and "digits" in out, out
 
 
 def test_overriding_a_presets_prompt_source_says_how_to_clear_it(tmp_path, capsys, no_model_loads):
