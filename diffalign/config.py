@@ -416,8 +416,11 @@ class TrainConfig:
         if not self.ema_decay:
             ignored.add("ema_update_every")  # meaningless without EMA
         items = {k: v for k, v in self.to_dict().items() if k not in ignored}
-        if resolve_model and isinstance(items.get("model"), str) and os.path.isdir(items["model"]):
-            items["model"] = os.path.realpath(items["model"])
+        from .modeling import BUNDLED_MODELS  # torch: hash() runs where the models do
+
+        model = items.get("model")
+        if resolve_model and isinstance(model, str) and model not in BUNDLED_MODELS and os.path.isdir(model):
+            items["model"] = os.path.realpath(model)  # a bundled name wins over a directory of that name, as it loads
         return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
