@@ -90,6 +90,18 @@ def test_bad_resolution_is_one_line_naming_the_sizes_before_loading(argv, sizes,
     assert "resolution" in line and sizes in line, line
 
 
+def test_bench_checks_the_resolution_before_loading(tmp_path, capsys, monkeypatch):
+    import diffalign.modeling
+
+    def refuse(*args, **kwargs):
+        raise Loaded("a model started loading")
+
+    monkeypatch.setattr(diffalign.modeling, "load_pipeline", refuse)
+    assert main(["bench", "rollout", "--model", "digits-flow", "--resolution", "24", "--steps", "1", "--repeats", "1",
+                 "--output", str(tmp_path / "b.json")]) == 2
+    assert "up to 16" in one_line(capsys.readouterr().err)
+
+
 def test_sd3_family_knows_its_position_embedding_limit():
     from diffalign.families import load_family
     from diffalign.modeling import ModelError
