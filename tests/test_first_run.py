@@ -205,8 +205,11 @@ def test_rlg_reward_error_bars_stay_in_the_rewards_range(tmp_path, monkeypatch):
 
     drawn = []
     real = matplotlib.axes.Axes.errorbar
-    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
-                        lambda self, x, y, yerr=None, **k: (drawn.append((list(y), yerr)), real(self, x, y, yerr=yerr, **k))[1])
+    def errorbar(self, x, y, yerr=None, **kwargs):
+        drawn.append((list(y), yerr))
+        return real(self, x, y, yerr=yerr, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", errorbar)
     rewards = [1.0, 1.0, 1.0, 0.4]  # probabilities: mean 0.85, std 0.26
     mean = sum(rewards) / 4
     std = (sum((r - mean) ** 2 for r in rewards) / 4) ** 0.5

@@ -61,7 +61,8 @@ def check_model_resolution(name_or_path: str, resolution: Optional[int]):
             with open(os.path.join(path, folder, "config.json")) as f:
                 return json.load(f)
         except (OSError, ValueError) as e:
-            raise ModelError(f"model '{name_or_path}': {folder}/config.json is unreadable ({type(e).__name__})") from None
+            raise ModelError(f"model '{name_or_path}': {folder}/config.json is unreadable ({type(e).__name__})"
+                             ) from None
 
     try:
         vae_scale_factor = 2 ** (len(config_of("vae")["block_out_channels"]) - 1)
@@ -92,5 +93,5 @@ def load_family(name_or_path: str, torch_dtype: torch.dtype = torch.float32) -> 
     return cls(cls.load(path, torch_dtype))
 
 
-__all__ = ["FAMILIES", "Conditioning", "check_model_resolution", "FluxFamily", "ModelFamily", "StableDiffusion3Family", "StableDiffusionFamily",
-           "StableDiffusionXLFamily", "family_class", "family_for_pipeline", "load_family", "pipeline_class_of"]
+__all__ = ["FAMILIES", "Conditioning", "FluxFamily", "ModelFamily", "StableDiffusion3Family", "StableDiffusionFamily",
+           "StableDiffusionXLFamily", "check_model_resolution", "family_class", "family_for_pipeline", "load_family", "pipeline_class_of"]
