@@ -94,4 +94,5 @@ def load_family(name_or_path: str, torch_dtype: torch.dtype = torch.float32) -> 
 
 
 __all__ = ["FAMILIES", "Conditioning", "FluxFamily", "ModelFamily", "StableDiffusion3Family", "StableDiffusionFamily",
-           "StableDiffusionXLFamily", "check_model_resolution", "family_class", "family_for_pipeline", "load_family", "pipeline_class_of"]
+           "StableDiffusionXLFamily", "check_model_resolution", "family_class", "family_for_pipeline", "load_family",
+           "pipeline_class_of"]
