@@ -248,6 +248,16 @@ def find_resumable(path: str) -> Tuple[str, dict]:
     raise CheckpointError(f"no complete checkpoint in '{path}'{detail}")
 
 
+def nothing_to_resume(path: str) -> bool:
+    """True for a run directory with no checkpoint at all and no final weights: a run stopped before its first
+    checkpoint (killed after an epoch's metrics line, say), which `--resume` starts from scratch. A directory with
+    damaged checkpoints is not such a run (its problems are named instead)."""
+    if not os.path.isdir(path) or _is_checkpoint_dir(path) or os.path.isdir(os.path.join(path, "final")):
+        return False
+    checkpoints = os.path.join(path, "checkpoints")
+    return not (os.path.isdir(checkpoints) and any(n.startswith(PREFIX) for n in os.listdir(checkpoints)))
+
+
 def _check_finite(path: str, filename: str, tensors: Dict[str, torch.Tensor]):
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -288,7 +298,7 @@ def load_checkpoint(path: str, names: Optional[List[str]] = None, manifest: Opti
     return states
 
 
-def load_resumable(path: str, names: List[str], config_hash: Optional[str] = None,
+def load_resumable(path: str, names: List[str], config_hash=None,
                    check: Optional[Callable[[str, Dict[str, Any]], None]] = None,
                    finite: Optional[Iterable[str]] = None) -> Tuple[str, dict, Dict[str, Any]]:
     """`(checkpoint_dir, manifest, states)` for `--resume PATH`.
@@ -296,8 +306,10 @@ def load_resumable(path: str, names: List[str], config_hash: Optional[str] = Non
     PATH is a checkpoint (loaded or named in a `CheckpointError`) or a run directory: its newest checkpoint that
     verifies, has the states `names` with finite weights and passes `check(checkpoint, states)` (which raises
     `CheckpointError`) is loaded; failing ones are skipped with a warning, so a damaged newest checkpoint falls back
-    to the previous complete one. A `config_hash` that differs from the checkpoint's is an error at once.
+    to the previous complete one. A `config_hash` (a string, or a tuple of the hashes the run accepts) that differs
+    from the checkpoint's is an error at once.
     """
+    accepted = (config_hash,) if isinstance(config_hash, str) else tuple(config_hash or ())
     if not os.path.exists(path):
         raise CheckpointError(f"resume path '{path}' does not exist")
     explicit = _is_checkpoint_dir(path)
@@ -308,10 +320,10 @@ def load_resumable(path: str, names: List[str], config_hash: Optional[str] = Non
     for candidate in candidates:
         try:
             manifest = verify_checkpoint(candidate)
-            if config_hash is not None and manifest["config_hash"] != config_hash:
+            if accepted and manifest["config_hash"] not in accepted:
                 raise _ConfigMismatch(
                     f"checkpoint '{candidate}' was written with a different configuration (hash "
-                    f"{manifest['config_hash']} vs {config_hash}): resume with the run's original settings"
+                    f"{manifest['config_hash']} vs {accepted[0]}): resume with the run's original settings"
                 )
             states = load_checkpoint(candidate, names, manifest=manifest, finite=finite)
             if check is not None:

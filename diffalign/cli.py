@@ -71,12 +71,87 @@ def _run_dir_of(resume: str) -> str:
     return path
 
 
-def train_command(args, extra: List[str]) -> int:
-    from diffalign.config import config_help, load_config
+def stop_with_launcher(poll_seconds: float = 1.0):
+    """In a worker of `accelerate launch` / torchrun: a daemon thread that ends this process when its launcher is
+    gone (killed alone, the launcher would leave its workers training to the end). The launcher is the parent
+    process; when it dies the worker is re-parented, so `os.getppid()` changes."""
+    import threading
 
+    if "LOCAL_RANK" not in os.environ:
+        return None
+    launcher = os.getppid()
+
+    def watch():
+        import time
+
+        while os.getppid() == launcher:
+            time.sleep(poll_seconds)
+        print(f"diffalign: the launcher (pid {launcher}) is gone: stopping this worker (pid {os.getpid()})",
+              file=sys.stderr, flush=True)
+        os._exit(1)  # the run lock is a flock: the kernel releases it with the process
+
+    thread = threading.Thread(target=watch, name="diffalign-launcher-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
+def _check_reward_names(config):
+    """Unknown reward names (`reward`, `eval_reward`, the parts of a mixture) as one line before any model loads,
+    with "did you mean"."""
+    from diffalign.config import did_you_mean
+    from diffalign.rewards import UnknownRewardError, available_rewards
+
+    for key in ("reward", "eval_reward"):
+        spec = getattr(config, key, None)
+        names = [spec] if isinstance(spec, str) else list(spec) if isinstance(spec, dict) else []
+        for name in names:
+            if isinstance(name, str) and ":" not in name and name not in available_rewards():
+                raise UnknownRewardError(f"unknown {key} '{name}'{did_you_mean(name, available_rewards())}; "
+                                         f"available: {', '.join(available_rewards())}")
+
+
+PROMPT_SOURCES = ("prompts", "prompt_file", "prompt_fn", "prompt_dataset")
+
+
+def _check_prompt_override(config, preset: Optional[str]):
+    """A preset's prompt source and another one from the command line: say that the preset sets it and how to clear
+    it (one prompt source per run), instead of only "give only one of"."""
+    from diffalign.config import ConfigError
+
+    given = [key for key in PROMPT_SOURCES if getattr(config, key, None)]
+    if not preset or len(given) < 2:
+        return
+    from_preset = [key for key in given if key in _yaml_keys(preset)]
+    others = [key for key in given if key not in from_preset]
+    if from_preset and others:
+        key = from_preset[0]
+        raise ConfigError(f"the preset '{preset}' sets {key}: {getattr(config, key)!r}, and --{others[0]} gives "
+                          f"another prompt source (a run has one): add --{key} null to clear the preset's")
+
+
+def _say_defaults(algorithm: str, config):
+    """`diffalign train ALGORITHM` without --config trains with the config class' defaults: say which (on stdout,
+    with the run's result), so that a 100-epoch run on a JPEG reward never starts unannounced."""
+    source = next((f"{key} {getattr(config, key)!r}" for key in PROMPT_SOURCES if getattr(config, key, None)),
+                  "prompt_fn 'digits' (built-in)")
+    print(f"diffalign: no --config: training {algorithm} with its defaults, model '{config.model}', reward "
+          f"{config.reward!r}, {source}, {config.num_epochs} epochs, output_dir '{config.output_dir}' "
+          f"(presets: --config digits-{algorithm}, ...; every key: diffalign train {algorithm} --help)", flush=True)
+
+
+def train_command(args, extra: List[str]) -> int:
+    from diffalign.config import ConfigError, config_help, load_config
+
+    if args.algorithm is None:
+        if args.help:
+            args.train_parser.print_help()
+            return 0
+        raise ConfigError("diffalign train needs an algorithm: ddpo or prdp (diffalign train prdp --help lists "
+                          "its config keys)")
     if args.help:
         print(config_help(args.algorithm))
         return 0
+    stop_with_launcher()
     overrides = {}
     if args.resume:
         overrides["resume_from"] = args.resume
@@ -92,11 +167,20 @@ def train_command(args, extra: List[str]) -> int:
         config.output_dir = _run_dir_of(config.resume_from)
     elif not explicit_output and (not args.config or "output_dir" not in _yaml_keys(args.config)):
         config.output_dir = _default_output_dir(args.algorithm, args.config)
+    from diffalign.runlog import check_output_dir
+
+    check_output_dir(config.output_dir)
     # every check that needs no model before the heavy imports: values, batch arithmetic, then the model location
+    _check_prompt_override(config, args.config)
     config.validate(_launched_processes())
-    from diffalign.modeling import resolve_model_path  # torch, not diffusers
+    _check_reward_names(config)
+    from diffalign.families import check_model_resolution  # torch, not diffusers
+    from diffalign.modeling import resolve_model_path
 
     resolve_model_path(config.model)
+    check_model_resolution(config.model, config.sample_resolution)
+    if not args.config and not config.resume_from and _is_main_launch():
+        _say_defaults(args.algorithm, config)
     quiet_libraries()
     from diffalign.config import trainer_class
 
@@ -108,6 +192,10 @@ def train_command(args, extra: List[str]) -> int:
         print(f"reward {first['reward_mean']:.4f} -> {last['reward_mean']:.4f} over {len(history)} epochs; "
               f"outputs in {config.output_dir}")
     return 0
+
+
+def _is_main_launch() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _yaml_keys(config: str) -> set:
@@ -152,19 +240,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffalign", description="Align text-to-image diffusion models with rewards and steer them at inference."
     )
+    from diffalign import __version__
+
+    parser.add_argument("--version", action="version", version=f"diffalign {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="fine-tune with a reward (ddpo or prdp)", add_help=False)
     from diffalign.config import CONFIG_CLASSES
 
-    train.add_argument("algorithm", choices=list(CONFIG_CLASSES))
+    train.add_argument("algorithm", choices=list(CONFIG_CLASSES), nargs="?")
     train.add_argument("--config", default=None, help="YAML file or preset name (see diffalign/configs)")
     train.add_argument("--resume", default=None, help="run directory or checkpoint to resume")
     train.add_argument("--accelerate-config", default=None, metavar="NAME",
                        help="run under `accelerate launch` with a shipped config: multi_gpu, fsdp, zero2, zero3, "
                             "multi_node (or a config file); see diffalign.accelerate_configs")
     train.add_argument("-h", "--help", action="store_true")
-    train.set_defaults(func=train_command, allow_extra=True)
+    train.set_defaults(func=train_command, allow_extra=True, train_parser=train)
 
     for name, help_text in (("generate", "sample with RLG at several alignment strengths"),
                             ("bench", "benchmarks: rollout, train, learn, rlg, tradeoff")):

@@ -403,8 +403,11 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def hash(self) -> str:
-        """A short hash of the settings that define the run (resuming with different ones is refused)."""
+    def hash(self, resolve_model: bool = True) -> str:
+        """A short hash of the settings that define the run (resuming with different ones is refused).
+
+        A local model directory counts by its real path, so the same model given by a symlink or a relative path is
+        the same run (`resolve_model=False`: as written, the hash of checkpoints from before)."""
         ignored = {"resume_from", "num_threads", "num_epochs", "checkpoint_every", "checkpoints_total_limit", "log_every", "output_dir"}
         ignored |= LOGGING_KEYS  # where a run reports to does not define it (and keeps older checkpoints' hashes)
         ignored |= HELDOUT_KEYS
@@ -413,6 +416,11 @@ class TrainConfig:
         if not self.ema_decay:
             ignored.add("ema_update_every")  # meaningless without EMA
         items = {k: v for k, v in self.to_dict().items() if k not in ignored}
+        from .modeling import BUNDLED_MODELS  # torch: hash() runs where the models do
+
+        model = items.get("model")
+        if resolve_model and isinstance(model, str) and model not in BUNDLED_MODELS and os.path.isdir(model):
+            items["model"] = os.path.realpath(model)  # a bundled name wins over a directory of that name, as it loads
         return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -819,6 +827,14 @@ def _parse_cli_value(text: str):
         return text
 
 
+def _yaml_error_place(error) -> str:
+    """` at line L, column C: <problem>` of a YAML syntax error (PyYAML's marks count from 0)."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or (str(error).splitlines() or [type(error).__name__])[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {problem}"
+
+
 def load_config(algorithm: str, config: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,
                 cli_overrides: Optional[List[str]] = None):
     """Builds the config of `algorithm` from defaults, an optional YAML file/preset and overrides.
@@ -843,7 +859,7 @@ def load_config(algorithm: str, config: Optional[str] = None, overrides: Optiona
             try:
                 data = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+                raise ConfigError(f"{path}: not valid YAML{_yaml_error_place(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys")
         declared = data.pop("algorithm", algorithm)

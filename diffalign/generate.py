@@ -35,7 +35,8 @@ GRID_PER_ROW = 8  # images per scale in rlg_grid.png (all of them go to rlg_imag
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the `generate` options to `parser` (the CLI's `generate` subcommand)."""
-    parser.add_argument("--model", default="digits", help="diffusers model directory, or a bundled name (digits)")
+    parser.add_argument("--model", default="digits",
+                        help="diffusers model directory, or a bundled name (digits, digits-flow)")
     parser.add_argument("--lora", default=None, help="LoRA directory (pytorch_lora_weights.safetensors) = aligned")
     parser.add_argument(
         "--aligned-denoiser",
@@ -68,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--threads", "--num-threads", dest="threads", type=int, default=None,
+                        help="torch CPU threads, as the trainers' num_threads (default: 1 for the bundled models on a "
+                             "CPU, the fastest on shared cores; other models keep torch's setting)")
     parser.add_argument("--output-dir", default=os.path.join("runs", "generate"))
     return parser
 
@@ -83,11 +87,12 @@ def _resolve_model(name_or_path: str) -> str:
 
 
 def _default_prompts(model: str) -> List[str]:
+    from diffalign.modeling import BUNDLED_MODELS
     from diffalign.prompts import DIGIT_WORDS, PromptError
 
-    if model == "digits":
+    if model in BUNDLED_MODELS:  # digits and digits-flow were both trained on the digit prompts
         return [f"a handwritten digit {word}" for word in DIGIT_WORDS]
-    raise PromptError("no --prompt given (only the bundled 'digits' model has default prompts)")
+    raise PromptError(f"no --prompt given (only the bundled models, {', '.join(BUNDLED_MODELS)}, have default prompts)")
 
 
 def _dtype_kwargs(dtype: torch.dtype) -> Dict:
@@ -137,13 +142,28 @@ def rlg_pipeline_for(path: str):
     return getattr(diffalign.pipelines, rlg_class), denoiser_name, getattr(diffusers, denoiser_class)
 
 
+def _safetensors_only(what: str, load):
+    """`load()` with safetensors weights only (a pickle `.bin` can run code when loaded): a `ModelError` naming
+    `what` when the weights are missing or pickled, as `diffalign train` refuses them."""
+    from diffalign.modeling import ModelError
+
+    try:
+        return load()
+    except (OSError, EnvironmentError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{what} could not be loaded with safetensors weights only (pickle .bin weights are refused):"
+                         f" {first[:300]}") from None
+
+
 def _load_aligned_denoiser(path: str, denoiser_name: str, denoiser_class, dtype: torch.dtype):
     from diffalign.modeling import ModelError
 
     if os.path.isfile(os.path.join(path, denoiser_name, "config.json")):
-        return denoiser_class.from_pretrained(path, subfolder=denoiser_name, **_dtype_kwargs(dtype))
+        return _safetensors_only(f"--aligned-denoiser '{path}'", lambda: denoiser_class.from_pretrained(
+            path, subfolder=denoiser_name, use_safetensors=True, **_dtype_kwargs(dtype)))
     if os.path.isfile(os.path.join(path, "config.json")):
-        return denoiser_class.from_pretrained(path, **_dtype_kwargs(dtype))
+        return _safetensors_only(f"--aligned-denoiser '{path}'", lambda: denoiser_class.from_pretrained(
+            path, use_safetensors=True, **_dtype_kwargs(dtype)))
     raise ModelError(
         f"--aligned-denoiser '{path}' is neither a {denoiser_class.__name__} directory nor a model directory with"
         f" {denoiser_name}/"
@@ -164,15 +184,21 @@ def load_rlg_pipeline(
     device: Optional[str] = None,
     dtype: str = "auto",
     aligned_unet: Optional[str] = None,
+    num_threads: Optional[int] = None,
 ):
     """The RLG pipeline of `model`'s family with its aligned version (a LoRA and/or a fully fine-tuned denoiser).
 
-    `aligned_unet` is the former name of `aligned_denoiser` (a UNet or an SD3 transformer).
+    `aligned_unet` is the former name of `aligned_denoiser` (a UNet or an SD3 transformer). `num_threads`: torch's
+    CPU threads, as the trainers' `num_threads` (by default one for the bundled models on a CPU; see
+    `diffalign.modeling.apply_torch_threads`). Weights load from safetensors files only.
     """
     import torch
 
+    from diffalign.modeling import apply_torch_threads
+
     aligned_denoiser = aligned_denoiser or aligned_unet
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    apply_torch_threads(model, num_threads, device)
     if dtype == "auto":
         dtype = "float16" if str(device).startswith("cuda") else "float32"
     torch_dtype = getattr(torch, dtype)
@@ -184,7 +210,8 @@ def load_rlg_pipeline(
         extra = {"add_watermarker": False}
     elif "safety_checker" not in init_parameters:
         extra = {}
-    pipe = pipeline_class.from_pretrained(path, **_dtype_kwargs(torch_dtype), **extra)
+    pipe = _safetensors_only(f"model '{model}'", lambda: pipeline_class.from_pretrained(
+        path, use_safetensors=True, **_dtype_kwargs(torch_dtype), **extra))
     if aligned_denoiser:
         aligned = _load_aligned_denoiser(aligned_denoiser, denoiser_name, denoiser_class, torch_dtype)
         pipe.register_modules(**{f"aligned_{denoiser_name}": aligned})
@@ -284,11 +311,15 @@ def _plot_rewards(results: List[Dict], reward: str, path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from diffalign.plotting import clipped_error_bars
+
     scales = [r["rlg_scale"] for r in results]
     means = [r["reward_mean"] for r in results]
-    stds = [r["reward_std"] for r in results]
+    # mean +- std, clipped to the rewards seen: a probability's bar never leaves [0, 1]
+    below, above = clipped_error_bars(means, [r["reward_std"] for r in results],
+                                      [min(r["rewards"]) for r in results], [max(r["rewards"]) for r in results])
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    ax.errorbar(scales, means, yerr=stds, marker="o", capsize=3)
+    ax.errorbar(scales, means, yerr=[below, above], marker="o", capsize=3)
     ax.axvline(1.0, color="gray", linestyle=":", linewidth=1)  # the aligned model without RLG
     ax.set_xlabel("RLG scale")
     ax.set_ylabel(reward)
@@ -305,8 +336,17 @@ def run(args: argparse.Namespace) -> int:
     from diffalign.modeling import ModelError
     from diffalign.plotting import rows_grid
 
+    from diffalign.families import check_model_resolution
+
     # the most basic problem first: the model, then the values, the device, the prompts, the aligned model
     _resolve_model(args.model)
+    reward_fn = None
+    if args.reward:  # a typo in the name is said before anything loads
+        from diffalign.rewards import get_reward
+
+        reward_fn = get_reward(args.reward)
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1; got {args.threads}")
     scales = [float(s) for s in args.rlg_scale]
     for flag, values in (("--rlg-scale", scales), ("--guidance-scale", [args.guidance_scale]), ("--eta", [args.eta]),
                          ("--rlg-start", [args.rlg_start]), ("--rlg-stop", [args.rlg_stop])):
@@ -317,6 +357,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--num-images and --steps must be at least 1")
     if args.resolution is not None and args.resolution < 1:
         raise ConfigError("--resolution must be a positive number of pixels")
+    check_model_resolution(args.model, args.resolution)  # from the model's configs: no weights loaded yet
     if not 0.0 <= args.rlg_start <= args.rlg_stop <= 1.0:
         raise ConfigError("need 0 <= --rlg-start <= --rlg-stop <= 1")
     check_device(args.device)
@@ -326,16 +367,15 @@ def run(args: argparse.Namespace) -> int:
     for flag, path in (("--lora", args.lora), ("--aligned-denoiser", args.aligned_denoiser)):
         if path and not os.path.exists(path):
             raise ModelError(f"{flag} '{path}' does not exist")
-    reward_fn = None
-    if args.reward:
-        from diffalign.rewards import get_reward
-
-        reward_fn = get_reward(args.reward)
+        if path and not os.path.isdir(path):
+            raise ModelError(f"{flag} '{path}' is {'a file' if os.path.isfile(path) else 'not a directory'}: give "
+                             f"the directory that holds the weights")
 
     from diffalign.cli import quiet_libraries
 
     quiet_libraries()
-    pipe = load_rlg_pipeline(args.model, args.lora, args.aligned_denoiser, args.device, args.dtype)
+    pipe = load_rlg_pipeline(args.model, args.lora, args.aligned_denoiser, args.device, args.dtype,
+                             num_threads=args.threads)
     images = sample_scales(
         pipe,
         prompts,

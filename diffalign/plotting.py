@@ -111,3 +111,14 @@ def plot_metrics(records: List[Dict], keys: Sequence[str], path: str, title: str
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def clipped_error_bars(means: Sequence[float], stds: Sequence[float], lows: Sequence[float],
+                       highs: Sequence[float]):
+    """`(below, above)`: the lengths of `mean -+ std` error bars cut at `[low, high]`, the range of the rewards they
+    summarise, so that a bar never claims a value the reward cannot take (a probability's bar stays in [0, 1]).
+
+    Lengths are never negative (a mean outside its range, from rounding, gets a zero-length side)."""
+    below = [max(0.0, min(std, mean - low)) for mean, std, low in zip(means, stds, lows)]
+    above = [max(0.0, min(std, high - mean)) for mean, std, high in zip(means, stds, highs)]
+    return below, above

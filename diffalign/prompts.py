@@ -2,11 +2,11 @@
 
 import csv
 import importlib
-import io
 import json
 import os
 import random
-from typing import Callable, Dict, List, Optional, Tuple
+import sys
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -151,23 +151,41 @@ class PromptDifficulty:
 RESERVED_METADATA = ("group_id",)
 
 
-def _read_text(path: str, what: str = "prompt file") -> str:
-    if not os.path.isfile(path):
+def check_prompt_path(path: str, what: str = "prompt file"):
+    """A one-line `PromptError` unless `path` is a regular file: a directory or a device (`/dev/zero`, a pipe) is
+    named for what it is, not reported as missing."""
+    if not os.path.exists(path):
         raise PromptError(f"{what} '{path}' does not exist")
+    if os.path.isdir(path):
+        raise PromptError(f"{what} '{path}' is a directory, not a file")
+    if not os.path.isfile(path):
+        raise PromptError(f"{what} '{path}' is not a regular file (a device, pipe or socket)")
+
+
+def _text_lines(path: str, what: str = "prompt file") -> Iterator[Tuple[int, str]]:
+    """`(line number, text)` of each line of a UTF-8 file, read one line at a time (a large file is never held whole).
+
+    Lines end at `\n` (a `\r\n` ending loses its `\r`) and nowhere else: a form feed or U+2028 inside a line is part
+    of it, so a prompt holding one is not split in two."""
+    check_prompt_path(path, what)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        f = open(path, "rb")
     except OSError as e:
         raise PromptError(f"{what} '{path}' cannot be read: {e.strerror or e}") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise PromptError(f"{what} '{path}' is not UTF-8 text (line {line}, byte 0x{data[e.start]:02x}): "
-                          f"save it as UTF-8") from None
-    if "\x00" in text:
-        raise PromptError(f"{what} '{path}' is not a text file (it holds NUL bytes)")
-    return text
+    with f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise PromptError(f"{what} '{path}' is not UTF-8 text (line {number}, byte 0x{raw[e.start]:02x}): "
+                                  f"save it as UTF-8") from None
+            if "\x00" in line:
+                raise PromptError(f"{what} '{path}' is not a text file (it holds NUL bytes)")
+            yield number, line[:-1] if line.endswith("\n") else line
+
+
+def _strip_line_end(line: str) -> str:
+    return line[:-1] if line.endswith("\r") else line
 
 
 def _record(row: dict, column: str, where: str) -> Tuple[str, dict]:
@@ -186,15 +204,18 @@ def _record(row: dict, column: str, where: str) -> Tuple[str, dict]:
     return prompt.strip(), metadata
 
 
-def _read_jsonl(path: str, text: str, column: str) -> Tuple[List[str], List[dict]]:
+def _read_jsonl(path: str, column: str) -> Tuple[List[str], List[dict]]:
     prompts, metadata = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in _text_lines(path):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise PromptError(f"prompt file '{path}' line {number} is not valid JSON ({e.msg})") from None
+        except RecursionError:  # the parser recurses once per level: its depth limit is the interpreter's
+            raise PromptError(f"prompt file '{path}' line {number} is nested too deeply (more than "
+                              f"{sys.getrecursionlimit()} levels); one flat object per line") from None
         if not isinstance(row, dict):
             raise PromptError(f"prompt file '{path}' line {number} is not a JSON object (one object per line, "
                               f"with a '{column}' field)")
@@ -204,8 +225,9 @@ def _read_jsonl(path: str, text: str, column: str) -> Tuple[List[str], List[dict
     return prompts, metadata
 
 
-def _read_csv(path: str, text: str, column: str) -> Tuple[List[str], List[dict]]:
-    reader = csv.DictReader(io.StringIO(text))
+def _read_csv(path: str, column: str) -> Tuple[List[str], List[dict]]:
+    # one line at a time, each with its `\n` back: a quoted cell may hold a line break, which the reader joins
+    reader = csv.DictReader(line + "\n" for _, line in _text_lines(path))
     if reader.fieldnames is not None and column not in reader.fieldnames:
         raise PromptError(f"prompt file '{path}' has no '{column}' column (columns: {', '.join(reader.fieldnames)}); "
                           f"set prompt_column to the prompt's")
@@ -228,15 +250,19 @@ def _read_csv(path: str, text: str, column: str) -> Tuple[List[str], List[dict]]
 def read_prompt_records(path: str, column: str = "prompt") -> Tuple[List[str], List[dict]]:
     """`(prompts, metadata)` of a prompt file: JSON Lines (`.jsonl`, one object per line) or CSV (`.csv`, a header
     row) with the prompt in `column` and the other fields as the prompt's metadata; any other file is text, one
-    prompt per line (blank lines and `#` comments skipped), without metadata."""
-    text = _read_text(path)
+    prompt per line (blank lines and `#` comments skipped), without metadata. Lines end at `\n` or `\r\n` only
+    (never at a form feed or U+2028, which stay inside their prompt), and the file is read a line at a time."""
     extension = os.path.splitext(path)[1].lower()
     if extension == ".jsonl":
-        prompts, metadata = _read_jsonl(path, text, column)
+        prompts, metadata = _read_jsonl(path, column)
     elif extension == ".csv":
-        prompts, metadata = _read_csv(path, text, column)
+        prompts, metadata = _read_csv(path, column)
     else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        prompts = []
+        for _, line in _text_lines(path):
+            prompt = _strip_line_end(line).strip()
+            if prompt and not prompt.startswith("#"):
+                prompts.append(prompt)
         metadata = [{} for _ in prompts]
     if not prompts:
         raise PromptError(f"prompt file '{path}' has no prompts")

@@ -7,7 +7,11 @@ skips a line cut by a kill mid-append.
 
 The lock is `<output_dir>/.diffalign.lock`, holding the pid, host and command of the run. It is an advisory `flock`
 held for the lifetime of the run, so the kernel releases it when the process dies (even by SIGKILL): a later run
-finds the file, sees it is not locked, and takes it over. Where `flock` is unavailable, a lock whose pid no longer
+finds the file, sees it is not locked, and takes it over. A run that ends (success, error or Ctrl-C) empties the file
+before unlocking it, so only a killed run is reported as one that "ended without releasing" its lock.
+
+A run directory holding only `metrics.jsonl` (a run stopped before its first checkpoint) has nothing to resume: a new
+run there starts over instead of being refused. Where `flock` is unavailable, a lock whose pid no longer
 exists on this host is stale and taken over.
 """
 
@@ -251,6 +255,14 @@ class RunLock:
                 pass
         else:
             try:
+                # emptied while still locked: the next run finds no holder, so it does not take this one for a run
+                # that died (only a killed process leaves its pid in the file)
+                self._file.seek(0)
+                self._file.truncate()
+                self._file.flush()
+            except OSError:
+                pass
+            try:
                 self._file.close()  # releases the flock; the file stays (a later run overwrites it)
             except OSError:
                 pass
@@ -301,12 +313,19 @@ def run_files(directory: str) -> List[str]:
     return found
 
 
+def check_output_dir(directory) -> None:
+    """A one-line `RunDirectoryError` for an output directory that names nothing (`--output_dir ''`)."""
+    if not isinstance(directory, (str, os.PathLike)) or not str(directory).strip():
+        raise RunDirectoryError(f"output_dir {directory!r} is empty: give a directory for the run (e.g. runs/my-run)")
+
+
 def prepare_output_dir(directory: str, resume: bool, owner=None) -> RunLock:
     """Creates `directory`, locks it for this run and refuses to start a new run over an earlier one.
 
     Raises `RunDirectoryError` (one line) when the path is a file, when another process runs there, or when it
     already holds a run and `resume` is false (restarting there would mix two runs' metrics and checkpoints).
     """
+    check_output_dir(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise RunDirectoryError(f"output_dir '{directory}' is a file, not a directory: choose another --output_dir")
     try:
@@ -322,7 +341,11 @@ def prepare_output_dir(directory: str, resume: bool, owner=None) -> RunLock:
     lock = acquire_run_lock(directory)
     if not resume:
         existing = run_files(directory)
-        if existing:
+        if existing == [METRICS]:  # a run stopped before its first checkpoint: nothing to continue, start over
+            logger.info("%s holds the metrics of a run that stopped before its first checkpoint: starting over "
+                        "(its %s is replaced)", directory, METRICS)
+            write_metrics(os.path.join(directory, METRICS), [])
+        elif existing:
             release_run_lock(lock)
             raise RunDirectoryError(
                 f"output_dir '{directory}' already holds a run ({', '.join(existing)}): continue it with "

@@ -253,6 +253,10 @@ class Context:
                              "run it with --device cuda, or pass --force")
         if args.repeats is not None and args.repeats < 1:
             raise BenchError("--repeats must be >= 1")
+        if args.resolution and not args.tiny and not args.sd15_random:  # from the model's configs, before it loads
+            from diffalign.families import check_model_resolution
+
+            check_model_resolution(args.model, args.resolution)
         self.preset = self._digits_preset() if self.is_digits else {}
         self.repeats = args.repeats or (1 if args.bench_command == "learn" else 3)
         self._template = None

@@ -6,12 +6,12 @@ A family is chosen from the model directory's `model_index.json` (`_class_name`)
 
 import json
 import os
-from typing import Dict, Type
+from typing import Dict, Optional, Type
 
 import torch
 
 from ..modeling import ModelError, resolve_model_path
-from .base import Conditioning, ModelFamily
+from .base import Conditioning, ModelFamily, check_resolution_in
 from .flux import FluxFamily
 from .sd import StableDiffusionFamily
 from .sd3 import StableDiffusion3Family
@@ -45,6 +45,33 @@ def pipeline_class_of(path: str) -> str:
     return name
 
 
+def check_model_resolution(name_or_path: str, resolution: Optional[int]):
+    """Checks `resolution` against the limits of the model at `name_or_path` from its config files, before any
+    weights load: a one-line `ModelError` naming the sizes it can sample. A hub id (not local) is checked once
+    loaded (`ModelFamily.check_resolution`)."""
+    if resolution is None:
+        return
+    path = resolve_model_path(name_or_path)
+    if not os.path.isdir(path):
+        return
+    cls = family_class(pipeline_class_of(path))
+
+    def config_of(folder: str) -> dict:
+        try:
+            with open(os.path.join(path, folder, "config.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"model '{name_or_path}': {folder}/config.json is unreadable ({type(e).__name__})"
+                             ) from None
+
+    try:
+        vae_scale_factor = 2 ** (len(config_of("vae")["block_out_channels"]) - 1)
+        limits = cls.resolution_limits(config_of(cls.denoiser_name), vae_scale_factor)
+    except (KeyError, TypeError):
+        return  # an unusual config: the family checks the loaded model instead
+    check_resolution_in(resolution, *limits, f"model '{name_or_path}' ({cls.name})")
+
+
 def family_for_pipeline(pipe) -> ModelFamily:
     """The family of a loaded pipeline (also of subclasses, e.g. the RLG pipelines)."""
     for cls in type(pipe).__mro__:
@@ -67,4 +94,5 @@ def load_family(name_or_path: str, torch_dtype: torch.dtype = torch.float32) -> 
 
 
 __all__ = ["FAMILIES", "Conditioning", "FluxFamily", "ModelFamily", "StableDiffusion3Family", "StableDiffusionFamily",
-           "StableDiffusionXLFamily", "family_class", "family_for_pipeline", "load_family", "pipeline_class_of"]
+           "StableDiffusionXLFamily", "check_model_resolution", "family_class", "family_for_pipeline", "load_family",
+           "pipeline_class_of"]

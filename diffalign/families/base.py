@@ -133,20 +133,25 @@ class ModelFamily:
 
         return unwrap(self.denoiser).config.sample_size * self.vae_scale_factor
 
+    @classmethod
+    def resolution_limits(cls, denoiser_config, vae_scale_factor: int) -> Tuple[int, Optional[int]]:
+        """`(multiple, largest)`: the image sides a model of this family can sample are multiples of `multiple`, at
+        most `largest` (None: no bound), from its denoiser's config and its VAE's downsampling factor. A UNet
+        halves the latents once per down block but the last."""
+        return vae_scale_factor * 2 ** (len(denoiser_config["down_block_types"]) - 1), None
+
     def resolution_multiple(self) -> int:
         """Image sides must be multiples of this."""
+        return self._limits()[0]
+
+    def _limits(self) -> Tuple[int, Optional[int]]:
         from ..rollout import unwrap
 
-        num_down = len(unwrap(self.denoiser).config.down_block_types) - 1
-        return self.vae_scale_factor * 2**num_down
+        return self.resolution_limits(unwrap(self.denoiser).config, self.vae_scale_factor)
 
     def check_resolution(self, resolution: int):
-        multiple = self.resolution_multiple()
-        if resolution < 1 or resolution % multiple:
-            raise ModelError(
-                f"resolution {resolution} is not a multiple of {multiple} (or not positive) for this {self.name} model; try "
-                f"{max(multiple, round(resolution / multiple) * multiple)}"
-            )
+        """A one-line `ModelError` naming the sizes this model can sample unless `resolution` is one of them."""
+        check_resolution_in(resolution, *self._limits(), f"this {self.name} model")
 
     def latent_channels(self, denoiser=None) -> int:
         from ..rollout import unwrap
@@ -228,3 +233,30 @@ class ModelFamily:
                           f"{self.denoiser_name}_lora_adapter_metadata": metadata},
             safe_serialization=True, weight_name=LORA_WEIGHT_NAME,
         )
+
+
+def possible_sides(multiple: int, largest: Optional[int], shown: int = 4) -> str:
+    """The image sides `multiple, 2 multiple, ...` up to `largest`, in words."""
+    if largest is not None and largest < multiple:
+        return "none"
+    count = largest // multiple if largest is not None else shown
+    sides = ", ".join(str(multiple * k) for k in range(1, min(count, shown) + 1))
+    if largest is None:
+        return f"multiples of {multiple} ({sides}, ...)"
+    if count > shown:
+        sides += f", ..., {largest // multiple * multiple}"
+    return f"multiples of {multiple} up to {largest} ({sides})"
+
+
+def check_resolution_in(resolution: int, multiple: int, largest: Optional[int], model: str):
+    """A one-line `ModelError` unless `resolution` is a positive multiple of `multiple` no larger than `largest`;
+    it names the sides `model` can do and the nearest one."""
+    if resolution >= 1 and resolution % multiple == 0 and (largest is None or resolution <= largest):
+        return
+    nearest = max(multiple, round(resolution / multiple) * multiple)
+    if largest is not None:
+        nearest = min(nearest, largest // multiple * multiple)
+    problem = (f"is larger than {largest}, the largest side of" if resolution % multiple == 0 and resolution >= 1
+               else f"is not a multiple of {multiple} (or not positive) for")
+    raise ModelError(f"resolution {resolution} {problem} {model}: it can sample "
+                     f"{possible_sides(multiple, largest)}; try {nearest}")

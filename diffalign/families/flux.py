@@ -73,8 +73,11 @@ class FluxFamily(ModelFamily):
     def default_resolution(self) -> int:
         return self.pipe.default_sample_size * self.vae_scale_factor
 
-    def resolution_multiple(self) -> int:
-        return self.vae_scale_factor * 2  # the VAE's downsampling, then 2x2 packing
+    @classmethod
+    def resolution_limits(cls, denoiser_config, vae_scale_factor: int):
+        """The VAE's downsampling, then 2x2 packing; rotary position ids bound no size (no `pos_embed_max_size`)."""
+        patches = denoiser_config.get("pos_embed_max_size")
+        return vae_scale_factor * 2, patches * vae_scale_factor * 2 if patches else None
 
     def latent_channels(self, denoiser=None) -> int:
         return super().latent_channels(denoiser) // 4  # the transformer sees 2x2-packed channels

@@ -27,10 +27,13 @@ class StableDiffusion3Family(ModelFamily):
         )
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
-    def resolution_multiple(self) -> int:
-        from ..rollout import unwrap
-
-        return self.vae_scale_factor * unwrap(self.denoiser).config.patch_size
+    @classmethod
+    def resolution_limits(cls, denoiser_config, vae_scale_factor: int):
+        """Patches of `patch_size` latents; the learned position embedding covers at most `pos_embed_max_size`
+        patches per side (larger images fail inside the transformer)."""
+        multiple = vae_scale_factor * denoiser_config["patch_size"]
+        patches = denoiser_config.get("pos_embed_max_size")
+        return multiple, patches * multiple if patches else None
 
     def set_timesteps(self, num_inference_steps: int, device, height: int, width: int):
         # As StableDiffusion3Pipeline: `mu` from the image sequence length when the scheduler shifts dynamically.

@@ -9,18 +9,20 @@ import os
 import random
 import time
 import warnings
+import weakref
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointError, atomic_save_dir, load_resumable, save_checkpoint
+from ..checkpoint import CheckpointError, atomic_save_dir, load_resumable, nothing_to_resume, save_checkpoint
 from ..config import ConfigError, TrainConfig
 from ..distributed import (ddp_kwargs, engine_name, full_parameters, full_state_dict_view, gradient_sync, is_dtensor,
                            is_sharded, load_optimizer_state, optimizer_state, prepare_reference)
 from ..errors import UserError
-from ..runlog import append_metrics, finite_json, prepare_output_dir, read_metrics, write_metrics
+from ..runlog import (append_metrics, finite_json, prepare_output_dir, read_metrics, release_run_lock,
+                      write_metrics)
 from ..utils.redaction import redact, reveal
 from ..validation import check_lora_target_modules
 from ..families import load_family
@@ -41,16 +43,11 @@ class NonFiniteError(UserError, RuntimeError):
 
 
 def set_torch_threads(config: TrainConfig):
-    """`torch.set_num_threads` from `config.num_threads`; by default one thread for the bundled models on a CPU (their
-    small convolutions are fastest on one thread when the cores are shared, and one thread makes runs bit-reproducible
-    across machines with different core counts)."""
-    from ..modeling import BUNDLED_MODELS
+    """`torch.set_num_threads` from `config.num_threads` by the rule every command follows
+    (`diffalign.modeling.apply_torch_threads`: one thread for the bundled models on a CPU by default)."""
+    from ..modeling import apply_torch_threads
 
-    threads = config.num_threads
-    if threads is None and config.model in BUNDLED_MODELS and not torch.cuda.is_available():
-        threads = 1
-    if threads is not None:
-        torch.set_num_threads(threads)
+    apply_torch_threads(config.model, config.num_threads)
 
 
 def _launched_processes() -> int:
@@ -125,8 +122,14 @@ class BaseTrainer:
             tracking.check_accelerator(accelerator, config)
         acc = self.accelerator
         config.validate(acc.num_processes)
+        if config.resume_from and nothing_to_resume(config.resume_from):
+            logger.info("%s has no checkpoint (the run stopped before its first one): starting from scratch",
+                        config.resume_from)
+            config.resume_from = None
+        self._release_run_lock = lambda: None
         if acc.is_main_process:  # one run per output directory: lock it (and refuse to start over an earlier run)
-            self._run_lock = prepare_output_dir(config.output_dir, resume=bool(config.resume_from), owner=self)
+            self._run_lock = prepare_output_dir(config.output_dir, resume=bool(config.resume_from))
+            self._release_run_lock = weakref.finalize(self, release_run_lock, self._run_lock)
         self.device = acc.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
         if config.allow_tf32 and torch.cuda.is_available():
@@ -518,7 +521,19 @@ class BaseTrainer:
         return metrics
 
     def train(self, progress: bool = True) -> List[Dict]:
-        """Runs epochs `first_epoch .. num_epochs - 1`, writing metrics, curves, grids, checkpoints and the result."""
+        """Runs epochs `first_epoch .. num_epochs - 1`, writing metrics, curves, grids, checkpoints and the result.
+
+        Log lines (the per-epoch metrics) go through `tqdm.write` while the progress bar runs, so that they do not
+        run on from the bar; the run directory is unlocked when the run ends (finished, failed or interrupted)."""
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        try:
+            with logging_redirect_tqdm():
+                return self._train(progress)
+        finally:
+            self._release_run_lock()
+
+    def _train(self, progress: bool) -> List[Dict]:
         config, acc = self.config, self.accelerator
         tracker = tracking.RunTracker(self)  # report_to: accelerate's trackers (none by default)
         tracker.start()
@@ -764,7 +779,7 @@ class BaseTrainer:
         ema = bool(self.config.ema_decay)
         names = ["model", "optimizer", "scheduler", "rng", "trainer"] + (["ema"] if ema else [])
         checkpoint, manifest, states = load_resumable(
-            path, names, config_hash=self.config.hash(), check=check,
+            path, names, config_hash=(self.config.hash(), self.config.hash(resolve_model=False)), check=check,
             finite=["model", "optimizer", "scheduler"] + (["ema"] if ema else []),
         )
         with self._applying(checkpoint):
