@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import sys
 import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -158,7 +159,23 @@ def test_no_output_file_holds_a_secret(secret_run):
     assert config["eval_reward_kwargs"]["headers"] == {"Authorization": "env:DIFFALIGN_TEST_AUTH"}
     assert config["eval_reward_kwargs"]["api_token"] == MARKER  # the key names a credential: hidden whole
     with open(os.path.join(out, ".diffalign.lock")) as f:
-        assert MARKER in json.load(f)["command"]
+        assert f.read() == ""  # a finished run releases its lock (the walk above covered it either way)
+
+
+def test_the_lock_file_hides_a_token_on_the_command_line(tmp_path, monkeypatch):
+    """While a run holds its directory, the lock names its command line with the secrets redacted."""
+    from diffalign.runlog import acquire_run_lock, release_run_lock
+
+    token = "Bearer lock-secret-4242"
+    monkeypatch.setattr(sys, "argv", ["diffalign", "train", "prdp", "--reward_kwargs",
+                                      '{"headers": {"Authorization": "%s"}}' % token])
+    lock = acquire_run_lock(str(tmp_path))
+    try:
+        with open(tmp_path / ".diffalign.lock") as f:
+            text = f.read()
+        assert MARKER in json.loads(text)["command"] and token not in text
+    finally:
+        release_run_lock(lock)
 
 
 def test_a_run_with_its_secrets_resumes(secret_run, servers, tmp_path, monkeypatch):
