@@ -181,12 +181,13 @@ def parse_request(body, max_depth: int = 64, max_items: int = 100_000):
         raise BadRequest(f"the request is not valid JSON ({first_line(e)})") from None
 
 
-def open_image(data: bytes, index: int) -> Image.Image:
+def open_image(data: bytes, index: int, max_pixels: Optional[int] = None) -> Image.Image:
     """The lazily opened image of `data` (only its header is read), one of `IMAGE_FORMATS`."""
     try:
         return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except Image.DecompressionBombError as e:  # over twice PIL's MAX_IMAGE_PIXELS: refused by PIL itself
-        raise RequestTooLarge(f"image {index} is too large to decode ({first_line(e)})") from None
+    except Image.DecompressionBombError as e:  # over twice PIL's MAX_IMAGE_PIXELS: refused by PIL on its header
+        limit = f"; the limit is {max_pixels} pixels per request (--max-pixels)" if max_pixels else ""
+        raise RequestTooLarge(f"image {index} is too large to decode ({e}){limit}") from None
     except (ValueError, OSError) as e:  # UnidentifiedImageError is an OSError
         raise BadRequest(f"image {index} is not a base64-encoded image ({', '.join(IMAGE_FORMATS)}; "
                          f"{type(e).__name__})") from None
@@ -207,7 +208,7 @@ def decode_images(encoded, device="cpu", max_pixels: Optional[int] = None) -> to
             data = base64.b64decode(text, validate=True)
         except (TypeError, ValueError, binascii.Error) as e:
             raise BadRequest(f"image {i} is not a base64-encoded image ({type(e).__name__})") from None
-        image = open_image(data, i)
+        image = open_image(data, i, max_pixels)
         width, height = image.size
         total_pixels += width * height
         if max_pixels is not None and total_pixels > max_pixels:
@@ -302,16 +303,32 @@ class ByteBudget:
 
 
 class _ClientErrorsAsOneLine(logging.LoggerAdapter):
-    """aiohttp's server log, with a client's malformed request or dropped connection as one INFO line instead of an
-    ERROR traceback: a broken or hostile client is not a server fault. Anything else keeps its traceback."""
+    """aiohttp's server log, with a client's malformed request or dropped connection as one line (INFO, or DEBUG
+    where aiohttp logs at DEBUG) instead of a traceback: a broken or hostile client is not a server fault. Anything
+    else keeps its traceback."""
 
-    def exception(self, msg, *args, exc_info=True, **kwargs):
+    @staticmethod
+    def _from_client(exc_info) -> bool:
         from aiohttp.http_exceptions import HttpProcessingError
 
-        if isinstance(exc_info, (HttpProcessingError, ConnectionError, asyncio.TimeoutError)):
-            self.logger.info(str(msg) % args + ": " + first_line(exc_info))
+        return isinstance(exc_info, (HttpProcessingError, ConnectionError, asyncio.TimeoutError))
+
+    def _one_line(self, level, msg, args, error):
+        if self.logger.isEnabledFor(level):
+            text = " ".join(f"{type(error).__name__}: {error}".split())
+            self.logger.log(level, "%s: %s", str(msg) % args, text[:300])
+
+    def exception(self, msg, *args, exc_info=True, **kwargs):
+        if self._from_client(exc_info):
+            self._one_line(logging.INFO, msg, args, exc_info)
         else:
             self.logger.error(msg, *args, exc_info=exc_info, **kwargs)
+
+    def debug(self, msg, *args, exc_info=None, **kwargs):
+        if self._from_client(exc_info):
+            self._one_line(logging.DEBUG, msg, args, exc_info)
+        else:
+            self.logger.debug(msg, *args, exc_info=exc_info, **kwargs)
 
 
 class RewardServer:
