@@ -236,6 +236,49 @@ def _finite_or_none(values):
     return [v if math.isfinite(v) else None for v in values]
 
 
+def score_request(reward_fn, request, name: str = "reward", device="cpu", max_pixels: Optional[int] = None) -> dict:
+    """The answer to one parsed request: validates it, decodes its images within `max_pixels`, scores them."""
+    from diffalign.rewards import call_reward
+
+    if not isinstance(request, dict):
+        raise BadRequest('expected a JSON object {"images": [...], "prompts": [...], "metadata": [...]}')
+    encoded, prompts, metadata = request.get("images"), request.get("prompts"), request.get("metadata")
+    if not isinstance(encoded, list) or not encoded:
+        raise BadRequest("'images' must be a non-empty list of base64-encoded PNGs")
+    count = len(encoded)
+    if not (isinstance(prompts, list) and len(prompts) == count and all(isinstance(p, str) for p in prompts)):
+        raise BadRequest(f"'prompts' must be a list of {count} strings, one per image")
+    if metadata is not None and (not isinstance(metadata, list) or len(metadata) != count):
+        raise BadRequest(f"'metadata' must be null or a list of {count} entries, one per image")
+    images = decode_images(encoded, device, max_pixels)
+    scores = call_reward(reward_fn, images, prompts, metadata, name=name)
+    parts = {part: torch.as_tensor(values, dtype=torch.float32).reshape(-1).tolist()
+             for part, values in getattr(reward_fn, "last_parts", {}).items()}
+    answer = {"scores": _finite_or_none(scores.tolist())}
+    if parts:
+        answer["parts"] = {part: _finite_or_none(values) for part, values in parts.items()}
+    return answer
+
+
+def handle_request_body(reward_fn, body, name: str = "reward", device="cpu",
+                        limits: Optional[ServerLimits] = None) -> Tuple[int, dict]:
+    """HTTP status and JSON answer of one `POST /score` body, within `limits` (JSON shape, pixels): the wire protocol
+    in one call, so another HTTP stack (Ray Serve, LitServe; docs/serving.md) serves a reward through it. Call it
+    from one thread at a time per `reward_fn`."""
+    limits = limits or ServerLimits()
+    try:
+        request = parse_request(body, limits.max_json_depth, limits.max_json_items)
+        return 200, score_request(reward_fn, request, name, device, limits.max_pixels)
+    except BadRequest as e:
+        return e.status, {"error": str(e)}
+    except UserError as e:  # the reward's own one-line error (RewardError: wrong output, failure)
+        logger.warning("reward error: %s", e)
+        return 500, {"error": str(e)}
+    except Exception as e:
+        logger.exception("reward %s failed", name)
+        return 500, {"error": f"reward '{name}' failed: {first_line(e)}"}
+
+
 def _import_aiohttp():
     try:
         from aiohttp import web
@@ -493,41 +536,12 @@ class RewardServer:
             raise BadRequest(f"the request body is malformed ({first_line(e)})") from None
 
     def _handle(self, body) -> Tuple[int, dict]:
-        """Status and answer of one request body (runs in the worker thread)."""
-        try:
-            request = parse_request(body, self.limits.max_json_depth, self.limits.max_json_items)
-            return 200, self.score(request)
-        except BadRequest as e:
-            return e.status, {"error": str(e)}
-        except UserError as e:  # the reward's own one-line error (RewardError: wrong output, failure)
-            logger.warning("reward error: %s", e)
-            return 500, {"error": str(e)}
-        except Exception as e:
-            logger.exception("reward %s failed", self.reward_label)
-            return 500, {"error": f"reward '{self.reward_label}' failed: {first_line(e)}"}
+        return handle_request_body(self.reward_fn, body, name=self.reward_label, device=self.device,
+                                   limits=self.limits)
 
     def score(self, request) -> dict:
-        """The answer to one parsed request: validates it, decodes its images within `max_pixels`, scores them."""
-        from diffalign.rewards import call_reward
-
-        if not isinstance(request, dict):
-            raise BadRequest('expected a JSON object {"images": [...], "prompts": [...], "metadata": [...]}')
-        encoded, prompts, metadata = request.get("images"), request.get("prompts"), request.get("metadata")
-        if not isinstance(encoded, list) or not encoded:
-            raise BadRequest("'images' must be a non-empty list of base64-encoded PNGs")
-        count = len(encoded)
-        if not (isinstance(prompts, list) and len(prompts) == count and all(isinstance(p, str) for p in prompts)):
-            raise BadRequest(f"'prompts' must be a list of {count} strings, one per image")
-        if metadata is not None and (not isinstance(metadata, list) or len(metadata) != count):
-            raise BadRequest(f"'metadata' must be null or a list of {count} entries, one per image")
-        images = decode_images(encoded, self.device, self.limits.max_pixels)
-        scores = call_reward(self.reward_fn, images, prompts, metadata, name=self.reward_label)
-        parts = {name: torch.as_tensor(values, dtype=torch.float32).reshape(-1).tolist()
-                 for name, values in getattr(self.reward_fn, "last_parts", {}).items()}
-        answer = {"scores": _finite_or_none(scores.tolist())}
-        if parts:
-            answer["parts"] = {name: _finite_or_none(values) for name, values in parts.items()}
-        return answer
+        """The answer to one parsed request (`score_request` with this server's reward, device and pixel limit)."""
+        return score_request(self.reward_fn, request, self.reward_label, self.device, self.limits.max_pixels)
 
     @staticmethod
     def _answer(status: int, payload: dict, headers=None, close: bool = False):
