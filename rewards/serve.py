@@ -301,17 +301,8 @@ class ByteBudget:
         self.peak = 0  # the most bytes ever reserved at once, for tests and the shutdown line
         self._waiters = collections.deque()  # [size, future], oldest first
 
-    @contextlib.asynccontextmanager
-    async def reserve(self, size: int, timeout: float):
-        """Holds `size` bytes for the `async with` block; raises `BudgetTimeout` after `timeout` seconds without
-        room."""
-        await self._acquire(size, timeout)
-        try:
-            yield
-        finally:
-            self._release(size)
-
-    async def _acquire(self, size: int, timeout: float):
+    async def acquire(self, size: int, timeout: float):
+        """Reserves `size` bytes, waiting behind earlier reservations; `BudgetTimeout` after `timeout` seconds."""
         if not self._waiters and self.in_use + size <= self.capacity:
             self._take(size)
             return
@@ -321,7 +312,7 @@ class ByteBudget:
             await asyncio.wait_for(asyncio.shield(entry[1]), timeout)
         except BaseException as e:
             if entry[1].done():  # granted just as the wait ended: give it back
-                self._release(size)
+                self.release(size)
             else:
                 entry[1].cancel()
                 self._waiters.remove(entry)
@@ -334,7 +325,7 @@ class ByteBudget:
         self.in_use += size
         self.peak = max(self.peak, self.in_use)
 
-    def _release(self, size: int):
+    def release(self, size: int):
         self.in_use -= size
         self._grant()
 
@@ -498,26 +489,45 @@ class RewardServer:
         if length is not None and length > limits.max_body_bytes:
             return self._answer(413, {"error": f"request of {length} bytes is over the limit of "
                                                f"{limits.max_body_bytes} (--max-body-mb)"})
+        reserved = limits.max_body_bytes if length is None else length
         try:
-            async with self.budget.reserve(limits.max_body_bytes if length is None else length,
-                                           limits.queue_timeout):
-                try:
-                    body = await asyncio.wait_for(self._read_body(request), limits.read_timeout)
-                except asyncio.TimeoutError:
-                    return self._answer(408, {"error": f"the request body did not arrive within "
-                                                       f"{limits.read_timeout:g} s (--read-timeout)"}, close=True)
-                except BadRequest as e:
-                    return self._answer(e.status, {"error": str(e)})
-                status, payload = await asyncio.get_running_loop().run_in_executor(self._worker, self._handle, body)
-                del body
+            await self.budget.acquire(reserved, limits.queue_timeout)
         except BudgetTimeout:
             return self._answer(503, {"error": f"server busy: request bodies fill its memory budget of "
                                                f"{limits.max_concurrent_bytes} bytes (--max-concurrent-mb) for "
                                                f"{limits.queue_timeout:g} s; retry later"})
+        job = None
+        try:
+            try:
+                body = await asyncio.wait_for(self._read_body(request), limits.read_timeout)
+            except asyncio.TimeoutError:
+                return self._answer(408, {"error": f"the request body did not arrive within "
+                                                   f"{limits.read_timeout:g} s (--read-timeout)"}, close=True)
+            except BadRequest as e:
+                return self._answer(e.status, {"error": str(e)})
+            job = self._worker.submit(self._handle, body)
+            del body
+            status, payload = await asyncio.wrap_future(job)
+        finally:
+            self._release_when_done(job, reserved)
         self.requests_served += 1
         return self._answer(status, payload)
 
-    async def _read_body(self, request) -> bytes:
+    def _release_when_done(self, job, reserved: int):
+        """Gives the request's bytes back to the budget once the worker no longer holds its body: now, unless the
+        client hung up while its job was running (a job still queued is cancelled with the request)."""
+        if job is None or job.done() or job.cancel():
+            self.budget.release(reserved)
+            return
+        loop = asyncio.get_running_loop()
+
+        def release(_):
+            with contextlib.suppress(RuntimeError):  # the loop closed first: nothing is waiting for the bytes
+                loop.call_soon_threadsafe(self.budget.release, reserved)
+
+        job.add_done_callback(release)
+
+    async def _read_body(self, request) -> bytearray:
         """The whole body, refused (`RequestTooLarge`) as soon as it passes `max_body_bytes`."""
         from aiohttp import ClientPayloadError
         from aiohttp.http_exceptions import HttpProcessingError

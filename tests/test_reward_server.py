@@ -444,3 +444,30 @@ def test_handle_request_body_is_the_protocol_for_other_stacks():
     assert status == 200 and len(answer["scores"]) == 3
     assert handle_request_body(reward_fn, b"[" * 100 + b"]" * 100)[0] == 400
     assert handle_request_body(reward_fn, body, limits=small(max_pixels=100))[0] == 413
+
+
+def test_a_client_that_hangs_up_keeps_its_bytes_reserved_until_the_worker_lets_go():
+    """The budget counts a body for as long as the worker holds it: a client that hangs up mid-scoring does not
+    free room for another body while its own is still in memory."""
+    release = threading.Event()
+    started = threading.Event()
+
+    def slow_reward(images, prompts, metadata=None):
+        started.set()
+        release.wait(10)
+        return torch.zeros(len(images))
+
+    server = make_server(slow_reward, port=0, device="cpu")
+    body = request_body()
+    with serving(server) as port:
+        try:
+            with raw(port, b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body):
+                assert started.wait(10)
+            time.sleep(0.3)  # the server has seen the hang-up
+            assert server.budget.in_use == len(body)
+        finally:
+            release.set()
+        deadline = time.time() + 5
+        while server.budget.in_use and time.time() < deadline:
+            time.sleep(0.02)
+        assert server.budget.in_use == 0
