@@ -78,10 +78,12 @@ def pipeline_class_of(path: str) -> str:
 
 
 def family_for_pipeline(pipe) -> ModelFamily:
-    """The family of a loaded pipeline (also of subclasses, e.g. the RLG pipelines)."""
+    """The family of a loaded pipeline (also of its subclasses and of its RLG pipeline)."""
+    rlg_pipelines = {family.rlg_pipeline_class: family for family in FAMILIES.values() if family.rlg_pipeline_class}
     for cls in type(pipe).__mro__:
-        if cls.__name__ in FAMILIES:
-            return FAMILIES[cls.__name__](pipe)
+        family = FAMILIES.get(cls.__name__) or rlg_pipelines.get(cls.__name__)
+        if family is not None:
+            return family(pipe)
     raise ModelError(f"unsupported model: pipeline class '{type(pipe).__name__}'; diffalign trains "
                      f"{', '.join(FAMILIES)}")
 

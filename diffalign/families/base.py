@@ -60,6 +60,7 @@ class ModelFamily:
     hub_tags: Tuple[str, ...] = ()  # the Hub's tags for the model (the model card's front matter)
     guidance_kind: str = "cfg"  # one of GUIDANCE_KINDS
     default_guidance_scale: float = 5.0  # the pipeline's `guidance_scale` in `diffalign generate` when none is given
+    embedded_guidance: Optional[float] = None  # the rollouts' embedded guidance (guidance_kind "embedded")
     # named settings of `tiny_components`, each a real configuration of the model the family tester runs too
     tiny_variants: Dict[str, Dict[str, Any]] = {}
 

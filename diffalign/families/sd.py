@@ -2,6 +2,8 @@
 
 from typing import List
 
+import torch
+
 from ..kernels import DDIMKernel
 from .base import Conditioning, ModelFamily
 

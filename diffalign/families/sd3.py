@@ -3,6 +3,8 @@ trajectories with Flow-GRPO's SDE."""
 
 from typing import List
 
+import torch
+
 from ..kernels import FlowSDEKernel
 from .base import Conditioning, ModelFamily
 
