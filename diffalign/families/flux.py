@@ -9,8 +9,8 @@ What differs from SD3, and where it lives here:
   sampled with. The generic CFG of `ModelFamily.predict` (`sample_guidance_scale != 1`, a negative prompt) is
   FluxPipeline's optional *true* CFG (`true_cfg_scale`); both halves then go through one forward.
 - latents are packed: `(B, (h/2)(w/2), 4C)` (`diffalign.families.packed_latents`). `prepare_latents` returns packed
-  latents (as `FluxPipeline`), the kernels step them as they are, `decode` unpacks them. `img_ids`/`txt_ids` are not per row: `forward` builds them
-  from the shapes, as the pipeline does.
+  latents (as `FluxPipeline`), the kernels step them as they are, `decode` unpacks them. `img_ids`/`txt_ids` are
+  not per row: `forward` builds them from the shapes, as the pipeline does.
 - timesteps: FLUX's sigmas `linspace(1, 1/n, n)` and the dynamic shift `mu` from the image sequence length, exactly
   as `FluxPipeline.__call__`; the transformer takes `t / 1000`.
 """

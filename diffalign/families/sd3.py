@@ -79,7 +79,12 @@ class StableDiffusion3Family(ModelFamily):
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
         from .tiny import (
-            offline_clip_tokenizer, tiny_clip_text_kwargs, tiny_flow_scheduler, tiny_t5_encoder, tiny_t5_tokenizer, tiny_vae,
+            offline_clip_tokenizer,
+            tiny_clip_text_kwargs,
+            tiny_flow_scheduler,
+            tiny_t5_encoder,
+            tiny_t5_tokenizer,
+            tiny_vae,
         )
 
         torch.manual_seed(seed)
