@@ -105,12 +105,14 @@ def _complete_family(**overrides):
     ({"denoiser_class": ...}, "denoiser_class"),
     ({"hub_tags": ()}, "hub_tags"),
     ({"guidance_kind": "negative"}, "guidance_kind"),
+    ({"guidance_kind": ...}, "guidance_kind"),  # "cfg" is ModelFamily's default, but a family must say so
+    ({"pipeline_init_kwargs": ...}, "pipeline_init_kwargs"),  # {} is a fact (nothing to switch off); unset is not
     ({"rlg_pipeline_class": ...}, "rlg_pipeline_class"),  # None is a fact (no RLG pipeline); unset is not
     ({"modular_blocks_class": ...}, "modular_blocks_class"),
     ({"tiny_components": ...}, "tiny_components()"),
     ({"forward": ...}, "forward()"),
-], ids=["complete", "denoiser_class", "hub_tags", "guidance_kind", "rlg_pipeline_class", "modular_blocks_class",
-        "tiny_components", "forward"])
+], ids=["complete", "denoiser_class", "hub_tags", "unknown_guidance_kind", "guidance_kind", "pipeline_init_kwargs",
+        "rlg_pipeline_class", "modular_blocks_class", "tiny_components", "forward"])
 def test_a_family_lacking_a_fact_is_refused(overrides, missing):
     family = _complete_family(name="new", pipeline_class="NewPipeline", **overrides)
     if missing is None:

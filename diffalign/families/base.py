@@ -18,12 +18,13 @@ Conditioning = Dict[str, torch.Tensor]  # per-row conditioning tensors (batch fi
 # - "true_cfg": CFG is `true_cfg_scale` with a negative prompt, there is no embedded guidance (Qwen-Image).
 GUIDANCE_KINDS = ("cfg", "embedded", "true_cfg")
 
-# The class attributes every family must set (not None), beyond the methods it implements; see `missing_facts`.
+# The class attributes every family must set (not None or empty), beyond the methods it implements; see
+# `missing_facts`.
 REQUIRED_FACTS = ("name", "pipeline_class", "denoiser_name", "denoiser_class", "kernel_class", "text_encoder_names",
-                  "default_lora_target_modules", "hub_tags", "guidance_kind", "default_guidance_scale",
-                  "pipeline_init_kwargs")
-# Facts that may be None, but must be declared by the family itself (None: diffusers or diffalign has none).
-OPTIONAL_FACTS = ("rlg_pipeline_class", "modular_blocks_class")
+                  "default_lora_target_modules", "hub_tags", "default_guidance_scale")
+# Facts each family states itself, because no default is right for every model (None or {} are values: no RLG
+# pipeline, no modular blocks in diffusers, no safety checker to switch off).
+DECLARED_FACTS = ("guidance_kind", "pipeline_init_kwargs", "rlg_pipeline_class", "modular_blocks_class")
 # Methods each family implements (the base class's raise NotImplementedError).
 REQUIRED_METHODS = ("encode_text", "forward", "tiny_components")
 
@@ -36,7 +37,7 @@ class ModelFamily:
     default LoRA target modules and writing a LoRA in its diffusers format; and, for `generate`, `bench`, the model
     card and the tests: its RLG pipeline, modular blocks, Hub tags, guidance kind and default scale, the pipeline
     arguments that switch off safety checkers and watermarkers, and tiny random components (`tiny_components`).
-    Subclasses set the class attributes (`REQUIRED_FACTS`, `OPTIONAL_FACTS`) and implement `encode_text`, `forward`
+    Subclasses set the class attributes (`REQUIRED_FACTS`, `DECLARED_FACTS`) and implement `encode_text`, `forward`
     and `tiny_components`; `missing_facts` lists what a subclass lacks, and the registry refuses such a family.
 
     Args:
@@ -67,12 +68,12 @@ class ModelFamily:
     @classmethod
     def missing_facts(cls) -> List[str]:
         """The facts and methods this family lacks (empty when it declares all): a required attribute that is None
-        or empty, an optional one (`OPTIONAL_FACTS`) not declared by the family itself, an unknown guidance kind, a
-        required method (`REQUIRED_METHODS`) not implemented."""
+        or empty, one of `DECLARED_FACTS` not declared by the family itself (inherited from `ModelFamily`), an
+        unknown guidance kind, a required method (`REQUIRED_METHODS`) not implemented."""
         missing = [fact for fact in REQUIRED_FACTS if getattr(cls, fact, None) in (None, (), [])]
         if getattr(cls, "guidance_kind", None) not in GUIDANCE_KINDS:
             missing.append(f"guidance_kind (one of {', '.join(GUIDANCE_KINDS)})")
-        missing += [fact for fact in OPTIONAL_FACTS if cls._owner(fact) in (None, ModelFamily)]
+        missing += [fact for fact in DECLARED_FACTS if cls._owner(fact) in (None, ModelFamily)]
         missing += [f"{method}()" for method in REQUIRED_METHODS if cls._owner(method) is ModelFamily]
         return missing
 
