@@ -104,42 +104,49 @@ def _dtype_kwargs(dtype: torch.dtype) -> Dict:
     )
 
 
-# diffusers pipeline class (`model_index.json` `_class_name`) -> (RLG pipeline class, denoiser attribute, its class)
-RLG_PIPELINES = {
-    "StableDiffusionPipeline": ("StableDiffusionRLGPipeline", "unet", "UNet2DConditionModel"),
-    "StableDiffusionXLPipeline": ("StableDiffusionXLRLGPipeline", "unet", "UNet2DConditionModel"),
-    "StableDiffusion3Pipeline": ("StableDiffusion3RLGPipeline", "transformer", "SD3Transformer2DModel"),
-    "FluxPipeline": ("FluxRLGPipeline", "transformer", "FluxTransformer2DModel"),
-}
-# `--guidance-scale` when not given: FLUX.1's is an embedded guidance (FluxPipeline's default), the others' CFG
-DEFAULT_GUIDANCE_SCALE = {"FluxRLGPipeline": 3.5}
-# a directory saved from an RLG pipeline (with its aligned model) loads with the same pipeline
-RLG_PIPELINES.update({rlg: (rlg, denoiser, cls) for rlg, denoiser, cls in list(RLG_PIPELINES.values())})
+def rlg_family_for(path: str):
+    """The model family (`diffalign.families.ModelFamily` subclass) of the diffusers model at `path`: from its
+    `model_index.json`, which may name the family's pipeline or, for a directory saved from one, its RLG pipeline.
 
-
-def rlg_pipeline_for(path: str):
-    """`(RLG pipeline class, denoiser attribute name, denoiser class)` for the diffusers model at `path`.
-
-    Raises a `ModelError` naming the supported pipeline classes for any other model.
+    Raises a `ModelError` naming the supported pipeline classes for a model without an RLG pipeline.
     """
     import diffusers
 
-    import diffalign.pipelines
+    from diffalign.families import FAMILIES, family_class, pipeline_class_of
     from diffalign.modeling import ModelError
 
     if os.path.isdir(path):
-        from diffalign.families import pipeline_class_of
-
         pipeline_class = pipeline_class_of(path)
     else:  # a hub id (hub reachable)
         pipeline_class = diffusers.DiffusionPipeline.load_config(path)["_class_name"]
-    if pipeline_class not in RLG_PIPELINES:
-        supported = [name for name in RLG_PIPELINES if "RLG" not in name]
+    supported = [name for name, family in FAMILIES.items() if family.rlg_pipeline_class]
+    try:
+        family = family_class(pipeline_class, rlg=True)
+    except ModelError:
+        family = None
+    if family is None or not family.rlg_pipeline_class:
         raise ModelError(
             f"unsupported model: pipeline class '{pipeline_class}'; diffalign generate supports {', '.join(supported)}"
         )
-    rlg_class, denoiser_name, denoiser_class = RLG_PIPELINES[pipeline_class]
-    return getattr(diffalign.pipelines, rlg_class), denoiser_name, getattr(diffusers, denoiser_class)
+    return family
+
+
+def rlg_pipeline_for(path: str):
+    """`(RLG pipeline class, denoiser attribute name, denoiser class)` for the diffusers model at `path`, from its
+    family (`rlg_family_for`).
+
+    Raises a `ModelError` naming the supported pipeline classes for any other model.
+    """
+    return _rlg_classes(rlg_family_for(path))
+
+
+def _rlg_classes(family):
+    import diffusers
+
+    import diffalign.pipelines
+
+    return (getattr(diffalign.pipelines, family.rlg_pipeline_class), family.denoiser_name,
+            getattr(diffusers, family.denoiser_class))
 
 
 def _safetensors_only(what: str, load):
@@ -203,15 +210,11 @@ def load_rlg_pipeline(
         dtype = "float16" if str(device).startswith("cuda") else "float32"
     torch_dtype = getattr(torch, dtype)
     path = _resolve_model(model)
-    pipeline_class, denoiser_name, denoiser_class = rlg_pipeline_for(path)
-    init_parameters = inspect.signature(pipeline_class.__init__).parameters
-    extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    if "add_watermarker" in init_parameters:
-        extra = {"add_watermarker": False}
-    elif "safety_checker" not in init_parameters:
-        extra = {}
+    family = rlg_family_for(path)
+    pipeline_class, denoiser_name, denoiser_class = _rlg_classes(family)
+    # the family's arguments that switch off a safety checker or watermarker
     pipe = _safetensors_only(f"model '{model}'", lambda: pipeline_class.from_pretrained(
-        path, use_safetensors=True, **_dtype_kwargs(torch_dtype), **extra))
+        path, use_safetensors=True, **_dtype_kwargs(torch_dtype), **family.pipeline_init_kwargs))
     if aligned_denoiser:
         aligned = _load_aligned_denoiser(aligned_denoiser, denoiser_name, denoiser_class, torch_dtype)
         pipe.register_modules(**{f"aligned_{denoiser_name}": aligned})
@@ -333,6 +336,7 @@ def _plot_rewards(results: List[Dict], reward: str, path: str):
 def run(args: argparse.Namespace) -> int:
     """Runs `diffalign generate` with parsed `args`; returns the exit code."""
     from diffalign.config import ConfigError
+    from diffalign.families import family_for_pipeline
     from diffalign.modeling import ModelError
     from diffalign.plotting import rows_grid
 
@@ -386,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale
         if args.guidance_scale is not None
-        else DEFAULT_GUIDANCE_SCALE.get(type(pipe).__name__, 5.0),
+        else family_for_pipeline(pipe).default_guidance_scale,
         **({"height": args.resolution, "width": args.resolution} if args.resolution else {}),
         eta=args.eta,
         rlg_start=args.rlg_start,

@@ -8,6 +8,7 @@ diffalign's RLG pipeline (`rlg_scale`). `push_to_hub` uploads `final/` with `HfA
 everything is written, so a failed push (offline, no token, HTTP error) is one line and loses nothing.
 """
 
+import inspect
 import json
 import logging
 import os
@@ -24,8 +25,6 @@ CARD = "README.md"
 GRID = "grid_before_after.png"
 CONFIG_COPY = "diffalign_config.json"
 
-# family name -> the Hub's tag for it
-FAMILY_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux"}
 ALGORITHMS = {
     "prdp": ("PRDP", "Proximal Reward Difference Prediction, [Deng et al., CVPR 2024](https://arxiv.org/abs/2402.08714)"),
     "ddpo": ("DDPO", "Denoising Diffusion Policy Optimization, [Black et al., 2023](https://arxiv.org/abs/2305.13301)"),
@@ -118,14 +117,25 @@ def _results_table(final_eval: Dict) -> List[str]:
     return lines
 
 
-def usage_snippets(config, pipeline_class: str, denoiser_name: str, denoiser_class: str, family_name: str,
-                   prompt: str, weights: str, resolution: int) -> List[str]:
-    """Two runnable Python snippets: the family's diffusers pipeline with the trained weights, and diffalign's RLG
-    pipeline with `rlg_scale`, sampling as in training (steps, guidance, image size). `weights` is the Hub repo or
-    the local `final/` directory."""
+def kernel_settings(kernel_class) -> set:
+    """The run settings a transition kernel reads: `sample_<argument>` of its constructor, as its `from_config` maps
+    them (DDIM's `sample_eta`, the flow SDE's `sample_noise_level`)."""
+    return {f"sample_{name}" for name in inspect.signature(kernel_class.__init__).parameters if name != "self"}
+
+
+def _call_argument(name: str, value) -> str:
+    return f"{name}={_py(value) if isinstance(value, str) else format(value, 'g')}"
+
+
+def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -> List[str]:
+    """Runnable Python snippets: the family's diffusers pipeline with the trained weights, and (for a family with
+    one) diffalign's RLG pipeline with `rlg_scale`, sampling as in training (steps, guidance as the family's pipeline
+    takes it, image size). `family` is the run's `ModelFamily` (class or instance); `weights` is the Hub repo or the
+    local `final/` directory."""
     from .modeling import BUNDLED_MODELS
 
-    rlg_class = pipeline_class.replace("Pipeline", "RLGPipeline")
+    pipeline_class, denoiser_name, denoiser_class = family.pipeline_class, family.denoiser_name, family.denoiser_class
+    rlg_class = family.rlg_pipeline_class
     ours = []  # diffalign imports, after the third-party ones
     if config.model in BUNDLED_MODELS:  # the bundled models ship inside the package
         ours.append("from diffalign.modeling import resolve_model_path")
@@ -133,12 +143,10 @@ def usage_snippets(config, pipeline_class: str, denoiser_name: str, denoiser_cla
     else:
         base = _py(base_model_id(config) or _local(config.model, config))
     call = [f"num_inference_steps={config.sample_num_steps}"]
-    if family_name == "flux":  # FLUX's guidance is the embedded one; sample_guidance_scale is FluxPipeline's true CFG
-        call.append(f"guidance_scale={config.sample_embedded_guidance:g}")
-        if config.sample_guidance_scale != 1:
-            call.append(f'true_cfg_scale={config.sample_guidance_scale:g}, negative_prompt=""')
-    else:
-        call.append(f"guidance_scale={config.sample_guidance_scale:g}")
+    # CFG, or an embedded guidance plus the optional true CFG, as the family's pipeline takes them
+    guidance = family.pipeline_guidance_kwargs(config.sample_guidance_scale,
+                                               getattr(config, "sample_embedded_guidance", None))
+    call += [_call_argument(name, value) for name, value in guidance.items()]
     call.append(f"height={resolution}, width={resolution}")  # the trained size, which may not be the pipeline's
     call = ", ".join(call)
 
@@ -166,7 +174,7 @@ def usage_snippets(config, pipeline_class: str, denoiser_name: str, denoiser_cla
             load,
             f"pipe = {rlg_class}.from_pretrained({base}, aligned_{denoiser_name}={denoiser_name})",
         ] + rlg_call)
-    return [plain, rlg]
+    return [plain, rlg] if rlg_class else [plain]
 
 
 def _snippet(third_party: List[str], ours: List[str], body: List[str]) -> str:
@@ -179,10 +187,11 @@ def _py(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def model_card(config, *, pipeline_class: str, denoiser_name: str, denoiser_class: str, family_name: str,
-               reward_label: str, prompt: str, resolution: int, final_eval: Optional[Dict] = None,
+def model_card(config, *, family, reward_label: str, prompt: str, resolution: int, final_eval: Optional[Dict] = None,
                history: Optional[List[Dict]] = None, has_grid: bool = False):
-    """The `huggingface_hub.ModelCard` of a run (see the module docstring)."""
+    """The `huggingface_hub.ModelCard` of a run (see the module docstring); `family` is the run's `ModelFamily`
+    (class or instance): its pipeline, denoiser, Hub tags, guidance kind, kernel and RLG pipeline."""
+    pipeline_class, denoiser_name = family.pipeline_class, family.denoiser_name
     from huggingface_hub import ModelCard, ModelCardData
 
     algorithm = config.algorithm
@@ -191,7 +200,7 @@ def model_card(config, *, pipeline_class: str, denoiser_name: str, denoiser_clas
     if algorithm == "ddpo" and getattr(config, "advantage_mode", None) == "group":
         tags.append("grpo")
     tags += ["lora"] if config.use_lora else []
-    tags += [FAMILY_TAGS.get(family_name, family_name), "text-to-image", "diffusers", "reward-fine-tuning"]
+    tags += [*family.hub_tags, "text-to-image", "diffusers", "reward-fine-tuning"]
     settings = shareable_settings(config)  # secrets redacted, paths relative to the run: the card is shared
     base = base_model_id(config)
     data = ModelCardData(base_model=base, library_name="diffusers", license=base_license(config), tags=tags,
@@ -221,7 +230,7 @@ def model_card(config, *, pipeline_class: str, denoiser_name: str, denoiser_clas
         lines.append(f"- training reward (epoch mean): {_number(first)} at epoch {history[0].get('epoch')} -> "
                      f"{_number(last)} at epoch {history[-1].get('epoch')}")
     lines += ["", "| setting | value |", "|---|---|"]
-    irrelevant = {"sample_noise_level"} if family_name in ("sd", "sdxl") else {"sample_eta"}  # UNet vs flow kernels
+    irrelevant = {"sample_eta", "sample_noise_level"} - kernel_settings(family.kernel_class)  # another kernel's
     if not config.use_lora:
         irrelevant |= {"lora_rank", "lora_alpha"}
     if not settings.get("ema_decay"):
@@ -237,14 +246,14 @@ def model_card(config, *, pipeline_class: str, denoiser_name: str, denoiser_clas
     if has_grid:
         lines += ["## Samples", "", f"![before and after training]({GRID})", "",
                   "Fixed-seed samples of the base model (top) and the fine-tuned one (bottom).", ""]
-    plain, rlg = usage_snippets(config, pipeline_class, denoiser_name, denoiser_class, family_name, prompt, weights,
-                                resolution)
+    plain, *rlg = usage_snippets(config, family, prompt, weights, resolution)
     lines += ["## Usage", ""]
     if not config.hub_model_id:
         lines += ["Local paths are relative to the run directory (the one holding `final/`).", ""]
-    lines += ["```python", plain, "```", "",
-              "With reinforcement-learning guidance (RLG), which scales the fine-tune's effect at inference:", "",
-              "```python", rlg, "```", ""]
+    lines += ["```python", plain, "```", ""]
+    if rlg:
+        lines += ["With reinforcement-learning guidance (RLG), which scales the fine-tune's effect at inference:", "",
+                  "```python", rlg[0], "```", ""]
     from .utils.redaction import scrub
 
     return ModelCard(scrub(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))  # any remembered secret too
@@ -304,11 +313,8 @@ def write_model_card(trainer) -> str:
         with open(path) as f:
             final_eval = json.load(f)
     prompts = config.grid_prompts or trainer.prompts.grid_prompts(1, config.seed)
-    family = trainer.family
     card = model_card(
-        config, pipeline_class=family.pipeline_class, denoiser_name=family.denoiser_name,
-        denoiser_class=type(family.denoiser).__name__, family_name=family.name,
-        reward_label=trainer.reward_label or _describe(config.reward), prompt=prompts[0],
+        config, family=trainer.family, reward_label=trainer.reward_label or _describe(config.reward), prompt=prompts[0],
         resolution=trainer.resolution, final_eval=final_eval,
         history=trainer.metrics_history, has_grid=has_grid,
     )

@@ -11,13 +11,16 @@ import textwrap
 
 import pytest
 
+from diffalign.families import FAMILIES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# every RLG pipeline file (found, not listed: a new family's pipeline is checked from the day it lands) and the guider
 FILES = {
-    "pipelines/pipeline_stable_diffusion_rlg.py": "diffalign.pipelines.pipeline_stable_diffusion_rlg",
-    "pipelines/pipeline_stable_diffusion_xl_rlg.py": "diffalign.pipelines.pipeline_stable_diffusion_xl_rlg",
-    "pipelines/pipeline_stable_diffusion_3_rlg.py": "diffalign.pipelines.pipeline_stable_diffusion_3_rlg",
-    "diffalign/guiders.py": "diffalign.guiders",
+    f"pipelines/{name}": f"diffalign.pipelines.{name[:-3]}"
+    for name in sorted(os.listdir(os.path.join(ROOT, "pipelines")))
+    if name.startswith("pipeline_") and name.endswith(".py")
 }
+FILES["diffalign/guiders.py"] = "diffalign.guiders"
 MARK = re.compile(
     r"^([ \t]*)# Copied from ([\w.]+)(?: with (\w+)->(\w+))?\n(?:\s*@[^\n]*\n)*\s*(?:def|class) (\w+)", re.M
 )
@@ -67,3 +70,17 @@ def test_copied_code_equals_its_target(module, in_class, target, old, new, name)
     if old:
         expected = expected.replace(old, new)
     assert tree(local) == expected
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES.values(), key=lambda f: f.name), ids=lambda f: f.name)
+def test_every_family_rlg_pipeline_is_checked(family):
+    """Each family's RLG pipeline lives in a checked file, and that file has `# Copied from` marks."""
+    import diffalign.pipelines
+
+    if family.rlg_pipeline_class is None:
+        pytest.skip(f"{family.name} has no RLG pipeline")
+    module = getattr(diffalign.pipelines, family.rlg_pipeline_class).__module__
+    assert module in FILES.values(), module
+    path = next(path for path, name in FILES.items() if name == module)
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        assert MARK.search(f.read()), f"{path} has no # Copied from marks"

@@ -1,5 +1,6 @@
-"""`bench rlg`: RLG sampling (single/two pass, windows) against plain CFG sampling, for SD, SDXL and SD3 models; for
-SDXL and SD3 also the RLG guider in the modular pipeline against the stock CFG guider."""
+"""`bench rlg`: RLG sampling (single/two pass, windows) against the family's plain pipeline, for every family with an
+RLG pipeline; for families whose diffusers modular blocks take a guider (SDXL, SD3) also the RLG guider in the modular
+pipeline against the stock CFG guider."""
 
 from .common import (
     BenchError,
@@ -38,20 +39,25 @@ def add_random_lora(denoiser, std: float = 0.1, seed: int = 0, adapter_name: str
     return denoiser
 
 
-# family -> (RLG pipeline, plain diffusers pipeline, modular blocks with a `guider`, or None)
-FAMILY_PIPELINES = {
-    "sd": ("StableDiffusionRLGPipeline", "StableDiffusionPipeline", None),
-    "sdxl": ("StableDiffusionXLRLGPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLAutoBlocks"),
-    "sd3": ("StableDiffusion3RLGPipeline", "StableDiffusion3Pipeline", "StableDiffusion3AutoBlocks"),
-}
 # `rlg` with a modular pipeline: (name, start, stop) of the RLG guider, against the stock CFG guider
 GUIDER_CASES = [("guider_0_1", 0.0, 1.0), ("guider_0_0.5", 0.0, 0.5)]
 
 
+def guider_blocks(family):
+    """The family's diffusers modular blocks class when its blocks take a `guider` component (where the RLG guider
+    plugs in), else None."""
+    if not family.modular_blocks_class:
+        return None
+    import diffusers.modular_pipelines
+
+    blocks = getattr(diffusers.modular_pipelines, family.modular_blocks_class)
+    return blocks if any(spec.name == "guider" for spec in blocks().expected_components) else None
+
+
 def run_benchmark(ctx) -> dict:
-    """RLG sampling against plain CFG sampling of the same (LoRA) model, for the model's family (SD, SDXL, SD3: e.g.
-    `--model DIR` with an SD3 directory); for SDXL and SD3 also the RLG guider in the family's modular pipeline
-    against its stock `ClassifierFreeGuidance` guider."""
+    """RLG sampling against plain sampling of the same (LoRA) model, for the model's family (e.g. `--model DIR` with
+    an SD3 or FLUX directory); where the family's modular blocks take a guider, also the RLG guider in the modular
+    pipeline against its stock `ClassifierFreeGuidance` guider."""
     import diffusers
     import torch
 
@@ -61,27 +67,28 @@ def run_benchmark(ctx) -> dict:
     args = ctx.args
     base = ctx.pipeline(copy_=not args.sd15_random)
     family = family_for_pipeline(base)
-    rlg_class, plain_class, blocks_class = FAMILY_PIPELINES[family.name]
+    if not family.rlg_pipeline_class:
+        raise BenchError(f"rlg: the {family.pipeline_class} family has no RLG pipeline")
     denoiser = getattr(base, family.denoiser_name)
     add_random_lora(denoiser, args.lora_std, args.seed)
     denoiser.to(ctx.device, ctx.dtype).eval()
     components = {k: v for k, v in base.components.items() if not k.startswith("aligned_")}
-    init_extra = {"sd": {"requires_safety_checker": False}, "sdxl": {"add_watermarker": False}}.get(family.name, {})
-    rlg = getattr(diffalign.pipelines, rlg_class)(**components, **init_extra)
-    plain = getattr(diffusers, plain_class)(**components, **init_extra)
+    init = {**family.pipeline_init_kwargs, **components}  # no safety checker, no watermarker
+    rlg = getattr(diffalign.pipelines, family.rlg_pipeline_class)(**init)
+    plain = getattr(diffusers, family.pipeline_class)(**init)
     for p in (rlg, plain):
         p.set_progress_bar_config(disable=True)
     steps, g, batch = ctx.steps, ctx.guidance_scale, ctx.batch_size
-    if g <= 1:
+    if family.guidance_kind != "embedded" and g <= 1:
         raise BenchError("rlg compares against CFG sampling: use --guidance-scale > 1")
     res = ctx.resolution(base)
     prompts = ctx.prompts(batch)
     ctx.settings.update(model=ctx.model_name, family=family.name, batch_size=batch, steps=steps, guidance_scale=g,
                         resolution=res, rlg_scale=args.rlg_scale, lora_std=args.lora_std, repeats=ctx.repeats,
                         cases={n: {"rlg_single_pass": s, "rlg_start": a, "rlg_stop": b} for n, s, a, b in RLG_CASES})
+    # `g` is the pipelines' `guidance_scale`: CFG, or the embedded guidance of a guidance-distilled model
     common = dict(num_inference_steps=steps, guidance_scale=g, height=res, width=res, output_type="pt")
-    if family.name == "sd3":
-        common["max_sequence_length"] = family.max_sequence_length  # the same T5 length in every case
+    common.update(family.pipeline_call_kwargs())  # e.g. the same T5 length in every case
 
     def generator():
         return torch.Generator(ctx.device).manual_seed(args.seed)
@@ -92,18 +99,17 @@ def run_benchmark(ctx) -> dict:
             prompts, generator=generator(), rlg_scale=args.rlg_scale, rlg_start=start, rlg_stop=stop,
             rlg_single_pass=single, **common))
 
-    guider_cases = GUIDER_CASES if blocks_class else []
+    blocks = guider_blocks(family)
+    guider_cases = GUIDER_CASES if blocks is not None else []
     if guider_cases:
         # the same components in the family's modular pipeline, one pipeline per guider
-        import diffusers.modular_pipelines
         from diffusers.guiders import ClassifierFreeGuidance
 
         from diffalign.guiders import ReinforcementLearningGuidance
 
-        blocks = getattr(diffusers.modular_pipelines, blocks_class)
         modular_kwargs = {k: v for k, v in common.items() if k != "guidance_scale"}
-        if family.name == "sd3":
-            modular_kwargs["negative_prompt"] = [""] * len(prompts)  # the SD3 blocks run CFG only with one
+        # an explicit empty negative prompt: some blocks (SD3's) run CFG only with one
+        modular_kwargs["negative_prompt"] = [""] * len(prompts)
 
         def modular(guider):
             pipe = blocks().init_pipeline()

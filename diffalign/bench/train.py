@@ -36,14 +36,11 @@ class _UNetFloor:
         self.trainer = trainer
         config = trainer.config
         self.config = config
-        pipe = trainer.pipe
         self.denoiser = trainer.denoiser
         self.family = trainer.family
         self.num_samples = num_samples
         self.cfg = config.sample_guidance_scale != 1.0
         generator = torch.Generator().manual_seed(seed)
-        latent = trainer.resolution // pipe.vae_scale_factor
-        self.latent_shape = (trainer.family.latent_channels(), latent, latent)
         # the conditioning of one prompt, repeated: its values do not change the cost of a forward
         self.conditioning, _ = trainer.family.conditioning(["x"], "", False, trainer.resolution, trainer.resolution)
         self.timesteps = trainer.family.set_timesteps(config.sample_num_steps, trainer.device, trainer.resolution,
@@ -57,7 +54,10 @@ class _UNetFloor:
 
         dtype, device = self.trainer.weight_dtype, self.trainer.device
         n = 2 * rows if self.cfg else rows
-        x = torch.randn((n, *self.latent_shape), generator=self.generator).to(device, dtype)
+        # the family's own latents (FLUX's are packed), drawn on the CPU as the generator is
+        resolution = self.trainer.resolution
+        x = self.family.prepare_latents(n, resolution, resolution, torch.float32, "cpu", self.generator,
+                                        denoiser=self.denoiser).to(device, dtype)
         e = {k: v.to(device, dtype if v.is_floating_point() else v.dtype).expand(n, *v.shape[1:])
              for k, v in self.conditioning.items()}
         t = self.timesteps[torch.randint(len(self.timesteps), (n,), generator=self.generator)].to(device)

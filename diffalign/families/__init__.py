@@ -1,12 +1,14 @@
 """Model families: one module per diffusers pipeline class, each owning everything model-specific.
 
 A family is chosen from the model directory's `model_index.json` (`_class_name`). To add one, write a
-`ModelFamily` subclass in a new module and list it in `FAMILIES`.
+`ModelFamily` subclass in a new module (its facts, its methods and its tiny components) and list it in `FAMILIES`;
+the registry refuses a family that lacks a fact (`ModelFamily.missing_facts`), and `generate`, `bench`, the model card,
+`diffalign.testing` and the family tester (tests/test_family_common.py) read everything from it.
 """
 
 import json
 import os
-from typing import Dict, Optional, Type
+from typing import Dict, Iterable, Optional, Type, Union
 
 import torch
 
@@ -17,19 +19,49 @@ from .sd import StableDiffusionFamily
 from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
 
-FAMILIES: Dict[str, Type[ModelFamily]] = {
-    family.pipeline_class: family
-    for family in (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family, FluxFamily)
-}
+
+def registry(families: Iterable[Type[ModelFamily]]) -> Dict[str, Type[ModelFamily]]:
+    """`{pipeline_class: family}`; a `TypeError` naming the family and what it lacks when a family misses a fact the
+    shared code needs, or repeats another's name or pipeline class."""
+    table: Dict[str, Type[ModelFamily]] = {}
+    names = set()
+    for family in families:
+        missing = family.missing_facts()
+        if missing:
+            raise TypeError(f"model family {family.__name__} lacks {', '.join(missing)}")
+        if family.pipeline_class in table or family.name in names:
+            raise TypeError(f"model family {family.__name__} repeats the name or pipeline class of another")
+        table[family.pipeline_class] = family
+        names.add(family.name)
+    return table
 
 
-def family_class(pipeline_class: str) -> Type[ModelFamily]:
-    """The family of a diffusers pipeline class name; a `ModelError` naming the supported ones otherwise."""
-    if pipeline_class not in FAMILIES:
-        raise ModelError(
-            f"unsupported model: pipeline class '{pipeline_class}'; diffalign trains {', '.join(FAMILIES)}"
-        )
-    return FAMILIES[pipeline_class]
+FAMILIES: Dict[str, Type[ModelFamily]] = registry(
+    (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family, FluxFamily)
+)
+
+
+def family_class(pipeline_class: str, rlg: bool = False) -> Type[ModelFamily]:
+    """The family of a diffusers pipeline class name (with `rlg=True` also of its RLG pipeline's class name, as a
+    directory saved from an RLG pipeline names); a `ModelError` naming the supported ones otherwise."""
+    if pipeline_class in FAMILIES:
+        return FAMILIES[pipeline_class]
+    if rlg:
+        for family in FAMILIES.values():
+            if family.rlg_pipeline_class == pipeline_class:
+                return family
+    raise ModelError(f"unsupported model: pipeline class '{pipeline_class}'; diffalign trains {', '.join(FAMILIES)}")
+
+
+def family_named(name: Union[str, Type[ModelFamily]]) -> Type[ModelFamily]:
+    """The family of a short name (`sd`, `sdxl`, `sd3`, `flux`) or a pipeline class name (a family class is returned
+    as it is); a `ModelError` naming the known ones otherwise."""
+    if isinstance(name, type) and issubclass(name, ModelFamily):
+        return name
+    for family in FAMILIES.values():
+        if name in (family.name, family.pipeline_class):
+            return family
+    raise ModelError(f"unknown model family '{name}'; known: {', '.join(f.name for f in FAMILIES.values())}")
 
 
 def pipeline_class_of(path: str) -> str:
@@ -73,10 +105,12 @@ def check_model_resolution(name_or_path: str, resolution: Optional[int]):
 
 
 def family_for_pipeline(pipe) -> ModelFamily:
-    """The family of a loaded pipeline (also of subclasses, e.g. the RLG pipelines)."""
+    """The family of a loaded pipeline (also of its subclasses and of its RLG pipeline)."""
+    rlg_pipelines = {family.rlg_pipeline_class: family for family in FAMILIES.values() if family.rlg_pipeline_class}
     for cls in type(pipe).__mro__:
-        if cls.__name__ in FAMILIES:
-            return FAMILIES[cls.__name__](pipe)
+        family = FAMILIES.get(cls.__name__) or rlg_pipelines.get(cls.__name__)
+        if family is not None:
+            return family(pipe)
     raise ModelError(f"unsupported model: pipeline class '{type(pipe).__name__}'; diffalign trains "
                      f"{', '.join(FAMILIES)}")
 
@@ -94,5 +128,5 @@ def load_family(name_or_path: str, torch_dtype: torch.dtype = torch.float32) -> 
 
 
 __all__ = ["FAMILIES", "Conditioning", "FluxFamily", "ModelFamily", "StableDiffusion3Family", "StableDiffusionFamily",
-           "StableDiffusionXLFamily", "check_model_resolution", "family_class", "family_for_pipeline", "load_family",
-           "pipeline_class_of"]
+           "StableDiffusionXLFamily", "check_model_resolution", "family_class", "family_for_pipeline", "family_named",
+           "load_family", "pipeline_class_of", "registry"]

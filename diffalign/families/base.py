@@ -1,7 +1,9 @@
-"""`ModelFamily`: everything model-specific that rollouts and trainers need, for one diffusers pipeline class."""
+"""`ModelFamily`: every fact about one diffusers pipeline class that diffalign needs: for rollouts and trainers
+(loading, conditioning, latents, the denoiser call, decoding, LoRA) and for the rest of the package (its RLG pipeline,
+modular blocks, Hub tags, guidance kind, pipeline arguments and tiny test components)."""
 
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -9,26 +11,76 @@ from ..modeling import LORA_WEIGHT_NAME, ModelError, dtype_kwarg
 
 Conditioning = Dict[str, torch.Tensor]  # per-row conditioning tensors (batch first), the denoiser's keyword inputs
 
+# How a family's pipeline takes guidance (`ModelFamily.guidance_kind`):
+# - "cfg": `guidance_scale` is classifier-free guidance (SD, SDXL, SD3);
+# - "embedded": `guidance_scale` is an input of a guidance-distilled denoiser, CFG is the optional `true_cfg_scale`
+#   with a negative prompt (FLUX.1);
+# - "true_cfg": CFG is `true_cfg_scale` with a negative prompt, there is no embedded guidance (Qwen-Image).
+GUIDANCE_KINDS = ("cfg", "embedded", "true_cfg")
+
+# The class attributes every family must set (not None or empty), beyond the methods it implements; see
+# `missing_facts`.
+REQUIRED_FACTS = ("name", "pipeline_class", "denoiser_name", "denoiser_class", "kernel_class", "text_encoder_names",
+                  "default_lora_target_modules", "hub_tags", "default_guidance_scale")
+# Facts each family states itself, because no default is right for every model (None or {} are values: no RLG
+# pipeline, no modular blocks in diffusers, no safety checker to switch off).
+DECLARED_FACTS = ("guidance_kind", "pipeline_init_kwargs", "rlg_pipeline_class", "modular_blocks_class")
+# Methods each family implements (the base class's raise NotImplementedError).
+REQUIRED_METHODS = ("encode_text", "forward", "tiny_components")
+
 
 class ModelFamily:
     """Wraps a loaded pipeline of one model family and speaks for it to the rollout and the trainers.
 
     A family owns: loading the pipeline (`load`), encoding prompts into a conditioning mapping (cached per prompt),
     preparing latents and timesteps, the denoiser call with classifier-free guidance (`predict`), decoding, its
-    default LoRA target modules and writing a LoRA in its diffusers format. Subclasses set the class attributes and
-    implement `encode_text`, `forward` and `lora_layers_kwarg`.
+    default LoRA target modules and writing a LoRA in its diffusers format; and, for `generate`, `bench`, the model
+    card and the tests: its RLG pipeline, modular blocks, Hub tags, guidance kind and default scale, the pipeline
+    arguments that switch off safety checkers and watermarkers, and tiny random components (`tiny_components`).
+    Subclasses set the class attributes (`REQUIRED_FACTS`, `DECLARED_FACTS`) and implement `encode_text`, `forward`
+    and `tiny_components`; `missing_facts` lists what a subclass lacks, and the registry refuses such a family.
 
     Args:
         pipe (`DiffusionPipeline`): a pipeline of `pipeline_class`.
     """
 
-    name = "base"
+    name = None  # short name (`save_tiny_pipeline("sdxl", ...)`, bench settings)
     pipeline_class = None  # diffusers class name, as written in model_index.json
     denoiser_name = "unet"  # the pipeline attribute holding the trained network
+    denoiser_class = None  # its diffusers class name (loads a fully fine-tuned denoiser)
     kernel_class = None  # a `diffalign.kernels.TransitionKernel` subclass
     text_encoder_names: Tuple[str, ...] = ("text_encoder",)
     default_lora_target_modules: List[str] = ["to_q", "to_k", "to_v", "to_out.0"]
-    load_kwargs: dict = {}  # extra `from_pretrained` arguments (e.g. no safety checker)
+    # the pipeline's `__init__` / `from_pretrained` arguments that switch off a safety checker or watermarker
+    pipeline_init_kwargs: Dict[str, Any] = {}
+    # the RLG pipeline: a class name in `diffalign.pipelines`, or None (no RLG pipeline: `generate` refuses the model)
+    rlg_pipeline_class: Optional[str] = None
+    # the blocks class in `diffusers.modular_pipelines` (None where diffusers has none); it runs the RLG guider when
+    # its blocks take a `guider` component
+    modular_blocks_class: Optional[str] = None
+    hub_tags: Tuple[str, ...] = ()  # the Hub's tags for the model (the model card's front matter)
+    guidance_kind: str = "cfg"  # one of GUIDANCE_KINDS
+    default_guidance_scale: float = 5.0  # the pipeline's `guidance_scale` in `diffalign generate` when none is given
+    embedded_guidance: Optional[float] = None  # the rollouts' embedded guidance (guidance_kind "embedded")
+    # named settings of `tiny_components`, each a real configuration of the model the family tester runs too
+    tiny_variants: Dict[str, Dict[str, Any]] = {}
+
+    @classmethod
+    def missing_facts(cls) -> List[str]:
+        """The facts and methods this family lacks (empty when it declares all): a required attribute that is None
+        or empty, one of `DECLARED_FACTS` not declared by the family itself (inherited from `ModelFamily`), an
+        unknown guidance kind, a required method (`REQUIRED_METHODS`) not implemented."""
+        missing = [fact for fact in REQUIRED_FACTS if getattr(cls, fact, None) in (None, (), [])]
+        if getattr(cls, "guidance_kind", None) not in GUIDANCE_KINDS:
+            missing.append(f"guidance_kind (one of {', '.join(GUIDANCE_KINDS)})")
+        missing += [fact for fact in DECLARED_FACTS if cls._owner(fact) in (None, ModelFamily)]
+        missing += [f"{method}()" for method in REQUIRED_METHODS if cls._owner(method) is ModelFamily]
+        return missing
+
+    @classmethod
+    def _owner(cls, attribute: str):
+        """The class of the MRO that defines `attribute` (None: none does)."""
+        return next((klass for klass in cls.__mro__ if attribute in vars(klass)), None)
 
     def __init__(self, pipe, max_cache: int = 4096):
         self.pipe = pipe
@@ -44,13 +96,60 @@ class ModelFamily:
         pipeline_cls = getattr(diffusers, cls.pipeline_class)
         try:
             pipe = pipeline_cls.from_pretrained(path, use_safetensors=True, **dtype_kwarg(torch_dtype),
-                                                **cls.load_kwargs)
+                                                **cls.pipeline_init_kwargs)
         except (OSError, EnvironmentError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"model '{path}' could not be loaded with safetensors weights only: {first[:300]}") from None
         cls.set_kernel_scheduler(pipe)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    # --------------------------------------------------------- tiny test models
+    @classmethod
+    def tiny_components(cls, seed: int = 0, **kwargs) -> Dict[str, Any]:
+        """The components of a tiny random `pipeline_class` (fixed seed, built from configs, no hub), small enough
+        that a rollout runs in milliseconds on a CPU; `kwargs` select a variant (`tiny_variants`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def tiny_pipeline(cls, seed: int = 0, **kwargs):
+        """A tiny random `pipeline_class` from `tiny_components` (safety checker and watermarker off)."""
+        import diffusers
+
+        components = cls.tiny_components(seed, **kwargs)
+        pipe = getattr(diffusers, cls.pipeline_class)(**{**cls.pipeline_init_kwargs, **components})
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @classmethod
+    def save_tiny(cls, directory: str, seed: int = 0, **kwargs) -> str:
+        """Writes `tiny_pipeline` in diffusers format (safetensors) to `directory` and returns it."""
+        os.makedirs(directory, exist_ok=True)
+        cls.tiny_pipeline(seed, **kwargs).save_pretrained(directory, safe_serialization=True)
+        return directory
+
+    # ------------------------------------------------------------------ sampling
+    @classmethod
+    def pipeline_guidance_kwargs(cls, guidance_scale: float, embedded_guidance: Optional[float] = None) -> Dict:
+        """The `pipeline_class.__call__` guidance arguments that sample as a rollout with CFG scale `guidance_scale`
+        (the run's `sample_guidance_scale`, 1 = no CFG) and embedded guidance `embedded_guidance` (the run's
+        `sample_embedded_guidance`, for `guidance_kind == "embedded"`) does, by the family's guidance kind."""
+        if cls.guidance_kind == "cfg":
+            return {"guidance_scale": guidance_scale}
+        kwargs = {"guidance_scale": embedded_guidance} if cls.guidance_kind == "embedded" else {}
+        if guidance_scale != 1:  # true CFG: the negative half is the empty prompt, as in the rollout
+            kwargs.update(true_cfg_scale=guidance_scale, negative_prompt="")
+        return kwargs
+
+    def pipeline_call_kwargs(self) -> Dict:
+        """`pipeline_class.__call__` arguments that make the pipeline encode prompts as this family does (the T5
+        length of families with a T5); none by default."""
+        tokens = getattr(self, "max_sequence_length", None)
+        return {} if tokens is None else {"max_sequence_length": tokens}
+
+    def uses_embedded_guidance(self) -> bool:
+        """Whether the loaded denoiser takes the guidance scale as an input (`guidance_kind == "embedded"`)."""
+        return self.guidance_kind == "embedded"
 
     @classmethod
     def set_kernel_scheduler(cls, pipe):

@@ -8,9 +8,9 @@ What differs from SD3, and where it lives here:
   conditioning mapping as one value per row, so a recorded trajectory is re-evaluated with the guidance it was
   sampled with. The generic CFG of `ModelFamily.predict` (`sample_guidance_scale != 1`, a negative prompt) is
   FluxPipeline's optional *true* CFG (`true_cfg_scale`); both halves then go through one forward.
-- latents are packed: `(B, (h/2)(w/2), 4C)`. `prepare_latents` returns packed latents (as `FluxPipeline`), the
-  kernels step them as they are, `decode` unpacks them. `img_ids`/`txt_ids` are not per row: `forward` builds them
-  from the shapes, as the pipeline does.
+- latents are packed: `(B, (h/2)(w/2), 4C)` (`diffalign.families.packed_latents`). `prepare_latents` returns packed
+  latents (as `FluxPipeline`), the kernels step them as they are, `decode` unpacks them. `img_ids`/`txt_ids` are
+  not per row: `forward` builds them from the shapes, as the pipeline does.
 - timesteps: FLUX's sigmas `linspace(1, 1/n, n)` and the dynamic shift `mu` from the image sequence length, exactly
   as `FluxPipeline.__call__`; the transformer takes `t / 1000`.
 """
@@ -21,6 +21,7 @@ import torch
 
 from ..kernels import FlowSDEKernel
 from .base import Conditioning, ModelFamily
+from .packed_latents import latent_image_ids, pack_latents, packed_grid, unpack_latents
 
 
 class FluxFamily(ModelFamily):
@@ -28,7 +29,16 @@ class FluxFamily(ModelFamily):
     pipeline_class = "FluxPipeline"
     denoiser_name = "transformer"
     kernel_class = FlowSDEKernel
+    denoiser_class = "FluxTransformer2DModel"
     text_encoder_names = ("text_encoder", "text_encoder_2")
+    pipeline_init_kwargs = {}  # no safety checker, no watermarker
+    rlg_pipeline_class = "FluxRLGPipeline"
+    # diffusers' modular FLUX takes no guider (FLUX.1-dev's guidance is embedded), so the RLG guider does not apply
+    modular_blocks_class = "FluxAutoBlocks"
+    hub_tags = ("flux",)
+    guidance_kind = "embedded"
+    default_guidance_scale = 3.5  # FluxPipeline's default (embedded) `guidance_scale`
+    tiny_variants = {"schnell": {"guidance_embeds": False, "use_dynamic_shifting": False}}
     # diffusers' examples/dreambooth/train_dreambooth_lora_flux.py (the default `--lora_layers`): the attention of
     # both streams of the double-stream blocks and their feed-forwards; the single-stream blocks' attention matches
     # the `attn.to_q/k/v` suffixes too.
@@ -38,7 +48,7 @@ class FluxFamily(ModelFamily):
         "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
     ]
     max_sequence_length = 512  # T5 tokens, FluxPipeline's default (FLUX.1-dev; Flow-GRPO and DanceGRPO train so)
-    embedded_guidance = 3.5  # FluxPipeline's default `guidance_scale`; set per run by `configure(config)`
+    embedded_guidance = default_guidance_scale  # set per run by `configure(config)`
 
     def configure(self, config):
         """`ModelFamily.configure`, and the run's embedded guidance (`sample_embedded_guidance`)."""
@@ -84,8 +94,7 @@ class FluxFamily(ModelFamily):
 
     def _grid(self, height: int, width: int) -> Tuple[int, int]:
         """The packed token grid `(rows, columns)` of an image size, as `FluxPipeline.prepare_latents` rounds it."""
-        multiple = self.vae_scale_factor * 2
-        return int(height) // multiple, int(width) // multiple
+        return packed_grid(height, width, self.vae_scale_factor)
 
     def add_resolution(self, cond: Conditioning, height: int, width: int) -> Conditioning:
         """Adds `image_size` `(B, 2)`: packed latents do not say their 2-D grid, which `forward` needs (img_ids)."""
@@ -94,10 +103,15 @@ class FluxFamily(ModelFamily):
         return {**cond, "image_size": size.expand(batch, 2).clone()}
 
     def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents=None, denoiser=None):
-        """Packed latents `(B, (h/2)(w/2), 4C)` as `FluxPipeline.prepare_latents` (given `latents` must be packed)."""
-        channels = self.latent_channels(denoiser)
-        latents, _ = self.pipe.prepare_latents(batch_size, channels, height, width, dtype, device, generator, latents)
-        return latents
+        """Packed latents `(B, (h/2)(w/2), 4C)`: Gaussian noise drawn as `FluxPipeline.prepare_latents` draws it (the
+        same numbers for the same generator), then packed (given `latents` must be packed already)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if latents is not None:
+            return latents.to(device=device, dtype=dtype)
+        rows, columns = self._grid(height, width)
+        shape = (batch_size, self.latent_channels(denoiser), 2 * rows, 2 * columns)
+        return pack_latents(randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype))
 
     def set_timesteps(self, num_inference_steps: int, device, height: int, width: int) -> torch.Tensor:
         # As FluxPipeline.__call__: sigmas linspace(1, 1/n, n) (none with `use_flow_sigmas`) and `mu` from the image
@@ -125,7 +139,7 @@ class FluxFamily(ModelFamily):
         height, width = cond["image_size"][0].tolist()
         rows, columns = self._grid(height, width)
         embeds = cond["encoder_hidden_states"]
-        img_ids = self.pipe._prepare_latent_image_ids(latents.shape[0], rows, columns, latents.device, embeds.dtype)
+        img_ids = latent_image_ids(rows, columns, latents.device, embeds.dtype)
         txt_ids = torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=embeds.dtype)
         guidance = cond.get("guidance")
         return denoiser(
@@ -137,11 +151,58 @@ class FluxFamily(ModelFamily):
 
     # ------------------------------------------------------------------- decoding
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Unpacks (`FluxPipeline._unpack_latents`), then `latents / scaling_factor + shift_factor` and the VAE."""
-        return super().decode(self.pipe._unpack_latents(latents, height, width, self.vae_scale_factor), height, width)
+        """Unpacks (`packed_latents.unpack_latents`), then `latents / scaling_factor + shift_factor` and the VAE."""
+        return super().decode(unpack_latents(latents, height, width, self.vae_scale_factor), height, width)
 
     # ----------------------------------------------------------------------- LoRA
     def lora_state_dict(self, denoiser) -> dict:
         from peft.utils import get_peft_model_state_dict
 
         return get_peft_model_state_dict(denoiser)  # as diffusers' train_dreambooth_lora_flux.py saves it
+
+    # ------------------------------------------------------------ tiny test model
+    @classmethod
+    def tiny_components(cls, seed: int = 0, guidance_embeds: bool = True, use_dynamic_shifting: bool = True) -> dict:
+        """Components of a tiny random `FluxPipeline`: a FLUX transformer with one double- and one single-stream block
+        (16 input channels: the 4-channel latents packed 2x2), the embedded guidance of FLUX.1-dev (`guidance_embeds`;
+        False is FLUX.1-schnell), a CLIP text encoder (its pooled output) and a tiny T5, a 4-channel VAE with FLUX's
+        latent scaling and shift, and FLUX.1-dev's scheduler (dynamic shifting from the image sequence length; with
+        `use_dynamic_shifting=False`, FLUX.1-schnell's fixed shift 1)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from .tiny import offline_clip_tokenizer, tiny_clip_text_kwargs, tiny_t5_encoder, tiny_t5_tokenizer, tiny_vae
+
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            axes_dims_rope=[4, 4, 8],
+            guidance_embeds=guidance_embeds,
+        )
+        vae = tiny_vae(seed, 32, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
+                       scaling_factor=0.3611)
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_clip_text_kwargs()))
+        if use_dynamic_shifting:  # FLUX.1-dev's scheduler_config.json
+            scheduler = FlowMatchEulerDiscreteScheduler(
+                shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                max_image_seq_len=4096,
+            )
+        else:  # FLUX.1-schnell's
+            scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+        return {
+            "transformer": transformer,
+            "vae": vae,
+            "text_encoder": text_encoder,
+            "text_encoder_2": tiny_t5_encoder(seed),
+            "tokenizer": offline_clip_tokenizer(),
+            "tokenizer_2": tiny_t5_tokenizer(),
+            "scheduler": scheduler,
+        }

@@ -2,6 +2,8 @@
 
 from typing import List
 
+import torch
+
 from ..kernels import DDIMKernel
 from .base import Conditioning, ModelFamily
 
@@ -12,8 +14,14 @@ class StableDiffusionFamily(ModelFamily):
     denoiser_name = "unet"
     kernel_class = DDIMKernel
     text_encoder_names = ("text_encoder",)
+    denoiser_class = "UNet2DConditionModel"
     default_lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]
-    load_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    pipeline_init_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    rlg_pipeline_class = "StableDiffusionRLGPipeline"
+    modular_blocks_class = None  # diffusers has no modular Stable Diffusion 1.x/2.x pipeline
+    hub_tags = ("stable-diffusion",)
+    guidance_kind = "cfg"
+    tiny_variants = {"v_prediction": {"prediction_type": "v_prediction"}}
 
     def encode_text(self, prompts: List[str], device) -> Conditioning:
         embeds, _ = self.pipe.encode_prompt(prompts, device, 1, False)
@@ -22,3 +30,45 @@ class StableDiffusionFamily(ModelFamily):
     def forward(self, denoiser, latents, timesteps, cond: Conditioning):
         latents = self.scheduler.scale_model_input(latents, timesteps)
         return denoiser(latents, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+
+    @classmethod
+    def tiny_components(cls, seed: int = 0, sample_size: int = 16, prediction_type: str = "epsilon") -> dict:
+        """Returns the components of a tiny `StableDiffusionPipeline` (random weights, fixed seed).
+
+        Args:
+            seed (`int`, *optional*, defaults to 0):
+                Seed of the random initialisation; the same seed gives the same weights.
+            sample_size (`int`, *optional*, defaults to 16):
+                Latent side length; images are twice as large (the tiny VAE downsamples by 2).
+            prediction_type (`str`, *optional*, defaults to `"epsilon"`):
+                `"epsilon"` or `"v_prediction"`, set on the scheduler.
+        """
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from .tiny import offline_clip_tokenizer, tiny_clip_text_kwargs, tiny_ddim_scheduler, tiny_unet
+
+        unet = tiny_unet(seed, sample_size)
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=sample_size * 2,
+        )
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_clip_text_kwargs()))
+        scheduler = tiny_ddim_scheduler(prediction_type=prediction_type)
+        return {
+            "unet": unet,
+            "vae": vae,
+            "text_encoder": text_encoder,
+            "tokenizer": offline_clip_tokenizer(),
+            "scheduler": scheduler,
+            "safety_checker": None,
+            "feature_extractor": None,
+        }

@@ -3,6 +3,8 @@ trajectories with Flow-GRPO's SDE."""
 
 from typing import List
 
+import torch
+
 from ..kernels import FlowSDEKernel
 from .base import Conditioning, ModelFamily
 
@@ -12,7 +14,14 @@ class StableDiffusion3Family(ModelFamily):
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser_name = "transformer"
     kernel_class = FlowSDEKernel
+    denoiser_class = "SD3Transformer2DModel"
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    pipeline_init_kwargs = {}  # no safety checker, no watermarker
+    rlg_pipeline_class = "StableDiffusion3RLGPipeline"
+    modular_blocks_class = "StableDiffusion3AutoBlocks"
+    hub_tags = ("sd3",)
+    guidance_kind = "cfg"
+    tiny_variants = {"without_t5": {"with_t5": False}}
     # Flow-GRPO's SD3.5 LoRA targets (config/grpo.py): joint attention of the image and the text stream.
     default_lora_target_modules = [
         "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
@@ -64,3 +73,51 @@ class StableDiffusion3Family(ModelFamily):
         from peft.utils import get_peft_model_state_dict
 
         return get_peft_model_state_dict(denoiser)  # as diffusers' train_dreambooth_lora_sd3.py saves it
+
+    @classmethod
+    def tiny_components(cls, seed: int = 0, sample_size: int = 8, with_t5: bool = True) -> dict:
+        """Components of a tiny random `StableDiffusion3Pipeline`: an MM-DiT transformer, two CLIP text encoders with
+        projections, a tiny T5 (or none: the pipeline then feeds zeros), a flow-matching scheduler with shift 3."""
+        from diffusers import SD3Transformer2DModel
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+        from .tiny import (
+            offline_clip_tokenizer,
+            tiny_clip_text_kwargs,
+            tiny_flow_scheduler,
+            tiny_t5_encoder,
+            tiny_t5_tokenizer,
+            tiny_vae,
+        )
+
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=sample_size,
+            patch_size=1,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            caption_projection_dim=32,
+            joint_attention_dim=32,
+            pooled_projection_dim=64,
+            out_channels=4,
+        )
+        vae = tiny_vae(seed, sample_size * 2, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                       scaling_factor=1.5035)
+        config = CLIPTextConfig(**tiny_clip_text_kwargs(projection_dim=32))
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModelWithProjection(config)
+        torch.manual_seed(seed + 1)
+        text_encoder_2 = CLIPTextModelWithProjection(config)
+        return {
+            "transformer": transformer,
+            "vae": vae,
+            "text_encoder": text_encoder,
+            "text_encoder_2": text_encoder_2,
+            "text_encoder_3": tiny_t5_encoder(seed) if with_t5 else None,
+            "tokenizer": offline_clip_tokenizer(),
+            "tokenizer_2": offline_clip_tokenizer(),
+            "tokenizer_3": tiny_t5_tokenizer() if with_t5 else None,
+            "scheduler": tiny_flow_scheduler(),
+        }

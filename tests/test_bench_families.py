@@ -1,0 +1,61 @@
+"""`diffalign bench rollout|train|rlg` on a tiny model directory of every registered family (the bench must run on
+every supported family: no per-family table to forget). Tiny settings; no timed assertion."""
+
+import json
+
+import pytest
+
+from diffalign.cli import main
+from diffalign.families import FAMILIES
+
+SHAPES = ["--steps", "2", "--repeats", "1", "--threads", "1", "--resolution", "16"]
+
+
+@pytest.fixture(scope="module", params=[family.name for family in FAMILIES.values()])
+def family_dir(request, tmp_path_factory):
+    from diffalign.testing import save_tiny_pipeline
+
+    return request.param, save_tiny_pipeline(request.param, str(tmp_path_factory.mktemp("bench") / request.param))
+
+
+def bench(capsys, tmp_path, sub, model, *extra):
+    output = tmp_path / f"{sub}.json"
+    assert main(["bench", sub, "--model", model, *SHAPES, "--output", str(output), *extra]) == 0
+    table = capsys.readouterr().out
+    result = json.loads(output.read_text())
+    for name, entry in result["figures"].items():
+        assert name in table, f"{name} missing from the table"
+    return result
+
+
+def test_bench_rollout(family_dir, capsys, tmp_path):
+    _, model = family_dir
+    figures = bench(capsys, tmp_path, "rollout", model, "--batch-size", "2")["figures"]
+    assert figures["rollout_images_per_s"]["value"] > 0 and figures["rollout_time_ratio"]["value"] > 0
+
+
+def test_bench_train(family_dir, capsys, tmp_path):
+    _, model = family_dir
+    result = bench(capsys, tmp_path, "train", model, "--prompts-per-epoch", "1", "--images-per-prompt", "2",
+                   "--set", "train_num_inner_epochs=1")
+    for algorithm in ("prdp", "ddpo"):
+        assert result["figures"][f"{algorithm}_epoch_s"]["value"] > 0
+        assert result["figures"][f"{algorithm}_unet_floor_s"]["value"] > 0
+
+
+def test_bench_rlg(family_dir, capsys, tmp_path):
+    from diffalign.bench.rlg import guider_blocks
+    from diffalign.families import family_named
+
+    name, model = family_dir
+    result = bench(capsys, tmp_path, "rlg", model, "--batch-size", "1")
+    assert result["settings"]["family"] == name
+    figures = result["figures"]
+    for case in ("single_pass_0_1", "two_pass_0_1", "single_pass_0_0.5"):
+        assert figures[f"rlg_{case}_over_plain"]["value"] > 0
+    # the RLG guider runs where the family's modular blocks take a guider (SDXL, SD3)
+    with_guider = guider_blocks(family_named(name)) is not None
+    assert ("rlg_guider_0_1_over_guider_cfg" in figures) == with_guider
+    if with_guider:
+        assert figures["rlg_guider_0_1_over_guider_cfg"]["value"] > 0
+        assert figures["guider_cfg_images_per_s"]["value"] > 0

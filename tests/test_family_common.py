@@ -1,0 +1,402 @@
+"""The family tester: every check that must hold for every model family, parametrised over the family registry
+(`diffalign.families.FAMILIES`), in the spirit of diffusers' `PipelineTesterMixin`. A new family is tested by
+registering it: the tests run on its tiny components (`tiny_components`) and their variants (`tiny_variants`), and
+read every other fact from the family (guidance kind, pipeline arguments, RLG pipeline, LoRA targets).
+
+The checks: the family declares every fact the shared code needs (and the registry refuses one that does not); a
+deterministic rollout equals the family's diffusers pipeline; recorded log-probs are recomputed exactly; resolution
+rules; both trainers run from the CLI and write a LoRA that the family's pipeline and its RLG pipeline load; the LoRA
+reloads at its trained scale; `diffalign generate` picks the family's RLG pipeline; the RLG pipeline is the base at
+w = 0 and the aligned model at w = 1.
+"""
+
+import argparse
+import inspect
+import json
+import os
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from diffalign.families import FAMILIES, ModelFamily, StableDiffusionFamily, family_for_pipeline, load_family, registry
+from diffalign.families.base import GUIDANCE_KINDS
+from diffalign.kernels import TransitionKernel, sde_window_mask
+from diffalign.modeling import ModelError, add_lora
+from diffalign.rollout import default_kernel, sample_trajectories, step_log_probs
+
+PROMPTS = ["a photo of a cat", "a red car"]
+SIZE = 16  # image side of the tests: a multiple of every family's resolution multiple, and fast
+FAMILY_LIST = sorted(FAMILIES.values(), key=lambda family: family.name)
+
+
+def families():
+    return [pytest.param(family, id=family.name) for family in FAMILY_LIST]
+
+
+def variants():
+    """Each family's tiny model, then each of its variants (e.g. FLUX.1-schnell, SD3 without T5)."""
+    params = []
+    for family in FAMILY_LIST:
+        params.append(pytest.param(family, {}, id=family.name))
+        params += [pytest.param(family, kwargs, id=f"{family.name}-{name}")
+                   for name, kwargs in family.tiny_variants.items()]
+    return params
+
+
+def _randomise_lora(model, seed=0, std=0.05):
+    generator = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = torch.randn(param.shape, generator=generator) * std
+
+
+def _generator(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------------- facts
+def check_facts(family):
+    """What `generate`, `bench`, the model card and the tests need from a family, resolved against diffusers and
+    diffalign (an `AssertionError` naming the first fact that fails)."""
+    import diffusers
+    import diffusers.modular_pipelines
+
+    import diffalign.pipelines
+
+    assert family.missing_facts() == [], f"{family.__name__} lacks {family.missing_facts()}"
+    assert hasattr(diffusers, family.pipeline_class), family.pipeline_class
+    assert hasattr(diffusers, family.denoiser_class), family.denoiser_class
+    assert issubclass(family.kernel_class, TransitionKernel)
+    assert family.guidance_kind in GUIDANCE_KINDS and family.default_guidance_scale > 0
+    assert all(isinstance(tag, str) and tag for tag in family.hub_tags)
+    pipelines = [getattr(diffusers, family.pipeline_class)]
+    if family.rlg_pipeline_class is not None:
+        pipelines.append(getattr(diffalign.pipelines, family.rlg_pipeline_class))
+    for pipeline in pipelines:  # the init arguments are ones the pipelines take
+        assert set(family.pipeline_init_kwargs) <= set(inspect.signature(pipeline.__init__).parameters), pipeline
+    if family.modular_blocks_class is not None:
+        assert hasattr(diffusers.modular_pipelines, family.modular_blocks_class), family.modular_blocks_class
+    tiny_arguments = inspect.signature(family.tiny_components).parameters
+    for name, kwargs in family.tiny_variants.items():
+        assert set(kwargs) <= set(tiny_arguments), f"tiny variant {name}: {kwargs}"
+
+
+@pytest.mark.parametrize("family", families())
+def test_family_declares_every_fact(family):
+    check_facts(family)
+
+
+def _complete_family(**overrides):
+    """A family with every fact (those of SD), written out on a `ModelFamily` subclass; `overrides` remove or change
+    some (the value `...` deletes one)."""
+    facts = {name: inspect.getattr_static(StableDiffusionFamily, name) for name in (
+        "name", "pipeline_class", "denoiser_name", "denoiser_class", "kernel_class", "text_encoder_names",
+        "default_lora_target_modules", "hub_tags", "guidance_kind", "default_guidance_scale", "pipeline_init_kwargs",
+        "rlg_pipeline_class", "modular_blocks_class", "encode_text", "forward", "tiny_components")}
+    facts.update(overrides)
+    return type("NewFamily", (ModelFamily,), {k: v for k, v in facts.items() if v is not ...})
+
+
+@pytest.mark.parametrize("overrides, missing", [
+    ({}, None),
+    ({"denoiser_class": ...}, "denoiser_class"),
+    ({"hub_tags": ()}, "hub_tags"),
+    ({"guidance_kind": "negative"}, "guidance_kind"),
+    ({"guidance_kind": ...}, "guidance_kind"),  # "cfg" is ModelFamily's default, but a family must say so
+    ({"pipeline_init_kwargs": ...}, "pipeline_init_kwargs"),  # {} is a fact (nothing to switch off); unset is not
+    ({"rlg_pipeline_class": ...}, "rlg_pipeline_class"),  # None is a fact (no RLG pipeline); unset is not
+    ({"modular_blocks_class": ...}, "modular_blocks_class"),
+    ({"tiny_components": ...}, "tiny_components()"),
+    ({"forward": ...}, "forward()"),
+], ids=["complete", "denoiser_class", "hub_tags", "unknown_guidance_kind", "guidance_kind", "pipeline_init_kwargs",
+        "rlg_pipeline_class", "modular_blocks_class", "tiny_components", "forward"])
+def test_a_family_lacking_a_fact_is_refused(overrides, missing):
+    family = _complete_family(name="new", pipeline_class="NewPipeline", **overrides)
+    if missing is None:
+        assert family.missing_facts() == []
+        assert registry([family]) == {"NewPipeline": family}
+        return
+    assert any(item.startswith(missing) for item in family.missing_facts())
+    with pytest.raises(TypeError, match=f"NewFamily lacks .*{re.escape(missing)}"):
+        registry([StableDiffusionFamily, family])
+    with pytest.raises(AssertionError):  # the tester's own check catches it too
+        check_facts(family)
+
+
+def test_the_registry_refuses_a_repeated_family():
+    with pytest.raises(TypeError, match="repeats"):
+        registry([StableDiffusionFamily, _complete_family()])  # SD's name and pipeline class again
+
+
+# ----------------------------------------------------------------------------------------------- rollouts
+@pytest.mark.parametrize("guidance, embedded, size", [(1.0, 3.5, (SIZE, SIZE)), (3.0, 2.0, (SIZE, SIZE + 8))],
+                         ids=["no-cfg-square", "cfg-wide"])
+@pytest.mark.parametrize("family_class, variant", variants())
+def test_zero_width_window_rollout_equals_the_family_pipeline(family_class, variant, guidance, embedded, size):
+    """A rollout with no stochastic step is the pipeline's own sampling: same latents, timesteps, CFG (or embedded
+    guidance and true CFG), images."""
+    pipe = family_class.tiny_pipeline(**variant)
+    family = family_for_pipeline(pipe)
+    assert type(family) is family_class
+    family.set_kernel_scheduler(pipe)  # e.g. SDXL's default Euler scheduler -> DDIM, as the trainers load it
+    family.embedded_guidance = embedded
+    height, width = size
+    latents = family.prepare_latents(2, height, width, torch.float32, "cpu", _generator(3))
+
+    def rollout():
+        return sample_trajectories(family, PROMPTS, num_inference_steps=3, guidance_scale=guidance, latents=latents,
+                                   height=height, width=width, stochastic_steps=sde_window_mask(3, 0))
+
+    ours = rollout()
+    stock = pipe(PROMPTS, num_inference_steps=3, latents=latents, height=height, width=width, output_type="pt",
+                 **family.pipeline_guidance_kwargs(guidance, embedded), **family.pipeline_call_kwargs()).images
+    torch.testing.assert_close(ours.images, stock, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours.timesteps, pipe.scheduler.timesteps)  # e.g. FLUX's sigmas and dynamic shift
+    assert not ours.stochastic.any() and torch.isnan(ours.log_probs).all()
+    assert (ours.negative_conditioning is not None) == (guidance != 1)
+    assert ("guidance" in ours.conditioning) == family.uses_embedded_guidance()
+    if family.uses_embedded_guidance():
+        assert ours.conditioning["guidance"].tolist() == [embedded] * 2
+        family.embedded_guidance = embedded + 2.0  # a model input: another value gives other images
+        assert (rollout().images - ours.images).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family_class", families())
+def test_recomputed_log_probs_give_ratio_one_and_window_steps_only(family_class):
+    pipe = family_class.tiny_pipeline()
+    family = family_for_pipeline(pipe)
+    family.set_kernel_scheduler(pipe)
+    family.configure(SimpleNamespace(sample_embedded_guidance=2.5, sample_max_sequence_length=64))
+    if getattr(family_class, "max_sequence_length", None) is not None:
+        assert family.max_sequence_length == 64
+    if family.guidance_kind == "embedded":
+        assert family.embedded_guidance == 2.5
+    add_lora(family.denoiser, target_modules=family.default_lora_target_modules)
+    # the default targets reach every attention of the denoiser (e.g. FLUX's single-stream blocks too)
+    attentions = [name for name, module in family.denoiser.named_modules() if hasattr(module, "to_q")]
+    assert attentions and all(hasattr(family.denoiser.get_submodule(name).to_q, "lora_A") for name in attentions)
+    _randomise_lora(family.denoiser)
+    family.denoiser.eval()
+    kernel = default_kernel(family, eta=1.0, noise_level=0.7)
+    window = sde_window_mask(4, 2, start=1)
+    traj = sample_trajectories(family, PROMPTS, num_inference_steps=4, guidance_scale=3.0, kernel=kernel, height=SIZE,
+                               width=SIZE, generator=_generator(1), compute_reference=True, stochastic_steps=window)
+    latent_shape = family.prepare_latents(1, SIZE, SIZE, torch.float32, "cpu", _generator()).shape[1:]
+    assert traj.latents.shape == (2, 5, *latent_shape)  # FLUX's packed latents too
+    assert traj.stochastic[0].tolist() == [False, True, True, False]
+    assert torch.isfinite(traj.log_probs[:, 1:3]).all() and torch.isnan(traj.log_probs[:, [0, 3]]).all()
+    rows, steps = torch.tensor([0, 0, 1, 1]), torch.tensor([1, 2, 1, 2])
+    with torch.no_grad():
+        log_probs, _, _ = step_log_probs(family, family.denoiser, kernel, traj, rows, steps, 3.0)
+    ratio = torch.exp(log_probs - traj.log_probs[rows, steps])
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
+    # the base model (adapters off) gives other log-probs and a positive KL, only at the window's steps
+    assert (traj.ref_log_probs[:, 1:3] - traj.log_probs[:, 1:3]).abs().max() > 1e-5
+    assert (traj.kl_to_ref[:, 1:3] > 0).all() and torch.isnan(traj.kl_to_ref[:, [0, 3]]).all()
+
+
+@pytest.mark.parametrize("family_class", families())
+def test_resolution_rules(family_class):
+    pipe = family_class.tiny_pipeline()
+    family = family_for_pipeline(pipe)
+    multiple = family.resolution_multiple()
+    assert SIZE % multiple == 0
+    family.check_resolution(4 * multiple)
+    with pytest.raises(ModelError, match=f"not a multiple of {multiple}"):
+        family.check_resolution(4 * multiple + 1)
+    # the default is the pipeline's own default image size (FLUX: default_sample_size x vae_scale_factor)
+    guidance = family.pipeline_guidance_kwargs(1.0, family.default_guidance_scale)
+    image = pipe(PROMPTS[0], num_inference_steps=1, output_type="pt", **guidance).images
+    assert tuple(image.shape[-2:]) == (family.default_resolution(),) * 2
+
+
+# ----------------------------------------------------------------------------------------- loading and CLI
+def test_unsupported_pipeline_is_one_line(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(ModelError, match="unsupported model: pipeline class 'KandinskyPipeline'"):
+        load_family(str(tmp_path))
+    assert set(FAMILIES) >= {"StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline",
+                             "FluxPipeline"}
+
+
+@pytest.mark.parametrize("family_class", families())
+def test_pickle_weights_are_refused(family_class, tmp_path):
+    pipe = family_class.tiny_pipeline()
+    pipe.save_pretrained(str(tmp_path), safe_serialization=True)
+    denoiser_dir = tmp_path / family_class.denoiser_name  # the denoiser's weights as a pickle instead
+    for weights in denoiser_dir.glob("*.safetensors"):
+        weights.unlink()
+    torch.save(getattr(pipe, family_class.denoiser_name).state_dict(), denoiser_dir / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelError, match="safetensors"):
+        load_family(str(tmp_path))
+
+
+@pytest.fixture(scope="module", params=[family.name for family in FAMILY_LIST])
+def family_dir(request, tmp_path_factory):
+    """`(family class, tiny model directory)` of each registered family."""
+    family = next(f for f in FAMILY_LIST if f.name == request.param)
+    return family, family.save_tiny(str(tmp_path_factory.mktemp("families") / family.name))
+
+
+CLI_SETTINGS = [
+    "--num_epochs", "2", "--sample_num_steps", "3", "--sample_num_prompts_per_epoch", "2",
+    "--sample_images_per_prompt", "2", "--sample_batch_size", "4", "--train_batch_size", "4",
+    "--grid_num_images", "2", "--checkpoint_every", "2", "--reward", "jpeg_compressibility",
+    "--prompts", "[a photo of a cat, a red car]", "--train_learning_rate", "0.05", "--sample_guidance_scale", "3.0",
+    "--sample_embedded_guidance", "3.0", "--sample_resolution", str(SIZE), "--lora_rank", "4", "--lora_alpha", "8",
+    "--train_clip_range", "1.0", "--train_clip_eps", "1.0", "--train_beta", "0.01", "--train_num_inner_epochs", "1",
+]
+
+
+def _cli_args(algorithm, model, output_dir, extra=()):
+    settings = list(CLI_SETTINGS)
+    drop = {"ddpo": ("--train_clip_eps", "--train_beta"), "prdp": ("--train_batch_size", "--train_clip_range")}
+    for key in drop[algorithm]:
+        i = settings.index(key)
+        del settings[i : i + 2]
+    return ["train", algorithm, "--model", model, "--output_dir", output_dir] + settings + list(extra)
+
+
+@pytest.mark.parametrize("algorithm", ["ddpo", "prdp"])
+def test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines(family_dir, tmp_path, algorithm):
+    import diffusers
+
+    import diffalign.pipelines
+    from diffalign.cli import main
+
+    family, model = family_dir
+    out = str(tmp_path / "run")
+    extra = ["--sample_sde_window_size", "2"] if algorithm == "ddpo" else []  # an SDE window
+    assert main(_cli_args(algorithm, model, out, extra)) == 0
+    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [line["epoch"] for line in lines] == [0, 1]
+    lora_dir = os.path.join(out, "final")
+    assert os.path.isfile(os.path.join(lora_dir, "pytorch_lora_weights.safetensors"))
+
+    kwargs = dict(num_inference_steps=2, height=SIZE, width=SIZE, output_type="pt",
+                  **family.pipeline_guidance_kwargs(3.0, 3.0))
+    pipe = getattr(diffusers, family.pipeline_class).from_pretrained(model, **family.pipeline_init_kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    before = pipe(PROMPTS[0], generator=_generator(), **kwargs).images
+    pipe.load_lora_weights(lora_dir)
+    after = pipe(PROMPTS[0], generator=_generator(), **kwargs).images
+    assert (after - before).abs().max() > 1e-4  # the trained LoRA is loaded and changes the images
+
+    # ... and in the family's RLG pipeline: w = 1 is the LoRA model, w = 0 the base
+    if family.rlg_pipeline_class is None:
+        return
+    rlg = getattr(diffalign.pipelines, family.rlg_pipeline_class).from_pretrained(model, **family.pipeline_init_kwargs)
+    rlg.set_progress_bar_config(disable=True)
+    rlg.load_lora_weights(lora_dir)
+    for scale, expected in ((1.0, after), (0.0, before)):
+        images = rlg(PROMPTS[0], generator=_generator(), rlg_scale=scale, **kwargs).images
+        torch.testing.assert_close(images, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_names_the_supported_families_for_another_pipeline(tmp_path, capsys):
+    from diffalign.cli import main
+
+    model = tmp_path / "kandinsky"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    assert main(["train", "ddpo", "--model", str(model), "--output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unsupported model" in err[0]
+    assert all(family.pipeline_class in err[0] for family in FAMILY_LIST)
+
+
+@pytest.mark.parametrize("family_class", families())
+def test_saved_lora_reloads_at_its_trained_scale(family_class, tmp_path):
+    # alpha != rank: diffusers needs the adapter's config as metadata, else it loads the LoRA with alpha = rank
+    pipe = family_class.tiny_pipeline()
+    family = family_for_pipeline(pipe)
+    add_lora(family.denoiser, rank=4, alpha=8.0, target_modules=family.default_lora_target_modules)
+    _randomise_lora(family.denoiser, std=0.2)
+    kwargs = dict(num_inference_steps=2, height=SIZE, width=SIZE, output_type="pt",
+                  **family.pipeline_guidance_kwargs(3.0, family.default_guidance_scale))
+    trained = pipe(PROMPTS[0], generator=_generator(), **kwargs).images
+    family.save_lora(family.denoiser, str(tmp_path))
+    with safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), "pt") as f:
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    targets = metadata[f"{family.denoiser_name}.target_modules"]
+    assert targets == sorted(targets)  # not a set's hash-seed order: two identical runs write the same metadata
+    fresh = family_class.tiny_pipeline()
+    fresh.load_lora_weights(str(tmp_path))
+    reloaded = fresh(PROMPTS[0], generator=_generator(), **kwargs).images
+    torch.testing.assert_close(reloaded, trained, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------- RLG
+def test_generate_picks_the_family_rlg_pipeline(family_dir, tmp_path, monkeypatch):
+    """`diffalign generate --model <dir> --lora DIR`: the family's RLG pipeline with the family's default guidance;
+    w = 0 is the family's pipeline on the base, w = 1 with the LoRA (written by the family)."""
+    import diffusers
+
+    from diffalign import generate
+
+    family_class, model = family_dir
+    if family_class.rlg_pipeline_class is None:
+        pytest.skip(f"{family_class.name} has no RLG pipeline")
+    family = load_family(model)
+    add_lora(family.denoiser, rank=4, alpha=8, target_modules=family.default_lora_target_modules)
+    _randomise_lora(family.denoiser)
+    lora_dir = str(tmp_path / "lora")
+    family.save_lora(family.denoiser, lora_dir)
+
+    calls = []
+    sample_scales = generate.sample_scales
+    monkeypatch.setattr(generate, "sample_scales", lambda *args, **kwargs: calls.append(kwargs) or sample_scales(
+        *args, **kwargs))
+    out = tmp_path / "out"
+    argv = ["--model", model, "--lora", lora_dir, "--prompt", "a cat", "--rlg-scale", "0", "1", "--num-images", "1",
+            "--steps", "2", "--resolution", str(SIZE), "--output-dir", str(out)]
+    assert generate.run(generate.add_arguments(argparse.ArgumentParser()).parse_args(argv)) == 0
+    assert (out / "rlg_grid.png").is_file()
+    assert calls[0]["guidance_scale"] == family_class.default_guidance_scale and calls[0]["height"] == SIZE
+
+    pipe = generate.load_rlg_pipeline(model, lora=lora_dir, device="cpu")
+    assert type(pipe).__name__ == family_class.rlg_pipeline_class
+    kwargs = dict(num_inference_steps=2, guidance_scale=family_class.default_guidance_scale, height=SIZE, width=SIZE)
+    images = generate.sample_scales(pipe, ["a cat"], [0.0, 1.0], 1, 0, eta=0.0, **kwargs)
+    stock = getattr(diffusers, family_class.pipeline_class).from_pretrained(model, **family_class.pipeline_init_kwargs)
+    stock.set_progress_bar_config(disable=True)
+    run = lambda: stock("a cat", generator=_generator(), output_type="pt", **kwargs).images  # noqa: E731
+    torch.testing.assert_close(images[0.0], run(), atol=1e-4, rtol=1e-4)
+    stock.load_lora_weights(lora_dir)
+    torch.testing.assert_close(images[1.0], run(), atol=1e-4, rtol=1e-4)
+    assert (images[1.0] - images[0.0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family_class, variant", variants())
+def test_rlg_pipeline_is_the_base_at_0_and_the_aligned_model_at_1(family_class, variant):
+    """On the same components: the RLG pipeline at w = 0 is the family's pipeline without the LoRA on the denoiser,
+    at w = 1 the pipeline with it (e.g. FLUX.1-schnell: no embedded guidance, a fixed-shift scheduler)."""
+    import diffusers
+
+    import diffalign.pipelines
+
+    if family_class.rlg_pipeline_class is None:
+        pytest.skip(f"{family_class.name} has no RLG pipeline")
+    components = {**family_class.pipeline_init_kwargs, **family_class.tiny_components(**variant)}
+    pipeline = getattr(diffusers, family_class.pipeline_class)
+    kwargs = dict(num_inference_steps=3, height=SIZE, width=SIZE, output_type="pt",
+                  **family_class.pipeline_guidance_kwargs(3.0, family_class.default_guidance_scale))
+    if "negative_prompt" in kwargs:  # true CFG: one negative prompt per prompt (FluxRLGPipeline needs as many)
+        kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(PROMPTS)
+
+    def sample(pipe, **extra):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(PROMPTS, generator=_generator(), **kwargs, **extra).images
+
+    stock = sample(pipeline(**components))
+    rlg = getattr(diffalign.pipelines, family_class.rlg_pipeline_class)(**components)
+    denoiser = components[family_class.denoiser_name]
+    add_lora(denoiser, target_modules=family_class.default_lora_target_modules)
+    _randomise_lora(denoiser)
+    torch.testing.assert_close(sample(rlg, rlg_scale=0.0), stock, atol=1e-4, rtol=1e-4)
+    aligned = sample(pipeline(**components))  # the LoRA is on the shared denoiser
+    assert (aligned - stock).abs().max() > 1e-3
+    torch.testing.assert_close(sample(rlg, rlg_scale=1.0), aligned, atol=1e-4, rtol=1e-4)
