@@ -19,6 +19,7 @@ Built-ins (see docs/rewards.md for the weights each one needs):
 | `clip_score` | `clip_rewards` | `scale * cos(image, text)` of a CLIP model |
 | `hpsv2`, `hpsv2.1` | `hpsv2` | HPSv2 / HPSv2.1: `cos(image, text)` (needs `diffalign[openclip]`) |
 | `remote` | `remote` | the scores of an HTTP server (`url=...`); `python -m diffalign.rewards.serve` serves any reward |
+| `vlm_judge` | `vlm_judge` | a VLM over an OpenAI-compatible API: P(Yes) / (P(Yes) + P(No)), or a parsed rating |
 """
 
 import importlib
@@ -42,6 +43,7 @@ _BUILTIN_MODULES = [
     "diffalign.rewards.clip_rewards",
     "diffalign.rewards.hpsv2",
     "diffalign.rewards.remote",
+    "diffalign.rewards.vlm_judge",
 ]
 
 __all__ = [
