@@ -19,6 +19,7 @@ Built-ins (see docs/rewards.md for the weights each one needs):
 | `clip_score` | `clip_rewards` | `scale * cos(image, text)` of a CLIP model |
 | `hpsv2`, `hpsv2.1` | `hpsv2` | HPSv2 / HPSv2.1: `cos(image, text)` (needs `diffalign[openclip]`) |
 | `remote` | `remote` | the scores of an HTTP server (`url=...`); `python -m diffalign.rewards.serve` serves any reward |
+| `ocr` | `ocr` | Flow-GRPO's text rendering: 1 - normalised edit distance to the prompt's quoted text (EasyOCR) |
 | `vlm_judge` | `vlm_judge` | a VLM over an OpenAI-compatible API: P(Yes) / (P(Yes) + P(No)), or a parsed rating |
 """
 
@@ -44,6 +45,7 @@ _BUILTIN_MODULES = [
     "diffalign.rewards.hpsv2",
     "diffalign.rewards.remote",
     "diffalign.rewards.vlm_judge",
+    "diffalign.rewards.ocr",
 ]
 
 __all__ = [
