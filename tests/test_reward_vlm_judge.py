@@ -330,3 +330,33 @@ def test_a_retried_request_logs_one_line_without_the_key(monkeypatch, caplog):
     lines = [r.getMessage() for r in caplog.records if "answered on try" in r.getMessage()]
     assert len(lines) == 1 and "HTTP 503" in lines[0] and url in lines[0], lines
     assert all(KEY not in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.slow
+def test_a_training_run_with_the_judge_writes_no_key(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`reward: vlm_judge` from the command line: the run scores through the judge with the key from the environment,
+    and no file of the run (binary ones included) nor its output holds the key; a wrong key stops it with one line
+    and exit code 2."""
+    from diffalign.cli import main
+
+    monkeypatch.setenv("JUDGE_KEY", KEY)
+    server, seen = judge_server(key=KEY)
+    args = ["train", "ddpo", "--model", tiny_model_dir, "--prompts", "[a cat, a dog]", "--num_epochs", "1",
+            "--sample_num_steps", "2", "--sample_num_prompts_per_epoch", "2", "--sample_images_per_prompt", "2",
+            "--train_batch_size", "2", "--grid_num_images", "1", "--reward", "vlm_judge"]
+    with server as url:
+        kwargs = f"{{base_url: {url}, model: judge, api_key_env: JUDGE_KEY, retries: 0, timeout: 10}}"
+        code = main(args + ["--output_dir", str(tmp_path / "run"), "--reward_kwargs", kwargs])
+        assert code == 0 and len(seen["requests"]) >= 4
+        monkeypatch.setenv("JUDGE_KEY", "sk-wrong-key-9876543210")
+        code = main(args + ["--output_dir", str(tmp_path / "refused"), "--reward_kwargs", kwargs])
+    out = capsys.readouterr()
+    errors = [line for line in out.err.splitlines() if line.startswith("diffalign: error:")]
+    assert code == 2 and len(errors) == 1 and "HTTP 401" in errors[0], errors
+    for secret in (KEY, "sk-wrong-key-9876543210"):
+        assert secret not in out.out + out.err
+        for path in tmp_path.rglob("*"):
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), path
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        assert 0 <= json.loads(f.readline())["reward_mean"] <= 1
