@@ -209,6 +209,107 @@ def check_metadata(metadata, index: int = 0) -> dict:
     return metadata
 
 
+# ------------------------------------------------------------------------- a detector and a colour classifier
+DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # GenEval's colour classifier: open_clip ViT-L-14 "openai", the same weights
+COLOUR_TEMPLATES = ("a photo of a {c} {name}", "a photo of a {c}-colored {name}", "a photo of a {c} object")
+
+
+def owl_detections(logits: torch.Tensor, boxes: torch.Tensor, classes: List[str], height: int, width: int
+                   ) -> Dict[str, List[Tuple[Box, float]]]:
+    """OWL-ViT/OWLv2 outputs of one image (`logits [patches, queries]`, `boxes [patches, 4]` as normalised centre,
+    width, height on the square padded image) as `{class: [(x1, y1, x2, y2), confidence]}` in the image's pixels:
+    each box goes to its best query with confidence `sigmoid(logit)`, as transformers' post-processing does, and is
+    clipped to the image (OWLv2 pads the image at the bottom and right to a square)."""
+    side = max(height, width)
+    best = logits.float().max(dim=-1)
+    scores, labels = torch.sigmoid(best.values), best.indices
+    cx, cy, w, h = (boxes.float() * side).unbind(-1)
+    xyxy = torch.stack([(cx - w / 2).clamp(0, width), (cy - h / 2).clamp(0, height),
+                        (cx + w / 2).clamp(0, width), (cy + h / 2).clamp(0, height)], dim=-1)
+    found: Dict[str, List[Tuple[Box, float]]] = {name: [] for name in classes}
+    for box, score, label in zip(xyxy.tolist(), scores.tolist(), labels.tolist()):
+        found[classes[label]].append((tuple(box), score))
+    return found
+
+
+class OwlDetector:
+    """An open-vocabulary detector (OWLv2 through transformers) asked for `"a photo of a <class>"`."""
+
+    def __init__(self, model: str = DEFAULT_DETECTOR, device: str = "cpu", template: str = "a photo of a {}"):
+        from transformers import Owlv2ForObjectDetection, Owlv2Processor
+
+        from .clip_rewards import from_pretrained_or_raise
+
+        self.processor = from_pretrained_or_raise(Owlv2Processor, model, reward="geneval", argument="detector_model",
+                                                  default=DEFAULT_DETECTOR)
+        self.model = from_pretrained_or_raise(Owlv2ForObjectDetection, model, reward="geneval",
+                                              argument="detector_model", default=DEFAULT_DETECTOR,
+                                              use_safetensors=True).eval().requires_grad_(False).to(device)
+        self.device, self.template = device, template
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray, classes: List[str]) -> Dict[str, List[Tuple[Box, float]]]:
+        from PIL import Image
+
+        inputs = self.processor(text=[[self.template.format(c) for c in classes]], images=Image.fromarray(image),
+                                return_tensors="pt").to(self.device)
+        outputs = self.model(**inputs)
+        return owl_detections(outputs.logits[0], outputs.pred_boxes[0], classes, *image.shape[:2])
+
+
+class ClipColourClassifier:
+    """GenEval's colour classification: CLIP zero-shot over `COLORS` on each box's crop, each colour's text embedding
+    the normalised mean of GenEval's three templates' normalised embeddings (clip_benchmark's zero-shot classifier).
+    Without masks (a box detector), the crop is the box itself, where GenEval greys out what is outside the mask."""
+
+    def __init__(self, model: str = DEFAULT_CLIP, device: str = "cpu"):
+        from transformers import CLIPModel, CLIPProcessor
+
+        from .clip_rewards import from_pretrained_or_raise
+
+        self.processor = from_pretrained_or_raise(CLIPProcessor, model, reward="geneval", argument="clip_model",
+                                                  default=DEFAULT_CLIP)
+        self.model = from_pretrained_or_raise(CLIPModel, model, reward="geneval", argument="clip_model",
+                                              default=DEFAULT_CLIP, use_safetensors=True
+                                              ).eval().requires_grad_(False).to(device)
+        self.device = device
+        self._classifiers: Dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def classifier(self, name: str) -> torch.Tensor:
+        """`[colours, dim]`: each colour's unit text embedding for objects of class `name`."""
+        if name not in self._classifiers:
+            texts = [t.format(c=c, name=name) for c in COLORS for t in COLOUR_TEMPLATES]
+            tokens = self.processor.tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
+            # tower + projection, like `get_text_features` (whose return type changed in transformers 5)
+            pooled = self.model.text_model(input_ids=tokens["input_ids"],
+                                           attention_mask=tokens["attention_mask"]).pooler_output
+            embeds = torch.nn.functional.normalize(self.model.text_projection(pooled), dim=-1)
+            embeds = embeds.view(len(COLORS), len(COLOUR_TEMPLATES), -1).mean(dim=1)
+            self._classifiers[name] = torch.nn.functional.normalize(embeds, dim=-1)
+        return self._classifiers[name]
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray, boxes: List[Box], name: str) -> List[str]:
+        from PIL import Image
+
+        picture = Image.fromarray(image)
+        crops = [picture.crop(_pixel_box(box, picture.width, picture.height)) for box in boxes]
+        pixels = self.processor.image_processor(crops, return_tensors="pt")["pixel_values"].to(self.device)
+        pooled = self.model.vision_model(pixel_values=pixels.to(self.model.dtype)).pooler_output
+        features = torch.nn.functional.normalize(self.model.visual_projection(pooled), dim=-1)
+        return [COLORS[i] for i in (features @ self.classifier(name).T).argmax(dim=-1).tolist()]
+
+
+def _pixel_box(box: Box, width: int, height: int) -> Tuple[int, int, int, int]:
+    """`box` rounded to whole pixels inside the image, at least one pixel wide and high (a box clipped at the border
+    can be empty)."""
+    x1 = min(max(int(round(box[0])), 0), width - 1)
+    y1 = min(max(int(round(box[1])), 0), height - 1)
+    return x1, y1, max(min(int(round(box[2])), width), x1 + 1), max(min(int(round(box[3])), height), y1 + 1)
+
+
 # ---------------------------------------------------------------------------------------------------- the reward
 class GenEvalReward:
     """GenEval's rules on a detector and a colour classifier (see the module docstring).
@@ -285,13 +386,18 @@ class GenEvalReward:
 
 
 @register_reward("geneval")
-def geneval(detector: Detector, colour_classifier: Optional[ColourClassifier] = None, mode: str = "flow_grpo",
-            threshold: float = 0.3, counting_threshold: float = 0.9, max_objects: int = 16, max_overlap: float = 1.0,
-            position_threshold: float = 0.1) -> GenEvalReward:
-    """GenEval's rules (see the module docstring) on `detector` and `colour_classifier`: callables, or
-    `"module:function"` factories that return them (called without arguments)."""
-    detector = _resolve("detector", detector)
-    colour_classifier = None if colour_classifier is None else _resolve("colour_classifier", colour_classifier)
+def geneval(detector="owlv2", colour_classifier="clip", mode: str = "flow_grpo", threshold: float = 0.3,
+            counting_threshold: float = 0.9, max_objects: int = 16, max_overlap: float = 1.0,
+            position_threshold: float = 0.1, detector_model: str = DEFAULT_DETECTOR, clip_model: str = DEFAULT_CLIP,
+            device: str = "cpu") -> GenEvalReward:
+    """GenEval's rules (see the module docstring) on `detector` and `colour_classifier`: `"owlv2"` and `"clip"`
+    (transformers models from `detector_model` and `clip_model`), callables, or `"module:function"` factories that
+    return them (called without arguments); `colour_classifier=None` for prompts without colours."""
+    detector = OwlDetector(detector_model, device) if detector == "owlv2" else _resolve("detector", detector)
+    if colour_classifier == "clip":
+        colour_classifier = ClipColourClassifier(clip_model, device)
+    elif colour_classifier is not None:
+        colour_classifier = _resolve("colour_classifier", colour_classifier)
     return GenEvalReward(detector, colour_classifier, mode=mode, threshold=threshold,
                          counting_threshold=counting_threshold, max_objects=max_objects, max_overlap=max_overlap,
                          position_threshold=position_threshold)

@@ -137,7 +137,7 @@ def test_keep_detections():
 
 def test_the_detector_is_asked_for_the_prompts_classes():
     detector = StubDetector([{"wine glass": []}])
-    get_reward("geneval", detector=detector)(images(1), [COUNTING["prompt"]], [COUNTING])
+    get_reward("geneval", detector=detector, colour_classifier=None)(images(1), [COUNTING["prompt"]], [COUNTING])
     assert detector.asked == [["wine glass"]]
 
 
@@ -150,7 +150,7 @@ def test_the_detector_is_asked_for_the_prompts_classes():
     ([{"include": [{"class": "cat", "count": 1, "color": "red"}]}], "no colour_classifier was given"),
 ])
 def test_bad_metadata_is_one_line(metadata, expected):
-    reward = get_reward("geneval", detector=StubDetector([{"cat": [(BOX, 0.9)]}]))
+    reward = get_reward("geneval", detector=StubDetector([{"cat": [(BOX, 0.9)]}]), colour_classifier=None)
     with pytest.raises(RewardError) as error:
         call_reward(reward, images(1), ["a cat"], metadata, name="geneval")
     assert "\n" not in str(error.value) and expected in str(error.value), str(error.value)
@@ -158,10 +158,81 @@ def test_bad_metadata_is_one_line(metadata, expected):
 
 def test_bad_settings_and_a_bad_colour_classifier_are_one_line():
     with pytest.raises(RewardError, match="mode must be one of flow_grpo, strict"):
-        get_reward("geneval", detector=StubDetector([]), mode="loose")
+        get_reward("geneval", detector=StubDetector([]), colour_classifier=None, mode="loose")
     with pytest.raises(RewardError, match="detector 'no_module_here:make' cannot be imported"):
         get_reward("geneval", detector="no_module_here:make")
     reward = get_reward("geneval", detector=StubDetector([{"cat": [(BOX, 0.9)]}]),
                         colour_classifier=lambda image, boxes, name: ["teal"])
     with pytest.raises(RewardError, match="returned \\['teal'\\] for 1 boxes"):
         reward(images(1), ["a red cat"], [{"include": [{"class": "cat", "count": 1, "color": "red"}]}])
+
+
+# ------------------------------------------------------------------ the transformers detector and colour classifier
+def test_owl_detections_follow_transformers_post_processing():
+    """Each box goes to its best query, confidence sigmoid(logit), centre/size on the padded square -> pixels, clipped
+    to the image (here 40 high, 60 wide: the square is 60)."""
+    logits = torch.tensor([[2.0, -1.0], [-3.0, 0.5], [0.0, -5.0]])
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.1, 0.9, 0.4, 0.4], [0.25, 0.25, 0.5, 0.5]])
+    from diffalign.rewards.geneval import owl_detections
+
+    found = owl_detections(logits, boxes, ["cat", "dog"], height=40, width=60)
+    assert set(found) == {"cat", "dog"}
+    (box_a, conf_a), (box_c, conf_c) = found["cat"]
+    (box_b, conf_b), = found["dog"]
+    assert conf_a == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item()) and conf_c == pytest.approx(0.5)
+    assert box_a == pytest.approx((24, 24, 36, 36)) and box_c == pytest.approx((0, 0, 30, 30))
+    assert box_b == pytest.approx((0, 40, 18, 40))  # (-6, 42, 18, 66) clipped to the 60 x 40 image
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """Tiny random OWLv2 and CLIP checkpoints on disk (real CLIP tokenizer), for the code path."""
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, Owlv2Config,
+                              Owlv2ForObjectDetection, Owlv2Processor)
+
+    from diffalign.testing import tiny_clip_text_kwargs
+    from diffalign.tokenization import offline_clip_tokenizer
+
+    text = tiny_clip_text_kwargs()
+    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, patch_size=16)
+    torch.manual_seed(0)
+    owl_dir, clip_dir = tmp_path_factory.mktemp("tiny_owlv2"), tmp_path_factory.mktemp("tiny_clip")
+    Owlv2ForObjectDetection(Owlv2Config(text_config=text, vision_config=dict(vision, image_size=64),
+                                        projection_dim=text["hidden_size"])).save_pretrained(owl_dir)
+    try:
+        from transformers import Owlv2ImageProcessorPil as OwlImageProcessor  # no torchvision here
+    except ImportError:
+        from transformers import Owlv2ImageProcessor as OwlImageProcessor
+    Owlv2Processor(image_processor=OwlImageProcessor(size={"height": 64, "width": 64}),
+                   tokenizer=offline_clip_tokenizer(16)).save_pretrained(owl_dir)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=dict(vision, image_size=32, patch_size=16),
+                         projection_dim=16)).save_pretrained(clip_dir)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
+                  tokenizer=offline_clip_tokenizer()).save_pretrained(clip_dir)
+    return str(owl_dir), str(clip_dir)
+
+
+def test_the_transformers_detector_and_colour_classifier_run(tiny_models):
+    owl_dir, clip_dir = tiny_models
+    reward = get_reward("geneval", detector_model=owl_dir, clip_model=clip_dir, threshold=0.0, mode="strict")
+    x = torch.rand(2, 3, 40, 60)
+    scores = call_reward(reward, x, [COLOR_ATTR["prompt"], COUNTING["prompt"]], [COLOR_ATTR, COUNTING],
+                         name="geneval")
+    assert scores.shape == (2,) and set(scores.tolist()) <= {0.0, 1.0}
+    image = (x[0].permute(1, 2, 0).numpy() * 255).astype("uint8")
+    found = reward.detector(image, ["suitcase", "pizza"])
+    assert set(found) == {"suitcase", "pizza"} and sum(len(v) for v in found.values()) == (64 // 16) ** 2
+    boxes = [(b, c) for v in found.values() for b, c in v]
+    assert all(0 <= b[0] <= b[2] <= 60 and 0 <= b[1] <= b[3] <= 40 and 0 <= c <= 1 for b, c in boxes), boxes
+    colours = reward.colour_classifier(image, [(0, 0, 30, 20), (30, 20, 60, 40), (0, 40, 18, 40)], "pizza")
+    assert len(colours) == 3 and all(c in ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown",
+                                           "black", "white") for c in colours)
+
+
+def test_missing_detector_weights_are_one_line(tmp_path):
+    from diffalign.rewards import RewardWeightsNotFoundError
+
+    with pytest.raises(RewardWeightsNotFoundError) as error:
+        get_reward("geneval", detector_model=str(tmp_path / "nowhere"), colour_classifier=None)
+    message = str(error.value)
+    assert "\n" not in message and "detector_model" in message and "google/owlv2-base-patch16-ensemble" in message
