@@ -26,12 +26,18 @@ Its rules, as implemented here (the pure functions below):
   for the position check (as there, a failed position check adds a 0 and then a 1); `exclude` is not scored.
 
 The detector and the colour classifier sit behind two small interfaces (`Detector`, `ColourClassifier`), so the
-rules are checked exactly against hand-made detections in `tests/test_reward_geneval.py`. GenEval's own detector is
-Mask2Former (Swin-S, COCO) through mmdetection, with CLIP ViT-L/14 colour classification of the object's masked crop
-on a grey background; mmdetection does not install beside this stack, so the detector is a constructor argument (any
-callable `uint8 [H, W, 3], class names -> {class: [(box, confidence), ...]}`, e.g. a wrapper of your Mask2Former
-server). Scores equal GenEval's exactly when the detector and colour classifier give the same detections and colours;
-with another detector they are close to, not equal to, the official ones.
+rules are checked exactly against hand-made detections in `tests/test_reward_geneval.py`.
+
+How this relates to the official scorer: GenEval's detector is Mask2Former (Swin-S, COCO classes) through
+mmdetection, with CLIP ViT-L/14 (OpenAI weights) colour classification of each object's crop, greyed outside its
+mask. mmdetection does not install beside this stack, so the defaults are transformers models: OWLv2
+(`google/owlv2-base-patch16-ensemble`, open vocabulary, asked for "a photo of a <class>") and CLIP ViT-L/14 with
+GenEval's three colour templates on the box crop (no mask). Given the same detections and colours, the scores equal
+GenEval's exactly (the rules are the same); with OWLv2 they are not the official numbers: its confidences are on
+another scale than Mask2Former's, for which GenEval's thresholds (0.3, 0.9 for counting) were set, and a box crop
+holds some background. Set `threshold` and `counting_threshold` for your detector, and report official GenEval
+numbers with the official scorer (or a `detector` wrapping Mask2Former: any callable
+`uint8 [H, W, 3], class names -> {class: [(box, confidence), ...]}`).
 """
 
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
