@@ -19,6 +19,9 @@ Built-ins (see docs/rewards.md for the weights each one needs):
 | `clip_score` | `clip_rewards` | `scale * cos(image, text)` of a CLIP model |
 | `hpsv2`, `hpsv2.1` | `hpsv2` | HPSv2 / HPSv2.1: `cos(image, text)` (needs `diffalign[openclip]`) |
 | `remote` | `remote` | the scores of an HTTP server (`url=...`); `python -m diffalign.rewards.serve` serves any reward |
+| `ocr` | `ocr` | Flow-GRPO's text rendering: 1 - normalised edit distance to the prompt's quoted text (EasyOCR) |
+| `geneval` | `geneval` | GenEval's rules (objects, counts, colours, positions) on a given detector; Flow-GRPO's partial score |
+| `vlm_judge` | `vlm_judge` | a VLM over an OpenAI-compatible API: P(Yes) / (P(Yes) + P(No)), or a parsed rating |
 """
 
 import importlib
@@ -42,6 +45,9 @@ _BUILTIN_MODULES = [
     "diffalign.rewards.clip_rewards",
     "diffalign.rewards.hpsv2",
     "diffalign.rewards.remote",
+    "diffalign.rewards.vlm_judge",
+    "diffalign.rewards.ocr",
+    "diffalign.rewards.geneval",
 ]
 
 __all__ = [

@@ -206,6 +206,9 @@ class RemoteReward:
     the server's message), invalid JSON, or a wrong count or non-numeric score.
     """
 
+    # the advice of a "not reachable" error; a client of another kind of server (the VLM judge's) says its own
+    unreachable_hint = "start it (python -m diffalign.rewards.serve --reward NAME --port PORT) or fix reward_kwargs.url"
+
     def __init__(self, url: str, timeout: float = 30.0, retries: int = 2, batch_size: int = 64, backoff: float = 1.0,
                  headers: Optional[Dict[str, str]] = None):
         parsed = urllib.parse.urlparse(str(url))
@@ -298,7 +301,7 @@ class RemoteReward:
             problem = value
         else:
             hint = ("raise reward_kwargs.timeout or check the server" if "answer within" in problem else
-                    "start it (python -m diffalign.rewards.serve --reward NAME --port PORT) or fix reward_kwargs.url")
+                    self.unreachable_hint)
             raise RewardError(f"reward server {self.url} {problem} after {tries} {'try' if tries == 1 else 'tries'}; "
                               f"{hint}")
         try:
