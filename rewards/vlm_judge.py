@@ -158,10 +158,8 @@ class VLMJudge:
             key = os.environ.get(str(api_key_env), "")
             if not key:
                 state = "is empty" if str(api_key_env) in os.environ else "is not set"
-                # the variable's name is also said as "the one api_key_env names": the redaction of a run's output
-                # hides the values of settings named like credentials, api_key_env's included
-                raise RewardError(f"reward 'vlm_judge': the API key's environment variable {api_key_env} (the one "
-                                  f"reward_kwargs.api_key_env names) {state}; export it, or set api_key_env: null "
+                raise RewardError(f"reward 'vlm_judge': the API key's environment variable {api_key_env} "
+                                  f"(reward_kwargs.api_key_env) {state}; export it, or set api_key_env: null "
                                   f"for a server without authentication")
             remember([key])  # from here on scrubbed from every log line and error message
             install_log_filter(logger)

@@ -216,7 +216,7 @@ def test_a_missing_key_is_one_line_when_the_reward_is_built(monkeypatch):
     message = str(error.value)
     assert "\n" not in message and "OPENAI_API_KEY" in message and "is not set" in message
     monkeypatch.setenv("OPENAI_API_KEY", "")
-    with pytest.raises(RewardError, match=r"OPENAI_API_KEY \(the one reward_kwargs.api_key_env names\) is empty"):
+    with pytest.raises(RewardError, match=r"OPENAI_API_KEY \(reward_kwargs.api_key_env\) is empty"):
         get_reward("vlm_judge", base_url="http://127.0.0.1:9/v1", model="m")
 
 

@@ -243,6 +243,7 @@ def test_shared_outputs_hold_no_home_path(tmp_path, monkeypatch, tiny_model_dir)
     ("api_token", True), ("hf_token", True), ("X-Api-Key", True), ("authToken", True), ("DB_PASSWORD", True),
     ("Authorization", True), ("client_secret", True), ("aws_access_key_id", True), ("cookie", True),
     ("max_tokens", False), ("tokenizer", False), ("author", False), ("url", False), ("timeout", False),
+    ("api_key_env", False), ("token_file", False), ("HF_TOKEN_PATH", False),
 ])
 def test_secret_key_names(key, secret):
     assert is_secret_key(key) is secret

@@ -39,6 +39,7 @@ SECRET_WRAPPER = "secret"
 _SECRET_WORDS = frozenset({"token", "password", "passwd", "secret", "auth", "authorization", "credential",
                            "credentials", "cookie", "apikey", "passphrase"})
 _SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key")})
+_NAME_SUFFIXES = frozenset({"env", "var", "variable", "file", "path"})
 _WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]+:)(?P<password>[^/\s@]+)(?=@)")
 _URL_QUERY = re.compile(r"(?P<head>[?&](?P<name>[^=&#\s]+)=)(?P<value>[^&#\s]+)")
@@ -52,6 +53,8 @@ class SecretError(UserError, ValueError):
 def is_secret_key(key) -> bool:
     """Whether a mapping key names a credential (see the module docstring for the words)."""
     words = [w.lower() for w in _WORD.findall(str(key))]
+    if words and words[-1] in _NAME_SUFFIXES:  # names where a secret is kept (`api_key_env`), not the secret itself
+        return False
     return any(w in _SECRET_WORDS for w in words) or any(pair in _SECRET_PAIRS for pair in zip(words, words[1:]))
 
 
