@@ -9,6 +9,7 @@ import os
 import random
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -31,6 +32,8 @@ from ..plotting import grid_scale, image_grid, labelled_rows, plot_metrics
 from ..ema import ParameterEMA
 from ..prompts import PromptDifficulty, PromptError, heldout_prompt_source, prompt_source
 from ..rollout import Trajectories, as_family, concat_trajectories, reference_model, sample_trajectories, unwrap
+from ..rollout import step_log_probs
+from .update_plan import GlobalLayout, Rows, UpdatePlan, plan_updates, run_update, update_mode
 
 logger = logging.getLogger("diffalign")
 
@@ -64,33 +67,15 @@ def _seed_for(*parts: int) -> int:
     return int(np.random.default_rng(list(parts)).integers(0, 2**63 - 1))
 
 
-class GlobalLayout:
-    """Where the samples of a training set live across processes, so that the trainers can plan on the global batch.
+@dataclass
+class TrainingBatch:
+    """What an epoch's optimizer steps train on: this process's `trajectories` (replayed ones first) and per-sample
+    values (`rewards`, `advantages`), plus the epoch's gathered rewards in global sample order (`all_rewards`)."""
 
-    Each process holds `num_local` samples in blocks of `per_block` (one block per epoch: replayed epochs first, then
-    the fresh one). Global block `b` is every process's block `b` in process order, so a global index `g` lives on
-    process `(g % (per_block * P)) // per_block`. With one process, global and local indices coincide.
-    """
-
-    def __init__(self, num_local: int, per_block: int, num_processes: int, process_index: int):
-        self.per_block = per_block
-        self.blocks = num_local // per_block
-        self.global_block = per_block * num_processes
-        self.num_global = self.blocks * self.global_block
-        self.process_index = process_index
-
-    def owner(self, index: torch.Tensor) -> torch.Tensor:
-        return (index % self.global_block) // self.per_block
-
-    def local_index(self, index: torch.Tensor) -> torch.Tensor:
-        """Local positions of global indices owned by this process."""
-        return (index // self.global_block) * self.per_block + (index % self.global_block) % self.per_block
-
-    def global_rows(self, local_rows: torch.Tensor) -> torch.Tensor:
-        """`(num_global, ...)` from per-sample values that are the same for every sample of a block (the SDE window
-        of an epoch)."""
-        firsts = local_rows[:: self.per_block][: self.blocks]
-        return firsts.repeat_interleave(self.global_block, dim=0)
+    trajectories: Trajectories
+    rewards: Optional[torch.Tensor] = None
+    advantages: Optional[torch.Tensor] = None
+    all_rewards: Optional[torch.Tensor] = None
 
 
 class BaseTrainer:
@@ -105,11 +90,35 @@ class BaseTrainer:
         accelerator (`accelerate.Accelerator`, *optional*).
     """
 
-    algorithm = "base"
+    # The algorithm's config class; its `algorithm` is the trainer's name (declared once, on the config).
+    config_class = TrainConfig
+    algorithm = TrainConfig.algorithm
+    # Whether the rollout keeps every latent of a trajectory (trainers that train on per-step transitions); trainers
+    # that train on final samples only (forward-process losses) set it False, and the rollout keeps `x_0` alone.
+    keeps_trajectory = True
+    # How the loss of an optimizer step is formed (`diffalign.trainers.update_plan`): "rows", a mean over rows that
+    # each micro-batch backpropagates on its own; "update", a loss that needs every row of the step at once (pairs).
+    loss_scope = "rows"
+    # The statistics `compute_loss` returns, in order; `row_stats`: those averaged over rows, not the loss weight
+    # (loss_scope "update").
+    loss_stats: Tuple[str, ...] = ("loss",)
+    row_stats: Tuple[str, ...] = ()
+    # The metrics an epoch reports of its optimizer steps (means over them), in order.
+    update_metrics: Tuple[str, ...] = ("loss", "grad_norm", "skipped")
+    # The order of the two random draws of an inner epoch (step plan, unit order); each algorithm keeps the one its
+    # runs were made with, so the same seed gives the same run.
+    step_plan_first = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.algorithm = cls.config_class.algorithm
 
     def __init__(self, config: TrainConfig, pipeline=None, reward_fn=None, prompt_fn=None, accelerator=None):
         from accelerate import Accelerator
 
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, not a "
+                            f"{type(config).__name__} (load_config('{self.algorithm}', ...) builds one)")
         self.config = config
         set_torch_threads(config)
         # validate before the Accelerator is built (it fails on a bad mixed_precision with a traceback); the
@@ -380,6 +389,7 @@ class BaseTrainer:
                         group_ids=group_ids[start : start + config.sample_batch_size],
                         kernel=self.kernel,
                         stochastic_steps=stochastic_steps,
+                        keep_latents=self.keeps_trajectory,
                     )
                 )
         return concat_trajectories(batches)
@@ -410,9 +420,102 @@ class BaseTrainer:
     def keep_reference_means(self) -> bool:
         return False
 
+    # The algorithm's hooks: what it trains on (`training_batch`), the units and order of its optimizer steps, and
+    # what it computes per micro-batch (`model_outputs`, `compute_loss`). The planning across processes, the padding
+    # forwards, the loss scale, the gradient syncs and the two-pass trick are `diffalign.trainers.update_plan`'s.
+    def training_batch(self, trajectories: Trajectories, rewards: torch.Tensor, all_rewards: torch.Tensor,
+                       all_prompts: List[str], epoch: int) -> "TrainingBatch":
+        """What the epoch's updates train on: this process's samples (on the device) and their per-sample values."""
+        return TrainingBatch(trajectories.to(self.device), rewards=rewards.to(self.device),
+                             all_rewards=all_rewards.detach().cpu().float())
+
+    def unit_size(self) -> int:
+        """Samples per unit of an optimizer step (a unit is never split across steps or processes)."""
+        return 1
+
+    def units_per_step(self, num_units: int) -> int:
+        """Units per optimizer step over all processes."""
+        return self.config.train_batch_size
+
+    def loss_weight(self, batch: "TrainingBatch", units: torch.Tensor) -> Optional[int]:
+        """The count the loss of the global `units` is a mean over, for loss_scope "update" (None: their rows)."""
+        return None
+
+    def prepare_step_plans(self, batch: "TrainingBatch", layout: GlobalLayout, stochastic, epoch: int):
+        """Step plans of every inner epoch drawn before training (PRDP's lazy reference), or None to draw each
+        inner epoch's plan with its order."""
+        return None
+
+    def model_outputs(self, model, batch: "TrainingBatch", rows: Rows):
+        """The forward of a micro-batch of rows (with gradients when enabled): by default `log pi` of the recorded
+        transitions `(rows.samples, rows.steps)` under `model`. With loss_scope "update", a tensor of one value per
+        row."""
+        with self.accelerator.autocast():
+            log_probs, _, _ = step_log_probs(self.family, model, self.kernel, batch.trajectories, rows.samples,
+                                             rows.steps, self.config.sample_guidance_scale)
+        return log_probs
+
+    def compute_loss(self, outputs, batch: "TrainingBatch", rows) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """`(loss, stats)` of the algorithm (the `loss_stats`). loss_scope "rows": of a micro-batch (`rows: Rows`),
+        the loss and stats as means over its rows. loss_scope "update": of this process's part of an optimizer step
+        (`rows: UpdatePlan`, `outputs` `(n, S)`), the loss as a mean over its loss weight and the stats as sums."""
+        raise NotImplementedError
+
+    def epoch_records(self, batch: "TrainingBatch") -> Dict[str, float]:
+        """Metrics of the epoch's training beyond the update means."""
+        return {}
+
+    def run_update(self, batch: "TrainingBatch", plan: UpdatePlan, mode: str) -> Dict[str, float]:
+        """Forwards and backwards of one optimizer step (`diffalign.trainers.update_plan.run_update`)."""
+        return run_update(self, batch, plan, mode)
+
+    def two_pass(self) -> Optional[bool]:
+        """Two passes for loss_scope "update" (None: when a step needs more than one micro-batch)."""
+        return None
+
+    def draw_order_and_plan(self, num_units: int, stochastic, generator: torch.Generator):
+        """An inner epoch's unit order and `(num_global, S)` step plan, drawn in the algorithm's order."""
+        if not self.keeps_trajectory:
+            return torch.randperm(num_units, generator=generator), None
+        if self.step_plan_first:
+            plan = self.train_step_plan(stochastic, generator)
+            return torch.randperm(num_units, generator=generator), plan
+        order = torch.randperm(num_units, generator=generator)
+        return order, self.train_step_plan(stochastic, generator)
+
     def train_on_samples(self, trajectories: Trajectories, rewards: torch.Tensor, all_rewards: torch.Tensor,
                          all_prompts: List[str], epoch: int) -> Dict[str, float]:
-        raise NotImplementedError
+        """K inner epochs over the epoch's global batch: each optimizer step takes units (samples or prompt groups)
+        of a global permutation (the same on every process and for any number of processes); each process
+        backpropagates its own rows among them, and the step's gradient is the global mean."""
+        config, acc = self.config, self.accelerator
+        batch = self.training_batch(trajectories, rewards, all_rewards, all_prompts, epoch)
+        layout = GlobalLayout(len(batch.trajectories), len(rewards), acc.num_processes, acc.process_index)
+        stochastic = layout.global_rows(batch.trajectories.stochastic.cpu()) if self.keeps_trajectory else None
+        generator = torch.Generator().manual_seed(_seed_for(config.seed, epoch, 2))
+        plans = self.prepare_step_plans(batch, layout, stochastic, epoch)
+        unit = self.unit_size()
+        num_units = layout.num_global // unit
+        totals = {key: 0.0 for key in self.update_metrics}
+        num_updates = 0
+        for inner in range(config.train_num_inner_epochs):
+            if plans is not None:
+                order, plan = torch.randperm(num_units, generator=generator), plans[inner]
+            else:
+                order, plan = self.draw_order_and_plan(num_units, stochastic, generator)
+            weight = None
+            if self.loss_scope == "update":
+                weight = lambda units: self.loss_weight(batch, units)  # noqa: E731
+            for update in plan_updates(layout, order, unit, self.units_per_step(num_units), plan,
+                                       config.train_micro_batch_size, weight, sorted_samples=unit > 1):
+                stats = self.run_update(batch, update, update_mode(self.loss_scope, self.two_pass(), update.slots))
+                stats.update(self.optimizer_step())
+                for key in totals:
+                    totals[key] += stats.get(key, 0.0)
+                num_updates += 1
+        metrics = {key: value / max(num_updates, 1) for key, value in totals.items()}
+        metrics.update(self.epoch_records(batch))
+        return metrics
 
     def step(self, epoch: int, progress: bool = False) -> Dict[str, float]:
         """One epoch: SAMPLING -> SCORING -> TRAINING. Returns the epoch's metrics."""
