@@ -113,12 +113,16 @@ class BaseTrainer:
         super().__init_subclass__(**kwargs)
         cls.algorithm = cls.config_class.algorithm
 
+    def __new__(cls, config=None, *args, **kwargs):
+        # checked before any `__init__` reads the config: a DDPO config given to PRDP is named, not an AttributeError
+        if config is not None and not isinstance(config, cls.config_class):
+            raise TypeError(f"{cls.__name__} takes a {cls.config_class.__name__}, not a {type(config).__name__} "
+                            f"(load_config('{cls.algorithm}', ...) builds one)")
+        return super().__new__(cls)
+
     def __init__(self, config: TrainConfig, pipeline=None, reward_fn=None, prompt_fn=None, accelerator=None):
         from accelerate import Accelerator
 
-        if not isinstance(config, self.config_class):
-            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, not a "
-                            f"{type(config).__name__} (load_config('{self.algorithm}', ...) builds one)")
         self.config = config
         set_torch_threads(config)
         # validate before the Accelerator is built (it fails on a bad mixed_precision with a traceback); the
