@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import random
 import time
 import warnings
 from dataclasses import dataclass
@@ -16,10 +15,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointError, atomic_save_dir, load_resumable, save_checkpoint
+from ..checkpoint import atomic_save_dir
 from ..config import ConfigError, TrainConfig
 from ..distributed import (ddp_kwargs, engine_name, full_parameters, full_state_dict_view, gradient_sync, is_dtensor,
-                           is_sharded, load_optimizer_state, optimizer_state, prepare_reference)
+                           is_sharded, prepare_reference)
 from ..errors import UserError
 from ..runlog import append_metrics, finite_json, prepare_output_dir, read_metrics, write_metrics
 from ..validation import check_lora_target_modules
@@ -33,6 +32,7 @@ from ..ema import ParameterEMA
 from ..prompts import PromptDifficulty, PromptError, heldout_prompt_source, prompt_source
 from ..rollout import Trajectories, as_family, concat_trajectories, reference_model, sample_trajectories, unwrap
 from ..rollout import step_log_probs
+from .checkpointing import Checkpointer, trainable_names
 from .update_plan import GlobalLayout, Rows, UpdatePlan, plan_updates, run_update, update_mode
 
 logger = logging.getLogger("diffalign")
@@ -140,6 +140,7 @@ class BaseTrainer:
         if acc.is_main_process:  # one run per output directory: lock it (and refuse to start over an earlier run)
             self._run_lock = prepare_output_dir(config.output_dir, resume=bool(config.resume_from), owner=self)
         self.device = acc.device
+        self.checkpointer = Checkpointer(acc, config)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -214,7 +215,7 @@ class BaseTrainer:
         if config.enable_xformers and torch.cuda.is_available():
             denoiser.enable_xformers_memory_efficient_attention()
         # a resumed run's weights go into the module before it is prepared (sharded engines split them then)
-        self._resume_states = self._load_resume(config.resume_from, denoiser) if config.resume_from else None
+        self._resume_states = self.checkpointer.load(config.resume_from, denoiser) if config.resume_from else None
         optimizer = torch.optim.AdamW(
             [p for p in denoiser.parameters() if p.requires_grad],
             lr=config.train_learning_rate,
@@ -782,7 +783,7 @@ class BaseTrainer:
 
     # ------------------------------------------------------- checkpoint/resume
     def trainable_names(self) -> List[str]:
-        return [n for n, p in unwrap(self.prepared).named_parameters() if p.requires_grad]
+        return trainable_names(self.prepared)
 
     def trainable_state(self) -> Dict[str, torch.Tensor]:
         """The trainable weights by name, full (gathered) on the main process; `{}` on the others when the denoiser
@@ -801,108 +802,16 @@ class BaseTrainer:
             self.prompt_difficulty.load_state_dict(state["prompt_difficulty"])
 
     def save_checkpoint(self, epoch: int):
-        """One checkpoint in the same format for every engine and process count: the weights and the optimizer state
-        by parameter name, gathered from the shards when the denoiser is sharded, written by the main process
-        (atomically, with a checksummed manifest: `diffalign.checkpoint`)."""
-        acc = self.accelerator
-        rng = {
-            "torch": torch.get_rng_state(),
-            "numpy": _numpy_state_to_list(np.random.get_state()),
-            "python": random.getstate(),
-        }
-        extra = self.extra_state()  # on every process: it may gather per-process state
-        model = self.trainable_state()  # on every process: collective when sharded
-        optimizer = optimizer_state(acc, self.prepared, self.optimizer)
-        if optimizer is None:  # DeepSpeed's partitioned optimizer is not saved (resume starts fresh moments)
-            optimizer = {"engine": "deepspeed"}
-        if acc.is_main_process:
-            states = {
-                "model": model,
-                "optimizer": optimizer,
-                "scheduler": self.lr_scheduler.state_dict(),
-                "rng": rng,
-                "trainer": {"epoch": epoch, "nonfinite_total": self.nonfinite_total,
-                            "nonfinite_in_a_row": self.nonfinite_in_a_row, **extra},
-            }
-            if self.ema is not None:  # the average of the trained weights, by parameter name (float32)
-                states["ema"] = self.ema.state_dict(self.trainable_names())
-            save_checkpoint(self.config.output_dir, epoch, states, self.config.hash(), self.config.checkpoints_total_limit)
-        acc.wait_for_everyone()
-
-    def _load_resume(self, path: str, denoiser):
-        """Loads the newest usable checkpoint of `path` (every process reads it) and puts its weights into
-        `denoiser` before it is prepared; returns `(checkpoint, states)` for `_apply_resume`."""
-        params = dict(denoiser.named_parameters())
-        expected = {n: p for n, p in params.items() if p.requires_grad}
-
-        def check(checkpoint: str, states: dict):
-            # what the checkpoint's states must hold before anything is applied; a failure skips to the previous
-            # complete checkpoint (or names the problem in one line)
-            def bad(what: str):
-                return CheckpointError(f"checkpoint '{checkpoint}' does not fit this run: {what}")
-
-            model, trainer = states["model"], states["trainer"]
-            if not isinstance(model, dict) or set(model) != set(expected):
-                keys = set(model) if isinstance(model, dict) else set()
-                raise bad(f"model.safetensors holds {len(keys)} tensors, {len(keys - set(expected))} unknown, "
-                          f"{len(set(expected) - keys)} missing (of {len(expected)} trainable)")
-            for name, value in model.items():
-                if not isinstance(value, torch.Tensor) or value.shape != expected[name].shape:
-                    raise bad(f"'{name}' has shape {getattr(value, 'shape', None)}, not {tuple(expected[name].shape)}")
-            if not isinstance(trainer, dict):
-                raise bad("trainer.json is not a mapping")
-            for key in ("epoch", "nonfinite_total", "nonfinite_in_a_row"):
-                if not isinstance(trainer.get(key), int) or isinstance(trainer.get(key), bool) or trainer[key] < 0:
-                    raise bad(f"trainer.json has no valid '{key}'")
-            rng = states["rng"]
-            if not isinstance(rng, dict) or not {"torch", "numpy", "python"} <= set(rng):
-                raise bad("rng.json lacks the torch, numpy or python state")
-            for name in ("optimizer", "scheduler"):
-                if not isinstance(states[name], dict):
-                    raise bad(f"{name}.json is not a mapping")
-            if ema:
-                weights = states["ema"].get("weights") if isinstance(states["ema"], dict) else None
-                if not isinstance(weights, dict) or set(weights) != set(expected) or any(
-                        getattr(weights[n], "shape", None) != expected[n].shape for n in expected):
-                    raise bad("ema.safetensors does not hold the EMA of every trainable weight")
-
-        ema = bool(self.config.ema_decay)
-        names = ["model", "optimizer", "scheduler", "rng", "trainer"] + (["ema"] if ema else [])
-        checkpoint, manifest, states = load_resumable(
-            path, names, config_hash=self.config.hash(), check=check,
-            finite=["model", "optimizer", "scheduler"] + (["ema"] if ema else []),
-        )
-        with self._applying(checkpoint):
-            with torch.no_grad():
-                for name, value in states["model"].items():
-                    params[name].data.copy_(value)
-        return checkpoint, states
-
-    @contextlib.contextmanager
-    def _applying(self, checkpoint: str):
-        try:
-            yield
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
-            detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            raise CheckpointError(f"checkpoint '{checkpoint}' cannot be applied to this run: {type(e).__name__}: "
-                                  f"{detail}") from e
+        """One checkpoint in the same format for every engine and process count (`Checkpointer.save`)."""
+        self.checkpointer.save(epoch, self.prepared, self.optimizer, self.lr_scheduler, self.ema, lambda: {
+            "epoch": epoch, "nonfinite_total": self.nonfinite_total, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            **self.extra_state()})
 
     def _apply_resume(self, checkpoint: str, states: dict):
         """The optimizer (each process takes its shard), LR schedule, RNG and trainer state of a loaded checkpoint."""
-        with self._applying(checkpoint):
-            optimizer = states["optimizer"]
-            if engine_name(self.accelerator) == "deepspeed" or "param_groups" not in optimizer:
-                logger.warning("checkpoint '%s': the optimizer state is not restored under DeepSpeed (fresh Adam "
-                               "moments)", checkpoint)
-            else:
-                self.optimizer.state_dict()  # materialise accelerate's wrapper before loading
-                load_optimizer_state(self.accelerator, self.prepared, self.optimizer, optimizer)
-            self.lr_scheduler.load_state_dict(states["scheduler"])
-            rng = states["rng"]
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(_numpy_state_from_list(rng["numpy"]))
-            random.setstate(_to_tuple(rng["python"]))
-            trainer = states["trainer"]
+        checkpointer = self.checkpointer
+        with checkpointer.applying(checkpoint):
+            trainer = checkpointer.apply(checkpoint, states, self.prepared, self.optimizer, self.lr_scheduler)
             self.first_epoch = trainer["epoch"] + 1
             self.nonfinite_total = trainer["nonfinite_total"]
             self.nonfinite_in_a_row = trainer["nonfinite_in_a_row"]
@@ -925,17 +834,3 @@ def _place(module, device, dtype):
     if module.dtype != dtype:
         module.to(dtype=dtype)
     return module
-
-
-def _numpy_state_to_list(state) -> list:
-    name, keys, pos, has_gauss, cached = state
-    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
-
-
-def _numpy_state_from_list(state) -> tuple:
-    name, keys, pos, has_gauss, cached = state
-    return name, keys.numpy().astype(np.uint32), pos, has_gauss, cached
-
-
-def _to_tuple(value):
-    return tuple(_to_tuple(v) for v in value) if isinstance(value, list) else value
