@@ -11,7 +11,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -19,20 +18,20 @@ from ..checkpoint import atomic_save_dir
 from ..config import ConfigError, TrainConfig
 from ..distributed import (ddp_kwargs, engine_name, full_parameters, full_state_dict_view, gradient_sync, is_dtensor,
                            is_sharded, prepare_reference)
+from .. import tracking
 from ..errors import UserError
-from ..runlog import append_metrics, finite_json, prepare_output_dir, read_metrics, write_metrics
+from ..runlog import append_metrics, prepare_output_dir, read_metrics, write_metrics
 from ..validation import check_lora_target_modules
 from ..families import load_family
-from .. import tracking
-from ..modelcard import push_to_hub, warn_if_offline, write_model_card
 from ..kernels import sde_window_mask
 from ..modeling import add_lora
-from ..plotting import grid_scale, image_grid, labelled_rows, plot_metrics
+from ..plotting import plot_metrics
 from ..ema import ParameterEMA
 from ..prompts import PromptDifficulty, PromptError, heldout_prompt_source, prompt_source
-from ..rollout import Trajectories, as_family, concat_trajectories, reference_model, sample_trajectories, unwrap
-from ..rollout import step_log_probs
+from ..rollout import Trajectories, as_family, step_log_probs, unwrap
+from .callbacks import HubCallback, ModelCardCallback, TrackerCallback, TrainerCallback, TrainerState
 from .checkpointing import Checkpointer, trainable_names
+from .evaluation import Evaluator, sample_in_chunks, seed_for
 from .update_plan import GlobalLayout, Rows, UpdatePlan, plan_updates, run_update, update_mode
 
 logger = logging.getLogger("diffalign")
@@ -62,9 +61,7 @@ def _launched_processes() -> int:
         return 1
 
 
-def _seed_for(*parts: int) -> int:
-    # A deterministic 63-bit seed from (seed, epoch, rank, purpose): resumed runs draw the same numbers.
-    return int(np.random.default_rng(list(parts)).integers(0, 2**63 - 1))
+_seed_for = seed_for  # (seed, epoch, rank, purpose) -> a deterministic seed
 
 
 @dataclass
@@ -186,9 +183,15 @@ class BaseTrainer:
         if config.use_lora:
             check_lora_target_modules(self.family.denoiser, config.lora_target_modules)
         self._setup_models()
+        self.evaluator = Evaluator(
+            config=config, accelerator=acc, family=self.family, kernel=self.kernel, resolution=self.resolution,
+            denoiser=self.denoiser, ref_denoiser=self.ref_denoiser, sharded=self.sharded, prompts=self.prompts,
+            heldout=self.heldout, ema_weights=self.ema_weights, score=self.score, gather=self.gather)
 
         self.first_epoch = 0
         self.metrics_history: List[Dict] = []
+        # more `TrainerCallback`s, told after the built-in ones (trackers, model card, Hub push)
+        self.callbacks: List[TrainerCallback] = []
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         if self._resume_states is not None:
@@ -372,32 +375,14 @@ class BaseTrainer:
         generators = self.sample_generators(epoch, indices)
         group_ids = torch.tensor([i // config.sample_images_per_prompt for i in indices], dtype=torch.long)
         self.denoiser.eval()
-        stochastic_steps = self.stochastic_steps(epoch)
-        batches = []
-        for start in tqdm(range(0, len(prompts), config.sample_batch_size), desc=f"epoch {epoch}: sampling",
-                          leave=False, disable=not progress):
-            chunk = prompts[start : start + config.sample_batch_size]
-            with self.accelerator.autocast():
-                batches.append(
-                    sample_trajectories(
-                        self.family,
-                        chunk,
-                        num_inference_steps=config.sample_num_steps,
-                        guidance_scale=config.sample_guidance_scale,
-                        height=self.resolution,
-                        width=self.resolution,
-                        generator=generators[start : start + config.sample_batch_size],
-                        denoiser=self.denoiser,
-                        ref_denoiser=self.ref_denoiser,
-                        compute_reference=compute_reference,
-                        keep_reference_means=keep_reference_means,
-                        group_ids=group_ids[start : start + config.sample_batch_size],
-                        kernel=self.kernel,
-                        stochastic_steps=stochastic_steps,
-                        keep_latents=self.keeps_trajectory,
-                    )
-                )
-        return concat_trajectories(batches)
+        return sample_in_chunks(
+            self.family, prompts, config.sample_batch_size, generators, self.accelerator.autocast,
+            group_ids=group_ids, progress=progress, desc=f"epoch {epoch}: sampling",
+            num_inference_steps=config.sample_num_steps, guidance_scale=config.sample_guidance_scale,
+            height=self.resolution, width=self.resolution, denoiser=self.denoiser, ref_denoiser=self.ref_denoiser,
+            compute_reference=compute_reference, keep_reference_means=keep_reference_means, kernel=self.kernel,
+            stochastic_steps=self.stochastic_steps(epoch), keep_latents=self.keeps_trajectory,
+        )
 
     def score(self, trajectories: Trajectories, metadata: Optional[List[dict]] = None) -> Dict[str, torch.Tensor]:
         """The reward (and eval reward) of each sample. `metadata` (one dict per sample, in the order of
@@ -578,57 +563,20 @@ class BaseTrainer:
             metrics.update(self.heldout_evaluation())
         return metrics
 
-    @torch.no_grad()
     def heldout_evaluation(self) -> Dict[str, float]:
-        """Reward (and eval reward) of fixed-seed samples of the held-out prompts (`eval_prompts`, `eval_prompt_file`
-        or `eval_dataset_split`), of the EMA weights when `ema_decay` is set.
-
-        Image `i` is held-out prompt `i` (cycled) with the noise of seed `(seed, i)` whatever the epoch, so the same
-        weights give the same images and numbers, and a resumed run the uninterrupted run's. The images are shared
-        out over the processes (each samples as many, so a sharded denoiser runs the same forwards everywhere) and
-        the scores gathered; the global RNG is left as it was, so evaluating does not change the training."""
-        config, acc = self.config, self.accelerator
-        t0 = time.perf_counter()
-        n = config.eval_num_images or len(self.heldout.prompts)
-        items = self.heldout.grid_items(n, config.seed)
-        mine = list(range(acc.process_index, n, acc.num_processes))
-        per_process = math.ceil(n / acc.num_processes)
-        index = mine + [mine[-1] if mine else 0] * (per_process - len(mine))  # padding, dropped after the gather
-        generators = [torch.Generator(self.device).manual_seed(_seed_for(config.seed, 2**31, 11, i)) for i in index]
-        batches = []
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), self.ema_weights():
-            self.denoiser.eval()
-            for start in range(0, per_process, config.sample_batch_size):
-                chunk = index[start : start + config.sample_batch_size]
-                with acc.autocast():
-                    batches.append(sample_trajectories(
-                        self.family, [items[i][0] for i in chunk], config.sample_num_steps, config.sample_guidance_scale,
-                        height=self.resolution, width=self.resolution, generator=generators[start : start + len(chunk)],
-                        denoiser=self.denoiser, kernel=self.kernel, group_ids=torch.tensor(chunk) % len(self.heldout.prompts),
-                    ))
-        trajectories = concat_trajectories(batches)
-        scores = self.score(trajectories, [items[i][1] for i in index])
-        real = torch.tensor([1.0] * len(mine) + [0.0] * (per_process - len(mine)))
-        gathered_real = self.gather(real).bool()
-        gathered_index = self.gather(torch.tensor(index, dtype=torch.long))[gathered_real]
-        order = gathered_index.argsort()  # image order, whatever the number of processes
-        metrics = {}
-        for key, value in scores.items():
-            values = self.gather(value.float())[gathered_real][order]
-            name = {"reward": "heldout_reward", "eval": "heldout_eval"}.get(key, f"heldout_{key}")
-            metrics[f"{name}_mean"] = values.mean().item()
-            if key == "reward":
-                metrics["heldout_reward_std"] = values.std().item() if len(values) > 1 else 0.0
-        metrics["time_heldout"] = time.perf_counter() - t0
-        return metrics
+        """Reward of fixed-seed samples of the held-out prompts (`Evaluator.heldout_evaluation`)."""
+        return self.evaluator.heldout_evaluation()
 
     def train(self, progress: bool = True) -> List[Dict]:
-        """Runs epochs `first_epoch .. num_epochs - 1`, writing metrics, curves, grids, checkpoints and the result."""
+        """Runs epochs `first_epoch .. num_epochs - 1`, writing metrics, curves, grids, checkpoints and the result;
+        the callbacks (trackers, the model card, the Hub push, then `self.callbacks`) are told along the way."""
         config, acc = self.config, self.accelerator
-        tracker = tracking.RunTracker(self)  # report_to: accelerate's trackers (none by default)
-        tracker.start()
-        warn_if_offline(config)  # push_to_hub while offline: said now, the one-line error comes at the end
+        state = TrainerState(config, acc, family=self.family, resolution=self.resolution,
+                             reward_label=self.reward_label, scored_grid=self.evaluator.scored_grid,
+                             metrics_history=self.metrics_history, epoch=self.first_epoch - 1)
+        callbacks = [TrackerCallback(state), ModelCardCallback(), HubCallback()] + list(self.callbacks)
+        for callback in callbacks:
+            callback.on_train_begin(state)
         if self.first_epoch == 0:
             self.save_grid("grid_before.png")  # every process samples (a sharded denoiser needs them all)
         bar = tqdm(range(self.first_epoch, config.num_epochs), desc=f"{self.algorithm}", disable=not (
@@ -643,7 +591,9 @@ class BaseTrainer:
                 if epoch % config.log_every == 0:
                     logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in metrics.items()))
-            tracker.log_epoch(metrics, epoch)
+            state.epoch, state.metrics_history = epoch, self.metrics_history
+            for callback in callbacks:
+                callback.on_epoch_end(state, metrics)
             if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.num_epochs:
                 self.save_checkpoint(epoch)
         self.save_final()
@@ -652,97 +602,30 @@ class BaseTrainer:
             self.plot()
         if config.final_eval_num_images:
             self.final_evaluation()
-        if acc.is_main_process:
-            write_model_card(self)  # final/README.md, after final_eval.json (its table) exists
+        state.metrics_history = self.metrics_history
+        if acc.is_main_process:  # the model card's example prompt
+            state.grid_prompt = (config.grid_prompts or self.prompts.grid_prompts(1, config.seed))[0]
+        for callback in callbacks:
+            callback.on_save(state)
         acc.wait_for_everyone()
-        tracker.end()
-        if config.push_to_hub and acc.is_main_process:
-            push_to_hub(config)  # last: a failed push (one line) loses nothing
+        for callback in callbacks:
+            callback.on_train_end(state)
         return self.metrics_history
 
-    @torch.no_grad()
     def final_evaluation(self) -> Dict[str, Dict[str, float]]:
-        """Base vs trained model (its EMA with `ema_decay`) on the same prompts and seeds: mean reward, eval reward
-        and KL to base. The prompts are the held-out ones when the config has them, else the training prompts."""
-        config = self.config
-        if not self._takes_part():
-            return {}
-        n = config.final_eval_num_images
-        source = self.heldout if self.heldout is not None else self.prompts
-        items = source.grid_items(n, config.seed + 1)
-        prompts, metadata = [prompt for prompt, _ in items], [row for _, row in items]
-        results = {}
-        ref_module, ref_context = reference_model(self.denoiser, self.ref_denoiser)
-        for name in ("base", "trained"):
-            batches = []
-            generator = torch.Generator(self.device).manual_seed(_seed_for(config.seed, 2**31, 7))
-            for start in range(0, n, config.sample_batch_size):
-                chunk = prompts[start : start + config.sample_batch_size]
-                context = ref_context() if name == "base" else self.ema_weights()
-                with context, self.accelerator.autocast():
-                    batches.append(sample_trajectories(
-                        self.family, chunk, config.sample_num_steps, config.sample_guidance_scale,
-                        height=self.resolution, width=self.resolution, generator=generator,
-                        denoiser=ref_module if name == "base" else self.denoiser, ref_denoiser=self.ref_denoiser,
-                        compute_reference=name == "trained", kernel=self.kernel,
-                    ))
-            trajectories = concat_trajectories(batches)
-            scores = self.score(trajectories, metadata)
-            results[name] = {"reward_mean": scores["reward"].mean().item(), "reward_std": scores["reward"].std().item()}
-            if "eval" in scores:
-                results[name]["eval_mean"] = scores["eval"].mean().item()
-            if trajectories.kl_to_ref is not None:
-                results[name]["kl_to_base"] = trajectories.kl_to_ref.nanmean().item()
-        results["num_images"] = n
-        if not self.accelerator.is_main_process:
-            return results
-        with open(os.path.join(config.output_dir, "final_eval.json"), "w") as f:
-            json.dump(finite_json(results), f, indent=1, allow_nan=False)  # a NaN reward is written as null
-        logger.info("final evaluation (%d images, fixed seeds): %s", n, json.dumps(results))
-        return results
+        """Base vs trained model on the same prompts and seeds (`Evaluator.final_evaluation`)."""
+        return self.evaluator.final_evaluation()
 
     # ----------------------------------------------------------------- outputs
-    @torch.no_grad()
     def grid_images(self) -> torch.Tensor:
-        return self.grid_trajectories().images
+        return self.evaluator.grid_trajectories().images
 
-    @torch.no_grad()
     def grid_trajectories(self) -> Trajectories:
-        """The fixed-seed grid samples (`grid_num_images`, `grid_prompts`) of the current weights."""
-        config = self.config
-        n = config.grid_num_images
-        source = config.grid_prompts or self.prompts.grid_prompts(n, config.seed)
-        prompts = [source[i % len(source)] for i in range(n)]
-        generator = torch.Generator(self.device).manual_seed(_seed_for(config.seed, 2**31))
-        self.denoiser.eval()
-        with self.ema_weights(), self.accelerator.autocast():
-            trajectories = sample_trajectories(
-                self.family, prompts, config.sample_num_steps, config.sample_guidance_scale,
-                height=self.resolution, width=self.resolution, generator=generator, denoiser=self.denoiser,
-                kernel=self.kernel,
-            )
-        return trajectories
-
-    def _takes_part(self) -> bool:
-        """Whether this process runs the main process's sampling (grids, final evaluation): every process when the
-        denoiser is sharded (each forward gathers the weights from all of them), else the main one alone."""
-        return self.sharded or self.accelerator.is_main_process
+        """The fixed-seed grid samples of the current weights (`Evaluator.grid_trajectories`)."""
+        return self.evaluator.grid_trajectories()
 
     def save_grid(self, filename: str):
-        if not self._takes_part():
-            return
-        images = self.grid_images()
-        if not self.accelerator.is_main_process:
-            return
-        nrow = math.ceil(math.sqrt(len(images)))
-        image_grid(images, nrow=nrow, scale=grid_scale(self.resolution)).save(os.path.join(self.config.output_dir, filename))
-        before = os.path.join(self.config.output_dir, "grid_before.png")
-        if filename == "grid_after.png" and os.path.exists(before):
-            from PIL import Image
-
-            combined = labelled_rows([Image.open(before).convert("RGB"), image_grid(images, nrow=nrow, scale=grid_scale(
-                self.resolution))], ["before", "after"], label_width=60)
-            combined.save(os.path.join(self.config.output_dir, "grid_before_after.png"))
+        self.evaluator.save_grid(filename)
 
     def plot(self):
         records = self.read_metrics()

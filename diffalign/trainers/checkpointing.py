@@ -6,7 +6,7 @@ call), so it imports nothing of the trainer (an object, not a mixin: no import c
 import contextlib
 import logging
 import random
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
