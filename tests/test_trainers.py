@@ -261,9 +261,12 @@ def test_prdp_two_pass_default_follows_the_micro_batch(tmp_path, _tiny_pipe_temp
                             sample_batch_size=4, train_num_inner_epochs=1, train_micro_batch_size=micro,
                             sample_guidance_scale=1.0, grid_num_images=2, reward="jpeg_compressibility")
         trainer = PRDPTrainer(config, pipeline=copy.deepcopy(_tiny_pipe_template))
-        run_update = trainer.run_update
-        monkeypatch.setattr(trainer, "run_update",
-                            lambda batch, plan, mode: (used.append(mode.split("_")[0]), run_update(batch, plan, mode))[1])
+
+        def spy(batch, plan, mode, _run=trainer.run_update):
+            used.append(mode.split("_")[0])
+            return _run(batch, plan, mode)
+
+        monkeypatch.setattr(trainer, "run_update", spy)
         trainer.step(0)
         assert set(used) == {expected}, (micro, used)
         used.clear()

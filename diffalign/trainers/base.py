@@ -100,8 +100,9 @@ class BaseTrainer:
     # (loss_scope "update").
     loss_stats: Tuple[str, ...] = ("loss",)
     row_stats: Tuple[str, ...] = ()
-    # The metrics an epoch reports of its optimizer steps (means over them), in order.
-    update_metrics: Tuple[str, ...] = ("loss", "grad_norm", "skipped")
+    # The metrics an epoch reports of its optimizer steps (means over them), in order; by default the `loss_stats`
+    # then the optimizer's `grad_norm` and `skipped`.
+    update_metrics: Optional[Tuple[str, ...]] = None
     # The order of the two random draws of an inner epoch (step plan, unit order); each algorithm keeps the one its
     # runs were made with, so the same seed gives the same run.
     step_plan_first = False
@@ -486,7 +487,7 @@ class BaseTrainer:
         plans = self.prepare_step_plans(batch, layout, stochastic, epoch)
         unit = self.unit_size()
         num_units = layout.num_global // unit
-        totals = {key: 0.0 for key in self.update_metrics}
+        totals = {key: 0.0 for key in self.update_metrics or self.loss_stats + ("grad_norm", "skipped")}
         num_updates = 0
         for inner in range(config.train_num_inner_epochs):
             if plans is not None:

@@ -31,7 +31,6 @@ class DDPOTrainer(BaseTrainer):
 
     config_class = DDPOConfig
     loss_stats = ("loss", "approx_kl", "clipfrac", "kl_penalty")
-    update_metrics = ("loss", "approx_kl", "clipfrac", "kl_penalty", "grad_norm", "skipped")
 
     def __init__(self, config: DDPOConfig, *args, **kwargs):
         self.stat_tracker = PerPromptStatTracker(config.per_prompt_buffer_size, config.per_prompt_min_count)

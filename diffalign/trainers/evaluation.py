@@ -142,10 +142,11 @@ class Evaluator:
         ref_module, ref_context = reference_model(self.denoiser, self.ref_denoiser)
         for name in ("base", "trained"):
             generator = torch.Generator(self.device).manual_seed(seed_for(config.seed, 2**31, 7))
+            base = name == "base"
             trajectories = self._sample(
-                prompts, generator, config.sample_batch_size, context=ref_context if name == "base" else self.ema_weights,
-                denoiser=ref_module if name == "base" else self.denoiser, ref_denoiser=self.ref_denoiser,
-                compute_reference=name == "trained")
+                prompts, generator, config.sample_batch_size, context=ref_context if base else self.ema_weights,
+                denoiser=ref_module if base else self.denoiser, ref_denoiser=self.ref_denoiser,
+                compute_reference=not base)
             scores = self.score(trajectories, metadata)
             results[name] = {"reward_mean": scores["reward"].mean().item(), "reward_std": scores["reward"].std().item()}
             if "eval" in scores:

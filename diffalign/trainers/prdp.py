@@ -7,11 +7,10 @@ from typing import List, Optional
 import torch
 
 from ..config import PRDPConfig
-from ..distributed import max_count, micro_batch_count, micro_batch_slots
 from ..losses import implicit_reward_error, prdp_loss
 from ..rollout import Trajectories, reference_model
 from .base import BaseTrainer, TrainingBatch, _seed_for
-from .update_plan import GlobalLayout, Rows, UpdatePlan, local_plan, padding_rows, planned_steps
+from .update_plan import GlobalLayout, Rows, UpdatePlan, local_plan, padding_rows, padding_slots, planned_steps
 
 
 class PRDPTrainer(BaseTrainer):
@@ -33,6 +32,7 @@ class PRDPTrainer(BaseTrainer):
     loss_scope = "update"  # pairs couple the rows of an optimizer step
     loss_stats = ("loss", "implicit_reward_error", "log_ratio_to_old")
     row_stats = ("log_ratio_to_old",)
+    # metrics.jsonl's order of PRDP's update metrics
     update_metrics = ("loss", "grad_norm", "skipped", "implicit_reward_error", "log_ratio_to_old")
     step_plan_first = True
 
@@ -65,30 +65,28 @@ class PRDPTrainer(BaseTrainer):
         plans = [self.train_step_plan(stochastic, plan_generator) for _ in range(config.train_num_inner_epochs)]
         num_steps = batch.trajectories.log_probs.shape[1]
         counts = [int(planned_steps([p[r * n : (r + 1) * n] for p in plans], num_steps).sum())
-                  for r in range(acc.num_processes)]
-        slots = max_count(micro_batch_count(x, config.train_micro_batch_size) for x in counts)
+                  for r in range(acc.num_processes)]  # every process's rows
         offset = acc.process_index * n
         batch.trajectories.ref_log_probs = self._reference_log_probs(
-            batch.trajectories, [p[offset : offset + n] for p in plans], slots)
+            batch.trajectories, [p[offset : offset + n] for p in plans], counts)
         return plans
 
     @torch.no_grad()
     def _reference_log_probs(self, trajectories: Trajectories, plans: List[torch.Tensor],
-                             slots: Optional[int] = None) -> torch.Tensor:
+                             counts: Optional[List[int]] = None) -> torch.Tensor:
         """`(B, T)` `log pi_ref` of the recorded transitions at the steps some plan trains (NaN elsewhere), in
-        `slots` micro-batches (padded so that every process runs as many forwards)."""
+        micro-batches padded to the most any process needs (`counts`: every process's rows; default: this one's)."""
         num_samples, num_steps = trajectories.log_probs.shape
         rows, steps = planned_steps(plans, num_steps).nonzero(as_tuple=True)
         ref_log_probs = torch.full((num_samples, num_steps), float("nan"), device=self.device)
         rows, steps = rows.to(self.device), steps.to(self.device)
         micro = self.config.train_micro_batch_size
-        slots = slots if slots is not None else max_count([micro_batch_count(rows.shape[0], micro)])
         module, context = reference_model(self.denoiser, self.ref_denoiser)
         batch = TrainingBatch(trajectories)
         was_training = self.denoiser.training
         self.denoiser.eval()
         with context():
-            for positions in micro_batch_slots(rows.shape[0], micro, slots):
+            for positions in padding_slots(rows.shape[0], micro, counts or [rows.shape[0]]):
                 if positions is None:  # a padding forward: as many forwards on every process
                     self.model_outputs(module, batch, padding_rows(self, batch))
                     continue
