@@ -1,4 +1,6 @@
-"""The sample -> score -> update loop shared by the trainers; algorithms implement `train_on_samples`."""
+"""The sample -> score -> update loop shared by the trainers, with its collaborators: the update planner
+(`update_plan`), the `Checkpointer`, the `Evaluator` and the callbacks. An algorithm states its config class and its
+loss (`compute_loss`, with `model_outputs`, `training_batch` and the other hooks of the loop section)."""
 
 import contextlib
 import copy
