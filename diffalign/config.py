@@ -457,7 +457,6 @@ class DDPOConfig(TrainConfig):
     )
 
     algorithm = "ddpo"
-    trainer_class = "diffalign.trainers.ddpo.DDPOTrainer"
 
     def validate(self, num_processes: int = 1):
         super().validate(num_processes)
@@ -514,7 +513,6 @@ class PRDPConfig(TrainConfig):
     )
 
     algorithm = "prdp"
-    trainer_class = "diffalign.trainers.prdp.PRDPTrainer"
 
     def validate(self, num_processes: int = 1):
         super().validate(num_processes)
@@ -534,16 +532,16 @@ class PRDPConfig(TrainConfig):
 
 
 # The algorithm registry: `diffalign train <name>`, presets, `bench` and the Python API all read it. Adding an algorithm
-# is a config class here (with `algorithm` and `trainer_class`) and its trainer module in `diffalign/trainers/`.
+# is a config class here (with its `algorithm` name) and its trainer in `diffalign/trainers/` (whose `config_class` is
+# that class), listed in `diffalign.trainers.TRAINERS`.
 CONFIG_CLASSES = {cls.algorithm: cls for cls in (DDPOConfig, PRDPConfig)}
 
 
 def trainer_class(algorithm: str):
     """The trainer class of a registered algorithm (imported on demand: the CLI parses configs without torch)."""
-    import importlib
+    from diffalign.trainers import TRAINERS
 
-    module, _, name = CONFIG_CLASSES[algorithm].trainer_class.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    return TRAINERS[algorithm]
 
 
 def preset_path(name_or_path: str) -> str:

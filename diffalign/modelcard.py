@@ -297,10 +297,11 @@ def _prompt_source(config) -> str:
     return "the default prompts"
 
 
-def write_model_card(trainer) -> str:
-    """Writes `final/README.md` for a trained `BaseTrainer` (main process), with a copy of the before/after grid and
-    of the run's config next to it; returns the card's path."""
-    config = trainer.config
+def write_model_card(config, family, reward_label: Optional[str], grid_prompt: str, resolution: int,
+                     history: List[Dict]) -> str:
+    """Writes `final/README.md` for a trained run (main process), with a copy of the before/after grid and of the
+    run's config next to it; returns the card's path. `family`: the run's `ModelFamily`; `grid_prompt`: the prompt the
+    card's example uses; `history`: every epoch's metrics."""
     final = os.path.join(config.output_dir, "final")
     has_grid = os.path.isfile(os.path.join(config.output_dir, GRID))
     if has_grid:
@@ -312,11 +313,9 @@ def write_model_card(trainer) -> str:
     if os.path.isfile(path):
         with open(path) as f:
             final_eval = json.load(f)
-    prompts = config.grid_prompts or trainer.prompts.grid_prompts(1, config.seed)
     card = model_card(
-        config, family=trainer.family, reward_label=trainer.reward_label or _describe(config.reward), prompt=prompts[0],
-        resolution=trainer.resolution, final_eval=final_eval,
-        history=trainer.metrics_history, has_grid=has_grid,
+        config, family=family, reward_label=reward_label or _describe(config.reward), prompt=grid_prompt,
+        resolution=resolution, final_eval=final_eval, history=history, has_grid=has_grid,
     )
     card.save(os.path.join(final, CARD))
     return os.path.join(final, CARD)

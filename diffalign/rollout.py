@@ -39,7 +39,8 @@ class Trajectories:
             `encoder_hidden_states` (all families), `text_embeds` and `time_ids` (SDXL), `pooled_projections` (SD3).
         negative_conditioning (`Dict[str, torch.Tensor]` or `None`): the same for the negative prompt; `None` when
             sampled without CFG.
-        latents (`torch.Tensor`): `(B, T + 1, C, h, w)`, `x_T, ..., x_0`.
+        latents (`torch.Tensor`): `(B, T + 1, C, h, w)`, `x_T, ..., x_0`; `(B, 1, C, h, w)`, `x_0` alone, when
+            sampled with `keep_latents=False`.
         timesteps (`torch.Tensor`): `(T,)`, the scheduler's timesteps, `timesteps[j]` takes `latents[:, j]` to
             `latents[:, j + 1]`.
         log_probs (`torch.Tensor`): `(B, T)`, `log pi_old` of each transition under the sampling weights (float32);
@@ -73,6 +74,11 @@ class Trajectories:
     @property
     def num_steps(self) -> int:
         return self.timesteps.shape[0]
+
+    @property
+    def final_latents(self) -> torch.Tensor:
+        """`(B, C, h, w)`, the sampled `x_0` (kept whether or not the whole trajectory was)."""
+        return self.latents[:, -1]
 
     def select(self, index: torch.Tensor) -> "Trajectories":
         """The trajectories at `index` (a 1-D tensor of sample indices)."""
@@ -221,6 +227,7 @@ def sample_trajectories(
     kernel=None,
     noise_level: float = 0.7,
     stochastic_steps: Optional[torch.Tensor] = None,
+    keep_latents: bool = True,
 ) -> Trajectories:
     """Samples one trajectory per prompt and records every latent and per-step log-probability.
 
@@ -243,6 +250,8 @@ def sample_trajectories(
         noise_level (`float`): the flow SDE's noise level `a` (flow families), > 0.
         stochastic_steps (`torch.BoolTensor`, *optional*): `(T,)`, the steps to sample stochastically (an SDE window,
             see `diffalign.kernels.sde_window_mask`); the others take the deterministic ODE step. Default: all.
+        keep_latents (`bool`): keep every latent of the trajectory (`latents` `(B, T + 1, ...)`, for training on its
+            transitions); `False` keeps the final sample alone (`(B, 1, ...)`, for losses on final samples only).
 
     Returns:
         `Trajectories`.
@@ -267,7 +276,7 @@ def sample_trajectories(
     dtype = cond["encoder_hidden_states"].dtype
     x = family.prepare_latents(batch_size, height, width, dtype, device, generator, latents, denoiser)
 
-    all_latents, all_log_probs = [x], []
+    all_latents, all_log_probs = [x] if keep_latents else [], []
     ref_log_probs, kls, ref_means = [], [], []
     if compute_reference:
         ref_module, ref_context = reference_model(denoiser, ref_denoiser)
@@ -301,7 +310,8 @@ def sample_trajectories(
             if keep_reference_means:
                 ref_means.append(ref_mean)
         x = x_next
-        all_latents.append(x)
+        if keep_latents:
+            all_latents.append(x)
         all_log_probs.append(log_prob if log_prob is not None else nan)
 
     return Trajectories(
@@ -309,7 +319,7 @@ def sample_trajectories(
         group_ids=group_ids,
         conditioning=cond,
         negative_conditioning=negative,
-        latents=torch.stack(all_latents, dim=1),
+        latents=torch.stack(all_latents, dim=1) if keep_latents else x[:, None],
         timesteps=timesteps.clone(),
         log_probs=torch.stack(all_log_probs, dim=1),
         stochastic=stochastic_steps.to(device)[None].expand(batch_size, -1).clone(),

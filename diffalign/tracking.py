@@ -170,10 +170,13 @@ class RunTracker:
     """The trackers of one training run; every method is called on every process (accelerate logs on the main
     process only; sample grids are drawn by the processes that take part in the trainer's grid sampling)."""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.config = trainer.config
-        self.accelerator = trainer.accelerator
+    def __init__(self, config, accelerator, scored_grid=None, resolution=None):
+        """`scored_grid()`: the fixed-seed grid samples and their scores on the main process, `None` elsewhere
+        (called on every process); `resolution`: the samples' (for the grid's scale)."""
+        self.config = config
+        self.accelerator = accelerator
+        self.scored_grid = scored_grid
+        self.resolution = resolution
         self.active = bool(self.accelerator.log_with)
 
     def start(self):
@@ -206,19 +209,12 @@ class RunTracker:
             self.log_samples(epoch)
 
     def log_samples(self, epoch: int):
-        """Samples the fixed-seed grid (`BaseTrainer.grid_trajectories`), scores it and logs it captioned with each
-        image's prompt and reward."""
-        import torch
-
-        trainer = self.trainer
-        if not trainer._takes_part():
+        """Samples the fixed-seed grid (`scored_grid`, which leaves the global RNG as it was), scores it and logs it
+        captioned with each image's prompt and reward."""
+        sampled = self.scored_grid() if self.scored_grid is not None else None
+        if sampled is None:
             return
-        devices = [trainer.device] if trainer.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # the global RNG is left as it was: logging changes no training
-            trajectories = trainer.grid_trajectories()
-            if not self.accelerator.is_main_process:
-                return
-            scores = trainer.score(trajectories)
+        trajectories, scores = sampled
         captions = []
         for i, prompt in enumerate(trajectories.prompts):
             caption = f"{prompt}\nreward {float(scores['reward'][i]):.4g}"
@@ -229,7 +225,7 @@ class RunTracker:
         from .plotting import grid_scale
 
         nrow = math.ceil(math.sqrt(len(images)))
-        grid = captioned_grid(images, captions, nrow, scale=grid_scale(trainer.resolution))
+        grid = captioned_grid(images, captions, nrow, scale=grid_scale(self.resolution))
         captions_text = [c.replace("\n", " | ") for c in captions]  # trackers' own captions are one line
         for name in self._names():
             tracker = self.accelerator.get_tracker(name, unwrap=True)

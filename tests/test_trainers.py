@@ -7,7 +7,8 @@ import torch
 from diffalign.config import DDPOConfig, PRDPConfig
 from diffalign.rollout import step_log_probs
 from diffalign.trainers import DDPOTrainer, PRDPTrainer
-from diffalign.trainers.prdp import planned_steps
+from diffalign.trainers.base import TrainingBatch
+from diffalign.trainers.update_plan import planned_steps
 
 
 def brightness(images, prompts, metadata=None):
@@ -88,10 +89,11 @@ def test_prdp_two_pass_gradient_equals_single_pass(tmp_path, tiny_pipe):
     rewards = torch.tensor([0.3, 0.1, 0.5, 0.9])
     samples = torch.arange(4)
     plan = torch.tensor([[0, 2], [1, 2], [0, 1], [2, 0]])
+    batch = TrainingBatch(traj, rewards=rewards)
     grads = []
-    for update in (trainer._single_pass_update, trainer._two_pass_update):
+    for mode in ("single_pass", "two_pass"):
         trainer.optimizer.zero_grad(set_to_none=True)
-        update(traj, rewards, samples, plan)
+        trainer.run_update(batch, trainer.local_plan(batch, samples, plan), mode)
         grads.append(torch.cat([p.grad.reshape(-1) for p in trainer.trainable_params]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
 
@@ -181,13 +183,13 @@ def test_ddpo_trains_on_the_last_epochs_samples_too(tmp_path, tiny_pipe):
                          train_reuse_epochs=1)
     trainer = DDPOTrainer(config, pipeline=tiny_pipe, reward_fn=brightness)
     seen = []
-    accumulate = trainer._accumulate
+    run_update = trainer.run_update
 
-    def spy(trajectories, advantages, *args):
-        seen.append((trajectories, advantages))
-        return accumulate(trajectories, advantages, *args)
+    def spy(batch, plan, mode):
+        seen.append((batch.trajectories, batch.advantages))
+        return run_update(batch, plan, mode)
 
-    trainer._accumulate = spy
+    trainer.run_update = spy
     assert trainer.step(0)["reused_samples"] == 0
     assert len(seen) == 2 and len(seen[-1][0]) == 4  # 4 fresh samples, 2 per update
     first, first_advantages = seen[-1]
@@ -259,10 +261,12 @@ def test_prdp_two_pass_default_follows_the_micro_batch(tmp_path, _tiny_pipe_temp
                             sample_batch_size=4, train_num_inner_epochs=1, train_micro_batch_size=micro,
                             sample_guidance_scale=1.0, grid_num_images=2, reward="jpeg_compressibility")
         trainer = PRDPTrainer(config, pipeline=copy.deepcopy(_tiny_pipe_template))
-        for name in ("single", "two"):
-            method = getattr(trainer, f"_{name}_pass_update")
-            monkeypatch.setattr(trainer, f"_{name}_pass_update",
-                                lambda *a, _m=method, _n=name, **k: (used.append(_n), _m(*a, **k))[1])
+
+        def spy(batch, plan, mode, _run=trainer.run_update):
+            used.append(mode.split("_")[0])
+            return _run(batch, plan, mode)
+
+        monkeypatch.setattr(trainer, "run_update", spy)
         trainer.step(0)
         assert set(used) == {expected}, (micro, used)
         used.clear()

@@ -2,4 +2,7 @@ from .base import BaseTrainer, NonFiniteError
 from .ddpo import DDPOTrainer
 from .prdp import PRDPTrainer
 
-__all__ = ["BaseTrainer", "DDPOTrainer", "PRDPTrainer", "NonFiniteError"]
+# The trainer of each registered algorithm, by the name its config class declares (`diffalign.config.CONFIG_CLASSES`).
+TRAINERS = {cls.algorithm: cls for cls in (DDPOTrainer, PRDPTrainer)}
+
+__all__ = ["BaseTrainer", "DDPOTrainer", "PRDPTrainer", "NonFiniteError", "TRAINERS"]

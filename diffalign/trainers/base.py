@@ -1,4 +1,6 @@
-"""The sample -> score -> update loop shared by the trainers; algorithms implement `train_on_samples`."""
+"""The sample -> score -> update loop shared by the trainers, with its collaborators: the update planner
+(`update_plan`), the `Checkpointer`, the `Evaluator` and the callbacks. An algorithm states its config class and its
+loss (`compute_loss`, with `model_outputs`, `training_batch` and the other hooks of the loop section)."""
 
 import contextlib
 import copy
@@ -6,34 +8,35 @@ import json
 import logging
 import math
 import os
-import random
 import time
 import warnings
 import weakref
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointError, atomic_save_dir, load_resumable, nothing_to_resume, save_checkpoint
+from ..checkpoint import atomic_save_dir, nothing_to_resume
 from ..config import ConfigError, TrainConfig
 from ..distributed import (ddp_kwargs, engine_name, full_parameters, full_state_dict_view, gradient_sync, is_dtensor,
-                           is_sharded, load_optimizer_state, optimizer_state, prepare_reference)
+                           is_sharded, prepare_reference)
+from .. import tracking
 from ..errors import UserError
-from ..runlog import (append_metrics, finite_json, prepare_output_dir, read_metrics, release_run_lock,
-                      write_metrics)
+from ..runlog import append_metrics, prepare_output_dir, read_metrics, release_run_lock, write_metrics
 from ..utils.redaction import redact, reveal
 from ..validation import check_lora_target_modules
 from ..families import load_family
-from .. import tracking
-from ..modelcard import push_to_hub, warn_if_offline, write_model_card
 from ..kernels import sde_window_mask
 from ..modeling import add_lora
-from ..plotting import grid_scale, image_grid, labelled_rows, plot_metrics
+from ..plotting import plot_metrics
 from ..ema import ParameterEMA
 from ..prompts import PromptDifficulty, PromptError, heldout_prompt_source, prompt_source
-from ..rollout import Trajectories, as_family, concat_trajectories, reference_model, sample_trajectories, unwrap
+from ..rollout import Trajectories, as_family, step_log_probs, unwrap
+from .callbacks import HubCallback, ModelCardCallback, TrackerCallback, TrainerCallback, TrainerState
+from .checkpointing import Checkpointer, trainable_names
+from .evaluation import Evaluator, sample_in_chunks, seed_for
+from .update_plan import GlobalLayout, Rows, UpdatePlan, plan_updates, run_update, update_mode
 
 logger = logging.getLogger("diffalign")
 
@@ -57,38 +60,18 @@ def _launched_processes() -> int:
         return 1
 
 
-def _seed_for(*parts: int) -> int:
-    # A deterministic 63-bit seed from (seed, epoch, rank, purpose): resumed runs draw the same numbers.
-    return int(np.random.default_rng(list(parts)).integers(0, 2**63 - 1))
+_seed_for = seed_for  # (seed, epoch, rank, purpose) -> a deterministic seed
 
 
-class GlobalLayout:
-    """Where the samples of a training set live across processes, so that the trainers can plan on the global batch.
+@dataclass
+class TrainingBatch:
+    """What an epoch's optimizer steps train on: this process's `trajectories` (replayed ones first) and per-sample
+    values (`rewards`, `advantages`), plus the epoch's gathered rewards in global sample order (`all_rewards`)."""
 
-    Each process holds `num_local` samples in blocks of `per_block` (one block per epoch: replayed epochs first, then
-    the fresh one). Global block `b` is every process's block `b` in process order, so a global index `g` lives on
-    process `(g % (per_block * P)) // per_block`. With one process, global and local indices coincide.
-    """
-
-    def __init__(self, num_local: int, per_block: int, num_processes: int, process_index: int):
-        self.per_block = per_block
-        self.blocks = num_local // per_block
-        self.global_block = per_block * num_processes
-        self.num_global = self.blocks * self.global_block
-        self.process_index = process_index
-
-    def owner(self, index: torch.Tensor) -> torch.Tensor:
-        return (index % self.global_block) // self.per_block
-
-    def local_index(self, index: torch.Tensor) -> torch.Tensor:
-        """Local positions of global indices owned by this process."""
-        return (index // self.global_block) * self.per_block + (index % self.global_block) % self.per_block
-
-    def global_rows(self, local_rows: torch.Tensor) -> torch.Tensor:
-        """`(num_global, ...)` from per-sample values that are the same for every sample of a block (the SDE window
-        of an epoch)."""
-        firsts = local_rows[:: self.per_block][: self.blocks]
-        return firsts.repeat_interleave(self.global_block, dim=0)
+    trajectories: Trajectories
+    rewards: Optional[torch.Tensor] = None
+    advantages: Optional[torch.Tensor] = None
+    all_rewards: Optional[torch.Tensor] = None
 
 
 class BaseTrainer:
@@ -103,7 +86,36 @@ class BaseTrainer:
         accelerator (`accelerate.Accelerator`, *optional*).
     """
 
-    algorithm = "base"
+    # The algorithm's config class; its `algorithm` is the trainer's name (declared once, on the config).
+    config_class = TrainConfig
+    algorithm = TrainConfig.algorithm
+    # Whether the rollout keeps every latent of a trajectory (trainers that train on per-step transitions); trainers
+    # that train on final samples only (forward-process losses) set it False, and the rollout keeps `x_0` alone.
+    keeps_trajectory = True
+    # How the loss of an optimizer step is formed (`diffalign.trainers.update_plan`): "rows", a mean over rows that
+    # each micro-batch backpropagates on its own; "update", a loss that needs every row of the step at once (pairs).
+    loss_scope = "rows"
+    # The statistics `compute_loss` returns, in order; `row_stats`: those averaged over rows, not the loss weight
+    # (loss_scope "update").
+    loss_stats: Tuple[str, ...] = ("loss",)
+    row_stats: Tuple[str, ...] = ()
+    # The metrics an epoch reports of its optimizer steps (means over them), in order; by default the `loss_stats`
+    # then the optimizer's `grad_norm` and `skipped`.
+    update_metrics: Optional[Tuple[str, ...]] = None
+    # The order of the two random draws of an inner epoch (step plan, unit order); each algorithm keeps the one its
+    # runs were made with, so the same seed gives the same run.
+    step_plan_first = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.algorithm = cls.config_class.algorithm
+
+    def __new__(cls, config=None, *args, **kwargs):
+        # checked before any `__init__` reads the config: a DDPO config given to PRDP is named, not an AttributeError
+        if config is not None and not isinstance(config, cls.config_class):
+            raise TypeError(f"{cls.__name__} takes a {cls.config_class.__name__}, not a {type(config).__name__} "
+                            f"(load_config('{cls.algorithm}', ...) builds one)")
+        return super().__new__(cls)
 
     def __init__(self, config: TrainConfig, pipeline=None, reward_fn=None, prompt_fn=None, accelerator=None):
         from accelerate import Accelerator
@@ -131,6 +143,7 @@ class BaseTrainer:
             self._run_lock = prepare_output_dir(config.output_dir, resume=bool(config.resume_from))
             self._release_run_lock = weakref.finalize(self, release_run_lock, self._run_lock)
         self.device = acc.device
+        self.checkpointer = Checkpointer(acc, config)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -177,9 +190,15 @@ class BaseTrainer:
         if config.use_lora:
             check_lora_target_modules(self.family.denoiser, config.lora_target_modules)
         self._setup_models()
+        self.evaluator = Evaluator(
+            config=config, accelerator=acc, family=self.family, kernel=self.kernel, resolution=self.resolution,
+            denoiser=self.denoiser, ref_denoiser=self.ref_denoiser, sharded=self.sharded, prompts=self.prompts,
+            heldout=self.heldout, ema_weights=self.ema_weights, score=self.score, gather=self.gather)
 
         self.first_epoch = 0
         self.metrics_history: List[Dict] = []
+        # more `TrainerCallback`s, told after the built-in ones (trackers, model card, Hub push)
+        self.callbacks: List[TrainerCallback] = []
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         if self._resume_states is not None:
@@ -206,7 +225,7 @@ class BaseTrainer:
         if config.enable_xformers and torch.cuda.is_available():
             denoiser.enable_xformers_memory_efficient_attention()
         # a resumed run's weights go into the module before it is prepared (sharded engines split them then)
-        self._resume_states = self._load_resume(config.resume_from, denoiser) if config.resume_from else None
+        self._resume_states = self.checkpointer.load(config.resume_from, denoiser) if config.resume_from else None
         optimizer = torch.optim.AdamW(
             [p for p in denoiser.parameters() if p.requires_grad],
             lr=config.train_learning_rate,
@@ -363,31 +382,14 @@ class BaseTrainer:
         generators = self.sample_generators(epoch, indices)
         group_ids = torch.tensor([i // config.sample_images_per_prompt for i in indices], dtype=torch.long)
         self.denoiser.eval()
-        stochastic_steps = self.stochastic_steps(epoch)
-        batches = []
-        for start in tqdm(range(0, len(prompts), config.sample_batch_size), desc=f"epoch {epoch}: sampling",
-                          leave=False, disable=not progress):
-            chunk = prompts[start : start + config.sample_batch_size]
-            with self.accelerator.autocast():
-                batches.append(
-                    sample_trajectories(
-                        self.family,
-                        chunk,
-                        num_inference_steps=config.sample_num_steps,
-                        guidance_scale=config.sample_guidance_scale,
-                        height=self.resolution,
-                        width=self.resolution,
-                        generator=generators[start : start + config.sample_batch_size],
-                        denoiser=self.denoiser,
-                        ref_denoiser=self.ref_denoiser,
-                        compute_reference=compute_reference,
-                        keep_reference_means=keep_reference_means,
-                        group_ids=group_ids[start : start + config.sample_batch_size],
-                        kernel=self.kernel,
-                        stochastic_steps=stochastic_steps,
-                    )
-                )
-        return concat_trajectories(batches)
+        return sample_in_chunks(
+            self.family, prompts, config.sample_batch_size, generators, self.accelerator.autocast,
+            group_ids=group_ids, progress=progress, desc=f"epoch {epoch}: sampling",
+            num_inference_steps=config.sample_num_steps, guidance_scale=config.sample_guidance_scale,
+            height=self.resolution, width=self.resolution, denoiser=self.denoiser, ref_denoiser=self.ref_denoiser,
+            compute_reference=compute_reference, keep_reference_means=keep_reference_means, kernel=self.kernel,
+            stochastic_steps=self.stochastic_steps(epoch), keep_latents=self.keeps_trajectory,
+        )
 
     def score(self, trajectories: Trajectories, metadata: Optional[List[dict]] = None) -> Dict[str, torch.Tensor]:
         """The reward (and eval reward) of each sample. `metadata` (one dict per sample, in the order of
@@ -415,9 +417,102 @@ class BaseTrainer:
     def keep_reference_means(self) -> bool:
         return False
 
+    # The algorithm's hooks: what it trains on (`training_batch`), the units and order of its optimizer steps, and
+    # what it computes per micro-batch (`model_outputs`, `compute_loss`). The planning across processes, the padding
+    # forwards, the loss scale, the gradient syncs and the two-pass trick are `diffalign.trainers.update_plan`'s.
+    def training_batch(self, trajectories: Trajectories, rewards: torch.Tensor, all_rewards: torch.Tensor,
+                       all_prompts: List[str], epoch: int) -> "TrainingBatch":
+        """What the epoch's updates train on: this process's samples (on the device) and their per-sample values."""
+        return TrainingBatch(trajectories.to(self.device), rewards=rewards.to(self.device),
+                             all_rewards=all_rewards.detach().cpu().float())
+
+    def unit_size(self) -> int:
+        """Samples per unit of an optimizer step (a unit is never split across steps or processes)."""
+        return 1
+
+    def units_per_step(self, num_units: int) -> int:
+        """Units per optimizer step over all processes."""
+        return self.config.train_batch_size
+
+    def loss_weight(self, batch: "TrainingBatch", units: torch.Tensor) -> Optional[int]:
+        """The count the loss of the global `units` is a mean over, for loss_scope "update" (None: their rows)."""
+        return None
+
+    def prepare_step_plans(self, batch: "TrainingBatch", layout: GlobalLayout, stochastic, epoch: int):
+        """Step plans of every inner epoch drawn before training (PRDP's lazy reference), or None to draw each
+        inner epoch's plan with its order."""
+        return None
+
+    def model_outputs(self, model, batch: "TrainingBatch", rows: Rows):
+        """The forward of a micro-batch of rows (with gradients when enabled): by default `log pi` of the recorded
+        transitions `(rows.samples, rows.steps)` under `model`. With loss_scope "update", a tensor of one value per
+        row."""
+        with self.accelerator.autocast():
+            log_probs, _, _ = step_log_probs(self.family, model, self.kernel, batch.trajectories, rows.samples,
+                                             rows.steps, self.config.sample_guidance_scale)
+        return log_probs
+
+    def compute_loss(self, outputs, batch: "TrainingBatch", rows) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """`(loss, stats)` of the algorithm (the `loss_stats`). loss_scope "rows": of a micro-batch (`rows: Rows`),
+        the loss and stats as means over its rows. loss_scope "update": of this process's part of an optimizer step
+        (`rows: UpdatePlan`, `outputs` `(n, S)`), the loss as a mean over its loss weight and the stats as sums."""
+        raise NotImplementedError
+
+    def epoch_records(self, batch: "TrainingBatch") -> Dict[str, float]:
+        """Metrics of the epoch's training beyond the update means."""
+        return {}
+
+    def run_update(self, batch: "TrainingBatch", plan: UpdatePlan, mode: str) -> Dict[str, float]:
+        """Forwards and backwards of one optimizer step (`diffalign.trainers.update_plan.run_update`)."""
+        return run_update(self, batch, plan, mode)
+
+    def two_pass(self) -> Optional[bool]:
+        """Two passes for loss_scope "update" (None: when a step needs more than one micro-batch)."""
+        return None
+
+    def draw_order_and_plan(self, num_units: int, stochastic, generator: torch.Generator):
+        """An inner epoch's unit order and `(num_global, S)` step plan, drawn in the algorithm's order."""
+        if not self.keeps_trajectory:
+            return torch.randperm(num_units, generator=generator), None
+        if self.step_plan_first:
+            plan = self.train_step_plan(stochastic, generator)
+            return torch.randperm(num_units, generator=generator), plan
+        order = torch.randperm(num_units, generator=generator)
+        return order, self.train_step_plan(stochastic, generator)
+
     def train_on_samples(self, trajectories: Trajectories, rewards: torch.Tensor, all_rewards: torch.Tensor,
                          all_prompts: List[str], epoch: int) -> Dict[str, float]:
-        raise NotImplementedError
+        """K inner epochs over the epoch's global batch: each optimizer step takes units (samples or prompt groups)
+        of a global permutation (the same on every process and for any number of processes); each process
+        backpropagates its own rows among them, and the step's gradient is the global mean."""
+        config, acc = self.config, self.accelerator
+        batch = self.training_batch(trajectories, rewards, all_rewards, all_prompts, epoch)
+        layout = GlobalLayout(len(batch.trajectories), len(rewards), acc.num_processes, acc.process_index)
+        stochastic = layout.global_rows(batch.trajectories.stochastic.cpu()) if self.keeps_trajectory else None
+        generator = torch.Generator().manual_seed(_seed_for(config.seed, epoch, 2))
+        plans = self.prepare_step_plans(batch, layout, stochastic, epoch)
+        unit = self.unit_size()
+        num_units = layout.num_global // unit
+        totals = {key: 0.0 for key in self.update_metrics or self.loss_stats + ("grad_norm", "skipped")}
+        num_updates = 0
+        for inner in range(config.train_num_inner_epochs):
+            if plans is not None:
+                order, plan = torch.randperm(num_units, generator=generator), plans[inner]
+            else:
+                order, plan = self.draw_order_and_plan(num_units, stochastic, generator)
+            weight = None
+            if self.loss_scope == "update":
+                weight = lambda units: self.loss_weight(batch, units)  # noqa: E731
+            for update in plan_updates(layout, order, unit, self.units_per_step(num_units), plan,
+                                       config.train_micro_batch_size, weight, sorted_samples=unit > 1):
+                stats = self.run_update(batch, update, update_mode(self.loss_scope, self.two_pass(), update.slots))
+                stats.update(self.optimizer_step())
+                for key in totals:
+                    totals[key] += stats.get(key, 0.0)
+                num_updates += 1
+        metrics = {key: value / max(num_updates, 1) for key, value in totals.items()}
+        metrics.update(self.epoch_records(batch))
+        return metrics
 
     def step(self, epoch: int, progress: bool = False) -> Dict[str, float]:
         """One epoch: SAMPLING -> SCORING -> TRAINING. Returns the epoch's metrics."""
@@ -475,53 +570,13 @@ class BaseTrainer:
             metrics.update(self.heldout_evaluation())
         return metrics
 
-    @torch.no_grad()
     def heldout_evaluation(self) -> Dict[str, float]:
-        """Reward (and eval reward) of fixed-seed samples of the held-out prompts (`eval_prompts`, `eval_prompt_file`
-        or `eval_dataset_split`), of the EMA weights when `ema_decay` is set.
-
-        Image `i` is held-out prompt `i` (cycled) with the noise of seed `(seed, i)` whatever the epoch, so the same
-        weights give the same images and numbers, and a resumed run the uninterrupted run's. The images are shared
-        out over the processes (each samples as many, so a sharded denoiser runs the same forwards everywhere) and
-        the scores gathered; the global RNG is left as it was, so evaluating does not change the training."""
-        config, acc = self.config, self.accelerator
-        t0 = time.perf_counter()
-        n = config.eval_num_images or len(self.heldout.prompts)
-        items = self.heldout.grid_items(n, config.seed)
-        mine = list(range(acc.process_index, n, acc.num_processes))
-        per_process = math.ceil(n / acc.num_processes)
-        index = mine + [mine[-1] if mine else 0] * (per_process - len(mine))  # padding, dropped after the gather
-        generators = [torch.Generator(self.device).manual_seed(_seed_for(config.seed, 2**31, 11, i)) for i in index]
-        batches = []
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), self.ema_weights():
-            self.denoiser.eval()
-            for start in range(0, per_process, config.sample_batch_size):
-                chunk = index[start : start + config.sample_batch_size]
-                with acc.autocast():
-                    batches.append(sample_trajectories(
-                        self.family, [items[i][0] for i in chunk], config.sample_num_steps, config.sample_guidance_scale,
-                        height=self.resolution, width=self.resolution, generator=generators[start : start + len(chunk)],
-                        denoiser=self.denoiser, kernel=self.kernel, group_ids=torch.tensor(chunk) % len(self.heldout.prompts),
-                    ))
-        trajectories = concat_trajectories(batches)
-        scores = self.score(trajectories, [items[i][1] for i in index])
-        real = torch.tensor([1.0] * len(mine) + [0.0] * (per_process - len(mine)))
-        gathered_real = self.gather(real).bool()
-        gathered_index = self.gather(torch.tensor(index, dtype=torch.long))[gathered_real]
-        order = gathered_index.argsort()  # image order, whatever the number of processes
-        metrics = {}
-        for key, value in scores.items():
-            values = self.gather(value.float())[gathered_real][order]
-            name = {"reward": "heldout_reward", "eval": "heldout_eval"}.get(key, f"heldout_{key}")
-            metrics[f"{name}_mean"] = values.mean().item()
-            if key == "reward":
-                metrics["heldout_reward_std"] = values.std().item() if len(values) > 1 else 0.0
-        metrics["time_heldout"] = time.perf_counter() - t0
-        return metrics
+        """Reward of fixed-seed samples of the held-out prompts (`Evaluator.heldout_evaluation`)."""
+        return self.evaluator.heldout_evaluation()
 
     def train(self, progress: bool = True) -> List[Dict]:
-        """Runs epochs `first_epoch .. num_epochs - 1`, writing metrics, curves, grids, checkpoints and the result.
+        """Runs epochs `first_epoch .. num_epochs - 1`, writing metrics, curves, grids, checkpoints and the result;
+        the callbacks (trackers, the model card, the Hub push, then `self.callbacks`) are told along the way.
 
         Log lines (the per-epoch metrics) go through `tqdm.write` while the progress bar runs, so that they do not
         run on from the bar; the run directory is unlocked when the run ends (finished, failed or interrupted)."""
@@ -535,9 +590,12 @@ class BaseTrainer:
 
     def _train(self, progress: bool) -> List[Dict]:
         config, acc = self.config, self.accelerator
-        tracker = tracking.RunTracker(self)  # report_to: accelerate's trackers (none by default)
-        tracker.start()
-        warn_if_offline(config)  # push_to_hub while offline: said now, the one-line error comes at the end
+        state = TrainerState(config, acc, family=self.family, resolution=self.resolution,
+                             reward_label=self.reward_label, scored_grid=self.evaluator.scored_grid,
+                             metrics_history=self.metrics_history, epoch=self.first_epoch - 1)
+        callbacks = [TrackerCallback(state), ModelCardCallback(), HubCallback()] + list(self.callbacks)
+        for callback in callbacks:
+            callback.on_train_begin(state)
         if self.first_epoch == 0:
             self.save_grid("grid_before.png")  # every process samples (a sharded denoiser needs them all)
         bar = tqdm(range(self.first_epoch, config.num_epochs), desc=f"{self.algorithm}", disable=not (
@@ -552,7 +610,9 @@ class BaseTrainer:
                 if epoch % config.log_every == 0:
                     logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in metrics.items()))
-            tracker.log_epoch(metrics, epoch)
+            state.epoch, state.metrics_history = epoch, self.metrics_history
+            for callback in callbacks:
+                callback.on_epoch_end(state, metrics)
             if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.num_epochs:
                 self.save_checkpoint(epoch)
         self.save_final()
@@ -561,97 +621,30 @@ class BaseTrainer:
             self.plot()
         if config.final_eval_num_images:
             self.final_evaluation()
-        if acc.is_main_process:
-            write_model_card(self)  # final/README.md, after final_eval.json (its table) exists
+        state.metrics_history = self.metrics_history
+        if acc.is_main_process:  # the model card's example prompt
+            state.grid_prompt = (config.grid_prompts or self.prompts.grid_prompts(1, config.seed))[0]
+        for callback in callbacks:
+            callback.on_save(state)
         acc.wait_for_everyone()
-        tracker.end()
-        if config.push_to_hub and acc.is_main_process:
-            push_to_hub(config)  # last: a failed push (one line) loses nothing
+        for callback in callbacks:
+            callback.on_train_end(state)
         return self.metrics_history
 
-    @torch.no_grad()
     def final_evaluation(self) -> Dict[str, Dict[str, float]]:
-        """Base vs trained model (its EMA with `ema_decay`) on the same prompts and seeds: mean reward, eval reward
-        and KL to base. The prompts are the held-out ones when the config has them, else the training prompts."""
-        config = self.config
-        if not self._takes_part():
-            return {}
-        n = config.final_eval_num_images
-        source = self.heldout if self.heldout is not None else self.prompts
-        items = source.grid_items(n, config.seed + 1)
-        prompts, metadata = [prompt for prompt, _ in items], [row for _, row in items]
-        results = {}
-        ref_module, ref_context = reference_model(self.denoiser, self.ref_denoiser)
-        for name in ("base", "trained"):
-            batches = []
-            generator = torch.Generator(self.device).manual_seed(_seed_for(config.seed, 2**31, 7))
-            for start in range(0, n, config.sample_batch_size):
-                chunk = prompts[start : start + config.sample_batch_size]
-                context = ref_context() if name == "base" else self.ema_weights()
-                with context, self.accelerator.autocast():
-                    batches.append(sample_trajectories(
-                        self.family, chunk, config.sample_num_steps, config.sample_guidance_scale,
-                        height=self.resolution, width=self.resolution, generator=generator,
-                        denoiser=ref_module if name == "base" else self.denoiser, ref_denoiser=self.ref_denoiser,
-                        compute_reference=name == "trained", kernel=self.kernel,
-                    ))
-            trajectories = concat_trajectories(batches)
-            scores = self.score(trajectories, metadata)
-            results[name] = {"reward_mean": scores["reward"].mean().item(), "reward_std": scores["reward"].std().item()}
-            if "eval" in scores:
-                results[name]["eval_mean"] = scores["eval"].mean().item()
-            if trajectories.kl_to_ref is not None:
-                results[name]["kl_to_base"] = trajectories.kl_to_ref.nanmean().item()
-        results["num_images"] = n
-        if not self.accelerator.is_main_process:
-            return results
-        with open(os.path.join(config.output_dir, "final_eval.json"), "w") as f:
-            json.dump(finite_json(results), f, indent=1, allow_nan=False)  # a NaN reward is written as null
-        logger.info("final evaluation (%d images, fixed seeds): %s", n, json.dumps(results))
-        return results
+        """Base vs trained model on the same prompts and seeds (`Evaluator.final_evaluation`)."""
+        return self.evaluator.final_evaluation()
 
     # ----------------------------------------------------------------- outputs
-    @torch.no_grad()
     def grid_images(self) -> torch.Tensor:
-        return self.grid_trajectories().images
+        return self.evaluator.grid_trajectories().images
 
-    @torch.no_grad()
     def grid_trajectories(self) -> Trajectories:
-        """The fixed-seed grid samples (`grid_num_images`, `grid_prompts`) of the current weights."""
-        config = self.config
-        n = config.grid_num_images
-        source = config.grid_prompts or self.prompts.grid_prompts(n, config.seed)
-        prompts = [source[i % len(source)] for i in range(n)]
-        generator = torch.Generator(self.device).manual_seed(_seed_for(config.seed, 2**31))
-        self.denoiser.eval()
-        with self.ema_weights(), self.accelerator.autocast():
-            trajectories = sample_trajectories(
-                self.family, prompts, config.sample_num_steps, config.sample_guidance_scale,
-                height=self.resolution, width=self.resolution, generator=generator, denoiser=self.denoiser,
-                kernel=self.kernel,
-            )
-        return trajectories
-
-    def _takes_part(self) -> bool:
-        """Whether this process runs the main process's sampling (grids, final evaluation): every process when the
-        denoiser is sharded (each forward gathers the weights from all of them), else the main one alone."""
-        return self.sharded or self.accelerator.is_main_process
+        """The fixed-seed grid samples of the current weights (`Evaluator.grid_trajectories`)."""
+        return self.evaluator.grid_trajectories()
 
     def save_grid(self, filename: str):
-        if not self._takes_part():
-            return
-        images = self.grid_images()
-        if not self.accelerator.is_main_process:
-            return
-        nrow = math.ceil(math.sqrt(len(images)))
-        image_grid(images, nrow=nrow, scale=grid_scale(self.resolution)).save(os.path.join(self.config.output_dir, filename))
-        before = os.path.join(self.config.output_dir, "grid_before.png")
-        if filename == "grid_after.png" and os.path.exists(before):
-            from PIL import Image
-
-            combined = labelled_rows([Image.open(before).convert("RGB"), image_grid(images, nrow=nrow, scale=grid_scale(
-                self.resolution))], ["before", "after"], label_width=60)
-            combined.save(os.path.join(self.config.output_dir, "grid_before_after.png"))
+        self.evaluator.save_grid(filename)
 
     def plot(self):
         records = self.read_metrics()
@@ -692,7 +685,7 @@ class BaseTrainer:
 
     # ------------------------------------------------------- checkpoint/resume
     def trainable_names(self) -> List[str]:
-        return [n for n, p in unwrap(self.prepared).named_parameters() if p.requires_grad]
+        return trainable_names(self.prepared)
 
     def trainable_state(self) -> Dict[str, torch.Tensor]:
         """The trainable weights by name, full (gathered) on the main process; `{}` on the others when the denoiser
@@ -711,108 +704,16 @@ class BaseTrainer:
             self.prompt_difficulty.load_state_dict(state["prompt_difficulty"])
 
     def save_checkpoint(self, epoch: int):
-        """One checkpoint in the same format for every engine and process count: the weights and the optimizer state
-        by parameter name, gathered from the shards when the denoiser is sharded, written by the main process
-        (atomically, with a checksummed manifest: `diffalign.checkpoint`)."""
-        acc = self.accelerator
-        rng = {
-            "torch": torch.get_rng_state(),
-            "numpy": _numpy_state_to_list(np.random.get_state()),
-            "python": random.getstate(),
-        }
-        extra = self.extra_state()  # on every process: it may gather per-process state
-        model = self.trainable_state()  # on every process: collective when sharded
-        optimizer = optimizer_state(acc, self.prepared, self.optimizer)
-        if optimizer is None:  # DeepSpeed's partitioned optimizer is not saved (resume starts fresh moments)
-            optimizer = {"engine": "deepspeed"}
-        if acc.is_main_process:
-            states = {
-                "model": model,
-                "optimizer": optimizer,
-                "scheduler": self.lr_scheduler.state_dict(),
-                "rng": rng,
-                "trainer": {"epoch": epoch, "nonfinite_total": self.nonfinite_total,
-                            "nonfinite_in_a_row": self.nonfinite_in_a_row, **extra},
-            }
-            if self.ema is not None:  # the average of the trained weights, by parameter name (float32)
-                states["ema"] = self.ema.state_dict(self.trainable_names())
-            save_checkpoint(self.config.output_dir, epoch, states, self.config.hash(), self.config.checkpoints_total_limit)
-        acc.wait_for_everyone()
-
-    def _load_resume(self, path: str, denoiser):
-        """Loads the newest usable checkpoint of `path` (every process reads it) and puts its weights into
-        `denoiser` before it is prepared; returns `(checkpoint, states)` for `_apply_resume`."""
-        params = dict(denoiser.named_parameters())
-        expected = {n: p for n, p in params.items() if p.requires_grad}
-
-        def check(checkpoint: str, states: dict):
-            # what the checkpoint's states must hold before anything is applied; a failure skips to the previous
-            # complete checkpoint (or names the problem in one line)
-            def bad(what: str):
-                return CheckpointError(f"checkpoint '{checkpoint}' does not fit this run: {what}")
-
-            model, trainer = states["model"], states["trainer"]
-            if not isinstance(model, dict) or set(model) != set(expected):
-                keys = set(model) if isinstance(model, dict) else set()
-                raise bad(f"model.safetensors holds {len(keys)} tensors, {len(keys - set(expected))} unknown, "
-                          f"{len(set(expected) - keys)} missing (of {len(expected)} trainable)")
-            for name, value in model.items():
-                if not isinstance(value, torch.Tensor) or value.shape != expected[name].shape:
-                    raise bad(f"'{name}' has shape {getattr(value, 'shape', None)}, not {tuple(expected[name].shape)}")
-            if not isinstance(trainer, dict):
-                raise bad("trainer.json is not a mapping")
-            for key in ("epoch", "nonfinite_total", "nonfinite_in_a_row"):
-                if not isinstance(trainer.get(key), int) or isinstance(trainer.get(key), bool) or trainer[key] < 0:
-                    raise bad(f"trainer.json has no valid '{key}'")
-            rng = states["rng"]
-            if not isinstance(rng, dict) or not {"torch", "numpy", "python"} <= set(rng):
-                raise bad("rng.json lacks the torch, numpy or python state")
-            for name in ("optimizer", "scheduler"):
-                if not isinstance(states[name], dict):
-                    raise bad(f"{name}.json is not a mapping")
-            if ema:
-                weights = states["ema"].get("weights") if isinstance(states["ema"], dict) else None
-                if not isinstance(weights, dict) or set(weights) != set(expected) or any(
-                        getattr(weights[n], "shape", None) != expected[n].shape for n in expected):
-                    raise bad("ema.safetensors does not hold the EMA of every trainable weight")
-
-        ema = bool(self.config.ema_decay)
-        names = ["model", "optimizer", "scheduler", "rng", "trainer"] + (["ema"] if ema else [])
-        checkpoint, manifest, states = load_resumable(
-            path, names, config_hash=(self.config.hash(), self.config.hash(resolve_model=False)), check=check,
-            finite=["model", "optimizer", "scheduler"] + (["ema"] if ema else []),
-        )
-        with self._applying(checkpoint):
-            with torch.no_grad():
-                for name, value in states["model"].items():
-                    params[name].data.copy_(value)
-        return checkpoint, states
-
-    @contextlib.contextmanager
-    def _applying(self, checkpoint: str):
-        try:
-            yield
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
-            detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            raise CheckpointError(f"checkpoint '{checkpoint}' cannot be applied to this run: {type(e).__name__}: "
-                                  f"{detail}") from e
+        """One checkpoint in the same format for every engine and process count (`Checkpointer.save`)."""
+        self.checkpointer.save(epoch, self.prepared, self.optimizer, self.lr_scheduler, self.ema, lambda: {
+            "epoch": epoch, "nonfinite_total": self.nonfinite_total, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            **self.extra_state()})
 
     def _apply_resume(self, checkpoint: str, states: dict):
         """The optimizer (each process takes its shard), LR schedule, RNG and trainer state of a loaded checkpoint."""
-        with self._applying(checkpoint):
-            optimizer = states["optimizer"]
-            if engine_name(self.accelerator) == "deepspeed" or "param_groups" not in optimizer:
-                logger.warning("checkpoint '%s': the optimizer state is not restored under DeepSpeed (fresh Adam "
-                               "moments)", checkpoint)
-            else:
-                self.optimizer.state_dict()  # materialise accelerate's wrapper before loading
-                load_optimizer_state(self.accelerator, self.prepared, self.optimizer, optimizer)
-            self.lr_scheduler.load_state_dict(states["scheduler"])
-            rng = states["rng"]
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(_numpy_state_from_list(rng["numpy"]))
-            random.setstate(_to_tuple(rng["python"]))
-            trainer = states["trainer"]
+        checkpointer = self.checkpointer
+        with checkpointer.applying(checkpoint):
+            trainer = checkpointer.apply(checkpoint, states, self.prepared, self.optimizer, self.lr_scheduler)
             self.first_epoch = trainer["epoch"] + 1
             self.nonfinite_total = trainer["nonfinite_total"]
             self.nonfinite_in_a_row = trainer["nonfinite_in_a_row"]
@@ -835,17 +736,3 @@ def _place(module, device, dtype):
     if module.dtype != dtype:
         module.to(dtype=dtype)
     return module
-
-
-def _numpy_state_to_list(state) -> list:
-    name, keys, pos, has_gauss, cached = state
-    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
-
-
-def _numpy_state_from_list(state) -> tuple:
-    name, keys, pos, has_gauss, cached = state
-    return name, keys.numpy().astype(np.uint32), pos, has_gauss, cached
-
-
-def _to_tuple(value):
-    return tuple(_to_tuple(v) for v in value) if isinstance(value, list) else value
