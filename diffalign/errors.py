@@ -16,6 +16,14 @@ class UserError(Exception):
     """
 
 
+class ConfigError(UserError, ValueError):
+    """A user error in a configuration (reported as one line, exit code 2, by the CLI)."""
+
+
+class ModelError(UserError, ValueError):
+    """A model or weights location that cannot be used (reported as one line by the CLI)."""
+
+
 class OutputError(UserError, OSError):
     """The output directory cannot be written (no space left, read-only, permissions)."""
 
@@ -47,8 +55,23 @@ def output_error(what: str, error: BaseException) -> OutputError:
     return result
 
 
-def first_line(error: BaseException, limit: int = 300) -> str:
-    """`TypeName: first line of the message` of an exception, for one-line reports."""
+def first_line(error: BaseException, limit: int = 300, with_type: bool = True) -> str:
+    """The first line of an exception's message, for one-line reports: `TypeName: first line` (`with_type=False`: the
+    line alone), cut to `limit` characters with `...`; the type name alone when the message is empty."""
     text = str(error).strip()
-    text = text.splitlines()[0] if text else ""
-    return f"{type(error).__name__}: {text[:limit]}" if text else type(error).__name__
+    text = text.splitlines()[0].strip() if text else ""
+    if not text:
+        return type(error).__name__
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if with_type else text
+
+
+def did_you_mean(word: str, candidates, prefix: str = "") -> str:
+    """`"; did you mean '<prefix><closest>'?"` for the candidate closest to `word` (difflib), or `""` when none is
+    close. Dashes and underscores count as the same character (`--sample-num-steps` is `sample_num_steps`)."""
+    import difflib
+
+    normal = {str(c).replace("-", "_"): str(c) for c in candidates}
+    match = difflib.get_close_matches(word.replace("-", "_"), list(normal), n=1, cutoff=0.6)
+    return f"; did you mean '{prefix}{normal[match[0]]}'?" if match else ""

@@ -75,28 +75,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _resolve_model(name_or_path: str) -> str:
     """The local diffusers directory of `name_or_path`: `digits` is the bundled model, anything else a directory.
 
-    Raises a `ValueError` (`diffalign.modeling.ModelError`) naming what is missing.
+    Raises a `ValueError` (`diffalign.errors.ModelError`) naming what is missing.
     """
-    from diffalign.modeling import resolve_model_path
+    from diffalign.utils.hub_utils import resolve_model_path
 
     return resolve_model_path(name_or_path)
 
 
 def _default_prompts(model: str) -> List[str]:
-    from diffalign.prompts import DIGIT_WORDS, PromptError
+    from diffalign.prompts import PromptError
+    from diffalign.rewards.digits import DIGIT_WORDS
 
     if model == "digits":
         return [f"a handwritten digit {word}" for word in DIGIT_WORDS]
     raise PromptError("no --prompt given (only the bundled 'digits' model has default prompts)")
-
-
-def _dtype_kwargs(dtype: torch.dtype) -> Dict:
-    # diffusers renamed `torch_dtype` to `dtype` (and deprecated the old name) in 0.42
-    from diffusers.utils import deprecation_utils
-
-    return (
-        {"dtype": dtype} if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else {"torch_dtype": dtype}
-    )
 
 
 # diffusers pipeline class (`model_index.json` `_class_name`) -> (RLG pipeline class, denoiser attribute, its class)
@@ -120,7 +112,7 @@ def rlg_pipeline_for(path: str):
     import diffusers
 
     import diffalign.pipelines
-    from diffalign.modeling import ModelError
+    from diffalign.errors import ModelError
 
     if os.path.isdir(path):
         from diffalign.families import pipeline_class_of
@@ -138,12 +130,13 @@ def rlg_pipeline_for(path: str):
 
 
 def _load_aligned_denoiser(path: str, denoiser_name: str, denoiser_class, dtype: torch.dtype):
-    from diffalign.modeling import ModelError
+    from diffalign.errors import ModelError
+    from diffalign.utils.torch_utils import dtype_kwarg
 
     if os.path.isfile(os.path.join(path, denoiser_name, "config.json")):
-        return denoiser_class.from_pretrained(path, subfolder=denoiser_name, **_dtype_kwargs(dtype))
+        return denoiser_class.from_pretrained(path, subfolder=denoiser_name, **dtype_kwarg(dtype))
     if os.path.isfile(os.path.join(path, "config.json")):
-        return denoiser_class.from_pretrained(path, **_dtype_kwargs(dtype))
+        return denoiser_class.from_pretrained(path, **dtype_kwarg(dtype))
     raise ModelError(
         f"--aligned-denoiser '{path}' is neither a {denoiser_class.__name__} directory nor a model directory with"
         f" {denoiser_name}/"
@@ -152,7 +145,7 @@ def _load_aligned_denoiser(path: str, denoiser_name: str, denoiser_class, dtype:
 
 def _load_lora(pipe, directory: str, denoiser_name: str, adapter_name: str = "aligned"):
     """`pipe.load_lora_weights` with one clear error when the LoRA is missing, unreadable or does not fit."""
-    from diffalign.modeling import load_lora_into_pipeline
+    from diffalign.utils.peft_utils import load_lora_into_pipeline
 
     return load_lora_into_pipeline(pipe, directory, adapter_name, denoiser_name)
 
@@ -171,6 +164,8 @@ def load_rlg_pipeline(
     """
     import torch
 
+    from diffalign.utils.torch_utils import dtype_kwarg
+
     aligned_denoiser = aligned_denoiser or aligned_unet
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
@@ -184,7 +179,7 @@ def load_rlg_pipeline(
         extra = {"add_watermarker": False}
     elif "safety_checker" not in init_parameters:
         extra = {}
-    pipe = pipeline_class.from_pretrained(path, **_dtype_kwargs(torch_dtype), **extra)
+    pipe = pipeline_class.from_pretrained(path, **dtype_kwarg(torch_dtype), **extra)
     if aligned_denoiser:
         aligned = _load_aligned_denoiser(aligned_denoiser, denoiser_name, denoiser_class, torch_dtype)
         pipe.register_modules(**{f"aligned_{denoiser_name}": aligned})
@@ -260,7 +255,7 @@ def check_device(name: Optional[str]):
     """Raises a one-line `ConfigError` for a `--device` that is not a torch device or not available here."""
     import torch
 
-    from diffalign.config import ConfigError
+    from diffalign.errors import ConfigError
 
     if name is None:
         return
@@ -301,8 +296,7 @@ def _plot_rewards(results: List[Dict], reward: str, path: str):
 
 def run(args: argparse.Namespace) -> int:
     """Runs `diffalign generate` with parsed `args`; returns the exit code."""
-    from diffalign.config import ConfigError
-    from diffalign.modeling import ModelError
+    from diffalign.errors import ConfigError, ModelError
     from diffalign.plotting import rows_grid
 
     # the most basic problem first: the model, then the values, the device, the prompts, the aligned model
@@ -332,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
 
         reward_fn = get_reward(args.reward)
 
-    from diffalign.cli import quiet_libraries
+    from diffalign.utils.logging_utils import quiet_libraries
 
     quiet_libraries()
     pipe = load_rlg_pipeline(args.model, args.lora, args.aligned_denoiser, args.device, args.dtype)

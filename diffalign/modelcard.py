@@ -48,7 +48,7 @@ def base_model_id(config) -> Optional[str]:
     """The card's `base_model`: `hub_base_model`; a bundled model's name; the hub id of a model given as a hub id or
     as a hub cache snapshot (`.../models--owner--name/snapshots/<rev>`); `None` for another local directory (a
     filesystem path is not valid Hub metadata)."""
-    from .modeling import BUNDLED_MODELS
+    from .utils.hub_utils import BUNDLED_MODELS
 
     if config.hub_base_model:
         return config.hub_base_model
@@ -66,7 +66,7 @@ def base_model_id(config) -> Optional[str]:
 def base_license(config) -> str:
     """`hub_license`; else the base model's own (`license` in the front matter of its directory's README.md, as a
     hub snapshot has it; the bundled models are diffalign's, Apache-2.0); else `other`."""
-    from .modeling import BUNDLED_MODELS
+    from .utils.hub_utils import BUNDLED_MODELS
 
     if config.hub_license:
         return config.hub_license
@@ -123,12 +123,12 @@ def usage_snippets(config, pipeline_class: str, denoiser_name: str, denoiser_cla
     """Two runnable Python snippets: the family's diffusers pipeline with the trained weights, and diffalign's RLG
     pipeline with `rlg_scale`, sampling as in training (steps, guidance, image size). `weights` is the Hub repo or
     the local `final/` directory."""
-    from .modeling import BUNDLED_MODELS
+    from .utils.hub_utils import BUNDLED_MODELS
 
     rlg_class = pipeline_class.replace("Pipeline", "RLGPipeline")
     ours = []  # diffalign imports, after the third-party ones
     if config.model in BUNDLED_MODELS:  # the bundled models ship inside the package
-        ours.append("from diffalign.modeling import resolve_model_path")
+        ours.append("from diffalign.utils.hub_utils import resolve_model_path")
         base = f"resolve_model_path({_py(config.model)})"
     else:
         base = _py(base_model_id(config) or str(config.model))
@@ -246,7 +246,7 @@ def model_card(config, *, pipeline_class: str, denoiser_name: str, denoiser_clas
 
 
 def _bundled():
-    from .modeling import BUNDLED_MODELS
+    from .utils.hub_utils import BUNDLED_MODELS
 
     return BUNDLED_MODELS
 

@@ -12,8 +12,6 @@ import numpy as np
 
 from .errors import UserError, first_line
 
-DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
 # DDPO's `simple_animals` set (kvablack/ddpo-pytorch, assets/simple_animals.txt), used by PRDP's small-scale runs.
 SIMPLE_ANIMALS = (
     "cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox wolf lizard beetle "
@@ -26,6 +24,12 @@ class PromptError(UserError, ValueError):
     """Prompts that cannot be used (reported as one line by the CLI)."""
 
 
+def _digit_word_prompts() -> List[str]:
+    from diffalign.rewards.digits import DIGIT_WORDS
+
+    return [f"a handwritten digit {word}" for word in DIGIT_WORDS]
+
+
 def _all_digit_prompts() -> List[str]:
     from diffalign.rewards.digits import digit_prompts
 
@@ -33,7 +37,7 @@ def _all_digit_prompts() -> List[str]:
 
 
 BUILTIN_PROMPTS = {
-    "digits": lambda: [f"a handwritten digit {word}" for word in DIGIT_WORDS],
+    "digits": _digit_word_prompts,
     "digits_all": _all_digit_prompts,  # every phrasing the bundled model was trained on (80 prompts)
     "simple_animals": lambda: [f"a painting of a {animal}" for animal in SIMPLE_ANIMALS],
 }

@@ -23,6 +23,7 @@ import weakref
 from typing import Dict, Iterable, List
 
 from .errors import UserError, is_disk_error, output_error
+from .utils.process_utils import pid_alive
 
 logger = logging.getLogger("diffalign")
 
@@ -122,18 +123,6 @@ def write_metrics(path: str, records: Iterable[Dict]):
 
 
 # --------------------------------------------------------------------- lock
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    except OSError:
-        return False
-    return True
-
-
 def _describe(info: dict, path: str) -> str:
     if not info:
         return f"another process (lock file {path})"
@@ -218,7 +207,7 @@ class RunLock:
                 info = _read_lock(self.path)
                 pid = info.get("pid")
                 stale = (not info) or (info.get("host") == socket.gethostname() and isinstance(pid, int)
-                                        and not _pid_alive(pid))
+                                        and not pid_alive(pid))
                 if not stale:
                     raise RunDirectoryError(
                         f"output_dir '{self.directory}' is in use by another run ({_describe(info, self.path)}): wait "

@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from diffalign.errors import ModelError
 from diffalign.families import FAMILIES, family_for_pipeline, load_family
 from diffalign.kernels import sde_window_mask
-from diffalign.modeling import ModelError, add_lora
 from diffalign.rollout import default_kernel, sample_trajectories, step_log_probs
 from diffalign.testing import save_tiny_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+from diffalign.utils.peft_utils import add_lora
 
 PIPELINES = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, "sd3": tiny_sd3_pipeline}
 PROMPTS = ["a photo of a cat", "a red car"]

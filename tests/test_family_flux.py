@@ -9,11 +9,12 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 
+from diffalign.errors import ModelError
 from diffalign.families import FluxFamily, family_for_pipeline, load_family
 from diffalign.kernels import sde_window_mask
-from diffalign.modeling import ModelError, add_lora
 from diffalign.rollout import default_kernel, sample_trajectories, step_log_probs
 from diffalign.testing import save_tiny_pipeline, tiny_flux_pipeline
+from diffalign.utils.peft_utils import add_lora
 
 PROMPTS = ["a photo of a cat", "a red car"]
 

@@ -141,3 +141,13 @@ def test_diffalign_has_no_import_cycles():
     found = [f"{' -> '.join(_closed_path(graph, c))} (the cycle joins {', '.join(sorted(c))})"
              for c in strongly_connected(graph)]
     assert not found, "import cycles among diffalign's modules:\n" + "\n".join(found)
+
+
+def test_utilities_import_nothing_above_them():
+    """`diffalign.errors` and `diffalign.utils.*` sit at the bottom: any module may import them, they import only each
+    other (so no cycle can run through them)."""
+    graph = import_graph()
+    bottom = {m for m in graph if m == "diffalign.errors" or m.startswith("diffalign.utils.")}
+    assert "diffalign.utils.peft_utils" in bottom and "diffalign.utils.hub_utils" in bottom
+    above = {m: sorted(graph[m] - bottom - {"diffalign.utils"}) for m in sorted(bottom)}
+    assert not any(above.values()), {m: targets for m, targets in above.items() if targets}

@@ -274,7 +274,8 @@ class Context:
     def _digits_preset(self) -> dict:
         import yaml
 
-        from diffalign.config import ConfigError, preset_path
+        from diffalign.config import preset_path
+        from diffalign.errors import ConfigError
 
         try:
             path = preset_path(DIGITS_PRESETS[self.args.model]["ddpo"])
@@ -294,7 +295,7 @@ class Context:
             elif self.args.sd15_random:
                 self._template = sd15_random_pipeline(self.device, self.dtype, self.args.seed)
             else:
-                from diffalign.modeling import load_pipeline
+                from diffalign.families import load_pipeline
 
                 self._template = load_pipeline(self.args.model)
             self._template.set_progress_bar_config(disable=True)
@@ -392,7 +393,8 @@ class Context:
             return {}
         import yaml
 
-        from diffalign.config import ConfigError, preset_path
+        from diffalign.config import preset_path
+        from diffalign.errors import ConfigError
 
         try:
             path = preset_path(DIGITS_PRESETS[self.args.model][algorithm])

@@ -10,7 +10,8 @@ from typing import Dict, Type
 
 import torch
 
-from ..modeling import ModelError, resolve_model_path
+from ..errors import ModelError
+from ..utils.hub_utils import resolve_model_path
 from .base import Conditioning, ModelFamily
 from .flux import FluxFamily
 from .sd import StableDiffusionFamily
@@ -66,5 +67,11 @@ def load_family(name_or_path: str, torch_dtype: torch.dtype = torch.float32) -> 
     return cls(cls.load(path, torch_dtype))
 
 
+def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32):
+    """Loads a supported pipeline (SD, SDXL, SD3, FLUX; safetensors only) with its family's sampling scheduler."""
+    return load_family(name_or_path, torch_dtype).pipe
+
+
 __all__ = ["FAMILIES", "Conditioning", "FluxFamily", "ModelFamily", "StableDiffusion3Family", "StableDiffusionFamily",
-           "StableDiffusionXLFamily", "family_class", "family_for_pipeline", "load_family", "pipeline_class_of"]
+           "StableDiffusionXLFamily", "family_class", "family_for_pipeline", "load_family", "load_pipeline",
+           "pipeline_class_of"]

@@ -5,7 +5,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..modeling import LORA_WEIGHT_NAME, ModelError, dtype_kwarg
+from ..errors import ModelError
+from ..utils.peft_utils import LORA_WEIGHT_NAME, unwrap
+from ..utils.torch_utils import dtype_kwarg
 
 Conditioning = Dict[str, torch.Tensor]  # per-row conditioning tensors (batch first), the denoiser's keyword inputs
 
@@ -129,14 +131,10 @@ class ModelFamily:
         return self.pipe.vae_scale_factor
 
     def default_resolution(self) -> int:
-        from ..rollout import unwrap
-
         return unwrap(self.denoiser).config.sample_size * self.vae_scale_factor
 
     def resolution_multiple(self) -> int:
         """Image sides must be multiples of this."""
-        from ..rollout import unwrap
-
         num_down = len(unwrap(self.denoiser).config.down_block_types) - 1
         return self.vae_scale_factor * 2**num_down
 
@@ -149,8 +147,6 @@ class ModelFamily:
             )
 
     def latent_channels(self, denoiser=None) -> int:
-        from ..rollout import unwrap
-
         return unwrap(denoiser if denoiser is not None else self.denoiser).config.in_channels
 
     def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents=None, denoiser=None):
@@ -213,8 +209,6 @@ class ModelFamily:
         the adapter's peft config as metadata (as diffusers' LoRA training scripts do): without it diffusers loads a
         LoRA with `lora_alpha = r`, and one trained with another alpha would load at the wrong scale."""
         import diffusers
-
-        from ..rollout import unwrap
 
         model = unwrap(denoiser)
         (adapter,) = model.peft_config  # the one trained adapter

@@ -4,6 +4,7 @@ trajectories with Flow-GRPO's SDE."""
 from typing import List
 
 from ..kernels import FlowSDEKernel
+from ..utils.peft_utils import unwrap
 from .base import Conditioning, ModelFamily
 
 
@@ -28,8 +29,6 @@ class StableDiffusion3Family(ModelFamily):
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
     def resolution_multiple(self) -> int:
-        from ..rollout import unwrap
-
         return self.vae_scale_factor * unwrap(self.denoiser).config.patch_size
 
     def set_timesteps(self, num_inference_steps: int, device, height: int, width: int):
@@ -38,8 +37,6 @@ class StableDiffusion3Family(ModelFamily):
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", False):
             from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-            from ..rollout import unwrap
 
             patch = unwrap(self.denoiser).config.patch_size
             seq_len = (height // self.vae_scale_factor // patch) * (width // self.vae_scale_factor // patch)

@@ -16,52 +16,28 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError, atomic_save_dir, load_resumable, save_checkpoint
-from ..config import ConfigError, TrainConfig
+from ..config import TrainConfig
 from ..distributed import (ddp_kwargs, engine_name, full_parameters, full_state_dict_view, gradient_sync, is_dtensor,
                            is_sharded, load_optimizer_state, optimizer_state, prepare_reference)
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from ..runlog import append_metrics, finite_json, prepare_output_dir, read_metrics, write_metrics
-from ..validation import check_lora_target_modules
 from ..families import load_family
 from .. import tracking
 from ..modelcard import push_to_hub, warn_if_offline, write_model_card
 from ..kernels import sde_window_mask
-from ..modeling import add_lora
 from ..plotting import grid_scale, image_grid, labelled_rows, plot_metrics
 from ..ema import ParameterEMA
 from ..prompts import PromptDifficulty, PromptError, heldout_prompt_source, prompt_source
-from ..rollout import Trajectories, as_family, concat_trajectories, reference_model, sample_trajectories, unwrap
+from ..rollout import Trajectories, as_family, concat_trajectories, sample_trajectories
+from ..utils.peft_utils import add_lora, check_lora_target_modules, record_lora_config, reference_model, unwrap
+from ..utils.process_utils import launched_processes
+from ..utils.torch_utils import seed_for, set_torch_threads
 
 logger = logging.getLogger("diffalign")
 
 
 class NonFiniteError(UserError, RuntimeError):
     """Too many non-finite rewards, losses or gradients in a row (or one, with `nonfinite_policy: error`)."""
-
-
-def set_torch_threads(config: TrainConfig):
-    """`torch.set_num_threads` from `config.num_threads`; by default one thread for the bundled models on a CPU (their
-    small convolutions are fastest on one thread when the cores are shared, and one thread makes runs bit-reproducible
-    across machines with different core counts)."""
-    from ..modeling import BUNDLED_MODELS
-
-    threads = config.num_threads
-    if threads is None and config.model in BUNDLED_MODELS and not torch.cuda.is_available():
-        threads = 1
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-
-def _launched_processes() -> int:
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
-def _seed_for(*parts: int) -> int:
-    # A deterministic 63-bit seed from (seed, epoch, rank, purpose): resumed runs draw the same numbers.
-    return int(np.random.default_rng(list(parts)).integers(0, 2**63 - 1))
 
 
 class GlobalLayout:
@@ -99,22 +75,30 @@ class BaseTrainer:
     Args:
         config (`TrainConfig`): the run's settings.
         pipeline (`DiffusionPipeline` or `ModelFamily`, *optional*): a loaded pipeline of a supported family (SD,
-            SDXL, SD3); by default `config.model` is loaded with its family (`diffalign.families`).
+            SDXL, SD3, FLUX); by default `config.model` is loaded with its family (`diffalign.families`).
         reward_fn (*optional*): `reward(images, prompts, metadata) -> Tensor[B]`; by default `config.reward`.
         prompt_fn (*optional*): a `diffalign.prompts.PromptSource`; by default from the config's prompt fields.
         accelerator (`accelerate.Accelerator`, *optional*).
+        lora_config (`peft.LoraConfig`, *optional*): the LoRA adapter to train, instead of the one built from
+            `lora_rank`, `lora_alpha` and `lora_target_modules` (its targets default to the family's when it names
+            none); its rank, alpha and target list are written into `config`, which the checkpoints and the model
+            card describe the run by. Needs `use_lora`.
     """
 
     algorithm = "base"
 
-    def __init__(self, config: TrainConfig, pipeline=None, reward_fn=None, prompt_fn=None, accelerator=None):
+    def __init__(self, config: TrainConfig, pipeline=None, reward_fn=None, prompt_fn=None, accelerator=None,
+                 lora_config=None):
         from accelerate import Accelerator
 
         self.config = config
+        self.lora_config = lora_config
+        if lora_config is not None:
+            record_lora_config(config, lora_config)
         set_torch_threads(config)
         # validate before the Accelerator is built (it fails on a bad mixed_precision with a traceback); the
         # process count is the launcher's until the Accelerator knows it
-        config.validate(accelerator.num_processes if accelerator is not None else _launched_processes())
+        config.validate(accelerator.num_processes if accelerator is not None else launched_processes())
         # trackers (report_to) are checked here, before any model loads: a missing package is one line
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp_kwargs()],
@@ -170,7 +154,7 @@ class BaseTrainer:
             self.family.check_resolution(config.sample_resolution)
         self.resolution = config.sample_resolution or self.family.default_resolution()
         if config.use_lora:
-            check_lora_target_modules(self.family.denoiser, config.lora_target_modules)
+            check_lora_target_modules(self.family.denoiser, config.lora_target_modules)  # a LoraConfig's too
         self._setup_models()
 
         self.first_epoch = 0
@@ -192,7 +176,7 @@ class BaseTrainer:
         if config.use_lora:
             _place(denoiser, self.device, self.weight_dtype)
             add_lora(denoiser, config.lora_rank, config.lora_alpha,
-                     config.lora_target_modules or family.default_lora_target_modules)
+                     config.lora_target_modules or family.default_lora_target_modules, lora_config=self.lora_config)
         else:
             ref_denoiser = _place(copy.deepcopy(denoiser).requires_grad_(False), self.device, self.weight_dtype).eval()
             _place(denoiser.requires_grad_(True), self.device, torch.float32)
@@ -313,7 +297,7 @@ class BaseTrainer:
         if size is None:
             return sde_window_mask(config.sample_num_steps, None)
         low, high = config.sde_window_range
-        generator = torch.Generator().manual_seed(_seed_for(config.seed, epoch, 4))
+        generator = torch.Generator().manual_seed(seed_for(config.seed, epoch, 4))
         start = low + int(torch.randint(high - size - low + 1, (1,), generator=generator))
         return sde_window_mask(config.sample_num_steps, size, start)
 
@@ -344,7 +328,7 @@ class BaseTrainer:
     def sample_generators(self, epoch: int, indices) -> List[torch.Generator]:
         """One generator per sample, seeded by its global index: the initial noise and every step's noise of a
         sample are the same whichever process draws it and however the batch is split."""
-        return [torch.Generator(self.device).manual_seed(_seed_for(self.config.seed, epoch, 10, i)) for i in indices]
+        return [torch.Generator(self.device).manual_seed(seed_for(self.config.seed, epoch, 10, i)) for i in indices]
 
     @torch.no_grad()
     def sample(self, epoch: int, prompts: List[str], compute_reference: bool, keep_reference_means: bool = False,
@@ -486,7 +470,7 @@ class BaseTrainer:
         mine = list(range(acc.process_index, n, acc.num_processes))
         per_process = math.ceil(n / acc.num_processes)
         index = mine + [mine[-1] if mine else 0] * (per_process - len(mine))  # padding, dropped after the gather
-        generators = [torch.Generator(self.device).manual_seed(_seed_for(config.seed, 2**31, 11, i)) for i in index]
+        generators = [torch.Generator(self.device).manual_seed(seed_for(config.seed, 2**31, 11, i)) for i in index]
         batches = []
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self.ema_weights():
@@ -567,7 +551,7 @@ class BaseTrainer:
         ref_module, ref_context = reference_model(self.denoiser, self.ref_denoiser)
         for name in ("base", "trained"):
             batches = []
-            generator = torch.Generator(self.device).manual_seed(_seed_for(config.seed, 2**31, 7))
+            generator = torch.Generator(self.device).manual_seed(seed_for(config.seed, 2**31, 7))
             for start in range(0, n, config.sample_batch_size):
                 chunk = prompts[start : start + config.sample_batch_size]
                 context = ref_context() if name == "base" else self.ema_weights()
@@ -605,7 +589,7 @@ class BaseTrainer:
         n = config.grid_num_images
         source = config.grid_prompts or self.prompts.grid_prompts(n, config.seed)
         prompts = [source[i % len(source)] for i in range(n)]
-        generator = torch.Generator(self.device).manual_seed(_seed_for(config.seed, 2**31))
+        generator = torch.Generator(self.device).manual_seed(seed_for(config.seed, 2**31))
         self.denoiser.eval()
         with self.ema_weights(), self.accelerator.autocast():
             trajectories = sample_trajectories(

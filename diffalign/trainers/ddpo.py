@@ -12,7 +12,8 @@ from ..distributed import max_count, micro_batch_count, micro_batch_slots
 from ..logprob import gaussian_kl
 from ..losses import ppo_clipped_loss
 from ..rollout import Trajectories, concat_trajectories, step_log_probs
-from .base import BaseTrainer, GlobalLayout, _seed_for
+from ..utils.torch_utils import seed_for
+from .base import BaseTrainer, GlobalLayout
 
 logger = logging.getLogger("diffalign")
 
@@ -74,7 +75,7 @@ class DDPOTrainer(BaseTrainer):
             self.replay = (self.replay + [fresh])[-config.train_reuse_epochs :]
         advantages = advantages.to(self.device)
         trajectories = trajectories.to(self.device)
-        generator = torch.Generator().manual_seed(_seed_for(config.seed, epoch, 2))
+        generator = torch.Generator().manual_seed(seed_for(config.seed, epoch, 2))
         layout = GlobalLayout(len(trajectories), len(rewards), acc.num_processes, acc.process_index)
         stochastic = layout.global_rows(trajectories.stochastic.cpu())
         totals = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "kl_penalty": 0.0, "grad_norm": 0.0, "skipped": 0.0}

@@ -10,8 +10,10 @@ import torch
 from ..config import PRDPConfig
 from ..distributed import max_count, micro_batch_count, micro_batch_slots
 from ..losses import implicit_reward_error, prdp_loss
-from ..rollout import Trajectories, reference_model, step_log_probs
-from .base import BaseTrainer, GlobalLayout, _seed_for
+from ..rollout import Trajectories, step_log_probs
+from ..utils.peft_utils import reference_model
+from ..utils.torch_utils import seed_for
+from .base import BaseTrainer, GlobalLayout
 
 
 def planned_steps(plans: List[torch.Tensor], num_steps: int) -> torch.Tensor:
@@ -62,13 +64,13 @@ class PRDPTrainer(BaseTrainer):
         group_owner = layout.owner(torch.arange(num_groups) * images)
         all_rewards = all_rewards.detach().cpu().float()
         stochastic = layout.global_rows(trajectories.stochastic.cpu())
-        generator = torch.Generator().manual_seed(_seed_for(config.seed, epoch, 2))
+        generator = torch.Generator().manual_seed(seed_for(config.seed, epoch, 2))
         totals = {"loss": 0.0, "grad_norm": 0.0, "skipped": 0.0, "implicit_reward_error": 0.0, "log_ratio_to_old": 0.0}
         num_updates = 0
 
         plans = None
         if trajectories.ref_log_probs is None:
-            plan_generator = torch.Generator().manual_seed(_seed_for(config.seed, epoch, 3))
+            plan_generator = torch.Generator().manual_seed(seed_for(config.seed, epoch, 3))
             plans = [self.train_step_plan(stochastic, plan_generator) for _ in range(config.train_num_inner_epochs)]
             num_steps = trajectories.log_probs.shape[1]
             slots = max_count(micro_batch_count(int(planned_steps([p[r * n : (r + 1) * n] for p in plans],
