@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError, first_line, is_disk_error, output_error
+from .errors import CheckpointError, first_line, is_disk_error, output_error
 from .utils.process_utils import pid_alive
 
 MANIFEST = "manifest.json"
@@ -30,10 +30,6 @@ PREFIX = "epoch-"
 TMP = ".tmp-"
 
 logger = logging.getLogger("diffalign")
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that is missing, incomplete, corrupted or from a different run configuration."""
 
 
 def _sha256(path: str) -> str:

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 import yaml
 
-from .errors import UserError, first_line
+from .errors import HubError, first_line
 
 logger = logging.getLogger("diffalign")
 
@@ -38,10 +38,6 @@ KEY_SETTINGS = [
     "advantage_mode", "train_batch_size", "train_clip_range", "train_kl_coef", "lora_rank", "lora_alpha",
     "ema_decay", "mixed_precision", "seed",
 ]
-
-
-class HubError(UserError, RuntimeError):
-    """The upload to the Hub failed (offline, no token, no rights, HTTP error); the run's outputs are on disk."""
 
 
 def base_model_id(config) -> Optional[str]:

@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .errors import UserError, first_line
+from .errors import PromptError, first_line
 
 # DDPO's `simple_animals` set (kvablack/ddpo-pytorch, assets/simple_animals.txt), used by PRDP's small-scale runs.
 SIMPLE_ANIMALS = (
@@ -18,10 +18,6 @@ SIMPLE_ANIMALS = (
     "ant butterfly fish shark whale dolphin squirrel mouse rat snake turtle frog chicken duck goose bee pig turkey fly "
     "llama camel bat gorilla hedgehog kangaroo"
 ).split()
-
-
-class PromptError(UserError, ValueError):
-    """Prompts that cannot be used (reported as one line by the CLI)."""
 
 
 def _digit_word_prompts() -> List[str]:

@@ -22,17 +22,13 @@ import time
 import weakref
 from typing import Dict, Iterable, List
 
-from .errors import UserError, is_disk_error, output_error
+from .errors import RunDirectoryError, is_disk_error, output_error
 from .utils.process_utils import pid_alive
 
 logger = logging.getLogger("diffalign")
 
 METRICS = "metrics.jsonl"
 LOCK = ".diffalign.lock"
-
-
-class RunDirectoryError(UserError, ValueError):
-    """The output directory is in use by another run, already holds a run, or is not a directory."""
 
 
 # ------------------------------------------------------------------ metrics

@@ -20,16 +20,12 @@ import os
 import textwrap
 from typing import Dict, List, Optional
 
-from .errors import UserError
+from .errors import TrackerError
 
 logger = logging.getLogger("diffalign")
 
 # tracker name (accelerate's `log_with`) -> the module it needs; the pip extra has the tracker's name
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
-
-
-class TrackerError(UserError, ImportError):
-    """A tracker named in `report_to` whose package is not installed."""
 
 
 def parse_report_to(report_to: Optional[str]) -> List[str]:

@@ -19,7 +19,7 @@ from ..checkpoint import CheckpointError, atomic_save_dir, load_resumable, save_
 from ..config import TrainConfig
 from ..distributed import (ddp_kwargs, engine_name, full_parameters, full_state_dict_view, gradient_sync, is_dtensor,
                            is_sharded, load_optimizer_state, optimizer_state, prepare_reference)
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError, NonFiniteError
 from ..runlog import append_metrics, finite_json, prepare_output_dir, read_metrics, write_metrics
 from ..families import load_family
 from .. import tracking
@@ -34,10 +34,6 @@ from ..utils.process_utils import launched_processes
 from ..utils.torch_utils import seed_for, set_torch_threads
 
 logger = logging.getLogger("diffalign")
-
-
-class NonFiniteError(UserError, RuntimeError):
-    """Too many non-finite rewards, losses or gradients in a row (or one, with `nonfinite_policy: error`)."""
 
 
 class GlobalLayout:
