@@ -29,7 +29,7 @@ _LAZY = {
     "ppo_clipped_loss": "diffalign.losses",
     "get_reward": "diffalign.rewards",
     "register_reward": "diffalign.rewards",
-    "load_pipeline": "diffalign.modeling",
+    "load_pipeline": "diffalign.families",
 }
 
 __all__ = sorted(_LAZY)

@@ -22,17 +22,14 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError, first_line, is_disk_error, output_error
+from .errors import CheckpointError, first_line, is_disk_error, output_error
+from .utils.process_utils import pid_alive
 
 MANIFEST = "manifest.json"
 PREFIX = "epoch-"
 TMP = ".tmp-"
 
 logger = logging.getLogger("diffalign")
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that is missing, incomplete, corrupted or from a different run configuration."""
 
 
 def _sha256(path: str) -> str:
@@ -75,16 +72,6 @@ def join_state(skeleton: Any, tensors: Dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists but not ours, or cannot tell: keep its files
-    return True
-
-
 def remove_stale_tmp(directory: str, prefix: str = TMP):
     """Removes `<prefix>...-<pid>[-old]` entries of `directory` left by writes of processes that no longer exist
     (killed mid-write) or by an earlier failed write of this process."""
@@ -97,7 +84,7 @@ def remove_stale_tmp(directory: str, prefix: str = TMP):
         if match is None:
             continue
         pid = int(match.group(1))
-        if pid == os.getpid() or not _pid_alive(pid):
+        if pid == os.getpid() or not pid_alive(pid):
             path = os.path.join(directory, name)
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path, ignore_errors=True)

@@ -10,10 +10,13 @@ needs when it runs. Options take both spellings, `--snake_case` and `--kebab-cas
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 from typing import List, Optional
+
+from diffalign.utils.logging_utils import quiet_libraries, setup_logging
+from diffalign.utils.process_utils import launched_processes
+
 
 def _user_errors():
     """Exception types that mean bad input (one line, exit code 2) rather than a bug: `diffalign.errors.UserError`,
@@ -28,34 +31,6 @@ def _one_line(error: BaseException) -> str:
 
     text = " ".join(line.strip() for line in scrub(str(error)).splitlines() if line.strip())  # no secret in errors
     return text or type(error).__name__
-
-
-def _setup_environment():
-    # environment and logging only: importing diffusers/transformers here would cost every `--help` seconds
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    logging.getLogger("diffalign").setLevel(logging.INFO)
-
-
-def quiet_libraries():
-    """Turns off diffusers' and transformers' own progress bars ("Loading pipeline components"; ours stay). Imports
-    both libraries: the commands that load models call it once their arguments are checked."""
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.disable_progress_bar()
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-
-
-def _launched_processes() -> int:
-    # the process count of `accelerate launch` / torchrun (WORLD_SIZE), before accelerate is imported
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
 
 
 def _default_output_dir(algorithm: str, config_name: Optional[str]) -> str:
@@ -172,17 +147,17 @@ def train_command(args, extra: List[str]) -> int:
     check_output_dir(config.output_dir)
     # every check that needs no model before the heavy imports: values, batch arithmetic, then the model location
     _check_prompt_override(config, args.config)
-    config.validate(_launched_processes())
+    config.validate(launched_processes())
     _check_reward_names(config)
     from diffalign.families import check_model_resolution  # torch, not diffusers
-    from diffalign.modeling import resolve_model_path
+    from diffalign.utils.hub_utils import resolve_model_path
 
     resolve_model_path(config.model)
     check_model_resolution(config.model, config.sample_resolution)
     if not args.config and not config.resume_from and _is_main_launch():
         _say_defaults(args.algorithm, config)
     quiet_libraries()
-    from diffalign.config import trainer_class
+    from diffalign.trainers import trainer_class
 
     trainer_cls = trainer_class(args.algorithm)
     trainer = trainer_cls(config)
@@ -299,12 +274,12 @@ def _option_strings(parser: argparse.ArgumentParser) -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    _setup_environment()
+    setup_logging()
     parser = build_parser()
     argv = normalize_flags(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "allow_extra", False):
-        from diffalign.config import did_you_mean
+        from diffalign.errors import did_you_mean
 
         command = parser._subparsers._group_actions[0].choices[args.command]
         hint = did_you_mean(extra[0].partition("=")[0].lstrip("-"), [o[2:] for o in _option_strings(command)], "--")

@@ -17,21 +17,8 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
-from .errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A user error in a configuration (reported as one line, exit code 2, by the CLI)."""
-
-
-def did_you_mean(word: str, candidates, prefix: str = "") -> str:
-    """`"; did you mean '<prefix><closest>'?"` for the candidate closest to `word` (difflib), or `""` when none is
-    close. Dashes and underscores count as the same character (`--sample-num-steps` is `sample_num_steps`)."""
-    import difflib
-
-    normal = {str(c).replace("-", "_"): str(c) for c in candidates}
-    match = difflib.get_close_matches(word.replace("-", "_"), list(normal), n=1, cutoff=0.6)
-    return f"; did you mean '{prefix}{normal[match[0]]}'?" if match else ""
+from ._hf_argparser import HfArgumentParser, string_to_bool
+from .errors import ConfigError, did_you_mean
 
 
 # Fields of the held-out evaluation: it samples with its own seeds and leaves the training untouched (not hashed).
@@ -416,7 +403,7 @@ class TrainConfig:
         if not self.ema_decay:
             ignored.add("ema_update_every")  # meaningless without EMA
         items = {k: v for k, v in self.to_dict().items() if k not in ignored}
-        from .modeling import BUNDLED_MODELS  # torch: hash() runs where the models do
+        from .utils.hub_utils import BUNDLED_MODELS  # torch: hash() runs where the models do
 
         model = items.get("model")
         if resolve_model and isinstance(model, str) and model not in BUNDLED_MODELS and os.path.isdir(model):
@@ -537,13 +524,6 @@ class PRDPConfig(TrainConfig):
 CONFIG_CLASSES = {cls.algorithm: cls for cls in (DDPOConfig, PRDPConfig)}
 
 
-def trainer_class(algorithm: str):
-    """The trainer class of a registered algorithm (imported on demand: the CLI parses configs without torch)."""
-    from diffalign.trainers import TRAINERS
-
-    return TRAINERS[algorithm]
-
-
 def preset_path(name_or_path: str) -> str:
     """A YAML path, or the name of a preset shipped in `diffalign.configs` (with or without `.yaml`)."""
     if os.path.isfile(name_or_path):
@@ -559,42 +539,15 @@ def preset_path(name_or_path: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ parsing (TrlParser)
-# `load_config` is TRL's `TrlParser` pattern on transformers' `HfArgumentParser`: the YAML file (or preset) and Python
-# overrides become the parser's defaults, then the command line is parsed over them into the config dataclass. Its
-# argparse options come from the dataclass fields alone (names, both spellings, `help` metadata, defaults), so fields
-# added to the config classes need nothing here. `ConfigParser` adapts what HfArgumentParser does not do, each for a
-# reason given where it is done: one-line `ConfigError`s instead of argparse's usage-and-exit, YAML values on the
-# command line, and type checks of the YAML and Python values (argparse converts strings only).
+# `load_config` is TRL's `TrlParser` pattern on transformers' `HfArgumentParser` (vendored as TRL does it, in
+# `diffalign/_hf_argparser.py`): the YAML file (or preset) and Python overrides become the parser's defaults, then the
+# command line is parsed over them into the config dataclass. Its argparse options come from the dataclass fields alone
+# (names, both spellings, `help` metadata, defaults), so fields added to the config classes need nothing here.
+# `ConfigParser` adapts what HfArgumentParser does not do, each for a reason given where it is done: one-line
+# `ConfigError`s instead of argparse's usage-and-exit, YAML values on the command line, and type checks of the YAML and
+# Python values (argparse converts strings only).
 
 _YAML_NULLS = frozenset({"null", "Null", "NULL", "~"})
-
-
-def _hf_argparser():
-    """transformers' `hf_argparser` module, without importing `transformers` when it is not loaded yet.
-
-    `import transformers` takes ~0.7 s (its dependency checks and hub utilities) and would be in `sys.modules` after
-    `diffalign train ... --help`, which promises neither; `hf_argparser.py` itself needs only the standard library
-    and PyYAML, so that one file is loaded on its own. A transformers whose file needs more falls back to the regular
-    import.
-    """
-    import importlib.util
-    import sys
-
-    for name in ("transformers.hf_argparser", "diffalign._hf_argparser"):
-        if name in sys.modules:
-            return sys.modules[name]
-    try:
-        location = importlib.util.find_spec("transformers").submodule_search_locations[0]
-        spec = importlib.util.spec_from_file_location("diffalign._hf_argparser",
-                                                      os.path.join(location, "hf_argparser.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    except (AttributeError, ImportError, OSError, SyntaxError):  # no such file, or it imports more now
-        from transformers import hf_argparser as module
-
-        return module
-    sys.modules["diffalign._hf_argparser"] = module
-    return module
 
 
 def _members(tp) -> tuple:
@@ -677,7 +630,7 @@ def _from_text(name: str, text: str, tp):
                 if text.lower() in ("on", "off"):
                     return text.lower() == "on"
                 try:
-                    return _hf_argparser().string_to_bool(text)
+                    return string_to_bool(text)
                 except argparse.ArgumentTypeError:
                     raise ConfigError(f"{name}: expected true or false, got {text!r}") from None
             if kind is int:
@@ -722,11 +675,9 @@ def _metavar(tp) -> str:
 
 
 def _config_parser(cls):
-    """An `HfArgumentParser` of the config class `cls` (a subclass defined on first use: its base loads lazily)."""
+    """An `HfArgumentParser` of the config class `cls`."""
     import copy
     import re
-
-    HfArgumentParser = _hf_argparser().HfArgumentParser
 
     class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         """argparse's help with defaults, one spelling per key (the description says both work)."""

@@ -22,6 +22,8 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
+from .utils.peft_utils import unwrap
+
 logger = logging.getLogger("diffalign")
 
 
@@ -134,8 +136,6 @@ def micro_batch_slots(rows: int, micro_batch_size: int, slots: int) -> List[Opti
 
 # ------------------------------------------------------------------------------------------- gathered states
 def _named_trainables(model) -> Dict[str, torch.nn.Parameter]:
-    from .rollout import unwrap
-
     return {n: p for n, p in unwrap(model).named_parameters()}
 
 
@@ -144,8 +144,6 @@ def full_parameters(accelerator, model, names: Optional[Iterable[str]] = None,
     """The full (unsharded) values of the parameters `names` of `model` (all by default, plus the buffers with
     `buffers`), on the main process, on the CPU for sharded models; `{}` elsewhere. Collective when the model is
     sharded: call it on every process."""
-    from .rollout import unwrap
-
     main = accelerator.is_main_process
     if engine_name(accelerator) == "deepspeed":
         state = accelerator.get_state_dict(model, unwrap=True)  # gathers ZeRO-3 partitions (collective)

@@ -1,8 +1,9 @@
-"""The base class of user errors: bad input that the CLI reports as one line with exit code 2 (not a bug).
+"""User errors: bad input that the CLI reports as one line with exit code 2 (not a bug), and the helpers that word them.
 
 Every error type that means "the user gave something unusable" (a config value, a model directory, a prompt file, a
-checkpoint, a reward, an output directory that cannot be written) subclasses `UserError`, so `diffalign.cli` catches
-exactly one class instead of a hand-kept list. Subclasses keep their historical bases (`ValueError`, `ImportError`,
+checkpoint, a reward, an output directory that cannot be written) is defined here and subclasses `UserError`, so
+`diffalign.cli` catches exactly one class instead of a hand-kept list; the modules that raise them import them from
+here (and so still export them: `diffalign.checkpoint.CheckpointError` is this `CheckpointError`). Subclasses keep their historical bases (`ValueError`, `ImportError`,
 ...) so existing `except ValueError` code keeps working.
 """
 
@@ -16,8 +17,64 @@ class UserError(Exception):
     """
 
 
+class ConfigError(UserError, ValueError):
+    """A user error in a configuration (reported as one line, exit code 2, by the CLI)."""
+
+
+class ModelError(UserError, ValueError):
+    """A model or weights location that cannot be used (reported as one line by the CLI)."""
+
+
 class OutputError(UserError, OSError):
     """The output directory cannot be written (no space left, read-only, permissions)."""
+
+
+class PromptError(UserError, ValueError):
+    """Prompts that cannot be used (reported as one line by the CLI)."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that is missing, incomplete, corrupted or from a different run configuration."""
+
+
+class RunDirectoryError(UserError, ValueError):
+    """The output directory is in use by another run, already holds a run, or is not a directory."""
+
+
+class NonFiniteError(UserError, RuntimeError):
+    """Too many non-finite rewards, losses or gradients in a row (or one, with `nonfinite_policy: error`)."""
+
+
+class HubError(UserError, RuntimeError):
+    """The upload to the Hub failed (offline, no token, no rights, HTTP error); the run's outputs are on disk."""
+
+
+class TrackerError(UserError, ImportError):
+    """A tracker named in `report_to` whose package is not installed."""
+
+
+class LaunchConfigError(UserError, ValueError):
+    """An unknown launch config name or a launch that cannot start."""
+
+
+class RewardError(UserError, ValueError):
+    """A reward that cannot be built from its settings, or that fails or returns something other than one finite
+    or non-finite number per image (one line naming the reward)."""
+
+
+class UnknownRewardError(RewardError):
+    """A reward name that is neither registered nor an importable `module:function`."""
+
+
+class RewardWeightsNotFoundError(UserError, ValueError):
+    """A reward model's weights could not be found locally (and not downloaded, e.g. offline).
+
+    The message is one line: the reward, what to download and which keyword argument to point at it.
+    """
+
+
+class MissingRewardDependencyError(UserError, ImportError):
+    """A reward needs an optional dependency (an extra such as `diffalign[openclip]`) that is not installed."""
 
 
 # OSError numbers that mean "the disk or the permissions", not a bug: reported as one line by the CLI.
@@ -47,8 +104,23 @@ def output_error(what: str, error: BaseException) -> OutputError:
     return result
 
 
-def first_line(error: BaseException, limit: int = 300) -> str:
-    """`TypeName: first line of the message` of an exception, for one-line reports."""
+def first_line(error: BaseException, limit: int = 300, with_type: bool = True) -> str:
+    """The first line of an exception's message, for one-line reports: `TypeName: first line` (`with_type=False`: the
+    line alone), cut to `limit` characters with `...`; the type name alone when the message is empty."""
     text = str(error).strip()
-    text = text.splitlines()[0] if text else ""
-    return f"{type(error).__name__}: {text[:limit]}" if text else type(error).__name__
+    text = text.splitlines()[0].strip() if text else ""
+    if not text:
+        return type(error).__name__
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if with_type else text
+
+
+def did_you_mean(word: str, candidates, prefix: str = "") -> str:
+    """`"; did you mean '<prefix><closest>'?"` for the candidate closest to `word` (difflib), or `""` when none is
+    close. Dashes and underscores count as the same character (`--sample-num-steps` is `sample_num_steps`)."""
+    import difflib
+
+    normal = {str(c).replace("-", "_"): str(c) for c in candidates}
+    match = difflib.get_close_matches(word.replace("-", "_"), list(normal), n=1, cutoff=0.6)
+    return f"; did you mean '{prefix}{normal[match[0]]}'?" if match else ""

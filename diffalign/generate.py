@@ -79,29 +79,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _resolve_model(name_or_path: str) -> str:
     """The local diffusers directory of `name_or_path`: `digits` is the bundled model, anything else a directory.
 
-    Raises a `ValueError` (`diffalign.modeling.ModelError`) naming what is missing.
+    Raises a `ValueError` (`diffalign.errors.ModelError`) naming what is missing.
     """
-    from diffalign.modeling import resolve_model_path
+    from diffalign.utils.hub_utils import resolve_model_path
 
     return resolve_model_path(name_or_path)
 
 
 def _default_prompts(model: str) -> List[str]:
-    from diffalign.modeling import BUNDLED_MODELS
-    from diffalign.prompts import DIGIT_WORDS, PromptError
+    from diffalign.prompts import PromptError
+    from diffalign.rewards.digits import DIGIT_WORDS
+    from diffalign.utils.hub_utils import BUNDLED_MODELS
 
     if model in BUNDLED_MODELS:  # digits and digits-flow were both trained on the digit prompts
         return [f"a handwritten digit {word}" for word in DIGIT_WORDS]
     raise PromptError(f"no --prompt given (only the bundled models, {', '.join(BUNDLED_MODELS)}, have default prompts)")
-
-
-def _dtype_kwargs(dtype: torch.dtype) -> Dict:
-    # diffusers renamed `torch_dtype` to `dtype` (and deprecated the old name) in 0.42
-    from diffusers.utils import deprecation_utils
-
-    return (
-        {"dtype": dtype} if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else {"torch_dtype": dtype}
-    )
 
 
 def rlg_family_for(path: str):
@@ -112,8 +104,8 @@ def rlg_family_for(path: str):
     """
     import diffusers
 
+    from diffalign.errors import ModelError
     from diffalign.families import FAMILIES, family_class, pipeline_class_of
-    from diffalign.modeling import ModelError
 
     if os.path.isdir(path):
         pipeline_class = pipeline_class_of(path)
@@ -152,7 +144,7 @@ def _rlg_classes(family):
 def _safetensors_only(what: str, load):
     """`load()` with safetensors weights only (a pickle `.bin` can run code when loaded): a `ModelError` naming
     `what` when the weights are missing or pickled, as `diffalign train` refuses them."""
-    from diffalign.modeling import ModelError
+    from diffalign.errors import ModelError
 
     try:
         return load()
@@ -163,14 +155,15 @@ def _safetensors_only(what: str, load):
 
 
 def _load_aligned_denoiser(path: str, denoiser_name: str, denoiser_class, dtype: torch.dtype):
-    from diffalign.modeling import ModelError
+    from diffalign.errors import ModelError
+    from diffalign.utils.torch_utils import dtype_kwarg
 
     if os.path.isfile(os.path.join(path, denoiser_name, "config.json")):
         return _safetensors_only(f"--aligned-denoiser '{path}'", lambda: denoiser_class.from_pretrained(
-            path, subfolder=denoiser_name, use_safetensors=True, **_dtype_kwargs(dtype)))
+            path, subfolder=denoiser_name, use_safetensors=True, **dtype_kwarg(dtype)))
     if os.path.isfile(os.path.join(path, "config.json")):
         return _safetensors_only(f"--aligned-denoiser '{path}'", lambda: denoiser_class.from_pretrained(
-            path, use_safetensors=True, **_dtype_kwargs(dtype)))
+            path, use_safetensors=True, **dtype_kwarg(dtype)))
     raise ModelError(
         f"--aligned-denoiser '{path}' is neither a {denoiser_class.__name__} directory nor a model directory with"
         f" {denoiser_name}/"
@@ -179,7 +172,7 @@ def _load_aligned_denoiser(path: str, denoiser_name: str, denoiser_class, dtype:
 
 def _load_lora(pipe, directory: str, denoiser_name: str, adapter_name: str = "aligned"):
     """`pipe.load_lora_weights` with one clear error when the LoRA is missing, unreadable or does not fit."""
-    from diffalign.modeling import load_lora_into_pipeline
+    from diffalign.utils.peft_utils import load_lora_into_pipeline
 
     return load_lora_into_pipeline(pipe, directory, adapter_name, denoiser_name)
 
@@ -197,11 +190,11 @@ def load_rlg_pipeline(
 
     `aligned_unet` is the former name of `aligned_denoiser` (a UNet or an SD3 transformer). `num_threads`: torch's
     CPU threads, as the trainers' `num_threads` (by default one for the bundled models on a CPU; see
-    `diffalign.modeling.apply_torch_threads`). Weights load from safetensors files only.
+    `diffalign.utils.torch_utils.apply_torch_threads`). Weights load from safetensors files only.
     """
     import torch
 
-    from diffalign.modeling import apply_torch_threads
+    from diffalign.utils.torch_utils import apply_torch_threads, dtype_kwarg
 
     aligned_denoiser = aligned_denoiser or aligned_unet
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -214,7 +207,7 @@ def load_rlg_pipeline(
     pipeline_class, denoiser_name, denoiser_class = _rlg_classes(family)
     # the family's arguments that switch off a safety checker or watermarker
     pipe = _safetensors_only(f"model '{model}'", lambda: pipeline_class.from_pretrained(
-        path, use_safetensors=True, **_dtype_kwargs(torch_dtype), **family.pipeline_init_kwargs))
+        path, use_safetensors=True, **dtype_kwarg(torch_dtype), **family.pipeline_init_kwargs))
     if aligned_denoiser:
         aligned = _load_aligned_denoiser(aligned_denoiser, denoiser_name, denoiser_class, torch_dtype)
         pipe.register_modules(**{f"aligned_{denoiser_name}": aligned})
@@ -290,7 +283,7 @@ def check_device(name: Optional[str]):
     """Raises a one-line `ConfigError` for a `--device` that is not a torch device or not available here."""
     import torch
 
-    from diffalign.config import ConfigError
+    from diffalign.errors import ConfigError
 
     if name is None:
         return
@@ -335,9 +328,8 @@ def _plot_rewards(results: List[Dict], reward: str, path: str):
 
 def run(args: argparse.Namespace) -> int:
     """Runs `diffalign generate` with parsed `args`; returns the exit code."""
-    from diffalign.config import ConfigError
+    from diffalign.errors import ConfigError, ModelError
     from diffalign.families import family_for_pipeline
-    from diffalign.modeling import ModelError
     from diffalign.plotting import rows_grid
 
     from diffalign.families import check_model_resolution
@@ -375,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
             raise ModelError(f"{flag} '{path}' is {'a file' if os.path.isfile(path) else 'not a directory'}: give "
                              f"the directory that holds the weights")
 
-    from diffalign.cli import quiet_libraries
+    from diffalign.utils.logging_utils import quiet_libraries
 
     quiet_libraries()
     pipe = load_rlg_pipeline(args.model, args.lora, args.aligned_denoiser, args.device, args.dtype,

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 import yaml
 
-from .errors import UserError, first_line
+from .errors import HubError, first_line
 
 logger = logging.getLogger("diffalign")
 
@@ -39,15 +39,11 @@ KEY_SETTINGS = [
 ]
 
 
-class HubError(UserError, RuntimeError):
-    """The upload to the Hub failed (offline, no token, no rights, HTTP error); the run's outputs are on disk."""
-
-
 def base_model_id(config) -> Optional[str]:
     """The card's `base_model`: `hub_base_model`; a bundled model's name; the hub id of a model given as a hub id or
     as a hub cache snapshot (`.../models--owner--name/snapshots/<rev>`); `None` for another local directory (a
     filesystem path is not valid Hub metadata)."""
-    from .modeling import BUNDLED_MODELS
+    from .utils.hub_utils import BUNDLED_MODELS
 
     if config.hub_base_model:
         return config.hub_base_model
@@ -65,7 +61,7 @@ def base_model_id(config) -> Optional[str]:
 def base_license(config) -> str:
     """`hub_license`; else the base model's own (`license` in the front matter of its directory's README.md, as a
     hub snapshot has it; the bundled models are diffalign's, Apache-2.0); else `other`."""
-    from .modeling import BUNDLED_MODELS
+    from .utils.hub_utils import BUNDLED_MODELS
 
     if config.hub_license:
         return config.hub_license
@@ -132,13 +128,13 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
     one) diffalign's RLG pipeline with `rlg_scale`, sampling as in training (steps, guidance as the family's pipeline
     takes it, image size). `family` is the run's `ModelFamily` (class or instance); `weights` is the Hub repo or the
     local `final/` directory."""
-    from .modeling import BUNDLED_MODELS
+    from .utils.hub_utils import BUNDLED_MODELS
 
     pipeline_class, denoiser_name, denoiser_class = family.pipeline_class, family.denoiser_name, family.denoiser_class
     rlg_class = family.rlg_pipeline_class
     ours = []  # diffalign imports, after the third-party ones
     if config.model in BUNDLED_MODELS:  # the bundled models ship inside the package
-        ours.append("from diffalign.modeling import resolve_model_path")
+        ours.append("from diffalign.utils.hub_utils import resolve_model_path")
         base = f"resolve_model_path({_py(config.model)})"
     else:
         base = _py(base_model_id(config) or _local(config.model, config))
@@ -275,7 +271,7 @@ def _local(path, config) -> str:
 
 
 def _bundled():
-    from .modeling import BUNDLED_MODELS
+    from .utils.hub_utils import BUNDLED_MODELS
 
     return BUNDLED_MODELS
 

@@ -10,9 +10,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .errors import UserError, first_line
-
-DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+from .errors import PromptError, first_line
 
 # DDPO's `simple_animals` set (kvablack/ddpo-pytorch, assets/simple_animals.txt), used by PRDP's small-scale runs.
 SIMPLE_ANIMALS = (
@@ -22,8 +20,10 @@ SIMPLE_ANIMALS = (
 ).split()
 
 
-class PromptError(UserError, ValueError):
-    """Prompts that cannot be used (reported as one line by the CLI)."""
+def _digit_word_prompts() -> List[str]:
+    from diffalign.rewards.digits import DIGIT_WORDS
+
+    return [f"a handwritten digit {word}" for word in DIGIT_WORDS]
 
 
 def _all_digit_prompts() -> List[str]:
@@ -33,7 +33,7 @@ def _all_digit_prompts() -> List[str]:
 
 
 BUILTIN_PROMPTS = {
-    "digits": lambda: [f"a handwritten digit {word}" for word in DIGIT_WORDS],
+    "digits": _digit_word_prompts,
     "digits_all": _all_digit_prompts,  # every phrasing the bundled model was trained on (80 prompts)
     "simple_animals": lambda: [f"a painting of a {animal}" for animal in SIMPLE_ANIMALS],
 }

@@ -2,18 +2,18 @@
 
 The loop is written out here once: the family (`diffalign.families`) encodes prompts, prepares latents and
 timesteps, calls its denoiser with CFG and decodes; the transition kernel (`diffalign.kernels`) takes each step and
-gives its log-probability. The same function serves SD1.5, SDXL and SD3.5 on a GPU and the tiny test models.
+gives its log-probability. The same function serves SD1.5, SDXL, SD3.5 and FLUX on a GPU and the tiny test models.
 """
 
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from .logprob import gaussian_kl, gaussian_log_prob
+from .utils.peft_utils import BASE_ADAPTER, adapter_rows, has_lora, reference_model, unwrap
 
 
 def _index(value, index: torch.Tensor):
@@ -115,66 +115,6 @@ def concat_trajectories(batches: List[Trajectories]) -> Trajectories:
         else:
             values[field.name] = torch.cat(items)
     return Trajectories(**values)
-
-
-def unwrap(model):
-    """The module inside accelerate/DDP/compile wrappers."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def has_lora(model) -> bool:
-    return bool(getattr(unwrap(model), "peft_config", None))
-
-
-@contextmanager
-def adapters_disabled(denoiser):
-    """Runs the base model of a peft-LoRA denoiser: the reference policy without a second copy of the weights."""
-    model = unwrap(denoiser)
-    model.disable_adapters()
-    try:
-        yield
-    finally:
-        model.enable_adapters()
-
-
-def reference_model(denoiser, ref_denoiser=None):
-    """`(module, context_factory)` computing the reference model: a frozen `ref_denoiser`, or `denoiser` with its LoRA
-    disabled. Run the module inside `with context_factory():`."""
-    if ref_denoiser is not None:
-        return ref_denoiser, nullcontext
-    if has_lora(denoiser):
-        return denoiser, lambda: adapters_disabled(denoiser)
-    raise ValueError("a reference model needs either a LoRA adapter on the denoiser or a frozen reference copy")
-
-
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" rows in a mixed-adapter batch
-
-
-@contextmanager
-def adapter_rows(denoiser, adapter_names: List[str]):
-    """Runs each row of the next denoiser forwards through its own LoRA adapter (`"__base__"`: none).
-
-    peft's mixed-batch inference, injected with forward pre-hooks on every `LoraLayer` because diffusers' models do
-    not pass `adapter_names` down. Exact, and needs no second copy of the weights (the model must be in eval mode).
-    """
-    from peft.tuners.lora import LoraLayer
-
-    def hook(module, args, kwargs):
-        return args, {**kwargs, "adapter_names": adapter_names}
-
-    layers = [m for m in unwrap(denoiser).modules() if isinstance(m, LoraLayer)]
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def policy_and_reference_pred(family, denoiser, latents, t, cond, negative, guidance_scale: float):
@@ -358,19 +298,3 @@ def step_log_probs(family, denoiser, kernel, trajectories: Trajectories, rows: t
     )
     mean, std = kernel.mean_std(family.scheduler, pred, t, x_t)
     return gaussian_log_prob(x_next, mean, std), mean, std
-
-
-def micro_batched_log_probs(family, denoiser, kernel, trajectories: Trajectories, rows: torch.Tensor,
-                            steps: torch.Tensor, guidance_scale: float, micro_batch_size: int,
-                            autocast=nullcontext) -> Iterator[Tuple[slice, Tuple[torch.Tensor, ...]]]:
-    """`step_log_probs` of (sample, step) rows, `micro_batch_size` rows per forward (the memory knob).
-
-    Yields `(positions, (log_prob, mean, std))` per micro-batch, `positions` a slice into `rows`; the caller decides
-    what to do with each (backpropagate a loss, collect values): this is the one loop every trainer uses.
-    """
-    for start in range(0, rows.shape[0], micro_batch_size):
-        positions = slice(start, min(start + micro_batch_size, rows.shape[0]))
-        with autocast():
-            out = step_log_probs(family, denoiser, kernel, trajectories, rows[positions], steps[positions],
-                                 guidance_scale)
-        yield positions, out

@@ -26,16 +26,13 @@ import time
 import weakref
 from typing import Dict, Iterable, List
 
-from .errors import UserError, is_disk_error, output_error
+from .errors import RunDirectoryError, is_disk_error, output_error
+from .utils.process_utils import pid_alive
 
 logger = logging.getLogger("diffalign")
 
 METRICS = "metrics.jsonl"
 LOCK = ".diffalign.lock"
-
-
-class RunDirectoryError(UserError, ValueError):
-    """The output directory is in use by another run, already holds a run, or is not a directory."""
 
 
 # ------------------------------------------------------------------ metrics
@@ -126,18 +123,6 @@ def write_metrics(path: str, records: Iterable[Dict]):
 
 
 # --------------------------------------------------------------------- lock
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    except OSError:
-        return False
-    return True
-
-
 def _describe(info: dict, path: str) -> str:
     if not info:
         return f"another process (lock file {path})"
@@ -226,7 +211,7 @@ class RunLock:
                 info = _read_lock(self.path)
                 pid = info.get("pid")
                 stale = (not info) or (info.get("host") == socket.gethostname() and isinstance(pid, int)
-                                        and not _pid_alive(pid))
+                                        and not pid_alive(pid))
                 if not stale:
                     raise RunDirectoryError(
                         f"output_dir '{self.directory}' is in use by another run ({_describe(info, self.path)}): wait "

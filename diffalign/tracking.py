@@ -20,7 +20,7 @@ import os
 import textwrap
 from typing import Dict, List, Optional
 
-from .errors import UserError
+from .errors import TrackerError
 
 logger = logging.getLogger("diffalign")
 
@@ -28,14 +28,10 @@ logger = logging.getLogger("diffalign")
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
 
 
-class TrackerError(UserError, ImportError):
-    """A tracker named in `report_to` whose package is not installed."""
-
-
 def parse_report_to(report_to: Optional[str]) -> List[str]:
     """The tracker names of a `report_to` value (`"tensorboard,wandb"`, `"all"`; `None`, `""` or `"none"`: no
     tracker), in order and without repeats. Raises `ConfigError` for an unknown name."""
-    from .config import ConfigError, did_you_mean
+    from .errors import ConfigError, did_you_mean
 
     if report_to is None:
         return []
@@ -96,7 +92,7 @@ def accelerator_kwargs(config) -> dict:
 def check_accelerator(accelerator, config):
     """A caller's own `Accelerator` must have been built with the trackers of `report_to` (accelerate fixes
     `log_with` at construction)."""
-    from .config import ConfigError
+    from .errors import ConfigError
 
     names = resolve_trackers(config.report_to)
     have = {str(getattr(t, "value", t)) for t in (accelerator.log_with or [])}

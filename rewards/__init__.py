@@ -31,7 +31,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 
-from diffalign.errors import UserError, first_line
+from diffalign.errors import (MissingRewardDependencyError, RewardError, RewardWeightsNotFoundError, UnknownRewardError,
+                              UserError, first_line)
 
 RewardFn = Callable[[torch.Tensor, List[str], Optional[List[dict]]], torch.Tensor]
 
@@ -65,26 +66,6 @@ __all__ = [
     "reward_name",
     "register_reward",
 ]
-
-
-class RewardError(UserError, ValueError):
-    """A reward that cannot be built from its settings, or that fails or returns something other than one finite
-    or non-finite number per image (one line naming the reward)."""
-
-
-class UnknownRewardError(RewardError):
-    """A reward name that is neither registered nor an importable `module:function`."""
-
-
-class RewardWeightsNotFoundError(UserError, ValueError):
-    """A reward model's weights could not be found locally (and not downloaded, e.g. offline).
-
-    The message is one line: the reward, what to download and which keyword argument to point at it.
-    """
-
-
-class MissingRewardDependencyError(UserError, ImportError):
-    """A reward needs an optional dependency (an extra such as `diffalign[openclip]`) that is not installed."""
 
 
 def register_reward(name: str):

@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
+from diffalign.errors import first_line
+
 from . import RewardWeightsNotFoundError, register_reward
 from .preprocessing import clip_preprocess, preprocess_kwargs_from_image_processor
 
@@ -34,11 +36,6 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype]) -> torch.dtype:
     if not isinstance(resolved, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}")
     return resolved
-
-
-def _first_line(error: BaseException, limit: int = 160) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def weights_not_found(
@@ -65,7 +62,7 @@ def from_pretrained_or_raise(cls, name_or_path: str, *, reward: str, argument: s
     """
     from huggingface_hub.utils import HFValidationError
 
-    from diffalign.modeling import hub_unreachable_reason
+    from diffalign.utils.hub_utils import hub_unreachable_reason
 
     unreachable = None
     if not os.path.isdir(name_or_path):  # a hub id without a hub: the cache or one line at once, not minutes of retries
@@ -76,7 +73,7 @@ def from_pretrained_or_raise(cls, name_or_path: str, *, reward: str, argument: s
         return cls.from_pretrained(name_or_path, **kwargs)
     except (OSError, HFValidationError) as error:
         reason = f"not in the cache and the Hugging Face Hub {unreachable}" if unreachable and (
-            unreachable != "HF_HUB_OFFLINE=1") else _first_line(error)
+            unreachable != "HF_HUB_OFFLINE=1") else first_line(error, 160, with_type=False)
         raise weights_not_found(reward, argument, name_or_path, default, reason) from None
 
 

@@ -16,8 +16,10 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
+from diffalign.errors import first_line
+
 from . import MissingRewardDependencyError, RewardWeightsNotFoundError, register_reward
-from .clip_rewards import _batches, _check_prompts, _first_line, _OnImagesDevice, resolve_dtype
+from .clip_rewards import _batches, _check_prompts, _OnImagesDevice, resolve_dtype
 from .preprocessing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize_longest_side_and_pad
 
 HPS_REPO = "xswu/HPSv2"
@@ -31,7 +33,8 @@ def import_open_clip(reward: str = "hpsv2"):
         import open_clip
     except ImportError as error:
         raise MissingRewardDependencyError(
-            f"reward '{reward}' needs open_clip, which is not installed or does not import ({_first_line(error)}); "
+            f"reward '{reward}' needs open_clip, which is not installed or does not import "
+            f"({first_line(error, 160, with_type=False)}); "
             f'install it with `pip install "diffalign[openclip]"` (open-clip-torch, which also needs torchvision).'
         ) from None
     return open_clip
@@ -65,14 +68,14 @@ def resolve_checkpoint(checkpoint: Optional[str], version: str, reward: str = "h
         return path
     from huggingface_hub import hf_hub_download
 
-    from diffalign.modeling import hub_unreachable_reason
+    from diffalign.utils.hub_utils import hub_unreachable_reason
 
     try:  # without a hub, the cache only (the client would retry a dead network for ~25 s)
         return hf_hub_download(HPS_REPO, filename, local_files_only=hub_unreachable_reason() is not None)
     except Exception as error:  # offline, not cached, no network: all mean "not available here"
         raise RewardWeightsNotFoundError(
             f"reward '{reward}': no checkpoint given and '{HPS_REPO}/{filename}' is not in the HF cache "
-            f"({_first_line(error, 100)}); {how}."
+            f"({first_line(error, 100, with_type=False)}); {how}."
         ) from None
 
 
@@ -90,7 +93,8 @@ def load_hps_state_dict(path: str) -> Dict[str, torch.Tensor]:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
             raise ValueError(
-                f"cannot read '{path}' as plain tensors (weights_only=True): {_first_line(error)}. "
+                f"cannot read '{path}' as plain tensors (weights_only=True): "
+                f"{first_line(error, 160, with_type=False)}. "
                 "diffalign never unpickles arbitrary objects; "
                 "convert the checkpoint to .safetensors in a trusted environment."
             ) from None

@@ -36,7 +36,7 @@ def fully_shard_denoiser(module):
 
 
 def make_trainer_class(algorithm: str, fsdp2: bool):
-    from diffalign.config import trainer_class
+    from diffalign.trainers import trainer_class
     base = trainer_class(algorithm)
 
     class Checked(base):

@@ -12,7 +12,8 @@ import torch
 from diffalign.bench.rlg import add_random_lora
 from diffalign.bench.tradeoff import RLGDenoiser, ratio_pairs, sample_guided
 from diffalign.cli import main
-from diffalign.rollout import adapters_disabled, as_family, default_kernel, sample_trajectories
+from diffalign.rollout import as_family, default_kernel, sample_trajectories
+from diffalign.utils.peft_utils import adapters_disabled
 
 PROMPTS = ["a photo of a cat", "a red car", "a photo of a cat"]
 SEEDS = [11, 12, 13]

@@ -136,11 +136,12 @@ def test_every_shipped_preset_loads_and_validates(preset):
 
 
 def test_lora_that_does_not_match_the_model_is_one_line(tiny_model_dir, tmp_path, capsys):
-    from diffalign.modeling import add_lora, save_lora
+    from diffalign.families import StableDiffusionFamily
     from diffalign.testing import tiny_unet
+    from diffalign.utils.peft_utils import add_lora
 
     other = add_lora(tiny_unet(cross_attention_dim=16))  # different attention shapes
-    save_lora(other, str(tmp_path / "other"))
+    StableDiffusionFamily(None).save_lora(other, str(tmp_path / "other"))
     args = ["generate", "--model", tiny_model_dir, "--lora", str(tmp_path / "other"), "--prompt", "a cat",
             "--rlg-scale", "0", "1", "--steps", "2", "--output-dir", str(tmp_path / "out")]
     assert "does not match the model" in run_error(args, capsys)

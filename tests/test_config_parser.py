@@ -1,5 +1,6 @@
-"""Config parsing on transformers' HfArgumentParser (the TrlParser pattern): YAML or preset, then flags. The existing
-one-line errors are checked in tests/test_cli.py and tests/test_bad_inputs.py; these cover what the swap adds."""
+"""Config parsing on transformers' HfArgumentParser, vendored as `diffalign._hf_argparser` (the TrlParser pattern): YAML
+or preset, then flags. The existing one-line errors are checked in tests/test_cli.py and tests/test_bad_inputs.py; these
+cover what the swap adds."""
 
 import dataclasses
 import os
@@ -13,20 +14,38 @@ import pytest
 from diffalign.config import CONFIG_CLASSES, ConfigError, DDPOConfig, TrainConfig, config_help, load_config
 
 
-def test_parser_is_transformers_hf_argument_parser_without_importing_transformers():
+def test_parser_is_the_vendored_hf_argument_parser_without_importing_transformers():
     script = (
         "import sys, os\n"
         "from diffalign.config import DDPOConfig, _config_parser, config_help, load_config\n"
         "parser = _config_parser(DDPOConfig)\n"
         "base = [c for c in type(parser).__mro__ if c.__name__ == 'HfArgumentParser'][0]\n"
         "config_help('prdp'); load_config('ddpo', 'digits-ddpo', None, ['--num_epochs', '3'])\n"
-        "print(os.path.basename(sys.modules[base.__module__].__file__), sorted(m for m in ('torch', 'transformers', "
+        "print(sys.modules[base.__module__].__name__, sorted(m for m in ('torch', 'transformers', "
         "'diffusers') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["hf_argparser.py", "[]"], done.stdout
+    assert done.stdout.split() == ["diffalign._hf_argparser", "[]"], done.stdout
+
+
+def test_vendored_hf_argparser_is_transformers_file_of_the_version_its_header_names():
+    import importlib.metadata
+    import importlib.util
+    import re
+
+    import diffalign._hf_argparser
+
+    with open(diffalign._hf_argparser.__file__, encoding="utf-8") as f:
+        header, _, body = f.read().partition("\n\n")
+    version = re.search(r"^# Copied from: transformers (\S+),", header, re.MULTILINE).group(1)
+    assert "Apache License 2.0" in header and body.startswith("# Copyright 2020 The HuggingFace Team.")
+    if importlib.metadata.version("transformers") != version:
+        pytest.skip(f"transformers {importlib.metadata.version('transformers')} is installed, the copy is {version}'s")
+    location = importlib.util.find_spec("transformers").submodule_search_locations[0]
+    with open(os.path.join(location, "hf_argparser.py"), encoding="utf-8") as f:
+        assert body == f.read()
 
 
 def test_flags_the_parser_adds():

@@ -24,7 +24,8 @@ from safetensors import safe_open
 from diffalign.families import FAMILIES, ModelFamily, StableDiffusionFamily, family_for_pipeline, load_family, registry
 from diffalign.families.base import GUIDANCE_KINDS
 from diffalign.kernels import TransitionKernel, sde_window_mask
-from diffalign.modeling import ModelError, add_lora
+from diffalign.errors import ModelError
+from diffalign.utils.peft_utils import add_lora
 from diffalign.rollout import default_kernel, sample_trajectories, step_log_probs
 
 PROMPTS = ["a photo of a cat", "a red car"]

@@ -91,12 +91,12 @@ def test_bad_resolution_is_one_line_naming_the_sizes_before_loading(argv, sizes,
 
 
 def test_bench_checks_the_resolution_before_loading(tmp_path, capsys, monkeypatch):
-    import diffalign.modeling
+    import diffalign.families
 
     def refuse(*args, **kwargs):
         raise Loaded("a model started loading")
 
-    monkeypatch.setattr(diffalign.modeling, "load_pipeline", refuse)
+    monkeypatch.setattr(diffalign.families, "load_pipeline", refuse)
     assert main(["bench", "rollout", "--model", "digits-flow", "--resolution", "24", "--steps", "1", "--repeats", "1",
                  "--output", str(tmp_path / "b.json")]) == 2
     assert "up to 16" in one_line(capsys.readouterr().err)
@@ -104,7 +104,7 @@ def test_bench_checks_the_resolution_before_loading(tmp_path, capsys, monkeypatc
 
 def test_sd3_family_knows_its_position_embedding_limit():
     from diffalign.families import load_family
-    from diffalign.modeling import ModelError
+    from diffalign.errors import ModelError
 
     family = load_family("digits-flow")
     family.check_resolution(16)

@@ -16,7 +16,7 @@ from diffalign.testing import perturbed_unet, tiny_sd_pipeline
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory):
     """A LoRA for the tiny model, saved the way the trainers save theirs."""
-    from diffalign.modeling import lora_state_dict
+    from diffalign.families import StableDiffusionFamily
 
     unet = tiny_sd_pipeline().unet
     unet.add_adapter(
@@ -29,7 +29,7 @@ def lora_dir(tmp_path_factory):
             if "lora_B" in name:
                 param.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
     directory = str(tmp_path_factory.mktemp("lora"))
-    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=lora_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=StableDiffusionFamily(None).lora_state_dict(unet))
     return directory
 
 
@@ -126,7 +126,7 @@ def test_sd3_model_dir_with_lora_and_aligned_transformer(tmp_path, capsys):
 
 
 def test_pipeline_choice_from_model_index(tmp_path):
-    from diffalign.modeling import ModelError
+    from diffalign.errors import ModelError
     from diffalign.testing import save_tiny_pipeline
 
     for family, expected in [("sdxl", "StableDiffusionXLRLGPipeline"), ("sd", "StableDiffusionRLGPipeline")]:

@@ -1,8 +1,8 @@
 import torch
 
-from diffalign.modeling import add_lora
 from diffalign.families import family_for_pipeline
 from diffalign.rollout import default_kernel, sample_trajectories, step_log_probs
+from diffalign.utils.peft_utils import add_lora
 
 
 def recompute(pipe, unet, traj, guidance_scale):

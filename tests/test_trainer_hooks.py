@@ -82,7 +82,8 @@ def test_a_trainer_names_the_config_class_it_expects():
 
 
 def test_each_trainer_declares_its_name_once_on_its_config_class():
-    from diffalign.config import CONFIG_CLASSES, trainer_class
+    from diffalign.config import CONFIG_CLASSES
+    from diffalign.trainers import trainer_class
 
     assert (DDPOTrainer.algorithm, PRDPTrainer.algorithm) == (DDPOConfig.algorithm, PRDPConfig.algorithm)
     assert {name: trainer_class(name) for name in CONFIG_CLASSES} == {"ddpo": DDPOTrainer, "prdp": PRDPTrainer}

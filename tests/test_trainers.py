@@ -229,7 +229,7 @@ def test_thread_count_default_is_one_for_the_bundled_models_and_explicit_otherwi
     """The bundled presets run on one torch thread whatever the caller's setting (fast on a shared CPU, and the same
     bits on any core count); `num_threads` sets it for any model; other models keep torch's setting."""
     from diffalign.config import PRDPConfig
-    from diffalign.trainers.base import set_torch_threads
+    from diffalign.utils.torch_utils import set_torch_threads
 
     before = torch.get_num_threads()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

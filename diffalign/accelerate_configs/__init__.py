@@ -17,13 +17,9 @@ import sys
 from importlib import resources
 from typing import List, Optional
 
-from ..errors import UserError
+from ..errors import LaunchConfigError
 
 NAMES = ("multi_gpu", "fsdp", "zero2", "zero3", "multi_node")
-
-
-class LaunchConfigError(UserError, ValueError):
-    """An unknown launch config name or a launch that cannot start."""
 
 
 def config_path(name_or_path: str) -> str:

@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 def run(args) -> int:
     """Runs `args.bench_command`; writes the JSON and prints the table. Returns the exit code."""
-    from diffalign.modeling import ModelError
+    from diffalign.errors import ModelError
 
     try:
         ctx = Context(args)

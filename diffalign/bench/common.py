@@ -278,7 +278,8 @@ class Context:
     def _digits_preset(self) -> dict:
         import yaml
 
-        from diffalign.config import ConfigError, preset_path
+        from diffalign.config import preset_path
+        from diffalign.errors import ConfigError
 
         try:
             path = preset_path(DIGITS_PRESETS[self.args.model]["ddpo"])
@@ -298,7 +299,7 @@ class Context:
             elif self.args.sd15_random:
                 self._template = sd15_random_pipeline(self.device, self.dtype, self.args.seed)
             else:
-                from diffalign.modeling import load_pipeline
+                from diffalign.families import load_pipeline
 
                 self._template = load_pipeline(self.args.model)
             self._template.set_progress_bar_config(disable=True)
@@ -396,7 +397,8 @@ class Context:
             return {}
         import yaml
 
-        from diffalign.config import ConfigError, preset_path
+        from diffalign.config import preset_path
+        from diffalign.errors import ConfigError
 
         try:
             path = preset_path(DIGITS_PRESETS[self.args.model][algorithm])
@@ -440,7 +442,7 @@ class Context:
         accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=self.device.type == "cpu")
         if self.device.type == "cuda" and accelerator.device.type != "cuda":
             raise BenchError("accelerate did not select the CUDA device")
-        from diffalign.config import trainer_class
+        from diffalign.trainers import trainer_class
 
         cls = trainer_class(algorithm)
         return cls(config, pipeline=pipe, reward_fn=reward_fn, accelerator=accelerator)

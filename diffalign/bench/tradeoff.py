@@ -83,7 +83,7 @@ class RLGDenoiser:
     """
 
     def __init__(self, denoiser, scale: float):
-        from diffalign.rollout import has_lora
+        from diffalign.utils.peft_utils import has_lora
 
         if not has_lora(denoiser):
             raise ValueError("RLGDenoiser needs a denoiser with a LoRA adapter (the aligned model)")
@@ -92,18 +92,18 @@ class RLGDenoiser:
 
     @property
     def config(self):
-        from diffalign.rollout import unwrap
+        from diffalign.utils.peft_utils import unwrap
 
         return unwrap(self.denoiser).config
 
     @property
     def dtype(self):
-        from diffalign.rollout import unwrap
+        from diffalign.utils.peft_utils import unwrap
 
         return unwrap(self.denoiser).dtype
 
     def __call__(self, *args, **kwargs):
-        from diffalign.rollout import adapters_disabled
+        from diffalign.utils.peft_utils import adapters_disabled
 
         if self.scale == 1.0:
             return self.denoiser(*args, **kwargs)
@@ -302,7 +302,7 @@ def train_arm(ctx, name: str, algorithm: str, key: str, value: float, run_dir: s
     """Trains one arm in `run_dir`, or reuses / continues the run already there. Returns its `arm.json` content."""
     from accelerate import Accelerator
 
-    from diffalign.config import trainer_class
+    from diffalign.trainers import trainer_class
     from diffalign.runlog import run_files
 
     args = ctx.args
@@ -383,7 +383,7 @@ class Sampler:
     def pipeline(self, lora_dir: str):
         """A copy of the model on the device with the arm's LoRA loaded (adapter "aligned")."""
         from diffalign.families import family_for_pipeline
-        from diffalign.modeling import load_lora_into_pipeline
+        from diffalign.utils.peft_utils import load_lora_into_pipeline
         from diffalign.rollout import as_family
 
         pipe = copy.deepcopy(self.ctx.template())

@@ -112,7 +112,7 @@ class _UNetFloor:
     def sampling(self):
         import torch
 
-        from diffalign.rollout import reference_model
+        from diffalign.utils.peft_utils import reference_model
 
         trainer = self.trainer
         self.denoiser.eval()
@@ -130,7 +130,7 @@ class _UNetFloor:
     def training(self):
         import torch
 
-        from diffalign.rollout import reference_model
+        from diffalign.utils.peft_utils import reference_model
 
         trainer = self.trainer
         if self.plan["lazy_reference"]:
@@ -175,7 +175,7 @@ def _instrumented(trainer, device):
     every timed call, so use it for the breakdown, not for the headline time)."""
     import torch
 
-    from diffalign.rollout import unwrap
+    from diffalign.utils.peft_utils import unwrap
 
     totals: Dict[str, float] = {}
     phase = {"name": "other"}

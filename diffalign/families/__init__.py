@@ -12,7 +12,8 @@ from typing import Dict, Iterable, Optional, Type, Union
 
 import torch
 
-from ..modeling import ModelError, resolve_model_path
+from ..errors import ModelError
+from ..utils.hub_utils import resolve_model_path
 from .base import Conditioning, ModelFamily, check_resolution_in
 from .flux import FluxFamily
 from .sd import StableDiffusionFamily
@@ -127,6 +128,11 @@ def load_family(name_or_path: str, torch_dtype: torch.dtype = torch.float32) -> 
     return cls(cls.load(path, torch_dtype))
 
 
+def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32):
+    """Loads a supported pipeline (SD, SDXL, SD3, FLUX; safetensors only) with its family's sampling scheduler."""
+    return load_family(name_or_path, torch_dtype).pipe
+
+
 __all__ = ["FAMILIES", "Conditioning", "FluxFamily", "ModelFamily", "StableDiffusion3Family", "StableDiffusionFamily",
            "StableDiffusionXLFamily", "check_model_resolution", "family_class", "family_for_pipeline", "family_named",
-           "load_family", "pipeline_class_of", "registry"]
+           "load_family", "load_pipeline", "pipeline_class_of", "registry"]

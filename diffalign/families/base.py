@@ -7,7 +7,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..modeling import LORA_WEIGHT_NAME, ModelError, dtype_kwarg
+from ..errors import ModelError
+from ..utils.peft_utils import LORA_WEIGHT_NAME, unwrap
+from ..utils.torch_utils import dtype_kwarg
 
 Conditioning = Dict[str, torch.Tensor]  # per-row conditioning tensors (batch first), the denoiser's keyword inputs
 
@@ -228,8 +230,6 @@ class ModelFamily:
         return self.pipe.vae_scale_factor
 
     def default_resolution(self) -> int:
-        from ..rollout import unwrap
-
         return unwrap(self.denoiser).config.sample_size * self.vae_scale_factor
 
     @classmethod
@@ -244,8 +244,6 @@ class ModelFamily:
         return self._limits()[0]
 
     def _limits(self) -> Tuple[int, Optional[int]]:
-        from ..rollout import unwrap
-
         return self.resolution_limits(unwrap(self.denoiser).config, self.vae_scale_factor)
 
     def check_resolution(self, resolution: int):
@@ -253,8 +251,6 @@ class ModelFamily:
         check_resolution_in(resolution, *self._limits(), f"this {self.name} model")
 
     def latent_channels(self, denoiser=None) -> int:
-        from ..rollout import unwrap
-
         return unwrap(denoiser if denoiser is not None else self.denoiser).config.in_channels
 
     def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents=None, denoiser=None):
@@ -317,8 +313,6 @@ class ModelFamily:
         the adapter's peft config as metadata (as diffusers' LoRA training scripts do): without it diffusers loads a
         LoRA with `lora_alpha = r`, and one trained with another alpha would load at the wrong scale."""
         import diffusers
-
-        from ..rollout import unwrap
 
         model = unwrap(denoiser)
         (adapter,) = model.peft_config  # the one trained adapter

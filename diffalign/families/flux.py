@@ -20,6 +20,7 @@ from typing import List, Tuple
 import torch
 
 from ..kernels import FlowSDEKernel
+from ..utils.peft_utils import unwrap
 from .base import Conditioning, ModelFamily
 from .packed_latents import latent_image_ids, pack_latents, packed_grid, unpack_latents
 
@@ -64,8 +65,6 @@ class FluxFamily(ModelFamily):
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
     def uses_embedded_guidance(self) -> bool:
-        from ..rollout import unwrap
-
         return bool(unwrap(self.denoiser).config.get("guidance_embeds", False))
 
     def conditioning(self, prompts: List[str], negative_prompt: str, do_cfg: bool, height: int, width: int):

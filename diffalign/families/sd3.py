@@ -6,6 +6,7 @@ from typing import List
 import torch
 
 from ..kernels import FlowSDEKernel
+from ..utils.peft_utils import unwrap
 from .base import Conditioning, ModelFamily
 
 
@@ -50,8 +51,6 @@ class StableDiffusion3Family(ModelFamily):
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", False):
             from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-            from ..rollout import unwrap
 
             patch = unwrap(self.denoiser).config.patch_size
             seq_len = (height // self.vae_scale_factor // patch) * (width // self.vae_scale_factor // patch)

@@ -18,49 +18,28 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_save_dir, nothing_to_resume
-from ..config import ConfigError, TrainConfig
+from ..config import TrainConfig
 from ..distributed import (ddp_kwargs, engine_name, full_parameters, full_state_dict_view, gradient_sync, is_dtensor,
                            is_sharded, prepare_reference)
 from .. import tracking
-from ..errors import UserError
+from ..errors import ConfigError, NonFiniteError
 from ..runlog import append_metrics, prepare_output_dir, read_metrics, release_run_lock, write_metrics
 from ..utils.redaction import redact, reveal
-from ..validation import check_lora_target_modules
 from ..families import load_family
 from ..kernels import sde_window_mask
-from ..modeling import add_lora
 from ..plotting import plot_metrics
 from ..ema import ParameterEMA
 from ..prompts import PromptDifficulty, PromptError, heldout_prompt_source, prompt_source
-from ..rollout import Trajectories, as_family, step_log_probs, unwrap
+from ..rollout import Trajectories, as_family, step_log_probs
+from ..utils.peft_utils import add_lora, check_lora_target_modules, record_lora_config, unwrap
+from ..utils.process_utils import launched_processes
+from ..utils.torch_utils import seed_for, set_torch_threads
 from .callbacks import HubCallback, ModelCardCallback, TrackerCallback, TrainerCallback, TrainerState
 from .checkpointing import Checkpointer, trainable_names
-from .evaluation import Evaluator, sample_in_chunks, seed_for
+from .evaluation import Evaluator, sample_in_chunks
 from .update_plan import GlobalLayout, Rows, UpdatePlan, plan_updates, run_update, update_mode
 
 logger = logging.getLogger("diffalign")
-
-
-class NonFiniteError(UserError, RuntimeError):
-    """Too many non-finite rewards, losses or gradients in a row (or one, with `nonfinite_policy: error`)."""
-
-
-def set_torch_threads(config: TrainConfig):
-    """`torch.set_num_threads` from `config.num_threads` by the rule every command follows
-    (`diffalign.modeling.apply_torch_threads`: one thread for the bundled models on a CPU by default)."""
-    from ..modeling import apply_torch_threads
-
-    apply_torch_threads(config.model, config.num_threads)
-
-
-def _launched_processes() -> int:
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
-_seed_for = seed_for  # (seed, epoch, rank, purpose) -> a deterministic seed
 
 
 @dataclass
@@ -80,10 +59,14 @@ class BaseTrainer:
     Args:
         config (`TrainConfig`): the run's settings.
         pipeline (`DiffusionPipeline` or `ModelFamily`, *optional*): a loaded pipeline of a supported family (SD,
-            SDXL, SD3); by default `config.model` is loaded with its family (`diffalign.families`).
+            SDXL, SD3, FLUX); by default `config.model` is loaded with its family (`diffalign.families`).
         reward_fn (*optional*): `reward(images, prompts, metadata) -> Tensor[B]`; by default `config.reward`.
         prompt_fn (*optional*): a `diffalign.prompts.PromptSource`; by default from the config's prompt fields.
         accelerator (`accelerate.Accelerator`, *optional*).
+        lora_config (`peft.LoraConfig`, *optional*): the LoRA adapter to train, instead of the one built from
+            `lora_rank`, `lora_alpha` and `lora_target_modules` (its targets default to the family's when it names
+            none); its rank, alpha and target list are written into `config`, which the checkpoints and the model
+            card describe the run by. Needs `use_lora`.
     """
 
     # The algorithm's config class; its `algorithm` is the trainer's name (declared once, on the config).
@@ -117,14 +100,18 @@ class BaseTrainer:
                             f"(load_config('{cls.algorithm}', ...) builds one)")
         return super().__new__(cls)
 
-    def __init__(self, config: TrainConfig, pipeline=None, reward_fn=None, prompt_fn=None, accelerator=None):
+    def __init__(self, config: TrainConfig, pipeline=None, reward_fn=None, prompt_fn=None, accelerator=None,
+                 lora_config=None):
         from accelerate import Accelerator
 
         self.config = config
+        self.lora_config = lora_config
+        if lora_config is not None:
+            record_lora_config(config, lora_config)
         set_torch_threads(config)
         # validate before the Accelerator is built (it fails on a bad mixed_precision with a traceback); the
         # process count is the launcher's until the Accelerator knows it
-        config.validate(accelerator.num_processes if accelerator is not None else _launched_processes())
+        config.validate(accelerator.num_processes if accelerator is not None else launched_processes())
         # trackers (report_to) are checked here, before any model loads: a missing package is one line
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp_kwargs()],
@@ -216,7 +203,7 @@ class BaseTrainer:
         if config.use_lora:
             _place(denoiser, self.device, self.weight_dtype)
             add_lora(denoiser, config.lora_rank, config.lora_alpha,
-                     config.lora_target_modules or family.default_lora_target_modules)
+                     config.lora_target_modules or family.default_lora_target_modules, lora_config=self.lora_config)
         else:
             ref_denoiser = _place(copy.deepcopy(denoiser).requires_grad_(False), self.device, self.weight_dtype).eval()
             _place(denoiser.requires_grad_(True), self.device, torch.float32)
@@ -337,7 +324,7 @@ class BaseTrainer:
         if size is None:
             return sde_window_mask(config.sample_num_steps, None)
         low, high = config.sde_window_range
-        generator = torch.Generator().manual_seed(_seed_for(config.seed, epoch, 4))
+        generator = torch.Generator().manual_seed(seed_for(config.seed, epoch, 4))
         start = low + int(torch.randint(high - size - low + 1, (1,), generator=generator))
         return sde_window_mask(config.sample_num_steps, size, start)
 
@@ -368,7 +355,7 @@ class BaseTrainer:
     def sample_generators(self, epoch: int, indices) -> List[torch.Generator]:
         """One generator per sample, seeded by its global index: the initial noise and every step's noise of a
         sample are the same whichever process draws it and however the batch is split."""
-        return [torch.Generator(self.device).manual_seed(_seed_for(self.config.seed, epoch, 10, i)) for i in indices]
+        return [torch.Generator(self.device).manual_seed(seed_for(self.config.seed, epoch, 10, i)) for i in indices]
 
     @torch.no_grad()
     def sample(self, epoch: int, prompts: List[str], compute_reference: bool, keep_reference_means: bool = False,
@@ -489,7 +476,7 @@ class BaseTrainer:
         batch = self.training_batch(trajectories, rewards, all_rewards, all_prompts, epoch)
         layout = GlobalLayout(len(batch.trajectories), len(rewards), acc.num_processes, acc.process_index)
         stochastic = layout.global_rows(batch.trajectories.stochastic.cpu()) if self.keeps_trajectory else None
-        generator = torch.Generator().manual_seed(_seed_for(config.seed, epoch, 2))
+        generator = torch.Generator().manual_seed(seed_for(config.seed, epoch, 2))
         plans = self.prepare_step_plans(batch, layout, stochastic, epoch)
         unit = self.unit_size()
         num_units = layout.num_global // unit

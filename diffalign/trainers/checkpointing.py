@@ -13,7 +13,7 @@ import torch
 
 from ..checkpoint import CheckpointError, load_resumable, save_checkpoint
 from ..distributed import engine_name, full_parameters, load_optimizer_state, optimizer_state
-from ..rollout import unwrap
+from ..utils.peft_utils import unwrap
 
 logger = logging.getLogger("diffalign")
 

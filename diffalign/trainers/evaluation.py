@@ -17,17 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..plotting import grid_scale, image_grid, labelled_rows
-from ..rollout import Trajectories, concat_trajectories, reference_model, sample_trajectories
+from ..rollout import Trajectories, concat_trajectories, sample_trajectories
 from ..runlog import finite_json
+from ..utils.peft_utils import reference_model
+from ..utils.torch_utils import seed_for
 
 logger = logging.getLogger("diffalign")
-
-
-def seed_for(*parts: int) -> int:
-    """A deterministic 63-bit seed from (seed, epoch, rank, purpose): resumed runs draw the same numbers."""
-    import numpy as np
-
-    return int(np.random.default_rng(list(parts)).integers(0, 2**63 - 1))
 
 
 def sample_in_chunks(family, prompts: Sequence[str], batch_size: Optional[int],

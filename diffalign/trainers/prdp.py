@@ -8,8 +8,10 @@ import torch
 
 from ..config import PRDPConfig
 from ..losses import implicit_reward_error, prdp_loss
-from ..rollout import Trajectories, reference_model
-from .base import BaseTrainer, TrainingBatch, _seed_for
+from ..rollout import Trajectories
+from ..utils.peft_utils import reference_model
+from ..utils.torch_utils import seed_for
+from .base import BaseTrainer, TrainingBatch
 from .update_plan import GlobalLayout, Rows, UpdatePlan, local_plan, padding_rows, padding_slots, planned_steps
 
 
@@ -61,7 +63,7 @@ class PRDPTrainer(BaseTrainer):
             return None
         config, acc = self.config, self.accelerator
         n = len(batch.trajectories)
-        plan_generator = torch.Generator().manual_seed(_seed_for(config.seed, epoch, 3))
+        plan_generator = torch.Generator().manual_seed(seed_for(config.seed, epoch, 3))
         plans = [self.train_step_plan(stochastic, plan_generator) for _ in range(config.train_num_inner_epochs)]
         num_steps = batch.trajectories.log_probs.shape[1]
         counts = [int(planned_steps([p[r * n : (r + 1) * n] for p in plans], num_steps).sum())
