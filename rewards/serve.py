@@ -605,6 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one) [%(default)s]")
     parser.add_argument("--device", default=None, help="device of the images (default cuda when available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for scoring (default: torch's own; 1 is fastest for small scorers such "
+                             "as the digits ones on a shared CPU, as diffalign's other commands run the bundled models)")
     limits = parser.add_argument_group("bounds")
     limits.add_argument("--max-body-mb", type=float, default=default.max_body_bytes / MiB,
                         help="MiB of one request body [%(default)g]")
@@ -640,6 +643,10 @@ def main(argv=None) -> int:
     try:
         _import_aiohttp()
         limits = _limits_from_args(args)
+        if args.threads is not None:
+            from diffalign.utils.torch_utils import apply_torch_threads
+
+            apply_torch_threads(args.reward, args.threads)
         spec = yaml.safe_load(args.reward)
         kwargs = yaml.safe_load(args.reward_kwargs) or {}
         if not isinstance(kwargs, dict):

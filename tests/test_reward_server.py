@@ -477,3 +477,21 @@ def test_a_client_that_hangs_up_keeps_its_bytes_reserved_until_the_worker_lets_g
         while server.budget.in_use and time.time() < deadline:
             time.sleep(0.02)
         assert server.budget.in_use == 0
+
+
+def test_threads_flag_is_checked_and_applied(capsys, monkeypatch):
+    """`--threads` follows the rule of diffalign's other commands: a whole number >= 1, one line otherwise."""
+    import torch
+
+    from diffalign.rewards import serve
+
+    assert serve.main(["--reward", "jpeg_compressibility", "--threads", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "num_threads" in err and ">= 1" in err, err
+    before = torch.get_num_threads()
+    monkeypatch.setattr(serve, "make_server", lambda *a, **k: (_ for _ in ()).throw(serve.UserError("stop here")))
+    try:
+        assert serve.main(["--reward", "jpeg_compressibility", "--threads", "1"]) == 2
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
