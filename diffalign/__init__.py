@@ -17,9 +17,9 @@ if not _os.path.isdir(_os.path.join(_HERE, "pipelines")) and all(
     __path__.append(_CHECKOUT)
 
 _LAZY = {
-    "DDPOConfig": "diffalign.config",
-    "PRDPConfig": "diffalign.config",
-    "load_config": "diffalign.config",
+    "DDPOConfig": "diffalign.trainers",
+    "PRDPConfig": "diffalign.trainers",
+    "load_config": "diffalign.cli.parser",
     "DDPOTrainer": "diffalign.trainers",
     "PRDPTrainer": "diffalign.trainers",
     "ddim_step_with_logprob": "diffalign.logprob",

@@ -3,7 +3,7 @@
 # header, under its licence, the Apache License 2.0 (http://www.apache.org/licenses/LICENSE-2.0; notice below).
 # Vendored as TRL vendors it (trl/scripts/_hf_argparser.py): the file needs only the standard library and PyYAML, so
 # `diffalign train --help` and config errors do not import transformers (~0.7 s), and diffalign's config parser
-# (diffalign/config.py) does not change with the installed transformers. To update: copy the new file below this header
+# (diffalign/cli/parser.py) does not change with the installed transformers. To update: copy the new file below this header
 # and change the version above; tests/test_config_parser.py covers what diffalign uses of it.
 
 # Copyright 2020 The HuggingFace Team. All rights reserved.

@@ -2,13 +2,14 @@
 
 A kernel wraps the pure functions of `diffalign.logprob` for one scheduler type. Families choose their kernel
 (`ModelFamily.kernel_class`); rollouts and trainers only call `step` and `mean_std`, so adding a sampler touches
-this file alone. A kernel takes its one setting from the run's config (`from_config`): DDIM's `sample_eta`,
-the flow SDE's `sample_noise_level`.
+this file alone. A kernel takes its noise setting as a constructor argument: DDIM's `eta`, the flow SDE's `noise_level`
+(a run's `sample_eta`, `sample_noise_level`; `TrainConfig.kernel_kwargs`).
 
 A step is stochastic (an SDE step, with a log-probability) or deterministic (the ODE step of the same scheduler,
 no log-probability): the SDE window (Flow-GRPO-Fast, MixGRPO) samples only a few steps stochastically.
 """
 
+import inspect
 from typing import Optional, Tuple
 
 import torch
@@ -50,8 +51,15 @@ class TransitionKernel:
         return self.stochastic_step(scheduler, model_output, timestep, sample, generator, prev_sample)
 
     @classmethod
-    def from_config(cls, config) -> "TransitionKernel":
-        raise NotImplementedError
+    def settings(cls) -> Tuple[str, ...]:
+        """The names of the kernel's settings: its constructor's arguments."""
+        return tuple(name for name in inspect.signature(cls.__init__).parameters if name != "self")
+
+    @classmethod
+    def from_settings(cls, **settings) -> "TransitionKernel":
+        """The kernel built from the settings it takes out of `settings`: a run gives the noise of every kernel
+        (`eta`, `noise_level`) and its family's kernel takes its own."""
+        return cls(**{name: value for name, value in settings.items() if name in cls.settings()})
 
 
 class DDIMKernel(TransitionKernel):
@@ -78,10 +86,6 @@ class DDIMKernel(TransitionKernel):
         mean, _ = ddim_step_mean_std(scheduler, model_output, timestep, sample, 0.0)
         return mean.to(sample.dtype)
 
-    @classmethod
-    def from_config(cls, config) -> "DDIMKernel":
-        return cls(eta=config.sample_eta)
-
 
 class FlowSDEKernel(TransitionKernel):
     """Flow-GRPO's SDE for velocity-predicting flow-matching models (`FlowMatchEulerDiscreteScheduler`).
@@ -107,10 +111,6 @@ class FlowSDEKernel(TransitionKernel):
 
     def deterministic_step(self, scheduler, model_output, timestep, sample):
         return flow_ode_step(scheduler, model_output, timestep, sample)
-
-    @classmethod
-    def from_config(cls, config) -> "FlowSDEKernel":
-        return cls(noise_level=config.sample_noise_level)
 
 
 def sde_window_mask(num_steps: int, window_size: Optional[int], start: int = 0) -> torch.Tensor:

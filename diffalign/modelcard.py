@@ -114,8 +114,8 @@ def _results_table(final_eval: Dict) -> List[str]:
 
 
 def kernel_settings(kernel_class) -> set:
-    """The run settings a transition kernel reads: `sample_<argument>` of its constructor, as its `from_config` maps
-    them (DDIM's `sample_eta`, the flow SDE's `sample_noise_level`)."""
+    """The run settings a transition kernel reads: `sample_<argument>` of its constructor, as
+    `TrainConfig.kernel_kwargs` names them (DDIM's `sample_eta`, the flow SDE's `sample_noise_level`)."""
     return {f"sample_{name}" for name in inspect.signature(kernel_class.__init__).parameters if name != "self"}
 
 

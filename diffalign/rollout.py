@@ -6,7 +6,6 @@ gives its log-probability. The same function serves SD1.5, SDXL, SD3.5 and FLUX 
 """
 
 from dataclasses import dataclass, fields
-from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 import torch
@@ -142,7 +141,7 @@ def as_family(pipe_or_family):
 
 def default_kernel(family, eta: float = 1.0, noise_level: float = 0.7):
     """The family's transition kernel with the given noise (DDIM's `eta`, the flow SDE's `noise_level`)."""
-    return family.make_kernel(SimpleNamespace(sample_eta=eta, sample_noise_level=noise_level))
+    return family.make_kernel(eta=eta, noise_level=noise_level)
 
 
 @torch.no_grad()

@@ -17,7 +17,8 @@ from diffalign.config import CONFIG_CLASSES, ConfigError, DDPOConfig, TrainConfi
 def test_parser_is_the_vendored_hf_argument_parser_without_importing_transformers():
     script = (
         "import sys, os\n"
-        "from diffalign.config import DDPOConfig, _config_parser, config_help, load_config\n"
+        "from diffalign.cli.parser import _config_parser, config_help, load_config\n"
+        "from diffalign.config import DDPOConfig\n"
         "parser = _config_parser(DDPOConfig)\n"
         "base = [c for c in type(parser).__mro__ if c.__name__ == 'HfArgumentParser'][0]\n"
         "config_help('prdp'); load_config('ddpo', 'digits-ddpo', None, ['--num_epochs', '3'])\n"

@@ -15,7 +15,6 @@ import inspect
 import json
 import os
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -170,7 +169,7 @@ def test_recomputed_log_probs_give_ratio_one_and_window_steps_only(family_class)
     pipe = family_class.tiny_pipeline()
     family = family_for_pipeline(pipe)
     family.set_kernel_scheduler(pipe)
-    family.configure(SimpleNamespace(sample_embedded_guidance=2.5, sample_max_sequence_length=64))
+    family.configure(embedded_guidance=2.5, max_sequence_length=64)
     if getattr(family_class, "max_sequence_length", None) is not None:
         assert family.max_sequence_length == 64
     if family.guidance_kind == "embedded":

@@ -30,12 +30,14 @@ class Loaded(Exception):
 @pytest.fixture
 def no_model_loads(monkeypatch):
     import diffalign.cli
+    import diffalign.cli.train
     import diffalign.generate
 
     def refuse(*args, **kwargs):
         raise Loaded("a model started loading")
 
-    monkeypatch.setattr(diffalign.cli, "quiet_libraries", refuse)
+    monkeypatch.setattr(diffalign.cli, "quiet_libraries", refuse)  # bench
+    monkeypatch.setattr(diffalign.cli.train, "quiet_libraries", refuse)  # train
     monkeypatch.setattr(diffalign.generate, "load_rlg_pipeline", refuse)
 
 

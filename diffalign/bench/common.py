@@ -278,7 +278,7 @@ class Context:
     def _digits_preset(self) -> dict:
         import yaml
 
-        from diffalign.config import preset_path
+        from diffalign.cli.parser import preset_path
         from diffalign.errors import ConfigError
 
         try:
@@ -365,7 +365,7 @@ class Context:
     def base_settings(self) -> dict:
         """Config values shared by every trainer of `train`/`learn`: the preset's sampling settings (digits), the
         shape options, then `--set` overrides."""
-        from diffalign.config import _parse_cli_value
+        from diffalign.cli.parser import _parse_cli_value
 
         values = {key: value for key, value in self.preset.items()
                   if key.startswith("sample_") or key in ("prompts", "prompt_fn", "prompt_file")}
@@ -397,7 +397,7 @@ class Context:
             return {}
         import yaml
 
-        from diffalign.config import preset_path
+        from diffalign.cli.parser import preset_path
         from diffalign.errors import ConfigError
 
         try:
@@ -408,7 +408,7 @@ class Context:
             data = yaml.safe_load(f) or {}
         import dataclasses
 
-        from diffalign.config import CONFIG_CLASSES
+        from diffalign.trainers import CONFIG_CLASSES
 
         known = {f.name for f in dataclasses.fields(CONFIG_CLASSES[algorithm])}
         skip = ("sample_", "num_epochs", "output_dir", "model", "reward", "eval_", "prompt", "grid_", "checkpoint",
@@ -420,7 +420,7 @@ class Context:
         """A trainer on a fresh copy of the model; `overrides` win over `base_settings` and the algorithm preset."""
         from accelerate import Accelerator
 
-        from diffalign.config import load_config
+        from diffalign.cli.parser import load_config
 
         values = {**self.algorithm_preset(algorithm), **self.base_settings(), **overrides}
         values.update(model=self.model_name, output_dir=output_dir, num_epochs=10**6, checkpoint_every=10**6)

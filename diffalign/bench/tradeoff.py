@@ -223,7 +223,7 @@ def _check_args(ctx):
 
 def _set_overrides(args) -> dict[str, object]:
     """`--set KEY=VALUE` as typed values; the bench's own keys are refused (each has its option)."""
-    from diffalign.config import _parse_cli_value
+    from diffalign.cli.parser import _parse_cli_value
 
     values = {}
     for item in args.overrides:
@@ -244,7 +244,8 @@ def arm_config(ctx, algorithm: str, key: str, value: float, run_dir: str, epochs
     algorithm knows)."""
     import dataclasses
 
-    from diffalign.config import CONFIG_CLASSES, load_config
+    from diffalign.cli.parser import load_config
+    from diffalign.trainers import CONFIG_CLASSES
 
     args = ctx.args
     values = {
@@ -392,7 +393,7 @@ class Sampler:
         pipe.to(self.ctx.device)
         family = as_family(pipe)
         family.set_kernel_scheduler(pipe)
-        family.configure(self.config)
+        family.configure(**self.config.family_kwargs())
         family.denoiser.eval()
         return family
 
@@ -402,7 +403,7 @@ class Sampler:
 
         config = self.config
         out = sample_guided(
-            family, family.make_kernel(config), family.denoiser, scale, self.prompts, self.seeds,
+            family, family.make_kernel(**config.kernel_kwargs()), family.denoiser, scale, self.prompts, self.seeds,
             config.sample_num_steps, config.sample_guidance_scale,
             config.sample_resolution or family.default_resolution(), config.sample_batch_size, self.autocast,
         )

@@ -116,9 +116,10 @@ def family_for_pipeline(pipe) -> ModelFamily:
                      f"{', '.join(FAMILIES)}")
 
 
-def load_family(name_or_path: str, torch_dtype: torch.dtype = torch.float32) -> ModelFamily:
-    """Loads the model at `name_or_path` (a directory or a bundled name) with its family."""
-    path = resolve_model_path(name_or_path)
+def load_family(name_or_path: str, torch_dtype: torch.dtype = torch.float32, resolved: bool = False) -> ModelFamily:
+    """Loads the model at `name_or_path` (a directory or a bundled name) with its family; `resolved=True`: a path
+    `resolve_model_path` returned (`TrainConfig.resolved_model`), not resolved (nor the hub asked) again."""
+    path = name_or_path if resolved else resolve_model_path(name_or_path)
     if os.path.isdir(path):
         cls = family_class(pipeline_class_of(path))
     else:  # a hub id (hub reachable): ask diffusers what it is

@@ -181,15 +181,24 @@ class ModelFamily:
         modules += [getattr(self.pipe, n) for n in self.text_encoder_names if getattr(self.pipe, n, None) is not None]
         return modules
 
-    def configure(self, config):
-        """Takes the run's model settings: `sample_max_sequence_length` (T5 tokens) for families with a T5."""
-        tokens = getattr(config, "sample_max_sequence_length", None)
-        if tokens is not None and hasattr(self, "max_sequence_length"):
-            self.max_sequence_length = tokens
-            self._cache.clear()
+    def configure(self, *, max_sequence_length: Optional[int] = None, embedded_guidance: Optional[float] = None):
+        """Takes a run's model settings (`TrainConfig.family_kwargs`); None keeps the family's default.
 
-    def make_kernel(self, config):
-        return self.kernel_class.from_config(config)
+        Args:
+            max_sequence_length (`int`, *optional*): T5 tokens per prompt, for families with a T5 (SD3, FLUX).
+            embedded_guidance (`float`, *optional*): the embedded guidance, for families whose guidance kind is
+                "embedded" (FLUX.1-dev); the others ignore it.
+        """
+        if max_sequence_length is not None and hasattr(self, "max_sequence_length"):
+            self.max_sequence_length = max_sequence_length
+            self._cache.clear()
+        if embedded_guidance is not None and self.guidance_kind == "embedded":
+            self.embedded_guidance = float(embedded_guidance)
+
+    def make_kernel(self, **settings):
+        """The family's transition kernel (`kernel_class`) with the settings it takes out of `settings` (`eta`,
+        `noise_level`: `TrainConfig.kernel_kwargs`)."""
+        return self.kernel_class.from_settings(**settings)
 
     # -------------------------------------------------------------------- prompts
     def encode_text(self, prompts: List[str], device) -> Conditioning:

@@ -49,12 +49,7 @@ class FluxFamily(ModelFamily):
         "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
     ]
     max_sequence_length = 512  # T5 tokens, FluxPipeline's default (FLUX.1-dev; Flow-GRPO and DanceGRPO train so)
-    embedded_guidance = default_guidance_scale  # set per run by `configure(config)`
-
-    def configure(self, config):
-        """`ModelFamily.configure`, and the run's embedded guidance (`sample_embedded_guidance`)."""
-        super().configure(config)
-        self.embedded_guidance = float(getattr(config, "sample_embedded_guidance", self.embedded_guidance))
+    embedded_guidance = default_guidance_scale  # set per run by `configure(embedded_guidance=...)`
 
     # -------------------------------------------------------------------- prompts
     def encode_text(self, prompts: List[str], device) -> Conditioning:

@@ -1,15 +1,48 @@
-from .base import BaseTrainer, NonFiniteError
-from .ddpo import DDPOTrainer
-from .prdp import PRDPTrainer
+"""The trainers, one per algorithm, each beside its config class: `<name>.py` (the trainer, `config_class = ...`) and
+`<name>_config.py` (the config dataclass, which declares the algorithm's `algorithm` name once).
 
-# The trainer of each registered algorithm, by the name its config class declares (`diffalign.config.CONFIG_CLASSES`).
-TRAINERS = {cls.algorithm: cls for cls in (DDPOTrainer, PRDPTrainer)}
+The config classes import neither torch nor diffusers (the CLI parses and checks with them before anything heavy
+loads); the trainers load on first use (`TRAINERS`, `trainer_class`, `BaseTrainer`, ...).
+
+Adding an algorithm: `<name>_config.py` with a `TrainConfig` subclass (`algorithm = "<name>"`), `<name>.py` with a
+`BaseTrainer` subclass (`config_class = <that class>`, its loss in `compute_loss`), and the config class in
+`CONFIG_CLASSES` below. `diffalign train <name>`, presets, `bench` and the Python API all read this registry.
+"""
+
+import importlib
+
+from .base_config import TrainConfig
+from .ddpo_config import DDPOConfig
+from .prdp_config import PRDPConfig
+
+# The registered algorithms by the name each config class declares.
+CONFIG_CLASSES = {cls.algorithm: cls for cls in (DDPOConfig, PRDPConfig)}
+
+_LAZY = {"BaseTrainer": ".base", "NonFiniteError": ".base", "DDPOTrainer": ".ddpo", "PRDPTrainer": ".prdp"}
 
 
 def trainer_class(algorithm: str):
-    """The trainer class of a registered algorithm (the CLI imports this module only once the config is parsed:
-    parsing needs no torch)."""
-    return TRAINERS[algorithm]
+    """The trainer of a registered algorithm: the class in the module beside its config class (`ddpo_config.py` ->
+    `ddpo.py`) whose `config_class` is that config class."""
+    config_class = CONFIG_CLASSES[algorithm]
+    module = importlib.import_module(config_class.__module__[: -len("_config")])
+    from .base import BaseTrainer
+
+    found = [obj for obj in vars(module).values() if isinstance(obj, type) and issubclass(obj, BaseTrainer)
+             and obj.__dict__.get("config_class") is config_class]
+    if len(found) != 1:
+        raise TypeError(f"{module.__name__} must define one trainer with config_class = {config_class.__name__}; "
+                        f"found {len(found)}")
+    return found[0]
 
 
-__all__ = ["BaseTrainer", "DDPOTrainer", "PRDPTrainer", "NonFiniteError", "TRAINERS", "trainer_class"]
+def __getattr__(name):
+    if name == "TRAINERS":  # the trainer of each registered algorithm (imports torch)
+        return {algorithm: trainer_class(algorithm) for algorithm in CONFIG_CLASSES}
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["BaseTrainer", "DDPOTrainer", "PRDPTrainer", "NonFiniteError", "TRAINERS", "trainer_class",
+           "CONFIG_CLASSES", "TrainConfig", "DDPOConfig", "PRDPConfig"]

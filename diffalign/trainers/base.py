@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_save_dir, nothing_to_resume
-from ..config import TrainConfig
+from .base_config import TrainConfig
 from ..distributed import (ddp_kwargs, engine_name, full_parameters, full_state_dict_view, gradient_sync, is_dtensor,
                            is_sharded, prepare_reference)
 from .. import tracking
@@ -111,7 +111,7 @@ class BaseTrainer:
         set_torch_threads(config)
         # validate before the Accelerator is built (it fails on a bad mixed_precision with a traceback); the
         # process count is the launcher's until the Accelerator knows it
-        config.validate(accelerator.num_processes if accelerator is not None else launched_processes())
+        config.check(accelerator.num_processes if accelerator is not None else launched_processes())
         # trackers (report_to) are checked here, before any model loads: a missing package is one line
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp_kwargs()],
@@ -120,7 +120,7 @@ class BaseTrainer:
         if accelerator is not None:
             tracking.check_accelerator(accelerator, config)
         acc = self.accelerator
-        config.validate(acc.num_processes)
+        config.check(acc.num_processes)  # checked once per process count: the CLI's check holds unless it changed
         if config.resume_from and nothing_to_resume(config.resume_from):
             logger.info("%s has no checkpoint (the run stopped before its first one): starting from scratch",
                         config.resume_from)
@@ -166,11 +166,11 @@ class BaseTrainer:
             self.family = as_family(pipeline)
             self.family.set_kernel_scheduler(self.family.pipe)
         else:
-            self.family = load_family(config.model)
+            self.family = load_family(config.resolved_model(), resolved=True)
         self.pipe = self.family.pipe
         self.pipe.set_progress_bar_config(disable=True)
-        self.family.configure(config)
-        self.kernel = self.family.make_kernel(config)
+        self.family.configure(**config.family_kwargs())
+        self.kernel = self.family.make_kernel(**config.kernel_kwargs())
         if config.sample_resolution:
             self.family.check_resolution(config.sample_resolution)
         self.resolution = config.sample_resolution or self.family.default_resolution()

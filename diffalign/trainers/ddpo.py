@@ -7,7 +7,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from ..advantages import PerPromptStatTracker, batch_advantages, group_advantages
-from ..config import DDPOConfig
+from .ddpo_config import DDPOConfig
 from ..logprob import gaussian_kl
 from ..losses import ppo_clipped_loss
 from ..rollout import Trajectories, concat_trajectories, step_log_probs

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import torch
 
-from ..config import PRDPConfig
+from .prdp_config import PRDPConfig
 from ..losses import implicit_reward_error, prdp_loss
 from ..rollout import Trajectories
 from ..utils.peft_utils import reference_model
