@@ -49,8 +49,11 @@ def test_train(capsys, tmp_path):
         shares = [v["value"] for k, v in figures.items() if k.startswith(f"{algorithm}_share_")]
         assert len(shares) == 9 and sum(shares) == pytest.approx(1.0, abs=1e-6)
         calls = result["details"][algorithm]["unet_calls"]
-        # 2 steps x (policy + reference): PRDP always records the reference, DDPO only with sample_compute_kl (off)
-        assert calls["sampling_forwards"] == (2 * 2 if algorithm == "prdp" else 2)
+        assert calls["sampling_forwards"] == 2  # one call per step (the batch holds the CFG and reference rows)
+        assert calls["optimizer_steps"] == 1 and calls["training_backwards"] >= 1
+    # CFG x 2 images x 2 steps; PRDP always samples the reference in the same calls, DDPO only with sample_compute_kl
+    assert result["details"]["ddpo"]["unet_calls"]["sampling_unet_rows"] == 2 * 2 * 2
+    assert result["details"]["prdp"]["unet_calls"]["sampling_unet_rows"] == 2 * 2 * 2 * 2
     assert result["details"]["prdp"]["config"]["train_num_inner_epochs"] == 1
 
 
@@ -59,7 +62,7 @@ def test_train_prdp_with_reference_at_trained_steps_only(capsys, tmp_path):
                        "--images-per-prompt", "2", "--set", "train_num_inner_epochs=1",
                        "--set", "train_timestep_fraction=0.5", "--set", "sample_compute_kl=false")
     calls = result["details"]["prdp"]["unet_calls"]
-    assert calls["sampling_forwards"] == 2  # policy only
+    assert calls["sampling_unet_rows"] == 2 * 2 * 2  # policy only: CFG x 2 images x 2 steps
     # CFG x 2 samples x 1 trained step, for pi_ref (no grad) and for pi_theta (with grad)
     assert calls["training_forward_rows"] == 2 * 2 * 1 * 2
     assert result["figures"]["prdp_epoch_over_unet"]["value"] > 0

@@ -5,9 +5,10 @@ Every figure is a ratio against a floor or a baseline measured **in the same run
 
 * `rollout`: `diffalign.rollout.sample_trajectories` (trajectories with log-probs) against
   `StableDiffusionPipeline.__call__` with the same shapes (steps, CFG, eta=1, `output_type="pt"`).
-* `train`: one PRDP and one DDPO epoch (`trainer.step(epoch)`, after a warm-up epoch) against the UNet forward and
-  backward passes that epoch contains, replayed alone on random tensors of the same shapes; plus where the rest of
-  the epoch goes (an instrumented extra epoch).
+* `train`: one epoch of each registered trainer (`trainer.step(epoch)`, after a warm-up epoch) against the denoiser
+  forward and backward passes that epoch contains (recorded with torch module hooks), replayed alone on inputs of
+  the same shapes; plus where the rest of the epoch goes (the recorded epoch, split by the trainer's own
+  `time_sample`/`time_reward`/`time_train`).
 * `learn`: wall time to reach `--target` reward per trainer configuration (`LEARN_CONFIGS`, plain dicts of config
   overrides) against a DDPO baseline configured like the reference code.
 * `rlg`: `StableDiffusionRLGPipeline` (single-pass and two-pass LoRA paths, step windows) against plain CFG sampling
@@ -68,8 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser):
 
     sub = parser.add_subparsers(dest="bench_command", metavar="{rollout,train,learn,rlg,tradeoff}", required=True)
     sub.add_parser("rollout", parents=[common], help="trajectory sampling with log-probs vs plain pipeline sampling")
-    train = sub.add_parser("train", parents=[common], help="epoch time of PRDP and DDPO vs their UNet passes alone")
-    train.add_argument("--algorithms", default="prdp,ddpo", help="comma-separated: prdp, ddpo")
+    train = sub.add_parser("train", parents=[common], help="epoch time of each trainer vs its denoiser passes alone")
+    train.add_argument("--algorithms", default=None,
+                       help="comma-separated registered algorithms (diffalign.trainers.TRAINERS; default: all)")
     learn = sub.add_parser("learn", parents=[common], help="time to reach a reward, per trainer configuration")
     learn.add_argument("--target", type=float, default=None, help="reward to reach (default 0.9 for digits)")
     learn.add_argument("--reward", default=None, help="reward name (default: digit_correctness, or "
