@@ -26,9 +26,8 @@ import sys
 
 from .common import BenchError, Context, format_table, machine_info
 from .learn import LEARN_CONFIGS
-from .tradeoff import add_arguments as add_tradeoff_arguments
 
-SUBCOMMANDS = ("rollout", "train", "learn", "rlg", "tradeoff")
+SUBCOMMANDS = ("rollout", "train", "learn", "rlg")
 RESULTS_DIR = os.path.join("runs", "bench")  # where `--output` goes by default
 
 
@@ -38,8 +37,10 @@ def default_output(sub: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- arguments
-def add_arguments(parser: argparse.ArgumentParser):
-    """Adds `diffalign bench <sub>` and its options to the `bench` sub-parser of the CLI."""
+def common_arguments() -> argparse.ArgumentParser:
+    """The options every benchmark shares (model, shapes, device, output, trainer overrides), as a parent parser:
+    `argparse.ArgumentParser(parents=[common_arguments()])` gives a script the same options (see
+    examples/research/tradeoff/tradeoff.py)."""
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("model and shapes")
     g.add_argument("--model", default="digits", help="bundled model name (digits, digits-flow) or a local diffusers directory")
@@ -66,8 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser):
     t.add_argument("--images-per-prompt", type=int, default=None, help="images per prompt (default: preset, else 4)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every trainer (YAML value), e.g. --set train_micro_batch_size=8")
+    return common
 
-    sub = parser.add_subparsers(dest="bench_command", metavar="{rollout,train,learn,rlg,tradeoff}", required=True)
+
+def add_arguments(parser: argparse.ArgumentParser):
+    """Adds `diffalign bench <sub>` and its options to the `bench` sub-parser of the CLI."""
+    common = common_arguments()
+    sub = parser.add_subparsers(dest="bench_command", metavar="{rollout,train,learn,rlg}", required=True)
     sub.add_parser("rollout", parents=[common], help="trajectory sampling with log-probs vs plain pipeline sampling")
     train = sub.add_parser("train", parents=[common], help="epoch time of each trainer vs its denoiser passes alone")
     train.add_argument("--algorithms", default=None,
@@ -88,16 +94,16 @@ def add_arguments(parser: argparse.ArgumentParser):
     rlg = sub.add_parser("rlg", parents=[common], help="RLG sampling (single/two pass, windows) vs plain CFG")
     rlg.add_argument("--rlg-scale", type=float, default=1.5)
     rlg.add_argument("--lora-std", type=float, default=0.1, help="std of the random LoRA B weights")
-    add_tradeoff_arguments(sub.add_parser("tradeoff", parents=[common], help="reward hacking, the KL dial and RLG's w"))
 
 
-def run(args) -> int:
-    """Runs `args.bench_command`; writes the JSON and prints the table. Returns the exit code."""
+def run(args, benchmark=None) -> int:
+    """Runs `benchmark(ctx)` (default: `diffalign.bench.<args.bench_command>.run_benchmark`); writes the JSON and
+    prints the table. Returns the exit code (2, with one line, for a `BenchError` or a model that cannot load)."""
     from diffalign.errors import ModelError
 
     try:
         ctx = Context(args)
-        fn = importlib.import_module(f"{__name__}.{args.bench_command}").run_benchmark
+        fn = benchmark or importlib.import_module(f"{__name__}.{args.bench_command}").run_benchmark
         result = fn(ctx)
     except (BenchError, ModelError) as e:
         print(f"diffalign: error: {e}", file=sys.stderr)

@@ -372,6 +372,8 @@ class Context:
     def command_line(self) -> str:
         if "bench" in sys.argv[1:]:
             return "diffalign " + " ".join(sys.argv[sys.argv.index("bench", 1):])
+        if sys.argv and os.path.basename(sys.argv[0]) == f"{self.args.bench_command}.py":  # a script (examples/)
+            return " ".join(["python", *sys.argv])
         return f"diffalign bench {self.args.bench_command} (in-process)"
 
     # ---- trainers

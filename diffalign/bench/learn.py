@@ -151,13 +151,13 @@ def run_benchmark(ctx) -> dict:
                 del trainer
             details[name] = {"algorithm": algorithm, "overrides": overrides, "runs": runs}
     figures = Figures()
-    base_time = _median_reached(details[BASELINE]["runs"], "time_to_target_s")
+    base_time = median_reached(details[BASELINE]["runs"], "time_to_target_s")
     base_epoch = median([x for r in details[BASELINE]["runs"] for x in r["epoch_times"]])
     for name, entry in details.items():
         runs = entry["runs"]
         reached = sum(r["reached"] for r in runs)
-        t = _median_reached(runs, "time_to_target_s")
-        e = _median_reached(runs, "epochs_to_target")
+        t = median_reached(runs, "time_to_target_s")
+        e = median_reached(runs, "epochs_to_target")
         entry.update(time_to_target_s=t, epochs_to_target=e, reached=reached, ratio_to_baseline=ratio(t, base_time))
         note = f"{reached}/{len(runs)} reached" if len(runs) > 1 else ("reached" if reached else
                                                                         f"not reached in {args.max_epochs} epochs")
@@ -175,7 +175,7 @@ def run_benchmark(ctx) -> dict:
     return {"figures": figures, "details": details}
 
 
-def _median_reached(runs: List[dict], key: str):
+def median_reached(runs: List[dict], key: str):
     """The median over seeds, counting a run that did not reach the target as infinitely slow (None if most
     did not)."""
     values = sorted(r[key] if r["reached"] else math.inf for r in runs)
