@@ -208,6 +208,20 @@ def test_train_benches_a_newly_registered_algorithm(capsys, tmp_path, monkeypatc
     assert result["details"]["final_denoise"]["config"]["train_batch_size"] == 2
 
 
+def test_learn_runs_a_newly_registered_algorithm_by_its_name(capsys, tmp_path, monkeypatch):
+    from diffalign.config import CONFIG_CLASSES
+    from diffalign.trainers import TRAINERS
+
+    config_class, trainer = final_sample_algorithm()
+    monkeypatch.setitem(CONFIG_CLASSES, "final_denoise", config_class)
+    monkeypatch.setitem(TRAINERS, "final_denoise", trainer)
+    result = run_bench(capsys, tmp_path, "learn", "--max-epochs", "1", "--target", "-1000", "--prompts-per-epoch", "1",
+                       "--images-per-prompt", "2", "--configs", "final_denoise", "--set", "train_batch_size=2")
+    assert set(result["settings"]["configs"]) == {"ddpo_baseline", "final_denoise"}
+    assert result["details"]["final_denoise"]["algorithm"] == "final_denoise"
+    assert result["figures"]["final_denoise_epochs_to_target"]["value"] == 1
+
+
 def test_unknown_algorithm_is_one_line(capsys, tmp_path):
     assert main(["bench", "train", *TINY, "--algorithms", "nope", "--output", str(tmp_path / "z.json")]) == 2
     err = capsys.readouterr().err

@@ -90,7 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser):
                             "(not timed); 0: on the epoch's own training samples")
     learn.add_argument("--prdp-inner-epochs", type=int, default=4, help="K of the PRDP configurations")
     learn.add_argument("--configs", default=None,
-                       help=f"comma-separated subset of: {', '.join(LEARN_CONFIGS)} (the baseline always runs)")
+                       help=f"comma-separated subset of: {', '.join(LEARN_CONFIGS)}, or any registered algorithm's "
+                            "name (its defaults; the baseline always runs)")
     rlg = sub.add_parser("rlg", parents=[common], help="RLG sampling (single/two pass, windows) vs plain CFG")
     rlg.add_argument("--rlg-scale", type=float, default=1.5)
     rlg.add_argument("--lora-std", type=float, default=0.1, help="std of the random LoRA B weights")

@@ -110,10 +110,16 @@ def learn_configs(ctx) -> Dict[str, tuple]:
                 values["sample_sde_window_range"] = [0, max(steps // 2, size)]
         configs[name] = (algorithm, values)
     if ctx.args.configs:
+        from diffalign.trainers import TRAINERS
+
         wanted = [c.strip() for c in ctx.args.configs.split(",") if c.strip()]
+        for name in wanted:  # any registered algorithm by its name: its own defaults on the shared settings
+            if name not in configs and name in TRAINERS:
+                configs[name] = (name, {})
         unknown = [c for c in wanted if c not in configs]
         if unknown:
-            raise BenchError(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(configs)}")
+            raise BenchError(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(configs)} or a "
+                             f"registered algorithm ({', '.join(TRAINERS)})")
         configs = {name: value for name, value in configs.items() if name == BASELINE or name in wanted}
     return configs
 
