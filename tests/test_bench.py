@@ -234,8 +234,9 @@ def test_bench_package_imports_no_private_names():
     from pathlib import Path
 
     bench = Path(__file__).resolve().parents[1] / "diffalign" / "bench"
-    found = []
-    for path in sorted(bench.glob("*.py")):
+    found, files = [], sorted(bench.glob("*.py"))
+    assert len(files) >= 6  # __init__, common, rollout, train, learn, rlg
+    for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 module = node.module or ""
@@ -259,9 +260,14 @@ def test_bench_has_no_algorithm_branches():
 
     bench = Path(__file__).resolve().parents[1] / "diffalign" / "bench"
     pattern = re.compile(r"""(algorithm|kind|name)\s*(==|!=)\s*["'](ddpo|prdp|grpo)["']""")
+    assert len(list(bench.glob("*.py"))) >= 6
     found = [f"{p.name}:{i}: {line.strip()}" for p in sorted(bench.glob("*.py"))
              for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert not found, "\n".join(found)
+    # ... and no monkey-patching: the bench times trainers through torch hooks and the trainers' own timings
+    patched = [f"{p.name}:{i}" for p in sorted(bench.glob("*.py"))
+               for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\bsetattr\(", line)]
+    assert not patched, patched
 
 
 def test_bench_results_and_their_figures_are_reachable():
