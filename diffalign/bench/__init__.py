@@ -3,16 +3,18 @@
 Every figure is a ratio against a floor or a baseline measured **in the same run**, with the repeats interleaved
 (alternating order) and the median taken, so that load from other processes shifts both sides alike.
 
-* `rollout`: `diffalign.rollout.sample_trajectories` (trajectories with log-probs) against
-  `StableDiffusionPipeline.__call__` with the same shapes (steps, CFG, eta=1, `output_type="pt"`).
+* `rollout`: `diffalign.rollout.sample_trajectories` (trajectories with log-probs) against the family's diffusers
+  pipeline `__call__` with the same shapes (steps, CFG, eta=1, `output_type="pt"`).
 * `train`: one epoch of each registered trainer (`trainer.step(epoch)`, after a warm-up epoch) against the denoiser
   forward and backward passes that epoch contains (recorded with torch module hooks), replayed alone on inputs of
   the same shapes; plus where the rest of the epoch goes (the recorded epoch, split by the trainer's own
   `time_sample`/`time_reward`/`time_train`).
 * `learn`: wall time to reach `--target` reward per trainer configuration (`LEARN_CONFIGS`, plain dicts of config
-  overrides) against a DDPO baseline configured like the reference code.
-* `rlg`: `StableDiffusionRLGPipeline` (single-pass and two-pass LoRA paths, step windows) against plain CFG sampling
-  with `StableDiffusionPipeline` on the same (LoRA) model.
+  overrides, or any registered algorithm by its name) against a DDPO baseline configured like the reference code.
+* `rlg`: the family's RLG pipeline (single-pass and two-pass LoRA paths, step windows) against plain CFG sampling
+  with its diffusers pipeline on the same (LoRA) model.
+
+The commands run on a user's own model directory (any registered family) and use only what the package exports.
 
 One module per benchmark (`diffalign/bench/<name>.py`, each with `run_benchmark(ctx)`); each writes a JSON file
 (`--output`, default `runs/bench/bench_<sub>.json`) and prints a table. See docs/bench.md.
