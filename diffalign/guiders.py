@@ -26,7 +26,23 @@ from diffusers.utils import is_peft_available
 if TYPE_CHECKING:
     from diffusers.modular_pipelines.modular_pipeline import BlockState
 
-__all__ = ["ReinforcementLearningGuidance"]
+__all__ = ["ReinforcementLearningGuidance", "rlg_mix"]
+
+
+def rlg_mix(pred_base: torch.Tensor, terms) -> torch.Tensor:
+    """Reinforcement Learning Guidance's mixing of predictions: `pred_base + sum_i w_i (pred_i - pred_base)`.
+
+    With one term `(pred_aligned, w)` this is `pred_base + w * (pred_aligned - pred_base)`: `w = 0` is the base model,
+    `w = 1` the aligned model, `w > 1` extrapolates. The terms are added in order (the guider's order).
+
+    Args:
+        pred_base (`torch.Tensor`): the base model's (CFG-guided) prediction.
+        terms (iterable of `(torch.Tensor, float)`): each aligned model's prediction and its scale `w_i`.
+    """
+    pred = pred_base
+    for pred_aligned, w in terms:
+        pred = pred + w * (pred_aligned - pred_base)
+    return pred
 
 # Name peft uses for "no adapter" rows in a mixed-adapter batch (`adapter_names=[...]`).
 BASE_ADAPTER_NAME = "__base__"
@@ -302,9 +318,7 @@ class ReinforcementLearningGuidance(BaseGuidance):
         if self._terms is None:
             pred = guided["aligned"]
         else:
-            pred = guided["base"]
-            for model, w in self._terms.items():
-                pred = pred + w * (guided[model] - guided["base"])
+            pred = rlg_mix(guided["base"], [(guided[model], w) for model, w in self._terms.items()])
         main = "aligned" if "aligned" in guided else "base"
         return GuiderOutput(pred=pred, pred_cond=conditional[main], pred_uncond=unconditional[main])
 

@@ -15,7 +15,7 @@ import statistics
 import sys
 from typing import Dict, List
 
-from diffalign.bench.learn import BASELINE, _median_reached
+from diffalign.bench.learn import BASELINE, median_reached
 
 
 def pool(results: List[dict]) -> Dict[str, dict]:
@@ -38,8 +38,8 @@ def pool(results: List[dict]) -> Dict[str, dict]:
                                        / base_epoch)
     for row in pooled.values():
         # against the baseline on the same seeds (a configuration may be missing from some files)
-        base_time = _median_reached(row["baseline_runs"], "time_to_target_s")
-        row["median_time_s"] = _median_reached(row["runs"], "time_to_target_s")  # None: most runs missed the target
+        base_time = median_reached(row["baseline_runs"], "time_to_target_s")
+        row["median_time_s"] = median_reached(row["runs"], "time_to_target_s")  # None: most runs missed the target
         row["ratio"] = row["median_time_s"] / base_time if row["median_time_s"] and base_time else None
     return pooled
 

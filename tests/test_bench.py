@@ -49,8 +49,11 @@ def test_train(capsys, tmp_path):
         shares = [v["value"] for k, v in figures.items() if k.startswith(f"{algorithm}_share_")]
         assert len(shares) == 9 and sum(shares) == pytest.approx(1.0, abs=1e-6)
         calls = result["details"][algorithm]["unet_calls"]
-        # 2 steps x (policy + reference): PRDP always records the reference, DDPO only with sample_compute_kl (off)
-        assert calls["sampling_forwards"] == (2 * 2 if algorithm == "prdp" else 2)
+        assert calls["sampling_forwards"] == 2  # one call per step (the batch holds the CFG and reference rows)
+        assert calls["optimizer_steps"] == 1 and calls["training_backwards"] >= 1
+    # CFG x 2 images x 2 steps; PRDP always samples the reference in the same calls, DDPO only with sample_compute_kl
+    assert result["details"]["ddpo"]["unet_calls"]["sampling_unet_rows"] == 2 * 2 * 2
+    assert result["details"]["prdp"]["unet_calls"]["sampling_unet_rows"] == 2 * 2 * 2 * 2
     assert result["details"]["prdp"]["config"]["train_num_inner_epochs"] == 1
 
 
@@ -59,7 +62,7 @@ def test_train_prdp_with_reference_at_trained_steps_only(capsys, tmp_path):
                        "--images-per-prompt", "2", "--set", "train_num_inner_epochs=1",
                        "--set", "train_timestep_fraction=0.5", "--set", "sample_compute_kl=false")
     calls = result["details"]["prdp"]["unet_calls"]
-    assert calls["sampling_forwards"] == 2  # policy only
+    assert calls["sampling_unet_rows"] == 2 * 2 * 2  # policy only: CFG x 2 images x 2 steps
     # CFG x 2 samples x 1 trained step, for pi_ref (no grad) and for pi_theta (with grad)
     assert calls["training_forward_rows"] == 2 * 2 * 1 * 2
     assert result["figures"]["prdp_epoch_over_unet"]["value"] > 0
@@ -148,3 +151,152 @@ def test_pool_learn_judges_each_configuration_on_its_own_seeds():
     assert pooled["ddpo_baseline"]["median_time_s"] == 30.0  # over six seeds: 10 20 30 40 50 inf
     assert pooled["fast"]["median_time_s"] == 6.0 and pooled["fast"]["ratio"] == 6.0 / 20.0  # first file's seeds
     assert pooled["fast"]["paired"] == [0.4, None, None]
+
+
+# ---------------------------------------------------------------------------- a new algorithm is benchable as it is
+def final_sample_algorithm():
+    """A test-only algorithm (a config class and a trainer, as a user or a new module would add them): reward-weighted
+    denoising regression on the final samples, the trainer of tests/test_trainer_hooks.py. The bench knows nothing
+    of it."""
+    import torch
+    import torch.nn.functional as F
+
+    from diffalign.config import DDPOConfig
+    from diffalign.trainers import BaseTrainer
+
+    class FinalDenoiseConfig(DDPOConfig):
+        algorithm = "final_denoise"
+
+    class FinalDenoiseTrainer(BaseTrainer):
+        config_class = FinalDenoiseConfig
+        keeps_trajectory = False
+
+        def model_outputs(self, model, batch, rows):
+            x0 = batch.trajectories.final_latents[rows.samples]
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(int(rows.samples.sum()))).to(x0)
+            t = torch.full((x0.shape[0],), 500, dtype=torch.long, device=x0.device)
+            cond = {k: v[rows.samples] for k, v in batch.trajectories.conditioning.items()}
+            with self.accelerator.autocast():
+                pred = self.family.forward(model, self.family.scheduler.add_noise(x0, noise, t), t, cond)
+            return pred.float(), noise
+
+        def compute_loss(self, outputs, batch, rows):
+            pred, noise = outputs
+            weights = batch.rewards[rows.samples].float()
+            loss = (weights * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+            return loss, {"loss": loss.detach()}
+
+    return FinalDenoiseConfig, FinalDenoiseTrainer
+
+
+def test_train_benches_a_newly_registered_algorithm(capsys, tmp_path, monkeypatch):
+    from diffalign.config import CONFIG_CLASSES
+    from diffalign.trainers import TRAINERS
+
+    config_class, trainer = final_sample_algorithm()
+    monkeypatch.setitem(CONFIG_CLASSES, "final_denoise", config_class)
+    monkeypatch.setitem(TRAINERS, "final_denoise", trainer)
+    result = run_bench(capsys, tmp_path, "train", "--algorithms", "final_denoise", "--prompts-per-epoch", "1",
+                       "--images-per-prompt", "2", "--set", "train_num_inner_epochs=1", "--set", "train_batch_size=2")
+    figures = result["figures"]
+    for part in ("epoch_s", "unet_floor_s", "epoch_over_unet", "sampling_over_unet", "training_over_unet"):
+        assert figures[f"final_denoise_{part}"]["value"] > 0
+    calls = result["details"]["final_denoise"]["unet_calls"]
+    # sampling: 2 steps of CFG x 2 images; training: one row per final sample (no CFG in its loss), one step
+    assert calls["sampling_unet_rows"] == 2 * 2 * 2
+    assert calls["training_forward_rows"] == 2 and calls["optimizer_steps"] == 1 and calls["training_backwards"] >= 1
+    assert result["details"]["final_denoise"]["config"]["train_batch_size"] == 2
+
+
+def test_learn_runs_a_newly_registered_algorithm_by_its_name(capsys, tmp_path, monkeypatch):
+    from diffalign.config import CONFIG_CLASSES
+    from diffalign.trainers import TRAINERS
+
+    config_class, trainer = final_sample_algorithm()
+    monkeypatch.setitem(CONFIG_CLASSES, "final_denoise", config_class)
+    monkeypatch.setitem(TRAINERS, "final_denoise", trainer)
+    result = run_bench(capsys, tmp_path, "learn", "--max-epochs", "1", "--target", "-1000", "--prompts-per-epoch", "1",
+                       "--images-per-prompt", "2", "--configs", "final_denoise", "--set", "train_batch_size=2")
+    assert set(result["settings"]["configs"]) == {"ddpo_baseline", "final_denoise"}
+    assert result["details"]["final_denoise"]["algorithm"] == "final_denoise"
+    assert result["figures"]["final_denoise_epochs_to_target"]["value"] == 1
+
+
+def test_unknown_algorithm_is_one_line(capsys, tmp_path):
+    assert main(["bench", "train", *TINY, "--algorithms", "nope", "--output", str(tmp_path / "z.json")]) == 2
+    err = capsys.readouterr().err
+    assert "--algorithms: unknown 'nope'; choose from" in err and "ddpo" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_package_imports_no_private_names():
+    """`diffalign bench` is built on what the package exports: no `from diffalign... import _x`, no `._x` module."""
+    import ast
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "diffalign" / "bench"
+    found, files = [], sorted(bench.glob("*.py"))
+    assert len(files) >= 6  # __init__, common, rollout, train, learn, rlg
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                inside = node.level > 0 or module.split(".")[0] == "diffalign"
+                private_module = any(part.startswith("_") for part in module.split(".") if part)
+                names = [a.name for a in node.names if a.name.startswith("_")]
+                if inside and (names or private_module):
+                    found.append(f"{path.name}:{node.lineno} from {'.' * node.level}{module} import "
+                                 f"{', '.join(a.name for a in node.names)}")
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("diffalign") and any(p.startswith("_") for p in alias.name.split(".")):
+                        found.append(f"{path.name}:{node.lineno} import {alias.name}")
+    assert not found, "private imports in diffalign/bench:\n" + "\n".join(found)
+
+
+def test_bench_has_no_algorithm_branches():
+    """No `algorithm == "ddpo"`-style branch in diffalign/bench: every registered algorithm is benched alike."""
+    import re
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "diffalign" / "bench"
+    pattern = re.compile(r"""(algorithm|kind|name)\s*(==|!=)\s*["'](ddpo|prdp|grpo)["']""")
+    assert len(list(bench.glob("*.py"))) >= 6
+    found = [f"{p.name}:{i}: {line.strip()}" for p in sorted(bench.glob("*.py"))
+             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not found, "\n".join(found)
+    # ... and no monkey-patching: the bench times trainers through torch hooks and the trainers' own timings
+    patched = [f"{p.name}:{i}" for p in sorted(bench.glob("*.py"))
+               for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\bsetattr\(", line)]
+    assert not patched, patched
+
+
+def test_bench_results_and_their_figures_are_reachable():
+    """The README's, docs/bench.md's and the tradeoff experiment's links and images point at files (and headings)
+    that exist, so moving the results kept every figure the README cites."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def anchors(path: Path) -> set:
+        out = set()
+        for line in path.read_text().splitlines():
+            if line.startswith("#"):
+                title = line.lstrip("#").strip().lower()
+                out.add(re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", title)))
+        return out
+
+    broken = []
+    for doc in (root / "README.md", root / "docs" / "bench.md", root / "examples" / "research" / "tradeoff" / "README.md"):
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (doc.parent / path).resolve() if path else doc
+            if not file.exists():
+                broken.append(f"{doc.relative_to(root)}: {target} (no such file)")
+            elif anchor and file.suffix == ".md" and anchor not in anchors(file):
+                broken.append(f"{doc.relative_to(root)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+    readme = (root / "README.md").read_text()
+    assert "docs/images/digits-tradeoff.png" in readme and "examples/research/tradeoff/README.md" in readme

@@ -1,4 +1,4 @@
-"""`diffalign bench tradeoff`: the RLG-guided sampler's identities (w = 0 is the base model with KL 0, w = 1 the
+"""The tradeoff experiment (examples/research/tradeoff/tradeoff.py, out of the package): the RLG-guided sampler's identities (w = 0 is the base model with KL 0, w = 1 the
 adapter with its own KL, other w mix the guided predictions linearly) and a smoke run of the command with tiny
 settings that produces every output."""
 
@@ -10,14 +10,30 @@ import pytest
 import torch
 
 from diffalign.bench.rlg import add_random_lora
-from diffalign.bench.tradeoff import RLGDenoiser, ratio_pairs, sample_guided
-from diffalign.cli import main
 from diffalign.rollout import as_family, default_kernel, sample_trajectories
 from diffalign.utils.peft_utils import adapters_disabled
 
 PROMPTS = ["a photo of a cat", "a red car", "a photo of a cat"]
 SEEDS = [11, 12, 13]
 ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = ROOT / "examples" / "research" / "tradeoff"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tradeoff = load_script("tradeoff")
+RLGDenoiser, ratio_pairs, sample_guided = tradeoff.RLGDenoiser, tradeoff.ratio_pairs, tradeoff.sample_guided
+
+
+def main(argv):
+    """`python examples/research/tradeoff/tradeoff.py ARGS`, in-process (`argv` as the former `bench tradeoff`)."""
+    assert argv[:2] == ["bench", "tradeoff"]
+    return tradeoff.main(argv[2:])
 
 
 def _generators(device="cpu"):
@@ -103,7 +119,7 @@ def test_ratio_pairs():
 
 def test_beta_w_table_pairs_and_distances():
     """Pairs in ratio 2 of either kind; distances are those of the paired samplers' numbers and images."""
-    from diffalign.bench.tradeoff import beta_w_table
+    beta_w_table = tradeoff.beta_w_table
 
     def sweep(reward, judge, kl, pixel):
         return {"reward": torch.tensor([reward, reward]), "judge": torch.tensor([judge, judge]),
@@ -177,10 +193,8 @@ def test_tradeoff_smoke(capsys, tmp_path):
     assert again["arms"]["prdp_beta0.01"]["curves"] == arms["prdp_beta0.01"]["curves"]
     assert again["rlg"]["sweeps"] == rlg["sweeps"]  # fixed prompts and seeds: the same numbers
 
-    # scripts/reproduce_results.py prints these over seeds (here two copies of one seed: zero spread)
-    spec = importlib.util.spec_from_file_location("reproduce_results", ROOT / "scripts" / "reproduce_results.py")
-    reproduce = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reproduce)
+    # reproduce_results.py prints these over seeds (here two copies of one seed: zero spread)
+    reproduce = load_script("reproduce_results")
     text = reproduce.tradeoff_tables({0: result, 1: again})
     w2 = next(p for p in rlg["sweeps"]["prdp_beta0.02"] if p["w"] == 2)
     assert f"| `prdp_beta0.02` | 2 | {w2['reward']:.4f} ± 0.0000" in text
@@ -226,3 +240,23 @@ def test_bad_options_are_one_line(capsys, tmp_path, argv, message):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "t" / "ddpo_kl0" / "metrics.jsonl").exists()
+
+
+def test_the_experiment_is_out_of_the_package_and_uses_its_rlg_mixing():
+    """`bench tradeoff` is gone from the CLI; the script mixes with `diffalign.guiders.rlg_mix`, not a copy."""
+    import subprocess
+    import sys
+
+    from diffalign.bench import SUBCOMMANDS
+    from diffalign.guiders import rlg_mix
+
+    assert "tradeoff" not in SUBCOMMANDS and not (ROOT / "diffalign" / "bench" / "tradeoff.py").exists()
+    source = (EXPERIMENT / "tradeoff.py").read_text()
+    assert "from diffalign.guiders import rlg_mix" in source and "scale * (aligned - base)" not in source
+    base, aligned = torch.randn(2, 3), torch.randn(2, 3)
+    assert torch.equal(tradeoff.mix_outputs(base, aligned, 1.5), rlg_mix(base, [(aligned, 1.5)]))
+    assert torch.equal(tradeoff.mix_outputs((base, 1), (aligned, 1), 1.5)[0], base + 1.5 * (aligned - base))
+    # runnable as a script from a checkout (its --help: no model is loaded)
+    done = subprocess.run([sys.executable, str(EXPERIMENT / "tradeoff.py"), "--help"], capture_output=True, text=True,
+                          cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert done.returncode == 0 and "--prdp-betas" in done.stdout and "--model" in done.stdout

@@ -3,15 +3,18 @@
 Every figure is a ratio against a floor or a baseline measured **in the same run**, with the repeats interleaved
 (alternating order) and the median taken, so that load from other processes shifts both sides alike.
 
-* `rollout`: `diffalign.rollout.sample_trajectories` (trajectories with log-probs) against
-  `StableDiffusionPipeline.__call__` with the same shapes (steps, CFG, eta=1, `output_type="pt"`).
-* `train`: one PRDP and one DDPO epoch (`trainer.step(epoch)`, after a warm-up epoch) against the UNet forward and
-  backward passes that epoch contains, replayed alone on random tensors of the same shapes; plus where the rest of
-  the epoch goes (an instrumented extra epoch).
+* `rollout`: `diffalign.rollout.sample_trajectories` (trajectories with log-probs) against the family's diffusers
+  pipeline `__call__` with the same shapes (steps, CFG, eta=1, `output_type="pt"`).
+* `train`: one epoch of each registered trainer (`trainer.step(epoch)`, after a warm-up epoch) against the denoiser
+  forward and backward passes that epoch contains (recorded with torch module hooks), replayed alone on inputs of
+  the same shapes; plus where the rest of the epoch goes (the recorded epoch, split by the trainer's own
+  `time_sample`/`time_reward`/`time_train`).
 * `learn`: wall time to reach `--target` reward per trainer configuration (`LEARN_CONFIGS`, plain dicts of config
-  overrides) against a DDPO baseline configured like the reference code.
-* `rlg`: `StableDiffusionRLGPipeline` (single-pass and two-pass LoRA paths, step windows) against plain CFG sampling
-  with `StableDiffusionPipeline` on the same (LoRA) model.
+  overrides, or any registered algorithm by its name) against a DDPO baseline configured like the reference code.
+* `rlg`: the family's RLG pipeline (single-pass and two-pass LoRA paths, step windows) against plain CFG sampling
+  with its diffusers pipeline on the same (LoRA) model.
+
+The commands run on a user's own model directory (any registered family) and use only what the package exports.
 
 One module per benchmark (`diffalign/bench/<name>.py`, each with `run_benchmark(ctx)`); each writes a JSON file
 (`--output`, default `runs/bench/bench_<sub>.json`) and prints a table. See docs/bench.md.
@@ -25,9 +28,8 @@ import sys
 
 from .common import BenchError, Context, format_table, machine_info
 from .learn import LEARN_CONFIGS
-from .tradeoff import add_arguments as add_tradeoff_arguments
 
-SUBCOMMANDS = ("rollout", "train", "learn", "rlg", "tradeoff")
+SUBCOMMANDS = ("rollout", "train", "learn", "rlg")
 RESULTS_DIR = os.path.join("runs", "bench")  # where `--output` goes by default
 
 
@@ -37,8 +39,10 @@ def default_output(sub: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- arguments
-def add_arguments(parser: argparse.ArgumentParser):
-    """Adds `diffalign bench <sub>` and its options to the `bench` sub-parser of the CLI."""
+def common_arguments() -> argparse.ArgumentParser:
+    """The options every benchmark shares (model, shapes, device, output, trainer overrides), as a parent parser:
+    `argparse.ArgumentParser(parents=[common_arguments()])` gives a script the same options (see
+    examples/research/tradeoff/tradeoff.py)."""
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("model and shapes")
     g.add_argument("--model", default="digits", help="bundled model name (digits, digits-flow) or a local diffusers directory")
@@ -65,11 +69,17 @@ def add_arguments(parser: argparse.ArgumentParser):
     t.add_argument("--images-per-prompt", type=int, default=None, help="images per prompt (default: preset, else 4)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every trainer (YAML value), e.g. --set train_micro_batch_size=8")
+    return common
 
-    sub = parser.add_subparsers(dest="bench_command", metavar="{rollout,train,learn,rlg,tradeoff}", required=True)
+
+def add_arguments(parser: argparse.ArgumentParser):
+    """Adds `diffalign bench <sub>` and its options to the `bench` sub-parser of the CLI."""
+    common = common_arguments()
+    sub = parser.add_subparsers(dest="bench_command", metavar="{rollout,train,learn,rlg}", required=True)
     sub.add_parser("rollout", parents=[common], help="trajectory sampling with log-probs vs plain pipeline sampling")
-    train = sub.add_parser("train", parents=[common], help="epoch time of PRDP and DDPO vs their UNet passes alone")
-    train.add_argument("--algorithms", default="prdp,ddpo", help="comma-separated: prdp, ddpo")
+    train = sub.add_parser("train", parents=[common], help="epoch time of each trainer vs its denoiser passes alone")
+    train.add_argument("--algorithms", default=None,
+                       help="comma-separated registered algorithms (diffalign.trainers.TRAINERS; default: all)")
     learn = sub.add_parser("learn", parents=[common], help="time to reach a reward, per trainer configuration")
     learn.add_argument("--target", type=float, default=None, help="reward to reach (default 0.9 for digits)")
     learn.add_argument("--reward", default=None, help="reward name (default: digit_correctness, or "
@@ -82,20 +92,21 @@ def add_arguments(parser: argparse.ArgumentParser):
                             "(not timed); 0: on the epoch's own training samples")
     learn.add_argument("--prdp-inner-epochs", type=int, default=4, help="K of the PRDP configurations")
     learn.add_argument("--configs", default=None,
-                       help=f"comma-separated subset of: {', '.join(LEARN_CONFIGS)} (the baseline always runs)")
+                       help=f"comma-separated subset of: {', '.join(LEARN_CONFIGS)}, or any registered algorithm's "
+                            "name (its defaults; the baseline always runs)")
     rlg = sub.add_parser("rlg", parents=[common], help="RLG sampling (single/two pass, windows) vs plain CFG")
     rlg.add_argument("--rlg-scale", type=float, default=1.5)
     rlg.add_argument("--lora-std", type=float, default=0.1, help="std of the random LoRA B weights")
-    add_tradeoff_arguments(sub.add_parser("tradeoff", parents=[common], help="reward hacking, the KL dial and RLG's w"))
 
 
-def run(args) -> int:
-    """Runs `args.bench_command`; writes the JSON and prints the table. Returns the exit code."""
+def run(args, benchmark=None) -> int:
+    """Runs `benchmark(ctx)` (default: `diffalign.bench.<args.bench_command>.run_benchmark`); writes the JSON and
+    prints the table. Returns the exit code (2, with one line, for a `BenchError` or a model that cannot load)."""
     from diffalign.errors import ModelError
 
     try:
         ctx = Context(args)
-        fn = importlib.import_module(f"{__name__}.{args.bench_command}").run_benchmark
+        fn = benchmark or importlib.import_module(f"{__name__}.{args.bench_command}").run_benchmark
         result = fn(ctx)
     except (BenchError, ModelError) as e:
         print(f"diffalign: error: {e}", file=sys.stderr)

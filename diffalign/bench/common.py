@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks: options context, timing, memory, tables, models."""
 
 import copy
+import dataclasses
 import math
 import os
 import platform
@@ -33,7 +34,8 @@ SD15_SCHEDULER = dict(
     steps_offset=1,
 )
 
-# The bundled models and their presets per algorithm: shared sampling settings come from the `ddpo` one.
+# The bundled models and their presets per algorithm (data, not branches: an algorithm without a preset trains with
+# its own defaults); the shared sampling settings come from the first one listed.
 DIGITS_PRESETS = {
     "digits": {"ddpo": "digits-ddpo", "prdp": "digits-prdp"},
     "digits-flow": {"ddpo": "digits-flow-grpo", "prdp": "digits-flow-prdp"},
@@ -46,6 +48,17 @@ class BenchError(ValueError):
 
 
 # -------------------------------------------------------------------------------------------------- helpers
+def yaml_value(text: str):
+    """A `--set KEY=VALUE` value, read as the CLI reads config values: a YAML scalar or flow (`3e-4`, `true`,
+    `[a, b]`), else the text itself."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
 def median(values: List[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -282,7 +295,7 @@ class Context:
         from diffalign.errors import ConfigError
 
         try:
-            path = preset_path(DIGITS_PRESETS[self.args.model]["ddpo"])
+            path = preset_path(next(iter(DIGITS_PRESETS[self.args.model].values())))
         except ConfigError:
             return {}
         with open(path) as f:
@@ -359,13 +372,14 @@ class Context:
     def command_line(self) -> str:
         if "bench" in sys.argv[1:]:
             return "diffalign " + " ".join(sys.argv[sys.argv.index("bench", 1):])
+        if sys.argv and os.path.basename(sys.argv[0]) == f"{self.args.bench_command}.py":  # a script (examples/)
+            return " ".join(["python", *sys.argv])
         return f"diffalign bench {self.args.bench_command} (in-process)"
 
     # ---- trainers
     def base_settings(self) -> dict:
         """Config values shared by every trainer of `train`/`learn`: the preset's sampling settings (digits), the
         shape options, then `--set` overrides."""
-        from diffalign.cli.parser import _parse_cli_value
 
         values = {key: value for key, value in self.preset.items()
                   if key.startswith("sample_") or key in ("prompts", "prompt_fn", "prompt_file")}
@@ -387,7 +401,7 @@ class Context:
             key, sep, text = item.partition("=")
             if not sep:
                 raise BenchError(f"--set {item}: expected KEY=VALUE")
-            values[key.strip().replace("-", "_")] = _parse_cli_value(text)
+            values[key.strip().replace("-", "_")] = yaml_value(text)
         return values
 
     def algorithm_preset(self, algorithm: str) -> dict:
@@ -400,13 +414,15 @@ class Context:
         from diffalign.cli.parser import preset_path
         from diffalign.errors import ConfigError
 
+        preset = DIGITS_PRESETS[self.args.model].get(algorithm)
+        if preset is None:  # an algorithm without a preset for this model: its own defaults
+            return {}
         try:
-            path = preset_path(DIGITS_PRESETS[self.args.model][algorithm])
+            path = preset_path(preset)
         except ConfigError:
             return {}
         with open(path) as f:
             data = yaml.safe_load(f) or {}
-        import dataclasses
 
         from diffalign.trainers import CONFIG_CLASSES
 
@@ -421,6 +437,7 @@ class Context:
         from accelerate import Accelerator
 
         from diffalign.cli.parser import load_config
+        from diffalign.trainers import CONFIG_CLASSES
 
         values = {**self.algorithm_preset(algorithm), **self.base_settings(), **overrides}
         values.update(model=self.model_name, output_dir=output_dir, num_epochs=10**6, checkpoint_every=10**6)
@@ -428,13 +445,15 @@ class Context:
             values["seed"] = seed
         if reward is not None:
             values["reward"] = reward
-        # keep the batch arithmetic valid when the shape options shrink the preset's epoch
-        if algorithm == "ddpo":
-            local = values["sample_num_prompts_per_epoch"] * values["sample_images_per_prompt"]
-            size = values.get("train_batch_size", 8)
-            if local % size:
-                values["train_batch_size"] = math.gcd(local, size)
-        elif values.get("train_prompts_per_step"):
+        # keep the batch arithmetic valid when the shape options shrink the preset's epoch (whichever of these
+        # fields the algorithm's config has)
+        fields = {f.name: f.default for f in dataclasses.fields(CONFIG_CLASSES[algorithm])}
+        samples = values["sample_num_prompts_per_epoch"] * values["sample_images_per_prompt"]
+        if "train_batch_size" in fields:
+            size = values.get("train_batch_size", fields["train_batch_size"])
+            if isinstance(size, int) and size > 0 and samples % size:
+                values["train_batch_size"] = math.gcd(samples, size)
+        if "train_prompts_per_step" in fields and values.get("train_prompts_per_step"):
             values["train_prompts_per_step"] = math.gcd(values["sample_num_prompts_per_epoch"],
                                                         values["train_prompts_per_step"])
         config = load_config(algorithm, None, values)

@@ -110,10 +110,16 @@ def learn_configs(ctx) -> Dict[str, tuple]:
                 values["sample_sde_window_range"] = [0, max(steps // 2, size)]
         configs[name] = (algorithm, values)
     if ctx.args.configs:
+        from diffalign.trainers import TRAINERS
+
         wanted = [c.strip() for c in ctx.args.configs.split(",") if c.strip()]
+        for name in wanted:  # any registered algorithm by its name: its own defaults on the shared settings
+            if name not in configs and name in TRAINERS:
+                configs[name] = (name, {})
         unknown = [c for c in wanted if c not in configs]
         if unknown:
-            raise BenchError(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(configs)}")
+            raise BenchError(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(configs)} or a "
+                             f"registered algorithm ({', '.join(TRAINERS)})")
         configs = {name: value for name, value in configs.items() if name == BASELINE or name in wanted}
     return configs
 
@@ -151,13 +157,13 @@ def run_benchmark(ctx) -> dict:
                 del trainer
             details[name] = {"algorithm": algorithm, "overrides": overrides, "runs": runs}
     figures = Figures()
-    base_time = _median_reached(details[BASELINE]["runs"], "time_to_target_s")
+    base_time = median_reached(details[BASELINE]["runs"], "time_to_target_s")
     base_epoch = median([x for r in details[BASELINE]["runs"] for x in r["epoch_times"]])
     for name, entry in details.items():
         runs = entry["runs"]
         reached = sum(r["reached"] for r in runs)
-        t = _median_reached(runs, "time_to_target_s")
-        e = _median_reached(runs, "epochs_to_target")
+        t = median_reached(runs, "time_to_target_s")
+        e = median_reached(runs, "epochs_to_target")
         entry.update(time_to_target_s=t, epochs_to_target=e, reached=reached, ratio_to_baseline=ratio(t, base_time))
         note = f"{reached}/{len(runs)} reached" if len(runs) > 1 else ("reached" if reached else
                                                                         f"not reached in {args.max_epochs} epochs")
@@ -175,7 +181,7 @@ def run_benchmark(ctx) -> dict:
     return {"figures": figures, "details": details}
 
 
-def _median_reached(runs: List[dict], key: str):
+def median_reached(runs: List[dict], key: str):
     """The median over seeds, counting a run that did not reach the target as infinitely slow (None if most
     did not)."""
     values = sorted(r[key] if r["reached"] else math.inf for r in runs)

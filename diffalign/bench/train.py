@@ -1,11 +1,13 @@
-"""`bench train`: epoch time of each trainer against its denoiser passes replayed alone."""
+"""`bench train`: epoch time of each trainer against its denoiser passes replayed alone.
 
-import contextlib
-import os
-import tempfile
+The bench does not know how an algorithm plans its updates: it records the denoiser calls of one epoch with torch's
+module hooks (input shapes, grad mode, train/eval mode), replays them alone on copies of those inputs (the *floor*),
+and splits that epoch's time with the trainer's own per-phase timings (`time_sample`, `time_reward`, `time_train` of
+`trainer.step`). Any trainer of `diffalign.trainers.TRAINERS` is benchable as it is.
+"""
+
 import time
-from typing import Dict
-
+from typing import Dict, List, Optional
 
 from .common import (
     BenchError,
@@ -18,227 +20,231 @@ from .common import (
 )
 
 
-# Settings of the `train` benchmark's trainers beyond the shared ones (the trainers' own defaults otherwise).
-TRAIN_CONFIGS: Dict[str, tuple] = {
-    "prdp": ("prdp", {}),
-    "ddpo": ("ddpo", {}),
-}
+# --------------------------------------------------------------------------------------------- tensor helpers
+def map_tensors(value, fn):
+    """`value` with `fn` applied to every tensor inside nested tuples, lists and dicts (other values kept)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(v, fn) for v in value)
+    return value
 
 
-# ------------------------------------------------------------------------------------------------------ train
-class _UNetFloor:
-    """Replays the UNet calls of one epoch of `trainer` on random tensors (same batch shapes, same module, same
-    autocast and train/eval modes), with nothing else around them."""
+def input_signature(args, kwargs) -> str:
+    """What decides the cost of a call: the shapes and dtypes of its tensors and its other arguments."""
+    return repr(map_tensors((args, kwargs), lambda t: (tuple(t.shape), str(t.dtype), str(t.device))))
 
-    def __init__(self, trainer, num_samples: int, seed: int = 0):
+
+def first_tensor(value):
+    """The first tensor of a call's inputs or outputs (a tensor, a tuple, or a diffusers `BaseOutput`)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    for item in items:
+        found = first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ recording
+class EpochRecorder:
+    """Records one `trainer.step` through public hooks only: torch forward hooks on the denoiser (and the reference
+    denoiser, the text encoders and the VAE decoder), gradient hooks for the backward passes through the denoiser,
+    and the optimizer's step hooks. With `timed=True` every hooked call is timed (CUDA synchronised around it: a
+    breakdown, not a headline time).
+
+    Use as a context manager around one `trainer.step(epoch)`, then `classify(start, metrics)` with the time the step
+    began and the metrics it returned.
+    """
+
+    def __init__(self, trainer, device, timed: bool = True):
+        self.trainer, self.device, self.timed = trainer, device, timed
+        self.calls: List[dict] = []  # one per denoiser call: module, template key, rows, grad, training, start, seconds
+        self.templates: Dict[tuple, tuple] = {}  # (module index, signature) -> detached copies of (args, kwargs)
+        self.seconds: Dict[str, float] = {}
+        self.backwards = 0
+        self.optimizer_steps = 0
+        self._handles = []
+        self._backward_start: Optional[float] = None
+        self._backward_end: Optional[float] = None
+        self._optimizer_start = 0.0
+
+    def _now(self) -> float:
+        if self.timed:
+            sync(self.device)
+        return time.perf_counter()
+
+    def _add(self, key: str, seconds: float):
+        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
+
+    def _close_backward(self):
+        if self._backward_start is not None:
+            self.backwards += 1
+            self._add("backward", max((self._backward_end or self._backward_start) - self._backward_start, 0.0))
+            self._backward_start = self._backward_end = None
+
+    # ---- denoiser calls
+    def denoisers(self) -> list:
+        from diffalign.utils.peft_utils import unwrap
+
+        modules = [unwrap(self.trainer.denoiser)]
+        if self.trainer.ref_denoiser is not None:
+            modules.append(unwrap(self.trainer.ref_denoiser))
+        return modules
+
+    def _hook_denoiser(self, index: int, module):
         import torch
 
-        self.trainer = trainer
-        config = trainer.config
-        self.config = config
-        self.denoiser = trainer.denoiser
-        self.family = trainer.family
-        self.num_samples = num_samples
-        self.cfg = config.sample_guidance_scale != 1.0
-        generator = torch.Generator().manual_seed(seed)
-        # the conditioning of one prompt, repeated: its values do not change the cost of a forward
-        self.conditioning, _ = trainer.family.conditioning(["x"], "", False, trainer.resolution, trainer.resolution)
-        self.timesteps = trainer.family.set_timesteps(config.sample_num_steps, trainer.device, trainer.resolution,
-                                                      trainer.resolution)
-        self.generator = generator
-        self.reference = trainer.needs_reference()
-        self.plan = self._plan()
+        starts = []
 
-    def _inputs(self, rows: int):
+        def before(module, args, kwargs):
+            self._close_backward()
+            key = (index, input_signature(args, kwargs))
+            if key not in self.templates:
+                self.templates[key] = map_tensors((args, kwargs), lambda t: t.detach().clone())
+            rows = first_tensor((args, kwargs))
+            starts.append((key, 0 if rows is None or rows.dim() == 0 else rows.shape[0], self._now()))
+
+        def after(module, args, kwargs, output):
+            key, rows, start = starts.pop()
+            grad = torch.is_grad_enabled()
+            self.calls.append(dict(module=index, key=key, rows=rows, grad=grad, training=module.training,
+                                   start=start, seconds=self._now() - start))
+            out = first_tensor(output)
+            if grad and out is not None and out.requires_grad:
+                out.register_hook(self._backward_begins)
+
+        self._handles += [module.register_forward_pre_hook(before, with_kwargs=True),
+                          module.register_forward_hook(after, with_kwargs=True)]
+
+    def _backward_begins(self, grad):
+        if self._backward_start is None:
+            self._backward_start = self._now()
+        return grad
+
+    def _parameter_done(self, parameter):
+        if self._backward_start is not None:
+            self._backward_end = self._now()
+
+    # ---- other parts
+    def _hook_timed(self, module, key: str):
+        starts = []
+        self._handles += [
+            module.register_forward_pre_hook(lambda m, a: starts.append(self._now())),
+            module.register_forward_hook(lambda m, a, o: self._add(key, self._now() - starts.pop())),
+        ]
+
+    def _optimizer_before(self, optimizer, args, kwargs):
+        self._close_backward()
+        self._optimizer_start = self._now()
+
+    def _optimizer_after(self, optimizer, args, kwargs):
+        self.optimizer_steps += 1
+        self._add("optimizer_step", self._now() - self._optimizer_start)
+
+    def __enter__(self):
         import torch
 
-        dtype, device = self.trainer.weight_dtype, self.trainer.device
-        n = 2 * rows if self.cfg else rows
-        # the family's own latents (FLUX's are packed), drawn on the CPU as the generator is
-        resolution = self.trainer.resolution
-        x = self.family.prepare_latents(n, resolution, resolution, torch.float32, "cpu", self.generator,
-                                        denoiser=self.denoiser).to(device, dtype)
-        e = {k: v.to(device, dtype if v.is_floating_point() else v.dtype).expand(n, *v.shape[1:])
-             for k, v in self.conditioning.items()}
-        t = self.timesteps[torch.randint(len(self.timesteps), (n,), generator=self.generator)].to(device)
-        return x, t, e
+        for index, module in enumerate(self.denoisers()):
+            self._hook_denoiser(index, module)
+        for p in self.trainer.trainable_params:
+            self._handles.append(p.register_post_accumulate_grad_hook(self._parameter_done))
+        optimizer = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)  # inside accelerate's wrapper
+        self._handles += [optimizer.register_step_pre_hook(self._optimizer_before),
+                          optimizer.register_step_post_hook(self._optimizer_after)]
+        for name, component in self.trainer.pipe.components.items():
+            if name.startswith("text_encoder") and isinstance(component, torch.nn.Module):
+                self._hook_timed(component, "text_encoding")
+        decoder = getattr(getattr(self.trainer.pipe, "vae", None), "decoder", None)
+        if isinstance(decoder, torch.nn.Module):
+            self._hook_timed(decoder, "vae_decode")
+        return self
 
-    def _plan(self) -> dict:
-        """`sampling`: row counts of the no-grad sampling forwards (policy, then reference ones); `training`: a list
-        of updates, each `(no_grad_rows, [[micro-batch rows of one backward], ...])`."""
-        config, n = self.config, self.num_samples
-        chunks = [min(config.sample_batch_size, n - s) for s in range(0, n, config.sample_batch_size)]
-        sampling = [c for c in chunks for _ in range(config.sample_num_steps)]
-        reference = list(sampling) if self.reference else []
-        steps = config.num_train_steps
-        micro = config.train_micro_batch_size
-        split = lambda total: [min(micro, total - s) for s in range(0, total, micro)]
-        updates = []
-        lazy_reference = []
-        if self.trainer.algorithm == "prdp" and not self.reference:
-            # PRDP computes pi_ref in training for the union of the K inner epochs' planned steps (no grad)
-            from diffalign.trainers.prdp import planned_steps
+    def __exit__(self, *exc):
+        self._close_backward()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
-            import torch
-
-            stochastic = torch.ones(n, config.sample_num_steps, dtype=torch.bool)
-            plans = [self.trainer.train_step_plan(stochastic, self.generator)
-                     for _ in range(config.train_num_inner_epochs)]
-            lazy_reference = split(int(planned_steps(plans, config.sample_num_steps).sum()))
-        if self.trainer.algorithm == "ddpo":
-            for _ in range(config.train_num_inner_epochs):
-                for s in range(0, n, config.train_batch_size):
-                    rows = min(config.train_batch_size, n - s) * steps
-                    updates.append((0, [[m] for m in split(rows)]))  # one backward per micro-batch
-        else:
-            groups = n // config.sample_images_per_prompt
-            per_step = config.train_prompts_per_step or groups
-            for _ in range(config.train_num_inner_epochs):
-                for s in range(0, groups, per_step):
-                    rows = min(per_step, groups - s) * config.sample_images_per_prompt * steps
-                    two_pass = config.train_two_pass
-                    if two_pass is None:  # the trainer's default: two passes when the rows exceed one micro-batch
-                        two_pass = rows > micro
-                    if two_pass:
-                        updates.append((rows, [[m] for m in split(rows)]))
-                    else:
-                        updates.append((0, [split(rows)]))  # one graph over all micro-batches, one backward
-        return {"sampling": sampling, "reference": reference, "lazy_reference": lazy_reference, "training": updates}
-
-    def _forward(self, rows: int):
-        x, t, e = self._inputs(rows)
-        return self.family.forward(self.denoiser, x, t, e)
-
-    def sampling(self):
-        import torch
-
-        from diffalign.utils.peft_utils import reference_model
-
-        trainer = self.trainer
-        self.denoiser.eval()
-        with torch.no_grad(), trainer.accelerator.autocast():
-            for rows in self.plan["sampling"]:
-                self._forward(rows)
-            if self.plan["reference"]:
-                module, context = reference_model(trainer.denoiser, trainer.ref_denoiser)
-                for rows in self.plan["reference"]:
-                    with context():
-                        x, t, e = self._inputs(rows)
-                        self.family.forward(module, x, t, e)
-        sync(trainer.device)
-
-    def training(self):
-        import torch
-
-        from diffalign.utils.peft_utils import reference_model
-
-        trainer = self.trainer
-        if self.plan["lazy_reference"]:
-            self.denoiser.eval()
-            module, context = reference_model(trainer.denoiser, trainer.ref_denoiser)
-            with torch.no_grad(), trainer.accelerator.autocast(), context():
-                for rows in self.plan["lazy_reference"]:
-                    x, t, e = self._inputs(rows)
-                    self.family.forward(module, x, t, e)
-        self.denoiser.train()
-        for no_grad_rows, graphs in self.plan["training"]:
-            if no_grad_rows:
-                with torch.no_grad(), trainer.accelerator.autocast():
-                    for start in range(0, no_grad_rows, self.config.train_micro_batch_size):
-                        self._forward(min(self.config.train_micro_batch_size, no_grad_rows - start))
-            for micro_batches in graphs:
-                outputs = []
-                for rows in micro_batches:
-                    with trainer.accelerator.autocast():
-                        outputs.append(self._forward(rows).float().square().mean())
-                trainer.accelerator.backward(torch.stack(outputs).sum())
-        for p in trainer.trainable_params:
-            p.grad = None
-        sync(trainer.device)
+    def classify(self, start: float, metrics: dict):
+        """Marks each call `sampling` or `training` from the step's own phase timings: `trainer.step` samples, then
+        scores, then trains, so a call that began before the scoring ended is a sampling call."""
+        training_from = start + metrics["time_sample"] + metrics["time_reward"]
+        for call in self.calls:
+            call["phase"] = "sampling" if call["start"] < training_from else "training"
 
     def counts(self) -> dict:
-        cfg = 2 if self.cfg else 1
-        train_fwd = sum(sum(sum(m) for m in graphs) + nog for nog, graphs in self.plan["training"])
-        train_fwd += sum(self.plan["lazy_reference"])
+        sampling = [c for c in self.calls if c["phase"] == "sampling"]
+        training = [c for c in self.calls if c["phase"] == "training"]
         return {
-            "sampling_forwards": len(self.plan["sampling"]) + len(self.plan["reference"]),
-            "sampling_unet_rows": cfg * (sum(self.plan["sampling"]) + sum(self.plan["reference"])),
-            "training_forward_rows": cfg * train_fwd,
-            "training_backwards": sum(len(graphs) for _, graphs in self.plan["training"]),
-            "optimizer_steps": len(self.plan["training"]),
+            "sampling_forwards": len(sampling),
+            "sampling_unet_rows": sum(c["rows"] for c in sampling),
+            "training_forwards": len(training),
+            "training_forward_rows": sum(c["rows"] for c in training),
+            "training_backwards": self.backwards,
+            "optimizer_steps": self.optimizer_steps,
         }
 
 
-@contextlib.contextmanager
-def _instrumented(trainer, device):
-    """Times the parts of `trainer.step` by wrapping them on this trainer instance only (CUDA is synchronised around
-    every timed call, so use it for the breakdown, not for the headline time)."""
-    import torch
+# ---------------------------------------------------------------------------------------------------- floor
+class DenoiserFloor:
+    """Replays the recorded denoiser calls of an epoch alone: the same modules, input shapes, train/eval modes, grad
+    mode and autocast; a call made with gradients is followed by a backward pass of its output."""
 
-    from diffalign.utils.peft_utils import unwrap
+    def __init__(self, trainer, recorder: EpochRecorder):
+        self.trainer = trainer
+        self.modules = recorder.denoisers()
+        self.templates = recorder.templates
+        self.calls = [{k: c[k] for k in ("module", "key", "grad", "training", "phase")} for c in recorder.calls]
 
-    totals: Dict[str, float] = {}
-    phase = {"name": "other"}
+    def run(self, phase: str):
+        import torch
 
-    def add(key, seconds):
-        totals[key] = totals.get(key, 0.0) + seconds
+        trainer = self.trainer
+        modes = [m.training for m in self.modules]
+        for call in self.calls:
+            if call["phase"] != phase:
+                continue
+            module = self.modules[call["module"]]
+            module.train(call["training"])
+            args, kwargs = self.templates[call["key"]]
+            with torch.set_grad_enabled(call["grad"]), trainer.accelerator.autocast():
+                output = module(*args, **kwargs)
+            if call["grad"]:
+                trainer.accelerator.backward(first_tensor(output).float().square().mean())
+        for p in trainer.trainable_params:
+            p.grad = None
+        for module, mode in zip(self.modules, modes):
+            module.train(mode)
+        sync(trainer.device)
 
-    def wrap(obj, attr, key, set_phase=None):
-        original = getattr(obj, attr)
 
-        def wrapper(*a, **k):
-            previous = phase["name"]
-            if set_phase:
-                phase["name"] = set_phase
-            sync(device)
-            start = time.perf_counter()
-            try:
-                return original(*a, **k)
-            finally:
-                sync(device)
-                add(key, time.perf_counter() - start)
-                phase["name"] = previous
+# ---------------------------------------------------------------------------------------------------- bench
+def algorithms_to_bench(text: Optional[str]) -> List[str]:
+    """`--algorithms`: a comma-separated subset of the registered algorithms (default: all of them)."""
+    from diffalign.trainers import TRAINERS
 
-        setattr(obj, attr, wrapper)
-        return lambda: obj.__dict__.pop(attr, None)
-
-    starts = {}
-
-    def pre_hook(module, args):
-        sync(device)
-        starts[id(module)] = time.perf_counter()
-
-    def post_hook(module, args, output):
-        sync(device)
-        key = f"unet_forward_{phase['name']}" + ("" if torch.is_grad_enabled() else "_no_grad")
-        add(key, time.perf_counter() - starts.pop(id(module)))
-
-    denoiser = unwrap(trainer.denoiser)
-    modules = [denoiser] + ([trainer.ref_denoiser] if trainer.ref_denoiser is not None else [])
-    handles = [h for m in modules for h in (m.register_forward_pre_hook(pre_hook), m.register_forward_hook(post_hook))]
-    restore = [
-        wrap(trainer, "sample", "sampling_total", "sampling"),
-        wrap(trainer, "train_on_samples", "training_total", "training"),
-        wrap(trainer, "score", "reward"),
-        wrap(trainer, "backward", "backward"),
-        wrap(trainer, "optimizer_step", "optimizer_step"),
-        wrap(trainer.pipe, "encode_prompt", "text_encoding"),
-        wrap(trainer.pipe.vae, "decode", "vae_decode"),
-    ]
-    try:
-        yield totals
-    finally:
-        for h in handles:
-            h.remove()
-        for r in restore:
-            r()
+    if not text:
+        return list(TRAINERS)
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    for name in names:
+        if name not in TRAINERS:
+            raise BenchError(f"--algorithms: unknown '{name}'; choose from {', '.join(TRAINERS)}")
+    return names
 
 
 def run_benchmark(ctx) -> dict:
-    algorithms = [a.strip() for a in ctx.args.algorithms.split(",") if a.strip()]
-    for a in algorithms:
-        if a not in TRAIN_CONFIGS:
-            raise BenchError(f"--algorithms: unknown '{a}'; choose from {', '.join(TRAIN_CONFIGS)}")
+    import os
+    import tempfile
+
+    algorithms = algorithms_to_bench(ctx.args.algorithms)
     reward_fn = None
     if not ctx.is_digits:
         from diffalign.rewards import get_reward
@@ -249,19 +255,17 @@ def run_benchmark(ctx) -> dict:
     meter = PeakMemory(ctx.device)
     with tempfile.TemporaryDirectory(prefix="diffalign-bench-") as tmp:
         for name in algorithms:
-            algorithm, overrides = TRAIN_CONFIGS[name]
-            trainer = ctx.make_trainer(algorithm, overrides, os.path.join(tmp, name), reward_fn=reward_fn)
-            entry = _bench_train_one(ctx, trainer, meter)
+            trainer = ctx.make_trainer(name, {}, os.path.join(tmp, name), reward_fn=reward_fn)
+            entry = bench_trainer(ctx, trainer, meter)
             entry["config"] = trainer.config.to_dict()
             details[name] = entry
             b = entry["breakdown"]
             figures.add(f"{name}_epoch_s", entry["epoch_s"], "s (median)")
-            figures.add(f"{name}_unet_floor_s", entry["floor_s"], "s, UNet fwd+bwd alone (median)")
+            figures.add(f"{name}_unet_floor_s", entry["floor_s"], "s, denoiser fwd+bwd alone (median)")
             figures.add(f"{name}_epoch_over_unet", entry["ratio"], "epoch/floor (target <= 1.05)")
             figures.add(f"{name}_sampling_over_unet", entry["sampling_ratio"], "time_sample/sampling floor")
             figures.add(f"{name}_training_over_unet", entry["training_ratio"], "time_train/training floor")
-            for part in ("unet_sampling", "unet_training", "text_encoding", "vae_decode", "reward", "optimizer_step",
-                         "rest_sampling", "rest_training", "rest_epoch"):
+            for part in BREAKDOWN_PARTS:
                 figures.add(f"{name}_share_{part}", b["shares"].get(part), "fraction of instrumented epoch")
             unet_share = b["shares"].get("unet_sampling", 0.0) + b["shares"].get("unet_training", 0.0)
             figures.add(f"{name}_outside_unet_share", 1.0 - unet_share, "fraction of instrumented epoch")
@@ -270,14 +274,23 @@ def run_benchmark(ctx) -> dict:
     return {"figures": figures, "details": details}
 
 
-def _bench_train_one(ctx, trainer, meter) -> dict:
+def bench_trainer(ctx, trainer, meter) -> dict:
+    """Warm-up epoch; one recorded epoch (the calls to replay and the breakdown); then `repeats` epochs and floors,
+    interleaved."""
     device = ctx.device
     epoch = 0
     trainer.step(epoch)  # warm-up: allocations, caches, prompt encodings
-    num_samples = len(trainer.local_prompts(0))
-    floor = _UNetFloor(trainer, num_samples, ctx.args.seed)
-    floor.sampling()
-    floor.training()  # warm-up of the replay
+    epoch += 1
+    with EpochRecorder(trainer, device) as recorder:
+        start = time.perf_counter()
+        recorded = trainer.step(epoch)
+        total = time.perf_counter() - start
+    recorder.classify(start, recorded)
+    if not recorder.calls:
+        raise BenchError(f"{trainer.algorithm}: no denoiser call was seen in an epoch (is the denoiser hooked?)")
+    floor = DenoiserFloor(trainer, recorder)
+    floor.run("sampling")
+    floor.run("training")  # warm-up of the replay
     epochs, floors_s, floors_t, peaks = [], [], [], []
     for r in range(ctx.repeats):
         def run_epoch():
@@ -293,9 +306,9 @@ def _bench_train_one(ctx, trainer, meter) -> dict:
         def run_floor():
             sync(device)
             start = time.perf_counter()
-            floor.sampling()
+            floor.run("sampling")
             middle = time.perf_counter()
-            floor.training()
+            floor.run("training")
             floors_s.append(middle - start)
             floors_t.append(time.perf_counter() - middle)
 
@@ -303,12 +316,6 @@ def _bench_train_one(ctx, trainer, meter) -> dict:
             fn()
     epoch_times = [m["time_epoch"] for m in epochs]
     floor_times = [s + t for s, t in zip(floors_s, floors_t)]
-    epoch += 1
-    with _instrumented(trainer, device) as parts:
-        start = time.perf_counter()
-        instrumented = trainer.step(epoch)
-        total = time.perf_counter() - start
-    breakdown = _breakdown(parts, total, instrumented)
     return {
         "epoch_s": median(epoch_times),
         "epoch_times": epoch_times,
@@ -324,37 +331,39 @@ def _bench_train_one(ctx, trainer, meter) -> dict:
         "time_sample": [m["time_sample"] for m in epochs],
         "time_reward": [m["time_reward"] for m in epochs],
         "time_train": [m["time_train"] for m in epochs],
-        "unet_calls": floor.counts(),
-        "breakdown": breakdown,
+        "unet_calls": recorder.counts(),
+        "breakdown": breakdown(recorder, total, recorded),
         "peak_bytes": max(peaks),
-        "num_samples": num_samples,
+        "num_samples": len(trainer.local_prompts(0)),
     }
 
 
-def _breakdown(parts: Dict[str, float], total: float, metrics: dict) -> dict:
-    """Seconds and shares of one instrumented epoch: UNet (sampling forwards; training forwards + backwards), text
-    encoding, VAE decode, reward, optimizer, and the rest of sampling, of training and of the epoch."""
-    unet_sampling = sum(v for k, v in parts.items() if k.startswith("unet_forward_sampling"))
-    unet_training = sum(v for k, v in parts.items() if k.startswith("unet_forward_training")) + parts.get(
-        "backward", 0.0)
+BREAKDOWN_PARTS = ("unet_sampling", "unet_training", "text_encoding", "vae_decode", "reward", "optimizer_step",
+                   "rest_sampling", "rest_training", "rest_epoch")
+
+
+def breakdown(recorder: EpochRecorder, total: float, metrics: dict) -> dict:
+    """Seconds and shares of the recorded epoch: the denoiser (sampling forwards; training forwards + backwards),
+    text encoding, VAE decode, reward, optimizer, and the rest of sampling, of training and of the epoch. The phases
+    are the trainer's own `time_sample`, `time_reward` and `time_train`."""
+    parts = recorder.seconds
+    unet_sampling = sum(c["seconds"] for c in recorder.calls if c["phase"] == "sampling")
+    unet_training = sum(c["seconds"] for c in recorder.calls if c["phase"] == "training") + parts.get("backward", 0.0)
     seconds = {
         "unet_sampling": unet_sampling,
         "unet_training": unet_training,
         "text_encoding": parts.get("text_encoding", 0.0),
         "vae_decode": parts.get("vae_decode", 0.0),
-        "reward": parts.get("reward", 0.0),
+        "reward": metrics["time_reward"],
         "optimizer_step": parts.get("optimizer_step", 0.0),
     }
-    sampling_total, training_total = parts.get("sampling_total", 0.0), parts.get("training_total", 0.0)
-    seconds["rest_sampling"] = sampling_total - unet_sampling - seconds["text_encoding"] - seconds["vae_decode"]
-    seconds["rest_training"] = training_total - unet_training - seconds["optimizer_step"]
-    seconds["rest_epoch"] = total - sampling_total - training_total - seconds["reward"]
+    seconds["rest_sampling"] = metrics["time_sample"] - unet_sampling - seconds["text_encoding"] - seconds["vae_decode"]
+    seconds["rest_training"] = metrics["time_train"] - unet_training - seconds["optimizer_step"]
+    seconds["rest_epoch"] = total - metrics["time_sample"] - metrics["time_reward"] - metrics["time_train"]
     return {
         "epoch_s": total,
         "seconds": seconds,
         "shares": {k: v / total for k, v in seconds.items()} if total else {},
-        "raw": parts,
+        "raw": dict(parts),
         "trainer_metrics": {k: v for k, v in metrics.items() if k.startswith("time_")},
     }
-
-

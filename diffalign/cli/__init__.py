@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=train_command, allow_extra=True, train_parser=train)
 
     for name, help_text in (("generate", "sample with RLG at several alignment strengths"),
-                            ("bench", "benchmarks: rollout, train, learn, rlg, tradeoff")):
+                            ("bench", "benchmarks: rollout, train, learn, rlg")):
         # Each of these modules defines `add_arguments(parser)` and `run(args) -> int`, and imports no heavy library
         # at module level (run() does).
         command = sub.add_parser(name, help=help_text)

@@ -4,12 +4,12 @@ Each (preset, seed) is one `diffalign train` run with `--seed S` (which also pic
 fixed-seed images); the RLG table samples each seed's PRDP LoRA at several strengths with `diffalign generate`.
 Runs whose outputs exist are reused, so an interrupted call continues where it stopped.
 
-    python scripts/reproduce_results.py                      # README tables, seeds 0 1 2, two runs at a time
-    python scripts/reproduce_results.py --seeds 0 1 2 3 4 --jobs 1 --presets digits-prdp
-    python scripts/reproduce_results.py --presets --tradeoff-seeds 0 1 2   # only the reward-hacking tables
-    python scripts/reproduce_results.py --presets --tradeoff-flow-seeds 0  # the same on the flow model
+    python examples/research/tradeoff/reproduce_results.py        # README tables, seeds 0 1 2, two runs at a time
+    python examples/research/tradeoff/reproduce_results.py --seeds 0 1 2 3 4 --jobs 1 --presets digits-prdp
+    python examples/research/tradeoff/reproduce_results.py --presets --tradeoff-seeds 0 1 2   # reward hacking only
+    python examples/research/tradeoff/reproduce_results.py --presets --tradeoff-flow-seeds 0  # the same, flow model
 
-`--tradeoff-seeds` also runs `diffalign bench tradeoff` (the digits model trained on the hackable JPEG reward, 3 DDPO
+`--tradeoff-seeds` also runs the tradeoff experiment (`tradeoff.py` beside this file: the digits model trained on the hackable JPEG reward, 3 DDPO
 and 3 PRDP arms, their RLG sweeps and the beta/w test; about 40 minutes per seed on one thread) once per seed and
 prints its tables over those seeds; `--tradeoff-flow-seeds` does the same with `--model digits-flow` (about 75
 minutes per seed).
@@ -83,17 +83,17 @@ def rlg(seed: int, output: str) -> dict:
 
 
 TRADEOFF_DIRS = {"digits": "tradeoff", "digits-flow": "tradeoff-flow"}
+TRADEOFF_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tradeoff.py")
 
 
 def tradeoff(model: str, seed: int, output: str) -> dict:
-    """`diffalign bench tradeoff --model M --seed S` (defaults otherwise) in `<output>/tradeoff[-flow]-seed{S}`;
+    """`python tradeoff.py --model M --seed S` (defaults otherwise) in `<output>/tradeoff[-flow]-seed{S}`;
     reuses its JSON."""
     name = f"{TRADEOFF_DIRS[model]}-seed{seed}"
     out_dir = os.path.join(output, name)
     result_path = os.path.join(out_dir, "tradeoff.json")
     if not os.path.isfile(result_path):  # the bench itself reuses finished arms and resumes interrupted ones
-        run([sys.executable, "-m", "diffalign.cli", "bench", "tradeoff", "--model", model, "--seed", str(seed),
-             "--output-dir", out_dir], os.path.join(output, f"{name}.log"))
+        run([sys.executable, TRADEOFF_SCRIPT, "--model", model, "--seed", str(seed), "--output-dir", out_dir], os.path.join(output, f"{name}.log"))
     with open(result_path) as f:
         return json.load(f)
 
@@ -142,7 +142,8 @@ def tradeoff_tables(results: dict, model: str = "digits") -> str:
     """The bench's RLG sweeps at w = 1 (each arm's trained model; 200 fixed images) and its beta/w test, over seeds."""
     seeds = list(results)
     first = results[seeds[0]]
-    lines = [f"`diffalign bench tradeoff --model {model}` (`jpeg_compressibility` trained, `digit_judge` judged), "
+    lines = [f"`python examples/research/tradeoff/tradeoff.py --model {model}` "
+             "(`jpeg_compressibility` trained, `digit_judge` judged), "
              f"{'seeds' if len(seeds) > 1 else 'seed'} {', '.join(map(str, seeds))}" + ("; mean ± sample std (min–max) over seeds." if len(seeds) > 1 else "."), "",
              "Each arm's sampler on the sweep's fixed prompts and seeds (200 images), at RLG scale w:", "",
              "| arm | w | reward (JPEG, -kB) | judge (%) | KL to base |", "|---|---|---|---|---|"]
@@ -189,7 +190,7 @@ def main(argv=None):
     parser.add_argument("--output", default=os.path.join("runs", "reproduce"))
     parser.add_argument("--no-rlg", action="store_true", help="skip the RLG table")
     parser.add_argument("--tradeoff-seeds", nargs="*", type=int, default=[],
-                        help="also run `diffalign bench tradeoff` for these seeds (about 40 min each) and print its tables")
+                        help="also run the tradeoff experiment (tradeoff.py) for these seeds (about 40 min each) and print its tables")
     parser.add_argument("--tradeoff-flow-seeds", nargs="*", type=int, default=[],
                         help="the same with `--model digits-flow` (about 75 min each)")
     args = parser.parse_args(argv)

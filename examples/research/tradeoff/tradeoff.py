@@ -1,4 +1,4 @@
-"""`bench tradeoff`: reward hacking, the KL dial, and whether RLG's scale w acts like dividing the KL coefficient.
+"""The tradeoff experiment: reward hacking, the KL dial, and whether RLG's scale w acts like dividing the KL coefficient.
 
 On a bundled digits model, several LoRA fine-tunes ("arms") are trained on a hackable reward (default
 `jpeg_compressibility`: small files, which blank or smudged digits also give) while an independent judge (default
@@ -20,7 +20,12 @@ The numbers are reported as they come out; nothing is called a pass or a fail.
 Outputs in `--output-dir` (default `runs/bench/tradeoff`): one run directory per arm (a normal `diffalign train` run:
 metrics.jsonl, checkpoints, final/ LoRA, reward_curve.png, plus arm.json and rlg_grid.png), `tradeoff.json`,
 `tradeoff.png` and the printed tables. An arm whose run directory already holds a finished run with the same
-settings is reused; an interrupted one resumes from its last checkpoint. See docs/bench.md.
+settings is reused; an interrupted one resumes from its last checkpoint. Results: README.md beside this file.
+
+A research experiment, not part of the package: it runs on the package's public API (the trainers, the rollout,
+`diffalign.guiders.rlg_mix` for RLG's mixing, and the bench's shared options and context), from a checkout:
+
+    python examples/research/tradeoff/tradeoff.py --model digits --seed 0 --output-dir runs/bench/tradeoff
 """
 
 import copy
@@ -31,7 +36,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .common import DIGITS_PRESETS, BenchError, Figures
+from diffalign.bench.common import DIGITS_PRESETS, BenchError, Figures, yaml_value
 
 DEFAULT_OUTPUT_DIR = os.path.join("runs", "bench", "tradeoff")
 # Defaults in the digits presets' log-prob convention (per-step log-probs averaged over the 4x8x8 latent dims), for
@@ -52,17 +57,19 @@ OWN_KEYS = {
 
 
 # ------------------------------------------------------------------------------------------- the guided sampler
-def _mix(base, aligned, scale: float):
-    """`base + scale * (aligned - base)` of two denoiser outputs of the same structure (a tensor, a tuple whose first
-    element is the prediction, or a diffusers `BaseOutput` whose first field is)."""
+def mix_outputs(base, aligned, scale: float):
+    """RLG's mixing (`diffalign.guiders.rlg_mix`) of two denoiser outputs of the same structure (a tensor, a tuple
+    whose first element is the prediction, or a diffusers `BaseOutput` whose first field is)."""
     import torch
 
+    from diffalign.guiders import rlg_mix
+
     if isinstance(base, torch.Tensor):
-        return base + scale * (aligned - base)
+        return rlg_mix(base, [(aligned, scale)])
     if isinstance(base, tuple):
-        return (_mix(base[0], aligned[0], scale),) + tuple(base[1:])
+        return (mix_outputs(base[0], aligned[0], scale),) + tuple(base[1:])
     key = next(iter(base.keys()))
-    return type(base)(**{**base, key: _mix(base[key], aligned[key], scale)})
+    return type(base)(**{**base, key: mix_outputs(base[key], aligned[key], scale)})
 
 
 class RLGDenoiser:
@@ -111,7 +118,7 @@ class RLGDenoiser:
             base = self.denoiser(*args, **kwargs)
         if self.scale == 0.0:
             return base
-        return _mix(base, self.denoiser(*args, **kwargs), self.scale)
+        return mix_outputs(base, self.denoiser(*args, **kwargs), self.scale)
 
 
 def sample_guided(family, kernel, denoiser, scale: float, prompts: list[str], seeds: list[int], num_steps: int,
@@ -223,8 +230,6 @@ def _check_args(ctx):
 
 def _set_overrides(args) -> dict[str, object]:
     """`--set KEY=VALUE` as typed values; the bench's own keys are refused (each has its option)."""
-    from diffalign.cli.parser import _parse_cli_value
-
     values = {}
     for item in args.overrides:
         key, sep, text = item.partition("=")
@@ -233,7 +238,7 @@ def _set_overrides(args) -> dict[str, object]:
             raise BenchError(f"--set {item}: expected KEY=VALUE")
         if key in OWN_KEYS:
             raise BenchError(f"--set {key}: tradeoff sets it itself; use {OWN_KEYS[key]}")
-        values[key] = _parse_cli_value(text)
+        values[key] = yaml_value(text)
     return values
 
 
@@ -557,7 +562,7 @@ def run_benchmark(ctx) -> dict:
     output_dir = args.output_dir
     os.makedirs(output_dir, exist_ok=True)
     if args.output is None:
-        args.output = os.path.join(output_dir, "tradeoff.json")  # `bench.run` writes the JSON there
+        args.output = os.path.join(output_dir, "tradeoff.json")  # `diffalign.bench.run` writes the JSON there
     scales = sorted(set(args.rlg_scales) | set(PAIR_SCALES))
 
     arms = {}
@@ -614,3 +619,32 @@ def run_benchmark(ctx) -> dict:
         "beta_w": beta_w,
         "plot": os.path.join(output_dir, "tradeoff.png"),
     }
+
+
+def parser():
+    """The bench's shared options (`diffalign.bench.common_arguments`) plus the experiment's."""
+    import argparse
+
+    from diffalign.bench import common_arguments
+
+    p = argparse.ArgumentParser(prog="python examples/research/tradeoff/tradeoff.py", parents=[common_arguments()],
+                                description="Reward hacking, the KL dial, and RLG's w against the KL coefficient.")
+    add_arguments(p)
+    return p
+
+
+def main(argv=None) -> int:
+    """Parses `argv` and runs the experiment as a bench would (JSON, table, one-line errors with exit code 2)."""
+    from diffalign.bench import run
+
+    args = parser().parse_args(argv)
+    args.bench_command = "tradeoff"
+    return run(args, run_benchmark)
+
+
+if __name__ == "__main__":
+    from diffalign.utils.logging_utils import quiet_libraries, setup_logging
+
+    setup_logging()
+    quiet_libraries()
+    sys.exit(main())
