@@ -189,13 +189,21 @@ def final_sample_algorithm():
     return FinalDenoiseConfig, FinalDenoiseTrainer
 
 
-def test_train_benches_a_newly_registered_algorithm(capsys, tmp_path, monkeypatch):
-    from diffalign.config import CONFIG_CLASSES
-    from diffalign.trainers import TRAINERS
+def register_final_sample_algorithm(monkeypatch):
+    """Registers the test-only algorithm through the public `register_algorithm`, undone after the test."""
+    import diffalign.trainers
+    from diffalign.trainers import CONFIG_CLASSES, register_algorithm
 
     config_class, trainer = final_sample_algorithm()
-    monkeypatch.setitem(CONFIG_CLASSES, "final_denoise", config_class)
-    monkeypatch.setitem(TRAINERS, "final_denoise", trainer)
+    monkeypatch.setattr(diffalign.trainers, "_registered", dict(diffalign.trainers._registered))
+    monkeypatch.setitem(CONFIG_CLASSES, "final_denoise", config_class)  # undone with the test
+    register_algorithm(trainer)
+    assert diffalign.trainers.trainer_class("final_denoise") is trainer
+    assert diffalign.trainers.TRAINERS["final_denoise"] is trainer
+
+
+def test_train_benches_a_newly_registered_algorithm(capsys, tmp_path, monkeypatch):
+    register_final_sample_algorithm(monkeypatch)
     result = run_bench(capsys, tmp_path, "train", "--algorithms", "final_denoise", "--prompts-per-epoch", "1",
                        "--images-per-prompt", "2", "--set", "train_num_inner_epochs=1", "--set", "train_batch_size=2")
     figures = result["figures"]
@@ -209,12 +217,7 @@ def test_train_benches_a_newly_registered_algorithm(capsys, tmp_path, monkeypatc
 
 
 def test_learn_runs_a_newly_registered_algorithm_by_its_name(capsys, tmp_path, monkeypatch):
-    from diffalign.config import CONFIG_CLASSES
-    from diffalign.trainers import TRAINERS
-
-    config_class, trainer = final_sample_algorithm()
-    monkeypatch.setitem(CONFIG_CLASSES, "final_denoise", config_class)
-    monkeypatch.setitem(TRAINERS, "final_denoise", trainer)
+    register_final_sample_algorithm(monkeypatch)
     result = run_bench(capsys, tmp_path, "learn", "--max-epochs", "1", "--target", "-1000", "--prompts-per-epoch", "1",
                        "--images-per-prompt", "2", "--configs", "final_denoise", "--set", "train_batch_size=2")
     assert set(result["settings"]["configs"]) == {"ddpo_baseline", "final_denoise"}

@@ -18,6 +18,9 @@ from .prdp_config import PRDPConfig
 # The registered algorithms by the name each config class declares.
 CONFIG_CLASSES = {cls.algorithm: cls for cls in (DDPOConfig, PRDPConfig)}
 
+# Algorithms defined outside this package (`register_algorithm`): their trainer by name.
+_registered = {}
+
 _LAZY = {"BaseTrainer": ".base", "NonFiniteError": ".base", "DDPOTrainer": ".ddpo", "PRDPTrainer": ".prdp"}
 
 
@@ -25,6 +28,9 @@ def trainer_class(algorithm: str):
     """The trainer of a registered algorithm: the class in the module beside its config class (`ddpo_config.py` ->
     `ddpo.py`) whose `config_class` is that config class."""
     config_class = CONFIG_CLASSES[algorithm]
+    trainer = _registered.get(algorithm)
+    if trainer is not None and trainer.config_class is config_class:
+        return trainer
     module = importlib.import_module(config_class.__module__[: -len("_config")])
     from .base import BaseTrainer
 
@@ -36,6 +42,20 @@ def trainer_class(algorithm: str):
     return found[0]
 
 
+def register_algorithm(trainer) -> None:
+    """Registers an algorithm defined outside diffalign (TRL-style: a `TrainConfig` subclass with its `algorithm`
+    name and a `BaseTrainer` subclass whose `config_class` is it), so that `bench`, `trainer_class` and `TRAINERS`
+    know it as they know the built-in ones."""
+    from .base import BaseTrainer
+
+    config_class = getattr(trainer, "config_class", None)
+    if not (isinstance(trainer, type) and issubclass(trainer, BaseTrainer)) or not (
+            isinstance(config_class, type) and issubclass(config_class, TrainConfig)):
+        raise TypeError("register_algorithm takes a BaseTrainer subclass whose config_class is a TrainConfig subclass")
+    CONFIG_CLASSES[config_class.algorithm] = config_class
+    _registered[config_class.algorithm] = trainer
+
+
 def __getattr__(name):
     if name == "TRAINERS":  # the trainer of each registered algorithm (imports torch)
         return {algorithm: trainer_class(algorithm) for algorithm in CONFIG_CLASSES}
@@ -44,5 +64,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BaseTrainer", "DDPOTrainer", "PRDPTrainer", "NonFiniteError", "TRAINERS", "trainer_class",
+__all__ = ["BaseTrainer", "DDPOTrainer", "PRDPTrainer", "NonFiniteError", "TRAINERS", "register_algorithm", "trainer_class",
            "CONFIG_CLASSES", "TrainConfig", "DDPOConfig", "PRDPConfig"]
