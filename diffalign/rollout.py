@@ -177,9 +177,41 @@ def adapter_rows(denoiser, adapter_names: List[str]):
             handle.remove()
 
 
+def active_adapter(denoiser) -> str:
+    """The name of the one LoRA adapter that the denoiser's forward runs (the trained one, unless another was made
+    active with `adapter_active`); a model may hold more (DiffusionNFT's frozen "old" policy)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in unwrap(denoiser).modules():
+        if isinstance(module, BaseTunerLayer):
+            (name,) = module.active_adapters
+            return name
+    raise ValueError("the denoiser has no LoRA adapter")
+
+
+@contextmanager
+def adapter_active(denoiser, name: str):
+    """Runs the denoiser's forwards through its LoRA adapter `name` (frozen meanwhile), then makes the adapter that
+    was active before active (and trainable) again, and every other adapter frozen: peft's `set_adapter` sets
+    `requires_grad` by the active adapter, so the trained adapter's flags come back as they were."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unwrap(denoiser).modules() if isinstance(m, BaseTunerLayer)]
+    before = active_adapter(denoiser)
+    trainable = any(p.requires_grad for n, p in unwrap(denoiser).named_parameters() if f".{before}." in n)
+    for layer in layers:
+        layer.set_adapter(name, inference_mode=True)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_adapter(before, inference_mode=not trainable)
+
+
 def policy_and_reference_pred(family, denoiser, latents, t, cond, negative, guidance_scale: float):
-    """Guided predictions of the LoRA policy and of its base model from **one** batched denoiser forward."""
-    (adapter,) = unwrap(denoiser).peft_config  # the one trained adapter
+    """Guided predictions of the LoRA policy (its active adapter) and of its base model from **one** batched
+    denoiser forward."""
+    adapter = active_adapter(denoiser)
     b = latents.shape[0]
     names = [adapter] * b + [BASE_ADAPTER] * b
     if negative is not None:
@@ -280,11 +312,8 @@ def sample_trajectories(
     ref_log_probs, kls, ref_means = [], [], []
     if compute_reference:
         ref_module, ref_context = reference_model(denoiser, ref_denoiser)
-    # With one LoRA adapter, policy and reference rows share a forward (the model must be in eval mode for peft).
-    one_forward = (
-        compute_reference and ref_denoiser is None and has_lora(denoiser)
-        and len(unwrap(denoiser).peft_config) == 1 and not unwrap(denoiser).training
-    )
+    # With LoRA, policy (the active adapter) and reference rows share a forward (peft needs eval mode for that).
+    one_forward = compute_reference and ref_denoiser is None and has_lora(denoiser) and not unwrap(denoiser).training
     nan = torch.full((batch_size,), float("nan"), device=device)
     for j, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not progress)):
         stochastic = bool(stochastic_steps[j])

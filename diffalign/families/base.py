@@ -318,10 +318,10 @@ class ModelFamily:
         LoRA with `lora_alpha = r`, and one trained with another alpha would load at the wrong scale."""
         import diffusers
 
-        from ..rollout import unwrap
+        from ..rollout import active_adapter, unwrap
 
         model = unwrap(denoiser)
-        (adapter,) = model.peft_config  # the one trained adapter
+        adapter = active_adapter(model)  # the trained adapter (DiffusionNFT also holds a frozen "old" one)
         # peft keeps target_modules as a set, whose order changes with the process's hash seed: sorted, the
         # metadata of two identical runs is identical too
         metadata = {key: sorted(value) if isinstance(value, set) else value
