@@ -144,7 +144,7 @@ def test_a_trainer_takes_its_own_config_and_refuses_what_nft_cannot_run(tmp_path
             tiny_config(tmp_path, **bad).validate()
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("family", ["sd", "sd3", pytest.param("flux", marks=pytest.mark.slow)])  # flux: minutes
 def test_two_epoch_cli_run_writes_a_lora_that_loads_and_changes_images(family, tmp_path):
     import diffusers
 
