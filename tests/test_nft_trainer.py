@@ -133,9 +133,11 @@ def test_a_trainer_takes_its_own_config_and_refuses_what_nft_cannot_run(tmp_path
         NFTTrainer(load_config("ddpo", "digits-ddpo"))
     with pytest.raises(TypeError, match="DDPOTrainer takes a DDPOConfig, not a NFTConfig"):
         DDPOTrainer(load_config("nft", "digits-flow-nft"))
-    config = load_config("nft", "digits-flow-nft")
+    config = NFTConfig()  # NVIDIA's defaults
     assert (config.train_beta, config.train_adv_clip_max, config.train_adv_mode, config.train_kl_coef,
-            config.old_policy_decay_type, config.sample_deterministic) == (1.0, 5.0, "all", 1e-4, 1, True)
+            config.old_policy_decay_type, config.sample_deterministic, config.sample_guidance_scale,
+            config.train_timestep_fraction) == (1.0, 5.0, "all", 1e-4, 1, True, 1.0, 0.99)
+    assert NFTConfig(sample_num_steps=10).num_train_steps == 9  # as NVIDIA's int(10 x 0.99)
     for bad, message in [({"use_lora": False}, "nft needs use_lora: true"),
                          ({"train_adv_mode": "best"}, "train_adv_mode must be one of all, positive_only"),
                          ({"old_policy_decay_type": 3}, "old_policy_decay_type must be one of 0, 1, 2"),
