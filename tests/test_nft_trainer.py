@@ -182,7 +182,6 @@ def cli(args):
                             stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.slow  # three CLI processes (about a minute on a shared CPU)
 def test_killed_and_resumed_run_is_bit_identical(tiny_model_dir, tmp_path):
     """SIGKILL after the first checkpoint, then `--resume`: the old policy comes back from the checkpoint, so the
     LoRA and every logged metric equal a straight run's (the old policy is sampled from and in the loss)."""
