@@ -8,7 +8,8 @@ from .errors import ConfigError
 from .trainers import CONFIG_CLASSES
 from .trainers.base_config import TrainConfig
 from .trainers.ddpo_config import DDPOConfig
+from .trainers.nft_config import NFTConfig
 from .trainers.prdp_config import PRDPConfig
 
-__all__ = ["load_config", "config_help", "preset_path", "TrainConfig", "DDPOConfig", "PRDPConfig", "CONFIG_CLASSES",
-           "ConfigError"]
+__all__ = ["load_config", "config_help", "preset_path", "TrainConfig", "DDPOConfig", "NFTConfig", "PRDPConfig",
+           "CONFIG_CLASSES", "ConfigError"]

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .logprob import gaussian_kl, gaussian_log_prob
-from .utils.peft_utils import BASE_ADAPTER, adapter_rows, has_lora, reference_model, unwrap
+from .utils.peft_utils import BASE_ADAPTER, active_adapter, adapter_rows, has_lora, reference_model, unwrap
 
 
 def _index(value, index: torch.Tensor):
@@ -117,8 +117,9 @@ def concat_trajectories(batches: List[Trajectories]) -> Trajectories:
 
 
 def policy_and_reference_pred(family, denoiser, latents, t, cond, negative, guidance_scale: float):
-    """Guided predictions of the LoRA policy and of its base model from **one** batched denoiser forward."""
-    (adapter,) = unwrap(denoiser).peft_config  # the one trained adapter
+    """Guided predictions of the LoRA policy (its active adapter) and of its base model from **one** batched
+    denoiser forward."""
+    adapter = active_adapter(denoiser)
     b = latents.shape[0]
     names = [adapter] * b + [BASE_ADAPTER] * b
     if negative is not None:
@@ -219,11 +220,8 @@ def sample_trajectories(
     ref_log_probs, kls, ref_means = [], [], []
     if compute_reference:
         ref_module, ref_context = reference_model(denoiser, ref_denoiser)
-    # With one LoRA adapter, policy and reference rows share a forward (the model must be in eval mode for peft).
-    one_forward = (
-        compute_reference and ref_denoiser is None and has_lora(denoiser)
-        and len(unwrap(denoiser).peft_config) == 1 and not unwrap(denoiser).training
-    )
+    # With LoRA, policy (the active adapter) and reference rows share a forward (peft needs eval mode for that).
+    one_forward = compute_reference and ref_denoiser is None and has_lora(denoiser) and not unwrap(denoiser).training
     nan = torch.full((batch_size,), float("nan"), device=device)
     for j, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not progress)):
         stochastic = bool(stochastic_steps[j])

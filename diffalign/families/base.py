@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..errors import ModelError
-from ..utils.peft_utils import LORA_WEIGHT_NAME, unwrap
+from ..utils.peft_utils import LORA_WEIGHT_NAME, active_adapter, unwrap
 from ..utils.torch_utils import dtype_kwarg
 
 Conditioning = Dict[str, torch.Tensor]  # per-row conditioning tensors (batch first), the denoiser's keyword inputs
@@ -324,7 +324,7 @@ class ModelFamily:
         import diffusers
 
         model = unwrap(denoiser)
-        (adapter,) = model.peft_config  # the one trained adapter
+        adapter = active_adapter(model)  # the trained adapter (DiffusionNFT also holds a frozen "old" one)
         # peft keeps target_modules as a set, whose order changes with the process's hash seed: sorted, the
         # metadata of two identical runs is identical too
         metadata = {key: sorted(value) if isinstance(value, set) else value

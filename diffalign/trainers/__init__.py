@@ -13,15 +13,17 @@ import importlib
 
 from .base_config import TrainConfig
 from .ddpo_config import DDPOConfig
+from .nft_config import NFTConfig
 from .prdp_config import PRDPConfig
 
 # The registered algorithms by the name each config class declares.
-CONFIG_CLASSES = {cls.algorithm: cls for cls in (DDPOConfig, PRDPConfig)}
+CONFIG_CLASSES = {cls.algorithm: cls for cls in (DDPOConfig, PRDPConfig, NFTConfig)}
 
 # Algorithms defined outside this package (`register_algorithm`): their trainer by name.
 _registered = {}
 
-_LAZY = {"BaseTrainer": ".base", "NonFiniteError": ".base", "DDPOTrainer": ".ddpo", "PRDPTrainer": ".prdp"}
+_LAZY = {"BaseTrainer": ".base", "NonFiniteError": ".base", "DDPOTrainer": ".ddpo", "PRDPTrainer": ".prdp",
+         "NFTTrainer": ".nft"}
 
 
 def trainer_class(algorithm: str):
@@ -64,5 +66,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BaseTrainer", "DDPOTrainer", "PRDPTrainer", "NonFiniteError", "TRAINERS", "register_algorithm", "trainer_class",
-           "CONFIG_CLASSES", "TrainConfig", "DDPOConfig", "PRDPConfig"]
+__all__ = ["BaseTrainer", "DDPOTrainer", "PRDPTrainer", "NFTTrainer", "NonFiniteError", "TRAINERS", "register_algorithm",
+           "trainer_class", "CONFIG_CLASSES", "TrainConfig", "DDPOConfig", "PRDPConfig", "NFTConfig"]

@@ -173,3 +173,34 @@ def load_lora_into_pipeline(pipe, directory: str, adapter_name: str = "default",
             f"LoRA in '{directory}' does not match the model: none of its weights target this {denoiser_name}"
         )
     return pipe
+
+
+def active_adapter(denoiser) -> str:
+    """The name of the one LoRA adapter that the denoiser's forward runs (the trained one, unless another was made
+    active with `adapter_active`); a model may hold more (DiffusionNFT's frozen "old" policy)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in unwrap(denoiser).modules():
+        if isinstance(module, BaseTunerLayer):
+            (name,) = module.active_adapters
+            return name
+    raise ValueError("the denoiser has no LoRA adapter")
+
+
+@contextmanager
+def adapter_active(denoiser, name: str):
+    """Runs the denoiser's forwards through its LoRA adapter `name` (frozen meanwhile), then makes the adapter that
+    was active before active (and trainable) again, and every other adapter frozen: peft's `set_adapter` sets
+    `requires_grad` by the active adapter, so the trained adapter's flags come back as they were."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unwrap(denoiser).modules() if isinstance(m, BaseTunerLayer)]
+    before = active_adapter(denoiser)
+    trainable = any(p.requires_grad for n, p in unwrap(denoiser).named_parameters() if f".{before}." in n)
+    for layer in layers:
+        layer.set_adapter(name, inference_mode=True)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_adapter(before, inference_mode=not trainable)
