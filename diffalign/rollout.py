@@ -15,7 +15,8 @@ from .logprob import gaussian_kl, gaussian_log_prob
 from .utils.peft_utils import BASE_ADAPTER, active_adapter, adapter_rows, has_lora, reference_model, unwrap
 
 
-def _index(value, index: torch.Tensor):
+def select_rows(value, index: torch.Tensor):
+    """Rows `index` of a batch-first tensor or of each tensor of a conditioning mapping (on the value's device)."""
     if isinstance(value, dict):
         return {k: v[index.to(v.device)] for k, v in value.items()}
     return value[index.to(value.device)]
@@ -89,7 +90,7 @@ class Trajectories:
             elif field.name == "prompts":
                 values[field.name] = [value[i] for i in index.tolist()]
             else:
-                values[field.name] = _index(value, index)
+                values[field.name] = select_rows(value, index)
         return Trajectories(**values)
 
     def to(self, device) -> "Trajectories":
@@ -290,8 +291,8 @@ def step_log_probs(family, denoiser, kernel, trajectories: Trajectories, rows: t
     t = trajectories.timesteps.to(device)[steps]
     negative = trajectories.negative_conditioning
     pred = family.predict(
-        denoiser, x_t, t, _index(trajectories.conditioning, rows),
-        _index(negative, rows) if negative is not None else None, guidance_scale,
+        denoiser, x_t, t, select_rows(trajectories.conditioning, rows),
+        select_rows(negative, rows) if negative is not None else None, guidance_scale,
     )
     mean, std = kernel.mean_std(family.scheduler, pred, t, x_t)
     return gaussian_log_prob(x_next, mean, std), mean, std

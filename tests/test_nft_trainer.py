@@ -16,10 +16,11 @@ from diffalign.cli import main
 from diffalign.config import ConfigError, NFTConfig, load_config
 from diffalign.forward_process import add_noise, old_policy_decay, vp_schedule
 from diffalign.losses import nft_loss, optimality_probability
-from diffalign.rollout import _index, adapter_active, adapters_disabled, unwrap
+from diffalign.rollout import select_rows
+from diffalign.utils.peft_utils import adapter_active, adapters_disabled, unwrap
 from diffalign.trainers import DDPOTrainer, NFTTrainer
 from diffalign.trainers.base import BaseTrainer
-from diffalign.trainers.evaluation import seed_for
+from diffalign.utils.torch_utils import seed_for
 from diffalign.trainers.update_plan import Rows
 
 TINY_ARGS = [
@@ -100,8 +101,8 @@ def test_one_micro_batch_loss_is_nft_loss_of_the_same_tensors(tmp_path, tiny_pip
                          for i, j in zip(rows.samples.tolist(), rows.steps.tolist())])
     alpha_t, sigma_t = vp_schedule(family.scheduler.alphas_cumprod, t, x0)
     x_t = add_noise(x0, noise, alpha_t, sigma_t)
-    cond = _index(trajectories.conditioning, rows.samples)
-    negative = _index(trajectories.negative_conditioning, rows.samples)
+    cond = select_rows(trajectories.conditioning, rows.samples)
+    negative = select_rows(trajectories.negative_conditioning, rows.samples)
 
     def predict():
         return family.predict(model, x_t, t, cond, negative, 2.0)

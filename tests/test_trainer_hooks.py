@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from diffalign.config import DDPOConfig, PRDPConfig, load_config
-from diffalign.rollout import _index, sample_trajectories
+from diffalign.rollout import select_rows, sample_trajectories
 from diffalign.trainers import DDPOTrainer, PRDPTrainer
 from diffalign.trainers.base import BaseTrainer
 
@@ -32,7 +32,7 @@ class FinalSampleDenoisingTrainer(BaseTrainer):
         t = torch.full((x0.shape[0],), 500, dtype=torch.long, device=x0.device)
         noisy = self.family.scheduler.add_noise(x0, noise, t)
         with self.accelerator.autocast():
-            pred = self.family.forward(model, noisy, t, _index(batch.trajectories.conditioning, rows.samples))
+            pred = self.family.forward(model, noisy, t, select_rows(batch.trajectories.conditioning, rows.samples))
         return pred.float(), noise
 
     def compute_loss(self, outputs, batch, rows):

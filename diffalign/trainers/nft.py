@@ -12,10 +12,10 @@ from .nft_config import NFTConfig
 from ..forward_process import (OLD_POLICY_DECAY_TYPES, add_noise, flow_schedule, old_policy_decay,
                                update_old_policy_, vp_schedule)
 from ..losses import nft_loss, optimality_probability
-from ..rollout import _index
+from ..rollout import select_rows
 from ..utils.peft_utils import BASE_ADAPTER, adapter_active, adapter_rows, unwrap
 from .base import BaseTrainer, TrainingBatch
-from .evaluation import seed_for
+from ..utils.torch_utils import seed_for
 from .update_plan import Rows
 
 OLD_ADAPTER = "old"  # the sampling policy, a frozen second LoRA adapter beside the trained one
@@ -120,9 +120,9 @@ class NFTTrainer(BaseTrainer):
             for i, j in zip(samples.tolist(), steps.tolist())]).to(x0.device)
         alpha_t, sigma_t, prediction_type = self.forward_process(t, x0)
         x_t = add_noise(x0, noise, alpha_t, sigma_t)
-        cond = _index(trajectories.conditioning, samples)
+        cond = select_rows(trajectories.conditioning, samples)
         negative = trajectories.negative_conditioning
-        negative = _index(negative, samples) if negative is not None else None
+        negative = select_rows(negative, samples) if negative is not None else None
         guidance = config.sample_guidance_scale
         names = [OLD_ADAPTER] * len(samples) + ([BASE_ADAPTER] * len(samples) if config.train_kl_coef > 0 else [])
         repeat = len(names) // len(samples)
