@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"diffalign {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="fine-tune with a reward (ddpo or prdp)", add_help=False)
     from diffalign.trainers import CONFIG_CLASSES
+
+    train = sub.add_parser("train", help=f"fine-tune with a reward ({', '.join(CONFIG_CLASSES)})", add_help=False)
 
     train.add_argument("algorithm", choices=list(CONFIG_CLASSES), nargs="?")
     train.add_argument("--config", default=None, help="YAML file or preset name (see diffalign/configs)")

@@ -86,8 +86,10 @@ def train_command(args, extra: List[str]) -> int:
         if args.help:
             args.train_parser.print_help()
             return 0
-        raise ConfigError("diffalign train needs an algorithm: ddpo or prdp (diffalign train prdp --help lists "
-                          "its config keys)")
+        from diffalign.trainers import CONFIG_CLASSES
+
+        raise ConfigError(f"diffalign train needs an algorithm: {', '.join(CONFIG_CLASSES)} (diffalign train prdp "
+                          "--help lists its config keys)")
     if args.help:
         print(config_help(args.algorithm))
         return 0
