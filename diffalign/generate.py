@@ -144,14 +144,13 @@ def _rlg_classes(family):
 def _safetensors_only(what: str, load):
     """`load()` with safetensors weights only (a pickle `.bin` can run code when loaded): a `ModelError` naming
     `what` when the weights are missing or pickled, as `diffalign train` refuses them."""
-    from diffalign.errors import ModelError
+    from diffalign.errors import ModelError, first_line
 
     try:
         return load()
     except (OSError, EnvironmentError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{what} could not be loaded with safetensors weights only (pickle .bin weights are refused):"
-                         f" {first[:300]}") from None
+                         f" {first_line(e, with_type=False)}") from None
 
 
 def _load_aligned_denoiser(path: str, denoiser_name: str, denoiser_class, dtype: torch.dtype):

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 from ..utils.peft_utils import LORA_WEIGHT_NAME, active_adapter, unwrap
 from ..utils.torch_utils import dtype_kwarg
 
@@ -100,8 +100,8 @@ class ModelFamily:
             pipe = pipeline_cls.from_pretrained(path, use_safetensors=True, **dtype_kwarg(torch_dtype),
                                                 **cls.pipeline_init_kwargs)
         except (OSError, EnvironmentError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelError(f"model '{path}' could not be loaded with safetensors weights only: {first[:300]}") from None
+            raise ModelError(f"model '{path}' could not be loaded with safetensors weights only: "
+                             f"{first_line(e, with_type=False)}") from None
         cls.set_kernel_scheduler(pipe)
         pipe.set_progress_bar_config(disable=True)
         return pipe
