@@ -19,6 +19,7 @@ from .flux import FluxFamily
 from .sd import StableDiffusionFamily
 from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
+from .zimage import ZImageFamily
 
 
 def registry(families: Iterable[Type[ModelFamily]]) -> Dict[str, Type[ModelFamily]]:
@@ -38,7 +39,7 @@ def registry(families: Iterable[Type[ModelFamily]]) -> Dict[str, Type[ModelFamil
 
 
 FAMILIES: Dict[str, Type[ModelFamily]] = registry(
-    (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family, FluxFamily)
+    (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family, FluxFamily, ZImageFamily)
 )
 
 
