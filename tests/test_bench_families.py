@@ -48,6 +48,11 @@ def test_bench_rlg(family_dir, capsys, tmp_path):
     from diffalign.families import family_named
 
     name, model = family_dir
+    if family_named(name).rlg_pipeline_class is None:  # the registry allows none: one clear line, exit code 2
+        assert main(["bench", "rlg", "--model", model, *SHAPES, "--output", str(tmp_path / "rlg.json")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "has no RLG pipeline" in err[0]
+        return
     result = bench(capsys, tmp_path, "rlg", model, "--batch-size", "1")
     assert result["settings"]["family"] == name
     figures = result["figures"]
