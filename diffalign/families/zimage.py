@@ -88,6 +88,9 @@ class ZImageFamily(ModelFamily):
     default_lora_target_modules = ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
                                    "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
     max_sequence_length = 512  # Qwen3 tokens per prompt, ZImagePipeline's default
+    # ZImagePipeline always computes the dynamic shift `mu`; the published schedulers shift by a constant, so the
+    # variant runs the `mu` path (FLUX's dynamic-shift settings) against the pipeline too
+    tiny_variants = {"dynamic_shift": {"use_dynamic_shifting": True}}
 
     # -------------------------------------------------------------------- prompts
     def encode_text(self, prompts: List[str], device) -> Conditioning:
@@ -160,10 +163,11 @@ class ZImageFamily(ModelFamily):
 
     # --------------------------------------------------------- tiny test models
     @classmethod
-    def tiny_components(cls, seed: int = 0, **kwargs):
+    def tiny_components(cls, seed: int = 0, use_dynamic_shifting: bool = False):
         """A tiny Z-Image: a 2-layer transformer, a 16-channel VAE (vae_scale_factor 4, no mid-block attention, so
         the pipeline's default 1024 px image stays cheap), a 2-layer Qwen3 and a byte-level BPE tokenizer with
-        Qwen's chat template; the scheduler is Z-Image-Turbo's (shift 3, no dynamic shifting)."""
+        Qwen's chat template; the scheduler is Z-Image-Turbo's (shift 3), or with `use_dynamic_shifting` FLUX's
+        dynamic shift (`mu` from the image size)."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
         from transformers import Qwen3Config, Qwen3Model
 
@@ -186,6 +190,11 @@ class ZImageFamily(ModelFamily):
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
             num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
         )).eval()
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+        if use_dynamic_shifting:
+            scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                        max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+        else:  # Z-Image-Turbo's scheduler_config.json
+            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0,
+                                                        use_dynamic_shifting=False)
         return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
                 "scheduler": scheduler}
