@@ -193,7 +193,7 @@ class ZImageFamily(ModelFamily):
         if use_dynamic_shifting:
             scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                         max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-        else:  # Z-Image-Turbo's scheduler_config.json
+        else:  # a constant shift 3, as Z-Image-Turbo's scheduler_config.json (from memory: no hub here to check)
             scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0,
                                                         use_dynamic_shifting=False)
         return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
