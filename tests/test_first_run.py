@@ -2,7 +2,6 @@
 option to change it), bad resolutions and names are one line before any model loads, runs release their lock, and
 the CLI's help, version and defaults say what they do."""
 
-import json
 import os
 import subprocess
 import sys
@@ -10,17 +9,9 @@ import sys
 import pytest
 import torch
 
+from cli_helpers import TINY_RUN, one_line
 from diffalign.cli import main
 
-TINY_RUN = ["--prompts", "[a cat, a dog]", "--sample_num_steps", "2", "--sample_num_prompts_per_epoch", "2",
-            "--sample_images_per_prompt", "2", "--grid_num_images", "1", "--reward", "jpeg_compressibility",
-            "--train_batch_size", "2", "--checkpoint_every", "1", "--seed", "3", "--final_eval_num_images", "0"]
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("diffalign: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 class Loaded(Exception):

@@ -77,21 +77,13 @@ def test_text_prompt_file_with_crlf_line_ends(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- through the CLI
+from cli_helpers import TINY_RUN, one_line
 from diffalign.cli import main  # noqa: E402
 
-FAST = ["--prompts", "[a cat, a dog]", "--sample_num_steps", "2", "--sample_num_prompts_per_epoch", "2",
-        "--sample_images_per_prompt", "2", "--grid_num_images", "1", "--reward", "jpeg_compressibility",
-        "--train_batch_size", "2", "--checkpoint_every", "1", "--seed", "3", "--final_eval_num_images", "0"]
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("diffalign: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def train(model, out, *extra):
-    return main(["train", "ddpo", "--model", str(model), "--output_dir", str(out)] + FAST + list(extra))
+    return main(["train", "ddpo", "--model", str(model), "--output_dir", str(out)] + TINY_RUN + list(extra))
 
 
 def _killed_before_checkpoint_0(run):
@@ -112,7 +104,7 @@ def test_a_run_killed_before_its_first_checkpoint_is_not_a_dead_end(how, tiny_mo
     _killed_before_checkpoint_0(run)
     with caplog.at_level(logging.INFO, logger="diffalign"):
         if how == "resume":
-            code = main(["train", "ddpo", "--model", tiny_model_dir, "--resume", str(run), "--num_epochs", "2"] + FAST)
+            code = main(["train", "ddpo", "--model", tiny_model_dir, "--resume", str(run), "--num_epochs", "2"] + TINY_RUN)
         else:
             code = train(tiny_model_dir, run, "--num_epochs", "2")
     assert code == 0, capsys.readouterr().err
@@ -182,7 +174,7 @@ def test_resume_accepts_the_same_model_by_another_path(alias, tiny_model_dir, tm
     else:
         monkeypatch.chdir(os.path.dirname(tiny_model_dir))
         other = os.path.join(".", os.path.basename(tiny_model_dir))
-    code = main(["train", "ddpo", "--model", str(other), "--resume", str(run), "--num_epochs", "2"] + FAST)
+    code = main(["train", "ddpo", "--model", str(other), "--resume", str(run), "--num_epochs", "2"] + TINY_RUN)
     assert code == 0, capsys.readouterr().err
     with open(run / "metrics.jsonl") as f:
         assert [json.loads(line)["epoch"] for line in f] == [0, 1]
@@ -194,7 +186,7 @@ def test_resume_still_refuses_another_model(tiny_model_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert train(tiny_model_dir, run, "--num_epochs", "1") == 0
     other = save_tiny_sd_pipeline(str(tmp_path / "other"), seed=1)
-    code = main(["train", "ddpo", "--model", other, "--resume", str(run), "--num_epochs", "2"] + FAST)
+    code = main(["train", "ddpo", "--model", other, "--resume", str(run), "--num_epochs", "2"] + TINY_RUN)
     assert code == 2 and "different configuration" in one_line(capsys.readouterr().err)
 
 
@@ -250,7 +242,7 @@ def test_killing_only_the_launcher_stops_both_workers(tiny_model_dir, tmp_path):
     launcher = subprocess.Popen(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
          "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "diffalign.cli", "train", "ddpo", "--model",
-         tiny_model_dir, "--output_dir", str(run), "--num_epochs", "1000"] + FAST,
+         tiny_model_dir, "--output_dir", str(run), "--num_epochs", "1000"] + TINY_RUN,
         env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     try:
         deadline = time.time() + 240

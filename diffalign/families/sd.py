@@ -43,23 +43,12 @@ class StableDiffusionFamily(ModelFamily):
             prediction_type (`str`, *optional*, defaults to `"epsilon"`):
                 `"epsilon"` or `"v_prediction"`, set on the scheduler.
         """
-        from diffusers import AutoencoderKL
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        from .tiny import offline_clip_tokenizer, tiny_clip_text_kwargs, tiny_ddim_scheduler, tiny_unet
+        from .tiny import offline_clip_tokenizer, tiny_clip_text_kwargs, tiny_ddim_scheduler, tiny_unet, tiny_vae
 
         unet = tiny_unet(seed, sample_size)
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=sample_size * 2,
-        )
+        vae = tiny_vae(seed, sample_size * 2)
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_clip_text_kwargs()))
         scheduler = tiny_ddim_scheduler(prediction_type=prediction_type)
