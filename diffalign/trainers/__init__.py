@@ -6,12 +6,14 @@ loads); the trainers load on first use (`TRAINERS`, `trainer_class`, `BaseTraine
 
 Adding an algorithm: `<name>_config.py` with a `TrainConfig` subclass (`algorithm = "<name>"`), `<name>.py` with a
 `BaseTrainer` subclass (`config_class = <that class>`, its loss in `compute_loss`), and the config class in
-`CONFIG_CLASSES` below. `diffalign train <name>`, presets, `bench` and the Python API all read this registry.
+`CONFIG_CLASSES` below. `diffalign train <name>`, presets, `bench` and the Python API all read this registry. A forward-process algorithm
+(trained on noised final samples, as DiffusionNFT) derives from `ForwardProcessTrainer` and `ForwardProcessConfig`.
 """
 
 import importlib
 
 from .base_config import TrainConfig
+from .forward_base_config import ForwardProcessConfig
 from .ddpo_config import DDPOConfig
 from .nft_config import NFTConfig
 from .prdp_config import PRDPConfig
@@ -23,7 +25,7 @@ CONFIG_CLASSES = {cls.algorithm: cls for cls in (DDPOConfig, PRDPConfig, NFTConf
 _registered = {}
 
 _LAZY = {"BaseTrainer": ".base", "NonFiniteError": ".base", "DDPOTrainer": ".ddpo", "PRDPTrainer": ".prdp",
-         "NFTTrainer": ".nft"}
+         "NFTTrainer": ".nft", "ForwardProcessTrainer": ".forward_base"}
 
 
 def trainer_class(algorithm: str):
@@ -66,5 +68,6 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BaseTrainer", "DDPOTrainer", "PRDPTrainer", "NFTTrainer", "NonFiniteError", "TRAINERS", "register_algorithm",
-           "trainer_class", "CONFIG_CLASSES", "TrainConfig", "DDPOConfig", "PRDPConfig", "NFTConfig"]
+__all__ = ["BaseTrainer", "DDPOTrainer", "PRDPTrainer", "NFTTrainer", "ForwardProcessTrainer", "NonFiniteError",
+           "TRAINERS", "register_algorithm", "trainer_class", "CONFIG_CLASSES", "TrainConfig", "DDPOConfig",
+           "PRDPConfig", "NFTConfig", "ForwardProcessConfig"]
