@@ -3,7 +3,7 @@
 
     python scripts/pool_learn.py learn_seed0.json learn_seed3.json learn_seed6.json
 
-Per configuration: the runs that reached the target, the median time to it over all runs (a run that did not reach
+Per configuration: the runs that reached the target, the median time to it over all runs (CPU seconds where the files have them, else wall seconds) (a run that did not reach
 it counts as infinitely slow, as in `bench learn`), that median over the baseline's on the same seeds, the per-seed
 ratios (the configuration's time over the baseline's on the same seed; `-` where either missed the target) and the
 median epoch time over the baseline's. Every file must use the same target, reward and guidance scale.
@@ -18,11 +18,18 @@ from typing import Dict, List
 from diffalign.bench.learn import BASELINE, median_reached
 
 
+def time_key(results: List[dict]) -> str:
+    """CPU seconds where every run has them (files from `bench learn` since it measured them), else wall seconds."""
+    runs = [run for result in results for entry in result["details"].values() for run in entry["runs"]]
+    return "cpu_to_target_s" if all("cpu_to_target_s" in run for run in runs) else "time_to_target_s"
+
+
 def pool(results: List[dict]) -> Dict[str, dict]:
     keys = {(r["settings"]["target"], r["settings"]["reward"], r["settings"].get("shared", {}).get(
         "sample_guidance_scale")) for r in results}
     if len(keys) > 1:
         raise SystemExit(f"pool_learn: the files differ in target, reward or guidance scale: {sorted(keys)}")
+    key = time_key(results)
     pooled: Dict[str, dict] = {}
     for result in results:
         baseline_runs = result["details"][BASELINE]["runs"]
@@ -32,14 +39,14 @@ def pool(results: List[dict]) -> Dict[str, dict]:
             row["baseline_runs"] += baseline_runs
             for run, base in zip(entry["runs"], baseline_runs):
                 both = run["reached"] and base["reached"]
-                row["paired"].append(run["time_to_target_s"] / base["time_to_target_s"] if both else None)
+                row["paired"].append(run[key] / base[key] if both else None)
             base_epoch = statistics.median([t for r in baseline_runs for t in r["epoch_times"]])
             row["epoch_ratios"].append(statistics.median([t for r in entry["runs"] for t in r["epoch_times"]])
                                        / base_epoch)
     for row in pooled.values():
         # against the baseline on the same seeds (a configuration may be missing from some files)
-        base_time = median_reached(row["baseline_runs"], "time_to_target_s")
-        row["median_time_s"] = median_reached(row["runs"], "time_to_target_s")  # None: most runs missed the target
+        base_time = median_reached(row["baseline_runs"], key)
+        row["median_time_s"] = median_reached(row["runs"], key)  # None: most runs missed the target
         row["ratio"] = row["median_time_s"] / base_time if row["median_time_s"] and base_time else None
     return pooled
 
@@ -58,6 +65,7 @@ def main(argv=None) -> int:
     pooled = pool(results)
     print(f"target {results[0]['settings']['target']} ({results[0]['settings']['reward']}), "
           f"{len(pooled[BASELINE]['runs'])} seeds from {len(results)} files")
+    print(f"times: {'CPU' if time_key(results) == 'cpu_to_target_s' else 'wall'} seconds")
     print("| configuration | reached | median time to target | / baseline | per-seed ratios | epoch / baseline's |")
     print("|---|---|---|---|---|---|")
     for name, row in pooled.items():

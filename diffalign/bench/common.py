@@ -36,10 +36,28 @@ SD15_SCHEDULER = dict(
 
 # The bundled models and their presets per algorithm (data, not branches: an algorithm without a preset trains with
 # its own defaults); the shared sampling settings come from the first one listed.
-DIGITS_PRESETS = {
-    "digits": {"ddpo": "digits-ddpo", "prdp": "digits-prdp"},
-    "digits-flow": {"ddpo": "digits-flow-grpo", "prdp": "digits-flow-prdp"},
-}
+# The bundled models, whose presets give the benchmarks their settings: `<model>-<algorithm>` (`digits-nft`), except
+# where a preset is named after the paper's name of the algorithm on that model (Flow-GRPO is `ddpo` on a flow model).
+BUNDLED_MODELS = ("digits", "digits-flow")
+_PRESET_ALIASES = {("digits-flow", "ddpo"): "digits-flow-grpo"}
+
+
+def bundled_preset(model: str, algorithm: str) -> Optional[str]:
+    """The shipped preset of `algorithm` on the bundled `model`, or None if there is none (a new algorithm needs only
+    its preset file to be benchmarked with its settings)."""
+    from diffalign.cli.parser import preset_path
+    from diffalign.errors import ConfigError
+
+    if model not in BUNDLED_MODELS:
+        return None
+    name = _PRESET_ALIASES.get((model, algorithm), f"{model}-{algorithm}")
+    try:
+        preset_path(name)
+    except ConfigError:
+        return None
+    return name
+
+
 TINY_PROMPTS = ["a photo of a cat", "a photo of a dog", "a red car", "a blue house"]
 
 
@@ -278,7 +296,7 @@ class Context:
     # ---- the model
     @property
     def is_digits(self) -> bool:
-        return not self.args.tiny and not self.args.sd15_random and self.args.model in DIGITS_PRESETS
+        return not self.args.tiny and not self.args.sd15_random and self.args.model in BUNDLED_MODELS
 
     @property
     def model_name(self) -> str:
@@ -295,7 +313,7 @@ class Context:
         from diffalign.errors import ConfigError
 
         try:
-            path = preset_path(next(iter(DIGITS_PRESETS[self.args.model].values())))
+            path = preset_path(bundled_preset(self.args.model, "ddpo"))  # the shared sampling settings
         except ConfigError:
             return {}
         with open(path) as f:
@@ -414,7 +432,7 @@ class Context:
         from diffalign.cli.parser import preset_path
         from diffalign.errors import ConfigError
 
-        preset = DIGITS_PRESETS[self.args.model].get(algorithm)
+        preset = bundled_preset(self.args.model, algorithm)
         if preset is None:  # an algorithm without a preset for this model: its own defaults
             return {}
         try:

@@ -1,4 +1,4 @@
-"""`bench learn`: wall time to reach a reward, per trainer configuration, against a baseline."""
+"""`bench learn`: CPU time (and wall time) to reach a reward, per trainer configuration, against a baseline."""
 
 import math
 import os
@@ -84,6 +84,9 @@ LEARN_CONFIGS: Dict[str, tuple] = {
     "prdp_k{K}_window3": (
         "prdp", {"train_num_inner_epochs": "{K}", "sample_sde_window_size": 3, "sample_sde_window_range": "{first_half}"}
     ),
+    # Forward-process RL: deterministic CFG-free sampling with the old policy, as the authors sample; the training
+    # settings are the bundled model's preset's (`digits-flow-nft`). Evaluated with the shared sampler like the rest.
+    "nft": ("nft", {"sample_guidance_scale": 1.0}),
 }
 
 
@@ -150,27 +153,32 @@ def run_benchmark(ctx) -> dict:
                 trainer = ctx.make_trainer(algorithm, overrides, os.path.join(tmp, f"{name}-{s}"),
                                            reward_fn=reward_fn, reward=reward, seed=args.seed + s)
                 meter.reset()
-                evaluate = _evaluator(trainer, ctx.prompts(args.eval_images), reward_fn, args.seed) \
-                    if args.eval_images else None
+                evaluate = _evaluator(trainer, ctx.prompts(args.eval_images), reward_fn, args.seed,
+                                      ctx.base_settings()["sample_guidance_scale"]) if args.eval_images else None
                 runs.append(_learn_one(trainer, target, args.max_epochs, args.window, evaluate))
                 runs[-1]["peak_bytes"] = meter.peak()
                 del trainer
             details[name] = {"algorithm": algorithm, "overrides": overrides, "runs": runs}
     figures = Figures()
-    base_time = median_reached(details[BASELINE]["runs"], "time_to_target_s")
+    base_time = median_reached(details[BASELINE]["runs"], "cpu_to_target_s")
     base_epoch = median([x for r in details[BASELINE]["runs"] for x in r["epoch_times"]])
     for name, entry in details.items():
         runs = entry["runs"]
         reached = sum(r["reached"] for r in runs)
-        t = median_reached(runs, "time_to_target_s")
+        t = median_reached(runs, "cpu_to_target_s")
         e = median_reached(runs, "epochs_to_target")
-        entry.update(time_to_target_s=t, epochs_to_target=e, reached=reached, ratio_to_baseline=ratio(t, base_time))
+        entry.update(cpu_to_target_s=t, time_to_target_s=median_reached(runs, "time_to_target_s"), epochs_to_target=e,
+                     reached=reached, ratio_to_baseline=ratio(t, base_time))
         note = f"{reached}/{len(runs)} reached" if len(runs) > 1 else ("reached" if reached else
                                                                         f"not reached in {args.max_epochs} epochs")
         figures.add(f"{name}_epochs_to_target", e, note)
-        figures.add(f"{name}_time_to_target_s", t, "s")
+        figures.add(f"{name}_cpu_to_target_s", t, "CPU s (user + sys of the process; one torch thread: one core)")
+        figures.add(f"{name}_time_to_target_s", entry["time_to_target_s"], "wall s")
         figures.add(f"{name}_ratio_to_baseline", entry["ratio_to_baseline"],
-                    "time/baseline time (target <= 0.5)" if name != BASELINE else "")
+                    "CPU time/baseline's (target <= 0.5)" if name != BASELINE else "")
+        split = [r["sampling_share"] for r in runs if r["sampling_share"] is not None]
+        figures.add(f"{name}_sampling_share", median(split) if split else None,
+                    "of the wall time to target: sampling and scoring (the rest is training)")
         entry["epoch_s"] = median([x for r in runs for x in r["epoch_times"]])
         figures.add(f"{name}_epoch_s", entry["epoch_s"], "s per epoch (median)")
         figures.add(f"{name}_epoch_ratio_to_baseline", ratio(entry["epoch_s"], base_epoch), "epoch time/baseline's")
@@ -189,8 +197,10 @@ def median_reached(runs: List[dict], key: str):
     return None if math.isinf(value) else value
 
 
-def _evaluator(trainer, prompts: List[str], reward_fn, seed: int):
-    """Mean reward of the current policy on fixed prompts and seeds (the same images for an unchanged policy)."""
+def _evaluator(trainer, prompts: List[str], reward_fn, seed: int, guidance_scale: float):
+    """Mean reward of the current policy on fixed prompts and seeds (the same images for an unchanged policy), with
+    the shared CFG scale whatever the configuration samples its training images with, so that every configuration
+    is judged by the same sampler."""
     import torch
 
     from diffalign.rollout import sample_trajectories
@@ -206,7 +216,7 @@ def _evaluator(trainer, prompts: List[str], reward_fn, seed: int):
             chunk = prompts[start : start + config.sample_batch_size]
             with trainer.accelerator.autocast():
                 images = sample_trajectories(
-                    trainer.family, chunk, config.sample_num_steps, config.sample_guidance_scale,
+                    trainer.family, chunk, config.sample_num_steps, guidance_scale,
                     height=trainer.resolution, width=trainer.resolution, generator=generator,
                     denoiser=trainer.denoiser, kernel=trainer.kernel,
                 ).images
@@ -219,12 +229,15 @@ def _evaluator(trainer, prompts: List[str], reward_fn, seed: int):
 def _learn_one(trainer, target: float, max_epochs: int, window: int, evaluate=None) -> dict:
     """Epochs until the (windowed) reward reaches `target`.
 
-    Without `evaluate` the reward of an epoch is `reward_mean` of its own samples, and the time counts every full
+    Times are wall seconds and CPU seconds of the process (`time.process_time`: with one torch thread, the seconds
+    of one core, which a loaded machine does not change much). Without `evaluate` the reward of an epoch is
+    `reward_mean` of its own samples, and the time counts every full
     epoch before plus the sampling and scoring of the epoch whose samples reach it (its update is not needed). With
     `evaluate` (fixed prompts and seeds, untimed) the policy is judged before training and after each epoch, and the
     time counts the full epochs up to the one after which it reaches the target.
     """
-    elapsed, rewards, epoch_times, train_rewards, images = 0.0, [], [], [], []
+    elapsed, cpu, rewards, epoch_times, train_rewards, images = 0.0, 0.0, [], [], [], []
+    sampling = 0.0  # wall seconds of sampling and scoring among `elapsed`
     diagnostics = {}  # per-epoch update statistics, to see what happened when a curve falls
 
     def reached(values):
@@ -232,6 +245,7 @@ def _learn_one(trainer, target: float, max_epochs: int, window: int, evaluate=No
 
     def result(ok, epochs):
         out = {"reached": ok, "epochs_to_target": epochs, "time_to_target_s": elapsed if ok else None,
+               "cpu_to_target_s": cpu if ok else None, "sampling_share": sampling / elapsed if elapsed else None,
                "rewards": rewards, "epoch_times": epoch_times, "images": images, "best_reward": max(rewards),
                "elapsed_s": elapsed, "diagnostics": diagnostics}
         if evaluate is not None:
@@ -243,9 +257,10 @@ def _learn_one(trainer, target: float, max_epochs: int, window: int, evaluate=No
         if reached(rewards):
             return result(True, 0)
     for epoch in range(max_epochs):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         metrics = trainer.step(epoch)
-        wall = time.perf_counter() - start
+        wall, epoch_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+        sampled = metrics["time_sample"] + metrics["time_reward"]
         epoch_times.append(wall)
         images.append(metrics["images"])  # fresh images sampled this epoch
         for key in ("loss", "approx_kl", "clipfrac", "grad_norm", "implicit_reward_error", "log_ratio_to_old"):
@@ -254,11 +269,13 @@ def _learn_one(trainer, target: float, max_epochs: int, window: int, evaluate=No
         if evaluate is None:
             rewards.append(metrics["reward_mean"])
             if reached(rewards):
-                elapsed += metrics["time_sample"] + metrics["time_reward"]
+                elapsed += sampled
+                cpu += epoch_cpu * sampled / wall  # the CPU time of the epoch's sampling, at the epoch's CPU/wall rate
+                sampling += sampled
                 return result(True, epoch + 1)
-            elapsed += wall
+            elapsed, cpu, sampling = elapsed + wall, cpu + epoch_cpu, sampling + sampled
         else:
-            elapsed += wall
+            elapsed, cpu, sampling = elapsed + wall, cpu + epoch_cpu, sampling + sampled
             train_rewards.append(metrics["reward_mean"])
             rewards.append(evaluate())
             if reached(rewards):

@@ -36,7 +36,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from diffalign.bench.common import DIGITS_PRESETS, BenchError, Figures, yaml_value
+from diffalign.bench.common import BUNDLED_MODELS, BenchError, bundled_preset, Figures, yaml_value
 
 DEFAULT_OUTPUT_DIR = os.path.join("runs", "bench", "tradeoff")
 # Defaults in the digits presets' log-prob convention (per-step log-probs averaged over the 4x8x8 latent dims), for
@@ -212,8 +212,8 @@ def ratio_pairs(values: Sequence[float]) -> list[tuple[float, float]]:
 
 def _check_args(ctx):
     args = ctx.args
-    if args.tiny or args.sd15_random or args.model not in DIGITS_PRESETS:
-        raise BenchError(f"tradeoff needs a bundled digits model ({', '.join(DIGITS_PRESETS)}): its judge (digit "
+    if args.tiny or args.sd15_random or args.model not in BUNDLED_MODELS:
+        raise BenchError(f"tradeoff needs a bundled digits model ({', '.join(BUNDLED_MODELS)}): its judge (digit "
                          "accuracy) and presets exist only for them")
     if args.repeats not in (None, 1):
         raise BenchError("tradeoff runs one seed: run it again with --seed N (and another --output-dir) for repeats")
@@ -270,7 +270,7 @@ def arm_config(ctx, algorithm: str, key: str, value: float, run_dir: str, epochs
         raise BenchError(f"--set {unknown[0]}: not a config key of any trainer")
     values.update({k: v for k, v in sets.items() if k in known})
     values[key] = value
-    preset = DIGITS_PRESETS[args.model][algorithm]
+    preset = bundled_preset(args.model, algorithm)
     config = load_config(algorithm, preset)  # the preset's epochs and batch shapes, before the overrides
     if epochs is not None:
         values["num_epochs"] = epochs
