@@ -226,10 +226,33 @@ def test_tradeoff_on_the_flow_model(tmp_path):
     assert result["rlg"]["sweeps"]["prdp_beta2"][2]["kl"] > 0 and len(result["beta_w"]) == 1
 
 
+@pytest.mark.slow  # ~30 s; the options are checked in the default suite (test_bad_options_are_one_line)
+def test_tradeoff_arms_of_any_algorithm(tmp_path):
+    """`--arm nft:train_kl_coef=...`: DiffusionNFT arms from the flow model's nft preset, with their KL weight as the
+    dial; the beta/w test pairs them like the built-in kinds."""
+    out = tmp_path / "nft"
+    argv = ["bench", "tradeoff", "--model", "digits-flow", *SHAPES, "--kl-coefs", "--prdp-betas",
+            "--arm", "nft:train_kl_coef=0.5,1", "--output-dir", str(out)]
+    assert main(argv) == 0
+    result = json.loads((out / "tradeoff.json").read_text())
+    assert list(result["arms"]) == ["nft_kl0.5", "nft_kl1"]
+    config = result["arms"]["nft_kl1"]["config"]
+    assert result["arms"]["nft_kl1"]["algorithm"] == "nft"
+    assert config["train_kl_coef"] == 1.0 and config["sample_deterministic"]
+    assert result["rlg"]["sweeps"]["nft_kl1"][2]["kl"] > 0  # the trained adapter moved the sampler
+    (row,) = result["beta_w"]
+    assert (row["kind"], row["coefficient"], row["small"], row["big"]) == ("nft", "train_kl_coef", 0.5, 1.0)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--prdp-betas", "0.01", "0.03"], "ratio 2"),
     (["--prdp-betas", "0.01", "0.02", "--beta", "0.01"], "not both"),
     (["--kl-coefs", "-1"], "non-negative"),
+    (["--arm", "nft"], "ALGORITHM:KEY=V1,V2"),
+    (["--arm", "sgd:train_kl_coef=1"], "unknown algorithm 'sgd'"),
+    (["--arm", "nft:train_clip_range=1"], "not a config key of nft"),
+    (["--arm", "nft:train_kl_coef=a"], "must be numbers"),
+    (["--kl-coefs", "--prdp-betas"], "no arms"),
     (["--set", "train_beta=0.1"], "--prdp-betas"),
     (["--set", "no_such_key=1"], "not a config key"),
     (["--tiny"], "bundled digits model"),

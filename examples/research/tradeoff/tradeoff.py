@@ -5,7 +5,10 @@ On a bundled digits model, several LoRA fine-tunes ("arms") are trained on a hac
 `digit_judge`, digit accuracy) and the KL to the base model are logged every epoch:
 
 * `ddpo_kl{c}`: the model's DDPO/GRPO preset with a KL penalty `train_kl_coef = c` (`c = 0`: none);
-* `prdp_beta{b}`: the PRDP preset with `train_beta = b`.
+* `prdp_beta{b}`: the PRDP preset with `train_beta = b`;
+* any other algorithm's arms with `--arm ALGORITHM:KEY=V1,V2,...` (e.g. `--arm nft:train_kl_coef=0,0.01,0.02`: the
+  forward-process trainers, whose KL dial is the weight of their squared distance to the base model's output),
+  named `{algorithm}_{kl|beta|key}{value}`.
 
 Then every trained adapter is sampled with RLG at several scales w on fixed prompts and seeds (the same images'
 noise for every w and arm), recording reward, judge accuracy and the KL of the w-guided sampler to the base one.
@@ -164,11 +167,14 @@ def add_arguments(parser):
     parser.add_argument("--kl-coefs", type=float, nargs="*", default=list(DEFAULT_KL_COEFS), metavar="C",
                         help="DDPO/GRPO arms, one per train_kl_coef (0: no KL penalty); default "
                              f"{' '.join(f'{c:g}' for c in DEFAULT_KL_COEFS)}; none: --kl-coefs with no value")
-    parser.add_argument("--prdp-betas", type=float, nargs="+", default=None, metavar="B",
+    parser.add_argument("--prdp-betas", type=float, nargs="*", default=None, metavar="B",
                         help="PRDP arms, one per train_beta; at least two in ratio 2 (the beta/w test); default: "
-                             "--beta / 2, --beta, 2 --beta")
+                             "--beta / 2, --beta, 2 --beta; none: --prdp-betas with no value")
     parser.add_argument("--beta", type=float, default=None,
                         help=f"the middle beta of the default PRDP arms (default {DEFAULT_BETA:g})")
+    parser.add_argument("--arm", dest="arms", action="append", default=[], metavar="ALGORITHM:KEY=V1,V2,...",
+                        help="more arms: the bundled model's preset of ALGORITHM with KEY at each value (repeatable; "
+                             "e.g. nft:train_kl_coef=0,0.01,0.02)")
     parser.add_argument("--rlg-scales", type=float, nargs="+", default=list(DEFAULT_RLG_SCALES), metavar="W",
                         help="RLG scales of the sweeps (0.5, 1 and 2 are always added: the beta/w test's)")
     parser.add_argument("--rlg-prompts", type=int, default=10, help="digits sampled in the sweeps (1-10)")
@@ -177,8 +183,42 @@ def add_arguments(parser):
                         help="arm run directories, tradeoff.json and tradeoff.png (--output moves the JSON only)")
 
 
-def _arm_name(kind: str, value: float) -> str:
-    return f"ddpo_kl{value:g}" if kind == "ddpo" else f"prdp_beta{value:g}"
+_KEY_NAMES = {"train_kl_coef": "kl", "train_beta": "beta"}
+
+
+def _arm_name(kind: str, value: float, key: str | None = None) -> str:
+    key = key or ("train_kl_coef" if kind == "ddpo" else "train_beta")
+    return f"{kind}_{_KEY_NAMES.get(key, key)}{value:g}"
+
+
+def _extra_arms(items: Sequence[str]) -> dict[str, tuple[str, str, float]]:
+    """`--arm ALGORITHM:KEY=V1,V2,...` as arm specs (checked: a registered algorithm with a preset for the model is
+    checked when its config is built; here the spelling and the numbers)."""
+    from diffalign.trainers import CONFIG_CLASSES
+
+    specs = {}
+    for item in items:
+        algorithm, sep, rest = item.partition(":")
+        key, sep2, values = rest.partition("=")
+        algorithm, key = algorithm.strip(), key.strip().replace("-", "_")
+        if not (sep and sep2 and algorithm and key and values.strip()):
+            raise BenchError(f"--arm {item}: expected ALGORITHM:KEY=V1,V2,...")
+        if algorithm not in CONFIG_CLASSES:
+            raise BenchError(f"--arm {item}: unknown algorithm '{algorithm}'; choose from {', '.join(CONFIG_CLASSES)}")
+        import dataclasses
+
+        if key not in {f.name for f in dataclasses.fields(CONFIG_CLASSES[algorithm])}:
+            raise BenchError(f"--arm {item}: '{key}' is not a config key of {algorithm}")
+        try:
+            numbers = [float(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise BenchError(f"--arm {item}: the values must be numbers") from None
+        bad = [v for v in numbers if not math.isfinite(v) or v < 0]
+        if bad:
+            raise BenchError(f"--arm {item}: {bad[0]:g} is not a non-negative number")
+        for v in numbers:
+            specs[_arm_name(algorithm, v, key)] = (algorithm, key, v)
+    return specs
 
 
 def arm_specs(args) -> dict[str, tuple[str, str, float]]:
@@ -196,11 +236,18 @@ def arm_specs(args) -> dict[str, tuple[str, str, float]]:
             raise BenchError(f"{name}: repeated value in {' '.join(f'{v:g}' for v in values)}")
     if args.beta is not None and not (math.isfinite(args.beta) and args.beta > 0):
         raise BenchError(f"--beta must be a positive number; got {args.beta:g}")
-    if not ratio_pairs(betas):
+    if betas and not ratio_pairs(betas):
         raise BenchError(f"--prdp-betas {' '.join(f'{b:g}' for b in betas)}: the beta/w test needs two betas in ratio 2 "
                          "(e.g. 0.005 0.01 0.02, or --beta 0.01)")
     specs = {_arm_name("ddpo", c): ("ddpo", "train_kl_coef", c) for c in sorted(kl_coefs)}
     specs.update({_arm_name("prdp", b): ("prdp", "train_beta", b) for b in sorted(betas)})
+    extra = _extra_arms(args.arms)
+    repeated = [name for name in extra if name in specs]
+    if repeated:
+        raise BenchError(f"--arm: {repeated[0]} is already an arm (--kl-coefs / --prdp-betas)")
+    specs.update(extra)
+    if not specs:
+        raise BenchError("no arms: give --kl-coefs, --prdp-betas or --arm values")
     return specs
 
 
@@ -277,9 +324,12 @@ def arm_config(ctx, algorithm: str, key: str, value: float, run_dir: str, epochs
     prompts = values.get("sample_num_prompts_per_epoch", config.sample_num_prompts_per_epoch)
     images = values.get("sample_images_per_prompt", config.sample_images_per_prompt)
     # keep the batch arithmetic valid when the shape options shrink the preset's epoch
-    if algorithm == "ddpo" and (prompts * images) % values.get("train_batch_size", config.train_batch_size):
-        values["train_batch_size"] = math.gcd(prompts * images, values.get("train_batch_size", config.train_batch_size))
-    if algorithm == "prdp" and values.get("train_prompts_per_step", config.train_prompts_per_step):
+    # (whichever of these fields the algorithm's config has)
+    size = values.get("train_batch_size", getattr(config, "train_batch_size", 0))
+    if size and (prompts * images) % size:
+        values["train_batch_size"] = math.gcd(prompts * images, size)
+    if getattr(config, "train_prompts_per_step", 0) and values.get("train_prompts_per_step",
+                                                                   config.train_prompts_per_step):
         values["train_prompts_per_step"] = math.gcd(prompts, values.get("train_prompts_per_step",
                                                                         config.train_prompts_per_step))
     num_epochs = values.get("num_epochs", config.num_epochs)
@@ -438,10 +488,10 @@ def beta_w_table(specs: dict[str, tuple], sweeps: dict[str, dict[float, dict]]) 
     """The beta/w test for every pair of arms of one kind whose coefficients are in ratio 2 (small, big = 2 small):
     big at w = 2 against small at w = 1, small at w = 0.5 against big at w = 1, and the two trained models (w = 1)."""
     rows = []
-    for kind, key in (("prdp", "train_beta"), ("ddpo", "train_kl_coef")):
-        values = [v for algorithm, _, v in specs.values() if algorithm == kind]
+    for kind, key in dict.fromkeys((algorithm, key) for algorithm, key, _ in specs.values()):
+        values = [v for algorithm, k, v in specs.values() if (algorithm, k) == (kind, key)]
         for small, big in ratio_pairs(values):
-            s, b = _arm_name(kind, small), _arm_name(kind, big)
+            s, b = _arm_name(kind, small, key), _arm_name(kind, big, key)
             if s not in sweeps or b not in sweeps:
                 continue
             models = _distance(sweeps[b][1.0], sweeps[s][1.0])
