@@ -76,6 +76,15 @@ def test_encoding_is_the_pipeline_encoding_padded_per_batch(model_dir):
     assert family.pipe.vae.config.latents_mean != [0.0] * 16  # the rollouts' decode undoes a real normalisation
 
 
+def test_resolution_is_checked_from_the_config_files(model_dir):
+    from diffalign.errors import ModelError
+    from diffalign.families import check_model_resolution
+
+    check_model_resolution(model_dir, 24)  # vae_scale_factor 4 (the video VAE's), then 2x2 packing: multiples of 8
+    with pytest.raises(ModelError, match="not a multiple of 8"):
+        check_model_resolution(model_dir, 20)
+
+
 def test_cat_rows_pads_the_token_axis_only_when_lengths_differ():
     a, b = torch.randn(2, 3, 4), torch.randn(1, 5, 4)
     both = cat_rows([a, b])

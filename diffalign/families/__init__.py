@@ -101,7 +101,11 @@ def check_model_resolution(name_or_path: str, resolution: Optional[int]):
                              ) from None
 
     try:
-        vae_scale_factor = 2 ** (len(config_of("vae")["block_out_channels"]) - 1)
+        vae = config_of("vae")
+        if "temperal_downsample" in vae:  # a video VAE (Qwen-Image's): one halving per entry, as its pipeline counts
+            vae_scale_factor = 2 ** len(vae["temperal_downsample"])
+        else:
+            vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
         limits = cls.resolution_limits(config_of(cls.denoiser_name), vae_scale_factor)
     except (KeyError, TypeError):
         return  # an unusual config: the family checks the loaded model instead
