@@ -26,7 +26,6 @@ from typing import List, Optional
 import torch
 
 from ..kernels import FlowSDEKernel
-from ..utils.peft_utils import unwrap
 from .base import Conditioning, ModelFamily, cat_rows
 from .packed_latents import pack_latents, packed_grid, unpack_latents
 
@@ -101,6 +100,8 @@ class QwenImageFamily(ModelFamily):
         "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
     ]
     max_sequence_length = 512  # text tokens per prompt at most, QwenImagePipeline.__call__'s default
+    # Qwen-Image-Lightning's scheduler (the few-step distilled LoRAs: a fixed exponential shift 3, no terminal sigma)
+    tiny_variants = {"lightning": {"lightning_scheduler": True}}
 
     # -------------------------------------------------------------------- prompts
     def encode_text(self, prompts: List[str], device) -> Conditioning:
@@ -218,11 +219,14 @@ class QwenImageFamily(ModelFamily):
 
     # --------------------------------------------------------- tiny test models
     @classmethod
-    def tiny_components(cls, seed: int = 0) -> dict:
+    def tiny_components(cls, seed: int = 0, lightning_scheduler: bool = False) -> dict:
         """A tiny Qwen-Image: a 2-block transformer (64 input channels: the 16-channel latents packed 2x2), a
         16-channel `AutoencoderKLQwenImage` with Qwen-Image's `latents_mean` / `latents_std` (vae_scale_factor 8, as
         Qwen-Image's), a 2-layer Qwen2.5-VL (text model and a 1-block vision tower), the byte-level BPE tokenizer of
-        `tiny_qwen2_tokenizer`, and Qwen-Image's scheduler (dynamic exponential shift, terminal sigma 0.02)."""
+        `tiny_qwen2_tokenizer`, and Qwen-Image's scheduler (dynamic exponential shift, terminal sigma 0.02), or with
+        `lightning_scheduler` Qwen-Image-Lightning's (`base_shift = max_shift = log 3`, no terminal sigma)."""
+        import math
+
         from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -250,10 +254,13 @@ class QwenImageFamily(ModelFamily):
             vocab_size=len(tokenizer), image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
             vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         )).eval()
-        # Qwen/Qwen-Image's scheduler/scheduler_config.json
+        if lightning_scheduler:  # the scheduler published with Qwen-Image-Lightning ("shift=3 in distillation")
+            shifts = dict(base_shift=math.log(3), max_shift=math.log(3), shift_terminal=None)
+        else:  # Qwen/Qwen-Image's scheduler/scheduler_config.json
+            shifts = dict(base_shift=0.5, max_shift=0.9, shift_terminal=0.02)
         scheduler = FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-            base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
+            num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_image_seq_len=256,
+            max_image_seq_len=8192, time_shift_type="exponential", **shifts,
         )
         return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
                 "scheduler": scheduler}
