@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 import torch
 from tqdm.auto import tqdm
 
+from .families.base import cat_rows
 from .logprob import gaussian_kl, gaussian_log_prob
 from .utils.peft_utils import BASE_ADAPTER, active_adapter, adapter_rows, has_lora, reference_model, unwrap
 
@@ -111,7 +112,7 @@ def concat_trajectories(batches: List[Trajectories]) -> Trajectories:
         elif field.name == "prompts":
             values[field.name] = [p for item in items for p in item]
         elif isinstance(items[0], dict):
-            values[field.name] = {k: torch.cat([item[k] for item in items]) for k in items[0]}
+            values[field.name] = {k: cat_rows([item[k] for item in items]) for k in items[0]}
         else:
             values[field.name] = torch.cat(items)
     return Trajectories(**values)

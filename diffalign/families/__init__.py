@@ -16,6 +16,7 @@ from ..errors import ModelError
 from ..utils.hub_utils import resolve_model_path
 from .base import Conditioning, ModelFamily, check_resolution_in
 from .flux import FluxFamily
+from .qwenimage import QwenImageFamily
 from .sd import StableDiffusionFamily
 from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
@@ -39,7 +40,8 @@ def registry(families: Iterable[Type[ModelFamily]]) -> Dict[str, Type[ModelFamil
 
 
 FAMILIES: Dict[str, Type[ModelFamily]] = registry(
-    (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family, FluxFamily, ZImageFamily)
+    (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family, FluxFamily, ZImageFamily,
+     QwenImageFamily)
 )
 
 
@@ -99,7 +101,11 @@ def check_model_resolution(name_or_path: str, resolution: Optional[int]):
                              ) from None
 
     try:
-        vae_scale_factor = 2 ** (len(config_of("vae")["block_out_channels"]) - 1)
+        vae = config_of("vae")
+        if "temperal_downsample" in vae:  # a video VAE (Qwen-Image's): one halving per entry, as its pipeline counts
+            vae_scale_factor = 2 ** len(vae["temperal_downsample"])
+        else:
+            vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
         limits = cls.resolution_limits(config_of(cls.denoiser_name), vae_scale_factor)
     except (KeyError, TypeError):
         return  # an unusual config: the family checks the loaded model instead
@@ -135,6 +141,7 @@ def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32):
     return load_family(name_or_path, torch_dtype).pipe
 
 
-__all__ = ["FAMILIES", "Conditioning", "FluxFamily", "ModelFamily", "StableDiffusion3Family", "StableDiffusionFamily",
-           "StableDiffusionXLFamily", "ZImageFamily", "check_model_resolution", "family_class", "family_for_pipeline",
-           "family_named", "load_family", "load_pipeline", "pipeline_class_of", "registry"]
+__all__ = ["FAMILIES", "Conditioning", "FluxFamily", "ModelFamily", "QwenImageFamily", "StableDiffusion3Family",
+           "StableDiffusionFamily", "StableDiffusionXLFamily", "ZImageFamily", "check_model_resolution",
+           "family_class", "family_for_pipeline", "family_named", "load_family", "load_pipeline", "pipeline_class_of",
+           "registry"]

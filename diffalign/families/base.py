@@ -214,9 +214,14 @@ class ModelFamily:
             if len(self._cache) + len(missing) > self.max_cache:
                 self._cache.clear()
             for i, prompt in enumerate(missing):
-                self._cache[prompt] = {k: v[i] for k, v in encoded.items()}
+                self._cache[prompt] = self.cache_row(encoded, i)
         keys = self._cache[prompts[0]].keys()
-        return {k: torch.stack([self._cache[p][k] for p in prompts]) for k in keys}
+        return {k: cat_rows([self._cache[p][k][None] for p in prompts]) for k in keys}
+
+    def cache_row(self, encoded: Conditioning, index: int) -> Conditioning:
+        """Row `index` of an `encode_text` batch, as the per-prompt cache keeps it (a family with variable-length
+        conditioning drops the batch's padding here; `cat_rows` pads each batch to its own longest row)."""
+        return {k: v[index] for k, v in encoded.items()}
 
     def negative_conditioning(self, negative_prompt: str, batch_size: int) -> Conditioning:
         return self.encode_prompts([negative_prompt] * batch_size)
@@ -288,7 +293,7 @@ class ModelFamily:
             timesteps = timesteps.expand(latents.shape[0])
         if negative is None:
             return self.forward(denoiser, latents, timesteps, cond)
-        both = {k: torch.cat([negative[k], cond[k]]) for k in cond}
+        both = {k: cat_rows([negative[k], cond[k]]) for k in cond}
         uncond, text = self.forward(
             denoiser, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both
         ).chunk(2)
@@ -335,6 +340,21 @@ class ModelFamily:
                           f"{self.denoiser_name}_lora_adapter_metadata": metadata},
             safe_serialization=True, weight_name=LORA_WEIGHT_NAME,
         )
+
+
+def cat_rows(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat` of batch-first tensors along the batch. Tensors whose token axis (dim 1) differs in length are
+    zero-padded to the longest first (False for a boolean mask): variable-length conditioning, such as Qwen-Image's
+    text states and their mask, padded to each batch's longest prompt. Tensors of equal shapes are concatenated as
+    they are."""
+    if all(tensor.shape[1:] == tensors[0].shape[1:] for tensor in tensors):
+        return torch.cat(tensors)
+    length = max(tensor.shape[1] for tensor in tensors)
+    padded = []
+    for tensor in tensors:
+        padding = tensor.new_zeros(tensor.shape[0], length - tensor.shape[1], *tensor.shape[2:])
+        padded.append(torch.cat([tensor, padding], dim=1))
+    return torch.cat(padded)
 
 
 def possible_sides(multiple: int, largest: Optional[int], shown: int = 4) -> str:
