@@ -130,7 +130,8 @@ class TrainConfig:
     )
     sample_max_sequence_length: Optional[int] = field(
         default=None,
-        metadata={"help": "T5 tokens per prompt (SD3, FLUX; the pipelines' max_sequence_length); default the "
+        metadata={"help": "Text tokens per prompt of the families with a long-context text encoder (T5 of SD3 and "
+                          "FLUX, Qwen of Qwen-Image and Z-Image; the pipelines' max_sequence_length); default the "
                           "pipeline's (SD3 256, FLUX 512). Flow-GRPO trains SD3.5 with 128."},
     )
     sample_sde_window_size: Optional[int] = field(
@@ -145,8 +146,9 @@ class TrainConfig:
     )
     sample_guidance_scale: float = field(
         default=5.0,
-        metadata={"help": "CFG scale (1.0 = no CFG, also in training); for FLUX the optional true CFG with an empty "
-                          "negative prompt (FluxPipeline's `true_cfg_scale`; 1.0 = off, FLUX.1-dev's usual setting)."},
+        metadata={"help": "CFG scale (1.0 = no CFG, also in training), in the family's form: for FLUX the optional "
+                          "true CFG with an empty negative prompt (FluxPipeline's `true_cfg_scale`; 1.0 = off, "
+                          "FLUX.1-dev's usual setting), for Qwen-Image true CFG with norm rescale (`true_cfg_scale`)."},
     )
     sample_embedded_guidance: float = field(
         default=3.5,
