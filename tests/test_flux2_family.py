@@ -121,7 +121,8 @@ def test_nft_cli_trains_the_distilled_model_and_the_lora_loads(saved, tmp_path):
     out = str(tmp_path / "run")
     args = ["train", "nft", "--model", saved["distilled"], "--output_dir", out,
             "--prompts", "[a photo of a cat, a red car]", "--num_epochs", "2", "--sample_num_steps", "3",
-            "--sample_num_prompts_per_epoch", "2", "--sample_images_per_prompt", "2", "--grid_num_images", "2", "--reward", "jpeg_compressibility",
+            "--sample_num_prompts_per_epoch", "2", "--sample_images_per_prompt", "2", "--grid_num_images", "2",
+            "--reward", "jpeg_compressibility",
             "--train_learning_rate", "5e-2", "--final_eval_num_images", "0", "--sample_resolution", "16",
             "--train_micro_batch_size", "4", "--lora_rank", "4", "--lora_alpha", "8"]
     assert main(args) == 0
