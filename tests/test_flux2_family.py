@@ -1,7 +1,8 @@
-"""FLUX.2 klein's own facts, beyond the family tester (tests/test_family_common.py runs every shared check on it and
-on its distilled variant): the tokenizer built in code survives save/reload and tells prompts apart, the encoding is
-the pipeline's (stacked Qwen3 layers), the pure packing / position-id / batch-norm helpers equal the pipeline's, a
-distilled model samples without CFG, and DiffusionNFT trains it from the CLI."""
+"""FLUX.2's own facts, beyond the family tester (tests/test_family_common.py runs every shared check on klein, its
+distilled variant and dev): the tokenizers built in code survive save/reload and tell prompts apart, the encodings are
+the pipelines' (stacked Qwen3 / Mistral 3 layers), the pure packing / position-id / batch-norm helpers equal the
+pipeline's, a distilled klein and dev sample without CFG, dev's embedded guidance is per row, and DiffusionNFT trains
+them from the CLI."""
 
 import json
 import os
@@ -10,22 +11,23 @@ import pytest
 import torch
 
 from diffalign.families import FAMILIES, family_for_pipeline, load_family
-from diffalign.families.flux2 import (Flux2KleinFamily, batch_norm_denormalise, flux2_image_ids, flux2_pack,
-                                      flux2_text_ids, flux2_unpack, unpatchify)
+from diffalign.families.flux2 import (Flux2Family, Flux2KleinFamily, batch_norm_denormalise, flux2_image_ids,
+                                      flux2_pack, flux2_text_ids, flux2_unpack, unpatchify)
 
 PROMPTS = ["a photo of a cat", "a red car"]
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A tiny base klein and a tiny distilled klein, written with save_pretrained."""
+    """A tiny base klein, a tiny distilled klein and a tiny dev, written with save_pretrained."""
     root = tmp_path_factory.mktemp("flux2")
     return {"base": Flux2KleinFamily.save_tiny(str(root / "base")),
-            "distilled": Flux2KleinFamily.save_tiny(str(root / "distilled"), is_distilled=True)}
+            "distilled": Flux2KleinFamily.save_tiny(str(root / "distilled"), is_distilled=True),
+            "dev": Flux2Family.save_tiny(str(root / "dev"))}
 
 
 def test_flux2_is_registered():
-    assert FAMILIES["Flux2KleinPipeline"] is Flux2KleinFamily
+    assert FAMILIES["Flux2KleinPipeline"] is Flux2KleinFamily and FAMILIES["Flux2Pipeline"] is Flux2Family
 
 
 def test_tokenizer_survives_save_and_reload_and_prompts_encode_differently(saved):
@@ -112,14 +114,43 @@ def test_timesteps_use_the_empirical_mu_of_tokens_and_steps():
     assert eight.shape == (8,) and not torch.equal(four, eight[::2])
 
 
-def test_nft_cli_trains_the_distilled_model_and_the_lora_loads(saved, tmp_path):
+def test_dev_encoding_is_the_pipeline_encoding_after_reload(saved):
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+    family = load_family(saved["dev"])
+    assert type(family) is Flux2Family and family.pipe.text_encoder.config.text_config.num_hidden_layers == 30
+    text = family.pipe.tokenizer.apply_chat_template(
+        [{"role": "system", "content": [{"type": "text", "text": SYSTEM_MESSAGE}]},
+         {"role": "user", "content": [{"type": "text", "text": PROMPTS[0]}]}], tokenize=False)
+    assert text == f"<s>[SYSTEM_PROMPT]{SYSTEM_MESSAGE}[/SYSTEM_PROMPT][INST]{PROMPTS[0]}[/INST]"
+    cond = family.encode_prompts(PROMPTS)
+    assert set(cond) == {"encoder_hidden_states"}
+    assert cond["encoder_hidden_states"].shape == (2, 512, 3 * 16)  # layers 10, 20, 30 of a 16-wide Mistral
+    stock, _ = family.pipe.encode_prompt(list(PROMPTS), device="cpu")
+    torch.testing.assert_close(cond["encoder_hidden_states"], stock, atol=0, rtol=0)
+    first, second = cond["encoder_hidden_states"]
+    assert (first - second).abs().max() > 1e-3  # after the system message, the prompts still differ
+
+
+def test_dev_guidance_is_embedded_per_row_and_there_is_no_cfg(saved):
+    family = load_family(saved["dev"])
+    assert family.uses_embedded_guidance() and not family.samples_with_cfg(4.0)
+    assert Flux2Family.pipeline_guidance_kwargs(3.0, 2.5) == {"guidance_scale": 2.5}
+    assert Flux2Family.pipeline_guidance_kwargs(1.0) == {"guidance_scale": 4.0}  # Flux2Pipeline's default
+    family.configure(embedded_guidance=2.5)
+    cond, negative = family.conditioning(PROMPTS, "", False, 16, 16)
+    assert negative is None and cond["guidance"].tolist() == [2.5, 2.5]
+
+
+@pytest.mark.parametrize("model", ["distilled", "dev"])
+def test_nft_cli_trains_without_cfg_and_the_lora_loads(saved, tmp_path, model):
     import diffusers
     from safetensors.torch import load_file
 
     from diffalign.cli import main
 
     out = str(tmp_path / "run")
-    args = ["train", "nft", "--model", saved["distilled"], "--output_dir", out,
+    args = ["train", "nft", "--model", saved[model], "--output_dir", out,
             "--prompts", "[a photo of a cat, a red car]", "--num_epochs", "2", "--sample_num_steps", "3",
             "--sample_num_prompts_per_epoch", "2", "--sample_images_per_prompt", "2", "--grid_num_images", "2",
             "--reward", "jpeg_compressibility",
@@ -131,7 +162,7 @@ def test_nft_cli_trains_the_distilled_model_and_the_lora_loads(saved, tmp_path):
     weights = load_file(os.path.join(out, "final", "pytorch_lora_weights.safetensors"))
     assert any("single_transformer_blocks.0.attn.to_out" in key for key in weights)
     assert any("to_qkv_mlp_proj" in key for key in weights)
-    pipe = diffusers.Flux2KleinPipeline.from_pretrained(saved["distilled"])
+    pipe = diffusers.DiffusionPipeline.from_pretrained(saved[model])  # Flux2KleinPipeline or Flux2Pipeline
     pipe.set_progress_bar_config(disable=True)
 
     def run():

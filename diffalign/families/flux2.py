@@ -80,6 +80,33 @@ def batch_norm_denormalise(latents: torch.Tensor, running_mean: torch.Tensor, ru
     return latents * std + mean
 
 
+def tiny_flux2_components(seed: int, joint_attention_dim: int, guidance_embeds: bool) -> dict:
+    """The transformer, VAE and scheduler of a tiny FLUX.2: one double- and one single-stream block (16 input channels:
+    4-channel latents patchified 2x2; `guidance_embeds`: the embedded guidance of FLUX.2 [dev]), a 4-channel
+    `AutoencoderKLFlux2` (vae_scale_factor 4) whose batch-norm statistics are not the identity, and a dynamic-shift
+    scheduler (FLUX.2's, with the pipelines' empirical `mu`; written from memory: no hub here)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=joint_attention_dim, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance_embeds,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, block_out_channels=(16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=8, layers_per_block=1,
+        mid_block_add_attention=False, use_quant_conv=False, use_post_quant_conv=False, sample_size=32,
+    )
+    generator = torch.Generator().manual_seed(seed)  # batch-norm statistics as a trained VAE has them
+    vae.bn.running_mean.copy_(0.1 * torch.randn(vae.bn.num_features, generator=generator))
+    vae.bn.running_var.copy_(torch.rand(vae.bn.num_features, generator=generator) + 0.5)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                time_shift_type="exponential")
+    return {"transformer": transformer, "vae": vae, "scheduler": scheduler}
+
+
 class Flux2KleinFamily(ModelFamily):
     name = "flux2"
     pipeline_class = "Flux2KleinPipeline"
@@ -109,6 +136,8 @@ class Flux2KleinFamily(ModelFamily):
         """Whether the model is step-distilled (`is_distilled` in model_index.json): it samples with no CFG."""
         return bool(self.pipe.config.get("is_distilled", False))
 
+    without_cfg_because = "this FLUX.2 klein model is step-distilled: Flux2KleinPipeline samples it without CFG"
+
     # -------------------------------------------------------------------- prompts
     def encode_text(self, prompts: List[str], device) -> Conditioning:
         embeds, _ = self.pipe.encode_prompt(list(prompts), device=device, max_sequence_length=self.max_sequence_length,
@@ -119,8 +148,7 @@ class Flux2KleinFamily(ModelFamily):
         """A distilled model samples with no CFG at any scale, as Flux2KleinPipeline does (with a warning)."""
         if self.is_distilled and guidance_scale != 1.0:
             if not getattr(self, "_warned_distilled", False):
-                logger.warning(f"guidance scale {guidance_scale} is ignored: this FLUX.2 klein model is step-distilled "
-                               "and samples without CFG (as Flux2KleinPipeline)")
+                logger.warning(f"guidance scale {guidance_scale} is ignored: {self.without_cfg_because}")
                 self._warned_distilled = True
             return False
         return super().samples_with_cfg(guidance_scale)
@@ -167,10 +195,10 @@ class Flux2KleinFamily(ModelFamily):
         """One FLUX.2 transformer call on patchified `(B, 4C, h, w)` latents: flattened into tokens with their
         position ids (the same for every row, as in the pipeline), the output folded back."""
         batch, _, rows, columns = latents.shape
-        embeds = cond["encoder_hidden_states"]
+        embeds, guidance = cond["encoder_hidden_states"], cond.get("guidance")  # guidance: FLUX.2 [dev] only
         out = denoiser(
             hidden_states=flux2_pack(latents).to(unwrap(denoiser).dtype), timestep=timesteps.to(latents.dtype) / 1000,
-            guidance=None, encoder_hidden_states=embeds,
+            guidance=guidance.float() if guidance is not None else None, encoder_hidden_states=embeds,
             txt_ids=flux2_text_ids(batch, embeds.shape[1], latents.device),
             img_ids=flux2_image_ids(batch, rows, columns, latents.device), return_dict=False,
         )[0]
@@ -193,31 +221,13 @@ class Flux2KleinFamily(ModelFamily):
     # ------------------------------------------------------------ tiny test model
     @classmethod
     def tiny_components(cls, seed: int = 0, is_distilled: bool = False) -> dict:
-        """Components of a tiny random `Flux2KleinPipeline`: a FLUX.2 transformer with one double- and one
-        single-stream block (16 input channels: 4-channel latents patchified 2x2), a 27-layer Qwen3 (the pipeline
-        stacks layers 9, 18 and 27: joint attention dim 3 x 16) with a byte-level BPE tokenizer and Qwen3's chat
-        template, a 4-channel `AutoencoderKLFlux2` (vae_scale_factor 4) whose batch-norm statistics are not the
-        identity, and a dynamic-shift scheduler; `is_distilled` the step-distilled klein (no CFG)."""
-        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+        """Components of a tiny random `Flux2KleinPipeline`: `tiny_flux2_components`' transformer (no guidance
+        input), VAE and scheduler, a 27-layer Qwen3 (the pipeline stacks layers 9, 18 and 27: joint attention dim
+        3 x 16) with a byte-level BPE tokenizer and Qwen3's chat template; `is_distilled` the step-distilled klein (no
+        CFG)."""
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
         hidden = 16
-        torch.manual_seed(seed)
-        transformer = Flux2Transformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=3 * hidden, timestep_guidance_channels=32,
-            axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
-        )
-        torch.manual_seed(seed)
-        vae = AutoencoderKLFlux2(
-            in_channels=3, out_channels=3, block_out_channels=(16, 16, 16),
-            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-            latent_channels=4, norm_num_groups=8, layers_per_block=1, mid_block_add_attention=False,
-            use_quant_conv=False, use_post_quant_conv=False, sample_size=32,
-        )
-        generator = torch.Generator().manual_seed(seed)  # batch-norm statistics as a trained VAE has them
-        vae.bn.running_mean.copy_(0.1 * torch.randn(vae.bn.num_features, generator=generator))
-        vae.bn.running_var.copy_(torch.rand(vae.bn.num_features, generator=generator) + 0.5)
         tokenizer = tiny_qwen_tokenizer()
         tokenizer.add_tokens(["<think>", "</think>"])
         tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
@@ -227,8 +237,85 @@ class Flux2KleinFamily(ModelFamily):
             num_hidden_layers=max(cls.text_encoder_out_layers), num_attention_heads=2, num_key_value_heads=2,
             head_dim=8, max_position_embeddings=512,
         )).eval()
-        # FLUX.2's scheduler: dynamic shifting with the pipeline's empirical `mu` (written from memory: no hub here)
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                                    time_shift_type="exponential")
-        return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-                "scheduler": scheduler, "is_distilled": is_distilled}
+        return {**tiny_flux2_components(seed, joint_attention_dim=3 * hidden, guidance_embeds=False),
+                "text_encoder": text_encoder, "tokenizer": tokenizer, "is_distilled": is_distilled}
+
+
+# Mistral Small 3's chat template for text-only conversations whose contents are lists of {"type": "text"} parts (as
+# Flux2Pipeline's `format_input` writes them): the system prompt, then each user message
+MISTRAL3_CHAT_TEMPLATE = (
+    "<s>{% for message in messages %}{% set text = message['content'] | map(attribute='text') | join('') %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif message['role'] == 'user' %}[INST]{{ text }}[/INST]{% endif %}{% endfor %}"
+)
+
+
+class Flux2Family(Flux2KleinFamily):
+    """FLUX.2 [dev]: klein's transformer, latents, batch norm and schedule, on a Mistral Small 3 text encoder (hidden
+    states of layers 10, 20 and 30, after the pipeline's system message) and guidance distilled: the guidance scale is
+    a transformer input (`guidance`, one value per row, recorded in the conditioning as FLUX.1's), and
+    `Flux2Pipeline` has no CFG at all."""
+
+    name = "flux2-dev"
+    pipeline_class = "Flux2Pipeline"
+    modular_blocks_class = "Flux2AutoBlocks"  # no guider: the guidance is embedded
+    hub_tags = ("flux2", "flux2-dev")
+    guidance_kind = "embedded"
+    default_guidance_scale = 4.0  # Flux2Pipeline's default (embedded) `guidance_scale`
+    embedded_guidance = default_guidance_scale  # set per run by `configure(embedded_guidance=...)`
+    text_encoder_out_layers = (10, 20, 30)  # the hidden states Flux2Pipeline stacks (its default)
+    # the klein script's targets (diffusers' train_dreambooth_lora_flux2_klein.py) over dev's 48 single-stream blocks
+    default_lora_target_modules = ["to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj",
+                                   *[f"single_transformer_blocks.{i}.attn.to_out" for i in range(48)]]
+    tiny_variants = {}
+
+    without_cfg_because = ("FLUX.2 [dev] is guidance distilled: Flux2Pipeline has no CFG (its guidance is "
+                           "sample_embedded_guidance)")
+
+    @property
+    def is_distilled(self) -> bool:
+        return True  # guidance distilled: Flux2Pipeline samples without CFG
+
+    @classmethod
+    def pipeline_guidance_kwargs(cls, guidance_scale: float, embedded_guidance=None):
+        """Flux2Pipeline's `guidance_scale` is the embedded guidance; it has no CFG (`guidance_scale` of a run, the
+        CFG scale, has no counterpart)."""
+        return {"guidance_scale": cls.default_guidance_scale if embedded_guidance is None else embedded_guidance}
+
+    def uses_embedded_guidance(self) -> bool:
+        return bool(unwrap(self.denoiser).config.get("guidance_embeds", False))
+
+    def conditioning(self, prompts: List[str], negative_prompt: str, do_cfg: bool, height: int, width: int):
+        """As `ModelFamily.conditioning`, plus the embedded guidance per row (`guidance`, float32 as Flux2Pipeline)."""
+        cond, negative = super().conditioning(prompts, negative_prompt, do_cfg, height, width)
+        if self.uses_embedded_guidance():
+            device = cond["encoder_hidden_states"].device
+            cond = {**cond, "guidance": torch.full((len(prompts),), self.embedded_guidance, device=device,
+                                                   dtype=torch.float32)}
+        return cond, negative
+
+    @classmethod
+    def tiny_components(cls, seed: int = 0) -> dict:
+        """Components of a tiny random `Flux2Pipeline`: `tiny_flux2_components`' transformer (with the guidance
+        input), VAE and scheduler, a Mistral 3 with a 30-layer language model (the pipeline stacks layers 10, 20, 30)
+        and a tiny Pixtral vision tower, and as its `tokenizer` a byte-level BPE tokenizer with Mistral's chat
+        template. The real model's `tokenizer` is a `PixtralProcessor`, which transformers builds only with
+        torchvision; Flux2Pipeline calls nothing of it but `apply_chat_template` on text, which this tokenizer has."""
+        from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+        hidden = 16
+        tokenizer = tiny_qwen_tokenizer()
+        tokenizer.add_special_tokens({"additional_special_tokens": [
+            "<s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]"]})
+        tokenizer.chat_template = MISTRAL3_CHAT_TEMPLATE
+        torch.manual_seed(seed)
+        text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+            vision_config=PixtralVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                              num_attention_heads=2, head_dim=8, image_size=16, patch_size=4),
+            text_config=MistralConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=24,
+                                      num_hidden_layers=max(cls.text_encoder_out_layers), num_attention_heads=2,
+                                      num_key_value_heads=1, head_dim=8, max_position_embeddings=1024),
+            image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2,
+        )).eval()
+        return {**tiny_flux2_components(seed, joint_attention_dim=3 * hidden, guidance_embeds=True),
+                "text_encoder": text_encoder, "tokenizer": tokenizer}
