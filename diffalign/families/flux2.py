@@ -1,5 +1,6 @@
-"""FLUX.2 [klein] (4B/9B, distilled and base): an MM-DiT flow transformer on the stacked hidden states of a Qwen3
-text encoder, latents patchified 2x2 and normalised by the VAE's batch norm; trajectories with Flow-GRPO's SDE.
+"""FLUX.2 [klein] (4B/9B, distilled and base) and FLUX.2 [dev]: an MM-DiT flow transformer on the stacked hidden
+states of a Qwen3 (klein) or Mistral 3 (dev) text encoder, latents patchified 2x2 and normalised by the VAE's batch
+norm; trajectories with Flow-GRPO's SDE.
 
 What differs from FLUX.1, and where it lives here (checked against diffusers' `Flux2KleinPipeline`):
 
@@ -12,10 +13,13 @@ What differs from FLUX.1, and where it lives here (checked against diffusers' `F
   position ids `(t, h, w, l)` and back (`flux2_pack`, `flux2_unpack`, `flux2_image_ids`, `flux2_text_ids`), and
   `decode` undoes the batch norm and the patchify before the VAE.
 - timesteps: sigmas `linspace(1, 1/n, n)` and FLUX.2's empirical `mu` of the token count **and** the step count
-  (`compute_empirical_mu`); the transformer takes `t / 1000` and no guidance input.
+  (`compute_empirical_mu`); the transformer takes `t / 1000` (and klein no guidance input).
 - CFG: the base models sample with true CFG against the empty prompt (`u + s (c - u)`, `guidance_scale > 1`), the
   step-distilled ones (`is_distilled` in `model_index.json`) with no CFG whatever the scale: `samples_with_cfg` says
   so and rollouts follow the pipeline.
+- FLUX.2 [dev] (`Flux2Family`, `Flux2Pipeline`) differs from klein only in its text encoder (Mistral 3, layers 10,
+  20 and 30, after a system message) and its guidance: embedded (a transformer input, per row in the conditioning as
+  FLUX.1-dev's), with no CFG in its pipeline.
 """
 
 import logging
