@@ -40,7 +40,7 @@ def run_benchmark(ctx) -> dict:
 
     def plain():
         generator = torch.Generator(device).manual_seed(ctx.args.seed)
-        pipe(prompts, num_inference_steps=steps, height=res, width=res, generator=generator, output_type="pt",
+        pipe(prompt=prompts, num_inference_steps=steps, height=res, width=res, generator=generator, output_type="pt",
              **family.pipeline_guidance_kwargs(g, family.embedded_guidance), **noise)
 
     meter = PeakMemory(device)

@@ -16,7 +16,9 @@ from ..errors import ModelError
 from ..utils.hub_utils import resolve_model_path
 from .base import Conditioning, ModelFamily, check_resolution_in
 from .flux import FluxFamily
+from .flux2 import Flux2Family, Flux2KleinFamily
 from .qwenimage import QwenImageFamily
+from .sana import SanaFamily
 from .sd import StableDiffusionFamily
 from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
@@ -41,7 +43,7 @@ def registry(families: Iterable[Type[ModelFamily]]) -> Dict[str, Type[ModelFamil
 
 FAMILIES: Dict[str, Type[ModelFamily]] = registry(
     (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family, FluxFamily, ZImageFamily,
-     QwenImageFamily)
+     QwenImageFamily, Flux2KleinFamily, Flux2Family, SanaFamily)
 )
 
 
@@ -141,7 +143,7 @@ def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32):
     return load_family(name_or_path, torch_dtype).pipe
 
 
-__all__ = ["FAMILIES", "Conditioning", "FluxFamily", "ModelFamily", "QwenImageFamily", "StableDiffusion3Family",
-           "StableDiffusionFamily", "StableDiffusionXLFamily", "ZImageFamily", "check_model_resolution",
-           "family_class", "family_for_pipeline", "family_named", "load_family", "load_pipeline", "pipeline_class_of",
-           "registry"]
+__all__ = ["FAMILIES", "Conditioning", "Flux2Family", "Flux2KleinFamily", "FluxFamily", "ModelFamily",
+           "QwenImageFamily", "SanaFamily", "StableDiffusion3Family", "StableDiffusionFamily",
+           "StableDiffusionXLFamily", "ZImageFamily", "check_model_resolution", "family_class", "family_for_pipeline",
+           "family_named", "load_family", "load_pipeline", "pipeline_class_of", "registry"]

@@ -149,6 +149,11 @@ class ModelFamily:
         tokens = getattr(self, "max_sequence_length", None)
         return {} if tokens is None else {"max_sequence_length": tokens}
 
+    def samples_with_cfg(self, guidance_scale: float) -> bool:
+        """Whether a rollout at CFG scale `guidance_scale` evaluates a negative half: at any scale but 1, unless the
+        model's pipeline samples without CFG (a step-distilled FLUX.2 klein)."""
+        return guidance_scale != 1.0
+
     def uses_embedded_guidance(self) -> bool:
         """Whether the loaded denoiser takes the guidance scale as an input (`guidance_kind == "embedded"`)."""
         return self.guidance_kind == "embedded"
