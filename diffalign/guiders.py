@@ -411,15 +411,15 @@ class ModularRLGPipeline:
 
     def __call__(self, prompt, guidance_scale: float | None = None, rlg_scale: RLGScale | dict[str, RLGScale] = 1.0,
                  rlg_start: float = 0.0, rlg_stop: float = 1.0, adapters: str | list[str] | None = None,
-                 negative_prompt=None, **kwargs):
+                 negative_prompt=None, true_cfg_scale: float | None = None, **kwargs):
         r"""Images of `prompt` (`.images`, as `output_type` asks) with RLG scale `rlg_scale` in the steps
         [`rlg_start`, `rlg_stop`); `kwargs` go to the modular pipeline (`num_inference_steps`, `generator`,
-        `height`, `width`, `num_images_per_prompt`, `latents`, `output_type`, ...)."""
+        `height`, `width`, `num_images_per_prompt`, `latents`, `output_type`, ...). `true_cfg_scale`, where given,
+        is the CFG scale (the argument of pipelines with true CFG, e.g. Qwen-Image's) instead of `guidance_scale`."""
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-        self.modular_pipeline.update_components(
-            guider=self.guider(guidance_scale, rlg_scale, rlg_start, rlg_stop, adapters)
-        )
+        scale = true_cfg_scale if true_cfg_scale is not None else guidance_scale
+        self.modular_pipeline.update_components(guider=self.guider(scale, rlg_scale, rlg_start, rlg_stop, adapters))
         # some text encoder blocks write the templated prompts into the list they get (Z-Image's): hand them copies
         copy = lambda text: list(text) if isinstance(text, (list, tuple)) else text  # noqa: E731
         if negative_prompt is not None:
