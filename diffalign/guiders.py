@@ -29,7 +29,7 @@ from diffusers.utils import is_peft_available
 if TYPE_CHECKING:
     from diffusers.modular_pipelines.modular_pipeline import BlockState
 
-__all__ = ["ModularRLGPipeline", "ReinforcementLearningGuidance", "rlg_mix"]
+__all__ = ["ModularRLGPipeline", "ReinforcementLearningGuidance", "rlg_mix", "set_modular_progress_bar_config"]
 
 
 def rlg_mix(pred_base: torch.Tensor, terms) -> torch.Tensor:
@@ -365,6 +365,18 @@ class ReinforcementLearningGuidance(BaseGuidance):
         return state
 
 
+def set_modular_progress_bar_config(modular_pipeline, **kwargs):
+    """`set_progress_bar_config(**kwargs)` on every block of a modular pipeline, nested ones included (diffusers'
+    `ModularPipeline.set_progress_bar_config` reaches the top-level blocks only, which misses e.g. Z-Image's denoising
+    loop inside its auto blocks)."""
+    pending = [modular_pipeline._blocks]  # the pipeline's own blocks (`.blocks` is a copy)
+    while pending:
+        block = pending.pop()
+        if hasattr(block, "set_progress_bar_config"):
+            block.set_progress_bar_config(**kwargs)
+        pending += list(getattr(block, "sub_blocks", {}).values())
+
+
 class ModularRLGPipeline:
     r"""A diffusers modular pipeline that samples with `ReinforcementLearningGuidance`, called like diffalign's RLG
     pipelines (`pipe(prompt, rlg_scale=..., rlg_start=..., rlg_stop=..., guidance_scale=..., ...).images`): the RLG
@@ -395,7 +407,7 @@ class ModularRLGPipeline:
         return self.modular_pipeline._execution_device
 
     def set_progress_bar_config(self, **kwargs):
-        self.modular_pipeline.set_progress_bar_config(**kwargs)
+        set_modular_progress_bar_config(self.modular_pipeline, **kwargs)
 
     def to(self, *args, **kwargs) -> "ModularRLGPipeline":
         self.modular_pipeline.to(*args, **kwargs)

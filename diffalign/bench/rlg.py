@@ -108,7 +108,7 @@ def run_benchmark(ctx) -> dict:
     guider_cases = GUIDER_CASES if blocks is not None else []
     if guider_cases:
         # the same components in the family's modular pipeline, one pipeline per guider
-        from diffalign.guiders import ReinforcementLearningGuidance
+        from diffalign.guiders import ReinforcementLearningGuidance, set_modular_progress_bar_config
 
         modular_kwargs = {k: v for k, v in common.items() if k not in ("guidance_scale", "true_cfg_scale")}
         # an explicit empty negative prompt: some blocks (SD3's) run CFG only with one
@@ -121,7 +121,7 @@ def run_benchmark(ctx) -> dict:
         def modular(guider):
             pipe = blocks().init_pipeline()
             pipe.update_components(**{k: v for k, v in components.items() if v is not None}, guider=guider)
-            pipe.set_progress_bar_config(disable=True)
+            set_modular_progress_bar_config(pipe, disable=True)
             return lambda: pipe(prompt=list(prompts), generator=generator(), output="images",
                                 **{**modular_kwargs, "negative_prompt": list(modular_kwargs["negative_prompt"])})
 
