@@ -350,8 +350,8 @@ def test_zimage_modular_pipeline(zimage):
     assert (extrapolated - aligned).abs().max() > 1e-3
 
     # called like an RLG pipeline: the same images
-    wrapped = ModularRLGPipeline(pipe, lambda g: ClassifierFreeGuidance(guidance_scale=g, use_original_formulation=True),
-                                 default_guidance_scale=5.0)
+    zimage_cfg = lambda g: ClassifierFreeGuidance(guidance_scale=g, use_original_formulation=True)  # noqa: E731
+    wrapped = ModularRLGPipeline(pipe, zimage_cfg, default_guidance_scale=5.0)
     images = wrapped(prompts, guidance_scale=4.0, rlg_scale=1.5,
                      generator=[torch.Generator().manual_seed(i) for i in range(2)], **kwargs).images
     torch.testing.assert_close(images, extrapolated, atol=0, rtol=0)

@@ -158,7 +158,7 @@ class ModelFamily:
     @classmethod
     def modular_blocks(cls):
         """A `modular_blocks_class` instance when the family's diffusers modular blocks take a `guider` component
-        (where the RLG guider plugs in); None otherwise (no modular blocks, or blocks without a guider, as FLUX.1's)."""
+        (where the RLG guider plugs in); None otherwise (no modular blocks, or blocks without a guider: FLUX.1's)."""
         if not cls.modular_blocks_class:
             return None
         import diffusers.modular_pipelines
