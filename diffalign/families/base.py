@@ -55,7 +55,8 @@ class ModelFamily:
     default_lora_target_modules: List[str] = ["to_q", "to_k", "to_v", "to_out.0"]
     # the pipeline's `__init__` / `from_pretrained` arguments that switch off a safety checker or watermarker
     pipeline_init_kwargs: Dict[str, Any] = {}
-    # the RLG pipeline: a class name in `diffalign.pipelines`, or None (no RLG pipeline: `generate` refuses the model)
+    # the RLG pipeline: a class name in `diffalign.pipelines`, or None (no RLG pipeline: `generate` runs the RLG
+    # guider in the modular pipeline, `rlg_pipeline`, or refuses a model without one)
     rlg_pipeline_class: Optional[str] = None
     # the blocks class in `diffusers.modular_pipelines` (None where diffusers has none); it runs the RLG guider when
     # its blocks take a `guider` component
@@ -157,6 +158,60 @@ class ModelFamily:
     def uses_embedded_guidance(self) -> bool:
         """Whether the loaded denoiser takes the guidance scale as an input (`guidance_kind == "embedded"`)."""
         return self.guidance_kind == "embedded"
+
+    # ------------------------------------------------------------------------ RLG
+    @classmethod
+    def modular_blocks(cls):
+        """A `modular_blocks_class` instance when the family's diffusers modular blocks take a `guider` component
+        (where the RLG guider plugs in); None otherwise (no modular blocks, or blocks without a guider: FLUX.1's)."""
+        if not cls.modular_blocks_class:
+            return None
+        import diffusers.modular_pipelines
+
+        blocks = getattr(diffusers.modular_pipelines, cls.modular_blocks_class)()
+        return blocks if any(spec.name == "guider" for spec in blocks.expected_components) else None
+
+    @classmethod
+    def rlg_route(cls) -> Optional[str]:
+        """How `diffalign generate` runs RLG for the family: "pipeline" (its RLG pipeline, `rlg_pipeline_class`),
+        "guider (modular)" (`ReinforcementLearningGuidance` in its modular pipeline) or None (no route)."""
+        if cls.rlg_pipeline_class:
+            return "pipeline"
+        return "guider (modular)" if cls.modular_blocks() is not None else None
+
+    @classmethod
+    def modular_cfg_guider(cls, guidance_scale: float):
+        """The model's own CFG guider in its modular pipeline: the guider with which the modular pipeline samples as
+        `pipeline_class` does with CFG scale `guidance_scale` (the pipeline's CFG argument, as `diffalign generate
+        --guidance-scale` gives it). diffusers' `ClassifierFreeGuidance`, `u + g (c - u)`, by default."""
+        from diffusers.guiders import ClassifierFreeGuidance
+
+        return ClassifierFreeGuidance(guidance_scale=guidance_scale)
+
+    @classmethod
+    def rlg_pipeline(cls, pipe):
+        """The family's RLG route on a loaded `pipe` of `pipeline_class`, on the same components (no copy of the
+        weights): its RLG pipeline (`rlg_pipeline_class`) where it has one, else its modular pipeline with
+        `ReinforcementLearningGuidance` around `modular_cfg_guider` (`diffalign.guiders.ModularRLGPipeline`). The
+        aligned model is the denoiser's LoRA adapter (load it first), the base model the denoiser with it off.
+
+        Raises a `ModelError` for a family with neither."""
+        components = {name: value for name, value in pipe.components.items() if not name.startswith("aligned_")}
+        if cls.rlg_pipeline_class:
+            import diffalign.pipelines
+
+            rlg = getattr(diffalign.pipelines, cls.rlg_pipeline_class)(**{**cls.pipeline_init_kwargs, **components})
+        else:
+            from ..guiders import ModularRLGPipeline
+
+            blocks = cls.modular_blocks()
+            if blocks is None:
+                raise ModelError(f"the {cls.name} family has no RLG pipeline and no modular blocks with a guider")
+            modular = blocks.init_pipeline()
+            modular.update_components(**{name: value for name, value in components.items() if value is not None})
+            rlg = ModularRLGPipeline(modular, cls.modular_cfg_guider, cls.default_guidance_scale)
+        rlg.set_progress_bar_config(disable=True)
+        return rlg
 
     @classmethod
     def set_kernel_scheduler(cls, pipe):
