@@ -91,14 +91,16 @@ class ModelFamily:
 
     # -------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, path: str, torch_dtype: torch.dtype = torch.float32):
-        """`pipeline_class.from_pretrained(path)` with safetensors weights only and the kernel's scheduler."""
+    def load(cls, path: str, torch_dtype: torch.dtype = torch.float32, quantization_config=None):
+        """`pipeline_class.from_pretrained(path)` with safetensors weights only and the kernel's scheduler
+        (`quantization_config`: diffusers' `PipelineQuantizationConfig`, `diffalign.quantization`)."""
         import diffusers
 
         pipeline_cls = getattr(diffusers, cls.pipeline_class)
+        quantization = {} if quantization_config is None else {"quantization_config": quantization_config}
         try:
             pipe = pipeline_cls.from_pretrained(path, use_safetensors=True, **dtype_kwarg(torch_dtype),
-                                                **cls.pipeline_init_kwargs)
+                                                **cls.pipeline_init_kwargs, **quantization)
         except (OSError, EnvironmentError) as e:
             raise ModelError(f"model '{path}' could not be loaded with safetensors weights only: "
                              f"{first_line(e, with_type=False)}") from None

@@ -162,9 +162,18 @@ class BaseTrainer:
             self.eval_reward_fn = get_reward(config.eval_reward,
                                              **reveal(config.eval_reward_kwargs, "eval_reward_kwargs"))
 
+        quantization = {key: getattr(config, key) for key in ("quantize_denoiser", "quantize_text_encoders")}
+        quantized = any(method != "none" for method in quantization.values())
         if pipeline is not None:
             self.family = as_family(pipeline)
             self.family.set_kernel_scheduler(self.family.pipe)
+            if quantized:  # a pipeline built in memory: its linear layers are quantized where they are
+                from ..quantization import quantize_pipeline_in_place
+
+                quantize_pipeline_in_place(self.family, **quantization, compute_dtype=self.weight_dtype)
+        elif quantized:  # quantized as it loads, its other layers already in the run's dtype
+            self.family = load_family(config.resolved_model(), torch_dtype=self.weight_dtype, resolved=True,
+                                      **quantization)
         else:
             self.family = load_family(config.resolved_model(), resolved=True)
         self.pipe = self.family.pipe
@@ -718,7 +727,15 @@ class BaseTrainer:
 
 
 def _place(module, device, dtype):
-    """Moves `module` to `device` and casts it only if its dtype differs (diffusers warns on needless casts)."""
+    """Moves `module` to `device` and casts it only if its dtype differs (diffusers warns on needless casts). A
+    quantized module (`diffalign.quantization`) keeps its storage: it is moved only if it is elsewhere (bitsandbytes
+    refuses some moves), never cast."""
+    from ..quantization import is_quantized
+
+    if is_quantized(module):
+        if next(module.parameters()).device.type != torch.device(device).type:
+            module.to(device)
+        return module
     module.to(device)
     if module.dtype != dtype:
         module.to(dtype=dtype)
