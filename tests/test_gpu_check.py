@@ -121,3 +121,46 @@ def test_time_guard_skips_what_does_not_fit_and_writes_what_it_has(gpu_check, tm
 def test_measuring_without_cuda_says_how_to_run(gpu_check, tmp_path, capsys):
     assert gpu_check.main(["--output", str(tmp_path / "x.json")]) == 2
     assert "--dry-run" in capsys.readouterr().err
+
+
+def test_real_mode_builds_materialises_and_trains_small_configurations(gpu_check, tmp_path, monkeypatch):
+    """The GPU run's own path (configurations written as data, parameters built on meta then materialised with random
+    values, shared frozen components, the T5 length, bf16 mixed precision) on the CPU, with an SD3 model whose
+    configuration is small."""
+    from diffalign.families.tiny import tiny_clip_text_kwargs
+
+    clip = {k: v for k, v in tiny_clip_text_kwargs(projection_dim=32).items()
+            if k not in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
+    small = dict(
+        family="sd3", resolution=32, published_denoiser_params=1e6, max_sequence_length=16,
+        components={
+            "transformer": ("diffusers", "SD3Transformer2DModel", None, dict(
+                sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64,
+                pos_embed_max_size=16)),
+            "vae": ("diffusers", "AutoencoderKL", None, dict(
+                block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8)),
+            "text_encoder": ("transformers", "CLIPTextModelWithProjection", "CLIPTextConfig", clip),
+            "text_encoder_2": ("transformers", "CLIPTextModelWithProjection", "CLIPTextConfig", clip),
+            "text_encoder_3": ("transformers", "T5EncoderModel", "T5Config", dict(
+                vocab_size=128, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)),
+        })
+    monkeypatch.setattr(gpu_check, "MODELS", {"small_sd3": small})
+    built = gpu_check.build_components(small, torch.device("cpu"), torch.bfloat16, tiny=False)
+    transformer = built["transformer"]
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in transformer.parameters())
+    weights = [p for p in transformer.parameters() if p.ndim >= 2]
+    assert all(0 < float(p.float().std()) for p in weights)  # random values, not empty memory
+    assert built["tokenizer_3"].model_max_length == 16
+    output = str(tmp_path / "small.json")
+    assert gpu_check.main(["--device", "cpu", "--only", "train/grpo,train/nft/none,drift", "--budget-s", "3000",
+                           "--quantize", "int8", "--output", output]) == 0
+    with open(output) as f:
+        results = json.load(f)
+    records = {r["id"]: r for r in results["measurements"]}
+    assert set(records) == {"small_sd3/train/grpo/none", "small_sd3/train/grpo/int8", "small_sd3/train/nft/none",
+                            "small_sd3/drift"}, records
+    assert all("error" not in record for record in records.values()), records
+    assert records["small_sd3/train/grpo/int8"]["loss_finite"] and results["machine"]["device"] == "cpu"
+    assert results["settings"]["check"]["mixed_precision"] == "bf16"
