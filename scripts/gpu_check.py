@@ -323,6 +323,8 @@ def memory_estimate(spec: dict, counts: dict, denoiser, denoiser_name: str, targ
         width = config["num_attention_heads"] * config["attention_head_dim"]
         blocks = config["num_layers"] + config.get("num_single_layers", 0)
     activations = rows * tokens * width * dtype_bytes * (blocks + 24)
+    # the VAE decode of a sampling batch at full resolution: ~8 live 128-channel feature maps per image
+    decode = rows * spec["resolution"] ** 2 * 128 * dtype_bytes * 8
     text = sum(v for k, v in counts.items() if k.startswith("text_encoder")) * dtype_bytes
     vae = counts.get("vae", 0) * dtype_bytes
     training = lora * 16
@@ -334,15 +336,16 @@ def memory_estimate(spec: dict, counts: dict, denoiser, denoiser_name: str, targ
         "lora_params": lora,
         "lora_and_adamw": training / GIB,
         "activations": activations / GIB,
+        "vae_decode": decode / GIB,
     }
-    base = training + activations + vae
+    base = training + max(activations, decode) + vae  # decoding and training are not live at once
     estimate["total"] = (denoiser_params * dtype_bytes + text + base) / GIB
     estimate["total_text_encoders_offloaded"] = (denoiser_params * dtype_bytes + base) / GIB
     estimate["total_nf4_text_encoders_offloaded"] = (nf4_bytes + base) / GIB
     estimate = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in estimate.items()}
     estimate["note"] = ("estimate (arithmetic from parameter counts; not measured): weights in the check's dtype, "
                         f"LoRA rank {rank} with fp32 gradient and AdamW state, activations of {rows} rows under "
-                        "gradient checkpointing")
+                        "gradient checkpointing or the VAE decode of as many images, whichever is larger")
     return estimate
 
 

@@ -2,6 +2,7 @@
 (loading, conditioning, latents, the denoiser call, decoding, LoRA) and for the rest of the package (its RLG pipeline,
 modular blocks, Hub tags, guidance kind, pipeline arguments and tiny test components)."""
 
+import contextlib
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -88,6 +89,8 @@ class ModelFamily:
         self.pipe = pipe
         self.max_cache = max_cache
         self._cache: Dict[str, Conditioning] = {}
+        # True: the text encoders wait on the CPU and come to the VAE's device only to encode uncached prompts
+        self.offload_text_encoders = False
 
     # -------------------------------------------------------------------- loading
     @classmethod
@@ -212,13 +215,28 @@ class ModelFamily:
         """`encode_text` of each distinct prompt once; a cache shared across epochs."""
         missing = sorted({p for p in prompts if p not in self._cache})
         if missing:
-            encoded = self.encode_text(missing, self.device)
+            with self.text_encoders_on(self.device):
+                encoded = self.encode_text(missing, self.device)
             if len(self._cache) + len(missing) > self.max_cache:
                 self._cache.clear()
             for i, prompt in enumerate(missing):
                 self._cache[prompt] = {k: v[i] for k, v in encoded.items()}
         keys = self._cache[prompts[0]].keys()
         return {k: torch.stack([self._cache[p][k] for p in prompts]) for k in keys}
+
+    @contextlib.contextmanager
+    def text_encoders_on(self, device):
+        """With `offload_text_encoders`: the text encoders on `device` inside the block, back on the CPU after (their
+        memory is free while the denoiser samples and trains); otherwise nothing moves."""
+        encoders = [getattr(self.pipe, n, None) for n in self.text_encoder_names] if self.offload_text_encoders else []
+        encoders = [e for e in encoders if e is not None]
+        for encoder in encoders:
+            encoder.to(device)
+        try:
+            yield
+        finally:
+            for encoder in encoders:
+                encoder.to("cpu")
 
     def negative_conditioning(self, negative_prompt: str, batch_size: int) -> Conditioning:
         return self.encode_prompts([negative_prompt] * batch_size)

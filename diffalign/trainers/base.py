@@ -204,8 +204,16 @@ class BaseTrainer:
     # ------------------------------------------------------------------ setup
     def _setup_models(self):
         config, acc, family = self.config, self.accelerator, self.family
+        encoders = [getattr(self.pipe, n, None) for n in family.text_encoder_names] if config.offload_text_encoders else []
         for frozen in family.frozen_modules():
-            _place(frozen.requires_grad_(False), self.device, self.weight_dtype)
+            # offloaded text encoders wait on the CPU (`ModelFamily.offload_text_encoders`)
+            placed = torch.device("cpu") if any(frozen is e for e in encoders) else self.device
+            _place(frozen.requires_grad_(False), placed, self.weight_dtype)
+        family.offload_text_encoders = bool(config.offload_text_encoders)
+        if config.vae_slicing:
+            self.pipe.vae.enable_slicing()
+        if config.vae_tiling:
+            self.pipe.vae.enable_tiling()
         denoiser = family.denoiser
         ref_denoiser = None
         torch.manual_seed(config.seed)  # same LoRA initialisation on every process
@@ -220,6 +228,8 @@ class BaseTrainer:
             denoiser.enable_gradient_checkpointing()
         if config.enable_xformers and torch.cuda.is_available():
             denoiser.enable_xformers_memory_efficient_attention()
+        if config.attention_backend:
+            _set_attention_backend(denoiser, config.attention_backend)
         # a resumed run's weights go into the module before it is prepared (sharded engines split them then)
         self._resume_states = self.checkpointer.load(config.resume_from, denoiser) if config.resume_from else None
         optimizer = torch.optim.AdamW(
@@ -724,6 +734,26 @@ class BaseTrainer:
             write_metrics(os.path.join(self.config.output_dir, "metrics.jsonl"), records)
             self.metrics_history = records
         logger.info("resumed from %s at epoch %d", checkpoint, self.first_epoch)
+
+
+def _set_attention_backend(denoiser, backend: str):
+    """diffusers' `set_attention_backend` on the denoiser; a one-line `ConfigError` for an unknown backend or one
+    whose package or hardware is missing."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    known = [b.value for b in AttentionBackendName]
+    if backend not in known:
+        raise ConfigError(f"attention_backend '{backend}' is not a diffusers backend; known: {', '.join(known)}")
+    processors = [getattr(m, "processor", None) for m in unwrap(denoiser).modules()]
+    if not any(hasattr(p, "_attention_backend") for p in processors):  # diffusers would ignore the setting
+        raise ConfigError(f"attention_backend '{backend}': this {type(unwrap(denoiser)).__name__}'s attention "
+                          f"processors take no backend (diffusers dispatches FLUX-style processors only); use "
+                          f"enable_xformers or leave it unset")
+    try:
+        denoiser.set_attention_backend(backend)
+    except (ImportError, RuntimeError, ValueError) as e:
+        raise ConfigError(f"attention_backend '{backend}': {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                          ) from None
 
 
 def _place(module, device, dtype):
