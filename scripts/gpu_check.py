@@ -16,8 +16,9 @@ Measurements (ids `<model>/<kind>/...`, filtered by `--only`):
 
 - `train/<algorithm>/<quantization>`: one epoch (`trainer.step`) of GRPO (DDPO with group advantages and a 2-step SDE
   window), DiffusionNFT and PRDP on a LoRA, with and without the quantized frozen base (`--quantize`: the first
-  method whose package and GPU are there); peak GPU memory, seconds per sampled image and per trained denoiser row
-  (the rows run with gradients in the epoch; a CFG pair counts twice).
+  method whose package and GPU are there), the text encoders offloaded (`offload_text_encoders`; the prompts are
+  encoded before the measured epoch); peak GPU memory of the epoch, seconds per sampled image and per trained
+  denoiser row (the rows run with gradients in the epoch; a CFG pair counts twice).
 - `rlg`: the family's RLG pipeline, single pass and two passes, against its diffusers pipeline with plain CFG, at
   batch 1 (images per second).
 - `drift`: log-probabilities of one fp32 trajectory recomputed under bf16 and fp16 autocast against fp32.
@@ -529,8 +530,8 @@ class ModelUnderTest:
     def train(self, algorithm: str, quantize: str) -> dict:
         """One measured epoch (after `--epochs - 1` more) of `algorithm` on a LoRA, the base quantized with
         `quantize` (`none`: the run's dtype)."""
-        import torch
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
         from diffalign.bench.common import PeakMemory
         from diffalign.config import load_config
@@ -540,7 +541,7 @@ class ModelUnderTest:
         name, overrides = ALGORITHMS[algorithm]
         pipe = self.pipeline()
         values = {**CHECK_SETTINGS, **overrides, "model": "unused", "mixed_precision": run.mixed_precision,
-                  "quantize_denoiser": quantize, "sample_resolution": self.side(pipe)}
+                  "quantize_denoiser": quantize, "sample_resolution": self.side(pipe), "offload_text_encoders": True}
         if self.spec.get("max_sequence_length"):
             values["sample_max_sequence_length"] = self.spec["max_sequence_length"]
         if self.family.guidance_kind == "embedded":
@@ -548,13 +549,18 @@ class ModelUnderTest:
         if run.tiny:
             values.update(gradient_checkpointing=False, sample_num_steps=3, sample_sde_window_range=[0, 2])
         meter = PeakMemory(run.device)
-        meter.reset()
         with tempfile.TemporaryDirectory() as output_dir:
             config = load_config(name, None, {**values, "output_dir": output_dir})
+            # accelerate keeps one mixed-precision state per process: each measurement sets its own and leaves none
+            AcceleratorState._reset_state()
             accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=run.device.type == "cpu")
             trainer = trainer_class(name)(config, pipeline=pipe, reward_fn=brightness, accelerator=accelerator)
             rows = RowCounter(trainer.family.denoiser)
             try:
+                # the prompts are encoded before the measured epoch (a run encodes each prompt once, the text
+                # encoders visiting the GPU): the peak is an epoch's with the text encoders offloaded
+                trainer.family.encode_prompts(list(config.prompts) + [""])
+                meter.reset()
                 epochs = []
                 for epoch in range(run.args.epochs):
                     rows.count = 0
@@ -569,7 +575,7 @@ class ModelUnderTest:
                     "images": images, "trained_rows": rows.count,
                     "s_per_image_sampled": round(last["time_sample"] / images, 4),
                     "s_per_trained_row": round(last["time_train"] / max(rows.count, 1), 4),
-                    "s_epoch": round(last["time_epoch"], 3),
+                    "s_epoch": round(last["time_epoch"], 3), "offload_text_encoders": True,
                     "peak_gib": round(meter.peak() / GIB, 3), "peak_kind": meter.kind,
                     "loss_finite": bool(math.isfinite(last.get("loss", float("nan")))),
                     "lora_params": sum(p.numel() for p in trainer.trainable_params),
@@ -577,7 +583,11 @@ class ModelUnderTest:
             finally:
                 rows.remove()
                 accelerator.free_memory()
-                del trainer
+                del trainer, accelerator
+                AcceleratorState._reset_state()
+                for encoder in (self.frozen or {}).values():  # the next measurements find them where they were
+                    if hasattr(encoder, "parameters"):
+                        encoder.to(run.device)
         return result
 
     # ------------------------------------------------------------------------------------------------ RLG
