@@ -31,7 +31,6 @@ rewritten after every measurement, so a run stopped by the time guard (`--budget
 
 import argparse
 import contextlib
-import copy
 import fnmatch
 import gc
 import json
@@ -768,7 +767,7 @@ def measure(args) -> dict:
         for algorithm in ALGORITHMS:
             for method in methods:
                 run.measure(f"{name}/train/{algorithm}/{method}", estimate((name, "train"), 30),
-                            lambda a=algorithm, m=method: model.train(a, m))
+                            lambda a=algorithm, m=method, under_test=model: under_test.train(a, m))
         run.measure(f"{name}/rlg", estimate((name, "rlg"), 20), model.rlg)
         run.measure(f"{name}/drift", estimate((name, "drift"), 20), model.drift)
         del model
