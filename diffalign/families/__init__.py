@@ -125,9 +125,12 @@ def family_for_pipeline(pipe) -> ModelFamily:
                      f"{', '.join(FAMILIES)}")
 
 
-def load_family(name_or_path: str, torch_dtype: torch.dtype = torch.float32, resolved: bool = False) -> ModelFamily:
+def load_family(name_or_path: str, torch_dtype: torch.dtype = torch.float32, resolved: bool = False,
+                quantize_denoiser: str = "none", quantize_text_encoders: str = "none") -> ModelFamily:
     """Loads the model at `name_or_path` (a directory or a bundled name) with its family; `resolved=True`: a path
-    `resolve_model_path` returned (`TrainConfig.resolved_model`), not resolved (nor the hub asked) again."""
+    `resolve_model_path` returned (`TrainConfig.resolved_model`), not resolved (nor the hub asked) again.
+    `quantize_denoiser`, `quantize_text_encoders`: a method of `diffalign.quantization` the denoiser or the text
+    encoders are quantized with as they load (a frozen base under a LoRA)."""
     path = name_or_path if resolved else resolve_model_path(name_or_path)
     if os.path.isdir(path):
         cls = family_class(pipeline_class_of(path))
@@ -135,7 +138,13 @@ def load_family(name_or_path: str, torch_dtype: torch.dtype = torch.float32, res
         from diffusers import DiffusionPipeline
 
         cls = family_class(DiffusionPipeline.load_config(path)["_class_name"])
-    return cls(cls.load(path, torch_dtype))
+    quantization = None
+    if quantize_denoiser != "none" or quantize_text_encoders != "none":
+        from ..quantization import pipeline_quantization_config
+
+        quantization = pipeline_quantization_config(cls.denoiser_name, cls.text_encoder_names, quantize_denoiser,
+                                                    quantize_text_encoders, compute_dtype=torch_dtype)
+    return cls(cls.load(path, torch_dtype, quantization_config=quantization))
 
 
 def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32):

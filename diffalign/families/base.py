@@ -2,6 +2,7 @@
 (loading, conditioning, latents, the denoiser call, decoding, LoRA) and for the rest of the package (its RLG pipeline,
 modular blocks, Hub tags, guidance kind, pipeline arguments and tiny test components)."""
 
+import contextlib
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -89,17 +90,21 @@ class ModelFamily:
         self.pipe = pipe
         self.max_cache = max_cache
         self._cache: Dict[str, Conditioning] = {}
+        # True: the text encoders wait on the CPU and come to the VAE's device only to encode uncached prompts
+        self.offload_text_encoders = False
 
     # -------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, path: str, torch_dtype: torch.dtype = torch.float32):
-        """`pipeline_class.from_pretrained(path)` with safetensors weights only and the kernel's scheduler."""
+    def load(cls, path: str, torch_dtype: torch.dtype = torch.float32, quantization_config=None):
+        """`pipeline_class.from_pretrained(path)` with safetensors weights only and the kernel's scheduler
+        (`quantization_config`: diffusers' `PipelineQuantizationConfig`, `diffalign.quantization`)."""
         import diffusers
 
         pipeline_cls = getattr(diffusers, cls.pipeline_class)
+        quantization = {} if quantization_config is None else {"quantization_config": quantization_config}
         try:
             pipe = pipeline_cls.from_pretrained(path, use_safetensors=True, **dtype_kwarg(torch_dtype),
-                                                **cls.pipeline_init_kwargs)
+                                                **cls.pipeline_init_kwargs, **quantization)
         except (OSError, EnvironmentError) as e:
             raise ModelError(f"model '{path}' could not be loaded with safetensors weights only: "
                              f"{first_line(e, with_type=False)}") from None
@@ -270,7 +275,8 @@ class ModelFamily:
         """`encode_text` of each distinct prompt once; a cache shared across epochs."""
         missing = sorted({p for p in prompts if p not in self._cache})
         if missing:
-            encoded = self.encode_text(missing, self.device)
+            with self.text_encoders_on(self.device):
+                encoded = self.encode_text(missing, self.device)
             if len(self._cache) + len(missing) > self.max_cache:
                 self._cache.clear()
             for i, prompt in enumerate(missing):
@@ -282,6 +288,20 @@ class ModelFamily:
         """Row `index` of an `encode_text` batch, as the per-prompt cache keeps it (a family with variable-length
         conditioning drops the batch's padding here; `cat_rows` pads each batch to its own longest row)."""
         return {k: v[index] for k, v in encoded.items()}
+
+    @contextlib.contextmanager
+    def text_encoders_on(self, device):
+        """With `offload_text_encoders`: the text encoders on `device` inside the block, back on the CPU after (their
+        memory is free while the denoiser samples and trains); otherwise nothing moves."""
+        encoders = [getattr(self.pipe, n, None) for n in self.text_encoder_names] if self.offload_text_encoders else []
+        encoders = [e for e in encoders if e is not None]
+        for encoder in encoders:
+            encoder.to(device)
+        try:
+            yield
+        finally:
+            for encoder in encoders:
+                encoder.to("cpu")
 
     def negative_conditioning(self, negative_prompt: str, batch_size: int) -> Conditioning:
         return self.encode_prompts([negative_prompt] * batch_size)
