@@ -39,13 +39,14 @@ def concurrent_calls(fn) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
 
 
-def contiguous_groups_end(group_ids: List[int]) -> int:
+def contiguous_groups_end(group_ids: List[int], group_size: Optional[int] = None) -> int:
     """The number of leading samples that form whole groups, given that the samples after them may continue the last
-    group: the start of the last run of equal ids (0 when all share one id)."""
+    group: the start of the last run of equal ids (0 when all share one id), or all of them when that run already
+    holds `group_size` samples."""
     end = len(group_ids)
     while end > 0 and group_ids[end - 1] == group_ids[-1]:
         end -= 1
-    return end
+    return len(group_ids) if group_size is not None and len(group_ids) - end == group_size else end
 
 
 class RewardScorer:
@@ -162,7 +163,7 @@ class EpochScoring:
         group_ids = self.pending[0][2] if len(self.pending) == 1 else torch.cat([p[2] for p in self.pending])
         count = len(prompts)
         if self.scorer.groupwise and not final:
-            count = contiguous_groups_end(group_ids.tolist())
+            count = contiguous_groups_end(group_ids.tolist(), self.group_size)
         if count == 0:
             return
         if self.scorer.groupwise:
