@@ -236,3 +236,69 @@ def test_a_tiny_run_trains_with_pickscore_rank(clip_dir, tiny_model_dir, tmp_pat
         assert record["reward_mean"] == pytest.approx(0.5) and record["reward_max"] == 1.0  # 2 images per prompt
         assert "reward_pickscore_mean" in record and record["grad_norm"] > 0
     assert (run / "final" / "pytorch_lora_weights.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------- two processes
+class FileRecording(GroupwiseReward):
+    """Brightness win rates; each call's prompts, group ids and rewards appended to a file of this process."""
+
+    def score_groups(self, images, prompts, metadata, group_ids):
+        import os
+
+        rates = group_win_rates(images.float().mean(dim=(1, 2, 3)).cpu(), group_ids)
+        path = os.path.join(os.environ["GROUPWISE_RECORD_DIR"], f"rank-{os.environ.get('RANK', '0')}.jsonl")
+        with open(path, "a") as f:
+            f.write(json.dumps({"prompts": list(prompts), "group_ids": group_ids.tolist(),
+                                "rewards": rates.tolist()}) + "\n")
+        return rates
+
+
+def recording_factory(tag: str = "x"):
+    """`test_groupwise_rewards:recording_factory` with `reward_kwargs` (a factory then), for the launched runs."""
+    return FileRecording()
+
+
+@pytest.mark.slow  # two accelerate launches: a minute or more on a shared 2-core machine
+def test_two_processes_rank_the_groups_as_one_process(tiny_model_dir, tmp_path):
+    """Epoch 0 on 2 processes (4 prompts x 2 images, chunks of 3: a group cut by a chunk on each) and on 1: every
+    group is whole on one process, of one prompt, and gets the same win rates."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    records = {}
+    for processes in (2, 1):
+        out = tmp_path / f"p{processes}"
+        out.mkdir()
+        env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+                   GROUPWISE_RECORD_DIR=str(out), PYTHONPATH=os.pathsep.join(
+                       [here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        if processes > 1:
+            launch.insert(3, "--multi_gpu")
+        args = ["ddpo", "--model", tiny_model_dir, "--output_dir", str(out / "run"), "--num_epochs", "1",
+                "--prompts", "[a cat, a dog, a bird, a fish]", "--sample_num_steps", "2",
+                "--sample_num_prompts_per_epoch", "4", "--sample_images_per_prompt", "2", "--sample_batch_size", "3",
+                "--grid_num_images", "1", "--reward", "test_groupwise_rewards:recording_factory",
+                "--reward_kwargs", "{tag: x}", "--seed", "3", "--train_batch_size", "2", "--advantage_mode", "group",
+                "--final_eval_num_images", "0"]
+        result = subprocess.run(launch + [os.path.join(here, "distributed_run.py")] + args, env=env,
+                                capture_output=True, text=True, timeout=400)
+        assert result.returncode == 0, result.stderr[-4000:]
+        groups = {}
+        for rank in range(processes):
+            for line in (out / f"rank-{rank}.jsonl").read_text().splitlines()[: {2: 2, 1: 3}[processes]]:
+                call = json.loads(line)  # the epoch's calls (the grid's come after)
+                for prompt, group, reward in zip(call["prompts"], call["group_ids"], call["rewards"]):
+                    assert groups.setdefault(group, {"rank": rank, "prompt": prompt, "rewards": []})["rank"] == rank
+                    assert groups[group]["prompt"] == prompt
+                    groups[group]["rewards"].append(reward)
+        records[processes] = groups
+    assert sorted(records[2]) == sorted(records[1]) == [0, 1, 2, 3]
+    assert {g["rank"] for g in records[2].values()} == {0, 1}
+    for group in range(4):
+        assert len(records[2][group]["rewards"]) == 2
+        assert records[2][group]["prompt"] == records[1][group]["prompt"]
+        assert records[2][group]["rewards"] == records[1][group]["rewards"]
