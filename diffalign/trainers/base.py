@@ -397,7 +397,8 @@ class BaseTrainer:
         from diffalign.rewards.scoring import RewardScorer
 
         scorer = getattr(self, "_reward_scorer", None)
-        if scorer is None or scorer.reward_fn is not self.reward_fn or scorer.eval_reward_fn is not self.eval_reward_fn:
+        if (scorer is None or scorer.reward_fn is not self.reward_fn
+                or scorer.eval_reward_fn is not self.eval_reward_fn):
             scorer = self._reward_scorer = RewardScorer(
                 self.reward_fn, getattr(self, "reward_label", None) or reward_name(self.reward_fn),
                 self.eval_reward_fn, reward_name(self.eval_reward_fn, self.config.eval_reward),
