@@ -98,8 +98,8 @@ def test_the_reward_of_a_chunk_runs_while_the_next_chunk_samples(tmp_path, tiny_
 @pytest.mark.parametrize("asynchronous", [True, False])
 def test_a_failing_reward_is_the_same_one_line(asynchronous, tiny_model_dir, tmp_path, capsys):
     code = main(["train", "ddpo", "--model", tiny_model_dir, "--output_dir", str(tmp_path / "run"),
-                 "--num_epochs", "1", "--sample_batch_size", "1", "--reward_async", str(asynchronous).lower(), *TINY_RUN,
-                 "--reward", "test_async_scoring:failing_reward"])
+                 "--num_epochs", "1", "--sample_batch_size", "1", "--reward_async", str(asynchronous).lower(),
+                 *TINY_RUN, "--reward", "test_async_scoring:failing_reward"])
     assert code == 2
     line = one_line(capsys.readouterr().err)
     assert line == "diffalign: error: reward 'test_async_scoring:failing_reward' failed: ValueError: boom"
