@@ -22,6 +22,11 @@ Built-ins (see docs/rewards.md for the weights each one needs):
 | `ocr` | `ocr` | Flow-GRPO's text rendering: 1 - normalised edit distance to the prompt's quoted text (EasyOCR) |
 | `geneval` | `geneval` | GenEval's rules (objects, counts, colours, positions) on a given detector; Flow-GRPO's partial score |
 | `vlm_judge` | `vlm_judge` | a VLM over an OpenAI-compatible API: P(Yes) / (P(Yes) + P(No)), or a parsed rating |
+| `pickscore_rank`, `win_rate` | `groupwise` | groupwise: a sample's win rate against the other samples of its prompt |
+
+Groupwise rewards (`GroupwiseReward`, or any callable with `groupwise = True`) score a prompt's whole group at once
+and are called `reward(images, prompts, metadata, group_ids)`, `group_ids` a `LongTensor[B]` equal for the samples of
+one prompt; the trainers always hand them whole groups (docs/rewards.md, "Groupwise rewards").
 """
 
 import importlib
@@ -49,9 +54,11 @@ _BUILTIN_MODULES = [
     "diffalign.rewards.vlm_judge",
     "diffalign.rewards.ocr",
     "diffalign.rewards.geneval",
+    "diffalign.rewards.groupwise",
 ]
 
 __all__ = [
+    "GroupwiseReward",
     "REWARDS",
     "RewardFn",
     "RewardMixture",
@@ -63,6 +70,8 @@ __all__ = [
     "call_reward",
     "check_reward_output",
     "get_reward",
+    "group_ids_for",
+    "is_groupwise",
     "reward_name",
     "register_reward",
 ]
@@ -131,6 +140,62 @@ def _load_user_function(spec: str, **kwargs) -> RewardFn:
         return fn
     _check_kwargs(spec, fn, kwargs)
     return fn(**kwargs)
+
+
+def is_groupwise(fn) -> bool:
+    """Whether `fn` scores groups (`fn.groupwise is True`): it is called with the group ids as a fourth argument."""
+    return getattr(fn, "groupwise", False) is True
+
+
+def group_ids_for(prompts: List[str], metadata: Optional[List[dict]] = None, group_ids=None,
+                  name: str = "reward") -> torch.Tensor:
+    """The `LongTensor[B]` group ids of a batch: `group_ids` when given, else every row's metadata `group_id` (what
+    the trainers and the `remote` reward send), else equal prompts share a group. A `RewardError` when a group
+    holds two different prompts (a group is one prompt's samples) or the ids do not fit the batch."""
+    count = len(prompts)
+    if group_ids is None and metadata is not None and all(
+            isinstance(row, Mapping) and isinstance(row.get("group_id"), int) for row in metadata):
+        group_ids = [row["group_id"] for row in metadata]
+    if group_ids is None:
+        first = {}
+        group_ids = [first.setdefault(prompt, len(first)) for prompt in prompts]
+    try:
+        ids = torch.as_tensor(group_ids).reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        raise RewardError(f"reward '{name}': group_ids must be integers, one per image") from None
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.shape[0] != count:
+        raise RewardError(f"reward '{name}': group_ids must be {count} integers, one per image; got "
+                          f"{ids.dtype} of shape {list(ids.shape)}")
+    ids = ids.to(device="cpu", dtype=torch.long)
+    prompt_of = {}
+    for group, prompt in zip(ids.tolist(), prompts):
+        if prompt_of.setdefault(group, prompt) != prompt:
+            raise RewardError(f"reward '{name}': group {group} mixes the prompts {prompt_of[group]!r} and {prompt!r}; "
+                              f"a group is the samples of one prompt")
+    return ids
+
+
+class GroupwiseReward:
+    """Base of rewards that score a prompt's group of samples together: a sample's score may depend on the other
+    samples of its prompt (a rank, a win rate, a pairwise judge), never on other prompts' samples.
+
+    Subclasses implement `score_groups(images, prompts, metadata, group_ids) -> Tensor[B]` (`group_ids` a CPU
+    `LongTensor[B]`, checked: equal ids have equal prompts). The trainers call every groupwise reward (anything with
+    `groupwise = True`, this class or a user's function) with whole groups, the process's own: `reward(images,
+    prompts, metadata, group_ids)`. Called without `group_ids`, the metadata's `group_id`s group the batch, else its
+    equal prompts.
+    """
+
+    groupwise = True
+
+    def __call__(self, images: torch.Tensor, prompts: List[str], metadata: Optional[List[dict]] = None,
+                 group_ids=None) -> torch.Tensor:
+        name = getattr(self, "name", type(self).__name__)
+        return self.score_groups(images, prompts, metadata, group_ids_for(prompts, metadata, group_ids, name))
+
+    def score_groups(self, images: torch.Tensor, prompts: List[str], metadata: Optional[List[dict]],
+                     group_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
 def _check_kwargs(name: str, factory: Callable, kwargs: dict):
@@ -208,10 +273,15 @@ class RewardMixture:
             self.parts[name] = get_reward(name, **options)
         self.last_parts: Dict[str, torch.Tensor] = {}
 
+    @property
+    def groupwise(self) -> bool:
+        """A mixture with a groupwise part is groupwise: it is handed whole groups, and passes their ids on."""
+        return any(is_groupwise(fn) for fn in self.parts.values())
+
     def __call__(
-        self, images: torch.Tensor, prompts: List[str], metadata: Optional[List[dict]] = None
+        self, images: torch.Tensor, prompts: List[str], metadata: Optional[List[dict]] = None, group_ids=None
     ) -> torch.Tensor:
-        self.last_parts = {name: call_reward(fn, images, prompts, metadata, name=name)
+        self.last_parts = {name: call_reward(fn, images, prompts, metadata, name=name, group_ids=group_ids)
                            for name, fn in self.parts.items()}
         total = torch.zeros(images.shape[0], dtype=torch.float32)
         for name, value in self.last_parts.items():
@@ -294,12 +364,16 @@ def check_reward_output(name: str, output, num_images: int) -> torch.Tensor:
     return scores.detach().to(device="cpu", dtype=torch.float32)
 
 
-def call_reward(fn, images, prompts, metadata=None, name: Optional[str] = None) -> torch.Tensor:
+def call_reward(fn, images, prompts, metadata=None, name: Optional[str] = None, group_ids=None) -> torch.Tensor:
     """Calls a reward and checks its output (`check_reward_output`); an exception it raises becomes a one-line
-    `RewardError` naming it (the original stays as `__cause__`)."""
+    `RewardError` naming it (the original stays as `__cause__`). A groupwise reward (`is_groupwise`) also gets the
+    group ids (`group_ids_for`: `group_ids`, else the metadata's, else equal prompts); a pointwise one ignores them."""
     name = name or reward_name(fn)
     try:
-        output = fn(images, prompts, metadata)
+        if is_groupwise(fn):
+            output = fn(images, prompts, metadata, group_ids_for(prompts, metadata, group_ids, name))
+        else:
+            output = fn(images, prompts, metadata)
     except UserError:
         raise
     except Exception as e:

@@ -208,6 +208,9 @@ class RemoteReward:
 
     # the advice of a "not reachable" error; a client of another kind of server (the VLM judge's) says its own
     unreachable_hint = "start it (python -m diffalign.rewards.serve --reward NAME --port PORT) or fix reward_kwargs.url"
+    # calls that may be in flight at once from different threads (the trainers score the chunks of an epoch so,
+    # `diffalign.rewards.scoring`): a call holds no shared state but `last_parts`, which is kept per thread
+    concurrent_calls = 4
 
     def __init__(self, url: str, timeout: float = 30.0, retries: int = 2, batch_size: int = 64, backoff: float = 1.0,
                  headers: Optional[Dict[str, str]] = None):
@@ -229,7 +232,16 @@ class RemoteReward:
         self.batch_size = batch_size
         self.backoff = float(backoff)
         self.headers = {"Content-Type": "application/json", "Accept": "application/json", **dict(headers or {})}
-        self.last_parts: Dict[str, torch.Tensor] = {}
+        self._thread = threading.local()
+
+    @property
+    def last_parts(self) -> Dict[str, torch.Tensor]:
+        """The server's `parts` of this thread's last call."""
+        return getattr(self._thread, "parts", {})
+
+    @last_parts.setter
+    def last_parts(self, parts: Dict[str, torch.Tensor]):
+        self._thread.parts = parts
 
     def __call__(self, images: torch.Tensor, prompts: List[str],
                  metadata: Optional[List[dict]] = None) -> torch.Tensor:

@@ -375,8 +375,13 @@ class RewardServer:
     """
 
     def __init__(self, address: Tuple[str, int], reward_fn, name: str = "reward", device="cpu",
-                 limits: Optional[ServerLimits] = None, access_log: bool = False):
+                 limits: Optional[ServerLimits] = None, access_log: bool = False, latency: float = 0.0):
         _import_aiohttp()
+        if isinstance(latency, bool) or not isinstance(latency, (int, float)) or not 0 <= latency < math.inf:
+            raise ServeError(f"--latency must be a finite number of seconds >= 0; got {latency!r}")
+        # seconds each answer is held back without holding the worker: a stand-in for the network and queueing
+        # latency of a real remote reward (for benchmarks: requests in flight together wait together)
+        self.latency = float(latency)
         self.reward_fn = reward_fn
         self.reward_label = name
         self.device = device
@@ -505,6 +510,8 @@ class RewardServer:
                                                    f"{limits.read_timeout:g} s (--read-timeout)"}, close=True)
             except BadRequest as e:
                 return self._answer(e.status, {"error": str(e)})
+            if self.latency:
+                await asyncio.sleep(self.latency)
             job = self._worker.submit(self._handle, body)
             del body
             status, payload = await asyncio.wrap_future(job)
@@ -566,10 +573,11 @@ class RewardServer:
 
 
 def make_server(reward, host: str = "127.0.0.1", port: int = 8000, device: Optional[str] = None, *,
-                limits: Optional[ServerLimits] = None, access_log: bool = False, **reward_kwargs) -> RewardServer:
+                limits: Optional[ServerLimits] = None, access_log: bool = False, latency: float = 0.0,
+                **reward_kwargs) -> RewardServer:
     """A `RewardServer` for `reward` (a name, `module:function`, mixture, or a callable) within `limits`; `port=0`
     picks a free port (`server.server_address[1]`). Call `serve_forever()` (in a thread, for tests) and
-    `shutdown()`."""
+    `shutdown()`. `latency` holds each answer back that many seconds (a benchmark's slow remote reward)."""
     from diffalign.rewards import get_reward, reward_name
 
     _import_aiohttp()  # before loading a reward model: a missing dependency should not cost that wait
@@ -577,7 +585,7 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8000, device: Optio
         device = "cuda" if torch.cuda.is_available() else "cpu"
     reward_fn = reward if callable(reward) else get_reward(reward, **reward_kwargs)
     return RewardServer((host, port), reward_fn, name=reward_name(reward_fn, None if callable(reward) else reward),
-                        device=device, limits=limits, access_log=access_log)
+                        device=device, limits=limits, access_log=access_log, latency=latency)
 
 
 def _limits_from_args(args) -> ServerLimits:
@@ -632,6 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--shutdown-timeout", type=float, default=default.shutdown_timeout,
                         help="seconds requests in flight get to finish on SIGINT/SIGTERM [%(default)g]")
     parser.add_argument("--access-log", action="store_true", help="log one line per request")
+    parser.add_argument("--latency", type=float, default=0.0,
+                        help="hold each answer back SECONDS without holding the scoring worker: a remote reward of "
+                             "known latency, for benchmarks (docs/bench.md) [%(default)g]")
     return parser
 
 
@@ -654,7 +665,7 @@ def main(argv=None) -> int:
         # PIL's own bomb check as a second line behind the header check: it warns past this and refuses past twice it
         Image.MAX_IMAGE_PIXELS = limits.max_pixels
         server = make_server(spec if isinstance(spec, dict) else args.reward, args.host, args.port, args.device,
-                             limits=limits, access_log=args.access_log, **kwargs)
+                             limits=limits, access_log=args.access_log, latency=args.latency, **kwargs)
     except (UserError, yaml.YAMLError, OSError) as e:
         print(f"diffalign.rewards.serve: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -80,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser):
     train = sub.add_parser("train", parents=[common], help="epoch time of each trainer vs its denoiser passes alone")
     train.add_argument("--algorithms", default=None,
                        help="comma-separated registered algorithms (diffalign.trainers.TRAINERS; default: all)")
+    train.add_argument("--reward-latency", type=float, default=None, metavar="SECONDS",
+                       help="instead: epoch time with a remote reward answering after SECONDS (a local "
+                            "diffalign.rewards.serve --latency), asynchronous and synchronous scoring, against the "
+                            "same reward without latency")
     learn = sub.add_parser("learn", parents=[common], help="time to reach a reward, per trainer configuration")
     learn.add_argument("--target", type=float, default=None, help="reward to reach (default 0.9 for digits)")
     learn.add_argument("--reward", default=None, help="reward name (default: digit_correctness, or "

@@ -245,6 +245,8 @@ def run_benchmark(ctx) -> dict:
     import tempfile
 
     algorithms = algorithms_to_bench(ctx.args.algorithms)
+    if getattr(ctx.args, "reward_latency", None) is not None:
+        return run_latency_benchmark(ctx, algorithms)
     reward_fn = None
     if not ctx.is_digits:
         from diffalign.rewards import get_reward
@@ -367,3 +369,79 @@ def breakdown(recorder: EpochRecorder, total: float, metrics: dict) -> dict:
         "raw": dict(parts),
         "trainer_metrics": {k: v for k, v in metrics.items() if k.startswith("time_")},
     }
+
+
+# ------------------------------------------------------------------------------------------- reward latency
+LATENCY_VARIANTS = ("no_latency", "async", "sync")
+
+
+def run_latency_benchmark(ctx, algorithms: List[str]) -> dict:
+    """`--reward-latency L`: each trainer's epoch with a `remote` reward whose server holds every answer L seconds,
+    scored asynchronously (`reward_async`, the default) and synchronously, against the same reward without the
+    latency. The servers are `diffalign.rewards.serve`'s, in this process, serving `jpeg_compressibility`; the
+    epochs of the three variants are interleaved."""
+    import os
+    import tempfile
+    import threading
+
+    from diffalign.rewards.serve import make_server
+
+    latency = ctx.args.reward_latency
+    if not 0 < latency < 3600:
+        raise BenchError(f"--reward-latency must be in (0, 3600) seconds; got {latency:g}")
+    servers = {"no_latency": make_server("jpeg_compressibility", port=0, device="cpu"),
+               "slow": make_server("jpeg_compressibility", port=0, device="cpu", latency=latency)}
+    threads = [threading.Thread(target=server.serve_forever, daemon=True) for server in servers.values()]
+    for thread in threads:
+        thread.start()
+    urls = {key: f"http://127.0.0.1:{server.server_address[1]}/score" for key, server in servers.items()}
+    variants = {
+        "no_latency": dict(reward="remote", reward_kwargs={"url": urls["no_latency"], "retries": 0}),
+        "async": dict(reward="remote", reward_kwargs={"url": urls["slow"], "retries": 0, "timeout": latency + 60},
+                      reward_async=True),
+        "sync": dict(reward="remote", reward_kwargs={"url": urls["slow"], "retries": 0, "timeout": latency + 60},
+                     reward_async=False),
+    }
+    figures, details = Figures(), {}
+    ctx.settings.update(model=ctx.model_name, repeats=ctx.repeats, shared=ctx.base_settings(), reward_latency=latency,
+                        reward="remote: jpeg_compressibility served by diffalign.rewards.serve --latency")
+    try:
+        with tempfile.TemporaryDirectory(prefix="diffalign-bench-") as tmp:
+            for name in algorithms:
+                trainers = {key: ctx.make_trainer(name, overrides, os.path.join(tmp, f"{name}-{key}"))
+                            for key, overrides in variants.items()}
+                times = epoch_times_interleaved(trainers, ctx.repeats, ctx.device)
+                chunks = -(-len(trainers["async"].local_prompts(0)) // trainers["async"].config.sample_batch_size)
+                details[name] = {"times": times, "chunks_per_epoch": chunks}
+                base = median(times["no_latency"]["time_epoch"])
+                figures.add(f"{name}_epoch_s", base, "s (median), reward without latency")
+                for key in ("async", "sync"):
+                    epoch_s = median(times[key]["time_epoch"])
+                    figures.add(f"{name}_{key}_epoch_s", epoch_s, f"s (median), {latency:g} s reward, {key} scoring")
+                    figures.add(f"{name}_{key}_over_no_latency", ratio(epoch_s, base),
+                                f"epoch with the {latency:g} s reward / without ({chunks} reward calls per epoch)")
+                figures.add(f"{name}_async_reward_wait_s", median(times["async"]["time_reward"]),
+                            "s (median) the epoch waited for the reward after sampling")
+                del trainers
+    finally:
+        for server in servers.values():
+            server.shutdown()
+            server.server_close()
+    return {"figures": figures, "details": details}
+
+
+def epoch_times_interleaved(trainers: dict, repeats: int, device) -> Dict[str, Dict[str, List[float]]]:
+    """One warm-up epoch per trainer, then `repeats` rounds of one epoch each, the order alternating every round;
+    `{variant: {time_epoch: [...], time_sample: [...], time_reward: [...], time_reward_calls: [...]}}`."""
+    names = list(trainers)
+    for name in names:
+        trainers[name].step(0)
+    keys = ("time_epoch", "time_sample", "time_reward", "time_reward_calls")
+    out = {name: {key: [] for key in keys} for name in names}
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            sync(device)
+            metrics = trainers[name].step(r + 1)
+            for key in keys:
+                out[name][key].append(metrics[key])
+    return out

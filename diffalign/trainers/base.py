@@ -395,26 +395,34 @@ class BaseTrainer:
             height=self.resolution, width=self.resolution, denoiser=self.denoiser, ref_denoiser=self.ref_denoiser,
             compute_reference=compute_reference, keep_reference_means=keep_reference_means, kernel=self.kernel,
             stochastic_steps=self.stochastic_steps(epoch), keep_latents=self.keeps_trajectory,
+            on_chunk=self._on_sampled_chunk,
         )
 
     def score(self, trajectories: Trajectories, metadata: Optional[List[dict]] = None) -> Dict[str, torch.Tensor]:
-        """The reward (and eval reward) of each sample. `metadata` (one dict per sample, in the order of
+        """The reward (and eval reward) of each sample, in one call. `metadata` (one dict per sample, in the order of
         `trajectories.prompts`) holds its prompt's fields from a JSONL/CSV prompt file or dataset; the reward gets
-        them with the sample's `group_id`."""
-        from diffalign.rewards import call_reward, reward_name
-
+        them with the sample's `group_id` (a groupwise reward, the group ids too)."""
         # a reward that raises, or returns None, strings or the wrong shape or count: one line naming it (RewardError)
-        rows = metadata if metadata is not None else [{}] * len(trajectories)
-        metadata = [{**row, "group_id": int(g)} for row, g in zip(rows, trajectories.group_ids)]
-        rewards = call_reward(self.reward_fn, trajectories.images, trajectories.prompts, metadata,
-                              name=getattr(self, "reward_label", None))
-        scores = {"reward": rewards}
-        for name, part in getattr(self.reward_fn, "last_parts", {}).items():
-            scores[f"reward_{name}"] = torch.as_tensor(part, dtype=torch.float32).reshape(-1).cpu()
-        if self.eval_reward_fn is not None:
-            scores["eval"] = call_reward(self.eval_reward_fn, trajectories.images, trajectories.prompts, metadata,
-                                         name=reward_name(self.eval_reward_fn, self.config.eval_reward))
-        return scores
+        return self.reward_scorer().score(trajectories.images, trajectories.prompts, metadata,
+                                          trajectories.group_ids.cpu())
+
+    # `step` sets it to its `EpochScoring.add` while it samples: `sample` hands over each chunk as it is decoded
+    _on_sampled_chunk = None
+
+    def reward_scorer(self):
+        """How `reward_fn` and `eval_reward_fn` are called (`diffalign.rewards.scoring.RewardScorer`), asynchronously
+        with `reward_async`; rebuilt when either is replaced."""
+        from diffalign.rewards import reward_name
+        from diffalign.rewards.scoring import RewardScorer
+
+        scorer = getattr(self, "_reward_scorer", None)
+        if (scorer is None or scorer.reward_fn is not self.reward_fn
+                or scorer.eval_reward_fn is not self.eval_reward_fn):
+            scorer = self._reward_scorer = RewardScorer(
+                self.reward_fn, getattr(self, "reward_label", None) or reward_name(self.reward_fn),
+                self.eval_reward_fn, reward_name(self.eval_reward_fn, self.config.eval_reward),
+                asynchronous=self.config.reward_async)
+        return scorer
 
     # ------------------------------------------------------------- the loop
     def needs_reference(self) -> bool:
@@ -528,12 +536,18 @@ class BaseTrainer:
         t0 = time.perf_counter()
         prompts, metadata = self.local_items(epoch)
 
-        # ------------------------------------------------------------ SAMPLING
-        trajectories = self.sample(epoch, prompts, self.needs_reference(), self.keep_reference_means(), progress)
-        t1 = time.perf_counter()
-
-        # ------------------------------------------------------------- SCORING
-        scores = self.score(trajectories, metadata)
+        # ------------------------------------------------ SAMPLING, SCORING each chunk as it is sampled
+        # (`reward_async`: in a background thread while the next chunk samples; `diffalign.rewards.scoring`)
+        with self.reward_scorer().epoch(metadata, self.config.sample_images_per_prompt) as scoring:
+            self._on_sampled_chunk = scoring.add
+            try:
+                trajectories = self.sample(epoch, prompts, self.needs_reference(), self.keep_reference_means(),
+                                           progress)
+            finally:
+                self._on_sampled_chunk = None
+            t1 = time.perf_counter()
+            scoring_in_sampling = scoring.blocked_seconds
+            scores = scoring.finish(trajectories)
         rewards = scores["reward"]
         t2 = time.perf_counter()
         all_rewards = self.gather(rewards)
@@ -566,8 +580,9 @@ class BaseTrainer:
         metrics.update(
             lr=self.lr_scheduler.get_last_lr()[0],
             nonfinite_total=self.nonfinite_total,
-            time_sample=t1 - t0,
-            time_reward=t2 - t1,
+            time_sample=t1 - t0 - scoring_in_sampling,
+            time_reward=t2 - t1 + scoring_in_sampling,  # what the loop waited for; the calls: time_reward_calls
+            time_reward_calls=scoring.call_seconds,
             time_train=t3 - t2,
             time_epoch=t3 - t0,
             images=len(all_rewards),

@@ -139,6 +139,11 @@ class TrainConfig:
         metadata={"help": "A second scorer (name, module:function or mixture) logged on every epoch, never trained on."},
     )
     eval_reward_kwargs: Dict[str, Any] = field(default_factory=dict, metadata={"help": "Keyword arguments of it."})
+    reward_async: bool = field(
+        default=True,
+        metadata={"help": "Score each sampled chunk in a background thread while the next one samples (same scores, "
+                          "bit for bit, as false, which scores it in the sampling thread)."},
+    )
 
     # > Model
     use_lora: bool = field(default=True, metadata={"help": "Train a peft LoRA adapter (else the full denoiser)."})

@@ -28,12 +28,13 @@ logger = logging.getLogger("diffalign")
 def sample_in_chunks(family, prompts: Sequence[str], batch_size: Optional[int],
                      generator: Union[torch.Generator, List[torch.Generator]], autocast: Callable,
                      context: Optional[Callable] = None, group_ids: Optional[torch.Tensor] = None,
-                     progress: bool = False, desc: str = "sampling", **rollout_kwargs) -> Trajectories:
+                     progress: bool = False, desc: str = "sampling",
+                     on_chunk: Optional[Callable[[Trajectories], None]] = None, **rollout_kwargs) -> Trajectories:
     """`diffalign.rollout.sample_trajectories` over `prompts` in chunks of `batch_size` (one chunk when None).
 
     `generator` is one generator the chunks draw from in turn, or one per prompt (sliced with the chunks, as are
     `group_ids`). Each chunk runs under `autocast()` and, when given, a fresh `context()` (adapters disabled, EMA
-    weights swapped in)."""
+    weights swapped in); `on_chunk(chunk)` is told of each sampled chunk, outside both (the trainers score it)."""
     size = batch_size or len(prompts)
     batches = []
     for start in tqdm(range(0, len(prompts), size), desc=desc, leave=False, disable=not progress):
@@ -44,6 +45,8 @@ def sample_in_chunks(family, prompts: Sequence[str], batch_size: Optional[int],
         chunk_generator = generator[start : start + size] if isinstance(generator, list) else generator
         with context() if context is not None else contextlib.nullcontext(), autocast():
             batches.append(sample_trajectories(family, chunk, generator=chunk_generator, **kwargs))
+        if on_chunk is not None:
+            on_chunk(batches[-1])
     return concat_trajectories(batches)
 
 
