@@ -428,12 +428,17 @@ class ModularRLGPipeline:
         modular_pipeline (`ModularPipeline`): the model's modular pipeline; its components are shared, not copied.
         cfg_guider (`Callable[[float], ClassifierFreeGuidance]`): the model's own CFG guider for a `guidance_scale`.
         default_guidance_scale (`float`): the `guidance_scale` of a call that gives none.
+        default_negative_prompt (`str`, *optional*): the negative prompt of a call that gives none (`None`: the
+            blocks' own default). A string negative prompt goes to the blocks once per prompt of a prompt list
+            (diffusers' modular Qwen-Image encodes its default `""` once, whatever the number of prompts, and stops).
     """
 
-    def __init__(self, modular_pipeline, cfg_guider, default_guidance_scale: float):
+    def __init__(self, modular_pipeline, cfg_guider, default_guidance_scale: float,
+                 default_negative_prompt: str | None = None):
         self.modular_pipeline = modular_pipeline
         self.cfg_guider = cfg_guider
         self.default_guidance_scale = default_guidance_scale
+        self.default_negative_prompt = default_negative_prompt
 
     @property
     def components(self) -> dict:
@@ -471,6 +476,9 @@ class ModularRLGPipeline:
         self.modular_pipeline.update_components(guider=self.guider(scale, rlg_scale, rlg_start, rlg_stop, adapters))
         # some text encoder blocks write the templated prompts into the list they get (Z-Image's): hand them copies
         copy = lambda text: list(text) if isinstance(text, (list, tuple)) else text  # noqa: E731
+        negative_prompt = self.default_negative_prompt if negative_prompt is None else negative_prompt
+        if isinstance(negative_prompt, str) and isinstance(prompt, (list, tuple)):
+            negative_prompt = [negative_prompt] * len(prompt)
         if negative_prompt is not None:
             kwargs["negative_prompt"] = copy(negative_prompt)
         images = self.modular_pipeline(prompt=copy(prompt), output="images", **kwargs)
