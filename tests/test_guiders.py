@@ -361,7 +361,7 @@ def test_zimage_modular_pipeline(zimage):
     stock.set_progress_bar_config(disable=True)
     expected = stock(list(prompts), guidance_scale=4.0, generator=[torch.Generator().manual_seed(i) for i in range(2)],
                      **kwargs).images
-    torch.testing.assert_close(aligned, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(aligned, expected, atol=1e-5, rtol=0)  # 0 on CPU: both run one forward per condition
 
 
 def test_norm_rescale_is_inside_each_model():
@@ -428,7 +428,7 @@ def test_qwenimage_modular_pipeline():
     torch.testing.assert_close(run(rlg(1.0, QwenImageFamily.modular_cfg_guider(4.0))), aligned, atol=0, rtol=0)
     # w = 0.5: each model's CFG rescaled in its branch differs from the block rescaling the mix (plain CFG inside)
     inside = run(rlg(0.5, QwenImageFamily.modular_cfg_guider(4.0)))
-    assert (inside - run(rlg(0.5, ClassifierFreeGuidance(guidance_scale=4.0)))).abs().max() > 1e-6
+    assert (inside - run(rlg(0.5, ClassifierFreeGuidance(guidance_scale=4.0)))).abs().max() > 1e-3
 
     # called like an RLG pipeline (no negative prompt: Qwen-Image's "", one per prompt): the same images
     wrapped = QwenImageFamily.rlg_pipeline(QwenImagePipeline(**components))
@@ -440,4 +440,4 @@ def test_qwenimage_modular_pipeline():
     stock.set_progress_bar_config(disable=True)
     expected = stock(list(prompts), generator=[torch.Generator().manual_seed(i) for i in range(2)],
                      **QwenImageFamily.rlg_guidance_pipeline_kwargs(4.0), **kwargs).images
-    torch.testing.assert_close(aligned, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(aligned, expected, atol=1e-5, rtol=0)  # 0 on CPU: both run one forward per condition

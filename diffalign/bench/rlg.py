@@ -115,8 +115,8 @@ def run_benchmark(ctx) -> dict:
         modular_kwargs["negative_prompt"] = [""] * len(prompts)
         cfg_scale = guidance.get("true_cfg_scale", guidance["guidance_scale"])  # the pipeline's CFG argument
 
-        def cfg_guider():
-            return family.modular_cfg_guider(cfg_scale)
+        def cfg_guider():  # for this model (a step-distilled FLUX.2 klein: CFG off)
+            return family.modular_cfg_guider_for(plain)(cfg_scale)
 
         def modular(guider):
             pipe = blocks().init_pipeline()
