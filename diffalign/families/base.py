@@ -222,6 +222,10 @@ class ModelFamily:
                 raise ModelError(f"the {cls.name} family has no RLG pipeline and no modular blocks with a guider")
             modular = blocks.init_pipeline()
             modular.update_components(**{name: value for name, value in components.items() if value is not None})
+            # the blocks' configs from the pipeline's (FLUX.2 klein's `is_distilled`: no negative prompt to encode)
+            configs = {spec.name: pipe.config[spec.name] for spec in blocks.expected_configs if spec.name in pipe.config}
+            if configs:
+                modular.register_to_config(**configs)
             # the negative prompt with which the family's pipeline samples as the route (Qwen-Image: "")
             negative_prompt = cls.rlg_guidance_pipeline_kwargs(cls.default_guidance_scale).get("negative_prompt")
             rlg = ModularRLGPipeline(modular, cls.modular_cfg_guider_for(pipe), cls.default_guidance_scale,
