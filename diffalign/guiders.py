@@ -30,8 +30,8 @@ from diffusers.utils import is_peft_available
 if TYPE_CHECKING:
     from diffusers.modular_pipelines.modular_pipeline import BlockState
 
-__all__ = ["ModularRLGPipeline", "NormRescaledCFGGuidance", "ReinforcementLearningGuidance", "norm_rescaled", "rlg_mix",
-           "set_modular_progress_bar_config"]
+__all__ = ["ModularRLGPipeline", "NormRescaledCFGGuidance", "ReinforcementLearningGuidance", "norm_rescaled",
+           "rlg_mix", "set_modular_progress_bar_config"]
 
 
 def rlg_mix(pred_base: torch.Tensor, terms) -> torch.Tensor:
@@ -48,6 +48,7 @@ def rlg_mix(pred_base: torch.Tensor, terms) -> torch.Tensor:
     for pred_aligned, w in terms:
         pred = pred + w * (pred_aligned - pred_base)
     return pred
+
 
 def norm_rescaled(pred: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """`pred` rescaled so that each token (the last axis) has the norm of `reference`: Qwen-Image's true-CFG rescale
@@ -88,8 +89,8 @@ class NormRescaledCFGGuidance(ClassifierFreeGuidance):
     diffusers' modular Qwen-Image denoise blocks apply that rescale after the guider, to its `pred` with its
     `pred_cond`'s norm. This guider returns the rescaled prediction as both, so the blocks' own rescale multiplies by
     `|pred| / |pred|`, exactly 1: in those blocks it samples bit for bit as diffusers' `ClassifierFreeGuidance`. Its
-    point is `ReinforcementLearningGuidance.from_cfg_guider`, which then rescales inside each model's branch (Qwen-Image's
-    CFG per model) before mixing, instead of the blocks rescaling the mix.
+    point is `ReinforcementLearningGuidance.from_cfg_guider`, which then rescales inside each model's branch
+    (Qwen-Image's CFG per model) before mixing, instead of the blocks rescaling the mix.
     """
 
     def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None) -> GuiderOutput:

@@ -223,7 +223,8 @@ class ModelFamily:
             modular = blocks.init_pipeline()
             modular.update_components(**{name: value for name, value in components.items() if value is not None})
             # the blocks' configs from the pipeline's (FLUX.2 klein's `is_distilled`: no negative prompt to encode)
-            configs = {spec.name: pipe.config[spec.name] for spec in blocks.expected_configs if spec.name in pipe.config}
+            configs = {spec.name: pipe.config[spec.name] for spec in blocks.expected_configs
+                       if spec.name in pipe.config}
             if configs:
                 modular.register_to_config(**configs)
             # the negative prompt with which the family's pipeline samples as the route (Qwen-Image: "")
