@@ -3,10 +3,12 @@
 The model directory's `model_index.json` (`_class_name`) picks the family and its RLG route: an RLG pipeline for
 Stable Diffusion 1.x/2.x (`StableDiffusionRLGPipeline`), SDXL (`StableDiffusionXLRLGPipeline`), SD3 / SD3.5
 (`StableDiffusion3RLGPipeline`) and FLUX.1 (`FluxRLGPipeline`; `--guidance-scale` is then its embedded guidance,
-default 3.5); for a family with diffusers modular blocks and no RLG pipeline (Z-Image), the RLG guider
-(`diffalign.guiders.ReinforcementLearningGuidance`) in its modular pipeline, with the model's own CFG inside each
-branch (`ModelFamily.rlg_pipeline`; `--guidance-scale` is the family pipeline's, e.g. ZImagePipeline's). The guider
-route takes the aligned model as a LoRA (`--lora`) and runs one denoiser forward per model and condition.
+default 3.5); for a family with diffusers modular blocks and no RLG pipeline (Z-Image, Qwen-Image, FLUX.2
+[klein]), the RLG guider (`diffalign.guiders.ReinforcementLearningGuidance`) in its modular pipeline, with the
+model's own CFG inside each branch (`ModelFamily.rlg_pipeline`; `--guidance-scale` is the CFG argument of the family's
+pipeline: ZImagePipeline's `guidance_scale`, QwenImagePipeline's `true_cfg_scale` against the empty negative prompt,
+Flux2KleinPipeline's `guidance_scale`, which a step-distilled klein ignores). The guider route takes the aligned model
+as a LoRA (`--lora`) and runs one denoiser forward per model and condition.
 
 Writes, under `--output-dir`:
 - `rlg_grid.png`: one labelled row per RLG scale with the same images in every row (at most `GRID_PER_ROW` = 8: the
@@ -61,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--guidance-scale",
         type=float,
         default=None,
-        help="classifier-free guidance inside each model (default 5); FLUX: the embedded guidance (default 3.5)",
+        help="classifier-free guidance inside each model (default: the family pipeline's, 5 for SD); FLUX.1: the "
+        "embedded guidance (default 3.5)",
     )
     parser.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (SD, SDXL; SD3 samples the ODE)")

@@ -23,13 +23,15 @@ from typing import TYPE_CHECKING, Union
 
 import torch
 from diffusers.configuration_utils import register_to_config
+from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput, rescale_noise_cfg
 from diffusers.utils import is_peft_available
 
 if TYPE_CHECKING:
     from diffusers.modular_pipelines.modular_pipeline import BlockState
 
-__all__ = ["ModularRLGPipeline", "ReinforcementLearningGuidance", "rlg_mix", "set_modular_progress_bar_config"]
+__all__ = ["ModularRLGPipeline", "NormRescaledCFGGuidance", "ReinforcementLearningGuidance", "norm_rescaled",
+           "rlg_mix", "set_modular_progress_bar_config"]
 
 
 def rlg_mix(pred_base: torch.Tensor, terms) -> torch.Tensor:
@@ -46,6 +48,14 @@ def rlg_mix(pred_base: torch.Tensor, terms) -> torch.Tensor:
     for pred_aligned, w in terms:
         pred = pred + w * (pred_aligned - pred_base)
     return pred
+
+
+def norm_rescaled(pred: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """`pred` rescaled so that each token (the last axis) has the norm of `reference`: Qwen-Image's true-CFG rescale
+    of the guided prediction to the conditional prediction's norm, with the operations of diffusers' modular Qwen-Image
+    denoise blocks (`pred * (norm(reference) / norm(pred))`), so that it gives their bits."""
+    return pred * (torch.norm(reference, dim=-1, keepdim=True) / torch.norm(pred, dim=-1, keepdim=True))
+
 
 # Name peft uses for "no adapter" rows in a mixed-adapter batch (`adapter_names=[...]`).
 BASE_ADAPTER_NAME = "__base__"
@@ -69,6 +79,24 @@ def _uses_dora(lora_layers: list, adapter: str) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class NormRescaledCFGGuidance(ClassifierFreeGuidance):
+    r"""Classifier-free guidance whose guided prediction is rescaled per token to the conditional prediction's norm
+    (`norm_rescaled`): Qwen-Image's true CFG (`QwenImagePipeline`: `u + s (c - u)`, then `* |c| / |.|`), inside the
+    guider rather than after it.
+
+    diffusers' modular Qwen-Image denoise blocks apply that rescale after the guider, to its `pred` with its
+    `pred_cond`'s norm. This guider returns the rescaled prediction as both, so the blocks' own rescale multiplies by
+    `|pred| / |pred|`, exactly 1: in those blocks it samples bit for bit as diffusers' `ClassifierFreeGuidance`. Its
+    point is `ReinforcementLearningGuidance.from_cfg_guider`, which then rescales inside each model's branch
+    (Qwen-Image's CFG per model) before mixing, instead of the blocks rescaling the mix.
+    """
+
+    def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None) -> GuiderOutput:
+        pred = norm_rescaled(super().forward(pred_cond, pred_uncond).pred, pred_cond)
+        # `pred_cond=pred`: a block that rescales the output to `pred_cond`'s norm leaves it unchanged
+        return GuiderOutput(pred=pred, pred_cond=pred, pred_uncond=pred_uncond)
 
 
 class ReinforcementLearningGuidance(BaseGuidance):
@@ -107,6 +135,11 @@ class ReinforcementLearningGuidance(BaseGuidance):
         use_original_formulation (`bool`, defaults to `False`):
             Use CFG's original formulation `cond + g (cond - uncond)`; see
             [`~guiders.classifier_free_guidance.ClassifierFreeGuidance`].
+        norm_rescale (`bool`, defaults to `False`):
+            Rescale each model's guided prediction per token to the norm of its conditional prediction
+            (`norm_rescaled`, Qwen-Image's true CFG, `NormRescaledCFGGuidance`) before the mix. The output's
+            `pred_cond` is then the mixed prediction itself, so that a denoise block that rescales the guider's output
+            to `pred_cond`'s norm (diffusers' modular Qwen-Image) leaves it unchanged rather than rescaling the mix.
         start (`float`, defaults to `0.0`):
             Fraction of the denoising steps after which RLG starts. Outside [`start`, `stop`) the aligned model runs
             alone, with CFG. Needs a single aligned model (not several adapters).
@@ -126,6 +159,7 @@ class ReinforcementLearningGuidance(BaseGuidance):
         adapters: str | list[str] | None = None,
         guidance_rescale: float = 0.0,
         use_original_formulation: bool = False,
+        norm_rescale: bool = False,
         start: float = 0.0,
         stop: float = 1.0,
         enabled: bool = True,
@@ -137,6 +171,7 @@ class ReinforcementLearningGuidance(BaseGuidance):
         self.adapters = adapters
         self.guidance_rescale = guidance_rescale
         self.use_original_formulation = use_original_formulation
+        self.norm_rescale = norm_rescale
 
         def is_scale(value):
             return _is_number(value) or (isinstance(value, (list, tuple)) and all(_is_number(v) for v in value))
@@ -168,14 +203,12 @@ class ReinforcementLearningGuidance(BaseGuidance):
         samples the same with this guider at `rlg_scale=0` (adapters off) and `1` (adapters on) as with `cfg_guider`.
 
         Args:
-            cfg_guider (`ClassifierFreeGuidance`): the model's own CFG guider (its scale, formulation and rescale; a
-                disabled one means no CFG). Its own step window is not taken: CFG runs at every step, as in the
-                models' pipelines.
+            cfg_guider (`ClassifierFreeGuidance` or `NormRescaledCFGGuidance`): the model's own CFG guider (its scale,
+                formulation and rescales; a disabled one means no CFG). Its own step window is not taken: CFG runs at
+                every step, as in the models' pipelines.
             rlg_kwargs: `rlg_scale`, `adapters`, `start`, `stop`, `enabled` of the RLG guider.
         """
-        from diffusers.guiders import ClassifierFreeGuidance
-
-        if type(cfg_guider) is not ClassifierFreeGuidance:
+        if type(cfg_guider) not in (ClassifierFreeGuidance, NormRescaledCFGGuidance):
             raise ValueError(f"RLG applies ClassifierFreeGuidance inside each model; {type(cfg_guider).__name__} is"
                              " another guidance method")
         if (cfg_guider._start, cfg_guider._stop) != (0.0, 1.0):
@@ -184,7 +217,8 @@ class ReinforcementLearningGuidance(BaseGuidance):
         # CFG off is the scale at which the guider runs the conditional prediction alone
         scale = cfg_guider.guidance_scale if cfg_guider._enabled else (0.0 if original else 1.0)
         return cls(guidance_scale=scale, guidance_rescale=cfg_guider.guidance_rescale,
-                   use_original_formulation=original, **rlg_kwargs)
+                   use_original_formulation=original,
+                   norm_rescale=isinstance(cfg_guider, NormRescaledCFGGuidance), **rlg_kwargs)
 
     # --- which models run this step -----------------------------------------------------------------------------
 
@@ -339,6 +373,8 @@ class ReinforcementLearningGuidance(BaseGuidance):
                 pred = pred_cond
             if self.guidance_rescale > 0.0:
                 pred = rescale_noise_cfg(pred, pred_cond, self.guidance_rescale)
+            if self.norm_rescale:
+                pred = norm_rescaled(pred, pred_cond)
             guided[model], conditional[model], unconditional[model] = pred, pred_cond, pred_uncond
 
         # reinforcement learning guidance: pred_base + sum_i w_i (pred_i - pred_base)
@@ -347,7 +383,9 @@ class ReinforcementLearningGuidance(BaseGuidance):
         else:
             pred = rlg_mix(guided["base"], [(guided[model], w) for model, w in self._terms.items()])
         main = "aligned" if "aligned" in guided else "base"
-        return GuiderOutput(pred=pred, pred_cond=conditional[main], pred_uncond=unconditional[main])
+        # with the rescale inside each model, `pred_cond=pred` makes a block's rescale after the guider a no-op
+        pred_cond = pred if self.norm_rescale else conditional[main]
+        return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=unconditional[main])
 
     @property
     def is_conditional(self) -> bool:
@@ -391,12 +429,17 @@ class ModularRLGPipeline:
         modular_pipeline (`ModularPipeline`): the model's modular pipeline; its components are shared, not copied.
         cfg_guider (`Callable[[float], ClassifierFreeGuidance]`): the model's own CFG guider for a `guidance_scale`.
         default_guidance_scale (`float`): the `guidance_scale` of a call that gives none.
+        default_negative_prompt (`str`, *optional*): the negative prompt of a call that gives none (`None`: the
+            blocks' own default). A string negative prompt goes to the blocks once per prompt of a prompt list
+            (diffusers' modular Qwen-Image encodes its default `""` once, whatever the number of prompts, and stops).
     """
 
-    def __init__(self, modular_pipeline, cfg_guider, default_guidance_scale: float):
+    def __init__(self, modular_pipeline, cfg_guider, default_guidance_scale: float,
+                 default_negative_prompt: str | None = None):
         self.modular_pipeline = modular_pipeline
         self.cfg_guider = cfg_guider
         self.default_guidance_scale = default_guidance_scale
+        self.default_negative_prompt = default_negative_prompt
 
     @property
     def components(self) -> dict:
@@ -434,6 +477,9 @@ class ModularRLGPipeline:
         self.modular_pipeline.update_components(guider=self.guider(scale, rlg_scale, rlg_start, rlg_stop, adapters))
         # some text encoder blocks write the templated prompts into the list they get (Z-Image's): hand them copies
         copy = lambda text: list(text) if isinstance(text, (list, tuple)) else text  # noqa: E731
+        negative_prompt = self.default_negative_prompt if negative_prompt is None else negative_prompt
+        if isinstance(negative_prompt, str) and isinstance(prompt, (list, tuple)):
+            negative_prompt = [negative_prompt] * len(prompt)
         if negative_prompt is not None:
             kwargs["negative_prompt"] = copy(negative_prompt)
         images = self.modular_pipeline(prompt=copy(prompt), output="images", **kwargs)

@@ -124,10 +124,11 @@ def _call_argument(name: str, value) -> str:
 
 
 def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -> List[str]:
-    """Runnable Python snippets: the family's diffusers pipeline with the trained weights, and (for a family with
-    one) diffalign's RLG pipeline with `rlg_scale`, sampling as in training (steps, guidance as the family's pipeline
-    takes it, image size). `family` is the run's `ModelFamily` (class or instance); `weights` is the Hub repo or the
-    local `final/` directory."""
+    """Runnable Python snippets: the family's diffusers pipeline with the trained weights, and (for a family with an
+    RLG route, `ModelFamily.rlg_route`) RLG with `rlg_scale`, sampling as in training (steps, guidance as the family's
+    pipeline takes it, image size): diffalign's RLG pipeline, or the family's modular pipeline with the RLG guider
+    (`ModelFamily.rlg_pipeline`, a LoRA only). `family` is the run's `ModelFamily` (class or instance); `weights` is
+    the Hub repo or the local `final/` directory."""
     from .utils.hub_utils import BUNDLED_MODELS
 
     pipeline_class, denoiser_name, denoiser_class = family.pipeline_class, family.denoiser_name, family.denoiser_class
@@ -155,11 +156,23 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
             f"pipe.load_lora_weights({_py(weights)})",
             f"image = pipe(prompt={_py(prompt)}, {call}).images[0]",
         ])
-        rlg = _snippet([], ours + [rlg_import], [
-            f"pipe = {rlg_class}.from_pretrained({base})",
-            f"pipe.load_lora_weights({_py(weights)})",
-        ] + rlg_call)
-    else:
+        if rlg_class:
+            rlg = _snippet([], ours + [rlg_import], [
+                f"pipe = {rlg_class}.from_pretrained({base})",
+                f"pipe.load_lora_weights({_py(weights)})",
+            ] + rlg_call)
+        elif family.rlg_route():  # the RLG guider in the family's modular pipeline, on the loaded pipeline
+            family_name = (family if isinstance(family, type) else type(family)).__name__
+            family_import = f"from diffalign.families import {family_name}"
+            guider_call = [rlg_call[0], rlg_call[1].replace("image = pipe(", "image = rlg(")]
+            rlg = _snippet([f"from diffusers import {pipeline_class}"], ours + [family_import], [
+                f"pipe = {pipeline_class}.from_pretrained({base})",
+                f"pipe.load_lora_weights({_py(weights)})  # adapter on = this fine-tune, off = the base model",
+                f"rlg = {family_name}.rlg_pipeline(pipe)  # the RLG guider in the modular pipeline, same weights",
+            ] + guider_call)
+        else:
+            rlg = None
+    else:  # the guider route takes a LoRA only: a full fine-tune has an RLG snippet where the family has a pipeline
         load = f"{denoiser_name} = {denoiser_class}.from_pretrained({_py(weights)}, subfolder={_py(denoiser_name)})"
         plain = _snippet([f"from diffusers import {denoiser_class}, {pipeline_class}"], ours, [
             load,
@@ -169,8 +182,8 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
         rlg = _snippet([f"from diffusers import {denoiser_class}"], ours + [rlg_import], [
             load,
             f"pipe = {rlg_class}.from_pretrained({base}, aligned_{denoiser_name}={denoiser_name})",
-        ] + rlg_call)
-    return [plain, rlg] if rlg_class else [plain]
+        ] + rlg_call) if rlg_class else None
+    return [plain, rlg] if rlg else [plain]
 
 
 def _snippet(third_party: List[str], ours: List[str], body: List[str]) -> str:

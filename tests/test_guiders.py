@@ -361,4 +361,83 @@ def test_zimage_modular_pipeline(zimage):
     stock.set_progress_bar_config(disable=True)
     expected = stock(list(prompts), guidance_scale=4.0, generator=[torch.Generator().manual_seed(i) for i in range(2)],
                      **kwargs).images
-    torch.testing.assert_close(aligned, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(aligned, expected, atol=1e-5, rtol=0)  # 0 on CPU: both run one forward per condition
+
+
+def test_norm_rescale_is_inside_each_model():
+    """Qwen-Image's CFG guider: u + s (c - u) rescaled per token to |c|, inside each model before the RLG mix; the
+    output's `pred_cond` is the mix itself, so a block's rescale after the guider multiplies by exactly 1."""
+    from diffalign.guiders import NormRescaledCFGGuidance, norm_rescaled, rlg_mix
+
+    generator = torch.Generator().manual_seed(0)
+    preds = {name: torch.randn(2, 6, 8, generator=generator)
+             for name in ("pred_cond", "pred_uncond", "pred_cond_base", "pred_uncond_base")}
+    guider = ReinforcementLearningGuidance.from_cfg_guider(NormRescaledCFGGuidance(guidance_scale=4.0), rlg_scale=0.5)
+    assert guider.norm_rescale and guider.guidance_scale == 4.0
+    guider.set_state(0, 1, torch.tensor(1.0))
+    guider._batches = guider._plan()
+    out = guider.forward(**preds)
+
+    def qwen_cfg(cond, uncond):
+        return norm_rescaled(uncond + 4.0 * (cond - uncond), cond)
+
+    base = qwen_cfg(preds["pred_cond_base"], preds["pred_uncond_base"])
+    aligned = qwen_cfg(preds["pred_cond"], preds["pred_uncond"])
+    torch.testing.assert_close(out.pred, rlg_mix(base, [(aligned, 0.5)]), atol=0, rtol=0)
+    assert out.pred_cond is out.pred
+    assert torch.equal(norm_rescaled(out.pred, out.pred_cond), out.pred)  # the modular block's rescale: a no-op
+    # rescaling the mix instead (what the block does with a plain CFG inside the RLG guider) is another prediction
+    assert (norm_rescaled(rlg_mix(base, [(aligned, 0.5)]), preds["pred_cond"]) - out.pred).abs().max() > 1e-2
+
+    single = NormRescaledCFGGuidance(guidance_scale=4.0).forward(preds["pred_cond"], preds["pred_uncond"])
+    torch.testing.assert_close(single.pred, aligned, atol=0, rtol=0)
+    assert single.pred_cond is single.pred
+
+
+def test_qwenimage_modular_pipeline():
+    """Qwen-Image's modular pipeline (the true-CFG rescale after the guider): its CFG guider with the rescale inside
+    is bit for bit diffusers' ClassifierFreeGuidance there; RLG w = 0 and 1 are the base and the aligned model bit for
+    bit, w = 0.5 rescales inside each model (not the mix); QwenImagePipeline agrees to float rounding."""
+    from diffusers import QwenImagePipeline
+    from diffusers.modular_pipelines import QwenImageAutoBlocks
+
+    from diffalign.families import QwenImageFamily
+    from diffalign.guiders import NormRescaledCFGGuidance
+
+    components = QwenImageFamily.tiny_components()
+    transformer = components["transformer"]
+    add_lora(transformer, std=0.2)
+    pipe = modular(QwenImageAutoBlocks(), components)
+    kwargs = {"num_inference_steps": 2, "height": 16, "width": 16, "output_type": "pt"}
+    prompts = ["a photo of a cat", "a red car"]
+
+    def run(guider):
+        pipe.update_components(guider=guider)
+        generator = [torch.Generator().manual_seed(i) for i in range(2)]
+        # one negative prompt per prompt: diffusers' modular Qwen-Image encodes its default "" once
+        return pipe(prompt=list(prompts), negative_prompt=[""] * 2, generator=generator, output="images", **kwargs)
+
+    aligned = run(NormRescaledCFGGuidance(guidance_scale=4.0))
+    torch.testing.assert_close(aligned, run(ClassifierFreeGuidance(guidance_scale=4.0)), atol=0, rtol=0)
+    transformer.disable_adapters()
+    base = run(NormRescaledCFGGuidance(guidance_scale=4.0))
+    transformer.enable_adapters()
+    assert (aligned - base).abs().max() > 1e-3
+    rlg = lambda w, cfg: ReinforcementLearningGuidance.from_cfg_guider(cfg, rlg_scale=w)  # noqa: E731
+    torch.testing.assert_close(run(rlg(0.0, QwenImageFamily.modular_cfg_guider(4.0))), base, atol=0, rtol=0)
+    torch.testing.assert_close(run(rlg(1.0, QwenImageFamily.modular_cfg_guider(4.0))), aligned, atol=0, rtol=0)
+    # w = 0.5: each model's CFG rescaled in its branch differs from the block rescaling the mix (plain CFG inside)
+    inside = run(rlg(0.5, QwenImageFamily.modular_cfg_guider(4.0)))
+    assert (inside - run(rlg(0.5, ClassifierFreeGuidance(guidance_scale=4.0)))).abs().max() > 1e-3
+
+    # called like an RLG pipeline (no negative prompt: Qwen-Image's "", one per prompt): the same images
+    wrapped = QwenImageFamily.rlg_pipeline(QwenImagePipeline(**components))
+    images = wrapped(prompts, true_cfg_scale=4.0, rlg_scale=0.5,
+                     generator=[torch.Generator().manual_seed(i) for i in range(2)], **kwargs).images
+    torch.testing.assert_close(images, inside, atol=0, rtol=0)
+
+    stock = QwenImagePipeline(**components)
+    stock.set_progress_bar_config(disable=True)
+    expected = stock(list(prompts), generator=[torch.Generator().manual_seed(i) for i in range(2)],
+                     **QwenImageFamily.rlg_guidance_pipeline_kwargs(4.0), **kwargs).images
+    torch.testing.assert_close(aligned, expected, atol=1e-5, rtol=0)  # 0 on CPU: both run one forward per condition

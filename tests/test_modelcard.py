@@ -137,3 +137,37 @@ def test_hub_settings_are_checked_before_training(args, message, tmp_path, capsy
     assert main(["train", "prdp", "--output_dir", str(tmp_path / "x")] + DIGITS_ARGS + args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_guider_route_card_samples_rlg_in_the_modular_pipeline(tmp_path, monkeypatch):
+    """A family whose RLG route is the guider in its modular pipeline (Qwen-Image: true CFG with its rescale): the
+    card's RLG snippet loads the family's pipeline and the LoRA, wraps it with `rlg_pipeline` and samples; a full
+    fine-tune (no LoRA for the guider to switch) gets no RLG snippet."""
+    import torch
+
+    from diffalign.families import QwenImageFamily, load_family
+    from diffalign.guiders import ModularRLGPipeline
+    from diffalign.modelcard import usage_snippets
+    from diffalign.utils.peft_utils import add_lora
+
+    model = QwenImageFamily.save_tiny(str(tmp_path / "qwen"))
+    family = load_family(model)
+    add_lora(family.denoiser, rank=4, alpha=8, target_modules=family.default_lora_target_modules)
+    with torch.no_grad():
+        for name, param in family.denoiser.named_parameters():
+            if "lora_" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=torch.Generator().manual_seed(0)))
+    lora = str(tmp_path / "run" / "final")
+    family.save_lora(family.denoiser, lora)
+    config = PRDPConfig(model=model, output_dir=str(tmp_path / "run"), sample_num_steps=2, sample_guidance_scale=3.0)
+    plain, rlg = usage_snippets(config, family, "a cat", "final", 16)
+    assert "QwenImageFamily.rlg_pipeline(pipe)" in rlg and "rlg_scale=1.5" in rlg
+    assert 'true_cfg_scale=3, negative_prompt=""' in rlg  # the run's CFG, as QwenImagePipeline takes it
+    monkeypatch.chdir(tmp_path / "run")  # the card's local paths are relative to the run directory
+    scope = {}
+    exec(rlg, scope)
+    assert isinstance(scope["rlg"], ModularRLGPipeline) and scope["pipe"].get_list_adapters()["transformer"]
+    assert scope["image"].size == (16, 16)
+
+    config.use_lora = False
+    assert len(usage_snippets(config, family, "a cat", "final", 16)) == 1

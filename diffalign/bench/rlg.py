@@ -98,10 +98,11 @@ def run_benchmark(ctx) -> dict:
         return torch.Generator(ctx.device).manual_seed(args.seed)
 
     # a fresh list per call: some pipelines write the chat-templated prompts into the list they get (Z-Image's)
-    fns = {"plain": lambda: plain(list(prompts), generator=generator(), **common)}
+    # `prompt=` by name: Flux2KleinPipeline's first argument is `image`
+    fns = {"plain": lambda: plain(prompt=list(prompts), generator=generator(), **common)}
     for name, single, start, stop in rlg_cases:
         fns[name] = (lambda single=single, start=start, stop=stop: rlg(
-            list(prompts), generator=generator(), rlg_scale=args.rlg_scale, rlg_start=start, rlg_stop=stop,
+            prompt=list(prompts), generator=generator(), rlg_scale=args.rlg_scale, rlg_start=start, rlg_stop=stop,
             rlg_single_pass=single, **common))
 
     blocks = guider_blocks(family)
@@ -113,10 +114,11 @@ def run_benchmark(ctx) -> dict:
         modular_kwargs = {k: v for k, v in common.items() if k not in ("guidance_scale", "true_cfg_scale")}
         # an explicit empty negative prompt: some blocks (SD3's) run CFG only with one
         modular_kwargs["negative_prompt"] = [""] * len(prompts)
-        cfg_scale = guidance.get("true_cfg_scale", guidance["guidance_scale"])  # the pipeline's CFG argument
+        # the pipeline's CFG argument (Qwen-Image's guidance has no `guidance_scale`)
+        cfg_scale = guidance["true_cfg_scale"] if "true_cfg_scale" in guidance else guidance["guidance_scale"]
 
-        def cfg_guider():
-            return family.modular_cfg_guider(cfg_scale)
+        def cfg_guider():  # for this model (a step-distilled FLUX.2 klein: CFG off)
+            return family.modular_cfg_guider_for(plain)(cfg_scale)
 
         def modular(guider):
             pipe = blocks().init_pipeline()

@@ -194,6 +194,19 @@ class ModelFamily:
         return ClassifierFreeGuidance(guidance_scale=guidance_scale)
 
     @classmethod
+    def modular_cfg_guider_for(cls, pipe):
+        """`modular_cfg_guider` for the loaded `pipe` (a function of the guidance scale): the same for every model of
+        the family unless its pipeline's config changes its CFG (a step-distilled FLUX.2 klein samples without)."""
+        return cls.modular_cfg_guider
+
+    @classmethod
+    def rlg_guidance_pipeline_kwargs(cls, guidance_scale: float) -> Dict:
+        """The `pipeline_class.__call__` guidance arguments with which the family's pipeline samples as its RLG route
+        (`rlg_pipeline`) does at w = 0 (adapters off) and 1 (on) with `guidance_scale`, the scale of `diffalign
+        generate --guidance-scale`: the pipeline's own `guidance_scale` by default."""
+        return {"guidance_scale": guidance_scale}
+
+    @classmethod
     def rlg_pipeline(cls, pipe):
         """The family's RLG route on a loaded `pipe` of `pipeline_class`, on the same components (no copy of the
         weights): its RLG pipeline (`rlg_pipeline_class`) where it has one, else its modular pipeline with
@@ -214,7 +227,15 @@ class ModelFamily:
                 raise ModelError(f"the {cls.name} family has no RLG pipeline and no modular blocks with a guider")
             modular = blocks.init_pipeline()
             modular.update_components(**{name: value for name, value in components.items() if value is not None})
-            rlg = ModularRLGPipeline(modular, cls.modular_cfg_guider, cls.default_guidance_scale)
+            # the blocks' configs from the pipeline's (FLUX.2 klein's `is_distilled`: no negative prompt to encode)
+            configs = {spec.name: pipe.config[spec.name] for spec in blocks.expected_configs
+                       if spec.name in pipe.config}
+            if configs:
+                modular.register_to_config(**configs)
+            # the negative prompt with which the family's pipeline samples as the route (Qwen-Image: "")
+            negative_prompt = cls.rlg_guidance_pipeline_kwargs(cls.default_guidance_scale).get("negative_prompt")
+            rlg = ModularRLGPipeline(modular, cls.modular_cfg_guider_for(pipe), cls.default_guidance_scale,
+                                     default_negative_prompt=negative_prompt)
         rlg.set_progress_bar_config(disable=True)
         return rlg
 

@@ -120,8 +120,10 @@ class Flux2KleinFamily(ModelFamily):
     text_encoder_names = ("text_encoder",)
     pipeline_init_kwargs = {}  # no safety checker, no watermarker
     rlg_pipeline_class = None  # no classic RLG pipeline: the RLG guider goes through the modular blocks
-    # the base models' modular blocks, which take a `guider` (the RLG guider's place); the distilled models' are
-    # `Flux2KleinAutoBlocks`, without one (they sample with no CFG)
+    # the base models' modular blocks, which take a `guider` (the RLG guider's place); the distilled models' own
+    # `Flux2KleinAutoBlocks` have none, so they take these too, with CFG off (`modular_cfg_guider_for`): the blocks
+    # read `is_distilled` from the pipeline's config and encode no negative prompt, and the RLG guider mixes the two
+    # models' conditional predictions
     modular_blocks_class = "Flux2KleinBaseAutoBlocks"
     hub_tags = ("flux2", "flux2-klein")
     guidance_kind = "cfg"
@@ -141,6 +143,17 @@ class Flux2KleinFamily(ModelFamily):
         return bool(self.pipe.config.get("is_distilled", False))
 
     without_cfg_because = "this FLUX.2 klein model is step-distilled: Flux2KleinPipeline samples it without CFG"
+
+    # ------------------------------------------------------------------------ RLG
+    @classmethod
+    def modular_cfg_guider_for(cls, pipe):
+        """A distilled model samples without CFG whatever the scale (as `Flux2KleinPipeline`): a disabled CFG guider,
+        so its RLG guider mixes the base and aligned models' conditional predictions alone."""
+        if not pipe.config.get("is_distilled", False):
+            return cls.modular_cfg_guider
+        from diffusers.guiders import ClassifierFreeGuidance
+
+        return lambda guidance_scale: ClassifierFreeGuidance(guidance_scale=guidance_scale, enabled=False)
 
     # -------------------------------------------------------------------- prompts
     def encode_text(self, prompts: List[str], device) -> Conditioning:

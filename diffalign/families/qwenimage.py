@@ -84,8 +84,9 @@ class QwenImageFamily(ModelFamily):
     kernel_class = FlowSDEKernel
     text_encoder_names = ("text_encoder",)
     pipeline_init_kwargs = {}  # no safety checker, no watermarker
-    rlg_pipeline_class = None  # no RLG pipeline: `generate` refuses Qwen-Image models
-    # diffusers' modular Qwen-Image (its blocks take a `guider`), the RLG route through modular blocks
+    rlg_pipeline_class = None  # no classic RLG pipeline: the RLG guider goes through the modular blocks
+    # diffusers' modular Qwen-Image (its blocks take a `guider`), the RLG route through modular blocks, with
+    # `modular_cfg_guider`: Qwen-Image's rescaled true CFG inside each model
     modular_blocks_class = "QwenImageAutoBlocks"
     hub_tags = ("qwen-image",)
     guidance_kind = "true_cfg"
@@ -117,6 +118,24 @@ class QwenImageFamily(ModelFamily):
         """A prompt's real tokens alone, so that a batch is padded to its own longest prompt (`cat_rows`)."""
         length = int(encoded["encoder_hidden_states_mask"][index].sum())
         return {k: v[index, :length] for k, v in encoded.items()}
+
+    # ------------------------------------------------------------------------ RLG
+    @classmethod
+    def modular_cfg_guider(cls, guidance_scale: float):
+        """Qwen-Image's true CFG with its norm rescale inside the guider (`NormRescaledCFGGuidance`): in the modular
+        pipeline bit for bit diffusers' `ClassifierFreeGuidance` (whose rescale the denoise block applies after the
+        guider), and the RLG guider built from it rescales each model's prediction before the mix. As
+        `QwenImagePipeline`, CFG only for a scale above 1 (its `true_cfg_scale > 1`)."""
+        from ..guiders import NormRescaledCFGGuidance
+
+        return NormRescaledCFGGuidance(guidance_scale=guidance_scale, enabled=guidance_scale > 1)
+
+    @classmethod
+    def rlg_guidance_pipeline_kwargs(cls, guidance_scale: float):
+        """`QwenImagePipeline`'s CFG is `true_cfg_scale` with a negative prompt (its `guidance_scale` is the embedded
+        guidance of guidance-distilled models, which Qwen-Image is not); the modular pipeline's negative prompt is the
+        empty one when none is given."""
+        return {"true_cfg_scale": guidance_scale, "negative_prompt": ""}
 
     # ----------------------------------------------------------- latents and time
     def default_resolution(self) -> int:
