@@ -16,6 +16,7 @@ from ..errors import ModelError
 from ..utils.hub_utils import resolve_model_path
 from .base import Conditioning, ModelFamily, check_resolution_in
 from .flux import FluxFamily
+from .flux_kontext import FluxKontextFamily
 from .sd import StableDiffusionFamily
 from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
@@ -39,7 +40,8 @@ def registry(families: Iterable[Type[ModelFamily]]) -> Dict[str, Type[ModelFamil
 
 
 FAMILIES: Dict[str, Type[ModelFamily]] = registry(
-    (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family, FluxFamily, ZImageFamily)
+    (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family, FluxFamily, ZImageFamily,
+     FluxKontextFamily)
 )
 
 
@@ -135,6 +137,6 @@ def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32):
     return load_family(name_or_path, torch_dtype).pipe
 
 
-__all__ = ["FAMILIES", "Conditioning", "FluxFamily", "ModelFamily", "StableDiffusion3Family", "StableDiffusionFamily",
-           "StableDiffusionXLFamily", "ZImageFamily", "check_model_resolution", "family_class", "family_for_pipeline",
+__all__ = ["FAMILIES", "Conditioning", "FluxFamily", "FluxKontextFamily", "ModelFamily", "StableDiffusion3Family",
+           "StableDiffusionFamily", "StableDiffusionXLFamily", "ZImageFamily", "check_model_resolution", "family_class", "family_for_pipeline",
            "family_named", "load_family", "load_pipeline", "pipeline_class_of", "registry"]
