@@ -151,15 +151,28 @@ class PromptDifficulty:
 class ConditionedPrompt(str):
     """A prompt's text with the condition images an editing model starts from (`condition_images`: absolute paths).
 
-    It is the text everywhere a prompt is text (the text encoders, logs, equality with the same text), so a prompt
-    carries its images through the epoch's draw, the rollout and the recorded trajectories without another argument;
-    the families that take images read them with `condition_images_of`, and the conditioning cache keys a prompt by
-    its text and its images (`prompt_key`)."""
+    It is the text everywhere a prompt is text (the text encoders, logs, JSON), so a prompt carries its images
+    through the epoch's draw, the rollout and the recorded trajectories without another argument; the families that
+    take images read them with `condition_images_of`. Equality and hashing take the images too: the same instruction
+    on two images is two prompts, in the conditioning cache (`prompt_key`) and in the per-prompt reward groups and
+    statistics (DDPO's tracker, NFT's and GRPO's groups, `PromptDifficulty`)."""
 
     def __new__(cls, text: str, condition_images: Tuple[str, ...] = ()):
         prompt = super().__new__(cls, text)
         prompt.condition_images = tuple(condition_images)
         return prompt
+
+    def __eq__(self, other):
+        if not isinstance(other, str):
+            return NotImplemented
+        return str.__eq__(self, other) and self.condition_images == condition_images_of(other)
+
+    def __ne__(self, other):
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self):
+        return hash((str(self), self.condition_images))
 
     def __repr__(self) -> str:
         return f"ConditionedPrompt({str(self)!r}, condition_images={self.condition_images!r})"

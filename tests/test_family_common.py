@@ -151,8 +151,9 @@ def test_zero_width_window_rollout_equals_the_family_pipeline(family_class, vari
                                    height=height, width=width, stochastic_steps=sde_window_mask(3, 0))
 
     ours = rollout()
-    stock = pipe(PROMPTS, num_inference_steps=3, latents=latents, height=height, width=width, output_type="pt",
-                 **family.pipeline_guidance_kwargs(guidance, embedded), **family.pipeline_call_kwargs()).images
+    stock = pipe(prompt=PROMPTS, num_inference_steps=3, latents=latents, height=height, width=width, output_type="pt",
+                 **family.pipeline_guidance_kwargs(guidance, embedded),
+                 **family.pipeline_call_kwargs(height, width)).images
     torch.testing.assert_close(ours.images, stock, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ours.timesteps, pipe.scheduler.timesteps)  # e.g. FLUX's sigmas and dynamic shift
     assert not ours.stochastic.any() and torch.isnan(ours.log_probs).all()
@@ -209,7 +210,8 @@ def test_resolution_rules(family_class):
         family.check_resolution(4 * multiple + 1)
     # the default is the pipeline's own default image size (FLUX: default_sample_size x vae_scale_factor)
     guidance = family.pipeline_guidance_kwargs(1.0, family.default_guidance_scale)
-    image = pipe(PROMPTS[0], num_inference_steps=1, output_type="pt", **guidance).images
+    image = pipe(prompt=PROMPTS[0], num_inference_steps=1, output_type="pt", **guidance,
+                 **family.pipeline_call_kwargs()).images
     assert tuple(image.shape[-2:]) == (family.default_resolution(),) * 2
 
 
@@ -280,9 +282,10 @@ def test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines(family_dir, 
                   **family.pipeline_guidance_kwargs(3.0, 3.0))
     pipe = getattr(diffusers, family.pipeline_class).from_pretrained(model, **family.pipeline_init_kwargs)
     pipe.set_progress_bar_config(disable=True)
-    before = pipe(PROMPTS[0], generator=_generator(), **kwargs).images
+    kwargs.update(family_for_pipeline(pipe).pipeline_call_kwargs(SIZE, SIZE))  # e.g. Kontext's max_area
+    before = pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs).images
     pipe.load_lora_weights(lora_dir)
-    after = pipe(PROMPTS[0], generator=_generator(), **kwargs).images
+    after = pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs).images
     assert (after - before).abs().max() > 1e-4  # the trained LoRA is loaded and changes the images
 
     # ... and in the family's RLG pipeline: w = 1 is the LoRA model, w = 0 the base
@@ -316,8 +319,9 @@ def test_saved_lora_reloads_at_its_trained_scale(family_class, tmp_path):
     add_lora(family.denoiser, rank=4, alpha=8.0, target_modules=family.default_lora_target_modules)
     _randomise_lora(family.denoiser, std=0.2)
     kwargs = dict(num_inference_steps=2, height=SIZE, width=SIZE, output_type="pt",
-                  **family.pipeline_guidance_kwargs(3.0, family.default_guidance_scale))
-    trained = pipe(PROMPTS[0], generator=_generator(), **kwargs).images
+                  **family.pipeline_guidance_kwargs(3.0, family.default_guidance_scale),
+                  **family.pipeline_call_kwargs(SIZE, SIZE))
+    trained = pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs).images
     family.save_lora(family.denoiser, str(tmp_path))
     with safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), "pt") as f:
         metadata = json.loads(f.metadata()["lora_adapter_metadata"])
@@ -325,7 +329,7 @@ def test_saved_lora_reloads_at_its_trained_scale(family_class, tmp_path):
     assert targets == sorted(targets)  # not a set's hash-seed order: two identical runs write the same metadata
     fresh = family_class.tiny_pipeline()
     fresh.load_lora_weights(str(tmp_path))
-    reloaded = fresh(PROMPTS[0], generator=_generator(), **kwargs).images
+    reloaded = fresh(prompt=PROMPTS[0], generator=_generator(), **kwargs).images
     torch.testing.assert_close(reloaded, trained, atol=1e-5, rtol=1e-4)
 
 

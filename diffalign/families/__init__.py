@@ -138,5 +138,5 @@ def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32):
 
 
 __all__ = ["FAMILIES", "Conditioning", "FluxFamily", "FluxKontextFamily", "ModelFamily", "StableDiffusion3Family",
-           "StableDiffusionFamily", "StableDiffusionXLFamily", "ZImageFamily", "check_model_resolution", "family_class", "family_for_pipeline",
-           "family_named", "load_family", "load_pipeline", "pipeline_class_of", "registry"]
+           "StableDiffusionFamily", "StableDiffusionXLFamily", "ZImageFamily", "check_model_resolution", "family_class",
+           "family_for_pipeline", "family_named", "load_family", "load_pipeline", "pipeline_class_of", "registry"]
