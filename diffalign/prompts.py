@@ -243,18 +243,19 @@ def _condition_paths(row: dict, base: str, where: str) -> Tuple[str, ...]:
     return paths
 
 
-def attach_condition_images(prompts: List[str], metadata: List[dict], path: str) -> Tuple[List[str], List[dict]]:
+def attach_condition_images(prompts: List[str], metadata: List[dict], path: str,
+                            empty_cell_is_none: bool = False) -> Tuple[List[str], List[dict]]:
     """Prompts of a JSONL/CSV prompt file at `path` whose rows name condition images (`image`, or `images` for
     models that take several) as `ConditionedPrompt`s, and their metadata with the images as absolute paths (`image`
     a string, `images` a list, as in the file): a reward gets the paths (`load_condition_tensor` reads one).
 
     Paths are relative to the prompt file's folder (Flow-Factory's and Flow-GRPO's convention); every image is
-    checked now, before any model loads: a missing or unreadable one is a one-line `PromptError`. A CSV's empty
-    `image` cell means no image."""
+    checked now, before any model loads: a missing or unreadable one is a one-line `PromptError`. With
+    `empty_cell_is_none` (a CSV, whose rows all have every column), an empty `image` cell means no image."""
     base = os.path.dirname(os.path.abspath(path))
     out_prompts, out_metadata = [], []
     for number, (prompt, row) in enumerate(zip(prompts, metadata), start=1):
-        if isinstance(row.get("image"), str) and not row["image"].strip() and "images" not in row:
+        if empty_cell_is_none and isinstance(row.get("image"), str) and not row["image"].strip():
             row = {k: v for k, v in row.items() if k != "image"}  # a CSV row without an image
         if "image" in row or "images" in row:
             paths = _condition_paths(row, base, f"prompt file '{path}' row {number}")
@@ -388,7 +389,7 @@ def read_prompt_records(path: str, column: str = "prompt") -> Tuple[List[str], L
     if extension == ".jsonl":
         prompts, metadata = attach_condition_images(*_read_jsonl(path, column), path)
     elif extension == ".csv":
-        prompts, metadata = attach_condition_images(*_read_csv(path, column), path)
+        prompts, metadata = attach_condition_images(*_read_csv(path, column), path, empty_cell_is_none=True)
     else:
         prompts = []
         for _, line in _text_lines(path):
