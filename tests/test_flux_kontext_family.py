@@ -214,10 +214,9 @@ def _cli_args(algorithm, model, prompt_file, output_dir):
             "--sample_images_per_prompt", "2", "--sample_batch_size", "4", "--grid_num_images", "2",
             "--reward", "jpeg_compressibility", "--train_learning_rate", "0.05", "--sample_resolution", str(SIZE),
             "--lora_rank", "4", "--lora_alpha", "8", "--final_eval_num_images", "0"]
-    if algorithm == "ddpo":
-        args += ["--train_batch_size", "4", "--sample_sde_window_size", "2", "--train_clip_range", "1.0"]
-    else:
-        args += ["--train_batch_size", "2", "--train_micro_batch_size", "4"]
+    args += {"ddpo": ["--train_batch_size", "4", "--sample_sde_window_size", "2", "--train_clip_range", "1.0"],
+             "prdp": ["--train_clip_eps", "1.0", "--train_beta", "0.01"],
+             "nft": ["--train_batch_size", "2", "--train_micro_batch_size", "4"]}[algorithm]
     return args
 
 
@@ -243,7 +242,7 @@ def test_a_text_to_image_model_refuses_an_edit_prompt_file(tmp_path, capsys):
     assert len(err) == 1 and "takes no condition images" in err[0]
 
 
-@pytest.mark.parametrize("algorithm", ["ddpo", pytest.param("nft", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("algorithm", ["ddpo", pytest.param("prdp", marks=pytest.mark.slow), "nft"])  # prdp: ~30 s
 def test_cli_trains_kontext_on_an_edit_prompt_file_and_the_lora_loads(kontext_dir, tmp_path, algorithm):
     import diffusers
 
