@@ -273,6 +273,24 @@ def test_cli_trains_kontext_on_an_edit_prompt_file_and_the_lora_loads(kontext_di
     before = edit()
     pipe.load_lora_weights(lora_dir)
     assert (edit() - before).abs().max() > 1e-4  # the trained LoRA is loaded and changes the edits
+    # the grids show each input before its edit: 2 samples x (input, edit) in one row
+    with Image.open(os.path.join(out, "grid_after.png")) as grid:
+        assert grid.width > 3 * grid.height
+
+
+def test_grids_show_the_condition_image_before_each_edit(images):
+    from diffalign.trainers.evaluation import with_condition_images
+
+    results = torch.rand(2, 3, SIZE, SIZE)
+    tiles, per_sample = with_condition_images(results, [ConditionedPrompt(t, (p,)) for t, p in zip(INSTRUCTIONS,
+                                                                                                   images)])
+    assert per_sample == 2 and tiles.shape == (4, 3, SIZE, SIZE)
+    assert torch.equal(tiles[1], results[0]) and torch.equal(tiles[3], results[1])
+    expected = torch.nn.functional.interpolate(load_condition_tensor(images[1])[None], size=(SIZE, SIZE),
+                                               mode="bilinear", antialias=True)[0]
+    torch.testing.assert_close(tiles[2], expected.clamp(0, 1))
+    same, one = with_condition_images(results, INSTRUCTIONS)  # text prompts: the results alone, as before
+    assert one == 1 and same is results
 
 
 def test_the_reward_gets_the_condition_image_path(kontext_dir, tmp_path):
