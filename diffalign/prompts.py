@@ -268,13 +268,22 @@ def attach_condition_images(prompts: List[str], metadata: List[dict], path: str,
 
 def check_condition_prompts(prompts: List[str], family_name: str, max_images: int, what: str = "prompt"):
     """A one-line `PromptError` when a prompt has more condition images than the model takes (`max_images`; 0 for
-    a text-to-image model)."""
+    a text-to-image model), or when prompts with and without condition images are mixed (an editing model samples
+    a prompt without one text-to-image, with another token count: they cannot share a batch)."""
+    with_images = without = None
     for prompt in prompts:
         count = len(condition_images_of(prompt))
         if count > max_images:
             takes = "no condition images (a text-to-image model)" if max_images == 0 else f"at most {max_images}"
             raise PromptError(f"{what} '{prompt}' has {count} condition image(s), but a {family_name} model takes "
                               f"{takes}")
+        if count:
+            with_images = with_images or prompt
+        else:
+            without = without if without is not None else prompt
+    if with_images is not None and without is not None:
+        raise PromptError(f"the {what}s mix prompts with and without a condition image ('{without}' has none, "
+                          f"'{with_images}' has one): give every prompt an 'image', or none")
 
 
 # The trainer sets each sample's `group_id` in the reward's metadata (the prompt slot of its group).

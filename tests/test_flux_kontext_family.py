@@ -133,8 +133,20 @@ def test_two_condition_images_give_two_conditionings_each_encoded_once(family, i
 def test_text_prompts_sample_text_to_image_and_a_mixed_batch_is_one_line(family, images):
     cond, _ = family.conditioning(INSTRUCTIONS, "", False, SIZE, SIZE)
     assert "image_latents" not in cond  # FluxKontextPipeline without `image`
-    with pytest.raises(PromptError, match="mixes prompts with and without a condition image"):
+    with pytest.raises(PromptError, match="mix prompts with and without a condition image"):
         family.conditioning([ConditionedPrompt("make it red", (images[0],)), "add a cat"], "", False, SIZE, SIZE)
+
+
+def test_a_prompt_file_mixing_edits_and_text_prompts_is_refused_at_the_start(kontext_dir, tmp_path, capsys):
+    from diffalign.cli import main
+
+    (tmp_path / "edits").mkdir()
+    _write_image(tmp_path / "edits" / "in.png", 0)
+    path = _edit_prompt_file(tmp_path, [{"prompt": "make it red", "image": "in.png"}, {"prompt": "a red car"}])
+    assert main(_cli_args("ddpo", kontext_dir, path, str(tmp_path / "run"))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mix prompts with and without a condition image ('a red car' has none" in err[0]
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
 
 
 def test_a_text_to_image_family_refuses_condition_images(images):

@@ -19,8 +19,8 @@ What differs from FLUX.1 (`diffalign.families.flux`), as in diffusers' `FluxKont
   `pipeline_call_kwargs(height, width)` gives the pipeline call that matches it (`max_area = height x width`,
   `_auto_resize=False`, the condition image resized to the size beforehand: `pipeline_image`).
 - **text-only prompts**: a batch whose prompts have no condition image samples text-to-image, exactly as
-  `FluxKontextPipeline` without `image` does; a batch mixing prompts with and without images is a one-line
-  `PromptError` (their token counts differ).
+  `FluxKontextPipeline` without `image` does; prompts with and without images are a one-line `PromptError`
+  (`diffalign.prompts.check_condition_prompts`, when a run starts and per batch): their token counts differ.
 """
 
 from typing import Dict, List, Optional, Tuple
