@@ -1,8 +1,12 @@
 """`diffalign generate`: sample a base model and its aligned version at several RLG scales, side by side.
 
-The model directory's `model_index.json` (`_class_name`) picks the RLG pipeline: Stable Diffusion 1.x/2.x
-(`StableDiffusionRLGPipeline`), SDXL (`StableDiffusionXLRLGPipeline`), SD3 / SD3.5 (`StableDiffusion3RLGPipeline`) or
-FLUX.1 (`FluxRLGPipeline`; `--guidance-scale` is then its embedded guidance, default 3.5).
+The model directory's `model_index.json` (`_class_name`) picks the family and its RLG route: an RLG pipeline for
+Stable Diffusion 1.x/2.x (`StableDiffusionRLGPipeline`), SDXL (`StableDiffusionXLRLGPipeline`), SD3 / SD3.5
+(`StableDiffusion3RLGPipeline`) and FLUX.1 (`FluxRLGPipeline`; `--guidance-scale` is then its embedded guidance,
+default 3.5); for a family with diffusers modular blocks and no RLG pipeline (Z-Image), the RLG guider
+(`diffalign.guiders.ReinforcementLearningGuidance`) in its modular pipeline, with the model's own CFG inside each
+branch (`ModelFamily.rlg_pipeline`; `--guidance-scale` is the family pipeline's, e.g. ZImagePipeline's). The guider
+route takes the aligned model as a LoRA (`--lora`) and runs one denoiser forward per model and condition.
 
 Writes, under `--output-dir`:
 - `rlg_grid.png`: one labelled row per RLG scale with the same images in every row (at most `GRID_PER_ROW` = 8: the
@@ -100,7 +104,8 @@ def rlg_family_for(path: str):
     """The model family (`diffalign.families.ModelFamily` subclass) of the diffusers model at `path`: from its
     `model_index.json`, which may name the family's pipeline or, for a directory saved from one, its RLG pipeline.
 
-    Raises a `ModelError` naming the supported pipeline classes for a model without an RLG pipeline.
+    Raises a `ModelError` naming the supported families for a model whose family has no RLG route (neither an RLG
+    pipeline nor modular blocks that take the RLG guider: `ModelFamily.rlg_route`).
     """
     import diffusers
 
@@ -111,12 +116,12 @@ def rlg_family_for(path: str):
         pipeline_class = pipeline_class_of(path)
     else:  # a hub id (hub reachable)
         pipeline_class = diffusers.DiffusionPipeline.load_config(path)["_class_name"]
-    supported = [name for name, family in FAMILIES.items() if family.rlg_pipeline_class]
+    supported = [name for name, family in FAMILIES.items() if family.rlg_route()]
     try:
         family = family_class(pipeline_class, rlg=True)
     except ModelError:
         family = None
-    if family is None or not family.rlg_pipeline_class:
+    if family is None or not family.rlg_route():
         raise ModelError(
             f"unsupported model: pipeline class '{pipeline_class}'; diffalign generate supports {', '.join(supported)}"
         )
@@ -125,7 +130,8 @@ def rlg_family_for(path: str):
 
 def rlg_pipeline_for(path: str):
     """`(RLG pipeline class, denoiser attribute name, denoiser class)` for the diffusers model at `path`, from its
-    family (`rlg_family_for`).
+    family (`rlg_family_for`); the RLG pipeline class is the family's diffusers pipeline where its RLG route is the
+    modular guider (`load_rlg_pipeline` wraps it).
 
     Raises a `ModelError` naming the supported pipeline classes for any other model.
     """
@@ -137,8 +143,9 @@ def _rlg_classes(family):
 
     import diffalign.pipelines
 
-    return (getattr(diffalign.pipelines, family.rlg_pipeline_class), family.denoiser_name,
-            getattr(diffusers, family.denoiser_class))
+    pipeline_class = (getattr(diffalign.pipelines, family.rlg_pipeline_class) if family.rlg_pipeline_class
+                      else getattr(diffusers, family.pipeline_class))
+    return pipeline_class, family.denoiser_name, getattr(diffusers, family.denoiser_class)
 
 
 def _safetensors_only(what: str, load):
@@ -185,7 +192,9 @@ def load_rlg_pipeline(
     aligned_unet: Optional[str] = None,
     num_threads: Optional[int] = None,
 ):
-    """The RLG pipeline of `model`'s family with its aligned version (a LoRA and/or a fully fine-tuned denoiser).
+    """The RLG pipeline of `model`'s family with its aligned version (a LoRA and/or a fully fine-tuned denoiser); for
+    a family whose RLG route is the modular guider, its `ModularRLGPipeline` on the family pipeline's components
+    (`ModelFamily.rlg_pipeline`), which takes a LoRA only.
 
     `aligned_unet` is the former name of `aligned_denoiser` (a UNet or an SD3 transformer). `num_threads`: torch's
     CPU threads, as the trainers' `num_threads` (by default one for the bundled models on a CPU; see
@@ -204,6 +213,11 @@ def load_rlg_pipeline(
     path = _resolve_model(model)
     family = rlg_family_for(path)
     pipeline_class, denoiser_name, denoiser_class = _rlg_classes(family)
+    if aligned_denoiser and not family.rlg_pipeline_class:
+        from diffalign.errors import ModelError
+
+        raise ModelError(f"--aligned-denoiser: RLG for {family.name} models runs the guider in the modular pipeline,"
+                         f" whose aligned model is a LoRA adapter; give the fine-tune as --lora DIR")
     # the family's arguments that switch off a safety checker or watermarker
     pipe = _safetensors_only(f"model '{model}'", lambda: pipeline_class.from_pretrained(
         path, use_safetensors=True, **dtype_kwarg(torch_dtype), **family.pipeline_init_kwargs))
@@ -213,7 +227,9 @@ def load_rlg_pipeline(
     if lora:
         _load_lora(pipe, lora, denoiser_name)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe.to(device)
+    # the modular route: the family's modular pipeline on these components, the LoRA its aligned model
+    return pipe if family.rlg_pipeline_class else family.rlg_pipeline(pipe)
 
 
 def sample_scales(
@@ -226,8 +242,11 @@ def sample_scales(
     import torch
     from tqdm.auto import tqdm
 
-    if "eta" not in inspect.signature(pipe.__call__).parameters:
+    parameters = inspect.signature(pipe.__call__).parameters
+    if "eta" not in parameters:
         call_kwargs.pop("eta", None)  # flow-matching pipelines (SD3) sample the deterministic ODE: no eta
+    if "rlg_single_pass" not in parameters:
+        call_kwargs.pop("rlg_single_pass", None)  # the modular guider runs one forward per model and condition
     device = pipe._execution_device
     generator_device = "cpu" if device.type == "mps" else device
     images = {}
@@ -328,13 +347,12 @@ def _plot_rewards(results: List[Dict], reward: str, path: str):
 def run(args: argparse.Namespace) -> int:
     """Runs `diffalign generate` with parsed `args`; returns the exit code."""
     from diffalign.errors import ConfigError, ModelError
-    from diffalign.families import family_for_pipeline
     from diffalign.plotting import rows_grid
 
     from diffalign.families import check_model_resolution
 
     # the most basic problem first: the model, then the values, the device, the prompts, the aligned model
-    _resolve_model(args.model)
+    model_path = _resolve_model(args.model)
     reward_fn = None
     if args.reward:  # a typo in the name is said before anything loads
         from diffalign.rewards import get_reward
@@ -381,7 +399,7 @@ def run(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale
         if args.guidance_scale is not None
-        else family_for_pipeline(pipe).default_guidance_scale,
+        else rlg_family_for(model_path).default_guidance_scale,
         **({"height": args.resolution, "width": args.resolution} if args.resolution else {}),
         eta=args.eta,
         rlg_start=args.rlg_start,

@@ -2,7 +2,10 @@
 
 `ReinforcementLearningGuidance` is a `diffusers.guiders.BaseGuidance`: swap it into any modular pipeline whose
 denoising loop takes a `guider` component (SDXL, SD3, QwenImage, ...) with
-`pipe.update_components(guider=ReinforcementLearningGuidance(...))`. The denoiser carries the reward fine-tune as a
+`pipe.update_components(guider=ReinforcementLearningGuidance(...))`, or build it around the model's own CFG guider
+with `ReinforcementLearningGuidance.from_cfg_guider(...)`; `ModularRLGPipeline` calls such a modular pipeline like
+diffalign's RLG pipelines (`diffalign generate` runs models without an RLG pipeline, e.g. Z-Image, through it). The
+denoiser carries the reward fine-tune as a
 LoRA adapter: the base model is the denoiser with its adapters off, the aligned model the denoiser with its adapters
 on (or one named adapter). Classifier-free guidance is applied inside each model, then
 
@@ -26,7 +29,7 @@ from diffusers.utils import is_peft_available
 if TYPE_CHECKING:
     from diffusers.modular_pipelines.modular_pipeline import BlockState
 
-__all__ = ["ReinforcementLearningGuidance", "rlg_mix"]
+__all__ = ["ModularRLGPipeline", "ReinforcementLearningGuidance", "rlg_mix", "set_modular_progress_bar_config"]
 
 
 def rlg_mix(pred_base: torch.Tensor, terms) -> torch.Tensor:
@@ -158,6 +161,30 @@ class ReinforcementLearningGuidance(BaseGuidance):
         self._batches: list[tuple[str, bool]] = []  # (model, conditional?) of each prepared batch, in order
         self._terms: dict[str, float] | None = None
         self._hook_handles = []
+
+    @classmethod
+    def from_cfg_guider(cls, cfg_guider, **rlg_kwargs) -> "ReinforcementLearningGuidance":
+        r"""The RLG guider with `cfg_guider`'s classifier-free guidance inside each model: a model's modular pipeline
+        samples the same with this guider at `rlg_scale=0` (adapters off) and `1` (adapters on) as with `cfg_guider`.
+
+        Args:
+            cfg_guider (`ClassifierFreeGuidance`): the model's own CFG guider (its scale, formulation and rescale; a
+                disabled one means no CFG). Its own step window is not taken: CFG runs at every step, as in the
+                models' pipelines.
+            rlg_kwargs: `rlg_scale`, `adapters`, `start`, `stop`, `enabled` of the RLG guider.
+        """
+        from diffusers.guiders import ClassifierFreeGuidance
+
+        if type(cfg_guider) is not ClassifierFreeGuidance:
+            raise ValueError(f"RLG applies ClassifierFreeGuidance inside each model; {type(cfg_guider).__name__} is"
+                             " another guidance method")
+        if (cfg_guider._start, cfg_guider._stop) != (0.0, 1.0):
+            raise ValueError("RLG applies CFG at every step: give a CFG guider without a start/stop window")
+        original = cfg_guider.use_original_formulation
+        # CFG off is the scale at which the guider runs the conditional prediction alone
+        scale = cfg_guider.guidance_scale if cfg_guider._enabled else (0.0 if original else 1.0)
+        return cls(guidance_scale=scale, guidance_rescale=cfg_guider.guidance_rescale,
+                   use_original_formulation=original, **rlg_kwargs)
 
     # --- which models run this step -----------------------------------------------------------------------------
 
@@ -336,3 +363,78 @@ class ReinforcementLearningGuidance(BaseGuidance):
         state = super().get_state()
         state["rlg_terms"] = self._terms
         return state
+
+
+def set_modular_progress_bar_config(modular_pipeline, **kwargs):
+    """`set_progress_bar_config(**kwargs)` on every block of a modular pipeline, nested ones included (diffusers'
+    `ModularPipeline.set_progress_bar_config` reaches the top-level blocks only, which misses e.g. Z-Image's denoising
+    loop inside its auto blocks)."""
+    pending = [modular_pipeline._blocks]  # the pipeline's own blocks (`.blocks` is a copy)
+    while pending:
+        block = pending.pop()
+        if hasattr(block, "set_progress_bar_config"):
+            block.set_progress_bar_config(**kwargs)
+        pending += list(getattr(block, "sub_blocks", {}).values())
+
+
+class ModularRLGPipeline:
+    r"""A diffusers modular pipeline that samples with `ReinforcementLearningGuidance`, called like diffalign's RLG
+    pipelines (`pipe(prompt, rlg_scale=..., rlg_start=..., rlg_stop=..., guidance_scale=..., ...).images`): the RLG
+    route of a model that has modular blocks and no RLG pipeline (`ModelFamily.rlg_pipeline`).
+
+    Each call puts a fresh RLG guider into the modular pipeline, built around the model's own CFG guider for that
+    call's `guidance_scale` (`cfg_guider(guidance_scale)`): `rlg_scale=0` is the model with its LoRA adapters off and
+    `1` the model as configured (adapters on), each sampled exactly as the modular pipeline samples with that CFG
+    guider. The aligned model is a LoRA adapter on the denoiser (a fully fine-tuned denoiser has no route here).
+
+    Args:
+        modular_pipeline (`ModularPipeline`): the model's modular pipeline; its components are shared, not copied.
+        cfg_guider (`Callable[[float], ClassifierFreeGuidance]`): the model's own CFG guider for a `guidance_scale`.
+        default_guidance_scale (`float`): the `guidance_scale` of a call that gives none.
+    """
+
+    def __init__(self, modular_pipeline, cfg_guider, default_guidance_scale: float):
+        self.modular_pipeline = modular_pipeline
+        self.cfg_guider = cfg_guider
+        self.default_guidance_scale = default_guidance_scale
+
+    @property
+    def components(self) -> dict:
+        return self.modular_pipeline.components
+
+    @property
+    def _execution_device(self) -> torch.device:
+        return self.modular_pipeline._execution_device
+
+    def set_progress_bar_config(self, **kwargs):
+        set_modular_progress_bar_config(self.modular_pipeline, **kwargs)
+
+    def to(self, *args, **kwargs) -> "ModularRLGPipeline":
+        self.modular_pipeline.to(*args, **kwargs)
+        return self
+
+    def guider(self, guidance_scale: float | None = None, rlg_scale: RLGScale | dict[str, RLGScale] = 1.0,
+               rlg_start: float = 0.0, rlg_stop: float = 1.0, adapters: str | list[str] | None = None):
+        r"""The RLG guider of a call: the model's own CFG for `guidance_scale` inside each model."""
+        scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        return ReinforcementLearningGuidance.from_cfg_guider(
+            self.cfg_guider(scale), rlg_scale=rlg_scale, adapters=adapters, start=rlg_start, stop=rlg_stop
+        )
+
+    def __call__(self, prompt, guidance_scale: float | None = None, rlg_scale: RLGScale | dict[str, RLGScale] = 1.0,
+                 rlg_start: float = 0.0, rlg_stop: float = 1.0, adapters: str | list[str] | None = None,
+                 negative_prompt=None, true_cfg_scale: float | None = None, **kwargs):
+        r"""Images of `prompt` (`.images`, as `output_type` asks) with RLG scale `rlg_scale` in the steps
+        [`rlg_start`, `rlg_stop`); `kwargs` go to the modular pipeline (`num_inference_steps`, `generator`,
+        `height`, `width`, `num_images_per_prompt`, `latents`, `output_type`, ...). `true_cfg_scale`, where given,
+        is the CFG scale (the argument of pipelines with true CFG, e.g. Qwen-Image's) instead of `guidance_scale`."""
+        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+
+        scale = true_cfg_scale if true_cfg_scale is not None else guidance_scale
+        self.modular_pipeline.update_components(guider=self.guider(scale, rlg_scale, rlg_start, rlg_stop, adapters))
+        # some text encoder blocks write the templated prompts into the list they get (Z-Image's): hand them copies
+        copy = lambda text: list(text) if isinstance(text, (list, tuple)) else text  # noqa: E731
+        if negative_prompt is not None:
+            kwargs["negative_prompt"] = copy(negative_prompt)
+        images = self.modular_pipeline(prompt=copy(prompt), output="images", **kwargs)
+        return ImagePipelineOutput(images=images)

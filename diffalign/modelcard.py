@@ -147,13 +147,13 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
     call = ", ".join(call)
 
     rlg_call = ["# rlg_scale: 0 = the base model, 1 = this fine-tune, > 1 = stronger alignment",
-                f"image = pipe({_py(prompt)}, {call}, rlg_scale=1.5).images[0]"]
+                f"image = pipe(prompt={_py(prompt)}, {call}, rlg_scale=1.5).images[0]"]
     rlg_import = f"from diffalign.pipelines import {rlg_class}"
     if config.use_lora:
         plain = _snippet([f"from diffusers import {pipeline_class}"], ours, [
             f"pipe = {pipeline_class}.from_pretrained({base})",
             f"pipe.load_lora_weights({_py(weights)})",
-            f"image = pipe({_py(prompt)}, {call}).images[0]",
+            f"image = pipe(prompt={_py(prompt)}, {call}).images[0]",
         ])
         rlg = _snippet([], ours + [rlg_import], [
             f"pipe = {rlg_class}.from_pretrained({base})",
@@ -164,7 +164,7 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
         plain = _snippet([f"from diffusers import {denoiser_class}, {pipeline_class}"], ours, [
             load,
             f"pipe = {pipeline_class}.from_pretrained({base}, {denoiser_name}={denoiser_name})",
-            f"image = pipe({_py(prompt)}, {call}).images[0]",
+            f"image = pipe(prompt={_py(prompt)}, {call}).images[0]",
         ])
         rlg = _snippet([f"from diffusers import {denoiser_class}"], ours + [rlg_import], [
             load,

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 import torch
 from tqdm.auto import tqdm
 
+from .families.base import cat_rows
 from .logprob import gaussian_kl, gaussian_log_prob
 from .utils.peft_utils import BASE_ADAPTER, active_adapter, adapter_rows, has_lora, reference_model, unwrap
 
@@ -111,7 +112,7 @@ def concat_trajectories(batches: List[Trajectories]) -> Trajectories:
         elif field.name == "prompts":
             values[field.name] = [p for item in items for p in item]
         elif isinstance(items[0], dict):
-            values[field.name] = {k: torch.cat([item[k] for item in items]) for k in items[0]}
+            values[field.name] = {k: cat_rows([item[k] for item in items]) for k in items[0]}
         else:
             values[field.name] = torch.cat(items)
     return Trajectories(**values)
@@ -177,7 +178,8 @@ def sample_trajectories(
             (which keeps the prompt-embedding cache across calls).
         prompts (`List[str]`): one prompt per trajectory (repeat a prompt for several images of it).
         num_inference_steps, guidance_scale, height, width, negative_prompt, generator, latents: as in the family's
-            diffusers pipeline. CFG is applied whenever `guidance_scale != 1`.
+            diffusers pipeline. CFG is applied whenever `guidance_scale != 1` (and the model samples with CFG:
+            `ModelFamily.samples_with_cfg`).
         eta (`float`): DDIM's noise weight (UNet families), > 0.
         denoiser (*optional*): the policy UNet/transformer (e.g. the accelerate-prepared one); defaults to the
             pipeline's.
@@ -202,7 +204,7 @@ def sample_trajectories(
     kernel = kernel or default_kernel(family, eta, noise_level)
     device = family.device
     batch_size = len(prompts)
-    do_cfg = guidance_scale != 1.0
+    do_cfg = family.samples_with_cfg(guidance_scale)
     if group_ids is None:
         ids = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
         group_ids = torch.tensor([ids[p] for p in prompts], dtype=torch.long)

@@ -74,6 +74,23 @@ class _RLGModel(NamedTuple):
     adapter: Optional[str]
 
 
+# Copied from diffalign.guiders.rlg_mix
+def rlg_mix(pred_base: torch.Tensor, terms) -> torch.Tensor:
+    """Reinforcement Learning Guidance's mixing of predictions: `pred_base + sum_i w_i (pred_i - pred_base)`.
+
+    With one term `(pred_aligned, w)` this is `pred_base + w * (pred_aligned - pred_base)`: `w = 0` is the base model,
+    `w = 1` the aligned model, `w > 1` extrapolates. The terms are added in order (the guider's order).
+
+    Args:
+        pred_base (`torch.Tensor`): the base model's (CFG-guided) prediction.
+        terms (iterable of `(torch.Tensor, float)`): each aligned model's prediction and its scale `w_i`.
+    """
+    pred = pred_base
+    for pred_aligned, w in terms:
+        pred = pred + w * (pred_aligned - pred_base)
+    return pred
+
+
 # Copied from diffalign.pipelines.pipeline_stable_diffusion_rlg._lora_layers
 def _lora_layers(model) -> list:
     if model is None or not is_peft_available():
@@ -697,10 +714,8 @@ class FluxRLGPipeline(FluxPipeline):
 
                 # perform reinforcement learning guidance: v_base + sum_i w_i (v_i - v_base)
                 if self.do_rlg:
-                    noise_pred_base = noise_preds["base"]
-                    noise_pred = noise_pred_base
-                    for name, w in rlg_terms.items():
-                        noise_pred = noise_pred + w * (noise_preds[name] - noise_pred_base)
+                    terms = [(noise_preds[name], w) for name, w in rlg_terms.items()]
+                    noise_pred = rlg_mix(noise_preds["base"], terms)
                 else:
                     noise_pred = noise_preds["aligned"]
 

@@ -48,19 +48,26 @@ def test_bench_rlg(family_dir, capsys, tmp_path):
     from diffalign.families import family_named
 
     name, model = family_dir
-    if family_named(name).rlg_pipeline_class is None:  # the registry allows none: one clear line, exit code 2
+    family = family_named(name)
+    if family.rlg_route() is None:  # the registry allows none: one clear line, exit code 2
         assert main(["bench", "rlg", "--model", model, *SHAPES, "--output", str(tmp_path / "rlg.json")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "has no RLG pipeline" in err[0]
         return
     result = bench(capsys, tmp_path, "rlg", model, "--batch-size", "1")
-    assert result["settings"]["family"] == name
+    assert result["settings"]["family"] == name and result["settings"]["rlg_route"] == family.rlg_route()
     figures = result["figures"]
+    # the RLG pipeline's cases where the family has one
     for case in ("single_pass_0_1", "two_pass_0_1", "single_pass_0_0.5"):
-        assert figures[f"rlg_{case}_over_plain"]["value"] > 0
-    # the RLG guider runs where the family's modular blocks take a guider (SDXL, SD3)
-    with_guider = guider_blocks(family_named(name)) is not None
+        assert (f"rlg_{case}_over_plain" in figures) == (family.rlg_pipeline_class is not None)
+        if family.rlg_pipeline_class is not None:
+            assert figures[f"rlg_{case}_over_plain"]["value"] > 0
+    # the RLG guider runs where the family's modular blocks take a guider (SDXL, SD3, Z-Image): the only route of a
+    # family without an RLG pipeline
+    with_guider = guider_blocks(family) is not None
+    assert with_guider or family.rlg_pipeline_class is not None
     assert ("rlg_guider_0_1_over_guider_cfg" in figures) == with_guider
     if with_guider:
         assert figures["rlg_guider_0_1_over_guider_cfg"]["value"] > 0
         assert figures["guider_cfg_images_per_s"]["value"] > 0
+        assert figures["plain_images_per_s"]["value"] > 0

@@ -5,9 +5,10 @@ read every other fact from the family (guidance kind, pipeline arguments, RLG pi
 
 The checks: the family declares every fact the shared code needs (and the registry refuses one that does not); a
 deterministic rollout equals the family's diffusers pipeline; recorded log-probs are recomputed exactly; resolution
-rules; both trainers run from the CLI and write a LoRA that the family's pipeline and its RLG pipeline load; the LoRA
-reloads at its trained scale; `diffalign generate` picks the family's RLG pipeline; the RLG pipeline is the base at
-w = 0 and the aligned model at w = 1.
+rules; both trainers run from the CLI and write a LoRA that the family's pipeline and its RLG route load; the LoRA
+reloads at its trained scale; `diffalign generate` picks the family's RLG route (its RLG pipeline, or the RLG guider
+in its modular pipeline: `ModelFamily.rlg_pipeline`); the RLG route is the base at w = 0 and the aligned model at
+w = 1 (the guider route bit for bit against its modular pipeline with the model's own CFG guider).
 """
 
 import argparse
@@ -157,7 +158,7 @@ def test_zero_width_window_rollout_equals_the_family_pipeline(family_class, vari
     torch.testing.assert_close(ours.images, stock, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ours.timesteps, pipe.scheduler.timesteps)  # e.g. FLUX's sigmas and dynamic shift
     assert not ours.stochastic.any() and torch.isnan(ours.log_probs).all()
-    assert (ours.negative_conditioning is not None) == (guidance != 1)
+    assert (ours.negative_conditioning is not None) == family.samples_with_cfg(guidance)  # a distilled klein: no CFG
     assert ("guidance" in ours.conditioning) == family.uses_embedded_guidance()
     if family.uses_embedded_guidance():
         assert ours.conditioning["guidance"].tolist() == [embedded] * 2
@@ -288,12 +289,18 @@ def test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines(family_dir, 
     after = pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs).images
     assert (after - before).abs().max() > 1e-4  # the trained LoRA is loaded and changes the images
 
-    # ... and in the family's RLG pipeline: w = 1 is the LoRA model, w = 0 the base
-    if family.rlg_pipeline_class is None:
+    # ... and in the family's RLG route: w = 1 is the LoRA model, w = 0 the base
+    if family.rlg_route() is None:
         return
-    rlg = getattr(diffalign.pipelines, family.rlg_pipeline_class).from_pretrained(model, **family.pipeline_init_kwargs)
-    rlg.set_progress_bar_config(disable=True)
-    rlg.load_lora_weights(lora_dir)
+    if family.rlg_pipeline_class is not None:
+        rlg = getattr(diffalign.pipelines, family.rlg_pipeline_class).from_pretrained(model,
+                                                                                     **family.pipeline_init_kwargs)
+        rlg.set_progress_bar_config(disable=True)
+        rlg.load_lora_weights(lora_dir)
+    else:  # the RLG guider in the modular pipeline, on the components of the family's pipeline with the LoRA
+        fresh = getattr(diffusers, family.pipeline_class).from_pretrained(model, **family.pipeline_init_kwargs)
+        fresh.load_lora_weights(lora_dir)
+        rlg = family.rlg_pipeline(fresh)
     for scale, expected in ((1.0, after), (0.0, before)):
         images = rlg(PROMPTS[0], generator=_generator(), rlg_scale=scale, **kwargs).images
         torch.testing.assert_close(images, expected, atol=1e-4, rtol=1e-4)
@@ -335,15 +342,17 @@ def test_saved_lora_reloads_at_its_trained_scale(family_class, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- RLG
 def test_generate_picks_the_family_rlg_pipeline(family_dir, tmp_path, monkeypatch):
-    """`diffalign generate --model <dir> --lora DIR`: the family's RLG pipeline with the family's default guidance;
-    w = 0 is the family's pipeline on the base, w = 1 with the LoRA (written by the family)."""
+    """`diffalign generate --model <dir> --lora DIR`: the family's RLG route (its RLG pipeline, or the RLG guider in
+    its modular pipeline) with the family's default guidance; w = 0 is the family's pipeline on the base, w = 1 with
+    the LoRA (written by the family)."""
     import diffusers
 
     from diffalign import generate
+    from diffalign.guiders import ModularRLGPipeline
 
     family_class, model = family_dir
-    if family_class.rlg_pipeline_class is None:
-        pytest.skip(f"{family_class.name} has no RLG pipeline")
+    if family_class.rlg_route() is None:
+        pytest.skip(f"{family_class.name} has no RLG route")
     family = load_family(model)
     add_lora(family.denoiser, rank=4, alpha=8, target_modules=family.default_lora_target_modules)
     _randomise_lora(family.denoiser)
@@ -362,12 +371,17 @@ def test_generate_picks_the_family_rlg_pipeline(family_dir, tmp_path, monkeypatc
     assert calls[0]["guidance_scale"] == family_class.default_guidance_scale and calls[0]["height"] == SIZE
 
     pipe = generate.load_rlg_pipeline(model, lora=lora_dir, device="cpu")
-    assert type(pipe).__name__ == family_class.rlg_pipeline_class
+    if family_class.rlg_pipeline_class is not None:
+        assert type(pipe).__name__ == family_class.rlg_pipeline_class
+    else:
+        assert isinstance(pipe, ModularRLGPipeline) and family_class.rlg_route() == "guider (modular)"
+        # the modular pipeline runs the weights the family's pipeline loaded: no second copy
+        assert pipe.components[family_class.denoiser_name].peft_config
     kwargs = dict(num_inference_steps=2, guidance_scale=family_class.default_guidance_scale, height=SIZE, width=SIZE)
     images = generate.sample_scales(pipe, ["a cat"], [0.0, 1.0], 1, 0, eta=0.0, **kwargs)
     stock = getattr(diffusers, family_class.pipeline_class).from_pretrained(model, **family_class.pipeline_init_kwargs)
     stock.set_progress_bar_config(disable=True)
-    run = lambda: stock("a cat", generator=_generator(), output_type="pt", **kwargs).images  # noqa: E731
+    run = lambda: stock(prompt="a cat", generator=_generator(), output_type="pt", **kwargs).images  # noqa: E731
     torch.testing.assert_close(images[0.0], run(), atol=1e-4, rtol=1e-4)
     stock.load_lora_weights(lora_dir)
     torch.testing.assert_close(images[1.0], run(), atol=1e-4, rtol=1e-4)
@@ -376,14 +390,14 @@ def test_generate_picks_the_family_rlg_pipeline(family_dir, tmp_path, monkeypatc
 
 @pytest.mark.parametrize("family_class, variant", variants())
 def test_rlg_pipeline_is_the_base_at_0_and_the_aligned_model_at_1(family_class, variant):
-    """On the same components: the RLG pipeline at w = 0 is the family's pipeline without the LoRA on the denoiser,
-    at w = 1 the pipeline with it (e.g. FLUX.1-schnell: no embedded guidance, a fixed-shift scheduler)."""
+    """On the same components: the family's RLG route (`rlg_pipeline`) at w = 0 is the family's pipeline without the
+    LoRA on the denoiser, at w = 1 the pipeline with it (e.g. FLUX.1-schnell: no embedded guidance, a fixed-shift
+    scheduler). The guider route (modular) is also bit for bit its modular pipeline with the model's own CFG guider,
+    adapters off (w = 0) and on (w = 1)."""
     import diffusers
 
-    import diffalign.pipelines
-
-    if family_class.rlg_pipeline_class is None:
-        pytest.skip(f"{family_class.name} has no RLG pipeline")
+    if family_class.rlg_route() is None:
+        pytest.skip(f"{family_class.name} has no RLG route")
     components = {**family_class.pipeline_init_kwargs, **family_class.tiny_components(**variant)}
     pipeline = getattr(diffusers, family_class.pipeline_class)
     kwargs = dict(num_inference_steps=3, height=SIZE, width=SIZE, output_type="pt",
@@ -393,14 +407,39 @@ def test_rlg_pipeline_is_the_base_at_0_and_the_aligned_model_at_1(family_class, 
 
     def sample(pipe, **extra):
         pipe.set_progress_bar_config(disable=True)
-        return pipe(PROMPTS, generator=_generator(), **kwargs, **extra).images
+        # a copy of the prompts: some pipelines write the chat-templated prompts into the list (Z-Image's)
+        return pipe(list(PROMPTS), generator=_generator(), **kwargs, **extra).images
 
     stock = sample(pipeline(**components))
-    rlg = getattr(diffalign.pipelines, family_class.rlg_pipeline_class)(**components)
+    rlg = family_class.rlg_pipeline(pipeline(**components))
+    assert all(rlg.components[name] is component for name, component in components.items()  # shared, not copied
+               if name in rlg.components and isinstance(component, torch.nn.Module))
     denoiser = components[family_class.denoiser_name]
     add_lora(denoiser, target_modules=family_class.default_lora_target_modules)
     _randomise_lora(denoiser)
-    torch.testing.assert_close(sample(rlg, rlg_scale=0.0), stock, atol=1e-4, rtol=1e-4)
+    at_0 = sample(rlg, rlg_scale=0.0)
+    torch.testing.assert_close(at_0, stock, atol=1e-4, rtol=1e-4)
     aligned = sample(pipeline(**components))  # the LoRA is on the shared denoiser
     assert (aligned - stock).abs().max() > 1e-3
-    torch.testing.assert_close(sample(rlg, rlg_scale=1.0), aligned, atol=1e-4, rtol=1e-4)
+    at_1 = sample(rlg, rlg_scale=1.0)
+    torch.testing.assert_close(at_1, aligned, atol=1e-4, rtol=1e-4)
+    if family_class.rlg_pipeline_class is not None:
+        return
+
+    # the guider route, bit for bit: the modular pipeline with the model's own CFG guider (as the family's pipeline
+    # samples with `kwargs`), the LoRA adapters off for the base and on for the aligned model
+    modular = rlg.modular_pipeline
+    scale = kwargs.get("true_cfg_scale", kwargs.get("guidance_scale"))
+    modular_kwargs = {k: v for k, v in kwargs.items() if k not in ("guidance_scale", "true_cfg_scale")}
+
+    def plain_modular():
+        modular.update_components(guider=family_class.modular_cfg_guider(scale))
+        prompts = {"negative_prompt": list(modular_kwargs["negative_prompt"])} if "negative_prompt" in kwargs else {}
+        return modular(prompt=list(PROMPTS), generator=_generator(), output="images", **{**modular_kwargs, **prompts})
+
+    denoiser.disable_adapters()
+    base = plain_modular()
+    denoiser.enable_adapters()
+    torch.testing.assert_close(at_0, base, atol=0, rtol=0)
+    torch.testing.assert_close(at_1, plain_modular(), atol=0, rtol=0)
+    assert (sample(rlg, rlg_scale=1.5) - at_1).abs().max() > 1e-4  # w > 1 extrapolates

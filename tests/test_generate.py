@@ -201,3 +201,47 @@ def test_grid_of_large_images_stays_bounded():
 
     grid = rows_grid([torch.rand(12, 3, 300, 300)] * 3, ["w = 0", "w = 1", "w = 2"], max_per_row=8, max_tile=256)
     assert 90 + 8 * 256 <= grid.width <= 90 + 8 * (256 + 4) + 4 and grid.height <= 3 * (256 + 8)
+
+
+def test_zimage_runs_the_rlg_guider_in_its_modular_pipeline(tmp_path, capsys):
+    """Z-Image has no RLG pipeline: `diffalign generate` runs the RLG guider in its modular pipeline on the loaded
+    ZImagePipeline's components, the LoRA as the aligned model; w = 0 is the model without the LoRA."""
+    from diffusers import ZImagePipeline
+
+    from diffalign.cli import main
+    from diffalign.families import ZImageFamily, family_for_pipeline
+    from diffalign.guiders import ModularRLGPipeline
+    from diffalign.utils.peft_utils import add_lora
+
+    model_dir = ZImageFamily.save_tiny(str(tmp_path / "zimage"))
+    family = family_for_pipeline(ZImagePipeline.from_pretrained(model_dir))
+    add_lora(family.denoiser, rank=4, alpha=4, target_modules=family.default_lora_target_modules)
+    with torch.no_grad():
+        for name, param in family.denoiser.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    lora = str(tmp_path / "lora")
+    family.save_lora(family.denoiser, lora)
+
+    assert generate.rlg_pipeline_for(model_dir)[0] is ZImagePipeline
+    out = tmp_path / "out"
+    flags = ["--prompt", "a cat", "--num-images", "1", "--steps", "1", "--resolution", "16"]
+    assert main(["generate", "--model", model_dir, "--lora", lora, "--rlg-scale", "0", "2", "--two-pass", *flags,
+                 "--output-dir", str(out)]) == 0
+    assert (out / "rlg_grid.png").is_file() and len(json.loads((out / "rlg_images" / "index.json").read_text())) == 2
+    capsys.readouterr()
+
+    pipe = generate.load_rlg_pipeline(model_dir, lora=lora, device="cpu")
+    assert isinstance(pipe, ModularRLGPipeline)
+    kwargs = dict(num_inference_steps=1, height=16, width=16, guidance_scale=3.0, eta=0.0, rlg_single_pass=True)
+    images = generate.sample_scales(pipe, ["a cat"], [0.0, 2.0], 1, 0, **kwargs)
+    plain = generate.load_rlg_pipeline(model_dir, device="cpu")  # no LoRA: w = 1 is the model itself
+    torch.testing.assert_close(images[0.0], generate.sample_scales(plain, ["a cat"], [1.0], 1, 0, **kwargs)[1.0],
+                               atol=0, rtol=0)
+    assert (images[2.0] - images[0.0]).abs().max() > 1e-3
+
+    # a fully fine-tuned transformer has no route here: one line naming --lora
+    assert main(["generate", "--model", model_dir, "--aligned-denoiser", model_dir, *flags,
+                 "--output-dir", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lora" in err[0] and "modular" in err[0], err

@@ -282,3 +282,83 @@ def test_wan_modular_pipeline(monkeypatch):
     )
     torch.testing.assert_close(run(ReinforcementLearningGuidance(guidance_scale=5.0)), aligned, atol=0, rtol=0)
     assert (run(ReinforcementLearningGuidance(guidance_scale=5.0, rlg_scale=1.5)) - aligned).abs().max() > 1e-3
+
+
+def test_from_cfg_guider_takes_the_model_cfg():
+    """The RLG guider around a model's own CFG guider: its scale, formulation and rescale inside each model."""
+    guider = ReinforcementLearningGuidance.from_cfg_guider(
+        ClassifierFreeGuidance(guidance_scale=3.0, guidance_rescale=0.2, use_original_formulation=True),
+        rlg_scale=1.5, stop=0.5,
+    )
+    assert (guider.guidance_scale, guider.guidance_rescale, guider.use_original_formulation) == (3.0, 0.2, True)
+    assert (guider.rlg_scale, guider._start, guider._stop) == (1.5, 0.0, 0.5)
+    # a disabled CFG guider (the modular Z-Image's default) is no CFG inside each model
+    for original, off in ((False, 1.0), (True, 0.0)):
+        cfg = ClassifierFreeGuidance(guidance_scale=5.0, enabled=False, use_original_formulation=original)
+        guider = ReinforcementLearningGuidance.from_cfg_guider(cfg, rlg_scale=2.0)
+        assert guider.guidance_scale == off and not guider._is_cfg_enabled() and guider.num_conditions == 2
+
+    from diffusers.guiders import AdaptiveProjectedGuidance
+
+    with pytest.raises(ValueError, match="AdaptiveProjectedGuidance is another guidance method"):
+        ReinforcementLearningGuidance.from_cfg_guider(AdaptiveProjectedGuidance())
+    with pytest.raises(ValueError, match="window"):
+        ReinforcementLearningGuidance.from_cfg_guider(ClassifierFreeGuidance(stop=0.5))
+
+
+@pytest.fixture(scope="module")
+def zimage():
+    from diffusers.modular_pipelines import ZImageAutoBlocks
+
+    from diffalign.families import ZImageFamily
+
+    components = ZImageFamily.tiny_components()
+    add_lora(components["transformer"], std=0.05)
+    return components, modular(ZImageAutoBlocks(), components)
+
+
+def test_zimage_modular_pipeline(zimage):
+    """Z-Image's modular pipeline (its prompts of variable length, CFG `c + g (c - u)` as the CFG guider's original
+    formulation): w = 0 and 1 bit for bit; the ZImagePipeline agrees to float rounding (it batches both CFG halves
+    in one forward)."""
+    from diffusers import ZImagePipeline
+
+    from diffalign.guiders import ModularRLGPipeline
+
+    components, pipe = zimage
+    transformer = components["transformer"]
+    kwargs = {"num_inference_steps": 2, "height": 16, "width": 16, "output_type": "pt"}
+    prompts = ["a photo of a cat", "a red car"]
+
+    def run(guider):
+        pipe.update_components(guider=guider)
+        generator = [torch.Generator().manual_seed(i) for i in range(2)]
+        return pipe(prompt=list(prompts), generator=generator, output="images", **kwargs)
+
+    def cfg():
+        return ClassifierFreeGuidance(guidance_scale=4.0, use_original_formulation=True)
+
+    aligned = run(cfg())
+    transformer.disable_adapters()
+    base = run(cfg())
+    transformer.enable_adapters()
+    assert (aligned - base).abs().max() > 1e-2
+    rlg = lambda w: ReinforcementLearningGuidance.from_cfg_guider(cfg(), rlg_scale=w)  # noqa: E731
+    torch.testing.assert_close(run(rlg(0.0)), base, atol=0, rtol=0)
+    torch.testing.assert_close(run(rlg(1.0)), aligned, atol=0, rtol=0)
+    extrapolated = run(rlg(1.5))
+    assert (extrapolated - aligned).abs().max() > 1e-3
+
+    # called like an RLG pipeline: the same images
+    zimage_cfg = lambda g: ClassifierFreeGuidance(guidance_scale=g, use_original_formulation=True)  # noqa: E731
+    wrapped = ModularRLGPipeline(pipe, zimage_cfg, default_guidance_scale=5.0)
+    images = wrapped(prompts, guidance_scale=4.0, rlg_scale=1.5,
+                     generator=[torch.Generator().manual_seed(i) for i in range(2)], **kwargs).images
+    torch.testing.assert_close(images, extrapolated, atol=0, rtol=0)
+    assert prompts == ["a photo of a cat", "a red car"]  # the caller's list is not rewritten
+
+    stock = ZImagePipeline(**components)
+    stock.set_progress_bar_config(disable=True)
+    expected = stock(list(prompts), guidance_scale=4.0, generator=[torch.Generator().manual_seed(i) for i in range(2)],
+                     **kwargs).images
+    torch.testing.assert_close(aligned, expected, atol=1e-5, rtol=0)

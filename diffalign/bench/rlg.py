@@ -1,6 +1,6 @@
 """`bench rlg`: RLG sampling (single/two pass, windows) against the family's plain pipeline, for every family with an
-RLG pipeline; for families whose diffusers modular blocks take a guider (SDXL, SD3) also the RLG guider in the modular
-pipeline against the stock CFG guider."""
+RLG pipeline; for families whose diffusers modular blocks take a guider (SDXL, SD3, Z-Image) also the RLG guider in the
+modular pipeline against the model's own CFG guider (the only RLG route of a family without an RLG pipeline)."""
 
 from .common import (
     BenchError,
@@ -39,25 +39,23 @@ def add_random_lora(denoiser, std: float = 0.1, seed: int = 0, adapter_name: str
     return denoiser
 
 
-# `rlg` with a modular pipeline: (name, start, stop) of the RLG guider, against the stock CFG guider
+# `rlg` with a modular pipeline: (name, start, stop) of the RLG guider, against the model's own CFG guider
 GUIDER_CASES = [("guider_0_1", 0.0, 1.0), ("guider_0_0.5", 0.0, 0.5)]
 
 
 def guider_blocks(family):
     """The family's diffusers modular blocks class when its blocks take a `guider` component (where the RLG guider
-    plugs in), else None."""
-    if not family.modular_blocks_class:
-        return None
-    import diffusers.modular_pipelines
-
-    blocks = getattr(diffusers.modular_pipelines, family.modular_blocks_class)
-    return blocks if any(spec.name == "guider" for spec in blocks().expected_components) else None
+    plugs in), else None (`ModelFamily.modular_blocks`)."""
+    blocks = family.modular_blocks()
+    return None if blocks is None else type(blocks)
 
 
 def run_benchmark(ctx) -> dict:
     """RLG sampling against plain sampling of the same (LoRA) model, for the model's family (e.g. `--model DIR` with
-    an SD3 or FLUX directory); where the family's modular blocks take a guider, also the RLG guider in the modular
-    pipeline against its stock `ClassifierFreeGuidance` guider."""
+    an SD3, FLUX or Z-Image directory): the family's RLG pipeline (single/two pass, windows) where it has one, and
+    where the family's modular blocks take a guider, the RLG guider in the modular pipeline against the model's own
+    CFG guider (`ModelFamily.modular_cfg_guider`). A family whose RLG route is the modular guider (Z-Image) has the
+    guider cases only."""
     import diffusers
     import torch
 
@@ -67,68 +65,77 @@ def run_benchmark(ctx) -> dict:
     args = ctx.args
     base = ctx.pipeline(copy_=not args.sd15_random)
     family = family_for_pipeline(base)
-    if not family.rlg_pipeline_class:
-        raise BenchError(f"rlg: the {family.pipeline_class} family has no RLG pipeline")
+    if family.rlg_route() is None:
+        raise BenchError(f"rlg: the {family.pipeline_class} family has no RLG pipeline and no modular blocks that"
+                         " take a guider")
     denoiser = getattr(base, family.denoiser_name)
     add_random_lora(denoiser, args.lora_std, args.seed)
     denoiser.to(ctx.device, ctx.dtype).eval()
     components = {k: v for k, v in base.components.items() if not k.startswith("aligned_")}
     init = {**family.pipeline_init_kwargs, **components}  # no safety checker, no watermarker
-    rlg = getattr(diffalign.pipelines, family.rlg_pipeline_class)(**init)
     plain = getattr(diffusers, family.pipeline_class)(**init)
-    for p in (rlg, plain):
-        p.set_progress_bar_config(disable=True)
+    plain.set_progress_bar_config(disable=True)
+    rlg_cases = RLG_CASES if family.rlg_pipeline_class else []
+    if rlg_cases:
+        rlg = getattr(diffalign.pipelines, family.rlg_pipeline_class)(**init)
+        rlg.set_progress_bar_config(disable=True)
     steps, g, batch = ctx.steps, ctx.guidance_scale, ctx.batch_size
     if family.guidance_kind != "embedded" and g <= 1:
         raise BenchError("rlg compares against CFG sampling: use --guidance-scale > 1")
     res = ctx.resolution(base)
     prompts = ctx.prompts(batch)
-    ctx.settings.update(model=ctx.model_name, family=family.name, batch_size=batch, steps=steps, guidance_scale=g,
-                        resolution=res, rlg_scale=args.rlg_scale, lora_std=args.lora_std, repeats=ctx.repeats,
-                        cases={n: {"rlg_single_pass": s, "rlg_start": a, "rlg_stop": b} for n, s, a, b in RLG_CASES})
-    # `g` is the pipelines' `guidance_scale`: CFG, or the embedded guidance of a guidance-distilled model
-    common = dict(num_inference_steps=steps, guidance_scale=g, height=res, width=res, output_type="pt")
+    ctx.settings.update(model=ctx.model_name, family=family.name, rlg_route=family.rlg_route(), batch_size=batch,
+                        steps=steps, guidance_scale=g, resolution=res, rlg_scale=args.rlg_scale,
+                        lora_std=args.lora_std, repeats=ctx.repeats,
+                        cases={n: {"rlg_single_pass": s, "rlg_start": a, "rlg_stop": b} for n, s, a, b in rlg_cases})
+    # `g` is the RLG pipelines' `guidance_scale`: CFG, or the embedded guidance of a guidance-distilled model; the
+    # guider route samples as the family's pipeline with CFG scale `g` (e.g. ZImagePipeline's `g - 1`)
+    guidance = {"guidance_scale": g} if family.rlg_pipeline_class else family.pipeline_guidance_kwargs(g)
+    common = dict(num_inference_steps=steps, height=res, width=res, output_type="pt", **guidance)
     common.update(family.pipeline_call_kwargs())  # e.g. the same T5 length in every case
 
     def generator():
         return torch.Generator(ctx.device).manual_seed(args.seed)
 
-    fns = {"plain": lambda: plain(prompts, generator=generator(), **common)}
-    for name, single, start, stop in RLG_CASES:
+    # a fresh list per call: some pipelines write the chat-templated prompts into the list they get (Z-Image's)
+    fns = {"plain": lambda: plain(list(prompts), generator=generator(), **common)}
+    for name, single, start, stop in rlg_cases:
         fns[name] = (lambda single=single, start=start, stop=stop: rlg(
-            prompts, generator=generator(), rlg_scale=args.rlg_scale, rlg_start=start, rlg_stop=stop,
+            list(prompts), generator=generator(), rlg_scale=args.rlg_scale, rlg_start=start, rlg_stop=stop,
             rlg_single_pass=single, **common))
 
     blocks = guider_blocks(family)
     guider_cases = GUIDER_CASES if blocks is not None else []
     if guider_cases:
         # the same components in the family's modular pipeline, one pipeline per guider
-        from diffusers.guiders import ClassifierFreeGuidance
+        from diffalign.guiders import ReinforcementLearningGuidance, set_modular_progress_bar_config
 
-        from diffalign.guiders import ReinforcementLearningGuidance
-
-        modular_kwargs = {k: v for k, v in common.items() if k != "guidance_scale"}
+        modular_kwargs = {k: v for k, v in common.items() if k not in ("guidance_scale", "true_cfg_scale")}
         # an explicit empty negative prompt: some blocks (SD3's) run CFG only with one
         modular_kwargs["negative_prompt"] = [""] * len(prompts)
+        cfg_scale = guidance.get("true_cfg_scale", guidance["guidance_scale"])  # the pipeline's CFG argument
+
+        def cfg_guider():
+            return family.modular_cfg_guider(cfg_scale)
 
         def modular(guider):
             pipe = blocks().init_pipeline()
             pipe.update_components(**{k: v for k, v in components.items() if v is not None}, guider=guider)
-            pipe.set_progress_bar_config(disable=True)
-            return lambda: pipe(prompt=prompts, generator=generator(), output="images", **modular_kwargs)
+            set_modular_progress_bar_config(pipe, disable=True)
+            return lambda: pipe(prompt=list(prompts), generator=generator(), output="images",
+                                **{**modular_kwargs, "negative_prompt": list(modular_kwargs["negative_prompt"])})
 
-        fns["guider_cfg"] = modular(ClassifierFreeGuidance(guidance_scale=g))
+        fns["guider_cfg"] = modular(cfg_guider())
         for name, start, stop in guider_cases:
-            fns[name] = modular(
-                ReinforcementLearningGuidance(guidance_scale=g, rlg_scale=args.rlg_scale, start=start, stop=stop)
-            )
+            fns[name] = modular(ReinforcementLearningGuidance.from_cfg_guider(
+                cfg_guider(), rlg_scale=args.rlg_scale, start=start, stop=stop))
         ctx.settings["guider_cases"] = {n: {"start": a, "stop": b} for n, a, b in guider_cases}
 
     meter = PeakMemory(ctx.device)
     timings = timed_interleaved(fns, ctx.repeats, ctx.device, meter)
     figures = Figures()
     figures.add("plain_images_per_s", batch / timings["plain"]["median"], "img/s")
-    for name, _, start, stop in RLG_CASES:
+    for name, _, start, stop in rlg_cases:
         figures.add(f"rlg_{name}_over_plain", paired_ratio(timings[name], timings["plain"])["ratio"],
                     f"time ratio, RLG in steps [{start}, {stop}) (2 denoiser passes: ~{1 + (stop - start):.2g})")
     if guider_cases:
@@ -138,6 +145,9 @@ def run_benchmark(ctx) -> dict:
                         f"time ratio, RLG guider in steps [{start}, {stop}) vs the CFG guider"
                         f" (~{1 + (stop - start):.2g})")
     figures.add("plain_peak_mem_mib", mib(timings["plain"]["peak_bytes"]), meter.kind)
-    for name, *_ in RLG_CASES:
+    for name, *_ in rlg_cases:
         figures.add(f"rlg_{name}_peak_mem_mib", mib(timings[name]["peak_bytes"]), meter.kind)
+    if not rlg_cases:  # the guider route: its memory instead
+        for name, *_ in guider_cases:
+            figures.add(f"rlg_{name}_peak_mem_mib", mib(timings[name]["peak_bytes"]), meter.kind)
     return {"figures": figures, "timings": timings}

@@ -16,7 +16,10 @@ from ..errors import ModelError
 from ..utils.hub_utils import resolve_model_path
 from .base import Conditioning, ModelFamily, check_resolution_in
 from .flux import FluxFamily
+from .flux2 import Flux2Family, Flux2KleinFamily
 from .flux_kontext import FluxKontextFamily
+from .qwenimage import QwenImageFamily
+from .sana import SanaFamily
 from .sd import StableDiffusionFamily
 from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
@@ -41,7 +44,7 @@ def registry(families: Iterable[Type[ModelFamily]]) -> Dict[str, Type[ModelFamil
 
 FAMILIES: Dict[str, Type[ModelFamily]] = registry(
     (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family, FluxFamily, ZImageFamily,
-     FluxKontextFamily)
+     QwenImageFamily, Flux2KleinFamily, Flux2Family, SanaFamily, FluxKontextFamily)
 )
 
 
@@ -101,7 +104,11 @@ def check_model_resolution(name_or_path: str, resolution: Optional[int]):
                              ) from None
 
     try:
-        vae_scale_factor = 2 ** (len(config_of("vae")["block_out_channels"]) - 1)
+        vae = config_of("vae")
+        if "temperal_downsample" in vae:  # a video VAE (Qwen-Image's): one halving per entry, as its pipeline counts
+            vae_scale_factor = 2 ** len(vae["temperal_downsample"])
+        else:
+            vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
         limits = cls.resolution_limits(config_of(cls.denoiser_name), vae_scale_factor)
     except (KeyError, TypeError):
         return  # an unusual config: the family checks the loaded model instead
@@ -119,9 +126,12 @@ def family_for_pipeline(pipe) -> ModelFamily:
                      f"{', '.join(FAMILIES)}")
 
 
-def load_family(name_or_path: str, torch_dtype: torch.dtype = torch.float32, resolved: bool = False) -> ModelFamily:
+def load_family(name_or_path: str, torch_dtype: torch.dtype = torch.float32, resolved: bool = False,
+                quantize_denoiser: str = "none", quantize_text_encoders: str = "none") -> ModelFamily:
     """Loads the model at `name_or_path` (a directory or a bundled name) with its family; `resolved=True`: a path
-    `resolve_model_path` returned (`TrainConfig.resolved_model`), not resolved (nor the hub asked) again."""
+    `resolve_model_path` returned (`TrainConfig.resolved_model`), not resolved (nor the hub asked) again.
+    `quantize_denoiser`, `quantize_text_encoders`: a method of `diffalign.quantization` the denoiser or the text
+    encoders are quantized with as they load (a frozen base under a LoRA)."""
     path = name_or_path if resolved else resolve_model_path(name_or_path)
     if os.path.isdir(path):
         cls = family_class(pipeline_class_of(path))
@@ -129,7 +139,13 @@ def load_family(name_or_path: str, torch_dtype: torch.dtype = torch.float32, res
         from diffusers import DiffusionPipeline
 
         cls = family_class(DiffusionPipeline.load_config(path)["_class_name"])
-    return cls(cls.load(path, torch_dtype))
+    quantization = None
+    if quantize_denoiser != "none" or quantize_text_encoders != "none":
+        from ..quantization import pipeline_quantization_config
+
+        quantization = pipeline_quantization_config(cls.denoiser_name, cls.text_encoder_names, quantize_denoiser,
+                                                    quantize_text_encoders, compute_dtype=torch_dtype)
+    return cls(cls.load(path, torch_dtype, quantization_config=quantization))
 
 
 def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32):
@@ -137,6 +153,7 @@ def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32):
     return load_family(name_or_path, torch_dtype).pipe
 
 
-__all__ = ["FAMILIES", "Conditioning", "FluxFamily", "FluxKontextFamily", "ModelFamily", "StableDiffusion3Family",
-           "StableDiffusionFamily", "StableDiffusionXLFamily", "ZImageFamily", "check_model_resolution", "family_class",
-           "family_for_pipeline", "family_named", "load_family", "load_pipeline", "pipeline_class_of", "registry"]
+__all__ = ["FAMILIES", "Conditioning", "Flux2Family", "Flux2KleinFamily", "FluxFamily", "FluxKontextFamily",
+           "ModelFamily", "QwenImageFamily", "SanaFamily", "StableDiffusion3Family", "StableDiffusionFamily",
+           "StableDiffusionXLFamily", "ZImageFamily", "check_model_resolution", "family_class", "family_for_pipeline",
+           "family_named", "load_family", "load_pipeline", "pipeline_class_of", "registry"]

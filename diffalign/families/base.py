@@ -2,6 +2,7 @@
 (loading, conditioning, latents, the denoiser call, decoding, LoRA) and for the rest of the package (its RLG pipeline,
 modular blocks, Hub tags, guidance kind, pipeline arguments and tiny test components)."""
 
+import contextlib
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -55,7 +56,8 @@ class ModelFamily:
     default_lora_target_modules: List[str] = ["to_q", "to_k", "to_v", "to_out.0"]
     # the pipeline's `__init__` / `from_pretrained` arguments that switch off a safety checker or watermarker
     pipeline_init_kwargs: Dict[str, Any] = {}
-    # the RLG pipeline: a class name in `diffalign.pipelines`, or None (no RLG pipeline: `generate` refuses the model)
+    # the RLG pipeline: a class name in `diffalign.pipelines`, or None (no RLG pipeline: `generate` runs the RLG
+    # guider in the modular pipeline, `rlg_pipeline`, or refuses a model without one)
     rlg_pipeline_class: Optional[str] = None
     # the blocks class in `diffusers.modular_pipelines` (None where diffusers has none); it runs the RLG guider when
     # its blocks take a `guider` component
@@ -91,17 +93,21 @@ class ModelFamily:
         self.pipe = pipe
         self.max_cache = max_cache
         self._cache: Dict[str, Conditioning] = {}
+        # True: the text encoders wait on the CPU and come to the VAE's device only to encode uncached prompts
+        self.offload_text_encoders = False
 
     # -------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, path: str, torch_dtype: torch.dtype = torch.float32):
-        """`pipeline_class.from_pretrained(path)` with safetensors weights only and the kernel's scheduler."""
+    def load(cls, path: str, torch_dtype: torch.dtype = torch.float32, quantization_config=None):
+        """`pipeline_class.from_pretrained(path)` with safetensors weights only and the kernel's scheduler
+        (`quantization_config`: diffusers' `PipelineQuantizationConfig`, `diffalign.quantization`)."""
         import diffusers
 
         pipeline_cls = getattr(diffusers, cls.pipeline_class)
+        quantization = {} if quantization_config is None else {"quantization_config": quantization_config}
         try:
             pipe = pipeline_cls.from_pretrained(path, use_safetensors=True, **dtype_kwarg(torch_dtype),
-                                                **cls.pipeline_init_kwargs)
+                                                **cls.pipeline_init_kwargs, **quantization)
         except (OSError, EnvironmentError) as e:
             raise ModelError(f"model '{path}' could not be loaded with safetensors weights only: "
                              f"{first_line(e, with_type=False)}") from None
@@ -153,9 +159,68 @@ class ModelFamily:
         tokens = getattr(self, "max_sequence_length", None)
         return {} if tokens is None else {"max_sequence_length": tokens}
 
+    def samples_with_cfg(self, guidance_scale: float) -> bool:
+        """Whether a rollout at CFG scale `guidance_scale` evaluates a negative half: at any scale but 1, unless the
+        model's pipeline samples without CFG (a step-distilled FLUX.2 klein)."""
+        return guidance_scale != 1.0
+
     def uses_embedded_guidance(self) -> bool:
         """Whether the loaded denoiser takes the guidance scale as an input (`guidance_kind == "embedded"`)."""
         return self.guidance_kind == "embedded"
+
+    # ------------------------------------------------------------------------ RLG
+    @classmethod
+    def modular_blocks(cls):
+        """A `modular_blocks_class` instance when the family's diffusers modular blocks take a `guider` component
+        (where the RLG guider plugs in); None otherwise (no modular blocks, or blocks without a guider: FLUX.1's)."""
+        if not cls.modular_blocks_class:
+            return None
+        import diffusers.modular_pipelines
+
+        blocks = getattr(diffusers.modular_pipelines, cls.modular_blocks_class)()
+        return blocks if any(spec.name == "guider" for spec in blocks.expected_components) else None
+
+    @classmethod
+    def rlg_route(cls) -> Optional[str]:
+        """How `diffalign generate` runs RLG for the family: "pipeline" (its RLG pipeline, `rlg_pipeline_class`),
+        "guider (modular)" (`ReinforcementLearningGuidance` in its modular pipeline) or None (no route)."""
+        if cls.rlg_pipeline_class:
+            return "pipeline"
+        return "guider (modular)" if cls.modular_blocks() is not None else None
+
+    @classmethod
+    def modular_cfg_guider(cls, guidance_scale: float):
+        """The model's own CFG guider in its modular pipeline: the guider with which the modular pipeline samples as
+        `pipeline_class` does with CFG scale `guidance_scale` (the pipeline's CFG argument, as `diffalign generate
+        --guidance-scale` gives it). diffusers' `ClassifierFreeGuidance`, `u + g (c - u)`, by default."""
+        from diffusers.guiders import ClassifierFreeGuidance
+
+        return ClassifierFreeGuidance(guidance_scale=guidance_scale)
+
+    @classmethod
+    def rlg_pipeline(cls, pipe):
+        """The family's RLG route on a loaded `pipe` of `pipeline_class`, on the same components (no copy of the
+        weights): its RLG pipeline (`rlg_pipeline_class`) where it has one, else its modular pipeline with
+        `ReinforcementLearningGuidance` around `modular_cfg_guider` (`diffalign.guiders.ModularRLGPipeline`). The
+        aligned model is the denoiser's LoRA adapter (load it first), the base model the denoiser with it off.
+
+        Raises a `ModelError` for a family with neither."""
+        components = {name: value for name, value in pipe.components.items() if not name.startswith("aligned_")}
+        if cls.rlg_pipeline_class:
+            import diffalign.pipelines
+
+            rlg = getattr(diffalign.pipelines, cls.rlg_pipeline_class)(**{**cls.pipeline_init_kwargs, **components})
+        else:
+            from ..guiders import ModularRLGPipeline
+
+            blocks = cls.modular_blocks()
+            if blocks is None:
+                raise ModelError(f"the {cls.name} family has no RLG pipeline and no modular blocks with a guider")
+            modular = blocks.init_pipeline()
+            modular.update_components(**{name: value for name, value in components.items() if value is not None})
+            rlg = ModularRLGPipeline(modular, cls.modular_cfg_guider, cls.default_guidance_scale)
+        rlg.set_progress_bar_config(disable=True)
+        return rlg
 
     @classmethod
     def set_kernel_scheduler(cls, pipe):
@@ -223,13 +288,33 @@ class ModelFamily:
                 missing.setdefault(key, prompt)
         order = sorted(missing, key=lambda key: (key, ()) if isinstance(key, str) else key)  # text prompts: by text
         if order:
-            encoded = self.encode_text([missing[key] for key in order], self.device)
+            with self.text_encoders_on(self.device):
+                encoded = self.encode_text([missing[key] for key in order], self.device)
             if len(self._cache) + len(order) > self.max_cache:
                 self._cache.clear()
             for i, key in enumerate(order):
-                self._cache[key] = {k: v[i] for k, v in encoded.items()}
+                self._cache[key] = self.cache_row(encoded, i)
         names = self._cache[keys[0]].keys()
-        return {k: torch.stack([self._cache[key][k] for key in keys]) for k in names}
+        return {k: cat_rows([self._cache[key][k][None] for key in keys]) for k in names}
+
+    def cache_row(self, encoded: Conditioning, index: int) -> Conditioning:
+        """Row `index` of an `encode_text` batch, as the per-prompt cache keeps it (a family with variable-length
+        conditioning drops the batch's padding here; `cat_rows` pads each batch to its own longest row)."""
+        return {k: v[index] for k, v in encoded.items()}
+
+    @contextlib.contextmanager
+    def text_encoders_on(self, device):
+        """With `offload_text_encoders`: the text encoders on `device` inside the block, back on the CPU after (their
+        memory is free while the denoiser samples and trains); otherwise nothing moves."""
+        encoders = [getattr(self.pipe, n, None) for n in self.text_encoder_names] if self.offload_text_encoders else []
+        encoders = [e for e in encoders if e is not None]
+        for encoder in encoders:
+            encoder.to(device)
+        try:
+            yield
+        finally:
+            for encoder in encoders:
+                encoder.to("cpu")
 
     def negative_conditioning(self, negative_prompt: str, batch_size: int) -> Conditioning:
         return self.encode_prompts([negative_prompt] * batch_size)
@@ -301,7 +386,7 @@ class ModelFamily:
             timesteps = timesteps.expand(latents.shape[0])
         if negative is None:
             return self.forward(denoiser, latents, timesteps, cond)
-        both = {k: torch.cat([negative[k], cond[k]]) for k in cond}
+        both = {k: cat_rows([negative[k], cond[k]]) for k in cond}
         uncond, text = self.forward(
             denoiser, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both
         ).chunk(2)
@@ -348,6 +433,21 @@ class ModelFamily:
                           f"{self.denoiser_name}_lora_adapter_metadata": metadata},
             safe_serialization=True, weight_name=LORA_WEIGHT_NAME,
         )
+
+
+def cat_rows(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat` of batch-first tensors along the batch. Tensors whose token axis (dim 1) differs in length are
+    zero-padded to the longest first (False for a boolean mask): variable-length conditioning, such as Qwen-Image's
+    text states and their mask, padded to each batch's longest prompt. Tensors of equal shapes are concatenated as
+    they are."""
+    if all(tensor.shape[1:] == tensors[0].shape[1:] for tensor in tensors):
+        return torch.cat(tensors)
+    length = max(tensor.shape[1] for tensor in tensors)
+    padded = []
+    for tensor in tensors:
+        padding = tensor.new_zeros(tensor.shape[0], length - tensor.shape[1], *tensor.shape[2:])
+        padded.append(torch.cat([tensor, padding], dim=1))
+    return torch.cat(padded)
 
 
 def possible_sides(multiple: int, largest: Optional[int], shown: int = 4) -> str:

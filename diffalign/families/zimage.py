@@ -78,9 +78,8 @@ class ZImageFamily(ModelFamily):
     kernel_class = FlowSDEKernel
     text_encoder_names = ("text_encoder",)
     pipeline_init_kwargs = {}  # no safety checker, no watermarker
-    rlg_pipeline_class = None  # not written yet: `generate` refuses Z-Image models
-    # diffusers' modular Z-Image (its blocks take a `guider`); `bench rlg` needs the RLG pipeline first
-    modular_blocks_class = "ZImageAutoBlocks"
+    rlg_pipeline_class = None  # RLG runs as the guider in the modular pipeline (`rlg_pipeline`)
+    modular_blocks_class = "ZImageAutoBlocks"  # diffusers' modular Z-Image: its blocks take a `guider`
     hub_tags = ("z-image",)
     guidance_kind = "cfg"
     default_guidance_scale = 5.0  # ZImagePipeline's default `guidance_scale` (Turbo samples with 0)
@@ -106,6 +105,15 @@ class ZImageFamily(ModelFamily):
     def pipeline_guidance_kwargs(cls, guidance_scale: float, embedded_guidance: Optional[float] = None):
         """ZImagePipeline's `guidance_scale` g is the CFG scale minus one (`c + g (c - u)`; 0: no CFG)."""
         return {"guidance_scale": guidance_scale - 1}
+
+    @classmethod
+    def modular_cfg_guider(cls, guidance_scale: float):
+        """ZImagePipeline's CFG `c + g (c - u)` (g = 0: none) is diffusers' CFG guider in its original formulation;
+        the modular pipeline runs the two halves in separate forwards (the pipeline in one batch), so its images
+        agree with the pipeline's to float rounding (about 1e-6), not bit for bit."""
+        from diffusers.guiders import ClassifierFreeGuidance
+
+        return ClassifierFreeGuidance(guidance_scale=guidance_scale, use_original_formulation=True)
 
     # ----------------------------------------------------------- latents and time
     def default_resolution(self) -> int:

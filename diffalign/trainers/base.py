@@ -162,9 +162,18 @@ class BaseTrainer:
             self.eval_reward_fn = get_reward(config.eval_reward,
                                              **reveal(config.eval_reward_kwargs, "eval_reward_kwargs"))
 
+        quantization = {key: getattr(config, key) for key in ("quantize_denoiser", "quantize_text_encoders")}
+        quantized = any(method != "none" for method in quantization.values())
         if pipeline is not None:
             self.family = as_family(pipeline)
             self.family.set_kernel_scheduler(self.family.pipe)
+            if quantized:  # a pipeline built in memory: its linear layers are quantized where they are
+                from ..quantization import quantize_pipeline_in_place
+
+                quantize_pipeline_in_place(self.family, **quantization, compute_dtype=self.weight_dtype)
+        elif quantized:  # quantized as it loads, its other layers already in the run's dtype
+            self.family = load_family(config.resolved_model(), torch_dtype=self.weight_dtype, resolved=True,
+                                      **quantization)
         else:
             self.family = load_family(config.resolved_model(), resolved=True)
         self.pipe = self.family.pipe
@@ -198,8 +207,16 @@ class BaseTrainer:
     # ------------------------------------------------------------------ setup
     def _setup_models(self):
         config, acc, family = self.config, self.accelerator, self.family
+        encoders = [getattr(self.pipe, n, None) for n in family.text_encoder_names] if config.offload_text_encoders else []
         for frozen in family.frozen_modules():
-            _place(frozen.requires_grad_(False), self.device, self.weight_dtype)
+            # offloaded text encoders wait on the CPU (`ModelFamily.offload_text_encoders`)
+            placed = torch.device("cpu") if any(frozen is e for e in encoders) else self.device
+            _place(frozen.requires_grad_(False), placed, self.weight_dtype)
+        family.offload_text_encoders = bool(config.offload_text_encoders)
+        if config.vae_slicing:
+            self.pipe.vae.enable_slicing()
+        if config.vae_tiling:
+            self.pipe.vae.enable_tiling()
         denoiser = family.denoiser
         ref_denoiser = None
         torch.manual_seed(config.seed)  # same LoRA initialisation on every process
@@ -214,6 +231,8 @@ class BaseTrainer:
             denoiser.enable_gradient_checkpointing()
         if config.enable_xformers and torch.cuda.is_available():
             denoiser.enable_xformers_memory_efficient_attention()
+        if config.attention_backend:
+            _set_attention_backend(denoiser, config.attention_backend)
         # a resumed run's weights go into the module before it is prepared (sharded engines split them then)
         self._resume_states = self.checkpointer.load(config.resume_from, denoiser) if config.resume_from else None
         optimizer = torch.optim.AdamW(
@@ -720,8 +739,36 @@ class BaseTrainer:
         logger.info("resumed from %s at epoch %d", checkpoint, self.first_epoch)
 
 
+def _set_attention_backend(denoiser, backend: str):
+    """diffusers' `set_attention_backend` on the denoiser; a one-line `ConfigError` for an unknown backend or one
+    whose package or hardware is missing."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    known = [b.value for b in AttentionBackendName]
+    if backend not in known:
+        raise ConfigError(f"attention_backend '{backend}' is not a diffusers backend; known: {', '.join(known)}")
+    processors = [getattr(m, "processor", None) for m in unwrap(denoiser).modules()]
+    if not any(hasattr(p, "_attention_backend") for p in processors):  # diffusers would ignore the setting
+        raise ConfigError(f"attention_backend '{backend}': this {type(unwrap(denoiser)).__name__}'s attention "
+                          f"processors take no backend (diffusers dispatches FLUX-style processors only); use "
+                          f"enable_xformers or leave it unset")
+    try:
+        denoiser.set_attention_backend(backend)
+    except (ImportError, RuntimeError, ValueError) as e:
+        raise ConfigError(f"attention_backend '{backend}': {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                          ) from None
+
+
 def _place(module, device, dtype):
-    """Moves `module` to `device` and casts it only if its dtype differs (diffusers warns on needless casts)."""
+    """Moves `module` to `device` and casts it only if its dtype differs (diffusers warns on needless casts). A
+    quantized module (`diffalign.quantization`) keeps its storage: it is moved only if it is elsewhere (bitsandbytes
+    refuses some moves), never cast."""
+    from ..quantization import is_quantized
+
+    if is_quantized(module):
+        if next(module.parameters()).device.type != torch.device(device).type:
+            module.to(device)
+        return module
     module.to(device)
     if module.dtype != dtype:
         module.to(dtype=dtype)

@@ -36,7 +36,10 @@ def run_dir_of(resume: str) -> str:
 # Fields of the held-out evaluation: it samples with its own seeds and leaves the training untouched (not hashed).
 HELDOUT_KEYS = frozenset({"eval_every", "eval_prompts", "eval_prompt_file", "eval_dataset_split", "eval_num_images"})
 # Fields added after runs were made, hashed only when set: earlier runs' checkpoints keep their hash.
-HASHED_WHEN_SET = frozenset({"prompt_dataset", "prompt_dataset_split", "prompt_column", "ema_decay", "ema_update_every"})
+HASHED_WHEN_SET = frozenset({"prompt_dataset", "prompt_dataset_split", "prompt_column", "ema_decay", "ema_update_every",
+                             "quantize_denoiser", "quantize_text_encoders"})
+# Memory and speed levers that leave what is trained as it is (not hashed: a run may resume with other ones).
+MEMORY_KEYS = frozenset({"offload_text_encoders", "vae_slicing", "vae_tiling", "attention_backend"})
 
 
 # Fields that say where a run is reported and published, not what it trains (left out of `TrainConfig.hash`).
@@ -71,6 +74,32 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for UNet activation memory."})
     enable_xformers: bool = field(default=False, metadata={"help": "xformers attention (CUDA and the extra only)."})
     compile_unet: bool = field(default=False, metadata={"help": "torch.compile the UNet."})
+    quantize_denoiser: str = field(
+        default="none",
+        metadata={"help": "Quantized frozen base under the LoRA (QLoRA-style), through diffusers' quantization "
+                          "configs: `none`, `int8` (torchao int8 weight-only; CUDA or CPU), `fp8` (torchao float8 "
+                          "weight-only; CUDA, compute capability 8.9+), `nf4` (bitsandbytes 4-bit; CUDA), `bnb_int8` "
+                          "(bitsandbytes LLM.int8; CUDA). Needs use_lora; the saved LoRA loads on the unquantized "
+                          "model. torchao: pip install diffalign[quant]."},
+    )
+    quantize_text_encoders: str = field(
+        default="none",
+        metadata={"help": "Quantize the frozen text encoders likewise (`none`, `int8`, `fp8`, `nf4`, `bnb_int8`)."},
+    )
+    offload_text_encoders: bool = field(
+        default=False,
+        metadata={"help": "Keep the text encoders on the CPU and bring them to the accelerator only to encode prompts "
+                          "not yet cached (each prompt is encoded once per run): frees their memory (T5-XXL: 9 GiB "
+                          "in bf16) during sampling and training."},
+    )
+    vae_slicing: bool = field(default=False, metadata={"help": "Decode one image at a time (VAE memory)."})
+    vae_tiling: bool = field(default=False, metadata={"help": "Decode in overlapping tiles (VAE memory at large sizes)."})
+    attention_backend: Optional[str] = field(
+        default=None,
+        metadata={"help": "diffusers attention backend of the denoiser (`set_attention_backend`): `native` (SDPA), "
+                          "`flash`, `sage`, `xformers`, `_native_cudnn`, ... (the packages they need must be "
+                          "installed); default diffusers' own."},
+    )
     num_threads: Optional[int] = field(
         default=None,
         metadata={"help": "Torch CPU threads per process (torch.set_num_threads). Default: 1 for the bundled models "
@@ -130,7 +159,8 @@ class TrainConfig:
     )
     sample_max_sequence_length: Optional[int] = field(
         default=None,
-        metadata={"help": "T5 tokens per prompt (SD3, FLUX; the pipelines' max_sequence_length); default the "
+        metadata={"help": "Text tokens per prompt of the families with a long-context text encoder (T5 of SD3 and "
+                          "FLUX, Qwen of Qwen-Image and Z-Image; the pipelines' max_sequence_length); default the "
                           "pipeline's (SD3 256, FLUX 512). Flow-GRPO trains SD3.5 with 128."},
     )
     sample_sde_window_size: Optional[int] = field(
@@ -145,8 +175,9 @@ class TrainConfig:
     )
     sample_guidance_scale: float = field(
         default=5.0,
-        metadata={"help": "CFG scale (1.0 = no CFG, also in training); for FLUX the optional true CFG with an empty "
-                          "negative prompt (FluxPipeline's `true_cfg_scale`; 1.0 = off, FLUX.1-dev's usual setting)."},
+        metadata={"help": "CFG scale (1.0 = no CFG, also in training), in the family's form: for FLUX the optional "
+                          "true CFG with an empty negative prompt (FluxPipeline's `true_cfg_scale`; 1.0 = off, "
+                          "FLUX.1-dev's usual setting), for Qwen-Image true CFG with norm rescale (`true_cfg_scale`)."},
     )
     sample_embedded_guidance: float = field(
         default=3.5,
@@ -348,6 +379,24 @@ class TrainConfig:
             raise ConfigError(f"resume path '{self.resume_from}' does not exist")
         self._validate_logging()
         self._validate_heldout_and_ema()
+        self._validate_quantization()
+
+    def _validate_quantization(self):
+        """The quantized base: known methods, their package and device there, and a LoRA to train on top."""
+        from ..quantization import check_quantization_method
+
+        for key in ("quantize_denoiser", "quantize_text_encoders"):
+            check_quantization_method(key, getattr(self, key))
+        if self.offload_text_encoders and self.quantize_text_encoders in ("nf4", "bnb_int8"):
+            raise ConfigError(f"offload_text_encoders moves the text encoders between the CPU and the GPU, which "
+                              f"bitsandbytes weights ({self.quantize_text_encoders}) cannot do: use int8/fp8 or keep "
+                              f"them resident")
+        if self.attention_backend is not None and (not isinstance(self.attention_backend, str)
+                                                   or not self.attention_backend.strip()):
+            raise ConfigError(f"attention_backend must be a diffusers backend name; got {self.attention_backend!r}")
+        if self.quantize_denoiser != "none" and not self.use_lora:
+            raise ConfigError(f"quantize_denoiser {self.quantize_denoiser} trains a LoRA on a frozen quantized base: "
+                              f"set use_lora (a full fine-tune cannot update quantized weights)")
 
     def _validate_heldout_and_ema(self):
         """The prompt columns, the held-out evaluation and the EMA."""
@@ -451,6 +500,7 @@ class TrainConfig:
         ignored = {"resume_from", "num_threads", "num_epochs", "checkpoint_every", "checkpoints_total_limit", "log_every", "output_dir"}
         ignored |= LOGGING_KEYS  # where a run reports to does not define it (and keeps older checkpoints' hashes)
         ignored |= HELDOUT_KEYS
+        ignored |= MEMORY_KEYS
         defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in HASHED_WHEN_SET}
         ignored |= {k for k, default in defaults.items() if getattr(self, k) == default}
         if not self.ema_decay:

@@ -105,7 +105,7 @@ class ForwardProcessTrainer(BaseTrainer):
         (`alphas_cumprod`, the scheduler's `prediction_type`) or rectified flow (noise level `t / 1000`, as NVIDIA)."""
         scheduler = self.family.scheduler
         alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
-        if alphas_cumprod is not None:
+        if alphas_cumprod is not None and not scheduler.config.get("use_flow_sigmas", False):  # SANA's DPM: a flow
             return (*vp_schedule(alphas_cumprod, t, x0), scheduler.config.prediction_type)
         num_train_timesteps = scheduler.config.num_train_timesteps
         return (*flow_schedule(t.float() / num_train_timesteps, x0), "flow_velocity")
