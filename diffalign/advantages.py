@@ -49,9 +49,10 @@ class PerPromptStatTracker:
     def update(self, prompts: List[str], rewards: torch.Tensor) -> torch.Tensor:
         rewards_np = rewards.detach().float().cpu().numpy()
         advantages = np.empty_like(rewards_np)
-        prompts_np = np.array(prompts, dtype=object)
         for prompt in dict.fromkeys(prompts):
-            mask = prompts_np == prompt
+            # compared in Python: numpy would turn `prompt` into a plain string first, dropping a ConditionedPrompt's
+            # condition images (the same instruction on two images is two prompts)
+            mask = np.fromiter((p == prompt for p in prompts), dtype=bool, count=len(prompts))
             buffer = self.stats.setdefault(prompt, deque(maxlen=self.buffer_size))
             buffer.extend(rewards_np[mask].tolist())
             if len(buffer) < self.min_count:

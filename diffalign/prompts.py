@@ -147,6 +147,145 @@ class PromptDifficulty:
         self.rewards = {p: list(r) for p, r in state["rewards"].items()}
 
 
+# ------------------------------------------------------------------------------------------- condition images
+class ConditionedPrompt(str):
+    """A prompt's text with the condition images an editing model starts from (`condition_images`: absolute paths).
+
+    It is the text everywhere a prompt is text (the text encoders, logs, JSON), so a prompt carries its images
+    through the epoch's draw, the rollout and the recorded trajectories without another argument; the families that
+    take images read them with `condition_images_of`. Equality and hashing take the images too: the same instruction
+    on two images is two prompts, in the conditioning cache (`prompt_key`) and in the per-prompt reward groups and
+    statistics (DDPO's tracker, NFT's and GRPO's groups, `PromptDifficulty`)."""
+
+    def __new__(cls, text: str, condition_images: Tuple[str, ...] = ()):
+        prompt = super().__new__(cls, text)
+        prompt.condition_images = tuple(condition_images)
+        return prompt
+
+    def __eq__(self, other):
+        if not isinstance(other, str):
+            return NotImplemented
+        return str.__eq__(self, other) and self.condition_images == condition_images_of(other)
+
+    def __ne__(self, other):
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self):
+        return hash((str(self), self.condition_images))
+
+    def __repr__(self) -> str:
+        return f"ConditionedPrompt({str(self)!r}, condition_images={self.condition_images!r})"
+
+
+def condition_images_of(prompt) -> Tuple[str, ...]:
+    """The condition image paths of a prompt (empty for a text prompt)."""
+    return getattr(prompt, "condition_images", ())
+
+
+def prompt_key(prompt):
+    """The conditioning cache's key of a prompt: its text, and its condition images when it has any (the same edit
+    instruction on two images is two conditionings)."""
+    images = condition_images_of(prompt)
+    return (str(prompt), images) if images else prompt
+
+
+def check_condition_image(path: str, where: str):
+    """A one-line `PromptError` unless `path` is an image file PIL can read (its header and data are checked; the
+    pixels are decoded later, once, by the family)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        problem = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise PromptError(f"{where}: condition image '{path}' {problem}")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise PromptError(f"{where}: condition image '{path}' is not a readable image ({first_line(e)})") from None
+
+
+def load_condition_image(path: str):
+    """A condition image as an RGB `PIL.Image` (what the families preprocess)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def load_condition_tensor(path: str):
+    """A condition image as a float tensor `(3, H, W)` in [0, 1], the layout of the images a reward scores: for an
+    edit reward that compares the input (`metadata["image"]`, a path) with the output."""
+    import torch
+
+    array = np.asarray(load_condition_image(path), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _condition_paths(row: dict, base: str, where: str) -> Tuple[str, ...]:
+    """The absolute paths of a row's `image` / `images` field (relative paths are relative to `base`), checked."""
+    if "image" in row and "images" in row:
+        raise PromptError(f"{where} has both 'image' and 'images': give one")
+    if "image" in row:
+        value = row["image"]
+        if not isinstance(value, str) or not value.strip():
+            raise PromptError(f"{where}: 'image' must be a non-empty path; got {value!r}")
+        names = [value]
+    else:
+        value = row["images"]
+        if (not isinstance(value, list) or not value
+                or not all(isinstance(name, str) and name.strip() for name in value)):
+            raise PromptError(f"{where}: 'images' must be a non-empty list of paths; got {value!r}")
+        names = value
+    paths = tuple(os.path.abspath(os.path.join(base, os.path.expanduser(name.strip()))) for name in names)
+    for path in paths:
+        check_condition_image(path, where)
+    return paths
+
+
+def attach_condition_images(prompts: List[str], metadata: List[dict], path: str,
+                            empty_cell_is_none: bool = False) -> Tuple[List[str], List[dict]]:
+    """Prompts of a JSONL/CSV prompt file at `path` whose rows name condition images (`image`, or `images` for
+    models that take several) as `ConditionedPrompt`s, and their metadata with the images as absolute paths (`image`
+    a string, `images` a list, as in the file): a reward gets the paths (`load_condition_tensor` reads one).
+
+    Paths are relative to the prompt file's folder (Flow-Factory's and Flow-GRPO's convention); every image is
+    checked now, before any model loads: a missing or unreadable one is a one-line `PromptError`. With
+    `empty_cell_is_none` (a CSV, whose rows all have every column), an empty `image` cell means no image."""
+    base = os.path.dirname(os.path.abspath(path))
+    out_prompts, out_metadata = [], []
+    for number, (prompt, row) in enumerate(zip(prompts, metadata), start=1):
+        if empty_cell_is_none and isinstance(row.get("image"), str) and not row["image"].strip():
+            row = {k: v for k, v in row.items() if k != "image"}  # a CSV row without an image
+        if "image" in row or "images" in row:
+            paths = _condition_paths(row, base, f"prompt file '{path}' row {number}")
+            prompt = ConditionedPrompt(prompt, paths)
+            row = {**row, **({"image": paths[0]} if "image" in row else {"images": list(paths)})}
+        out_prompts.append(prompt)
+        out_metadata.append(row)
+    return out_prompts, out_metadata
+
+
+def check_condition_prompts(prompts: List[str], family_name: str, max_images: int, what: str = "prompt"):
+    """A one-line `PromptError` when a prompt has more condition images than the model takes (`max_images`; 0 for
+    a text-to-image model), or when prompts with and without condition images are mixed (an editing model samples
+    a prompt without one text-to-image, with another token count: they cannot share a batch)."""
+    with_images = without = None
+    for prompt in prompts:
+        count = len(condition_images_of(prompt))
+        if count > max_images:
+            takes = "no condition images (a text-to-image model)" if max_images == 0 else f"at most {max_images}"
+            raise PromptError(f"{what} '{prompt}' has {count} condition image(s), but a {family_name} model takes "
+                              f"{takes}")
+        if count:
+            with_images = with_images or prompt
+        else:
+            without = without if without is not None else prompt
+    if with_images is not None and without is not None:
+        raise PromptError(f"the {what}s mix prompts with and without a condition image ('{without}' has none, "
+                          f"'{with_images}' has one): give every prompt an 'image', or none")
+
+
 # The trainer sets each sample's `group_id` in the reward's metadata (the prompt slot of its group).
 RESERVED_METADATA = ("group_id",)
 
@@ -251,12 +390,15 @@ def read_prompt_records(path: str, column: str = "prompt") -> Tuple[List[str], L
     """`(prompts, metadata)` of a prompt file: JSON Lines (`.jsonl`, one object per line) or CSV (`.csv`, a header
     row) with the prompt in `column` and the other fields as the prompt's metadata; any other file is text, one
     prompt per line (blank lines and `#` comments skipped), without metadata. Lines end at `\n` or `\r\n` only
-    (never at a form feed or U+2028, which stay inside their prompt), and the file is read a line at a time."""
+    (never at a form feed or U+2028, which stay inside their prompt), and the file is read a line at a time.
+
+    A JSONL/CSV row with an `image` (or, JSONL only, `images`: a list) field names condition images for editing
+    models, relative to the prompt file: its prompt becomes a `ConditionedPrompt` (see `attach_condition_images`)."""
     extension = os.path.splitext(path)[1].lower()
     if extension == ".jsonl":
-        prompts, metadata = _read_jsonl(path, column)
+        prompts, metadata = attach_condition_images(*_read_jsonl(path, column), path)
     elif extension == ".csv":
-        prompts, metadata = _read_csv(path, column)
+        prompts, metadata = attach_condition_images(*_read_csv(path, column), path, empty_cell_is_none=True)
     else:
         prompts = []
         for _, line in _text_lines(path):

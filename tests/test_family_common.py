@@ -153,7 +153,8 @@ def test_zero_width_window_rollout_equals_the_family_pipeline(family_class, vari
 
     ours = rollout()
     stock = pipe(prompt=PROMPTS, num_inference_steps=3, latents=latents, height=height, width=width, output_type="pt",
-                 **family.pipeline_guidance_kwargs(guidance, embedded), **family.pipeline_call_kwargs()).images
+                 **family.pipeline_guidance_kwargs(guidance, embedded),
+                 **family.pipeline_call_kwargs(height, width)).images
     torch.testing.assert_close(ours.images, stock, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ours.timesteps, pipe.scheduler.timesteps)  # e.g. FLUX's sigmas and dynamic shift
     assert not ours.stochastic.any() and torch.isnan(ours.log_probs).all()
@@ -210,7 +211,8 @@ def test_resolution_rules(family_class):
         family.check_resolution(4 * multiple + 1)
     # the default is the pipeline's own default image size (FLUX: default_sample_size x vae_scale_factor)
     guidance = family.pipeline_guidance_kwargs(1.0, family.default_guidance_scale)
-    image = pipe(prompt=PROMPTS[0], num_inference_steps=1, output_type="pt", **guidance).images
+    image = pipe(prompt=PROMPTS[0], num_inference_steps=1, output_type="pt", **guidance,
+                 **family.pipeline_call_kwargs()).images
     assert tuple(image.shape[-2:]) == (family.default_resolution(),) * 2
 
 
@@ -281,6 +283,7 @@ def test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines(family_dir, 
                   **family.pipeline_guidance_kwargs(3.0, 3.0))
     pipe = getattr(diffusers, family.pipeline_class).from_pretrained(model, **family.pipeline_init_kwargs)
     pipe.set_progress_bar_config(disable=True)
+    kwargs.update(family_for_pipeline(pipe).pipeline_call_kwargs(SIZE, SIZE))  # e.g. Kontext's max_area
     before = pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs).images
     pipe.load_lora_weights(lora_dir)
     after = pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs).images
@@ -323,7 +326,8 @@ def test_saved_lora_reloads_at_its_trained_scale(family_class, tmp_path):
     add_lora(family.denoiser, rank=4, alpha=8.0, target_modules=family.default_lora_target_modules)
     _randomise_lora(family.denoiser, std=0.2)
     kwargs = dict(num_inference_steps=2, height=SIZE, width=SIZE, output_type="pt",
-                  **family.pipeline_guidance_kwargs(3.0, family.default_guidance_scale))
+                  **family.pipeline_guidance_kwargs(3.0, family.default_guidance_scale),
+                  **family.pipeline_call_kwargs(SIZE, SIZE))
     trained = pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs).images
     family.save_lora(family.denoiser, str(tmp_path))
     with safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), "pt") as f:

@@ -41,7 +41,8 @@ def run_benchmark(ctx) -> dict:
     def plain():
         generator = torch.Generator(device).manual_seed(ctx.args.seed)
         pipe(prompt=prompts, num_inference_steps=steps, height=res, width=res, generator=generator, output_type="pt",
-             **family.pipeline_guidance_kwargs(g, family.embedded_guidance), **noise)
+             **family.pipeline_guidance_kwargs(g, family.embedded_guidance), **family.pipeline_call_kwargs(res, res),
+             **noise)
 
     meter = PeakMemory(device)
     timings = timed_interleaved({"ours": ours, "plain": plain}, ctx.repeats, device, meter)

@@ -68,6 +68,9 @@ class ModelFamily:
     embedded_guidance: Optional[float] = None  # the rollouts' embedded guidance (guidance_kind "embedded")
     # named settings of `tiny_components`, each a real configuration of the model the family tester runs too
     tiny_variants: Dict[str, Dict[str, Any]] = {}
+    # condition images a prompt may carry (`diffalign.prompts.ConditionedPrompt`): 0 for text-to-image models; an
+    # editing model (FLUX.1 Kontext) encodes them into its conditioning
+    max_condition_images: int = 0
 
     @classmethod
     def missing_facts(cls) -> List[str]:
@@ -149,9 +152,10 @@ class ModelFamily:
             kwargs.update(true_cfg_scale=guidance_scale, negative_prompt="")
         return kwargs
 
-    def pipeline_call_kwargs(self) -> Dict:
+    def pipeline_call_kwargs(self, height: Optional[int] = None, width: Optional[int] = None) -> Dict:
         """`pipeline_class.__call__` arguments that make the pipeline encode prompts as this family does (the T5
-        length of families with a T5); none by default."""
+        length of families with a T5); none by default. `height`, `width`: the call's image size, for pipelines that
+        would rescale it (FLUX.1 Kontext's `max_area`)."""
         tokens = getattr(self, "max_sequence_length", None)
         return {} if tokens is None else {"max_sequence_length": tokens}
 
@@ -293,17 +297,26 @@ class ModelFamily:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: List[str]) -> Conditioning:
-        """`encode_text` of each distinct prompt once; a cache shared across epochs."""
-        missing = sorted({p for p in prompts if p not in self._cache})
-        if missing:
+        """`encode_text` of each distinct prompt once; a cache shared across epochs, keyed by a prompt's text and its
+        condition images (`diffalign.prompts.prompt_key`)."""
+        from ..prompts import check_condition_prompts, prompt_key
+
+        check_condition_prompts(prompts, self.name, self.max_condition_images)
+        keys = [prompt_key(p) for p in prompts]
+        missing = {}
+        for prompt, key in zip(prompts, keys):
+            if key not in self._cache:
+                missing.setdefault(key, prompt)
+        order = sorted(missing, key=lambda key: (key, ()) if isinstance(key, str) else key)  # text prompts: by text
+        if order:
             with self.text_encoders_on(self.device):
-                encoded = self.encode_text(missing, self.device)
-            if len(self._cache) + len(missing) > self.max_cache:
+                encoded = self.encode_text([missing[key] for key in order], self.device)
+            if len(self._cache) + len(order) > self.max_cache:
                 self._cache.clear()
-            for i, prompt in enumerate(missing):
-                self._cache[prompt] = self.cache_row(encoded, i)
-        keys = self._cache[prompts[0]].keys()
-        return {k: cat_rows([self._cache[p][k][None] for p in prompts]) for k in keys}
+            for i, key in enumerate(order):
+                self._cache[key] = self.cache_row(encoded, i)
+        names = self._cache[keys[0]].keys()
+        return {k: cat_rows([self._cache[key][k][None] for key in keys]) for k in names}
 
     def cache_row(self, encoded: Conditioning, index: int) -> Conditioning:
         """Row `index` of an `encode_text` batch, as the per-prompt cache keeps it (a family with variable-length

@@ -29,7 +29,7 @@ from ..families import load_family
 from ..kernels import sde_window_mask
 from ..plotting import plot_metrics
 from ..ema import ParameterEMA
-from ..prompts import PromptDifficulty, PromptError, heldout_prompt_source, prompt_source
+from ..prompts import PromptDifficulty, PromptError, check_condition_prompts, heldout_prompt_source, prompt_source
 from ..rollout import Trajectories, as_family, step_log_probs
 from ..utils.peft_utils import add_lora, check_lora_target_modules, record_lora_config, unwrap
 from ..utils.process_utils import launched_processes
@@ -178,6 +178,9 @@ class BaseTrainer:
             self.family = load_family(config.resolved_model(), resolved=True)
         self.pipe = self.family.pipe
         self.pipe.set_progress_bar_config(disable=True)
+        for source, what in ((self.prompts, "prompt"), (self.heldout, "held-out prompt")):  # condition images
+            if source is not None:  # a text-to-image model given images, or an edit model more than it takes
+                check_condition_prompts(source.prompts, self.family.name, self.family.max_condition_images, what)
         self.family.configure(**config.family_kwargs())
         self.kernel = self.family.make_kernel(**config.kernel_kwargs())
         if config.sample_resolution:

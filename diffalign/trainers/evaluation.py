@@ -183,14 +183,16 @@ class Evaluator:
             return trajectories, self.score(trajectories)
 
     def save_grid(self, filename: str):
-        """`<output_dir>/<filename>` of the grid samples (and `grid_before_after.png` next to `grid_before.png`)."""
+        """`<output_dir>/<filename>` of the grid samples (and `grid_before_after.png` next to `grid_before.png`); an
+        edit is shown after its condition image (`with_condition_images`)."""
         if not self.takes_part:
             return
-        images = self.grid_trajectories().images
+        trajectories = self.grid_trajectories()
         if not self.accelerator.is_main_process:
             return
+        images, per_sample = with_condition_images(trajectories.images, trajectories.prompts)
         output_dir = self.config.output_dir
-        nrow = math.ceil(math.sqrt(len(images)))
+        nrow = per_sample * math.ceil(math.sqrt(len(images) // per_sample))
         image_grid(images, nrow=nrow, scale=grid_scale(self.resolution)).save(os.path.join(output_dir, filename))
         before = os.path.join(output_dir, "grid_before.png")
         if filename == "grid_after.png" and os.path.exists(before):
@@ -199,3 +201,27 @@ class Evaluator:
             combined = labelled_rows([Image.open(before).convert("RGB"), image_grid(images, nrow=nrow, scale=grid_scale(
                 self.resolution))], ["before", "after"], label_width=60)
             combined.save(os.path.join(output_dir, "grid_before_after.png"))
+
+
+def with_condition_images(images: torch.Tensor, prompts: Sequence[str]) -> Tuple[torch.Tensor, int]:
+    """`(tiles, tiles per sample)` of a grid: `images` `(N, 3, H, W)` alone (1) when no prompt has a condition image,
+    else each sample's condition images (resized to the sample's size; blank for a prompt without) before it, so a
+    grid shows input and edit side by side."""
+    from ..prompts import condition_images_of, load_condition_tensor
+
+    conditions = [condition_images_of(prompt) for prompt in prompts]
+    count = max((len(paths) for paths in conditions), default=0)
+    if count == 0:
+        return images, 1
+    height, width = images.shape[-2:]
+    tiles = []
+    for image, paths in zip(images, conditions):
+        for k in range(count):
+            if k < len(paths):
+                condition = load_condition_tensor(paths[k])[None]
+                tiles.append(torch.nn.functional.interpolate(condition, size=(height, width), mode="bilinear",
+                                                             antialias=True, align_corners=False)[0].clamp(0, 1))
+            else:
+                tiles.append(torch.ones_like(image, dtype=torch.float32))
+        tiles.append(image.float())
+    return torch.stack([tile.to(images.device) for tile in tiles]), count + 1
