@@ -129,7 +129,9 @@ class AWMTrainer(ForwardProcessTrainer):
         """`awm_loss` of a micro-batch of (sample, noise level) rows, against the model's own denoising target."""
         config = self.config
         output, frozen, noised = outputs
-        target = prediction_target(noised.x0, noised.noise, noised.alpha_t, noised.sigma_t, noised.prediction_type)
+        # in float64, as the authors' `random_noise.double() - clean_latents.double()`
+        target = prediction_target(noised.x0.double(), noised.noise.double(), noised.alpha_t.double(),
+                                   noised.sigma_t.double(), noised.prediction_type)
         time = noised.t.float() / self.family.scheduler.config.num_train_timesteps
         ema_output = frozen.get(OLD_ADAPTER)
         old_log_prob = None
