@@ -1,4 +1,5 @@
-# Copyright 2025 the authors of "Advantage Weighted Matching" (Xue et al., arXiv 2509.25050), scxue/advantage_weighted_matching
+# Copyright 2025 the authors of "Advantage Weighted Matching" (Xue et al., arXiv 2509.25050),
+# scxue/advantage_weighted_matching
 # SPDX-License-Identifier: Apache-2.0
 #
 # Licensed under the Apache License, Version 2.0 (the "License");

@@ -70,5 +70,5 @@ def __getattr__(name):
 
 
 __all__ = ["BaseTrainer", "DDPOTrainer", "PRDPTrainer", "NFTTrainer", "AWMTrainer", "ForwardProcessTrainer",
-           "NonFiniteError", "TRAINERS", "register_algorithm", "trainer_class", "CONFIG_CLASSES", "TrainConfig", "DDPOConfig",
-           "PRDPConfig", "NFTConfig", "AWMConfig", "ForwardProcessConfig"]
+           "NonFiniteError", "TRAINERS", "register_algorithm", "trainer_class", "CONFIG_CLASSES", "TrainConfig",
+           "DDPOConfig", "PRDPConfig", "NFTConfig", "AWMConfig", "ForwardProcessConfig"]
