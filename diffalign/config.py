@@ -6,10 +6,11 @@ module."""
 from .cli.parser import config_help, load_config, preset_path
 from .errors import ConfigError
 from .trainers import CONFIG_CLASSES
+from .trainers.awm_config import AWMConfig
 from .trainers.base_config import TrainConfig
 from .trainers.ddpo_config import DDPOConfig
 from .trainers.nft_config import NFTConfig
 from .trainers.prdp_config import PRDPConfig
 
 __all__ = ["load_config", "config_help", "preset_path", "TrainConfig", "DDPOConfig", "NFTConfig", "PRDPConfig",
-           "CONFIG_CLASSES", "ConfigError"]
+           "AWMConfig", "CONFIG_CLASSES", "ConfigError"]

@@ -255,3 +255,171 @@ def nft_loss(
                        else torch.zeros((), device=model_output.device)),
         }
     return {"loss": loss, **stats}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Advantage Weighted Matching (Xue et al., arXiv 2509.25050): the model's own denoising loss on forward-noised final
+# samples, read as a log-likelihood and weighted by advantages through a PPO-style ratio.
+
+AWM_WEIGHTINGS = ("Uniform", "t", "t**2", "huber", "ghuber")
+AWM_LOSS_TYPES = ("exp_first", "sum_first")
+AWM_KL_WEIGHTS = ("Uniform", "ELBO")
+
+
+def awm_log_prob(model_output: torch.Tensor, target: torch.Tensor, time: torch.Tensor, weighting: str = "Uniform",
+                 ghuber_power: float = 0.25) -> torch.Tensor:
+    """AWM's surrogate log-likelihood of a noised sample: minus its weighted denoising (matching) loss.
+
+    With `o` the model output at `x_t`, `o*` its target there (`diffalign.forward_process.prediction_target`: the
+    velocity `eps - x0` for a flow, `eps` for an epsilon model, `alpha_t eps - sigma_t x0` for a v model) and
+    `t` in [0, 1] the row's time (the flow's noise level `s`; `timestep / num_train_timesteps` for a DDPM schedule):
+
+        m         = mean (o - o*)^2                                      (float64, over the latent's elements)
+        Uniform:    log p = -m            t: -t m          t**2: -t^2 m
+        huber:      log p = -t (sqrt(m + 1e-10) - 1e-5)
+        ghuber:     log p = -t ((m + 1e-10)^p - 1e-10^p) / p            (p = `ghuber_power`)
+
+    On a flow this is the authors' `compute_log_prob_awm` (scripts/train_sd3_awm.py:234-252, commit be51372), whose
+    target is `eps - x0`; on a DDPM-type model the same formula with the model's own target, i.e. its training loss.
+
+    Args:
+        model_output (`torch.Tensor`): `o`, `(B, ...)`, differentiable.
+        target (`torch.Tensor`): `o*`, same shape.
+        time (`torch.Tensor`): `t`, `(B,)`.
+        weighting (`str`): one of `AWM_WEIGHTINGS` (the authors' `train.weighting`).
+        ghuber_power (`float`): `p > 0` of `"ghuber"` (the authors' `train.ghuber_power`, 0.25).
+
+    Returns:
+        `(B,)` float64 log-probabilities.
+    """
+    if weighting not in AWM_WEIGHTINGS:
+        raise ValueError(f"unknown weighting '{weighting}': expected one of {', '.join(AWM_WEIGHTINGS)}")
+    error = ((model_output.double() - target.double()) ** 2).mean(dim=tuple(range(1, model_output.ndim)))
+    time = time.reshape(-1)
+    if weighting == "Uniform":
+        return -error
+    if weighting == "t":
+        return -error * time
+    if weighting == "t**2":
+        return -error * time**2
+    if weighting == "huber":
+        return -(torch.sqrt(error + 1e-10) - 1e-5) * time
+    floor = torch.pow(torch.tensor(1e-10, device=error.device, dtype=error.dtype), ghuber_power)
+    return -(torch.pow(error + 1e-10, ghuber_power) - floor) * time / ghuber_power
+
+
+def awm_advantages(advantages: torch.Tensor, adv_clip_max: float, advantage_max: Optional[float] = None
+                   ) -> torch.Tensor:
+    """AWM's advantage weights: `clip(A, -A_clip, A_clip)`, then rescaled to `[-A_max, A_max]` by
+    `A_max / A_clip` when `advantage_max` (`A_max`) is given (the authors' `train.adv_clip_max` 5 and
+    `train.advantage_max` 1: scripts/train_sd3_awm.py:1293-1299)."""
+    clipped = torch.clamp(advantages, -adv_clip_max, adv_clip_max)
+    if advantage_max is not None:
+        clipped = clipped / adv_clip_max * advantage_max
+    return clipped
+
+
+def awm_kl(model_output: torch.Tensor, other_output: torch.Tensor, time: torch.Tensor, weight: str = "Uniform"
+           ) -> torch.Tensor:
+    """Per-row `mean (o - o_other)^2` on raw outputs (float64), divided by `2 std_t^2` with
+    `std_t = 0.7 sqrt(t / (1 - min(t, 0.99)))` for `weight="ELBO"` (the flow SDE's step noise the authors use);
+    `(B,)`."""
+    if weight not in AWM_KL_WEIGHTS:
+        raise ValueError(f"unknown KL weight '{weight}': expected one of {', '.join(AWM_KL_WEIGHTS)}")
+    per_row = ((model_output.double() - other_output.double()) ** 2).mean(dim=tuple(range(1, model_output.ndim)))
+    if weight == "ELBO":
+        time = time.reshape(-1)
+        std = torch.sqrt(time / (1 - torch.clamp(time, 0, 0.99))) * 0.7
+        per_row = per_row / (2 * std**2)
+    return per_row
+
+
+def awm_loss(
+    model_output: torch.Tensor,
+    target: torch.Tensor,
+    time: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    old_log_prob: Optional[torch.Tensor] = None,
+    ref_model_output: Optional[torch.Tensor] = None,
+    ema_model_output: Optional[torch.Tensor] = None,
+    weighting: str = "Uniform",
+    ghuber_power: float = 0.25,
+    loss_type: str = "exp_first",
+    steps_per_sample: int = 1,
+    kl_coef: float = 0.0,
+    kl_weight: str = "Uniform",
+    ema_kl_coef: float = 0.0,
+    ema_kl_weight: str = "Uniform",
+) -> Dict[str, torch.Tensor]:
+    """Advantage Weighted Matching (Xue et al. 2025, arXiv 2509.25050), as the authors' scripts/train_sd3_awm.py.
+
+    A final sample `x0` (from any solver) is noised to `x_t = alpha_t x0 + sigma_t eps` at time `t`; the model's
+    denoising loss there gives the surrogate log-likelihood `log p_theta = awm_log_prob(o_theta, o*, t)` (with the
+    paper's flow notation: `-w(t) ||v_theta(x_t, t) - (eps - x0)||^2`). The policy term is PPO's clipped surrogate of
+    the ratio `rho = exp(log p_theta - log p_old)` with the clipped advantages `A` (`awm_advantages`):
+
+        exp_first:  rho per row (sample, t),                L_pi = mean_rows max(-A rho, -A clip(rho, 1 - e, 1 + e))
+        sum_first:  rho = exp(mean_t log p_theta - mean_t log p_old) per sample, the same max, mean over samples
+
+        L = L_pi + beta_KL mean_rows kl(o_theta, o_base) + beta_EMA mean_rows kl(o_theta, o_ema)      (`awm_kl`)
+
+    On-policy (`old_log_prob=None`) `log p_old = sg(log p_theta)`: `rho = 1` in value and the gradient is
+    `-A grad log p_theta`, the advantage-weighted matching loss itself (the authors' default, their `off_policy:
+    False`; their clip range 1 then never clips). Off-policy, `log p_old` is the sampling (EMA) policy's at the
+    same `x_t`. On a flow (`o* = eps - x0`, `t = s`) this is the authors' loss to float64 rounding
+    (tests/test_awm.py); on epsilon and v models the matching loss is the model's own (`prediction_target`).
+    One difference: the reference adds the EMA term only when `kl_coef > 0`; here each term has its own weight.
+
+    Args:
+        model_output (`torch.Tensor`): `o_theta(x_t)`, `(N, ...)`: N rows, differentiable.
+        target (`torch.Tensor`): `o*`, the denoising target of each row.
+        time (`torch.Tensor`): `(N,)` the rows' `t` in [0, 1].
+        advantages (`torch.Tensor`): `(N,)` each row's sample's advantage weight (`awm_advantages`).
+        clip_range (`float`): `e` (the authors' `train.clip_range`: 1e-4 in base_awm.py, 1 in their presets).
+        old_log_prob (`torch.Tensor` or `None`): `(N,)` `log p_old`; `None` = on-policy.
+        ref_model_output, ema_model_output (`torch.Tensor` or `None`): the base model's and the EMA (old) adapter's
+            outputs at the rows; needed when their coefficient is > 0.
+        weighting, ghuber_power: of `awm_log_prob`.
+        loss_type (`str`): `"exp_first"` or `"sum_first"` (the authors' `train.loss_type`).
+        steps_per_sample (`int`): rows per sample for `"sum_first"`: the rows are sample-major, `S` of a sample in a
+            row.
+        kl_coef, kl_weight: `beta_KL` and `awm_kl`'s weight (the authors' `train.beta`, `train.kl_weight`).
+        ema_kl_coef, ema_kl_weight: `beta_EMA` and its weight (`train.ema_beta`, `train.kl_ema_weight`).
+
+    Returns:
+        `dict` with `loss` (scalar float64, differentiable) and detached statistics: `policy_loss`, `kl`, `ema_kl`,
+        `matching_loss` (`mean_rows -log p_theta`), `clipfrac` and `approx_kl` (`0.5 mean (log rho)^2`).
+    """
+    if loss_type not in AWM_LOSS_TYPES:
+        raise ValueError(f"unknown loss_type '{loss_type}': expected one of {', '.join(AWM_LOSS_TYPES)}")
+    for name, coef, other in (("kl_coef", kl_coef, ref_model_output), ("ema_kl_coef", ema_kl_coef, ema_model_output)):
+        if coef and other is None:
+            raise ValueError(f"{name} is {coef} but no output to compare with was given")
+    log_prob = awm_log_prob(model_output, target, time, weighting, ghuber_power)
+    old = log_prob.detach() if old_log_prob is None else old_log_prob.detach().double()
+    advantages = advantages.reshape(-1)
+    if loss_type == "sum_first":
+        log_ratio = log_prob.view(-1, steps_per_sample).mean(dim=1) - old.view(-1, steps_per_sample).mean(dim=1)
+        advantages = advantages.view(-1, steps_per_sample)[:, 0]
+    else:
+        log_ratio = log_prob - old
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    policy_loss = torch.maximum(unclipped, clipped).mean()
+    loss = policy_loss
+    zero = torch.zeros((), dtype=torch.float64, device=model_output.device)
+    kl = ema_kl = zero
+    if ref_model_output is not None:
+        kl = awm_kl(model_output, ref_model_output.detach(), time, kl_weight).mean()
+        loss = loss + kl_coef * kl
+    if ema_model_output is not None:
+        ema_kl = awm_kl(model_output, ema_model_output.detach(), time, ema_kl_weight).mean()
+        loss = loss + ema_kl_coef * ema_kl
+    with torch.no_grad():
+        stats = {"policy_loss": policy_loss.detach(), "kl": kl.detach(), "ema_kl": ema_kl.detach(),
+                 "matching_loss": -log_prob.detach().mean(),
+                 "clipfrac": ((ratio - 1.0).abs() > clip_range).double().mean(),
+                 "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean()}
+    return {"loss": loss, **stats}

@@ -86,9 +86,9 @@ def test_each_trainer_declares_its_name_once_on_its_config_class():
     from diffalign.trainers import trainer_class
 
     assert (DDPOTrainer.algorithm, PRDPTrainer.algorithm) == (DDPOConfig.algorithm, PRDPConfig.algorithm)
-    from diffalign.trainers import NFTTrainer
+    from diffalign.trainers import AWMTrainer, NFTTrainer
 
     assert {name: trainer_class(name) for name in CONFIG_CLASSES} == {"ddpo": DDPOTrainer, "prdp": PRDPTrainer,
-                                                                      "nft": NFTTrainer}
-    for cls in (DDPOTrainer, PRDPTrainer, NFTTrainer):  # the name is the config's, not written again on the trainer
+                                                                      "nft": NFTTrainer, "awm": AWMTrainer}
+    for cls in (DDPOTrainer, PRDPTrainer, NFTTrainer, AWMTrainer):  # the name is the config's, not written again on the trainer
         assert "algorithm =" not in inspect.getsource(cls)

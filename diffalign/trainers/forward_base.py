@@ -165,10 +165,14 @@ class ForwardProcessTrainer(BaseTrainer):
         config = self.config
         samples = config.sample_num_prompts_per_epoch * config.sample_images_per_prompt
         steps_per_epoch = config.train_num_inner_epochs * (samples // (config.train_batch_size or samples))
-        decay = old_policy_decay((epoch + 1) * steps_per_epoch, *OLD_POLICY_DECAY_TYPES[config.old_policy_decay_type])
+        decay = self.old_policy_decay_at((epoch + 1) * steps_per_epoch)
         update_old_policy_(self.old_params, self.policy_params, decay)
         metrics["old_policy_decay"] = decay
         return metrics
+
+    def old_policy_decay_at(self, step: int) -> float:
+        """The old policy's EMA weight `eta` after `step` optimizer steps (`old_policy_decay_type`'s schedule)."""
+        return old_policy_decay(step, *OLD_POLICY_DECAY_TYPES[self.config.old_policy_decay_type])
 
     # ------------------------------------------------------- checkpoint/resume
     def extra_state(self) -> dict:
