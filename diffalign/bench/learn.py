@@ -84,9 +84,11 @@ LEARN_CONFIGS: Dict[str, tuple] = {
     "prdp_k{K}_window3": (
         "prdp", {"train_num_inner_epochs": "{K}", "sample_sde_window_size": 3, "sample_sde_window_range": "{first_half}"}
     ),
-    # Forward-process RL: deterministic CFG-free sampling with the old policy, as the authors sample; the training
-    # settings are the bundled model's preset's (`digits-flow-nft`). Evaluated with the shared sampler like the rest.
+    # Forward-process RL: deterministic CFG-free sampling, as the authors sample; the training settings are the
+    # bundled model's preset's (`digits-flow-nft`, `digits-flow-awm`, ...). Evaluated with the shared sampler like the
+    # rest.
     "nft": ("nft", {"sample_guidance_scale": 1.0}),
+    "awm": ("awm", {"sample_guidance_scale": 1.0}),
 }
 
 
