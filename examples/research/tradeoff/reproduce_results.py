@@ -27,12 +27,16 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-# preset -> algorithm (the README's two tables)
+# preset -> algorithm (the README's tables: trajectory methods, then forward-process ones)
 PRESETS = {
     "digits-prdp": "prdp",
     "digits-ddpo": "ddpo",
     "digits-flow-grpo": "ddpo",
     "digits-flow-prdp": "prdp",
+    "digits-nft": "nft",
+    "digits-flow-nft": "nft",
+    "digits-awm": "awm",
+    "digits-flow-awm": "awm",
 }
 RLG_PRESET = "digits-prdp"
 RLG_SCALES = ["0", "0.5", "1", "1.5", "2", "3"]
@@ -41,14 +45,17 @@ RLG_ARGS = ["--reward", "digit_correctness", "--steps", "10", "--guidance-scale"
 
 
 def run(command, log_path):
-    """Runs `command`, its output in `log_path`; returns the wall time in seconds (raises on failure)."""
+    """Runs `command`, its output in `log_path`; returns `(wall seconds, CPU seconds)`, the CPU time (user + sys)
+    of that process and its children alone, which other work on the machine changes little (raises on failure)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     start = time.time()
     with open(log_path, "w") as log:
-        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if code:
-        raise RuntimeError(f"{' '.join(command)} failed with exit code {code}; see {log_path}")
-    return time.time() - start
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed with exit code {process.returncode}; see {log_path}")
+    return time.time() - start, usage.ru_utime + usage.ru_stime
 
 
 def train(preset: str, seed: int, output: str) -> dict:
@@ -60,13 +67,15 @@ def train(preset: str, seed: int, output: str) -> dict:
             import shutil
 
             shutil.rmtree(run_dir)
-        wall = run([sys.executable, "-m", "diffalign.cli", "train", PRESETS[preset], "--config", preset,
-                    "--seed", str(seed), "--output_dir", run_dir], os.path.join(output, f"{preset}-seed{seed}.log"))
+        wall, cpu = run([sys.executable, "-m", "diffalign.cli", "train", PRESETS[preset], "--config", preset,
+                         "--seed", str(seed), "--output_dir", run_dir], os.path.join(output, f"{preset}-seed{seed}.log"))
         with open(timing_path, "w") as f:
-            f.write(f"{wall:.1f}\n")
+            f.write(f"{wall:.1f} {cpu:.1f}\n")
     with open(result_path) as f:
         result = json.load(f)
-    result["wall_s"] = float(open(timing_path).read()) if os.path.isfile(timing_path) else None
+    times = open(timing_path).read().split() if os.path.isfile(timing_path) else []
+    result["wall_s"] = float(times[0]) if times else None
+    result["cpu_s"] = float(times[1]) if len(times) > 1 else None  # files written before CPU time was recorded: none
     return result
 
 
@@ -111,8 +120,9 @@ def spread(values, scale=1.0, digits=3) -> str:
 def tables(results: dict, rlg_results: dict, seeds) -> str:
     lines = [f"Seeds {', '.join(map(str, seeds))}; mean ± sample std (min–max) over seeds; 200 fixed-seed images per "
              "evaluation (`final_eval.json`); one torch thread per run.", "",
-             "| preset | reward base | reward trained | judge base (%) | judge trained (%) | KL to base | wall time (min) |",
-             "|---|---|---|---|---|---|---|"]
+             "| preset | reward base | reward trained | judge base (%) | judge trained (%) | KL to base | wall time (min) "
+             "| CPU time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
     for preset, runs in results.items():
         base = [r["base"]["reward_mean"] for r in runs]
         trained = [r["trained"]["reward_mean"] for r in runs]
@@ -120,8 +130,10 @@ def tables(results: dict, rlg_results: dict, seeds) -> str:
         judge_trained = [r["trained"]["eval_mean"] for r in runs]
         kl = [r["trained"]["kl_to_base"] for r in runs]
         walls = [r["wall_s"] / 60 for r in runs if r.get("wall_s")]
+        cpus = [r["cpu_s"] for r in runs if r.get("cpu_s")]
         lines.append(f"| `{preset}` | {spread(base)} | {spread(trained)} | {spread(judge_base, 100, 1)} | "
-                     f"{spread(judge_trained, 100, 1)} | {spread(kl)} | {spread(walls, digits=1) if walls else '-'} |")
+                     f"{spread(judge_trained, 100, 1)} | {spread(kl)} | {spread(walls, digits=1) if walls else '-'} | "
+                     f"{spread(cpus, digits=0) if cpus else '-'} |")
     lines += ["", "Per seed (reward trained, judge trained %, KL):", ""]
     for preset, runs in results.items():
         cells = [f"seed {s}: {r['trained']['reward_mean']:.3f}, {100 * r['trained']['eval_mean']:.1f}%, "
