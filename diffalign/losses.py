@@ -274,7 +274,7 @@ def ratio_norm_ppo_loss(
     Matching via Regulated Clipping", arXiv 2510.22319): RatioNorm and the per-step gradient reweighting.
 
     A Flow-GRPO step samples `x' ~ N(mu_old, s^2 I)` with `s = sigma_t sqrt(dt)` (`dt` the step's length, `-dt` in
-    `flow_step_dt`'s sign) over `D` latent dimensions. With `d = mu_theta - mu_old`, the per-dimension-mean log ratio is
+    `flow_step_dt`'s sign). With `d = mu_theta - mu_old`, the log ratio (a mean over the latent's dimensions) is
     `log rho = mean(eps * d) / s - mean(d^2) / (2 s^2)`, `eps ~ N(0, I)`: its mean `-b` is below 0 and its spread
     grows as `1 / s`, so PPO's clip, centred on 1, lets most positive-advantage samples through unclipped and clips
     steps unevenly. RatioNorm removes the bias and rescales the spread:

@@ -153,9 +153,8 @@ def test_rows_of_different_steps_in_one_micro_batch():
 def test_normalised_ratio_is_one_at_the_sampling_weights():
     scheduler = _scheduler()
     x, v_new, timestep, x_next, old_log_prob, old_mean, advantages = _step_tensors(scheduler, 3, same_drift=True)
-    mean, std = flow_sde_step_mean_std(scheduler, v_new, timestep, x, NOISE_LEVEL)
-    v_old_mean = old_mean
-    out = ratio_norm_ppo_loss(old_log_prob, old_log_prob, v_old_mean, old_mean, std,
+    _, std = flow_sde_step_mean_std(scheduler, v_new, timestep, x, NOISE_LEVEL)  # the std does not depend on v
+    out = ratio_norm_ppo_loss(old_log_prob, old_log_prob, old_mean.clone(), old_mean, std,
                               -flow_step_dt(scheduler, timestep, 3, "cpu"), advantages, 1e-6)
     assert out["clipfrac"] == 0 and out["approx_kl"] == 0 and out["ratio_bias"] == 0
 

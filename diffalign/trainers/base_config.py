@@ -36,8 +36,8 @@ def run_dir_of(resume: str) -> str:
 # Fields of the held-out evaluation: it samples with its own seeds and leaves the training untouched (not hashed).
 HELDOUT_KEYS = frozenset({"eval_every", "eval_prompts", "eval_prompt_file", "eval_dataset_split", "eval_num_images"})
 # Fields added after runs were made, hashed only when set: earlier runs' checkpoints keep their hash.
-HASHED_WHEN_SET = frozenset({"prompt_dataset", "prompt_dataset_split", "prompt_column", "ema_decay", "ema_update_every",
-                             "train_ratio_norm"})
+HASHED_WHEN_SET = frozenset({"prompt_dataset", "prompt_dataset_split", "prompt_column", "ema_decay",
+                             "ema_update_every", "train_ratio_norm"})
 
 
 # Fields that say where a run is reported and published, not what it trains (left out of `TrainConfig.hash`).

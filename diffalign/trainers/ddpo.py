@@ -42,8 +42,8 @@ class DDPOTrainer(BaseTrainer):
         if config.train_ratio_norm and self.kernel.name != "flow_sde":
             # RatioNorm's step-length weight and its published clip ranges are those of Flow-GRPO's SDE; a DDIM step
             # has no `dt` on that scale, so the option is refused rather than silently reinterpreted.
-            raise ConfigError(f"train_ratio_norm (GRPO-Guard) needs a flow-matching model sampled with Flow-GRPO's SDE; "
-                              f"'{config.model}' samples with the {self.kernel.name} kernel")
+            raise ConfigError(f"train_ratio_norm (GRPO-Guard) needs a flow-matching model sampled with Flow-GRPO's "
+                              f"SDE; '{config.model}' samples with the {self.kernel.name} kernel")
 
     def needs_reference(self) -> bool:
         return self.config.sample_compute_kl or self.config.train_kl_coef > 0
@@ -97,8 +97,8 @@ class DDPOTrainer(BaseTrainer):
         if config.train_ratio_norm:
             t = trajectories.timesteps.to(mean.device)[s]
             dt = -flow_step_dt(self.family.scheduler, t, len(t), mean.device)
-            out = ratio_norm_ppo_loss(log_probs, trajectories.log_probs[r, s], mean, trajectories.step_means[r, s], std,
-                                      dt, batch.advantages[r], config.train_clip_range)
+            out = ratio_norm_ppo_loss(log_probs, trajectories.log_probs[r, s], mean, trajectories.step_means[r, s],
+                                      std, dt, batch.advantages[r], config.train_clip_range)
         else:
             out = ppo_clipped_loss(log_probs, trajectories.log_probs[r, s], batch.advantages[r],
                                    config.train_clip_range)
