@@ -278,3 +278,12 @@ def flow_sde_step_with_logprob(
         prev_sample = (mean + std * noise).to(sample.dtype)
     log_prob = gaussian_log_prob(prev_sample.detach(), mean, std)
     return prev_sample.type(sample.dtype), log_prob
+
+
+def flow_step_dt(scheduler, timestep, batch_size: int, device) -> torch.Tensor:
+    """`(B,)` `dt = sigma' - sigma < 0` of the flow step at `timestep` (a scalar or one timestep per sample): the step
+    of `flow_sde_step_mean_std`, whose std is `sigma_t sqrt(-dt)`. GRPO-Guard reweights each step's loss by `1 / -dt`
+    (`diffalign.losses.ratio_norm_ppo_loss`)."""
+    index = flow_step_index(scheduler, timestep, batch_size, device)
+    sigmas = _sigmas(scheduler, device)
+    return sigmas[index + 1] - sigmas[index]

@@ -423,3 +423,64 @@ def awm_loss(
                  "clipfrac": ((ratio - 1.0).abs() > clip_range).double().mean(),
                  "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean()}
     return {"loss": loss, **stats}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GRPO-Guard: the PPO surrogate of `ppo_clipped_loss` with a normalised ratio, for Flow-GRPO's SDE steps.
+
+def ratio_norm_ppo_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    means: torch.Tensor,
+    old_means: torch.Tensor,
+    std: torch.Tensor,
+    dt: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+) -> Dict[str, torch.Tensor]:
+    """GRPO-Guard's regulated clipping (Wang et al. 2025, "GRPO-Guard: Mitigating Implicit Over-Optimization in Flow
+    Matching via Regulated Clipping", arXiv 2510.22319): RatioNorm and the per-step gradient reweighting.
+
+    A Flow-GRPO step samples `x' ~ N(mu_old, s^2 I)` with `s = sigma_t sqrt(dt)` (`dt` the step's length, `-dt` in
+    `flow_step_dt`'s sign). With `d = mu_theta - mu_old`, the log ratio (a mean over the latent's dimensions) is
+    `log rho = mean(eps * d) / s - mean(d^2) / (2 s^2)`, `eps ~ N(0, I)`: its mean `-b` is below 0 and its spread
+    grows as `1 / s`, so PPO's clip, centred on 1, lets most positive-advantage samples through unclipped and clips
+    steps unevenly. RatioNorm removes the bias and rescales the spread:
+
+        b_t        = mean (mu_theta - mu_old)^2 / (2 s_t^2)              (the ratio's mean bias)
+        rho_hat_t  = exp( s_t (log pi_theta - log pi_old + b_t) )        (normalised ratio, centred on 1)
+        L          = mean_{i,t} (1 / dt_t) max(-A_i rho_hat_t, -A_i clip(rho_hat_t, 1 - eps, 1 + eps))
+
+    and the `1 / dt_t` weight equalises the gradient of the steps. Matches the GRPO-Guard reference
+    (`scripts/train_sd3_GRPO_Guard.py:909-932` of `yifan123/flow_grpo`, `config.rationorm = True`) in value and
+    gradient when the rows share one step, as the reference's do; here `s_t` and `dt_t` are per row, so a micro-batch
+    may mix steps (tests/test_grpo_guard.py). Like the reference, `approx_kl` is that of the raw ratio and `clipfrac`
+    that of the normalised one.
+
+    Args:
+        log_probs (`torch.Tensor`): `(N,)` `log pi_theta` of the rows (per-dimension means, differentiable).
+        old_log_probs (`torch.Tensor`): `(N,)` `log pi_old`, recorded at sampling.
+        means (`torch.Tensor`): `(N, ...)` `mu_theta`, the step means under the trained weights (differentiable).
+        old_means (`torch.Tensor`): `(N, ...)` `mu_old`, the step means recorded at sampling.
+        std (`torch.Tensor`): the transition std `s_t = sigma_t sqrt(dt_t)`, `(N, 1, ...)` or `(N,)`.
+        dt (`torch.Tensor`): `(N,)` the step length `dt_t > 0` (the reference's `sqrt_dt ** 2`).
+        advantages (`torch.Tensor`): `(N,)` `A` (already clipped).
+        clip_range (`float`): `eps`; the authors use 2e-6 to 4e-6 on SD3.5-M (config/grpo_guard.py).
+
+    Returns:
+        `dict` with `loss` (scalar, differentiable), `approx_kl` (`0.5 mean (log rho)^2`), `clipfrac` (fraction of
+        rows whose normalised ratio left `[1 - eps, 1 + eps]`) and `ratio_bias` (`mean b_t`, detached).
+    """
+    std = std.reshape(-1).float()
+    dt = dt.reshape(-1).float()
+    dims = tuple(range(1, means.ndim))
+    log_ratio = log_probs - old_log_probs
+    bias = (means.float() - old_means.float()).pow(2).mean(dim=dims) / (2 * std**2)
+    ratio = torch.exp((log_ratio + bias) * std)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = (torch.maximum(unclipped, clipped) / dt).mean()
+    with torch.no_grad():
+        approx_kl = 0.5 * (log_ratio**2).mean()
+        clipfrac = ((ratio - 1.0).abs() > clip_range).float().mean()
+    return {"loss": loss, "approx_kl": approx_kl, "clipfrac": clipfrac, "ratio_bias": bias.detach().mean()}

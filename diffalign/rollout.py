@@ -54,6 +54,8 @@ class Trajectories:
             deterministic steps).
         ref_means (`torch.Tensor`, *optional*): `(B, T, C, h, w)`, the reference model's step means, kept when a
             KL penalty is trained (the reference is fixed, so it never needs recomputing).
+        step_means (`torch.Tensor`, *optional*): `(B, T, C, h, w)`, the sampling policy's step means `mu_old` (zeros at
+            deterministic steps), kept for GRPO-Guard's RatioNorm (`diffalign.losses.ratio_norm_ppo_loss`).
     """
 
     prompts: List[str]
@@ -68,6 +70,7 @@ class Trajectories:
     ref_log_probs: Optional[torch.Tensor] = None
     kl_to_ref: Optional[torch.Tensor] = None
     ref_means: Optional[torch.Tensor] = None
+    step_means: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -170,6 +173,7 @@ def sample_trajectories(
     noise_level: float = 0.7,
     stochastic_steps: Optional[torch.Tensor] = None,
     keep_latents: bool = True,
+    keep_step_means: bool = False,
 ) -> Trajectories:
     """Samples one trajectory per prompt and records every latent and per-step log-probability.
 
@@ -195,6 +199,7 @@ def sample_trajectories(
             see `diffalign.kernels.sde_window_mask`); the others take the deterministic ODE step. Default: all.
         keep_latents (`bool`): keep every latent of the trajectory (`latents` `(B, T + 1, ...)`, for training on its
             transitions); `False` keeps the final sample alone (`(B, 1, ...)`, for losses on final samples only).
+        keep_step_means (`bool`): also keep the policy's step means (`step_means`, for GRPO-Guard's RatioNorm).
 
     Returns:
         `Trajectories`.
@@ -220,7 +225,7 @@ def sample_trajectories(
     x = family.prepare_latents(batch_size, height, width, dtype, device, generator, latents, denoiser)
 
     all_latents, all_log_probs = [x] if keep_latents else [], []
-    ref_log_probs, kls, ref_means = [], [], []
+    ref_log_probs, kls, ref_means, step_means = [], [], [], []
     if compute_reference:
         ref_module, ref_context = reference_model(denoiser, ref_denoiser)
     # With LoRA, policy (the active adapter) and reference rows share a forward (peft needs eval mode for that).
@@ -234,6 +239,9 @@ def sample_trajectories(
         else:
             pred = family.predict(denoiser, x, t, cond, negative, guidance_scale)
         x_next, log_prob = kernel.step(family.scheduler, pred, t, x, stochastic=stochastic, generator=generator)
+        if keep_step_means:
+            step_means.append(kernel.mean_std(family.scheduler, pred, t, x)[0] if stochastic
+                              else torch.zeros_like(x, dtype=torch.float32))
         if compute_reference:
             if reference_here:
                 mean, std = kernel.mean_std(family.scheduler, pred, t, x)
@@ -267,6 +275,7 @@ def sample_trajectories(
         ref_log_probs=torch.stack(ref_log_probs, dim=1) if compute_reference else None,
         kl_to_ref=torch.stack(kls, dim=1) if compute_reference else None,
         ref_means=torch.stack(ref_means, dim=1) if keep_reference_means else None,
+        step_means=torch.stack(step_means, dim=1) if keep_step_means else None,
     )
 
 

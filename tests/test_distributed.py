@@ -158,6 +158,33 @@ def test_killed_two_process_run_resumes_bit_identically(ddp_runs, tiny_model_dir
         assert [json.loads(line)["epoch"] for line in f] == [0, 1]
 
 
+# DiffusionNFT: forward-process training on final samples (its own row layout: (sample, noise level) rows, noise seeded
+# per row, an "old" adapter moved after every optimizer step). 2 optimizer steps of 4 samples per epoch: each process
+# holds 2 of a step's samples.
+NFT = ["--train_batch_size", "4", "--train_timestep_fraction", "0.5", "--train_learning_rate", "1e-3",
+       "--train_kl_coef", "1e-4", "--old_policy_decay_type", "1"]
+
+
+@pytest.mark.slow
+def test_nft_two_ddp_processes_follow_the_one_process_run(tiny_model_dir, tmp_path):
+    two, one = tmp_path / "nft-2", tmp_path / "nft-1"
+    run = ["nft", "--model", tiny_model_dir, "--num_epochs", str(EPOCHS)] + NFT + TINY
+    run_launched(LAUNCH, run + ["--output_dir", str(two)])
+    distributed_run.main(run + ["--output_dir", str(one)])
+    a, b = report(one), report(two)
+    assert b["engine"] == "ddp" and b["num_processes"] == 2 and b["denoiser_class"] == "DistributedDataParallel"
+    assert [c["identical"] for c in b["rank_checks"]] == [True] * EPOCHS
+    for x, y in zip(a["metrics"], b["metrics"]):
+        assert x["images"] == y["images"] == 8
+        assert abs(x["reward_mean"] - y["reward_mean"]) <= REWARD_TOLERANCE, (x, y)
+        assert y["loss"] == pytest.approx(x["loss"], rel=0.05, abs=1e-4)
+    one_lora, two_lora = lora(one), lora(two)
+    relative = relative_update_difference(one_lora, two_lora)
+    print(f"nft: LoRA after {EPOCHS} epochs, 2 processes vs 1: max |difference| "
+          f"{max_difference(one_lora, two_lora):.3g}, learned up-weights differ by {relative:.3%}")
+    assert relative <= UPDATE_TOLERANCE
+
+
 # FSDP2: a full fine-tune (the case sharding is for), PRDP's two-pass update with the lazy reference pass of the
 # frozen copy (sharded too), unequal rows per process, gathered checkpoints and final weights.
 FSDP = ["--use_lora", "false", "--train_two_pass", "true", "--train_micro_batch_size", "2",

@@ -398,7 +398,7 @@ class BaseTrainer:
             height=self.resolution, width=self.resolution, denoiser=self.denoiser, ref_denoiser=self.ref_denoiser,
             compute_reference=compute_reference, keep_reference_means=keep_reference_means, kernel=self.kernel,
             stochastic_steps=self.stochastic_steps(epoch), keep_latents=self.keeps_trajectory,
-            on_chunk=self._on_sampled_chunk,
+            on_chunk=self._on_sampled_chunk, keep_step_means=self.keep_step_means(),
         )
 
     def score(self, trajectories: Trajectories, metadata: Optional[List[dict]] = None) -> Dict[str, torch.Tensor]:
@@ -432,6 +432,10 @@ class BaseTrainer:
         return self.config.sample_compute_kl
 
     def keep_reference_means(self) -> bool:
+        return False
+
+    def keep_step_means(self) -> bool:
+        """Whether sampling keeps the policy's step means (`Trajectories.step_means`)."""
         return False
 
     # The algorithm's hooks: what it trains on (`training_batch`), the units and order of its optimizer steps, and

@@ -37,7 +37,7 @@ def run_dir_of(resume: str) -> str:
 HELDOUT_KEYS = frozenset({"eval_every", "eval_prompts", "eval_prompt_file", "eval_dataset_split", "eval_num_images"})
 # Fields added after runs were made, hashed only when set: earlier runs' checkpoints keep their hash.
 HASHED_WHEN_SET = frozenset({"prompt_dataset", "prompt_dataset_split", "prompt_column", "ema_decay", "ema_update_every",
-                             "quantize_denoiser", "quantize_text_encoders"})
+                             "quantize_denoiser", "quantize_text_encoders", "train_ratio_norm"})
 # Memory and speed levers that leave what is trained as it is (not hashed: a run may resume with other ones).
 MEMORY_KEYS = frozenset({"offload_text_encoders", "vae_slicing", "vae_tiling", "attention_backend"})
 

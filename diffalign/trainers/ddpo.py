@@ -8,8 +8,9 @@ import torch
 
 from ..advantages import PerPromptStatTracker, batch_advantages, group_advantages
 from .ddpo_config import DDPOConfig
-from ..logprob import gaussian_kl
-from ..losses import ppo_clipped_loss
+from ..errors import ConfigError
+from ..logprob import flow_step_dt, gaussian_kl
+from ..losses import ppo_clipped_loss, ratio_norm_ppo_loss
 from ..rollout import Trajectories, concat_trajectories, step_log_probs
 from .base import BaseTrainer, TrainingBatch
 from .update_plan import Rows
@@ -38,12 +39,20 @@ class DDPOTrainer(BaseTrainer):
         self.replay: List[Tuple[Trajectories, torch.Tensor]] = []
         self.reused = 0  # replayed samples of the epoch being trained
         super().__init__(config, *args, **kwargs)
+        if config.train_ratio_norm and self.kernel.name != "flow_sde":
+            # RatioNorm's step-length weight and its published clip ranges are those of Flow-GRPO's SDE; a DDIM step
+            # has no `dt` on that scale, so the option is refused rather than silently reinterpreted.
+            raise ConfigError(f"train_ratio_norm (GRPO-Guard) needs a flow-matching model sampled with Flow-GRPO's "
+                              f"SDE; '{config.model}' samples with the {self.kernel.name} kernel")
 
     def needs_reference(self) -> bool:
         return self.config.sample_compute_kl or self.config.train_kl_coef > 0
 
     def keep_reference_means(self) -> bool:
         return self.config.train_kl_coef > 0
+
+    def keep_step_means(self) -> bool:
+        return self.config.train_ratio_norm  # RatioNorm's bias needs the sampling policy's step means
 
     def advantages(self, trajectories: Trajectories, rewards, all_rewards, all_prompts) -> torch.Tensor:
         """Per-sample advantages of this process's samples, computed on the epoch's global batch (`all_rewards` in
@@ -80,11 +89,19 @@ class DDPOTrainer(BaseTrainer):
                                   self.config.sample_guidance_scale)
 
     def compute_loss(self, outputs, batch: TrainingBatch, rows: Rows):
-        """The PPO-clipped surrogate of a micro-batch of (sample, step) rows, plus the KL penalty to the base."""
+        """The PPO-clipped surrogate of a micro-batch of (sample, step) rows (with GRPO-Guard's RatioNorm when
+        `train_ratio_norm`), plus the KL penalty to the base."""
         config, trajectories = self.config, batch.trajectories
         log_probs, mean, std = outputs
         r, s = rows.samples, rows.steps
-        out = ppo_clipped_loss(log_probs, trajectories.log_probs[r, s], batch.advantages[r], config.train_clip_range)
+        if config.train_ratio_norm:
+            t = trajectories.timesteps.to(mean.device)[s]
+            dt = -flow_step_dt(self.family.scheduler, t, len(t), mean.device)
+            out = ratio_norm_ppo_loss(log_probs, trajectories.log_probs[r, s], mean, trajectories.step_means[r, s],
+                                      std, dt, batch.advantages[r], config.train_clip_range)
+        else:
+            out = ppo_clipped_loss(log_probs, trajectories.log_probs[r, s], batch.advantages[r],
+                                   config.train_clip_range)
         loss = out["loss"]
         stats = {"loss": out["loss"].detach(), "approx_kl": out["approx_kl"], "clipfrac": out["clipfrac"]}
         if config.train_kl_coef > 0:
