@@ -93,6 +93,49 @@ def _blip_vit_reference(sd, pixels):
     return F.layer_norm(x, (width,), p("norm.weight"), p("norm.bias"), eps=1e-6)
 
 
+def _med_bert_reference(sd, input_ids, attention_mask, image_embeds):
+    """BLIP's med.py BERT (bidirectional self-attention, cross-attention to the image) on the published tensors."""
+    p = lambda key: sd[f"blip.text_encoder.{key}"]  # noqa: E731
+    width = TEXT_WIDTH
+    head_dim = width // TEXT_HEADS
+
+    def layer_norm(x, prefix):
+        return F.layer_norm(x, (width,), p(f"{prefix}.weight"), p(f"{prefix}.bias"), eps=1e-12)
+
+    def attend(x, source, mask, prefix):
+        def heads(t):
+            return t.reshape(t.shape[0], t.shape[1], TEXT_HEADS, head_dim).transpose(1, 2)
+
+        q = heads(F.linear(x, p(f"{prefix}.self.query.weight"), p(f"{prefix}.self.query.bias")))
+        k = heads(F.linear(source, p(f"{prefix}.self.key.weight"), p(f"{prefix}.self.key.bias")))
+        v = heads(F.linear(source, p(f"{prefix}.self.value.weight"), p(f"{prefix}.self.value.bias")))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim) + (1.0 - mask[:, None, None, :].float()) * -10000.0
+        context = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(x.shape)
+        dense = F.linear(context, p(f"{prefix}.output.dense.weight"), p(f"{prefix}.output.dense.bias"))
+        return layer_norm(dense + x, f"{prefix}.output.LayerNorm")
+
+    positions = torch.arange(input_ids.shape[1])
+    x = F.embedding(input_ids, p("embeddings.word_embeddings.weight"))
+    x = layer_norm(x + F.embedding(positions, p("embeddings.position_embeddings.weight")), "embeddings.LayerNorm")
+    image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long)
+    for i in range(TEXT_DEPTH):
+        layer = f"encoder.layer.{i}"
+        x = attend(x, x, attention_mask, f"{layer}.attention")
+        x = attend(x, image_embeds, image_mask, f"{layer}.crossattention")
+        hidden = F.gelu(F.linear(x, p(f"{layer}.intermediate.dense.weight"), p(f"{layer}.intermediate.dense.bias")))
+        x = layer_norm(F.linear(hidden, p(f"{layer}.output.dense.weight"), p(f"{layer}.output.dense.bias")) + x,
+                       f"{layer}.output.LayerNorm")
+    return x
+
+
+def _imagereward_reference(sd, pixels, input_ids, attention_mask):
+    """`ImageReward.score_gard` written out: ViT, BERT with cross-attention, [CLS], linear MLP, normalisation."""
+    features = _med_bert_reference(sd, input_ids, attention_mask, _blip_vit_reference(sd, pixels))[:, 0]
+    for index in (0, 2, 4, 6, 7):
+        features = F.linear(features, sd[f"mlp.layers.{index}.weight"], sd[f"mlp.layers.{index}.bias"])
+    return (features[:, 0] - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+
+
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
     """(state dict, checkpoint path, tokenizer folder)."""
@@ -144,6 +187,7 @@ def test_scores_shape_dtype_and_prompt_dependence(published):
     scores = reward(images, ["a red cat", "a blue dog on the grass", "a red cat"], None)
     assert scores.shape == (3,) and scores.dtype == torch.float32 and scores.device.type == "cpu"
     assert torch.isfinite(scores).all()
+    # [CLS] comes first: different prompts only change it if the text self-attention is bidirectional, as in BLIP
     same_image = reward(images[:1].expand(2, -1, -1, -1), ["a red cat", "a photo of the blue dog"], None)
     assert not torch.isclose(same_image[0], same_image[1], atol=1e-4)
     torch.testing.assert_close(same_image[0], scores[0])
@@ -151,8 +195,8 @@ def test_scores_shape_dtype_and_prompt_dependence(published):
     torch.testing.assert_close(one_at_a_time, scores, atol=1e-5, rtol=1e-5)
 
 
-def test_score_is_the_normalised_head_output(published):
-    """The scorer's number is `(mlp(text [CLS]) - mean) / std` of the loaded model, with the published constants."""
+def test_score_matches_imagereward_written_out_on_the_published_tensors(published):
+    """The scorer's number is their `score_gard` (BLIP ViT, med.py BERT, MLP, normalisation) on the same tensors."""
     reward = _reward(published)
     assert normalize_imagereward_score(torch.tensor([IMAGEREWARD_MEAN])).item() == 0.0
     assert math.isclose(normalize_imagereward_score(torch.tensor([IMAGEREWARD_MEAN + IMAGEREWARD_STD])).item(), 1.0,
@@ -164,8 +208,9 @@ def test_score_is_the_normalised_head_output(published):
     assert reward.tokenizer("a red cat")["input_ids"][:5] == [2] + [VOCAB.index(w) for w in ("a", "red", "cat")] + [3]
     from diffalign.rewards.preprocessing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize
 
-    raw = reward.model(normalize(image, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD), tokens["input_ids"], tokens["attention_mask"])
-    torch.testing.assert_close(reward(image, ["a red cat"]), (raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD)
+    pixels = normalize(image, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    expected = _imagereward_reference(published[0], pixels, tokens["input_ids"], tokens["attention_mask"])
+    torch.testing.assert_close(reward(image, ["a red cat"]), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_bad_or_missing_checkpoints_are_one_line(published, tmp_path, monkeypatch):
