@@ -144,3 +144,28 @@ def test_missing_checkpoint_is_one_line(published, tmp_path, monkeypatch):
     with pytest.raises(RewardWeightsNotFoundError) as error:
         get_reward("hpsv3")
     assert "\n" not in str(error.value) and "MizzenAI/HPSv3/HPSv3.safetensors" in str(error.value)
+
+
+def test_language_model_gets_sequential_positions_as_in_their_forward(published):
+    """Their `forward` passed no position ids to transformers 4.45's text model: 0..L-1 in all three M-RoPE sections.
+
+    transformers 5 would compute Qwen2-VL's 2-D image positions instead; the two differ, and the score uses the first.
+    """
+    reward = _reward(published)
+    image = torch.rand(1, 3, 56, 56, generator=torch.Generator().manual_seed(2))
+    patches, grid, image_tokens = reward._pixels(image)
+    tokens = reward.tokenizer([hpsv3_chat_text("a red cat", image_tokens)], return_tensors="pt")
+    at_reward = tokens["input_ids"] == reward.reward_token_id
+    length = tokens["input_ids"].shape[1]
+
+    image_token_types = (tokens["input_ids"] == reward.model.backbone.config.image_token_id).int()  # 1: image
+
+    def head_output(position_ids):
+        hidden = reward.model.backbone(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                                       pixel_values=patches, image_grid_thw=grid, position_ids=position_ids,
+                                       mm_token_type_ids=image_token_types).last_hidden_state
+        return reward.model.head(hidden[at_reward])[:, 0]
+
+    sequential = head_output(torch.arange(length).view(1, 1, -1).expand(3, 1, -1))
+    torch.testing.assert_close(reward(image, ["a red cat"]), sequential)
+    assert not torch.isclose(head_output(None), sequential, atol=1e-5).all()
