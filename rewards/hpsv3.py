@@ -151,7 +151,9 @@ def map_hpsv3_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{len(unknown)} key(s) not in HPSv3's layout, e.g. {unknown[0]!r}; is this HPSv3.safetensors?")
+        raise ValueError(
+            f"{len(unknown)} key(s) not in HPSv3's layout, e.g. {unknown[0]!r}; is this HPSv3.safetensors?"
+        )
     return mapped
 
 

@@ -147,6 +147,7 @@ def imagereward_configs(state_dict: Dict[str, torch.Tensor], vision_heads: int =
         layer_norm_eps=VISION_LAYER_NORM_EPS,
     )
     words = _require(state_dict, "blip.text_encoder.embeddings.word_embeddings.weight")
+    positions = _require(state_dict, "blip.text_encoder.embeddings.position_embeddings.weight")
     text = BlipTextConfig(
         vocab_size=words.shape[0],
         hidden_size=words.shape[1],
@@ -154,7 +155,7 @@ def imagereward_configs(state_dict: Dict[str, torch.Tensor], vision_heads: int =
         intermediate_size=_require(state_dict, "blip.text_encoder.encoder.layer.0.intermediate.dense.weight").shape[0],
         num_hidden_layers=_count_layers(state_dict, r"blip\.text_encoder\.encoder\.layer\.(\d+)\."),
         num_attention_heads=text_heads,
-        max_position_embeddings=_require(state_dict, "blip.text_encoder.embeddings.position_embeddings.weight").shape[0],
+        max_position_embeddings=positions.shape[0],
         hidden_act="gelu",
         layer_norm_eps=TEXT_LAYER_NORM_EPS,
         is_decoder=True,  # transformers builds the cross-attention layers only for a "decoder"; run bidirectional

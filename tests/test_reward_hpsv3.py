@@ -36,7 +36,8 @@ def _config(tokenizer):
     return Qwen2VLConfig(
         text_config=dict(vocab_size=len(tokenizer) + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                         rope_scaling={"type": "mrope", "mrope_section": [4, 2, 2]}, pad_token_id=ids("<|endoftext|>")),
+                         rope_scaling={"type": "mrope", "mrope_section": [4, 2, 2]},
+                         pad_token_id=ids("<|endoftext|>")),
         vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
         image_token_id=ids("<|image_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
@@ -71,7 +72,8 @@ def published(tmp_path_factory):
     for parameter in model.head.parameters():  # a head with some spread, so that scores differ visibly
         torch.nn.init.normal_(parameter, std=0.5)
     state = _to_published_layout({k: v.contiguous() for k, v in model.state_dict().items()})
-    assert "model.embed_tokens.weight" in state and "visual.merger.mlp.0.weight" in state and "rm_head.5.weight" in state
+    for key in ("model.embed_tokens.weight", "visual.merger.mlp.0.weight", "rm_head.5.weight"):
+        assert key in state
     state["lm_head.weight"] = torch.zeros(len(tokenizer) + 1, 32)
     save_file(state, str(folder / "HPSv3.safetensors"))
     return state, str(folder / "HPSv3.safetensors"), str(base)

@@ -66,7 +66,8 @@ def _published_state_dict(seed: int = 0):
         sd.update(linear(f"{layer}.intermediate.dense", 4 * T, T))
         sd.update(linear(f"{layer}.output.dense", T, 4 * T))
         sd.update(norm(f"{layer}.output.LayerNorm", T))
-    for index, (out_features, in_features) in zip((0, 2, 4, 6, 7), ((1024, T), (128, 1024), (64, 128), (16, 64), (1, 16))):
+    head_shapes = ((1024, T), (128, 1024), (64, 128), (16, 64), (1, 16))
+    for index, (out_features, in_features) in zip((0, 2, 4, 6, 7), head_shapes):
         sd.update(linear(f"mlp.layers.{index}", out_features, in_features))
     return sd
 
@@ -88,7 +89,8 @@ def _blip_vit_reference(sd, pixels):
         h = (attention @ v).transpose(1, 2).reshape(batch, tokens, width)
         x = x + F.linear(h, b("attn.proj.weight"), b("attn.proj.bias"))
         h = F.layer_norm(x, (width,), b("norm2.weight"), b("norm2.bias"), eps=1e-6)
-        h = F.linear(F.gelu(F.linear(h, b("mlp.fc1.weight"), b("mlp.fc1.bias"))), b("mlp.fc2.weight"), b("mlp.fc2.bias"))
+        h = F.gelu(F.linear(h, b("mlp.fc1.weight"), b("mlp.fc1.bias")))
+        h = F.linear(h, b("mlp.fc2.weight"), b("mlp.fc2.bias"))
         x = x + h
     return F.layer_norm(x, (width,), p("norm.weight"), p("norm.bias"), eps=1e-6)
 
