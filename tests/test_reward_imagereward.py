@@ -20,11 +20,20 @@ WORDS = ["a", "red", "blue", "cat", "dog", "photo", "of", "the", "on", "grass"]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS  # + BLIP's [DEC], [ENC]
 
 
-def _published_state_dict(seed: int = 0):
-    """Random tensors under the key names and shapes of ImageReward.pt (tiny sizes)."""
+def _published_state_dict(seed: int = 0, vision=(VISION_WIDTH, VISION_DEPTH, PATCH, IMAGE),
+                          text=(TEXT_WIDTH, TEXT_DEPTH, POSITIONS, len(VOCAB) + 2), device="cpu"):
+    """Random tensors under the key names and shapes of ImageReward.pt (tiny sizes by default).
+
+    `vision = (width, depth, patch, image size)`, `text = (width, depth, positions, vocabulary)`; on
+    `device="meta"` only the shapes exist.
+    """
     generator = torch.Generator().manual_seed(seed)
+    vision_width, vision_depth, patch, image = vision
+    text_width, text_depth, positions, vocabulary = text
 
     def rand(*shape, scale=0.2):
+        if device == "meta":
+            return torch.empty(*shape, device="meta")
         return torch.randn(*shape, generator=generator) * scale
 
     def norm(prefix, width):
@@ -33,21 +42,21 @@ def _published_state_dict(seed: int = 0):
     def linear(prefix, out_features, in_features):
         return {f"{prefix}.weight": rand(out_features, in_features), f"{prefix}.bias": rand(out_features, scale=0.05)}
 
-    V, T = VISION_WIDTH, TEXT_WIDTH
+    V, T = vision_width, text_width
     sd = {
         "blip.visual_encoder.cls_token": rand(1, 1, V),
-        "blip.visual_encoder.pos_embed": rand(1, (IMAGE // PATCH) ** 2 + 1, V),
-        "blip.visual_encoder.patch_embed.proj.weight": rand(V, 3, PATCH, PATCH, scale=0.05),
+        "blip.visual_encoder.pos_embed": rand(1, (image // patch) ** 2 + 1, V),
+        "blip.visual_encoder.patch_embed.proj.weight": rand(V, 3, patch, patch, scale=0.05),
         "blip.visual_encoder.patch_embed.proj.bias": rand(V, scale=0.05),
         **norm("blip.visual_encoder.norm", V),
-        "blip.text_encoder.embeddings.word_embeddings.weight": rand(len(VOCAB) + 2, T),
-        "blip.text_encoder.embeddings.position_embeddings.weight": rand(POSITIONS, T),
-        "blip.text_encoder.embeddings.position_ids": torch.arange(POSITIONS)[None],
+        "blip.text_encoder.embeddings.word_embeddings.weight": rand(vocabulary, T),
+        "blip.text_encoder.embeddings.position_embeddings.weight": rand(positions, T),
+        "blip.text_encoder.embeddings.position_ids": torch.arange(positions)[None],
         **norm("blip.text_encoder.embeddings.LayerNorm", T),
         **linear("blip.vision_proj", 256, V),
         **linear("blip.text_proj", 256, T),
     }
-    for i in range(VISION_DEPTH):
+    for i in range(vision_depth):
         block = f"blip.visual_encoder.blocks.{i}"
         sd.update(norm(f"{block}.norm1", V))
         sd.update(linear(f"{block}.attn.qkv", 3 * V, V))
@@ -55,7 +64,7 @@ def _published_state_dict(seed: int = 0):
         sd.update(norm(f"{block}.norm2", V))
         sd.update(linear(f"{block}.mlp.fc1", 4 * V, V))
         sd.update(linear(f"{block}.mlp.fc2", V, 4 * V))
-    for i in range(TEXT_DEPTH):
+    for i in range(text_depth):
         layer = f"blip.text_encoder.encoder.layer.{i}"
         for attention, source_width in (("attention", T), ("crossattention", V)):
             sd.update(linear(f"{layer}.{attention}.self.query", T, T))
@@ -173,6 +182,26 @@ def test_every_published_tensor_lands_in_the_model(published):
     config = model.vision_model.config
     assert (config.hidden_size, config.num_hidden_layers, config.image_size, config.patch_size) == (32, 2, 32, 8)
     assert model.text_encoder.config.encoder_hidden_size == VISION_WIDTH
+
+
+def test_published_sizes_build_the_published_architecture():
+    """ViT-L/16 at 224 px and BERT-base (vocab 30524, 512 positions) shapes give that model, heads 16 and 12."""
+    from diffalign.rewards.imagereward import ImageRewardModel, imagereward_configs
+
+    state_dict = _published_state_dict(vision=(1024, 24, 16, 224), text=(768, 12, 512, 30524), device="meta")
+    vision, text = imagereward_configs(state_dict)
+    vision_sizes = (vision.hidden_size, vision.num_hidden_layers, vision.intermediate_size, vision.image_size,
+                    vision.patch_size, vision.num_attention_heads, vision.layer_norm_eps)
+    assert vision_sizes == (1024, 24, 4096, 224, 16, 16, 1e-6)
+    text_sizes = (text.hidden_size, text.num_hidden_layers, text.vocab_size, text.max_position_embeddings,
+                  text.encoder_hidden_size, text.num_attention_heads, text.layer_norm_eps)
+    assert text_sizes == (768, 12, 30524, 512, 1024, 12, 1e-12)
+    with torch.device("meta"):
+        model = ImageRewardModel(vision, text)
+    shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    mapped = map_imagereward_state_dict(state_dict)
+    assert set(mapped) == set(shapes)
+    assert all(tuple(value.shape) == shapes[key] for key, value in mapped.items())
 
 
 def test_vision_encoder_matches_blip_vit_on_the_published_tensors(published):
