@@ -18,6 +18,8 @@ Built-ins (see docs/rewards.md for the weights each one needs):
 | `pickscore` | `clip_rewards` | PickScore: `logit_scale * cos(image, text)` |
 | `clip_score` | `clip_rewards` | `scale * cos(image, text)` of a CLIP model |
 | `hpsv2`, `hpsv2.1` | `hpsv2` | HPSv2 / HPSv2.1: `cos(image, text)` (needs `diffalign[openclip]`) |
+| `imagereward` | `imagereward` | ImageReward: their MLP on BLIP's text-image [CLS], normalised (unverified, docs) |
+| `hpsv3` | `hpsv3` | HPSv3: mu of their head on Qwen2-VL-7B at `<|Reward|>` (unverified, see docs) |
 | `remote` | `remote` | the scores of an HTTP server (`url=...`); `python -m diffalign.rewards.serve` serves any reward |
 | `ocr` | `ocr` | Flow-GRPO's text rendering: 1 - normalised edit distance to the prompt's quoted text (EasyOCR) |
 | `geneval` | `geneval` | GenEval's rules (objects, counts, colours, positions) on a given detector; Flow-GRPO's partial score |
@@ -50,6 +52,8 @@ _BUILTIN_MODULES = [
     "diffalign.rewards.digits",
     "diffalign.rewards.clip_rewards",
     "diffalign.rewards.hpsv2",
+    "diffalign.rewards.imagereward",
+    "diffalign.rewards.hpsv3",
     "diffalign.rewards.remote",
     "diffalign.rewards.vlm_judge",
     "diffalign.rewards.ocr",
