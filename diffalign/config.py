@@ -8,8 +8,9 @@ from .errors import ConfigError
 from .trainers import CONFIG_CLASSES
 from .trainers.base_config import TrainConfig
 from .trainers.ddpo_config import DDPOConfig
+from .trainers.dgpo_config import DGPOConfig
 from .trainers.nft_config import NFTConfig
 from .trainers.prdp_config import PRDPConfig
 
-__all__ = ["load_config", "config_help", "preset_path", "TrainConfig", "DDPOConfig", "NFTConfig", "PRDPConfig",
-           "CONFIG_CLASSES", "ConfigError"]
+__all__ = ["load_config", "config_help", "preset_path", "TrainConfig", "DDPOConfig", "DGPOConfig", "NFTConfig",
+           "PRDPConfig", "CONFIG_CLASSES", "ConfigError"]

@@ -15,17 +15,18 @@ import importlib
 from .base_config import TrainConfig
 from .forward_base_config import ForwardProcessConfig
 from .ddpo_config import DDPOConfig
+from .dgpo_config import DGPOConfig
 from .nft_config import NFTConfig
 from .prdp_config import PRDPConfig
 
 # The registered algorithms by the name each config class declares.
-CONFIG_CLASSES = {cls.algorithm: cls for cls in (DDPOConfig, PRDPConfig, NFTConfig)}
+CONFIG_CLASSES = {cls.algorithm: cls for cls in (DDPOConfig, PRDPConfig, NFTConfig, DGPOConfig)}
 
 # Algorithms defined outside this package (`register_algorithm`): their trainer by name.
 _registered = {}
 
 _LAZY = {"BaseTrainer": ".base", "NonFiniteError": ".base", "DDPOTrainer": ".ddpo", "PRDPTrainer": ".prdp",
-         "NFTTrainer": ".nft", "ForwardProcessTrainer": ".forward_base"}
+         "NFTTrainer": ".nft", "DGPOTrainer": ".dgpo", "ForwardProcessTrainer": ".forward_base"}
 
 
 def trainer_class(algorithm: str):
@@ -68,6 +69,6 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BaseTrainer", "DDPOTrainer", "PRDPTrainer", "NFTTrainer", "ForwardProcessTrainer", "NonFiniteError",
-           "TRAINERS", "register_algorithm", "trainer_class", "CONFIG_CLASSES", "TrainConfig", "DDPOConfig",
-           "PRDPConfig", "NFTConfig", "ForwardProcessConfig"]
+__all__ = ["BaseTrainer", "DDPOTrainer", "PRDPTrainer", "NFTTrainer", "DGPOTrainer", "ForwardProcessTrainer",
+           "NonFiniteError", "TRAINERS", "register_algorithm", "trainer_class", "CONFIG_CLASSES", "TrainConfig",
+           "DDPOConfig", "PRDPConfig", "NFTConfig", "DGPOConfig", "ForwardProcessConfig"]
