@@ -348,3 +348,45 @@ def test_killed_and_resumed_run_is_bit_identical(tiny_model_dir, tmp_path):
 
     assert metrics(killed_dir) == metrics(tmp_path / "straight")
     assert [r["epoch"] for r in metrics(killed_dir)] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_one_process_run(tiny_model_dir, tmp_path):
+    """2 DDP processes (gloo) against 1: optimizer steps of one or two prompt groups put the rows of a step on one
+    process, so the other runs padding forwards in the pre-pass and the backward pass."""
+    import distributed_run
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+    def args(out, batch):
+        return ["dgpo", "--model", tiny_model_dir, "--output_dir", str(out), "--num_epochs", "2", "--prompts",
+                "[a cat, a dog, a bird, a fish]", "--sample_num_steps", "2", "--sample_num_prompts_per_epoch", "4",
+                "--sample_images_per_prompt", "2", "--sample_batch_size", "4", "--grid_num_images", "1", "--reward",
+                "distributed_run:brightness", "--seed", "3", "--train_trunc_steps", "1", "--train_num_timesteps", "2",
+                "--train_batch_size", str(batch), "--train_micro_batch_size", "3", "--switch_ema_ref", "0",
+                "--train_kl_coef", "0.01", "--train_learning_rate", "1e-3", "--sample_guidance_scale", "1.0",
+                "--final_eval_num_images", "0"]
+
+    result = subprocess.run(launch + [os.path.join(here, "distributed_run.py")] + args(tmp_path / "two-2", 2) + ["::"]
+                            + args(tmp_path / "two-4", 4), env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for batch in (2, 4):
+        distributed_run.main(args(tmp_path / f"one-{batch}", batch))
+        with open(tmp_path / f"two-{batch}" / "report.json") as f:
+            two = json.load(f)
+        with open(tmp_path / f"one-{batch}" / "report.json") as f:
+            one = json.load(f)
+        assert two["num_processes"] == 2 and [c["identical"] for c in two["rank_checks"]] == [True, True]
+        for a, b in zip(one["metrics"], two["metrics"]):
+            assert abs(a["reward_mean"] - b["reward_mean"]) <= 1e-4, (a, b)
+            for key in ("loss", "dsm", "group_weight"):
+                assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), (key, a, b)
+        lora_one = load_file(str(tmp_path / f"one-{batch}" / "final" / "pytorch_lora_weights.safetensors"))
+        lora_two = load_file(str(tmp_path / f"two-{batch}" / "final" / "pytorch_lora_weights.safetensors"))
+        ups = [k for k in lora_one if "lora_B" in k or "lora.up" in k]
+        difference = sum(((lora_one[k].double() - lora_two[k].double()) ** 2).sum() for k in ups).sqrt()
+        assert difference / sum((lora_one[k].double() ** 2).sum() for k in ups).sqrt() <= 0.02
