@@ -213,6 +213,28 @@ def test_one_micro_batch_loss_is_dgpo_loss_of_the_same_tensors(tmp_path, tiny_pi
     assert all(p.grad is None for p in trainer.old_params)
 
 
+def test_cfg_free_rollouts_with_a_cfg_reference_encode_the_negative_prompt_for_it(tmp_path, tiny_pipe):
+    """The authors' `dgpo_wocfg` mode: rollouts without CFG (no negative conditioning recorded), the base model as
+    reference at CFG 4.5 with the empty negative prompt."""
+    trainer = perturbed_trainer(tmp_path, tiny_pipe, sample_guidance_scale=1.0, train_ref_guidance_scale=4.5)
+    prompts = trainer.local_prompts(0)
+    trajectories = trainer.sample(0, prompts, False)
+    assert trajectories.negative_conditioning is None
+    rewards = trainer.score(trajectories)["reward"]
+    batch = trainer.training_batch(trajectories, rewards, rewards, prompts, epoch=0)
+    rows = Rows(torch.tensor([4, 1]), torch.tensor([2, 0]))
+    output, frozen, noised = trainer.model_outputs(trainer.denoiser, batch, rows)
+    family, model = trainer.family, trainer.denoiser
+    _, negative = family.conditioning(["a dog", "a cat"], "", True, trainer.resolution, trainer.resolution)
+    unwrap(model).eval()
+    with torch.no_grad(), adapters_disabled(model):
+        base = family.predict(model, noised.x_t, noised.t, noised.conditioning, negative, 4.5)
+    torch.testing.assert_close(frozen["__base__"], base, rtol=1e-5, atol=1e-6)
+    with torch.no_grad(), adapter_active(model, "old"):
+        old = family.predict(model, noised.x_t, noised.t, noised.conditioning, None, 1.0)
+    torch.testing.assert_close(frozen["old"], old, rtol=1e-5, atol=1e-6)
+
+
 def test_an_optimizer_steps_gradient_does_not_depend_on_the_micro_batch_size(tmp_path, tiny_pipe):
     trainer = perturbed_trainer(tmp_path, tiny_pipe, train_kl_coef=0.1)
     prompts = trainer.local_prompts(0)
