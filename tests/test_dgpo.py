@@ -273,7 +273,7 @@ def test_the_ema_reference_follows_every_optimizer_step_and_samples_after_switch
     assert torch.equal(trainer.sample(2, prompts, False).final_latents, ema)  # 4 steps done
 
 
-def test_defaults_are_the_authors_and_bad_values_are_one_line_errors(tmp_path):
+def test_defaults_are_the_authors_and_bad_values_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(TypeError, match="DGPOTrainer takes a DGPOConfig, not a NFTConfig"):
         DGPOTrainer(load_config("nft", "digits-flow-nft"))
     config = DGPOConfig(sample_num_steps=10)  # config/dgpo.py general_ocr_sd3_4gpu
@@ -294,9 +294,10 @@ def test_defaults_are_the_authors_and_bad_values_are_one_line_errors(tmp_path):
                          ({"train_batch_size": 2}, "must be a multiple of sample_images_per_prompt")]:
         with pytest.raises(ConfigError, match=message):
             tiny_config(tmp_path, **bad).validate()
-    assert "train_beta_dpo" in subprocess.run(
-        [sys.executable, "-m", "diffalign.cli", "train", "dgpo", "--config", "digits-flow-dgpo", "--train_beta_dpo",
-         "-1"], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1")).stderr
+    # on the command line: exit code 2 and one line, before any model loads
+    assert main(["train", "dgpo", "--config", "digits-flow-dgpo", "--train_beta_dpo", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "train_beta_dpo must be > 0; got -1.0" in err
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
