@@ -319,7 +319,7 @@ def dgpo_loss(
     `beta_dpo` and averages over rows:
 
         A_i   = clip(A_i, -A_max, A_max)
-        L     = mean_i [ sg(w_g(i)) A_i l^clip_theta(x_i) ]  +  lambda_KL mean_i mean (out_theta(x_i) - out_kl_ref(x_i))^2
+        L     = mean_i [ sg(w_g(i)) A_i l^clip_theta(x_i) ]  +  lambda_KL mean_i mean (out_theta - out_kl_ref)^2
 
     PPO-style clipping against the old (EMA) policy: with `rho_i = exp(l_old(x_i) - l_theta(x_i))`, a row whose ratio
     left the trust region in the direction its advantage pushes (`rho > 1 + eps` for `A > 0`, `rho < 1 - eps` for
