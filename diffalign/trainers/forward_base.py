@@ -176,6 +176,7 @@ class ForwardProcessTrainer(BaseTrainer):
         return metrics
 
     def optimizer_steps_per_epoch(self) -> int:
+        """Optimizer steps of an epoch: `train_num_inner_epochs` passes of `train_batch_size` samples each."""
         config = self.config
         samples = config.sample_num_prompts_per_epoch * config.sample_images_per_prompt
         return config.train_num_inner_epochs * (samples // (config.train_batch_size or samples))
