@@ -9,8 +9,9 @@ from .trainers import CONFIG_CLASSES
 from .trainers.awm_config import AWMConfig
 from .trainers.base_config import TrainConfig
 from .trainers.ddpo_config import DDPOConfig
+from .trainers.dgpo_config import DGPOConfig
 from .trainers.nft_config import NFTConfig
 from .trainers.prdp_config import PRDPConfig
 
 __all__ = ["load_config", "config_help", "preset_path", "TrainConfig", "DDPOConfig", "NFTConfig", "PRDPConfig",
-           "AWMConfig", "CONFIG_CLASSES", "ConfigError"]
+           "AWMConfig", "DGPOConfig", "CONFIG_CLASSES", "ConfigError"]

@@ -484,3 +484,133 @@ def ratio_norm_ppo_loss(
         approx_kl = 0.5 * (log_ratio**2).mean()
         clipfrac = ((ratio - 1.0).abs() > clip_range).float().mean()
     return {"loss": loss, "approx_kl": approx_kl, "clipfrac": clipfrac, "ratio_bias": bias.detach().mean()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DGPO (Luo et al., ICLR 2026): group-level preference optimisation on the forward process.
+
+def dgpo_group_weights(dsm: torch.Tensor, ref_dsm: torch.Tensor, advantages: torch.Tensor, group_ids: torch.Tensor,
+                       beta_dpo: float, group_size: int) -> torch.Tensor:
+    """DGPO's weight of each row's group: the probability that the group-level preference is still *violated*.
+
+    With `delta_i = l_theta(x_i) - l_ref(x_i)` (denoising losses of the policy and the reference at the same noised
+    sample) and `A_i` the clipped advantage, the rows of one group `g` (a prompt's images at one shared noise level and
+    noise) give
+
+        s_g = sum_{i in g} A_i beta_dpo delta_i / G          w_g = sigmoid(s_g)
+
+    `s_g = -(R(G+) - R(G-))` is minus the group-level reward margin of the Bradley-Terry model, so `w_g` is the
+    gradient scale of `-log sigmoid(R(G+) - R(G-))` (see `dgpo_loss`). `G = group_size` (the images per prompt) is
+    the divisor whatever the number of rows present, as in the authors' code.
+
+    Args:
+        dsm, ref_dsm (`torch.Tensor`): `(N,)` per-row denoising losses of the policy and the reference (no gradient).
+        advantages (`torch.Tensor`): `(N,)` clipped advantages.
+        group_ids (`torch.Tensor`): `(N,)` integer key of each row's group (prompt and noise level).
+        beta_dpo (`float`): the DPO inverse temperature.
+        group_size (`int`): `G`.
+
+    Returns:
+        `(N,)` detached weights, each row its group's.
+    """
+    with torch.no_grad():
+        term = advantages * beta_dpo * (dsm.detach() - ref_dsm.detach()) / group_size
+        keys, index = torch.unique(group_ids, return_inverse=True)
+        sums = torch.zeros(keys.shape[0], dtype=term.dtype, device=term.device).scatter_add_(0, index, term)
+        return torch.sigmoid(sums)[index]
+
+
+def dgpo_loss(
+    model_output: torch.Tensor,
+    target: torch.Tensor,
+    ref_output: torch.Tensor,
+    advantages: torch.Tensor,
+    group_ids: torch.Tensor,
+    beta_dpo: float,
+    group_size: int,
+    adv_clip_max: float = 5.0,
+    old_output: Optional[torch.Tensor] = None,
+    clip_range: float = 1e-2,
+    clip_dsm: bool = True,
+    clip_kl: bool = False,
+    kl_ref_output: Optional[torch.Tensor] = None,
+    kl_weight: float = 0.0,
+    group_weights: Optional[torch.Tensor] = None,
+) -> Dict[str, torch.Tensor]:
+    """DGPO's loss (Luo, Hu & Tang, "Reinforcing Diffusion Models by Direct Group Preference Optimization", ICLR 2026,
+    arXiv 2510.08425), as the authors' code (Luo-Yihong/DGPO `scripts/train_sd3_dgpo.py`, commit 01ceb4b,
+    `compute_group_dgpo_loss_allreduce` and the training step around it).
+
+    Each prompt's images form a group, split by the sign of their advantage into `G+` and `G-`. DGPO maximises the
+    Bradley-Terry likelihood of the group preference, `log sigmoid(R(G+) - R(G-))`, with the group reward an
+    advantage-weighted sum of DPO's implicit rewards, `R(G) = sum_{x in G} |A(x)| r_theta(x)` (the weights sum to the
+    same value on both sides, so the intractable normalisers cancel), and, as Diffusion-DPO, `r_theta(x)` estimated by
+    `-beta_dpo (l_theta(x) - l_ref(x))` at one noise level: `l(x) = mean ||target - output||^2` is the model's own
+    denoising loss at `x_t = alpha_t x0 + sigma_t eps`. The gradient of `-log sigmoid(R(G+) - R(G-))` is
+    `sigmoid(s_g) sum_i A_i beta_dpo grad l_theta(x_i) / G` (`dgpo_group_weights`); the code drops the constant
+    `beta_dpo` and averages over rows:
+
+        A_i   = clip(A_i, -A_max, A_max)
+        L     = mean_i [ sg(w_g(i)) A_i l^clip_theta(x_i) ]  +  lambda_KL mean_i mean (out_theta - out_kl_ref)^2
+
+    PPO-style clipping against the old (EMA) policy: with `rho_i = exp(l_old(x_i) - l_theta(x_i))`, a row whose ratio
+    left the trust region in the direction its advantage pushes (`rho > 1 + eps` for `A > 0`, `rho < 1 - eps` for
+    `A <= 0`) contributes no gradient (`l^clip = sg(l)`; the KL term too with `clip_kl`).
+
+    `target` is the family's denoising target (`diffalign.forward_process.prediction_target`): `eps - x0` for a flow
+    model, where `l` is the authors' `(target_v - model_v)^2` mean exactly; `eps` for an epsilon UNet and
+    `alpha_t eps - sigma_t x0` for a v-prediction one (each model's pre-training loss, as Diffusion-DPO on SD), so
+    `beta_dpo` is on the scale of the model's own loss.
+
+    Args:
+        model_output (`torch.Tensor`): `(N, ...)` the policy's outputs (differentiable), one row per (sample, noise
+            level).
+        target (`torch.Tensor`): `(N, ...)` the denoising target.
+        ref_output (`torch.Tensor`): `(N, ...)` the DPO reference's outputs (the base model, possibly with CFG, or the
+            EMA policy with `use_ema_ref`).
+        advantages (`torch.Tensor`): `(N,)` the samples' advantages (clipped here).
+        group_ids (`torch.Tensor`): `(N,)` key of each row's group (same prompt and noise level).
+        beta_dpo (`float`): the DPO inverse temperature (authors' `train.beta_dpo`).
+        group_size (`int`): `G`, images per prompt.
+        adv_clip_max (`float`): `A_max` (authors' `train.adv_clip_max`, 5).
+        old_output (`torch.Tensor`, *optional*): the old (EMA) policy's outputs; `None` skips the clipping.
+        clip_range (`float`): `eps` of the ratio (authors' `clip_range`).
+        clip_dsm, clip_kl (`bool`): which terms lose their gradient on clipped rows (authors' `clip_dsm`, `clip_kl`).
+        kl_ref_output (`torch.Tensor`, *optional*): the KL term's reference outputs (the base model); `None` with
+            `kl_weight` 0.
+        kl_weight (`float`): `lambda_KL` (authors' `train.beta`).
+        group_weights (`torch.Tensor`, *optional*): `(N,)` the weights `w_g` computed over the whole optimizer step
+            (the trainer's pre-pass); by default from these rows (`dgpo_group_weights`).
+
+    Returns:
+        `dict` with `loss` (scalar, differentiable) and detached statistics: `policy_loss`, `dsm` (mean `l_theta`),
+        `ref_dsm` (mean `l_ref`), `kl`, `clipfrac` (fraction of clipped rows) and `group_weight` (mean `w`).
+    """
+    if kl_weight != 0 and kl_ref_output is None:
+        raise ValueError(f"kl_weight is {kl_weight} but no KL reference output was given")
+    dims = tuple(range(1, model_output.ndim))
+    advantages = torch.clamp(advantages, -adv_clip_max, adv_clip_max)
+    dsm = ((target - model_output) ** 2).mean(dim=dims)
+    with torch.no_grad():
+        ref_dsm = ((target - ref_output) ** 2).mean(dim=dims)
+    if group_weights is None:
+        group_weights = dgpo_group_weights(dsm, ref_dsm, advantages, group_ids, beta_dpo, group_size)
+    clipped = torch.zeros_like(dsm, dtype=torch.bool)
+    if old_output is not None:
+        with torch.no_grad():
+            old_dsm = ((target - old_output) ** 2).mean(dim=dims)
+            ratio = torch.exp(old_dsm - dsm)
+            clipped = torch.where(advantages > 0, ratio > 1.0 + clip_range, ratio < 1.0 - clip_range)
+    trained_dsm = torch.where(clipped, dsm.detach(), dsm) if clip_dsm else dsm
+    policy_loss = (group_weights.detach() * advantages * trained_dsm).mean()
+    loss = policy_loss
+    kl = torch.zeros((), device=model_output.device)
+    if kl_ref_output is not None:
+        kl_rows = ((model_output - kl_ref_output.detach()) ** 2).mean(dim=dims)
+        if clip_kl:
+            kl_rows = torch.where(clipped, kl_rows.detach(), kl_rows)
+        kl = kl_rows.mean()
+        loss = loss + kl_weight * kl
+    stats = {"policy_loss": policy_loss.detach(), "dsm": dsm.detach().mean(), "ref_dsm": ref_dsm.mean(),
+             "kl": kl.detach(), "clipfrac": clipped.float().mean(), "group_weight": group_weights.detach().mean()}
+    return {"loss": loss, **stats}

@@ -86,9 +86,10 @@ def test_each_trainer_declares_its_name_once_on_its_config_class():
     from diffalign.trainers import trainer_class
 
     assert (DDPOTrainer.algorithm, PRDPTrainer.algorithm) == (DDPOConfig.algorithm, PRDPConfig.algorithm)
-    from diffalign.trainers import AWMTrainer, NFTTrainer
+    from diffalign.trainers import AWMTrainer, DGPOTrainer, NFTTrainer
 
-    assert {name: trainer_class(name) for name in CONFIG_CLASSES} == {"ddpo": DDPOTrainer, "prdp": PRDPTrainer,
-                                                                      "nft": NFTTrainer, "awm": AWMTrainer}
-    for cls in (DDPOTrainer, PRDPTrainer, NFTTrainer, AWMTrainer):  # the name is the config's, not written again on the trainer
+    assert {name: trainer_class(name) for name in CONFIG_CLASSES} == {
+        "ddpo": DDPOTrainer, "prdp": PRDPTrainer, "nft": NFTTrainer, "awm": AWMTrainer, "dgpo": DGPOTrainer}
+    # the name is the config's, not written again on the trainer
+    for cls in (DDPOTrainer, PRDPTrainer, NFTTrainer, AWMTrainer, DGPOTrainer):
         assert "algorithm =" not in inspect.getsource(cls)

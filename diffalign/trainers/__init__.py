@@ -15,18 +15,20 @@ import importlib
 from .base_config import TrainConfig
 from .forward_base_config import ForwardProcessConfig
 from .ddpo_config import DDPOConfig
+from .dgpo_config import DGPOConfig
 from .nft_config import NFTConfig
 from .awm_config import AWMConfig
 from .prdp_config import PRDPConfig
 
 # The registered algorithms by the name each config class declares.
-CONFIG_CLASSES = {cls.algorithm: cls for cls in (DDPOConfig, PRDPConfig, NFTConfig, AWMConfig)}
+CONFIG_CLASSES = {cls.algorithm: cls for cls in (DDPOConfig, PRDPConfig, NFTConfig, AWMConfig, DGPOConfig)}
 
 # Algorithms defined outside this package (`register_algorithm`): their trainer by name.
 _registered = {}
 
 _LAZY = {"BaseTrainer": ".base", "NonFiniteError": ".base", "DDPOTrainer": ".ddpo", "PRDPTrainer": ".prdp",
-         "NFTTrainer": ".nft", "AWMTrainer": ".awm", "ForwardProcessTrainer": ".forward_base"}
+         "NFTTrainer": ".nft", "AWMTrainer": ".awm", "DGPOTrainer": ".dgpo",
+         "ForwardProcessTrainer": ".forward_base"}
 
 
 def trainer_class(algorithm: str):
@@ -69,6 +71,7 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BaseTrainer", "DDPOTrainer", "PRDPTrainer", "NFTTrainer", "AWMTrainer", "ForwardProcessTrainer",
-           "NonFiniteError", "TRAINERS", "register_algorithm", "trainer_class", "CONFIG_CLASSES", "TrainConfig",
-           "DDPOConfig", "PRDPConfig", "NFTConfig", "AWMConfig", "ForwardProcessConfig"]
+__all__ = ["BaseTrainer", "DDPOTrainer", "PRDPTrainer", "NFTTrainer", "AWMTrainer", "DGPOTrainer",
+           "ForwardProcessTrainer", "NonFiniteError", "TRAINERS", "register_algorithm", "trainer_class",
+           "CONFIG_CLASSES", "TrainConfig", "DDPOConfig", "PRDPConfig", "NFTConfig", "AWMConfig", "DGPOConfig",
+           "ForwardProcessConfig"]

@@ -8,7 +8,7 @@ A subclass gives its batch (`training_batch`, e.g. advantages of the epoch's rew
 
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -110,6 +110,11 @@ class ForwardProcessTrainer(BaseTrainer):
         num_train_timesteps = scheduler.config.num_train_timesteps
         return (*flow_schedule(t.float() / num_train_timesteps, x0), "flow_velocity")
 
+    def noise_seed(self, batch: ForwardProcessBatch, sample: int, step: int) -> int:
+        """The seed of the forward-process noise of a row (a local sample at a sampler step): one per (global
+        sample, step), whatever the process count or the micro-batching."""
+        return seed_for(self.config.seed, batch.epoch, 11, batch.first_index + sample, step)
+
     def noised_rows(self, batch: ForwardProcessBatch, rows: Rows) -> NoisedRows:
         """The rows' final samples noised to their noise levels with fresh noise, seeded per (global sample, step)
         so that it does not depend on the process count or the micro-batching."""
@@ -119,8 +124,8 @@ class ForwardProcessTrainer(BaseTrainer):
         x0 = trajectories.final_latents[samples]
         t = trajectories.timesteps.to(x0.device)[steps]
         noise = torch.stack([
-            torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(
-                seed_for(self.config.seed, batch.epoch, 11, batch.first_index + int(i), int(j))), dtype=x0.dtype)
+            torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(self.noise_seed(batch, i, j)),
+                        dtype=x0.dtype)
             for i, j in zip(samples.tolist(), steps.tolist())]).to(x0.device)
         alpha_t, sigma_t, prediction_type = self.forward_process(t, x0)
         negative = trajectories.negative_conditioning
@@ -128,15 +133,20 @@ class ForwardProcessTrainer(BaseTrainer):
                           select_rows(trajectories.conditioning, samples),
                           select_rows(negative, samples) if negative is not None else None)
 
-    def policy_prediction(self, model, rows: NoisedRows) -> torch.Tensor:
-        """The trained policy's output at the rows (with gradients), CFG at `sample_guidance_scale`."""
+    def policy_prediction(self, model, rows: NoisedRows, guidance_scale: Optional[float] = None) -> torch.Tensor:
+        """The trained policy's output at the rows (with gradients), CFG at `guidance_scale` (by default
+        `sample_guidance_scale`; rows without negative conditioning give the conditional output alone)."""
+        guidance_scale = self.config.sample_guidance_scale if guidance_scale is None else guidance_scale
         with self.accelerator.autocast():
             return self.family.predict(model, rows.x_t, rows.t, rows.conditioning, rows.negative_conditioning,
-                                       self.config.sample_guidance_scale).float()
+                                       guidance_scale).float()
 
-    def frozen_predictions(self, model, adapters: Sequence[str], rows: NoisedRows) -> List[torch.Tensor]:
+    def frozen_predictions(self, model, adapters: Sequence[str], rows: NoisedRows,
+                           guidance_scale: Optional[float] = None) -> List[torch.Tensor]:
         """The outputs of frozen adapters at the rows (e.g. the old policy, `BASE_ADAPTER` for the base model), in one
-        no-grad forward: each row repeated once per adapter, routed to it by peft's per-row adapters."""
+        no-grad forward: each row repeated once per adapter, routed to it by peft's per-row adapters. CFG at
+        `guidance_scale`, by default `sample_guidance_scale`."""
+        guidance_scale = self.config.sample_guidance_scale if guidance_scale is None else guidance_scale
         if not adapters:
             return []
         names = [name for name in adapters for _ in range(len(rows.t))]
@@ -152,7 +162,7 @@ class ForwardProcessTrainer(BaseTrainer):
                     model, x_t.repeat(repeat, *[1] * (x_t.ndim - 1)), t.repeat(repeat),
                     {k: v.repeat(repeat, *[1] * (v.ndim - 1)) for k, v in cond.items()},
                     {k: v.repeat(repeat, *[1] * (v.ndim - 1)) for k, v in negative.items()}
-                    if negative is not None else None, self.config.sample_guidance_scale).float()
+                    if negative is not None else None, guidance_scale).float()
         finally:
             module.train(training)
         return list(frozen.chunk(repeat))
@@ -162,13 +172,20 @@ class ForwardProcessTrainer(BaseTrainer):
         """The epoch's updates, then the old policy's EMA step: `theta_old <- eta theta_old + (1 - eta) theta`
         with `eta` by `old_policy_decay_type` at the optimizer steps made so far."""
         metrics = super().train_on_samples(trajectories, rewards, all_rewards, all_prompts, epoch)
+        metrics.update(self.update_old_policy(epoch))
+        return metrics
+
+    def optimizer_steps_per_epoch(self) -> int:
+        """Optimizer steps of an epoch: `train_num_inner_epochs` passes of `train_batch_size` samples each."""
         config = self.config
         samples = config.sample_num_prompts_per_epoch * config.sample_images_per_prompt
-        steps_per_epoch = config.train_num_inner_epochs * (samples // (config.train_batch_size or samples))
-        decay = self.old_policy_decay_at((epoch + 1) * steps_per_epoch)
+        return config.train_num_inner_epochs * (samples // (config.train_batch_size or samples))
+
+    def update_old_policy(self, epoch: int) -> Dict[str, float]:
+        """The old policy's EMA step after an epoch; returns its metrics (`old_policy_decay`)."""
+        decay = self.old_policy_decay_at((epoch + 1) * self.optimizer_steps_per_epoch())
         update_old_policy_(self.old_params, self.policy_params, decay)
-        metrics["old_policy_decay"] = decay
-        return metrics
+        return {"old_policy_decay": decay}
 
     def old_policy_decay_at(self, step: int) -> float:
         """The old policy's EMA weight `eta` after `step` optimizer steps (`old_policy_decay_type`'s schedule)."""
