@@ -1,6 +1,6 @@
 # Reinforcement Learning Guidance (RLG) for SANA (a linear-attention flow DiT sampled with DPM-Solver on flow sigmas):
-# the alignment strength of a reward-fine-tuned model becomes a dial at inference. Jin et al., "Inference-time
-# Alignment Control for Diffusion Models with Reinforcement Learning Guidance" (https://huggingface.co/papers/2508.21016).
+# the alignment strength of a reward-fine-tuned model becomes a dial at inference. Jin et al., "Inference-time Alignment
+# Control for Diffusion Models with Reinforcement Learning Guidance" (https://huggingface.co/papers/2508.21016).
 #
 # Self-contained diffusers pipeline (imports only torch, diffusers, transformers; peft lazily, for LoRA). It can be
 # imported as `diffalign.pipelines.SanaRLGPipeline` or loaded as a community pipeline:
