@@ -1,19 +1,21 @@
 # Reinforcement Learning Guidance (RLG) for SANA (a linear-attention flow DiT sampled with DPM-Solver on flow sigmas):
-# the alignment strength of a reward-fine-tuned model becomes a dial at inference. Jin et al., "Inference-time Alignment
-# Control for Diffusion Models with Reinforcement Learning Guidance" (https://huggingface.co/papers/2508.21016).
+# the alignment strength of a reward-fine-tuned model becomes a dial at inference. Jin et al., "Inference-time
+# Alignment Control for Diffusion Models with Reinforcement Learning Guidance"
+# (https://huggingface.co/papers/2508.21016).
 #
 # Self-contained diffusers pipeline (imports only torch, diffusers, transformers; peft lazily, for LoRA). It can be
 # imported as `diffalign.pipelines.SanaRLGPipeline` or loaded as a community pipeline:
-# `DiffusionPipeline.from_pretrained(repo, custom_pipeline="pipeline_sana_rlg.py", trust_remote_code=True)`.
-# It subclasses diffusers' `SanaPipeline` (prompt encoding with the complex human instruction, resolution binning,
-# checks and LoRA loading are SanaPipeline's own) and replaces `__call__`. diffusers has no modular SANA pipeline, so
-# the RLG guider has no blocks to plug into: this classic pipeline is SANA's RLG route. The RLG machinery is the same as
-# in `pipeline_stable_diffusion_rlg.py` (copied, so that each file stands alone): CFG inside each model, then
-# `v = v_base + w (v_aligned - v_base)`, and the mixed velocity goes to SANA's own scheduler (DPM-Solver++ with flow
-# sigmas and `flow_shift`, multistep: its history holds the mixed velocities, as it would hold a single model's).
+# `DiffusionPipeline.from_pretrained(repo, custom_pipeline="pipeline_sana_rlg.py", trust_remote_code=True)`. It
+# subclasses diffusers' `SanaPipeline` (prompt encoding with the complex human instruction, resolution binning, checks
+# and LoRA loading are SanaPipeline's own) and replaces `__call__`. diffusers has no modular SANA pipeline, so the RLG
+# guider has no blocks to plug into: this classic pipeline is SANA's RLG route. The RLG machinery is the same as in
+# `pipeline_stable_diffusion_rlg.py` (copied, so that each file stands alone): CFG inside each model, then `v = v_base
+# + w (v_aligned - v_base)`, and the mixed velocity goes to SANA's own scheduler (DPM-Solver++ with flow sigmas and
+# `flow_shift`, multistep: its history holds the mixed velocities, as it would hold a single model's).
 #
-# Licensed under the Apache License, Version 2.0. Code marked "Copied from diffusers" is the HuggingFace Team's
-# (Copyright 2025 PixArt-Sigma Authors and The HuggingFace Team, Apache-2.0), copied from diffusers 0.42.1.
+# Licensed under the Apache License, Version 2.0. `__call__` is diffusers' `SanaPipeline.__call__` (diffusers 0.42.1;
+# Copyright 2025 PixArt-Sigma Authors and The HuggingFace Team, Apache-2.0) with the RLG steps added; code marked
+# "Copied from diffalign" is checked against its source by tests/test_copies.py.
 import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Union
@@ -331,8 +333,8 @@ class SanaRLGPipeline(SanaPipeline):
         Runs the transformers `models` on `hidden_states` and returns each one's raw float32 velocity (CFG rows
         included, learned-sigma channels kept), as SanaPipeline calls its transformer.
 
-        With `single_pass`, all the LoRA variants of `transformer` (base rows with `"__base__"`, aligned rows with their
-        adapter) go through one batched forward; otherwise each model gets its own forward pass.
+        With `single_pass`, all the LoRA variants of `transformer` (base rows with `"__base__"`, aligned rows with
+        their adapter) go through one batched forward; otherwise each model gets its own forward pass.
         `conditioning[name]` is `(encoder_hidden_states, encoder_attention_mask)`; `timestep` is already multiplied by
         the transformer's `timestep_scale`.
         """

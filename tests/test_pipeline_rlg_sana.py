@@ -4,11 +4,12 @@ flow-matching Euler scheduler, and the mix `v_base + w (v_aligned - v_base)` aga
 
 import copy
 import inspect
+import os
 
 import numpy as np
 import pytest
 import torch
-from diffusers import SanaPipeline
+from diffusers import DiffusionPipeline, SanaPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
@@ -16,6 +17,7 @@ from diffalign.families.sana import SanaFamily
 from diffalign.pipelines import SanaRLGPipeline
 from diffalign.testing import perturbed_unet
 
+PIPELINE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "pipelines", "pipeline_sana_rlg.py")
 PROMPT = "a photo of a cat"
 STEPS = 3
 SIZE = 32  # SanaPipeline: a multiple of 32; no resolution binning in most calls (the 512 px table is slow)
@@ -172,3 +174,23 @@ def test_load_lora_weights_binning_and_errors(tmp_path):
     pipe.fuse_lora()
     with pytest.raises(ValueError, match="fused into `transformer`"):
         pipe(**call_kwargs(rlg_scale=1.6))
+
+
+def test_custom_pipeline_and_from_pipe(tmp_path):
+    """A saved SanaPipeline folder loads as a community pipeline (offline), and `from_pipe` shares the components."""
+    components = SanaFamily.tiny_components()
+    aligned_transformer = perturbed_unet(components["transformer"], scale=0.1)
+    expected = make(SanaRLGPipeline, components, aligned_transformer=aligned_transformer)(
+        **call_kwargs(rlg_scale=1.6)
+    ).images
+    make(SanaPipeline, components).save_pretrained(str(tmp_path / "sana"), safe_serialization=True)
+    custom = DiffusionPipeline.from_pretrained(
+        str(tmp_path / "sana"), custom_pipeline=os.path.abspath(PIPELINE_FILE), trust_remote_code=True
+    )
+    custom.set_progress_bar_config(disable=True)
+    assert type(custom).__name__ == "SanaRLGPipeline" and custom.aligned_transformer is None
+    custom.register_modules(aligned_transformer=aligned_transformer)
+    torch.testing.assert_close(custom(**call_kwargs(rlg_scale=1.6)).images, expected, atol=1e-5, rtol=0)
+    from_pipe = SanaRLGPipeline.from_pipe(make(SanaPipeline, components), aligned_transformer=aligned_transformer)
+    from_pipe.set_progress_bar_config(disable=True)
+    assert torch.equal(from_pipe(**call_kwargs(rlg_scale=1.6)).images, expected)
