@@ -194,3 +194,31 @@ def test_custom_pipeline_and_from_pipe(tmp_path):
     from_pipe = SanaRLGPipeline.from_pipe(make(SanaPipeline, components), aligned_transformer=aligned_transformer)
     from_pipe.set_progress_bar_config(disable=True)
     assert torch.equal(from_pipe(**call_kwargs(rlg_scale=1.6)).images, expected)
+
+
+def test_callbacks(lora_components):
+    pipe = make(SanaRLGPipeline, lora_components)
+    seen = []
+
+    def callback(pipeline, step, timestep, callback_kwargs):
+        seen.append((step, sorted(callback_kwargs), pipeline.rlg_scale, pipeline.do_rlg))
+        pipeline._rlg_scale = 0.5  # from the next step on
+        if step == 1:
+            callback_kwargs["latents"] = torch.zeros_like(callback_kwargs["latents"])
+        return callback_kwargs
+
+    inputs = ["latents", "negative_prompt_embeds", "prompt_embeds"]
+    latents = pipe(**call_kwargs(rlg_scale=1.0, num_inference_steps=2, callback_on_step_end=callback,
+                                 callback_on_step_end_tensor_inputs=inputs)).images
+    assert seen == [(0, inputs, 1.0, False), (1, inputs, 0.5, True)]
+    assert torch.count_nonzero(latents) == 0
+
+    # new prompt embeddings from a callback condition every model from the next step on
+    def replace_embeds(pipeline, step, timestep, callback_kwargs):
+        return {"prompt_embeds": torch.zeros_like(callback_kwargs["prompt_embeds"])}
+
+    replaced = pipe(**call_kwargs(rlg_scale=1.6, callback_on_step_end=replace_embeds,
+                                  callback_on_step_end_tensor_inputs=["prompt_embeds"])).images
+    assert (replaced - pipe(**call_kwargs(rlg_scale=1.6)).images).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe(**call_kwargs(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise_pred"]))
