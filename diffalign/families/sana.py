@@ -59,7 +59,7 @@ class SanaFamily(ModelFamily):
     kernel_class = FlowSDEKernel
     text_encoder_names = ("text_encoder",)
     pipeline_init_kwargs = {}  # no safety checker, no watermarker
-    rlg_pipeline_class = None  # not written yet: SANA has no modular blocks, so it would need a classic one
+    rlg_pipeline_class = "SanaRLGPipeline"  # diffusers has no modular SANA: a classic RLG pipeline (pipelines/)
     modular_blocks_class = None  # diffusers has no modular SANA
     hub_tags = ("sana",)
     guidance_kind = "cfg"
