@@ -77,7 +77,7 @@ def test_learn(capsys, tmp_path):
                             "ddpo_fifth_steps_k4", "ddpo_fifth_steps_k2_moderate", "ddpo_half_fresh_reuse",
                             "ddpo_fifth_steps_k2_reuse", "prdp_k1", "prdp_k1_third_steps",
                             "prdp_k1_fifth_steps", "ddpo_no_cfg", "prdp_k1_no_cfg", "ddpo_window2", "ddpo_window2_k2",
-                            "ddpo_window3_k2", "prdp_k1_window3", "nft", "awm"}
+                            "ddpo_window3_k2", "prdp_k1_window3", "nft", "awm", "dgpo"}
     assert configs["ddpo_window2"]["sample_sde_window_size"] == 2
     assert configs["ddpo_window2"]["sample_sde_window_range"] == [0, 2]  # fits the 2 steps of the test
     assert configs["ddpo_baseline"]["train_timestep_fraction"] == 1.0

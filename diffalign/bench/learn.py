@@ -89,6 +89,7 @@ LEARN_CONFIGS: Dict[str, tuple] = {
     # rest.
     "nft": ("nft", {"sample_guidance_scale": 1.0}),
     "awm": ("awm", {"sample_guidance_scale": 1.0}),
+    "dgpo": ("dgpo", {"sample_guidance_scale": 1.0}),
 }
 
 

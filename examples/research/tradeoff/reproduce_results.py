@@ -37,6 +37,8 @@ PRESETS = {
     "digits-flow-nft": "nft",
     "digits-awm": "awm",
     "digits-flow-awm": "awm",
+    "digits-dgpo": "dgpo",
+    "digits-flow-dgpo": "dgpo",
 }
 RLG_PRESET = "digits-prdp"
 RLG_SCALES = ["0", "0.5", "1", "1.5", "2", "3"]
