@@ -17,6 +17,7 @@ from ..utils.hub_utils import resolve_model_path
 from .base import Conditioning, ModelFamily, check_resolution_in
 from .flux import FluxFamily
 from .flux2 import Flux2Family, Flux2KleinFamily
+from .krea2 import Krea2Family
 from .qwenimage import QwenImageFamily
 from .sana import SanaFamily
 from .sd import StableDiffusionFamily
@@ -43,7 +44,7 @@ def registry(families: Iterable[Type[ModelFamily]]) -> Dict[str, Type[ModelFamil
 
 FAMILIES: Dict[str, Type[ModelFamily]] = registry(
     (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family, FluxFamily, ZImageFamily,
-     QwenImageFamily, Flux2KleinFamily, Flux2Family, SanaFamily)
+     QwenImageFamily, Flux2KleinFamily, Flux2Family, SanaFamily, Krea2Family)
 )
 
 
@@ -152,7 +153,7 @@ def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32):
     return load_family(name_or_path, torch_dtype).pipe
 
 
-__all__ = ["FAMILIES", "Conditioning", "Flux2Family", "Flux2KleinFamily", "FluxFamily", "ModelFamily",
+__all__ = ["FAMILIES", "Conditioning", "Flux2Family", "Flux2KleinFamily", "FluxFamily", "Krea2Family", "ModelFamily",
            "QwenImageFamily", "SanaFamily", "StableDiffusion3Family", "StableDiffusionFamily",
            "StableDiffusionXLFamily", "ZImageFamily", "check_model_resolution", "family_class", "family_for_pipeline",
            "family_named", "load_family", "load_pipeline", "pipeline_class_of", "registry"]
