@@ -26,7 +26,8 @@ from .base import Conditioning, ModelFamily
 def run_step(step, modular, **inputs) -> dict:
     """Runs one diffusers modular block `step` on the components of the modular pipeline `modular` (of the model's
     whole blocks, so that its properties see every component: `vae_scale_factor` reads the VAE) with `inputs` (the
-    step's defaults for the others), as `ModularPipeline.__call__` runs its blocks; its intermediate outputs by name."""
+    step's defaults for the others), as `ModularPipeline.__call__` runs its blocks; returns its intermediate outputs
+    by name."""
     from diffusers.modular_pipelines import PipelineState
 
     state = PipelineState()
@@ -206,7 +207,8 @@ class Krea2Family(ModelFamily):
         torch.manual_seed(seed)
         text_encoder = Qwen3VLModel(Qwen3VLConfig(
             text_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=36, num_attention_heads=2,
-                             num_key_value_heads=2, head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=2048,
+                             num_key_value_heads=2, head_dim=8, vocab_size=len(tokenizer),
+                             max_position_embeddings=2048,
                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                               "mrope_section": [1, 1, 2]}),
             vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
