@@ -18,6 +18,7 @@ from .base import Conditioning, ModelFamily, check_resolution_in
 from .flux import FluxFamily
 from .flux2 import Flux2Family, Flux2KleinFamily
 from .flux_kontext import FluxKontextFamily
+from .krea2 import Krea2Family
 from .qwenimage import QwenImageFamily
 from .sana import SanaFamily
 from .sd import StableDiffusionFamily
@@ -44,7 +45,7 @@ def registry(families: Iterable[Type[ModelFamily]]) -> Dict[str, Type[ModelFamil
 
 FAMILIES: Dict[str, Type[ModelFamily]] = registry(
     (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family, FluxFamily, ZImageFamily,
-     QwenImageFamily, Flux2KleinFamily, Flux2Family, SanaFamily, FluxKontextFamily)
+     QwenImageFamily, Flux2KleinFamily, Flux2Family, SanaFamily, FluxKontextFamily, Krea2Family)
 )
 
 
@@ -154,6 +155,6 @@ def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32):
 
 
 __all__ = ["FAMILIES", "Conditioning", "Flux2Family", "Flux2KleinFamily", "FluxFamily", "FluxKontextFamily",
-           "ModelFamily", "QwenImageFamily", "SanaFamily", "StableDiffusion3Family", "StableDiffusionFamily",
+           "Krea2Family", "ModelFamily", "QwenImageFamily", "SanaFamily", "StableDiffusion3Family", "StableDiffusionFamily",
            "StableDiffusionXLFamily", "ZImageFamily", "check_model_resolution", "family_class", "family_for_pipeline",
            "family_named", "load_family", "load_pipeline", "pipeline_class_of", "registry"]
