@@ -474,7 +474,7 @@ class Context:
         if "train_prompts_per_step" in fields and values.get("train_prompts_per_step"):
             values["train_prompts_per_step"] = math.gcd(values["sample_num_prompts_per_epoch"],
                                                         values["train_prompts_per_step"])
-        config = load_config(algorithm, None, values)
+        config = load_config(algorithm, None, CONFIG_CLASSES[algorithm].fit_to_shapes(values))
         pipe = copy.deepcopy(self.template())
         accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=self.device.type == "cpu")
         if self.device.type == "cuda" and accelerator.device.type != "cuda":

@@ -81,6 +81,17 @@ class AWMConfig(ForwardProcessConfig):
 
     algorithm = "awm"
 
+    @classmethod
+    def fit_to_shapes(cls, values: dict) -> dict:
+        """`train_timesteps` at most what the strata of `sample_num_steps` hold (see `validate`)."""
+        fields = cls.__dataclass_fields__
+        steps = values.get("sample_num_steps", fields["sample_num_steps"].default)
+        fraction = values.get("train_timestep_fraction", fields["train_timestep_fraction"].default)
+        time_type = values.get("train_time_type", fields["train_time_type"].default)
+        room = int(steps * fraction) - (time_type != "discrete") + (time_type == "discrete_with_init")
+        timesteps = values.get("train_timesteps", fields["train_timesteps"].default)
+        return {**values, "train_timesteps": max(1, min(timesteps, room))}
+
     @property
     def num_train_steps(self) -> int:
         """Noise levels trained per sample: `train_timesteps`."""

@@ -302,6 +302,12 @@ class TrainConfig:
         if self.output_dir is None:
             self.output_dir = default_output_dir(self.algorithm)
 
+    @classmethod
+    def fit_to_shapes(cls, values: dict) -> dict:
+        """`values` (config keys) with the algorithm's own counts shrunk to fit smaller sampling shapes than its
+        defaults assume (`bench` runs every algorithm at the shapes it is given); a no-op unless overridden."""
+        return values
+
     def validate(self, num_processes: int = 1):
         """Checks values and batch arithmetic; raises `ConfigError`."""
         for f in dataclasses.fields(self):  # NaN passes every `<=` check below: refuse non-finite numbers first

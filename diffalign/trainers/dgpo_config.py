@@ -74,6 +74,15 @@ class DGPOConfig(ForwardProcessConfig):
         """Noise levels trained per sample: `train_num_timesteps`, shared by all samples of an epoch."""
         return self.train_num_timesteps
 
+    @classmethod
+    def fit_to_shapes(cls, values: dict) -> dict:
+        """`train_trunc_steps` below `sample_num_steps` and `train_num_timesteps` at most `train_trunc_steps + 1`."""
+        fields = cls.__dataclass_fields__
+        steps = values.get("sample_num_steps", fields["sample_num_steps"].default)
+        trunc = min(values.get("train_trunc_steps", fields["train_trunc_steps"].default), steps - 1)
+        levels = min(values.get("train_num_timesteps", fields["train_num_timesteps"].default), trunc + 1)
+        return {**values, "train_trunc_steps": trunc, "train_num_timesteps": levels}
+
     def validate(self, num_processes: int = 1):
         super().validate(num_processes)
         for name in ("train_beta_dpo", "train_adv_clip_max", "train_num_timesteps"):

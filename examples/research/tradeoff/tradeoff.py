@@ -336,6 +336,9 @@ def arm_config(ctx, algorithm: str, key: str, value: float, run_dir: str, epochs
     values["checkpoint_every"] = max(1, min(5, num_epochs))  # an interrupted arm loses at most 5 epochs
     if resume:
         values["resume_from"] = run_dir
+    full = {**{k: v for k, v in vars(config).items() if k in known}, **values}
+    fitted = CONFIG_CLASSES[algorithm].fit_to_shapes(full)
+    values.update({k: v for k, v in fitted.items() if v != full[k]})  # only the counts the shapes shrank
     return load_config(algorithm, preset, values)
 
 
