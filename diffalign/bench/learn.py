@@ -250,7 +250,7 @@ def _learn_one(trainer, target: float, max_epochs: int, window: int, evaluate=No
         out = {"reached": ok, "epochs_to_target": epochs, "time_to_target_s": elapsed if ok else None,
                "cpu_to_target_s": cpu if ok else None, "sampling_share": sampling / elapsed if elapsed else None,
                "rewards": rewards, "epoch_times": epoch_times, "images": images, "best_reward": max(rewards),
-               "elapsed_s": elapsed, "diagnostics": diagnostics}
+               "elapsed_s": elapsed, "cpu_s": cpu, "diagnostics": diagnostics}
         if evaluate is not None:
             out["train_rewards"] = train_rewards
         return out
