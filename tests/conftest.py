@@ -17,6 +17,33 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+# Every family runs the correctness checks of tests/test_family_common.py by default (rollout equals the pipeline,
+# ratio 1, a CLI run, RLG). The longer per-family runs (the benchmarks, PRDP's CLI run, the default-resolution rules)
+# run by default for the families below, one of each architecture, and for the others with `-m slow`: the default
+# suite stays near 10 minutes as families are added.
+CORE_FAMILIES = {"sd", "sdxl", "sd3", "flux", "zimage"}
+LONG_PER_FAMILY = {"test_bench_rollout", "test_bench_train", "test_bench_rlg", "test_resolution_rules"}
+
+
+def _family_of(item):
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    family = params.get("family_dir", params.get("family_class"))
+    return family if isinstance(family, str) or family is None else getattr(family, "name", None)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m 'not slow'` deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        family = _family_of(item)
+        if family is None or family in CORE_FAMILIES:
+            continue
+        params = item.callspec.params
+        if item.originalname in LONG_PER_FAMILY or (
+                item.originalname == "test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines"
+                and params.get("algorithm") == "prdp"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_hf_home(tmp_path_factory, monkeypatch):
     # custom_pipeline loading copies modules into HF_HOME; keep that out of the user's cache.

@@ -39,7 +39,8 @@ HELDOUT_KEYS = frozenset({"eval_every", "eval_prompts", "eval_prompt_file", "eva
 HASHED_WHEN_SET = frozenset({"prompt_dataset", "prompt_dataset_split", "prompt_column", "ema_decay", "ema_update_every",
                              "quantize_denoiser", "quantize_text_encoders", "train_ratio_norm"})
 # Memory and speed levers that leave what is trained as it is (not hashed: a run may resume with other ones).
-MEMORY_KEYS = frozenset({"offload_text_encoders", "vae_slicing", "vae_tiling", "attention_backend"})
+MEMORY_KEYS = frozenset({"offload_text_encoders", "vae_slicing", "vae_tiling", "attention_backend",
+                         "reward_async"})
 
 
 # Fields that say where a run is reported and published, not what it trains (left out of `TrainConfig.hash`).
