@@ -4,10 +4,6 @@ adapter's schedule against the authors' code (tests/awm_reference.py), one micro
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import awm_reference as ref
+from cli_helpers import assert_killed_run_resumes_bit_identically
 from diffalign.cli import main
 from diffalign.config import AWMConfig, ConfigError, load_config
 from diffalign.forward_process import add_noise, prediction_target, update_old_policy_, vp_schedule
@@ -321,11 +318,6 @@ def test_two_epoch_cli_run_writes_a_lora_that_loads_and_changes_images(family, t
     assert not torch.allclose(base, run())
 
 
-def cli(args):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return subprocess.Popen([sys.executable, "-m", "diffalign.cli"] + args, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
 
 @pytest.mark.slow  # three CLI runs of 3 epochs: about a minute on an idle machine
 def test_killed_and_resumed_run_is_bit_identical(tiny_model_dir, tmp_path):
@@ -334,29 +326,4 @@ def test_killed_and_resumed_run_is_bit_identical(tiny_model_dir, tmp_path):
     args = ["train", "awm", "--model", tiny_model_dir, "--checkpoint_every", "1", "--train_batch_size", "2",
             "--seed", "3", "--train_micro_batch_size", "4", "--train_off_policy", "true", "--train_clip_range",
             "0.01"] + TINY_ARGS + ["--num_epochs", "3"]
-    straight = cli(args + ["--output_dir", str(tmp_path / "straight")])
-    killed_dir = tmp_path / "killed"
-    killed = cli(args + ["--output_dir", str(killed_dir)])
-    deadline = time.time() + 240
-    while not (killed_dir / "checkpoints" / "epoch-000000").exists():
-        assert killed.poll() is None and time.time() < deadline, killed.communicate()
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert not (killed_dir / "final").exists()
-    assert straight.wait(timeout=300) == 0, straight.communicate()
-    resumed = cli(args + ["--resume", str(killed_dir)])
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    a = load_file(str(tmp_path / "straight" / "final" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(killed_dir / "final" / "pytorch_lora_weights.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-    def metrics(run):
-        with open(run / "metrics.jsonl") as f:
-            return [{k: v for k, v in json.loads(line).items() if not k.startswith("time_")} for line in f]
-
-    assert metrics(killed_dir) == metrics(tmp_path / "straight")
-    assert [r["epoch"] for r in metrics(killed_dir)] == [0, 1, 2]
+    assert_killed_run_resumes_bit_identically(args, tmp_path)

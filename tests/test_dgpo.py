@@ -6,16 +6,15 @@ one-line errors for bad settings."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import dgpo_reference
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_helpers import assert_killed_run_resumes_bit_identically
 from diffalign.cli import main
 from diffalign.config import ConfigError, DGPOConfig, load_config
 from diffalign.forward_process import add_noise, vp_schedule
@@ -334,11 +333,6 @@ def test_two_epoch_cli_run_writes_a_lora_that_loads_and_changes_images(family, t
     assert not torch.allclose(base, run())
 
 
-def cli(args):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return subprocess.Popen([sys.executable, "-m", "diffalign.cli"] + args, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
 
 @pytest.mark.slow
 def test_killed_and_resumed_run_is_bit_identical(tiny_model_dir, tmp_path):
@@ -346,32 +340,7 @@ def test_killed_and_resumed_run_is_bit_identical(tiny_model_dir, tmp_path):
     samples from epoch 1 on, `switch_ema_ref 0`), so the LoRA and every logged metric equal a straight run's."""
     args = ["train", "dgpo", "--model", tiny_model_dir, "--checkpoint_every", "1", "--train_batch_size", "2",
             "--seed", "3", "--train_micro_batch_size", "3", "--switch_ema_ref", "0"] + TINY_ARGS + ["--num_epochs", "3"]
-    straight = cli(args + ["--output_dir", str(tmp_path / "straight")])
-    killed_dir = tmp_path / "killed"
-    killed = cli(args + ["--output_dir", str(killed_dir)])
-    deadline = time.time() + 240
-    while not (killed_dir / "checkpoints" / "epoch-000000").exists():
-        assert killed.poll() is None and time.time() < deadline, killed.communicate()
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert not (killed_dir / "final").exists()
-    assert straight.wait(timeout=300) == 0, straight.communicate()
-    resumed = cli(args + ["--resume", str(killed_dir)])
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    a = load_file(str(tmp_path / "straight" / "final" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(killed_dir / "final" / "pytorch_lora_weights.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-    def metrics(run):
-        with open(run / "metrics.jsonl") as f:
-            return [{k: v for k, v in json.loads(line).items() if not k.startswith("time_")} for line in f]
-
-    assert metrics(killed_dir) == metrics(tmp_path / "straight")
-    assert [r["epoch"] for r in metrics(killed_dir)] == [0, 1, 2]
+    assert_killed_run_resumes_bit_identically(args, tmp_path)
 
 
 @pytest.mark.slow
