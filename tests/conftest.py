@@ -18,11 +18,12 @@ torch.set_num_threads(1)
 
 
 # Every family runs the correctness checks of tests/test_family_common.py by default (rollout equals the pipeline,
-# ratio 1, a CLI run, RLG). The longer per-family runs (the benchmarks, PRDP's CLI run, the default-resolution rules)
-# run by default for the families below, one of each architecture, and for the others with `-m slow`: the default
-# suite stays near 10 minutes as families are added.
+# ratio 1, RLG; each newer family's own test file trains it through the CLI). The longer per-family runs (the
+# benchmarks, the ddpo/prdp CLI runs, the default-resolution rules) run by default for the families below, one of each
+# architecture, and for the others with `-m slow`: the default suite stays near 10 minutes as families are added.
 CORE_FAMILIES = {"sd", "sdxl", "sd3", "flux", "zimage"}
-LONG_PER_FAMILY = {"test_bench_rollout", "test_bench_train", "test_bench_rlg", "test_resolution_rules"}
+LONG_PER_FAMILY = {"test_bench_rollout", "test_bench_train", "test_bench_rlg", "test_resolution_rules",
+                   "test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines"}
 
 
 def _family_of(item):
@@ -38,9 +39,7 @@ def pytest_collection_modifyitems(config, items):
         if family is None or family in CORE_FAMILIES:
             continue
         params = item.callspec.params
-        if item.originalname in LONG_PER_FAMILY or (
-                item.originalname == "test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines"
-                and params.get("algorithm") == "prdp"):
+        if item.originalname in LONG_PER_FAMILY:
             item.add_marker(pytest.mark.slow)
 
 

@@ -287,7 +287,7 @@ TINY_ARGS = [
 ]
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("family", [pytest.param("sd", marks=pytest.mark.slow), "sd3"])  # sd: epsilon, in the unit tests
 def test_two_epoch_cli_run_writes_a_lora_that_loads_and_changes_images(family, tmp_path):
     import diffusers
 

@@ -301,7 +301,7 @@ def test_defaults_are_the_authors_and_bad_values_are_one_line_errors(tmp_path, c
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
-@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("family", ["sd", pytest.param("sd3", marks=pytest.mark.slow)])  # sd3: flow, in the unit tests
 def test_two_epoch_cli_run_writes_a_lora_that_loads_and_changes_images(family, tmp_path):
     import diffusers
 

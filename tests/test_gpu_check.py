@@ -123,6 +123,7 @@ def test_measuring_without_cuda_says_how_to_run(gpu_check, tmp_path, capsys):
     assert "--dry-run" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the tiny mode runs the same measuring code by default
 def test_real_mode_builds_materialises_and_trains_small_configurations(gpu_check, tmp_path, monkeypatch):
     """The GPU run's own path (configurations written as data, parameters built on meta then materialised with random
     values, shared frozen components, the T5 length, bf16 mixed precision) on the CPU, with an SD3 model whose

@@ -68,6 +68,7 @@ def test_offloaded_text_encoders_give_the_resident_conditioning(tmp_path, tiny_s
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.slow  # a training run per setting: ~15 s
 def test_vae_slicing_tiling_and_attention_backend_are_set(tmp_path):
     from diffalign.testing import tiny_flux_pipeline
     from diffalign.trainers import DDPOTrainer
