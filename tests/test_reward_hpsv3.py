@@ -141,10 +141,15 @@ def test_scores_shape_dtype_and_prompt_dependence(published):
 def test_missing_checkpoint_is_one_line(published, tmp_path, monkeypatch):
     with pytest.raises(RewardWeightsNotFoundError, match="checkpoint '.*nothing' not found; download it"):
         get_reward("hpsv3", checkpoint=str(tmp_path / "nothing"), base=published[2])
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def not_cached(repo_id, filename, **kwargs):  # the cache-only lookup of an offline machine; no hub is reached
+        raise LocalEntryNotFoundError(f"{repo_id}/{filename} is not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", not_cached)
     with pytest.raises(RewardWeightsNotFoundError) as error:
-        get_reward("hpsv3")
+        get_reward("hpsv3", base=published[2])
     assert "\n" not in str(error.value) and "MizzenAI/HPSv3/HPSv3.safetensors" in str(error.value)
 
 

@@ -258,9 +258,14 @@ def test_bad_or_missing_checkpoints_are_one_line(published, tmp_path, monkeypatc
     with pytest.raises(RewardWeightsNotFoundError, match="missing 'text_encoder.encoder.layer.0.output.dense.bias'"):
         get_reward("imagereward", checkpoint=str(tmp_path / "incomplete.pt"), tokenizer=tokenizer,
                    vision_heads=VISION_HEADS, text_heads=TEXT_HEADS)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def not_cached(repo_id, filename, **kwargs):  # the cache-only lookup of an offline machine; no hub is reached
+        raise LocalEntryNotFoundError(f"{repo_id}/{filename} is not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", not_cached)
     with pytest.raises(RewardWeightsNotFoundError) as error:
-        get_reward("imagereward")
+        get_reward("imagereward", tokenizer=tokenizer, vision_heads=VISION_HEADS, text_heads=TEXT_HEADS)
     message = str(error.value)
     assert "\n" not in message and "THUDM/ImageReward/ImageReward.pt" in message and "hf download" in message
