@@ -149,6 +149,7 @@ SHAPES = ["--epochs", "1", "--steps", "3", "--prompts-per-epoch", "2", "--images
 TINY = [*SHAPES, "--kl-coefs", "0", "0.5", "--prdp-betas", "0.01", "0.02"]
 
 
+@pytest.mark.slow  # four arms: ~25 s; test_tradeoff_on_the_flow_model runs the same path by default
 def test_tradeoff_smoke(capsys, tmp_path):
     out = tmp_path / "tradeoff"
     assert main(["bench", "tradeoff", *TINY, "--output-dir", str(out)]) == 0

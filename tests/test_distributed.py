@@ -127,6 +127,7 @@ def test_a_two_process_checkpoint_resumes_on_one_process(ddp_runs, tiny_model_di
     assert relative <= UPDATE_TOLERANCE, relative
 
 
+@pytest.mark.slow  # 2-process kill and resume: ~20 s; the 1-process kill and resume runs by default
 def test_killed_two_process_run_resumes_bit_identically(ddp_runs, tiny_model_dir, tmp_path):
     """`diffalign train --accelerate-config multi_gpu` (2 CPU processes, 2 epochs), SIGKILLed once its epoch-0
     checkpoint exists, then resumed: its epoch-1 checkpoint (weights and optimizer) equals the uninterrupted 2-process

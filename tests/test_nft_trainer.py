@@ -175,6 +175,7 @@ def test_two_epoch_cli_run_writes_a_lora_that_loads_and_changes_images(family, t
 
 
 
+@pytest.mark.slow  # ~20 s; the shared kill-and-resume check runs by default in test_reliability
 def test_killed_and_resumed_run_is_bit_identical(tiny_model_dir, tmp_path):
     """SIGKILL after the first checkpoint, then `--resume`: the old policy comes back from the checkpoint, so the
     LoRA and every logged metric equal a straight run's (the old policy is sampled from and in the loss)."""
