@@ -33,6 +33,7 @@ PRESETS = {
     "digits-ddpo": "ddpo",
     "digits-flow-grpo": "ddpo",
     "digits-flow-prdp": "prdp",
+    "digits-flow-grpo-guard": "ddpo",
     "digits-nft": "nft",
     "digits-flow-nft": "nft",
     "digits-awm": "awm",
