@@ -122,3 +122,49 @@ def test_video_reward_reduction_is_checked_and_hashed_only_when_set(tmp_path, ca
     assert DDPOConfig(model="digits", video_reward_reduction="mean").hash() == default.hash()
     assert DDPOConfig(model="digits", video_reward_reduction="min").hash() != default.hash()
     assert "video_reward_reduction" in default.to_dict()
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny random `CLIPModel` and `CLIPProcessor` saved locally (as tests/test_rewards.py builds them)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from diffalign.testing import tiny_clip_text_kwargs
+    from diffalign.tokenization import offline_clip_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny_clip")
+    vision_config = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                         image_size=224, patch_size=32)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=tiny_clip_text_kwargs(), vision_config=vision_config,
+                         projection_dim=16)).save_pretrained(directory)
+    CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=offline_clip_tokenizer()).save_pretrained(directory)
+    return str(directory)
+
+
+def test_temporal_consistency_is_the_mean_clip_similarity_of_consecutive_frames(tiny_clip_dir):
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
+
+    videos = random_videos(batch=2, frames=3, size=40, seed=7)
+    videos[1, 2] = videos[1, 1]  # the last two frames of video 1 are equal: that pair's similarity is 1
+    reward = get_reward("temporal_consistency", model=tiny_clip_dir, batch_size=4)
+    scores = call_reward(reward, videos, ["a", "b"], name="temporal_consistency")
+    # the formula, on PIL frames through the CLIP processor
+    model, processor = CLIPModel.from_pretrained(tiny_clip_dir).eval(), CLIPProcessor.from_pretrained(tiny_clip_dir)
+    frames = [Image.fromarray((frame.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+              for frame in videos.flatten(0, 1)]
+    with torch.no_grad():
+        pixels = processor(images=frames, return_tensors="pt").pixel_values
+        embeddings = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output).unflatten(0, (2, 3))
+    cos = torch.nn.functional.cosine_similarity
+    expected = torch.stack([(cos(e[0], e[1], dim=0) + cos(e[1], e[2], dim=0)) / 2 for e in embeddings])
+    torch.testing.assert_close(scores, expected, atol=2e-3, rtol=1e-3)
+    assert scores.abs().max() <= 1 and not torch.allclose(scores, torch.ones(2), atol=1e-3)
+    still = videos[:, :1].expand(-1, 3, -1, -1, -1)
+    torch.testing.assert_close(reward(still, ["a", "b"]), torch.ones(2), atol=1e-5, rtol=0)
+    with pytest.raises(RewardError, match="is video-native"):
+        call_reward(reward, videos[:, 0], ["a", "b"], name="temporal_consistency")
+    with pytest.raises(RewardError, match="compares consecutive frames; the videos have 1"):
+        call_reward(reward, videos[:, :1], ["a", "b"], name="temporal_consistency")
