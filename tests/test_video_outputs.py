@@ -49,6 +49,23 @@ def test_a_video_grid_written_to_disk_reads_back_frame_by_frame(tmp_path, monkey
         assert read[0].width % 16 == 0 and read[0].height % 16 == 0  # padded, not rescaled, to macro blocks
 
 
+def test_an_image_to_video_grid_shows_the_condition_image_still_beside_each_video(tmp_path):
+    from diffalign.prompts import ConditionedPrompt, load_condition_tensor
+    from diffalign.trainers.evaluation import with_condition_images
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    videos = moving_videos(count=2)
+    prompts = [ConditionedPrompt("a cat walks", (str(tmp_path / "in.png"),)), "a dog"]
+    tiles, per_sample = with_condition_images(videos, prompts)
+    assert per_sample == 2 and tiles.shape == (4, FRAMES, 3, 32, 32)
+    assert torch.equal(tiles[1], videos[0]) and torch.equal(tiles[3], videos[1])
+    expected = torch.nn.functional.interpolate(load_condition_tensor(str(tmp_path / "in.png"))[None], size=(32, 32),
+                                               mode="bilinear", antialias=True)[0].clamp(0, 1)
+    for f in range(FRAMES):
+        torch.testing.assert_close(tiles[0, f], expected)
+        assert torch.equal(tiles[2, f], torch.ones(3, 32, 32))  # no condition image: blank
+
+
 class MovingPictureFamily:
     """A video model made of the tiny SD pipeline: its decoded image shifted 4 pixels right per frame,
     `[B, F, 3, H, W]`, as the video families' `decode` returns."""
