@@ -122,6 +122,11 @@ def test_a_video_run_scores_each_frame_and_writes_animated_grids(video_run):
         path = find_video(os.path.join(out, name))
         assert path is not None and not os.path.exists(os.path.join(out, f"{name}.png")), name
         assert len(read_video(path)) == FRAMES, name
+    # the model card shows the animated before/after grid
+    before_after = os.path.basename(find_video(os.path.join(out, "grid_before_after")))
+    assert os.path.isfile(os.path.join(out, "final", before_after))
+    with open(os.path.join(out, "final", "README.md")) as f:
+        assert before_after in f.read()
     assert read_video(find_video(os.path.join(out, "grid_before_after")))[0].height > read_video(
         find_video(os.path.join(out, "grid_after")))[0].height  # before over after
 
