@@ -443,10 +443,7 @@ def call_reward(fn, images, prompts, metadata=None, name: Optional[str] = None, 
     if is_video_native(fn) and not video:
         raise RewardError(f"reward '{name}' is video-native: it scores videos [B, F, 3, H, W], not images of shape "
                           f"{list(getattr(images, 'shape', []))}")
-    if video and not is_video_native(fn):
-        if isinstance(fn, RewardMixture):
-            return check_reward_output(name, fn(images, prompts, metadata, group_ids, video_reduction=video_reduction),
-                                       len(images))
+    if video and not is_video_native(fn) and not isinstance(fn, RewardMixture):  # a mixture: each part its own way
         if video_reduction is None:
             raise RewardError(f"reward '{name}' scores images [B, 3, H, W] and was given videos of shape "
                               f"{list(images.shape)} without a frame reduction (video_reward_reduction: "
@@ -455,7 +452,9 @@ def call_reward(fn, images, prompts, metadata=None, name: Optional[str] = None, 
         return reduce_frames(frame_scores(fn, images, prompts, metadata, name=name, group_ids=group_ids),
                              video_reduction)
     try:
-        if is_groupwise(fn):
+        if video and isinstance(fn, RewardMixture):
+            output = fn(images, prompts, metadata, group_ids, video_reduction=video_reduction)
+        elif is_groupwise(fn):
             output = fn(images, prompts, metadata, group_ids_for(prompts, metadata, group_ids, name))
         else:
             output = fn(images, prompts, metadata)
