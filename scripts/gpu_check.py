@@ -16,16 +16,17 @@ Measurements (ids `<model>/<kind>/...`, filtered by `--only`):
 
 - `train/<algorithm>/<quantization>`: one epoch (`trainer.step`) of GRPO (DDPO with group advantages and a 2-step SDE
   window), DiffusionNFT and PRDP on a LoRA, with and without the quantized frozen base (`--quantize`: the first
-  method whose package and GPU are there), the text encoders offloaded (`offload_text_encoders`; the prompts are
-  encoded before the measured epoch); peak GPU memory of the epoch, seconds per sampled image and per trained
-  denoiser row (the rows run with gradients in the epoch; a CFG pair counts twice).
+  method whose package and GPU are there), the memory levers `auto` (`diffalign.memory`; each result records what
+  they resolved to), the prompts encoded before the measured epoch; peak GPU memory of the epoch, seconds per sampled
+  image and per trained denoiser row (the rows run with gradients in the epoch; a CFG pair counts twice).
+  `train/levers-off/grpo`: GRPO with every memory lever off, where the plan's estimate for it fits the card.
 - `rlg`: the family's RLG pipeline, single pass and two passes, against its diffusers pipeline with plain CFG, at
   batch 1 (images per second).
 - `drift`: log-probabilities of one fp32 trajectory recomputed under bf16 and fp16 autocast against fp32.
 
 `--dry-run` writes the plan instead: per model the denoiser's parameter count (asserted against the published size
-in tests/test_gpu_check.py), the other components' counts and a memory **estimate** (weights, LoRA, optimizer,
-activations: arithmetic, not a measurement). Results go to `--output` (JSON) and a markdown table beside it (`.md`),
+in tests/test_gpu_check.py), the other components' counts, a memory **estimate** (weights, LoRA, optimizer,
+activations: arithmetic, not a measurement) and the levers `auto` would choose per card size (`CARD_GIB`) and base. Results go to `--output` (JSON) and a markdown table beside it (`.md`),
 rewritten after every measurement, so a run stopped by the time guard (`--budget-s`) keeps what it measured.
 """
 
@@ -830,7 +831,7 @@ def measure(args) -> dict:
             for method in methods:
                 run.measure(f"{name}/train/{algorithm}/{method}", estimate((name, "train"), 30),
                             lambda a=algorithm, m=method, under_test=model: under_test.train(a, m))
-        levers_off = f"{name}/train/grpo/none/levers-off"
+        levers_off = f"{name}/train/levers-off/grpo"
         fits, why = levers_off_fits(run, spec)
         if not fits and run.selected(levers_off):
             run.results["skipped"].append({"id": levers_off, "why": why})
