@@ -26,7 +26,6 @@ kernels on CUDA), and `compile_denoiser` trades minutes of compilation for speed
 Imports torch only in the functions that read a loaded model (`model_facts`, `accelerator_memory`).
 """
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
@@ -172,14 +171,15 @@ def resolve_memory_levers(requested: Dict[str, object], facts: MemoryFacts) -> d
 
 
 def describe_levers(resolved: dict) -> str:
-    """The one log line of the resolved levers, e.g. `memory levers: offload_text_encoders=on (auto), ...; estimated peak
-    12.3 GiB of a 21.6 GiB budget`."""
+    """The one log line of the resolved levers, e.g. `memory levers: offload_text_encoders=on (auto), ...;
+    estimated peak 12.3 GiB of a 21.6 GiB budget`."""
     automatic = set(resolved.get("auto", ()))
     words = [f"{name}={'on' if resolved[name] else 'off'}{' (auto)' if name in automatic else ''}"
              for name in LEVER_ORDER]
     line = "memory levers: " + ", ".join(words)
     if "estimated_peak_gib" in resolved:
-        line += f"; estimated peak {resolved['estimated_peak_gib']:.1f} GiB of a {resolved['budget_gib']:.1f} GiB budget"
+        line += (f"; estimated peak {resolved['estimated_peak_gib']:.1f} GiB of a {resolved['budget_gib']:.1f} GiB "
+                 f"budget")
         if not resolved["fits"]:
             line += " (over it even with every lever: consider quantize_denoiser, a smaller batch or resolution)"
     elif automatic:
@@ -227,7 +227,8 @@ def denoiser_shape(config: dict, resolution: int, vae_scale_factor: int, text_to
     latent_side = max(1, resolution // max(1, vae_scale_factor))
     if "block_out_channels" in config:
         levels = len(config["block_out_channels"])
-        return latent_side ** 2, int(config["block_out_channels"][0]), 2 * levels * config.get("layers_per_block", 2) + 1
+        blocks = 2 * levels * config.get("layers_per_block", 2) + 1
+        return latent_side ** 2, int(config["block_out_channels"][0]), blocks
     heads, head_dim = config.get("num_attention_heads"), config.get("attention_head_dim")
     width = config.get("hidden_size") or config.get("dim") or (
         heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int) else 3072)

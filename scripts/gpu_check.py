@@ -26,8 +26,9 @@ Measurements (ids `<model>/<kind>/...`, filtered by `--only`):
 
 `--dry-run` writes the plan instead: per model the denoiser's parameter count (asserted against the published size
 in tests/test_gpu_check.py), the other components' counts, a memory **estimate** (weights, LoRA, optimizer,
-activations: arithmetic, not a measurement) and the levers `auto` would choose per card size (`CARD_GIB`) and base. Results go to `--output` (JSON) and a markdown table beside it (`.md`),
-rewritten after every measurement, so a run stopped by the time guard (`--budget-s`) keeps what it measured.
+activations: arithmetic, not a measurement) and the levers `auto` would choose per card size (`CARD_GIB`) and base.
+Results go to `--output` (JSON) and a markdown table beside it (`.md`), rewritten after every measurement, so a run
+stopped by the time guard (`--budget-s`) keeps what it measured.
 """
 
 import argparse
@@ -164,11 +165,11 @@ ALGORITHMS = {
     "nft": ("nft", dict(train_batch_size=2)),
     "prdp": ("prdp", dict(train_num_inner_epochs=1)),  # one pass over the pairs (the preset's K is 10)
 }
-QUANTIZE_CANDIDATES = ("nf4", "fp8", "int8")
+QUANTIZE_CANDIDATES = ("nf4", "fp8", "int8")  # the first one available is measured against no quantization
 # the cards the plan resolves the `auto` memory levers for (GiB of total memory: consumer 16 and 24 GB, 48 GB, H100)
 CARD_GIB = (16, 24, 48, 80)
 # the settings of the row with every memory lever off (measured where the plan's estimate fits the card)
-LEVERS_OFF = dict(offload_text_encoders=False, vae_slicing=False, vae_tiling=False, gradient_checkpointing=False)  # the first one available is measured against no quantization
+LEVERS_OFF = dict(offload_text_encoders=False, vae_slicing=False, vae_tiling=False, gradient_checkpointing=False)
 RLG_SCALE = 1.5
 DRIFT_DTYPES = ("bf16", "fp16")
 

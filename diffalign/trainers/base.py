@@ -213,12 +213,13 @@ class BaseTrainer:
                                                          self.resolution)
         if acc.is_main_process:
             logger.info(describe_levers(levers))
-        encoders = [getattr(self.pipe, n, None) for n in family.text_encoder_names] if levers["offload_text_encoders"] else []
+        offloaded = levers["offload_text_encoders"]
+        encoders = [getattr(self.pipe, n, None) for n in family.text_encoder_names] if offloaded else []
         for frozen in family.frozen_modules():
             # offloaded text encoders wait on the CPU (`ModelFamily.offload_text_encoders`)
             placed = torch.device("cpu") if any(frozen is e for e in encoders) else self.device
             _place(frozen.requires_grad_(False), placed, self.weight_dtype)
-        family.offload_text_encoders = levers["offload_text_encoders"]
+        family.offload_text_encoders = offloaded
         if levers["vae_slicing"]:
             self.pipe.vae.enable_slicing()
         if levers["vae_tiling"]:

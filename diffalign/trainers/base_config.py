@@ -86,7 +86,8 @@ class TrainConfig:
                           "(diffalign.memory; always off on a CPU)."},
     )
     enable_xformers: bool = field(default=False, metadata={"help": "xformers attention (CUDA and the extra only)."})
-    compile_denoiser: bool = field(default=False, metadata={"help": "torch.compile the denoiser (UNet or transformer)."})
+    compile_denoiser: bool = field(default=False,
+                                   metadata={"help": "torch.compile the denoiser (UNet or transformer)."})
     compile_unet: Optional[bool] = field(default=None, metadata={"help": "Deprecated name of compile_denoiser."})
     quantize_denoiser: str = field(
         default="none",
