@@ -16,17 +16,19 @@ Measurements (ids `<model>/<kind>/...`, filtered by `--only`):
 
 - `train/<algorithm>/<quantization>`: one epoch (`trainer.step`) of GRPO (DDPO with group advantages and a 2-step SDE
   window), DiffusionNFT and PRDP on a LoRA, with and without the quantized frozen base (`--quantize`: the first
-  method whose package and GPU are there), the text encoders offloaded (`offload_text_encoders`; the prompts are
-  encoded before the measured epoch); peak GPU memory of the epoch, seconds per sampled image and per trained
-  denoiser row (the rows run with gradients in the epoch; a CFG pair counts twice).
+  method whose package and GPU are there), the memory levers `auto` (`diffalign.memory`; each result records what
+  they resolved to), the prompts encoded before the measured epoch; peak GPU memory of the epoch, seconds per sampled
+  image and per trained denoiser row (the rows run with gradients in the epoch; a CFG pair counts twice).
+  `train/levers-off/grpo`: GRPO with every memory lever off, where the plan's estimate for it fits the card.
 - `rlg`: the family's RLG pipeline, single pass and two passes, against its diffusers pipeline with plain CFG, at
   batch 1 (images per second).
 - `drift`: log-probabilities of one fp32 trajectory recomputed under bf16 and fp16 autocast against fp32.
 
 `--dry-run` writes the plan instead: per model the denoiser's parameter count (asserted against the published size
-in tests/test_gpu_check.py), the other components' counts and a memory **estimate** (weights, LoRA, optimizer,
-activations: arithmetic, not a measurement). Results go to `--output` (JSON) and a markdown table beside it (`.md`),
-rewritten after every measurement, so a run stopped by the time guard (`--budget-s`) keeps what it measured.
+in tests/test_gpu_check.py), the other components' counts, a memory **estimate** (weights, LoRA, optimizer,
+activations: arithmetic, not a measurement) and the levers `auto` would choose per card size (`CARD_GIB`) and base.
+Results go to `--output` (JSON) and a markdown table beside it (`.md`), rewritten after every measurement, so a run
+stopped by the time guard (`--budget-s`) keeps what it measured.
 """
 
 import argparse
@@ -153,7 +155,7 @@ MODELS: Dict[str, dict] = {
 CHECK_SETTINGS = dict(
     prompts=["a photo of a cat", "a red car"], sample_num_prompts_per_epoch=1, sample_images_per_prompt=2,
     sample_batch_size=2, sample_num_steps=6, sample_sde_window_size=2, sample_sde_window_range=[0, 3],
-    sample_guidance_scale=4.5, sample_compute_kl=False, mixed_precision="bf16", gradient_checkpointing=True,
+    sample_guidance_scale=4.5, sample_compute_kl=False, mixed_precision="bf16",  # the memory levers: auto
     lora_rank=32, lora_alpha=64.0, train_micro_batch_size=2, train_learning_rate=1e-4, num_epochs=10**6,
     checkpoint_every=10**6, grid_num_images=1, final_eval_num_images=0, seed=0,
 )
@@ -164,6 +166,10 @@ ALGORITHMS = {
     "prdp": ("prdp", dict(train_num_inner_epochs=1)),  # one pass over the pairs (the preset's K is 10)
 }
 QUANTIZE_CANDIDATES = ("nf4", "fp8", "int8")  # the first one available is measured against no quantization
+# the cards the plan resolves the `auto` memory levers for (GiB of total memory: consumer 16 and 24 GB, 48 GB, H100)
+CARD_GIB = (16, 24, 48, 80)
+# the settings of the row with every memory lever off (measured where the plan's estimate fits the card)
+LEVERS_OFF = dict(offload_text_encoders=False, vae_slicing=False, vae_tiling=False, gradient_checkpointing=False)
 RLG_SCALE = 1.5
 DRIFT_DTYPES = ("bf16", "fp16")
 
@@ -225,15 +231,10 @@ def linear_parameters(module) -> int:
 
 
 def lora_parameters(module, targets: List[str], rank: int) -> int:
-    """Parameters of a rank-`rank` LoRA on the linear layers peft matches with `targets` (a name equal to a target or
-    ending with `.target`)."""
-    import torch
+    """Parameters of a rank-`rank` LoRA on the linear layers peft matches with `targets` (`diffalign.memory`)."""
+    from diffalign.memory import lora_parameter_count
 
-    total = 0
-    for name, sub in module.named_modules():
-        if isinstance(sub, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
-            total += rank * (sub.in_features + sub.out_features)
-    return total
+    return lora_parameter_count(module, targets, rank)
 
 
 def materialize(module, device, dtype, seed: int = 0):
@@ -349,6 +350,50 @@ def memory_estimate(spec: dict, counts: dict, denoiser, denoiser_name: str, targ
     return estimate
 
 
+def plan_facts(spec: dict, family, counts: dict, denoiser, card_gib: float, quantize: str = "none",
+               dtype_bytes: int = 2, settings: Optional[dict] = None):
+    """The `diffalign.memory.MemoryFacts` of the check's LoRA run (`settings`: `CHECK_SETTINGS`) of a model on a
+    CUDA card of `card_gib` GiB, the denoiser's base stored as `quantize`: what a trainer would resolve there."""
+    from diffalign.memory import QUANTIZED_BYTES, MemoryFacts, denoiser_shape
+
+    settings = settings or CHECK_SETTINGS
+    name = family.denoiser_name
+    resolution = spec["resolution"]
+    tokens, width, blocks = denoiser_shape(dict(spec["components"][name][3]), resolution, 8,
+                                           spec.get("max_sequence_length", 0))
+    cfg = 1 if family.guidance_kind == "embedded" else 2  # FLUX.1-dev: embedded guidance, no CFG pair
+    return MemoryFacts(
+        device_type="cuda", total_memory=int(card_gib * GIB),
+        denoiser_params=counts[name], denoiser_bytes=QUANTIZED_BYTES.get(quantize, dtype_bytes),
+        text_encoder_params=sum(v for k, v in counts.items() if k.startswith("text_encoder")),
+        text_encoder_bytes=dtype_bytes, vae_params=counts.get("vae", 0), vae_bytes=dtype_bytes,
+        trained_params=lora_parameters(denoiser, list(family.default_lora_target_modules), settings["lora_rank"]),
+        activation_bytes=dtype_bytes, tokens=tokens, hidden_size=width, num_blocks=blocks, resolution=resolution,
+        sample_batch_size=settings["sample_batch_size"], sample_rows=settings["sample_batch_size"] * cfg,
+        train_rows=settings["train_micro_batch_size"] * cfg)
+
+
+def planned_levers(spec: dict, family, counts: dict, denoiser, dtype_bytes: int = 2) -> dict:
+    """What `auto` resolves to for the check's run of a model, per card size (`CARD_GIB`) and base (bf16, NF4),
+    and the estimate with every lever off: `{"<card>GiB": {"none" | "nf4": {lever: bool, ..., estimated_peak_gib,
+    fits}}, "levers_off_peak_gib": {"none" | "nf4": GiB}}` (estimates, not measurements)."""
+    from diffalign.memory import LEVER_ORDER, estimate_peak, resolve_memory_levers
+
+    levers = {}
+    for card in CARD_GIB:
+        levers[f"{card}GiB"] = {}
+        for quantize in ("none", "nf4"):
+            resolved = resolve_memory_levers({}, plan_facts(spec, family, counts, denoiser, card, quantize,
+                                                            dtype_bytes))
+            resolved.pop("auto")
+            levers[f"{card}GiB"][quantize] = resolved
+    levers["levers_off_peak_gib"] = {
+        quantize: round(estimate_peak(plan_facts(spec, family, counts, denoiser, CARD_GIB[0], quantize, dtype_bytes),
+                                      dict.fromkeys(LEVER_ORDER, False))["total"] / GIB, 2)
+        for quantize in ("none", "nf4")}
+    return levers
+
+
 def plan_entry(name: str, spec: dict, dtype_bytes: int = 2) -> dict:
     """One model of the plan: the denoiser's parameters against the published size, the other components' counts
     and the memory estimate; built on the meta device (no weights)."""
@@ -374,6 +419,7 @@ def plan_entry(name: str, spec: dict, dtype_bytes: int = 2) -> dict:
         "memory_estimate_gib": memory_estimate(
             spec, counts, denoiser, family.denoiser_name, list(family.default_lora_target_modules), dtype_bytes,
             CHECK_SETTINGS["lora_rank"], CHECK_SETTINGS["train_micro_batch_size"]),
+        "auto_memory_levers": planned_levers(spec, family, counts, denoiser, dtype_bytes),
     }
     return entry
 
@@ -526,9 +572,9 @@ class ModelUnderTest:
         return multiple * math.ceil(32 / multiple)
 
     # ------------------------------------------------------------------------------------------- training
-    def train(self, algorithm: str, quantize: str) -> dict:
+    def train(self, algorithm: str, quantize: str, levers: Optional[dict] = None) -> dict:
         """One measured epoch (after `--epochs - 1` more) of `algorithm` on a LoRA, the base quantized with
-        `quantize` (`none`: the run's dtype)."""
+        `quantize` (`none`: the run's dtype), the memory levers `auto` unless `levers` sets them."""
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
 
@@ -540,13 +586,13 @@ class ModelUnderTest:
         name, overrides = ALGORITHMS[algorithm]
         pipe = self.pipeline()
         values = {**CHECK_SETTINGS, **overrides, "model": "unused", "mixed_precision": run.mixed_precision,
-                  "quantize_denoiser": quantize, "sample_resolution": self.side(pipe), "offload_text_encoders": True}
+                  "quantize_denoiser": quantize, "sample_resolution": self.side(pipe), **(levers or {})}
         if self.spec.get("max_sequence_length"):
             values["sample_max_sequence_length"] = self.spec["max_sequence_length"]
         if self.family.guidance_kind == "embedded":
             values["sample_guidance_scale"] = 1.0  # FLUX.1-dev: its embedded guidance, no true CFG
         if run.tiny:
-            values.update(gradient_checkpointing=False, sample_num_steps=3, sample_sde_window_range=[0, 2])
+            values.update(sample_num_steps=3, sample_sde_window_range=[0, 2])
         meter = PeakMemory(run.device)
         with tempfile.TemporaryDirectory() as output_dir:
             config = load_config(name, None, {**values, "output_dir": output_dir})
@@ -556,8 +602,8 @@ class ModelUnderTest:
             trainer = trainer_class(name)(config, pipeline=pipe, reward_fn=brightness, accelerator=accelerator)
             rows = RowCounter(trainer.family.denoiser)
             try:
-                # the prompts are encoded before the measured epoch (a run encodes each prompt once, the text
-                # encoders visiting the GPU): the peak is an epoch's with the text encoders offloaded
+                # the prompts are encoded before the measured epoch (a run encodes each prompt once; offloaded text
+                # encoders visit the GPU for it): the peak is an epoch's
                 trainer.family.encode_prompts(list(config.prompts) + [""])
                 meter.reset()
                 epochs = []
@@ -574,7 +620,8 @@ class ModelUnderTest:
                     "images": images, "trained_rows": rows.count,
                     "s_per_image_sampled": round(last["time_sample"] / images, 4),
                     "s_per_trained_row": round(last["time_train"] / max(rows.count, 1), 4),
-                    "s_epoch": round(last["time_epoch"], 3), "offload_text_encoders": True,
+                    "s_epoch": round(last["time_epoch"], 3),
+                    "memory_levers": {k: v for k, v in trainer.memory_levers.items() if k != "auto"},
                     "peak_gib": round(meter.peak() / GIB, 3), "peak_kind": meter.kind,
                     "loss_finite": bool(math.isfinite(last.get("loss", float("nan")))),
                     "lora_params": sum(p.numel() for p in trainer.trainable_params),
@@ -714,6 +761,23 @@ def brightness(images, prompts, metadata=None):
     return images.float().mean(dim=(1, 2, 3)).cpu()
 
 
+def levers_off_fits(run: Run, spec: dict):
+    """`(whether the row with every memory lever off is measured, why not)`: on a GPU, where the plan's estimate
+    with every lever off is within 90% of the card (it would run out of memory otherwise); always on a CPU."""
+    if run.device.type != "cuda":
+        return True, ""
+    import torch
+
+    from diffalign.memory import BUDGET_FRACTION
+
+    entry = plan_entry("levers-off", spec)
+    card = torch.cuda.get_device_properties(run.device).total_memory
+    needed = entry["auto_memory_levers"]["levers_off_peak_gib"]["none"]
+    if needed * GIB > BUDGET_FRACTION * card:
+        return False, f"estimated {needed:.1f} GiB with every memory lever off > {BUDGET_FRACTION:.0%} of the card"
+    return True, ""
+
+
 def quantize_method(run: Run, requested: List[str]) -> Optional[str]:
     """The first of `requested` whose package and device are there (None: none is)."""
     from diffalign.errors import ConfigError
@@ -768,6 +832,13 @@ def measure(args) -> dict:
             for method in methods:
                 run.measure(f"{name}/train/{algorithm}/{method}", estimate((name, "train"), 30),
                             lambda a=algorithm, m=method, under_test=model: under_test.train(a, m))
+        levers_off = f"{name}/train/levers-off/grpo"
+        fits, why = levers_off_fits(run, spec)
+        if not fits and run.selected(levers_off):
+            run.results["skipped"].append({"id": levers_off, "why": why})
+        elif fits:
+            run.measure(levers_off, estimate((name, "train"), 30),
+                        lambda under_test=model: under_test.train("grpo", "none", LEVERS_OFF))
         run.measure(f"{name}/rlg", estimate((name, "rlg"), 20), model.rlg)
         run.measure(f"{name}/drift", estimate((name, "drift"), 20), model.drift)
         del model
@@ -793,8 +864,21 @@ def markdown(results: dict) -> str:
             lines.append(f"| {e['model']} | {e['denoiser_class']} | {e['denoiser_params'] / 1e9:.3f}B / "
                          f"{e['denoiser_stored_values'] / 1e9:.3f}B ({e['published_denoiser_params'] / 1e9:.2f}B) | {others} | {m['total']:.1f} / "
                          f"{m['total_text_encoders_offloaded']:.1f} / {m['total_nf4_text_encoders_offloaded']:.1f} |")
+        lines += ["", "What `auto` turns on for the check's LoRA run (diffalign.memory; S vae_slicing, O "
+                  "offload_text_encoders, C gradient_checkpointing, T vae_tiling; - none) and the estimated peak GiB:",
+                  "", "| model | base | every lever off | " + " | ".join(f"{c} GiB card" for c in CARD_GIB) + " |",
+                  "|---|---|---|" + "---|" * len(CARD_GIB)]
+        for e in results["plan"]:
+            if "skipped" in e:
+                continue
+            levers = e["auto_memory_levers"]
+            for quantize in ("none", "nf4"):
+                cells = [lever_cell(levers[f"{c}GiB"][quantize]) for c in CARD_GIB]
+                lines.append(f"| {e['model']} | {'bf16' if quantize == 'none' else 'NF4'} | "
+                             f"{levers['levers_off_peak_gib'][quantize]:.1f} | " + " | ".join(cells) + " |")
         lines.append("")
-        lines.append("Memory figures are estimates (arithmetic from parameter counts), not measurements.")
+        lines.append("Memory figures are estimates (arithmetic from parameter counts), not measurements; \"over\": "
+                     "above 90% of the card even with every lever on.")
         return "\n".join(lines) + "\n"
     gpu = results.get("machine", {}).get("gpu", results.get("machine", {}).get("device"))
     lines.append(f"Device: {gpu}; torch {results.get('machine', {}).get('torch')}")
@@ -822,6 +906,16 @@ def markdown(results: dict) -> str:
     if results.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{s['id']} ({s['why']})" for s in results["skipped"])]
     return "\n".join(lines) + "\n"
+
+
+LEVER_LETTERS = {"vae_slicing": "S", "offload_text_encoders": "O", "gradient_checkpointing": "C", "vae_tiling": "T"}
+
+
+def lever_cell(resolved: dict) -> str:
+    """A plan table cell: the letters of the levers `auto` turned on and the estimated peak (GiB), `over` when it
+    does not fit."""
+    letters = "".join(letter for name, letter in LEVER_LETTERS.items() if resolved[name]) or "-"
+    return f"{letters} {resolved['estimated_peak_gib']:.1f}{'' if resolved['fits'] else ' over'}"
 
 
 def write_results(path: str, results: dict):

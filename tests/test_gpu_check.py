@@ -15,6 +15,7 @@ SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 # The published sizes of the denoisers (model cards and their safetensors files), written here independently of the
 # script's own table: SD1.5 UNet 859.5M, SDXL UNet 2.567B, SD3.5 Medium MMDiT-X 2.47B stored values (the model card's
 # "2.5B": parameters plus the 226M-value position table kept as a buffer), FLUX.1-dev transformer 11.9B ("12B").
+LEVERS = ("offload_text_encoders", "vae_slicing", "gradient_checkpointing", "vae_tiling")
 PUBLISHED = {"sd15": 859.5e6, "sdxl": 2.567e9, "sd35m": 2.47e9, "flux1dev": 11.90e9}
 # The text encoders: CLIP ViT-L/14 123M, OpenCLIP bigG 695M (with projection), T5-XXL encoder 4.76B.
 TEXT_ENCODERS = {"sd15": [123e6], "sdxl": [123e6, 695e6], "sd35m": [124e6, 695e6, 4.76e9], "flux1dev": [123e6, 4.76e9]}
@@ -79,6 +80,24 @@ def test_dry_run_memory_estimate_adds_up_and_says_it_is_one(plan):
     assert "estimates" in plan["markdown"] and "| flux1dev |" in plan["markdown"]
 
 
+def test_dry_run_resolves_the_auto_levers_per_card(plan):
+    """The issue's targets as the plan's estimates put them: SD3.5-M LoRA on a 16 GB card with the defaults (its
+    T5 offloaded), FLUX.1-dev LoRA on a 24 GB card with an NF4 base (not with a bf16 one); nothing for SD1.5."""
+    entries = {e["model"]: e["auto_memory_levers"] for e in plan["plan"] if "skipped" not in e}
+
+    def on(resolved):
+        return {name for name in LEVERS if resolved[name]}
+
+    sd35m, flux = entries["sd35m"], entries["flux1dev"]
+    assert sd35m["16GiB"]["none"]["fits"] and on(sd35m["16GiB"]["none"]) == {"offload_text_encoders"}
+    assert sd35m["16GiB"]["none"]["estimated_peak_gib"] < 16 < sd35m["levers_off_peak_gib"]["none"]
+    assert flux["24GiB"]["nf4"]["fits"] and flux["24GiB"]["nf4"]["estimated_peak_gib"] < 24
+    assert not flux["24GiB"]["none"]["fits"] and on(flux["24GiB"]["none"]) == set(LEVERS)
+    assert on(flux["80GiB"]["none"]) == {"gradient_checkpointing"}
+    assert all(not on(entries["sd15"][f"{card}GiB"][base]) for card in (16, 24, 48, 80) for base in ("none", "nf4"))
+    assert "| sd35m | bf16 | 22.6 | O 12.2 |" in plan["markdown"]
+
+
 def test_tiny_run_measures_every_kind_through_the_real_trainers(gpu_check, tmp_path):
     output = str(tmp_path / "tiny.json")
     code = gpu_check.main(["--tiny", "--models", "sd15,sd35m", "--only", "sd35m/train/grpo,sd35m/rlg,sd35m/drift,"
@@ -94,6 +113,7 @@ def test_tiny_run_measures_every_kind_through_the_real_trainers(gpu_check, tmp_p
         record = records[name]
         assert record["loss_finite"] and record["peak_gib"] > 0 and record["lora_params"] > 0
         assert record["s_per_image_sampled"] > 0 and record["s_per_trained_row"] > 0
+        assert record["memory_levers"] == dict.fromkeys(LEVERS, False)  # `auto` on a CPU
     # GRPO's 2-step SDE window, 2 images, CFG pairs: 2 x 2 x 2 denoiser rows with gradients
     assert records["sd35m/train/grpo/none"]["trained_rows"] == 8
     rlg = records["sd35m/rlg"]
@@ -155,13 +175,14 @@ def test_real_mode_builds_materialises_and_trains_small_configurations(gpu_check
     assert all(0 < float(p.float().std()) for p in weights)  # random values, not empty memory
     assert built["tokenizer_3"].model_max_length == 16
     output = str(tmp_path / "small.json")
-    assert gpu_check.main(["--device", "cpu", "--only", "train/grpo,train/nft/none,drift", "--budget-s", "3000",
-                           "--quantize", "int8", "--output", output]) == 0
+    assert gpu_check.main(["--device", "cpu", "--only", "train/grpo,train/nft/none,drift,levers-off",
+                           "--budget-s", "3000", "--quantize", "int8", "--output", output]) == 0
     with open(output) as f:
         results = json.load(f)
     records = {r["id"]: r for r in results["measurements"]}
     assert set(records) == {"small_sd3/train/grpo/none", "small_sd3/train/grpo/int8", "small_sd3/train/nft/none",
-                            "small_sd3/drift"}, records
+                            "small_sd3/train/levers-off/grpo", "small_sd3/drift"}, records
+    assert records["small_sd3/train/levers-off/grpo"]["memory_levers"] == dict.fromkeys(LEVERS, False)
     assert all("error" not in record for record in records.values()), records
     assert records["small_sd3/train/grpo/int8"]["loss_finite"] and results["machine"]["device"] == "cpu"
     assert results["settings"]["check"]["mixed_precision"] == "bf16"

@@ -27,6 +27,7 @@ from ..runlog import append_metrics, prepare_output_dir, read_metrics, release_r
 from ..utils.redaction import redact, reveal
 from ..families import load_family
 from ..kernels import sde_window_mask
+from ..memory import describe_levers, resolve_run_levers
 from ..plotting import plot_metrics
 from ..ema import ParameterEMA
 from ..prompts import PromptDifficulty, PromptError, check_condition_prompts, heldout_prompt_source, prompt_source
@@ -207,15 +208,21 @@ class BaseTrainer:
     # ------------------------------------------------------------------ setup
     def _setup_models(self):
         config, acc, family = self.config, self.accelerator, self.family
-        encoders = [getattr(self.pipe, n, None) for n in family.text_encoder_names] if config.offload_text_encoders else []
+        # the memory levers, `auto` resolved from the loaded model and the device (`diffalign.memory`)
+        self.memory_levers = levers = resolve_run_levers(config, family, self.device, self.weight_dtype,
+                                                         self.resolution)
+        if acc.is_main_process:
+            logger.info(describe_levers(levers))
+        offloaded = levers["offload_text_encoders"]
+        encoders = [getattr(self.pipe, n, None) for n in family.text_encoder_names] if offloaded else []
         for frozen in family.frozen_modules():
             # offloaded text encoders wait on the CPU (`ModelFamily.offload_text_encoders`)
             placed = torch.device("cpu") if any(frozen is e for e in encoders) else self.device
             _place(frozen.requires_grad_(False), placed, self.weight_dtype)
-        family.offload_text_encoders = bool(config.offload_text_encoders)
-        if config.vae_slicing:
+        family.offload_text_encoders = offloaded
+        if levers["vae_slicing"]:
             self.pipe.vae.enable_slicing()
-        if config.vae_tiling:
+        if levers["vae_tiling"]:
             self.pipe.vae.enable_tiling()
         denoiser = family.denoiser
         ref_denoiser = None
@@ -227,7 +234,7 @@ class BaseTrainer:
         else:
             ref_denoiser = _place(copy.deepcopy(denoiser).requires_grad_(False), self.device, self.weight_dtype).eval()
             _place(denoiser.requires_grad_(True), self.device, torch.float32)
-        if config.gradient_checkpointing:
+        if levers["gradient_checkpointing"]:
             denoiser.enable_gradient_checkpointing()
         if config.enable_xformers and torch.cuda.is_available():
             denoiser.enable_xformers_memory_efficient_attention()
@@ -253,7 +260,7 @@ class BaseTrainer:
         self.ref_denoiser = self._prepare_reference(ref_denoiser) if ref_denoiser is not None else None
         self.trainable_params = [p for p in self.prepared.parameters() if p.requires_grad]
         self.sharded = is_sharded(acc, self.prepared)
-        self.denoiser = torch.compile(self.prepared) if config.compile_unet else self.prepared
+        self.denoiser = torch.compile(self.prepared) if config.compile_denoiser else self.prepared
         self.ema = None
         if config.ema_decay:
             if self.sharded:  # each process would average only its shard, and checkpoints need the full average
@@ -710,7 +717,9 @@ class BaseTrainer:
                 atomic_save_dir(lambda tmp: module.save_pretrained(
                     os.path.join(tmp, self.family.denoiser_name), safe_serialization=True), final)
         with open(os.path.join(self.config.output_dir, "config.json"), "w") as f:
-            json.dump(redact(self.config.to_dict()), f, indent=1, default=str)  # secrets never reach a file
+            # secrets never reach a file; the levers as resolved beside the settings (`auto` says how they were set)
+            json.dump({**redact(self.config.to_dict()), "resolved_memory_levers": self.memory_levers}, f, indent=1,
+                      default=str)
 
     # ------------------------------------------------------- checkpoint/resume
     def trainable_names(self) -> List[str]:

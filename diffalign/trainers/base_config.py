@@ -8,6 +8,7 @@ Imports neither torch nor diffusers: the CLI parses and checks a config before a
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
@@ -41,7 +42,13 @@ HASHED_WHEN_SET = frozenset({"prompt_dataset", "prompt_dataset_split", "prompt_c
                              "video_reward_reduction"})
 # Memory and speed levers that leave what is trained as it is (not hashed: a run may resume with other ones).
 MEMORY_KEYS = frozenset({"offload_text_encoders", "vae_slicing", "vae_tiling", "attention_backend",
-                         "reward_async"})
+                         "reward_async", "gradient_checkpointing"})
+# Values older checkpoints hashed for keys that no longer define a run (`gradient_checkpointing`: the same gradients)
+# or were renamed (`compile_unet`, now `compile_denoiser`): `TrainConfig.hash` keeps them so those checkpoints resume.
+LEGACY_HASHED = {"gradient_checkpointing": (False, True)}
+RENAMED_KEYS = {"compile_unet": "compile_denoiser"}
+# The levers whose default `auto` is resolved once the model is loaded (`diffalign.memory`).
+AUTO_LEVERS = ("offload_text_encoders", "vae_slicing", "vae_tiling", "gradient_checkpointing")
 
 # The names of `video_reward_reduction` (`diffalign.rewards.VIDEO_REDUCTIONS` holds their functions; this module
 # imports no torch).
@@ -76,9 +83,16 @@ class TrainConfig:
     num_epochs: int = field(default=100, metadata={"help": "Epochs: one epoch samples, scores, then updates."})
     mixed_precision: str = field(default="no", metadata={"help": "`no`, `fp16` or `bf16` (accelerate)."})
     allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for UNet activation memory."})
+    gradient_checkpointing: Union[bool, str] = field(
+        default="auto",
+        metadata={"help": "Recompute the denoiser's activations in the backward (less memory, ~30% more training "
+                          "time, the same gradients); `auto`: on where the run's memory estimate needs it "
+                          "(diffalign.memory; always off on a CPU)."},
+    )
     enable_xformers: bool = field(default=False, metadata={"help": "xformers attention (CUDA and the extra only)."})
-    compile_unet: bool = field(default=False, metadata={"help": "torch.compile the UNet."})
+    compile_denoiser: bool = field(default=False,
+                                   metadata={"help": "torch.compile the denoiser (UNet or transformer)."})
+    compile_unet: Optional[bool] = field(default=None, metadata={"help": "Deprecated name of compile_denoiser."})
     quantize_denoiser: str = field(
         default="none",
         metadata={"help": "Quantized frozen base under the LoRA (QLoRA-style), through diffusers' quantization "
@@ -91,14 +105,20 @@ class TrainConfig:
         default="none",
         metadata={"help": "Quantize the frozen text encoders likewise (`none`, `int8`, `fp8`, `nf4`, `bnb_int8`)."},
     )
-    offload_text_encoders: bool = field(
-        default=False,
+    offload_text_encoders: Union[bool, str] = field(
+        default="auto",
         metadata={"help": "Keep the text encoders on the CPU and bring them to the accelerator only to encode prompts "
                           "not yet cached (each prompt is encoded once per run): frees their memory (T5-XXL: 9 GiB "
-                          "in bf16) during sampling and training."},
+                          "in bf16) during sampling and training. `auto`: on where the run's memory estimate needs "
+                          "it (diffalign.memory; always off on a CPU)."},
     )
-    vae_slicing: bool = field(default=False, metadata={"help": "Decode one image at a time (VAE memory)."})
-    vae_tiling: bool = field(default=False, metadata={"help": "Decode in overlapping tiles (VAE memory at large sizes)."})
+    vae_slicing: Union[bool, str] = field(
+        default="auto", metadata={"help": "Decode one image at a time (VAE memory); `auto` as offload_text_encoders."})
+    vae_tiling: Union[bool, str] = field(
+        default="auto",
+        metadata={"help": "Decode in overlapping tiles (VAE memory at large sizes; the images change slightly at the "
+                          "seams); `auto`: on only where nothing else fits the estimate."},
+    )
     attention_backend: Optional[str] = field(
         default=None,
         metadata={"help": "diffusers attention backend of the denoiser (`set_attention_backend`): `native` (SDPA), "
@@ -312,6 +332,11 @@ class TrainConfig:
     def __post_init__(self):
         if self.output_dir is None:
             self.output_dir = default_output_dir(self.algorithm)
+        if self.compile_unet is not None:  # the deprecated name: its value goes to compile_denoiser
+            if self.compile_denoiser and not self.compile_unet:
+                raise ConfigError("compile_unet is false but compile_denoiser is true: give compile_denoiser alone")
+            logging.getLogger("diffalign").warning("compile_unet is deprecated: use compile_denoiser (same meaning)")
+            self.compile_denoiser, self.compile_unet = bool(self.compile_unet), None
 
     @classmethod
     def fit_to_shapes(cls, values: dict) -> dict:
@@ -412,7 +437,11 @@ class TrainConfig:
 
         for key in ("quantize_denoiser", "quantize_text_encoders"):
             check_quantization_method(key, getattr(self, key))
-        if self.offload_text_encoders and self.quantize_text_encoders in ("nf4", "bnb_int8"):
+        from ..memory import check_lever
+
+        for name in AUTO_LEVERS:
+            check_lever(name, getattr(self, name))
+        if self.offload_text_encoders is True and self.quantize_text_encoders in ("nf4", "bnb_int8"):
             raise ConfigError(f"offload_text_encoders moves the text encoders between the CPU and the GPU, which "
                               f"bitsandbytes weights ({self.quantize_text_encoders}) cannot do: use int8/fp8 or keep "
                               f"them resident")
@@ -507,6 +536,15 @@ class TrainConfig:
             resolved = self._resolved_model = (self.model, resolve_model_path(self.model))
         return resolved[1]
 
+    def accepted_hashes(self) -> tuple:
+        """The hashes a checkpoint of this run may carry: `hash()` first, then the model as written, then each
+        `LEGACY_HASHED` value older checkpoints were written with."""
+        hashes = [self.hash(), self.hash(resolve_model=False)]
+        for key, values in LEGACY_HASHED.items():
+            for value in values[1:]:
+                hashes += [self.hash(legacy={key: value}), self.hash(resolve_model=False, legacy={key: value})]
+        return tuple(dict.fromkeys(hashes))
+
     def family_kwargs(self) -> Dict[str, Any]:
         """The run's settings of the model family, as `ModelFamily.configure` takes them."""
         return {"max_sequence_length": self.sample_max_sequence_length,
@@ -517,20 +555,25 @@ class TrainConfig:
         takes its own: DDIM's `eta`, the flow SDE's `noise_level`)."""
         return {"eta": self.sample_eta, "noise_level": self.sample_noise_level}
 
-    def hash(self, resolve_model: bool = True) -> str:
+    def hash(self, resolve_model: bool = True, legacy: Optional[Dict[str, Any]] = None) -> str:
         """A short hash of the settings that define the run (resuming with different ones is refused).
 
         A local model directory counts by its real path, so the same model given by a symlink or a relative path is
-        the same run (`resolve_model=False`: as written, the hash of checkpoints from before)."""
+        the same run (`resolve_model=False`: as written, the hash of checkpoints from before). `legacy`: values of
+        `LEGACY_HASHED` keys other than the first (the hash older checkpoints wrote with them)."""
         ignored = {"resume_from", "num_threads", "num_epochs", "checkpoint_every", "checkpoints_total_limit", "log_every", "output_dir"}
         ignored |= LOGGING_KEYS  # where a run reports to does not define it (and keeps older checkpoints' hashes)
         ignored |= HELDOUT_KEYS
-        ignored |= MEMORY_KEYS
+        ignored |= MEMORY_KEYS | set(RENAMED_KEYS)
         defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in HASHED_WHEN_SET}
         ignored |= {k for k, default in defaults.items() if getattr(self, k) == default}
         if not self.ema_decay:
             ignored.add("ema_update_every")  # meaningless without EMA
         items = {k: v for k, v in self.to_dict().items() if k not in ignored}
+        for old, new in RENAMED_KEYS.items():  # hashed under the name older checkpoints knew
+            items[old] = items.pop(new)
+        items.update({k: values[0] for k, values in LEGACY_HASHED.items()})
+        items.update(legacy or {})
         from ..utils.hub_utils import BUNDLED_MODELS  # torch: hash() runs where the models do
 
         model = items.get("model")

@@ -117,7 +117,7 @@ class Checkpointer:
 
         names = ["model", "optimizer", "scheduler", "rng", "trainer"] + (["ema"] if ema else [])
         checkpoint, manifest, states = load_resumable(
-            path, names, config_hash=(self.config.hash(), self.config.hash(resolve_model=False)), check=check,
+            path, names, config_hash=self.config.accepted_hashes(), check=check,
             finite=["model", "optimizer", "scheduler"] + (["ema"] if ema else []),
         )
         with self.applying(checkpoint):
