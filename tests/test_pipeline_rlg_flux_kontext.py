@@ -115,3 +115,20 @@ def test_rlg_needs_an_aligned_model(components, image):
         _edit(rlg, image, rlg_scale=0.5)
     with pytest.raises(ValueError, match="does not support IP-Adapter"):
         _edit(rlg, image, ip_adapter_image=image)
+
+
+def test_a_kontext_folder_loads_it_as_a_community_pipeline(components, lora_components, image, tmp_path):
+    import os
+
+    from diffusers import DiffusionPipeline
+
+    _make(FluxKontextPipeline, components).save_pretrained(str(tmp_path / "kontext"), safe_serialization=True)
+    path = os.path.join(os.path.dirname(__file__), "..", "pipelines", "pipeline_flux_kontext_rlg.py")
+    custom = DiffusionPipeline.from_pretrained(str(tmp_path / "kontext"), custom_pipeline=os.path.abspath(path),
+                                               trust_remote_code=True)
+    custom.set_progress_bar_config(disable=True)
+    assert type(custom).__name__ == "FluxKontextRLGPipeline" and custom.aligned_transformer is None
+    custom.register_modules(aligned_transformer=lora_components["transformer"])  # a fine-tune as the aligned model
+    expected = _edit(_make(FluxKontextRLGPipeline, components, aligned_transformer=lora_components["transformer"]),
+                     image, rlg_scale=1.5)
+    torch.testing.assert_close(_edit(custom, image, rlg_scale=1.5), expected, atol=1e-6, rtol=0)
