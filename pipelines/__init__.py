@@ -16,8 +16,8 @@ _PIPELINES = {
 }
 
 __all__ = [
-    "FluxKontextRLGPipeline", "FluxRLGPipeline", "SanaRLGPipeline", "StableDiffusion3RLGPipeline", "StableDiffusionRLGPipeline",
-    "StableDiffusionXLRLGPipeline",
+    "FluxKontextRLGPipeline", "FluxRLGPipeline", "SanaRLGPipeline", "StableDiffusion3RLGPipeline",
+    "StableDiffusionRLGPipeline", "StableDiffusionXLRLGPipeline",
 ]
 
 if TYPE_CHECKING:

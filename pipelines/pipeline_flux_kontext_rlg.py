@@ -1,6 +1,7 @@
 # Reinforcement Learning Guidance (RLG) for FLUX.1 Kontext (image editing with guidance-distilled flow matching): the
 # alignment strength of a reward-fine-tuned editing model becomes a dial at inference. Jin et al., "Inference-time
-# Alignment Control for Diffusion Models with Reinforcement Learning Guidance" (https://huggingface.co/papers/2508.21016).
+# Alignment Control for Diffusion Models with Reinforcement Learning Guidance"
+# (https://huggingface.co/papers/2508.21016).
 #
 # Self-contained diffusers pipeline (imports only torch, numpy, diffusers, transformers; peft lazily, for LoRA). It can
 # be imported as `diffalign.pipelines.FluxKontextRLGPipeline` or loaded as a community pipeline:
@@ -9,12 +10,13 @@
 # preparation, checks and LoRA loading are FluxKontextPipeline's own) and replaces `__call__`. diffusers' modular
 # Kontext blocks take no guider (FLUX.1's guidance is embedded), so RLG runs in this pipeline. The RLG machinery is
 # `pipeline_flux_rlg.py`'s (copied, so that each file stands alone): the condition image's tokens follow the noisy
-# latents in every model's input, as in FluxKontextPipeline, and each model's output is cut back to the latents' tokens.
-# Each model has its own guidance inside (the embedded `guidance_scale`, and true CFG when `true_cfg_scale > 1` with a
-# negative prompt); then `v = v_base + w (v_aligned - v_base)`.
+# latents in every model's input, as in FluxKontextPipeline, and each model's output is cut back to the latents'
+# tokens. Each model has its own guidance inside (the embedded `guidance_scale`, and true CFG when `true_cfg_scale > 1`
+# with a negative prompt); then `v = v_base + w (v_aligned - v_base)`.
 #
-# Licensed under the Apache License, Version 2.0. Code marked "Copied from diffusers" is the HuggingFace Team's
-# (Copyright 2025 Black Forest Labs and The HuggingFace Team, Apache-2.0), copied from diffusers 0.42.1.
+# Licensed under the Apache License, Version 2.0. The parts of `__call__` that are FluxKontextPipeline's (sizes,
+# condition-image preprocessing, timesteps, decoding) are the HuggingFace Team's (Copyright 2025 Black Forest Labs and
+# The HuggingFace Team, Apache-2.0), copied from diffusers 0.42.1.
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
