@@ -41,7 +41,14 @@ def _sha256(path: str) -> str:
 
 
 def split_state(state: Any, tensors: Dict[str, torch.Tensor], prefix: str = "") -> Any:
-    """Moves every tensor of a nested dict/list into `tensors` (keyed by its path) and returns a JSON skeleton."""
+    """Moves every tensor of a nested dict/list into `tensors` (keyed by its path) and returns a JSON skeleton.
+
+    A prompt with condition images (`diffalign.prompts.ConditionedPrompt`, as a key or a value: DDPO's per-prompt
+    statistics, the prompt-difficulty buffers, replayed trajectories) keeps its images: JSON would write its text
+    alone, and the resumed run would start a fresh entry for it."""
+    images = getattr(state, "condition_images", None) if isinstance(state, str) else None
+    if images:
+        return {"__prompt__": str(state), "condition_images": list(images)}
     if isinstance(state, torch.Tensor):
         tensors[prefix] = state.detach().cpu().contiguous()
         return {"__tensor__": prefix}
@@ -69,6 +76,10 @@ def join_state(skeleton: Any, tensors: Dict[str, torch.Tensor]) -> Any:
             return tuple(join_state(v, tensors) for v in skeleton["__tuple__"])
         if "__nan__" in skeleton:
             return float("nan")
+        if "__prompt__" in skeleton:
+            from .prompts import ConditionedPrompt
+
+            return ConditionedPrompt(skeleton["__prompt__"], tuple(skeleton["condition_images"]))
     return skeleton
 
 

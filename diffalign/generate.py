@@ -8,11 +8,15 @@ default 3.5); for a family with diffusers modular blocks and no RLG pipeline (Z-
 model's own CFG inside each branch (`ModelFamily.rlg_pipeline`; `--guidance-scale` is the CFG argument of the family's
 pipeline: ZImagePipeline's `guidance_scale`, QwenImagePipeline's `true_cfg_scale` against the empty negative prompt,
 Flux2KleinPipeline's `guidance_scale`, which a step-distilled klein ignores). The guider route takes the aligned model
-as a LoRA (`--lora`) and runs one denoiser forward per model and condition.
+as a LoRA (`--lora`) and runs one denoiser forward per model and condition. An editing model (FLUX.1 Kontext:
+`FluxKontextRLGPipeline`) edits the condition image `--image` (required for it, refused for text-to-image models), the
+same image for every prompt, sampled as the family's rollouts do (`ModelFamily.pipeline_call_kwargs`: resized to the
+sampled size, no rescale to 1024^2 pixels).
 
 Writes, under `--output-dir`:
 - `rlg_grid.png`: one labelled row per RLG scale with the same images in every row (at most `GRID_PER_ROW` = 8: the
-  first image of each prompt, then the second, ...), a picture of bounded size whatever `--num-images` is;
+  first image of each prompt, then the second, ...), a picture of bounded size whatever `--num-images` is; with
+  `--image`, each image after the condition image, as the training grids show edits;
 - `rlg_images/w<scale>/p<prompt>_seed<seed>.png`: every image, and `rlg_images/index.json` (file, prompt, seed, scale);
 - with `--reward NAME`: `rlg_rewards.json` (one entry per scale: mean, std and every image's reward), the same table
   on stdout, and `rlg_rewards.png` (reward against scale).
@@ -53,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="fully fine-tuned denoiser (UNet, or SD3 transformer) directory, or a model dir with unet/ or transformer/",
     )
     parser.add_argument("--prompt", action="append", default=None, help="a prompt; repeat for several")
+    parser.add_argument("--image", default=None,
+                        help="condition image of an editing model (FLUX.1 Kontext), the same for every prompt")
     parser.add_argument(
         "--rlg-scale", type=float, nargs="+", default=DEFAULT_SCALES, help="RLG scales, one grid row each"
     )
@@ -64,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="classifier-free guidance inside each model (default: the family pipeline's, 5 for SD); FLUX.1: the "
-        "embedded guidance (default 3.5)",
+        "embedded guidance (default 3.5; FLUX.1 Kontext 2.5)",
     )
     parser.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (SD, SDXL; SD3 samples the ODE)")
@@ -260,7 +266,7 @@ def sample_scales(
                 generators = [torch.Generator(generator_device).manual_seed(seed + j) for j in range(num_images)]
                 with torch.no_grad():
                     out = pipe(
-                        prompt,
+                        prompt=prompt,
                         num_images_per_prompt=num_images,
                         generator=generators,
                         rlg_scale=scale,
@@ -298,6 +304,33 @@ def save_images(images: Dict, prompts: List[str], num_images: int, seed: int, di
     with open(index, "w") as f:
         json.dump(entries, f, indent=1)
     return index
+
+
+def check_image_flag(family, image: Optional[str]):
+    """Checks `--image` against `family` (a `ModelFamily` subclass) before anything loads: a one-line `PromptError`
+    for a missing or unreadable file, a `ConfigError` for an image given to a text-to-image family or none given to
+    an editing family (`max_condition_images`)."""
+    from diffalign.errors import ConfigError
+    from diffalign.prompts import check_condition_image
+
+    if image is None:
+        if family.max_condition_images:
+            raise ConfigError(f"{family.name} models edit an image: give the condition image with --image PATH")
+        return
+    if not family.max_condition_images:
+        raise ConfigError(f"--image: {family.name} models take no condition image (text-to-image); leave --image "
+                          f"out")
+    check_condition_image(image, "--image")
+
+
+def edit_call_kwargs(family, pipe, image: str, resolution: Optional[int]) -> Dict:
+    """The pipeline arguments that edit `image` (a path) with `pipe` as `family`'s rollouts sample: the image resized
+    to the sampled size (the model's default side without `resolution`), that size, and the family's call arguments
+    (`ModelFamily.pipeline_call_kwargs`: FLUX.1 Kontext's `max_area` and no resize to a preferred resolution)."""
+    sampler = family(pipe)
+    side = resolution or sampler.default_resolution()
+    return {"image": sampler.pipeline_image(image, side, side), "height": side, "width": side,
+            **sampler.pipeline_call_kwargs(side, side)}
 
 
 def check_device(name: Optional[str]):
@@ -387,11 +420,17 @@ def run(args: argparse.Namespace) -> int:
             raise ModelError(f"{flag} '{path}' is {'a file' if os.path.isfile(path) else 'not a directory'}: give "
                              f"the directory that holds the weights")
 
+    family = rlg_family_for(model_path)
+    check_image_flag(family, args.image)
+
     from diffalign.utils.logging_utils import quiet_libraries
 
     quiet_libraries()
     pipe = load_rlg_pipeline(args.model, args.lora, args.aligned_denoiser, args.device, args.dtype,
                              num_threads=args.threads)
+    size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
+    if args.image:
+        size = edit_call_kwargs(family, pipe, args.image, args.resolution)
     images = sample_scales(
         pipe,
         prompts,
@@ -400,10 +439,8 @@ def run(args: argparse.Namespace) -> int:
         args.seed,
         progress=True,
         num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale
-        if args.guidance_scale is not None
-        else rlg_family_for(model_path).default_guidance_scale,
-        **({"height": args.resolution, "width": args.resolution} if args.resolution else {}),
+        guidance_scale=args.guidance_scale if args.guidance_scale is not None else family.default_guidance_scale,
+        **size,
         eta=args.eta,
         rlg_start=args.rlg_start,
         rlg_stop=args.rlg_stop,
@@ -413,9 +450,15 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     shown = grid_order(len(prompts), args.num_images)[:GRID_PER_ROW]
     grid_path = os.path.join(args.output_dir, "rlg_grid.png")
-    rows_grid([images[s][shown] for s in scales], [f"w = {s:g}" for s in scales], max_per_row=GRID_PER_ROW).save(
-        grid_path
-    )
+    rows, per_sample = [images[s][shown] for s in scales], 1
+    if args.image:  # each edit after its input, as the training grids show them
+        from diffalign.prompts import ConditionedPrompt
+        from diffalign.trainers.evaluation import with_condition_images
+
+        edited = [ConditionedPrompt(prompts[i // args.num_images], (os.path.abspath(args.image),)) for i in shown]
+        rows = [with_condition_images(row, edited)[0] for row in rows]
+        per_sample = 2
+    rows_grid(rows, [f"w = {s:g}" for s in scales], max_per_row=GRID_PER_ROW * per_sample).save(grid_path)
     index = save_images(images, prompts, args.num_images, args.seed, os.path.join(args.output_dir, "rlg_images"))
     total = len(prompts) * args.num_images
     print(f"wrote {grid_path} ({len(scales)} rows: RLG scales {', '.join(f'{s:g}' for s in scales)}; "

@@ -128,7 +128,13 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
     RLG route, `ModelFamily.rlg_route`) RLG with `rlg_scale`, sampling as in training (steps, guidance as the family's
     pipeline takes it, image size): diffalign's RLG pipeline, or the family's modular pipeline with the RLG guider
     (`ModelFamily.rlg_pipeline`, a LoRA only). `family` is the run's `ModelFamily` (class or instance); `weights` is
-    the Hub repo or the local `final/` directory."""
+    the Hub repo or the local `final/` directory.
+
+    An editing family (`max_condition_images`: FLUX.1 Kontext) edits an image, resized to the trained size as the
+    rollouts resize it, with the output at that size (`max_area`, no resize to a preferred resolution:
+    `FluxKontextFamily.pipeline_call_kwargs`); the image file is the one of `prompt` (a `ConditionedPrompt`), by name
+    (the card is shared), else `input.png`."""
+    from .prompts import condition_images_of
     from .utils.hub_utils import BUNDLED_MODELS
 
     pipeline_class, denoiser_name, denoiser_class = family.pipeline_class, family.denoiser_name, family.denoiser_class
@@ -145,26 +151,35 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
                                                getattr(config, "sample_embedded_guidance", None))
     call += [_call_argument(name, value) for name, value in guidance.items()]
     call.append(f"height={resolution}, width={resolution}")  # the trained size, which may not be the pipeline's
+    edit, edit_import = [], []
+    if family.max_condition_images:  # the image to edit, at the trained size, as the rollouts sample
+        source = os.path.basename(condition_images_of(prompt)[0]) if condition_images_of(prompt) else "input.png"
+        edit_import = ["from diffusers.utils import load_image"]
+        edit = [f"condition = pipe.image_processor.resize(load_image({_py(source)}), {resolution}, {resolution})"]
+        call.append(f"max_area={resolution * resolution}, _auto_resize=False")
+        call.insert(0, "image=condition")
     call = ", ".join(call)
+    prompt = str(prompt)
 
-    rlg_call = ["# rlg_scale: 0 = the base model, 1 = this fine-tune, > 1 = stronger alignment",
-                f"image = pipe(prompt={_py(prompt)}, {call}, rlg_scale=1.5).images[0]"]
+    rlg_call = edit + ["# rlg_scale: 0 = the base model, 1 = this fine-tune, > 1 = stronger alignment",
+                       f"image = pipe(prompt={_py(prompt)}, {call}, rlg_scale=1.5).images[0]"]
     rlg_import = f"from diffalign.pipelines import {rlg_class}"
     if config.use_lora:
-        plain = _snippet([f"from diffusers import {pipeline_class}"], ours, [
+        plain = _snippet([f"from diffusers import {pipeline_class}"] + edit_import, ours, [
             f"pipe = {pipeline_class}.from_pretrained({base})",
             f"pipe.load_lora_weights({_py(weights)})",
+            *edit,
             f"image = pipe(prompt={_py(prompt)}, {call}).images[0]",
         ])
         if rlg_class:
-            rlg = _snippet([], ours + [rlg_import], [
+            rlg = _snippet(edit_import, ours + [rlg_import], [
                 f"pipe = {rlg_class}.from_pretrained({base})",
                 f"pipe.load_lora_weights({_py(weights)})",
             ] + rlg_call)
         elif family.rlg_route():  # the RLG guider in the family's modular pipeline, on the loaded pipeline
             family_name = (family if isinstance(family, type) else type(family)).__name__
             family_import = f"from diffalign.families import {family_name}"
-            guider_call = [rlg_call[0], rlg_call[1].replace("image = pipe(", "image = rlg(")]
+            guider_call = rlg_call[:-1] + [rlg_call[-1].replace("image = pipe(", "image = rlg(")]
             rlg = _snippet([f"from diffusers import {pipeline_class}"], ours + [family_import], [
                 f"pipe = {pipeline_class}.from_pretrained({base})",
                 f"pipe.load_lora_weights({_py(weights)})  # adapter on = this fine-tune, off = the base model",
@@ -174,12 +189,13 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
             rlg = None
     else:  # the guider route takes a LoRA only: a full fine-tune has an RLG snippet where the family has a pipeline
         load = f"{denoiser_name} = {denoiser_class}.from_pretrained({_py(weights)}, subfolder={_py(denoiser_name)})"
-        plain = _snippet([f"from diffusers import {denoiser_class}, {pipeline_class}"], ours, [
+        plain = _snippet([f"from diffusers import {denoiser_class}, {pipeline_class}"] + edit_import, ours, [
             load,
             f"pipe = {pipeline_class}.from_pretrained({base}, {denoiser_name}={denoiser_name})",
+            *edit,
             f"image = pipe(prompt={_py(prompt)}, {call}).images[0]",
         ])
-        rlg = _snippet([f"from diffusers import {denoiser_class}"], ours + [rlg_import], [
+        rlg = _snippet([f"from diffusers import {denoiser_class}"] + edit_import, ours + [rlg_import], [
             load,
             f"pipe = {rlg_class}.from_pretrained({base}, aligned_{denoiser_name}={denoiser_name})",
         ] + rlg_call) if rlg_class else None
@@ -210,11 +226,12 @@ def model_card(config, *, family, reward_label: str, prompt: str, resolution: in
     if algorithm == "ddpo" and getattr(config, "advantage_mode", None) == "group":
         tags.append("grpo")
     tags += ["lora"] if config.use_lora else []
-    tags += [*family.hub_tags, "text-to-image", "diffusers", "reward-fine-tuning"]
+    task = "image-to-image" if family.max_condition_images else "text-to-image"  # an editing model: the Hub's task
+    tags += [*family.hub_tags, task, "diffusers", "reward-fine-tuning"]
     settings = shareable_settings(config)  # secrets redacted, paths relative to the run: the card is shared
     base = base_model_id(config)
     data = ModelCardData(base_model=base, library_name="diffusers", license=base_license(config), tags=tags,
-                         pipeline_tag="text-to-image")
+                         pipeline_tag=task)
 
     weights = config.hub_model_id or "final"  # the card is shared: no local path, the run directory's `final/`
     title = config.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(config.output_dir)))

@@ -58,6 +58,16 @@ def _generator(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+def _condition_image(directory) -> str:
+    """A random RGB PNG in `directory` (not of the sampled size: the resize is exercised), for editing families."""
+    import numpy as np
+    from PIL import Image
+
+    path = os.path.join(str(directory), "condition.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(path)
+    return path
+
+
 # ------------------------------------------------------------------------------------------------------- facts
 def check_facts(family):
     """What `generate`, `bench`, the model card and the tests need from a family, resolved against diffusers and
@@ -302,7 +312,7 @@ def test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines(family_dir, 
         fresh.load_lora_weights(lora_dir)
         rlg = family.rlg_pipeline(fresh)
     for scale, expected in ((1.0, after), (0.0, before)):
-        images = rlg(PROMPTS[0], generator=_generator(), rlg_scale=scale, **kwargs).images
+        images = rlg(prompt=PROMPTS[0], generator=_generator(), rlg_scale=scale, **kwargs).images
         torch.testing.assert_close(images, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -366,6 +376,9 @@ def test_generate_picks_the_family_rlg_pipeline(family_dir, tmp_path, monkeypatc
     out = tmp_path / "out"
     argv = ["--model", model, "--lora", lora_dir, "--prompt", "a cat", "--rlg-scale", "0", "1", "--num-images", "1",
             "--steps", "2", "--resolution", str(SIZE), "--output-dir", str(out)]
+    edit = {}  # an editing family (FLUX.1 Kontext) edits `--image`
+    if family_class.max_condition_images:
+        argv += ["--image", _condition_image(tmp_path)]
     assert generate.run(generate.add_arguments(argparse.ArgumentParser()).parse_args(argv)) == 0
     assert (out / "rlg_grid.png").is_file()
     assert calls[0]["guidance_scale"] == family_class.default_guidance_scale and calls[0]["height"] == SIZE
@@ -378,6 +391,9 @@ def test_generate_picks_the_family_rlg_pipeline(family_dir, tmp_path, monkeypatc
         # the modular pipeline runs the weights the family's pipeline loaded: no second copy
         assert pipe.components[family_class.denoiser_name].peft_config
     kwargs = dict(num_inference_steps=2, height=SIZE, width=SIZE)
+    if family_class.max_condition_images:
+        edit = generate.edit_call_kwargs(family_class, pipe, argv[-1], SIZE)
+        kwargs.update(edit)
     scale = family_class.default_guidance_scale
     images = generate.sample_scales(pipe, ["a cat"], [0.0, 1.0], 1, 0, eta=0.0, guidance_scale=scale, **kwargs)
     stock = getattr(diffusers, family_class.pipeline_class).from_pretrained(model, **family_class.pipeline_init_kwargs)
@@ -393,7 +409,7 @@ def test_generate_picks_the_family_rlg_pipeline(family_dir, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("family_class, variant", variants())
-def test_rlg_pipeline_is_the_base_at_0_and_the_aligned_model_at_1(family_class, variant):
+def test_rlg_pipeline_is_the_base_at_0_and_the_aligned_model_at_1(family_class, variant, tmp_path):
     """On the same components: the family's RLG route (`rlg_pipeline`) at w = 0 is the family's pipeline without the
     LoRA on the denoiser, at w = 1 the pipeline with it (e.g. FLUX.1-schnell: no embedded guidance, a fixed-shift
     scheduler). The guider route (modular) is also bit for bit its modular pipeline with the model's own CFG guider,
@@ -408,6 +424,11 @@ def test_rlg_pipeline_is_the_base_at_0_and_the_aligned_model_at_1(family_class, 
                   **family_class.pipeline_guidance_kwargs(3.0, family_class.default_guidance_scale))
     if "negative_prompt" in kwargs:  # true CFG: one negative prompt per prompt (FluxRLGPipeline needs as many)
         kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(PROMPTS)
+    if family_class.max_condition_images:  # an editing family edits an image, sampled as its rollouts do
+        from diffalign import generate
+
+        kwargs.update(generate.edit_call_kwargs(family_class, pipeline(**components), _condition_image(tmp_path),
+                                                SIZE))
 
     def sample(pipe, **extra):
         pipe.set_progress_bar_config(disable=True)

@@ -328,3 +328,45 @@ def test_the_reward_gets_the_condition_image_path(kontext_dir, tmp_path):
     metrics = trainer.step(0)
     assert np.isfinite(metrics["reward_mean"])
     assert [row["image"] for row in seen] == [path, path] and all(row["tag"] == "color" for row in seen)
+
+
+@pytest.mark.parametrize("run_snippets", [False, pytest.param(True, marks=pytest.mark.slow)],  # running them: ~10 s
+                         ids=["text", "run"])
+def test_the_model_card_edits_an_image_as_the_run_sampled(kontext_dir, tmp_path, monkeypatch, run_snippets):
+    """The card's snippets load the LoRA with `FluxKontextPipeline` (and `FluxKontextRLGPipeline`), edit the grid
+    prompt's image resized to the trained size, with the run's `max_area` and guidance (`-m slow` runs them)."""
+    import re
+
+    from diffalign.config import load_config
+    from diffalign.modelcard import model_card, usage_snippets
+
+    (tmp_path / "edits").mkdir()
+    path = _write_image(tmp_path / "edits" / "in.png", 0)
+    prompt_file = _edit_prompt_file(tmp_path, [{"prompt": "make it red", "image": "in.png"}])
+    run = tmp_path / "run"
+    config = load_config("ddpo", overrides=dict(model=kontext_dir, output_dir=str(run), prompt_file=prompt_file,
+                                                sample_resolution=SIZE, sample_num_steps=2,
+                                                sample_embedded_guidance=3.0))
+    prompt = ConditionedPrompt("make it red", (path,))
+    plain, rlg = usage_snippets(config, FluxKontextFamily, prompt, "final", SIZE)
+    assert "FluxKontextPipeline.from_pretrained" in plain and "FluxKontextRLGPipeline.from_pretrained" in rlg
+    for code in (plain, rlg):
+        assert str(tmp_path) not in code and 'load_image("in.png")' in code  # a shared card: the file by name
+        assert f"max_area={SIZE * SIZE}, _auto_resize=False" in code and "guidance_scale=3" in code
+        assert re.search(r"pipe\(prompt=\"make it red\", image=condition, ", code)
+    card = model_card(config, family=FluxKontextFamily, reward_label="r", prompt=prompt, resolution=SIZE)
+    assert card.data.pipeline_tag == "image-to-image" and "image-to-image" in card.data.tags
+    if not run_snippets:
+        return
+    family = family_for_pipeline(FluxKontextFamily.tiny_pipeline())
+    add_lora(family.denoiser, rank=4, alpha=8.0, target_modules=family.default_lora_target_modules)
+    family.save_lora(family.denoiser, str(run / "final"))
+    monkeypatch.chdir(tmp_path / "edits")  # where the image is; the model and LoRA paths are the run's
+    for code in (plain, rlg):
+        code = code.replace(f'"{os.path.relpath(kontext_dir, run)}"', json.dumps(kontext_dir)).replace(
+            '"final"', json.dumps(str(run / "final")))
+        scope = {}
+        exec(code, scope)
+        assert scope["pipe"].get_list_adapters()["transformer"], "no LoRA loaded"
+        assert np.array_equal(np.asarray(scope["condition"]), np.asarray(family.pipeline_image(path, SIZE, SIZE)))
+        assert scope["image"].size == (SIZE, SIZE)

@@ -51,7 +51,7 @@ class FluxKontextFamily(FluxFamily):
     denoiser_class = "FluxTransformer2DModel"
     text_encoder_names = ("text_encoder", "text_encoder_2")
     pipeline_init_kwargs = {}  # no safety checker, no watermarker
-    rlg_pipeline_class = None  # none yet; and its modular blocks take no guider (FLUX.1's embedded guidance)
+    rlg_pipeline_class = "FluxKontextRLGPipeline"  # its modular blocks take no guider (FLUX.1's embedded guidance)
     modular_blocks_class = "FluxKontextAutoBlocks"
     hub_tags = ("flux", "flux-kontext", "image-editing")
     guidance_kind = "embedded"
