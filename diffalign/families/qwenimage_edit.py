@@ -88,6 +88,11 @@ class QwenImageEditFamily(QwenImageFamily):
 
         return calculate_dimensions(area, ratio)[:2]
 
+    def default_resolution(self) -> int:
+        """The pipelines' output size without `height` / `width`: 1024^2 pixels at the condition image's ratio
+        (`calculate_dimensions(1024 * 1024, ratio)`), a side of 1024 for a square image."""
+        return self.calculate_dimensions(1024 * 1024, 1.0)[0]
+
     # -------------------------------------------------------------------- prompts
     def encoder_images(self, paths) -> list:
         """The PIL images the VL encoder sees: each image resized to `encoder_image_area` at its aspect ratio."""
