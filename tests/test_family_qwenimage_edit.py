@@ -126,6 +126,19 @@ def test_bad_condition_inputs_are_one_line(tmp_path, images):
         plus.conditioning([ConditionedPrompt("make it red", tuple(images) + (wide,))], "", False, SIZE, SIZE)
 
 
+def test_text_prompts_for_an_edit_model_are_one_line_at_the_start(tmp_path, capsys):
+    from diffalign.cli import main
+
+    model = QwenImageEditFamily.save_tiny(str(tmp_path / "edit"))
+    out = tmp_path / "run"
+    capsys.readouterr()  # the save's progress bars
+    assert main(["train", "ddpo", "--model", model, "--output_dir", str(out), "--prompts", "[make it red]",
+                 "--sample_resolution", str(SIZE), "--reward", "jpeg_compressibility"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'make it red' has no condition image, but a qwenimage_edit model edits one" in err[0]
+    assert not (out / "metrics.jsonl").exists()
+
+
 @pytest.mark.slow
 def test_a_jsonl_edit_prompt_file_trains_end_to_end(tmp_path):
     """`diffalign train ddpo` on a JSONL edit prompt file (images relative to it), 2 epochs; the LoRA loads in
