@@ -139,9 +139,10 @@ def test_text_prompts_for_an_edit_model_are_one_line_at_the_start(tmp_path, caps
     assert not (out / "metrics.jsonl").exists()
 
 
-@pytest.mark.slow
-def test_a_jsonl_edit_prompt_file_trains_end_to_end(tmp_path):
-    """`diffalign train ddpo` on a JSONL edit prompt file (images relative to it), 2 epochs; the LoRA loads in
+@pytest.mark.slow  # ~25 s each
+@pytest.mark.parametrize("algorithm", ["ddpo", "nft"])  # a trajectory trainer and a forward-process one
+def test_a_jsonl_edit_prompt_file_trains_end_to_end(tmp_path, algorithm):
+    """`diffalign train ddpo|nft` on a JSONL edit prompt file (images relative to it), 2 epochs; the LoRA loads in
     `QwenImageEditPipeline` and changes its edit of the file's image."""
     import diffusers
 
@@ -156,12 +157,13 @@ def test_a_jsonl_edit_prompt_file_trains_end_to_end(tmp_path):
     prompt_file.write_text("".join(json.dumps({"prompt": text, "image": f"{i}.png"}) + "\n"
                                    for i, text in enumerate(INSTRUCTIONS)))
     out = str(tmp_path / "run")
-    argv = ["train", "ddpo", "--model", model, "--output_dir", out, "--prompt_file", str(prompt_file),
+    argv = ["train", algorithm, "--model", model, "--output_dir", out, "--prompt_file", str(prompt_file),
             "--num_epochs", "2", "--sample_num_steps", "3", "--sample_num_prompts_per_epoch", "2",
-            "--sample_images_per_prompt", "2", "--sample_batch_size", "4", "--train_batch_size", "4",
-            "--grid_num_images", "2", "--reward", "jpeg_compressibility", "--train_learning_rate", "0.05",
-            "--sample_guidance_scale", "3.0", "--sample_resolution", str(SIZE), "--lora_rank", "4",
-            "--sample_sde_window_size", "2", "--train_num_inner_epochs", "1"]
+            "--sample_images_per_prompt", "2", "--sample_batch_size", "4", "--grid_num_images", "2",
+            "--reward", "jpeg_compressibility", "--train_learning_rate", "0.05", "--sample_guidance_scale", "3.0",
+            "--sample_resolution", str(SIZE), "--lora_rank", "4"]
+    argv += {"ddpo": ["--train_batch_size", "4", "--sample_sde_window_size", "2", "--train_num_inner_epochs", "1"],
+             "nft": ["--train_batch_size", "2", "--train_micro_batch_size", "4"]}[algorithm]
     assert main(argv) == 0
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [line["epoch"] for line in lines] == [0, 1]
