@@ -64,8 +64,10 @@ class QwenImageEditFamily(QwenImageFamily):
     text_encoder_names = ("text_encoder",)
     pipeline_init_kwargs = {}
     rlg_pipeline_class = None
-    # diffusers' QwenImageEditAutoBlocks take a `guider`, but their inputs are the condition image, which
-    # `diffalign generate` does not pass yet: no RLG route is declared (`rlg_route()` None)
+    # diffusers' QwenImageEditAutoBlocks take a `guider`, but with the model's own CFG guider
+    # (`NormRescaledCFGGuidance`, scale 3) they sample 1.3e-3 (Edit-Plus's blocks: 8e-4, max pixel difference) away
+    # from the pipeline on the tiny components, one prompt and image: the w = 0 / 1 identities against the pipeline
+    # would not hold, and `diffalign generate` passes no condition image yet. No RLG route is declared.
     modular_blocks_class = None
     hub_tags = ("qwen-image", "qwen-image-edit", "image-editing")
     guidance_kind = "true_cfg"
