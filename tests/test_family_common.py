@@ -227,8 +227,9 @@ def test_recomputed_log_probs_give_ratio_one_and_window_steps_only(family_class)
     family.denoiser.eval()
     kernel = default_kernel(family, eta=1.0, noise_level=0.7)
     window = sde_window_mask(4, 2, start=1)
-    traj = sample_trajectories(family, _prompts(family_class), num_inference_steps=4, guidance_scale=3.0, kernel=kernel, height=SIZE,
-                               width=SIZE, generator=_generator(1), compute_reference=True, stochastic_steps=window)
+    traj = sample_trajectories(family, _prompts(family_class), num_inference_steps=4, guidance_scale=3.0,
+                               kernel=kernel, height=SIZE, width=SIZE, generator=_generator(1),
+                               compute_reference=True, stochastic_steps=window)
     latent_shape = family.prepare_latents(1, SIZE, SIZE, torch.float32, "cpu", _generator()).shape[1:]
     assert traj.latents.shape == (2, 5, *latent_shape)  # FLUX's packed latents too
     assert traj.stochastic[0].tolist() == [False, True, True, False]

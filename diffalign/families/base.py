@@ -120,8 +120,8 @@ class ModelFamily:
 
     @classmethod
     def loaded_components(cls, path: str) -> Dict[str, Any]:
-        """Components `load` builds itself and passes to `from_pretrained` (none by default; Qwen-Image-Edit's processor
-        where torchvision is missing)."""
+        """Components `load` builds itself and passes to `from_pretrained`: none by default (Qwen-Image-Edit's
+        processor where torchvision is missing)."""
         return {}
 
     # --------------------------------------------------------- tiny test models

@@ -29,11 +29,11 @@ tiny models are saved with it; a model whose `processor` folder names `Qwen2VLPr
 torchvision is missing (`load`).
 """
 
+import functools
 import os
 from typing import Dict, List
 
 import torch
-from transformers import Qwen2VLProcessor
 
 from ..errors import PromptError
 from ..prompts import ConditionedPrompt, condition_images_of, load_condition_image
@@ -42,12 +42,27 @@ from .packed_latents import pack_latents
 from .qwenimage import QwenImageFamily
 
 
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """`Qwen2VLProcessor` without a video processor: its attributes are the image processor and the tokenizer, so it
-    builds, saves and loads without torchvision; images and text are processed by `Qwen2VLProcessor`'s own code."""
+@functools.lru_cache(maxsize=None)
+def image_only_processor_class():
+    """`ImageOnlyQwen2VLProcessor`: `Qwen2VLProcessor` without a video processor. Its attributes are the image
+    processor and the tokenizer, so it builds, saves and loads without torchvision; images and text are processed by
+    `Qwen2VLProcessor`'s own code. Made on first use: importing transformers takes seconds, which a CLI that never
+    loads Qwen-Image-Edit should not pay."""
+    from transformers import Qwen2VLProcessor
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    ImageOnlyQwen2VLProcessor.__module__ = __name__
+    ImageOnlyQwen2VLProcessor.__qualname__ = "ImageOnlyQwen2VLProcessor"
+    return ImageOnlyQwen2VLProcessor
+
+
+def __getattr__(name: str):
+    if name == "ImageOnlyQwen2VLProcessor":  # `from ...qwenimage_edit import ImageOnlyQwen2VLProcessor` too
+        return image_only_processor_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def torchvision_available() -> bool:
@@ -228,7 +243,7 @@ class QwenImageEditFamily(QwenImageFamily):
             processor = json.load(f).get("processor")
         if not (isinstance(processor, list) and processor[-1] == "Qwen2VLProcessor"):
             return {}
-        return {"processor": ImageOnlyQwen2VLProcessor.from_pretrained(os.path.join(path, "processor"))}
+        return {"processor": image_only_processor_class().from_pretrained(os.path.join(path, "processor"))}
 
     # --------------------------------------------------------- tiny test models
     @classmethod
@@ -261,8 +276,8 @@ class QwenImageEditFamily(QwenImageFamily):
         components = QwenImageFamily.tiny_components(seed)
         patch = 14 * 2  # a merged patch's side
         image_processor = Qwen2VLImageProcessorPil(min_pixels=patch * patch, max_pixels=16 * patch * patch)
-        components["processor"] = ImageOnlyQwen2VLProcessor(image_processor=image_processor,
-                                                            tokenizer=components["tokenizer"])
+        components["processor"] = image_only_processor_class()(image_processor=image_processor,
+                                                               tokenizer=components["tokenizer"])
         return components
 
 
