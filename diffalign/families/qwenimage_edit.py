@@ -24,9 +24,9 @@ cannot sample without one).
 The processor: diffusers' pipelines take a `Qwen2VLProcessor`, whose video processor needs torchvision in
 transformers 5.25 (`ProcessorMixin.__init__` resolves `VideoProcessorMixin`, a dummy without torchvision).
 `ImageOnlyQwen2VLProcessor` is `Qwen2VLProcessor` without the video processor (the pipelines never pass videos):
-the same `__call__`, image processor (`Qwen2VLImageProcessor`'s PIL backend without torchvision) and tokenizer. The
-tiny models are saved with it; a model whose `processor` folder names `Qwen2VLProcessor` loads it that way where
-torchvision is missing (`load`).
+the same `__call__`, image processor (`Qwen2VLImageProcessor`'s PIL backend without torchvision) and tokenizer. It
+saves as a `Qwen2VLProcessor` (the Hub's layout), and a model whose `processor` is a `Qwen2VLProcessor` loads it as
+`ImageOnlyQwen2VLProcessor` where torchvision is missing (`loaded_components`).
 """
 
 import functools
@@ -54,8 +54,11 @@ def image_only_processor_class():
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
-    ImageOnlyQwen2VLProcessor.__module__ = __name__
-    ImageOnlyQwen2VLProcessor.__qualname__ = "ImageOnlyQwen2VLProcessor"
+    # it saves as the processor it stands in for: `save_pretrained` (diffusers' `model_index.json`, the processor's
+    # own configs) names the class by its module and name, and diffusers cannot load a class from diffalign; so a
+    # saved pipeline has the Hub's layout (`["transformers", "Qwen2VLProcessor"]`), which `loaded_components` reads
+    ImageOnlyQwen2VLProcessor.__module__ = Qwen2VLProcessor.__module__
+    ImageOnlyQwen2VLProcessor.__name__ = ImageOnlyQwen2VLProcessor.__qualname__ = Qwen2VLProcessor.__name__
     return ImageOnlyQwen2VLProcessor
 
 
@@ -232,8 +235,9 @@ class QwenImageEditFamily(QwenImageFamily):
     @classmethod
     def loaded_components(cls, path: str) -> Dict:
         """Where torchvision is missing and the model's `processor` is a `Qwen2VLProcessor` (the Hub's Qwen-Image-Edit
-        models), the processor loaded from its folder as `ImageOnlyQwen2VLProcessor` (its video processor needs
-        torchvision, and the pipelines pass no video); nothing otherwise."""
+        models, and every pipeline saved here: `image_only_processor_class`), the processor loaded from its folder as
+        `ImageOnlyQwen2VLProcessor` (the stock one's video processor needs torchvision; the pipelines pass no
+        video); nothing otherwise."""
         import json
 
         index = os.path.join(path, "model_index.json")
@@ -246,26 +250,6 @@ class QwenImageEditFamily(QwenImageFamily):
         return {"processor": image_only_processor_class().from_pretrained(os.path.join(path, "processor"))}
 
     # --------------------------------------------------------- tiny test models
-    @classmethod
-    def save_tiny(cls, directory: str, seed: int = 0, **kwargs) -> str:
-        """The tiny pipeline saved as the Hub's Qwen-Image-Edit models are laid out: the `processor` folder names
-        `Qwen2VLProcessor` (in `model_index.json` and its own configs), so that it loads as theirs do
-        (`loaded_components` without torchvision; diffusers cannot import a processor class from diffalign)."""
-        import json
-
-        super().save_tiny(directory, seed, **kwargs)
-        for name in ("model_index.json", "processor/processor_config.json", "processor/tokenizer_config.json"):
-            path = os.path.join(directory, name)
-            with open(path) as f:
-                config = json.load(f)
-            if name == "model_index.json":
-                config["processor"] = ["transformers", "Qwen2VLProcessor"]
-            else:
-                config["processor_class"] = "Qwen2VLProcessor"
-            with open(path, "w") as f:
-                json.dump(config, f, indent=2)
-        return directory
-
     @classmethod
     def tiny_components(cls, seed: int = 0) -> dict:
         """Qwen-Image's tiny components (`QwenImageFamily.tiny_components`) and an `ImageOnlyQwen2VLProcessor` on the
