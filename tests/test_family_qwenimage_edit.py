@@ -139,8 +139,8 @@ def test_text_prompts_for_an_edit_model_are_one_line_at_the_start(tmp_path, caps
     assert not (out / "metrics.jsonl").exists()
 
 
-@pytest.mark.slow  # ~25 s each
-@pytest.mark.parametrize("algorithm", ["ddpo", "nft"])  # a trajectory trainer and a forward-process one
+# a trajectory trainer, and a forward-process one (~7 s each; nft with -m slow)
+@pytest.mark.parametrize("algorithm", ["ddpo", pytest.param("nft", marks=pytest.mark.slow)])
 def test_a_jsonl_edit_prompt_file_trains_end_to_end(tmp_path, algorithm):
     """`diffalign train ddpo|nft` on a JSONL edit prompt file (images relative to it), 2 epochs; the LoRA loads in
     `QwenImageEditPipeline` and changes its edit of the file's image."""

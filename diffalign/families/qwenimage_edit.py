@@ -132,7 +132,7 @@ class QwenImageEditFamily(QwenImageFamily):
             if not paths:
                 raise PromptError(f"a {self.name} prompt needs a condition image ('{prompt}' has none): give it an "
                                   "'image' in the prompt file")
-            embeds, mask = self.pipe.encode_prompt(prompt=[str(prompt)], image=self.encoder_prompt_images(paths),
+            embeds, mask = self.pipe.encode_prompt(prompt=[str(prompt)], image=self.encoder_images(paths),
                                                    device=device)
             latents, grids = self.condition_latents(paths, device)
             rows.append({"encoder_hidden_states": embeds[0], "image_latents": latents, "condition_grids": grids})
@@ -147,10 +147,6 @@ class QwenImageEditFamily(QwenImageFamily):
             "image_latents": [r["image_latents"] for r in rows],
             "condition_grids": [r["condition_grids"] for r in rows],
         }
-
-    def encoder_prompt_images(self, paths):
-        """The `image` argument of `encode_prompt`: Edit's one image as the pipeline passes it (a list of one)."""
-        return self.encoder_images(paths)
 
     def cache_row(self, encoded: Conditioning, index: int) -> Conditioning:
         length = int(encoded["encoder_hidden_states_mask"][index].sum())
