@@ -266,13 +266,18 @@ def attach_condition_images(prompts: List[str], metadata: List[dict], path: str,
     return out_prompts, out_metadata
 
 
-def check_condition_prompts(prompts: List[str], family_name: str, max_images: int, what: str = "prompt"):
+def check_condition_prompts(prompts: List[str], family_name: str, max_images: int, what: str = "prompt",
+                            required: bool = False):
     """A one-line `PromptError` when a prompt has more condition images than the model takes (`max_images`; 0 for
-    a text-to-image model), or when prompts with and without condition images are mixed (an editing model samples
-    a prompt without one text-to-image, with another token count: they cannot share a batch)."""
+    a text-to-image model), when prompts with and without condition images are mixed (an editing model samples
+    a prompt without one text-to-image, with another token count: they cannot share a batch), or with `required`
+    (a model that cannot sample without one: Qwen-Image-Edit) when a prompt has none."""
     with_images = without = None
     for prompt in prompts:
         count = len(condition_images_of(prompt))
+        if required and not count:
+            raise PromptError(f"{what} '{prompt}' has no condition image, but a {family_name} model edits one: give "
+                              "every prompt an 'image'")
         if count > max_images:
             takes = "no condition images (a text-to-image model)" if max_images == 0 else f"at most {max_images}"
             raise PromptError(f"{what} '{prompt}' has {count} condition image(s), but a {family_name} model takes "

@@ -13,7 +13,11 @@ SHAPES = ["--steps", "2", "--repeats", "1", "--threads", "1", "--resolution", "1
 
 @pytest.fixture(scope="module", params=[family.name for family in FAMILIES.values()])
 def family_dir(request, tmp_path_factory):
+    from diffalign.families import family_named
     from diffalign.testing import save_tiny_pipeline
+
+    if family_named(request.param).requires_condition_image:  # Qwen-Image-Edit: the bench samples text prompts
+        pytest.skip(f"{request.param} cannot sample without a condition image, which the bench does not pass yet")
 
     return request.param, save_tiny_pipeline(request.param, str(tmp_path_factory.mktemp("bench") / request.param))
 

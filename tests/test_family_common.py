@@ -68,6 +68,43 @@ def _condition_image(directory) -> str:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _small_condition_images(monkeypatch):
+    """Qwen-Image-Edit's condition images at 64^2 pixels instead of its pipelines' 1024^2, in its pipelines and its
+    families alike (`diffalign.testing.shrink_qwenimage_edit_conditions`)."""
+    from diffalign.testing import shrink_qwenimage_edit_conditions
+
+    shrink_qwenimage_edit_conditions(monkeypatch)
+
+
+_CONDITION_IMAGE = []
+
+
+def _prompts(family):
+    """The tests' prompts for `family`: `PROMPTS`, each with a condition image where the family's pipeline cannot
+    sample without one (Qwen-Image-Edit; one random PNG, 20 x 28, written once)."""
+    if not family.requires_condition_image:
+        return list(PROMPTS)
+    if not _CONDITION_IMAGE:
+        import tempfile
+
+        import numpy as np
+        from PIL import Image
+
+        path = os.path.join(tempfile.mkdtemp(), "condition.png")
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(path)
+        _CONDITION_IMAGE.append(path)
+    from diffalign.prompts import ConditionedPrompt
+
+    return [ConditionedPrompt(prompt, (_CONDITION_IMAGE[0],)) for prompt in PROMPTS]
+
+
+def _condition(family, prompt=None):
+    """The pipeline's condition-image arguments for `prompt` (the first test prompt by default): none for most."""
+    return family_for_pipeline(family.tiny_pipeline()).pipeline_condition_kwargs(prompt or _prompts(family)[0]) \
+        if family.requires_condition_image else {}
+
+
 # ------------------------------------------------------------------------------------------------------- facts
 def check_facts(family):
     """What `generate`, `bench`, the model card and the tests need from a family, resolved against diffusers and
@@ -156,15 +193,21 @@ def test_zero_width_window_rollout_equals_the_family_pipeline(family_class, vari
     family.embedded_guidance = embedded
     height, width = size
     latents = family.prepare_latents(2, height, width, torch.float32, "cpu", _generator(3))
+    prompts = _prompts(family_class)
 
     def rollout():
-        return sample_trajectories(family, PROMPTS, num_inference_steps=3, guidance_scale=guidance, latents=latents,
+        return sample_trajectories(family, prompts, num_inference_steps=3, guidance_scale=guidance, latents=latents,
                                    height=height, width=width, stochastic_steps=sde_window_mask(3, 0))
 
     ours = rollout()
-    stock = pipe(prompt=PROMPTS, num_inference_steps=3, latents=latents, height=height, width=width, output_type="pt",
-                 **family.pipeline_guidance_kwargs(guidance, embedded),
-                 **family.pipeline_call_kwargs(height, width)).images
+    call = dict(num_inference_steps=3, height=height, width=width, output_type="pt",
+                **family.pipeline_guidance_kwargs(guidance, embedded), **family.pipeline_call_kwargs(height, width))
+    if family.requires_condition_image:  # one call per prompt with its images (Edit-Plus samples one prompt a call)
+        stock = torch.cat([pipe(prompt=str(prompt), latents=latents[i : i + 1], **call,
+                                **family.pipeline_condition_kwargs(prompt)).images
+                           for i, prompt in enumerate(prompts)])
+    else:
+        stock = pipe(prompt=PROMPTS, latents=latents, **call).images
     torch.testing.assert_close(ours.images, stock, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ours.timesteps, pipe.scheduler.timesteps)  # e.g. FLUX's sigmas and dynamic shift
     assert not ours.stochastic.any() and torch.isnan(ours.log_probs).all()
@@ -194,8 +237,9 @@ def test_recomputed_log_probs_give_ratio_one_and_window_steps_only(family_class)
     family.denoiser.eval()
     kernel = default_kernel(family, eta=1.0, noise_level=0.7)
     window = sde_window_mask(4, 2, start=1)
-    traj = sample_trajectories(family, PROMPTS, num_inference_steps=4, guidance_scale=3.0, kernel=kernel, height=SIZE,
-                               width=SIZE, generator=_generator(1), compute_reference=True, stochastic_steps=window)
+    traj = sample_trajectories(family, _prompts(family_class), num_inference_steps=4, guidance_scale=3.0,
+                               kernel=kernel, height=SIZE, width=SIZE, generator=_generator(1),
+                               compute_reference=True, stochastic_steps=window)
     latent_shape = family.prepare_latents(1, SIZE, SIZE, torch.float32, "cpu", _generator()).shape[1:]
     assert traj.latents.shape == (2, 5, *latent_shape)  # FLUX's packed latents too
     assert traj.stochastic[0].tolist() == [False, True, True, False]
@@ -221,7 +265,7 @@ def test_resolution_rules(family_class):
         family.check_resolution(4 * multiple + 1)
     # the default is the pipeline's own default image size (FLUX: default_sample_size x vae_scale_factor)
     guidance = family.pipeline_guidance_kwargs(1.0, family.default_guidance_scale)
-    image = pipe(prompt=PROMPTS[0], num_inference_steps=1, output_type="pt", **guidance,
+    image = pipe(prompt=PROMPTS[0], num_inference_steps=1, output_type="pt", **guidance, **_condition(family_class),
                  **family.pipeline_call_kwargs()).images
     assert tuple(image.shape[-2:]) == (family.default_resolution(),) * 2
 
@@ -264,8 +308,15 @@ CLI_SETTINGS = [
 ]
 
 
-def _cli_args(algorithm, model, output_dir, extra=()):
+def _cli_args(algorithm, model, output_dir, extra=(), family=None):
     settings = list(CLI_SETTINGS)
+    if family is not None and family.requires_condition_image:  # the prompts with their image, in a prompt file
+        prompt_file = os.path.join(output_dir + "-prompts.jsonl")
+        with open(prompt_file, "w") as f:
+            for prompt in _prompts(family):
+                f.write(json.dumps({"prompt": str(prompt), "image": prompt.condition_images[0]}) + "\n")
+        i = settings.index("--prompts")
+        settings[i : i + 2] = ["--prompt_file", prompt_file]
     drop = {"ddpo": ("--train_clip_eps", "--train_beta"), "prdp": ("--train_batch_size", "--train_clip_range")}
     for key in drop[algorithm]:
         i = settings.index(key)
@@ -283,7 +334,7 @@ def test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines(family_dir, 
     family, model = family_dir
     out = str(tmp_path / "run")
     extra = ["--sample_sde_window_size", "2"] if algorithm == "ddpo" else []  # an SDE window
-    assert main(_cli_args(algorithm, model, out, extra)) == 0
+    assert main(_cli_args(algorithm, model, out, extra, family)) == 0
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [line["epoch"] for line in lines] == [0, 1]
     lora_dir = os.path.join(out, "final")
@@ -291,9 +342,11 @@ def test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines(family_dir, 
 
     kwargs = dict(num_inference_steps=2, height=SIZE, width=SIZE, output_type="pt",
                   **family.pipeline_guidance_kwargs(3.0, 3.0))
-    pipe = getattr(diffusers, family.pipeline_class).from_pretrained(model, **family.pipeline_init_kwargs)
+    pipe = getattr(diffusers, family.pipeline_class).from_pretrained(model, **family.pipeline_init_kwargs,
+                                                                     **family.loaded_components(model))
     pipe.set_progress_bar_config(disable=True)
     kwargs.update(family_for_pipeline(pipe).pipeline_call_kwargs(SIZE, SIZE))  # e.g. Kontext's max_area
+    kwargs.update(_condition(family))
     before = pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs).images
     pipe.load_lora_weights(lora_dir)
     after = pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs).images
@@ -337,7 +390,7 @@ def test_saved_lora_reloads_at_its_trained_scale(family_class, tmp_path):
     _randomise_lora(family.denoiser, std=0.2)
     kwargs = dict(num_inference_steps=2, height=SIZE, width=SIZE, output_type="pt",
                   **family.pipeline_guidance_kwargs(3.0, family.default_guidance_scale),
-                  **family.pipeline_call_kwargs(SIZE, SIZE))
+                  **family.pipeline_call_kwargs(SIZE, SIZE), **_condition(family_class))
     trained = pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs).images
     family.save_lora(family.denoiser, str(tmp_path))
     with safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), "pt") as f:

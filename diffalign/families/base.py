@@ -71,6 +71,8 @@ class ModelFamily:
     # condition images a prompt may carry (`diffalign.prompts.ConditionedPrompt`): 0 for text-to-image models; an
     # editing model (FLUX.1 Kontext) encodes them into its conditioning
     max_condition_images: int = 0
+    # True where the pipeline cannot sample without a condition image (Qwen-Image-Edit); Kontext samples text-to-image
+    requires_condition_image: bool = False
 
     @classmethod
     def missing_facts(cls) -> List[str]:
@@ -107,13 +109,20 @@ class ModelFamily:
         quantization = {} if quantization_config is None else {"quantization_config": quantization_config}
         try:
             pipe = pipeline_cls.from_pretrained(path, use_safetensors=True, **dtype_kwarg(torch_dtype),
-                                                **cls.pipeline_init_kwargs, **quantization)
+                                                **cls.pipeline_init_kwargs, **quantization,
+                                                **cls.loaded_components(path))
         except (OSError, EnvironmentError) as e:
             raise ModelError(f"model '{path}' could not be loaded with safetensors weights only: "
                              f"{first_line(e, with_type=False)}") from None
         cls.set_kernel_scheduler(pipe)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    @classmethod
+    def loaded_components(cls, path: str) -> Dict[str, Any]:
+        """Components `load` builds itself and passes to `from_pretrained`: none by default (Qwen-Image-Edit's
+        processor where torchvision is missing)."""
+        return {}
 
     # --------------------------------------------------------- tiny test models
     @classmethod
@@ -158,6 +167,11 @@ class ModelFamily:
         would rescale it (FLUX.1 Kontext's `max_area`)."""
         tokens = getattr(self, "max_sequence_length", None)
         return {} if tokens is None else {"max_sequence_length": tokens}
+
+    def pipeline_condition_kwargs(self, prompt) -> Dict:
+        """`pipeline_class.__call__`'s condition-image arguments for one prompt (a `ConditionedPrompt`), for families
+        that require one (`requires_condition_image`); none by default."""
+        return {}
 
     def samples_with_cfg(self, guidance_scale: float) -> bool:
         """Whether a rollout at CFG scale `guidance_scale` evaluates a negative half: at any scale but 1, unless the
