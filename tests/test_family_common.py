@@ -14,6 +14,7 @@ w = 1 (the guider route bit for bit against its modular pipeline with the model'
 import argparse
 import inspect
 import json
+import math
 import os
 import re
 
@@ -56,6 +57,19 @@ def _randomise_lora(model, seed=0, std=0.05):
 
 def _generator(seed=0):
     return torch.Generator().manual_seed(seed)
+
+
+def _sampled(output):
+    """The images of a pipeline's output, or the frames of a video pipeline's (`(B, F, 3, H, W)`, WanPipeline's)."""
+    return output.frames if hasattr(output, "frames") else output.images
+
+
+def _sizes(family, wide: bool):
+    """`(height, width)` of the rollout checks: SIZE (square) or SIZE + 8 wide, or the nearest multiples of the
+    family's resolution multiple where those are not (Wan's 16, 32 for Wan 2.2 TI2V-5B)."""
+    multiple = family.resolution_multiple()
+    side = math.lcm(SIZE, multiple)
+    return side, side + (math.lcm(8, multiple) if wide else 0)
 
 
 # ------------------------------------------------------------------------------------------------------- facts
@@ -133,18 +147,19 @@ def test_the_registry_refuses_a_repeated_family():
 
 
 # ----------------------------------------------------------------------------------------------- rollouts
-@pytest.mark.parametrize("guidance, embedded, size", [(1.0, 3.5, (SIZE, SIZE)), (3.0, 2.0, (SIZE, SIZE + 8))],
+@pytest.mark.parametrize("guidance, embedded, wide", [(1.0, 3.5, False), (3.0, 2.0, True)],
                          ids=["no-cfg-square", "cfg-wide"])
 @pytest.mark.parametrize("family_class, variant", variants())
-def test_zero_width_window_rollout_equals_the_family_pipeline(family_class, variant, guidance, embedded, size):
+def test_zero_width_window_rollout_equals_the_family_pipeline(family_class, variant, guidance, embedded, wide):
     """A rollout with no stochastic step is the pipeline's own sampling: same latents, timesteps, CFG (or embedded
     guidance and true CFG), images."""
     pipe = family_class.tiny_pipeline(**variant)
     family = family_for_pipeline(pipe)
     assert type(family) is family_class
     family.set_kernel_scheduler(pipe)  # e.g. SDXL's default Euler scheduler -> DDIM, as the trainers load it
+    family.configure(**family.tiny_settings)  # e.g. Wan's 5 frames
     family.embedded_guidance = embedded
-    height, width = size
+    height, width = _sizes(family, wide)
     latents = family.prepare_latents(2, height, width, torch.float32, "cpu", _generator(3))
 
     def rollout():
@@ -154,7 +169,8 @@ def test_zero_width_window_rollout_equals_the_family_pipeline(family_class, vari
     ours = rollout()
     stock = pipe(prompt=PROMPTS, num_inference_steps=3, latents=latents, height=height, width=width, output_type="pt",
                  **family.pipeline_guidance_kwargs(guidance, embedded),
-                 **family.pipeline_call_kwargs(height, width)).images
+                 **family.pipeline_call_kwargs(height, width))
+    stock = _sampled(stock)
     torch.testing.assert_close(ours.images, stock, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ours.timesteps, pipe.scheduler.timesteps)  # e.g. FLUX's sigmas and dynamic shift
     assert not ours.stochastic.any() and torch.isnan(ours.log_probs).all()
@@ -171,7 +187,7 @@ def test_recomputed_log_probs_give_ratio_one_and_window_steps_only(family_class)
     pipe = family_class.tiny_pipeline()
     family = family_for_pipeline(pipe)
     family.set_kernel_scheduler(pipe)
-    family.configure(embedded_guidance=2.5, max_sequence_length=64)
+    family.configure(embedded_guidance=2.5, max_sequence_length=64, **family.tiny_settings)
     if getattr(family_class, "max_sequence_length", None) is not None:
         assert family.max_sequence_length == 64
     if family.guidance_kind == "embedded":
@@ -212,8 +228,8 @@ def test_resolution_rules(family_class):
     # the default is the pipeline's own default image size (FLUX: default_sample_size x vae_scale_factor)
     guidance = family.pipeline_guidance_kwargs(1.0, family.default_guidance_scale)
     image = pipe(prompt=PROMPTS[0], num_inference_steps=1, output_type="pt", **guidance,
-                 **family.pipeline_call_kwargs()).images
-    assert tuple(image.shape[-2:]) == (family.default_resolution(),) * 2
+                 **family.pipeline_call_kwargs())
+    assert tuple(_sampled(image).shape[-2:]) == family.default_size()  # Wan's 480 x 832
 
 
 # ----------------------------------------------------------------------------------------- loading and CLI
@@ -284,9 +300,9 @@ def test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines(family_dir, 
     pipe = getattr(diffusers, family.pipeline_class).from_pretrained(model, **family.pipeline_init_kwargs)
     pipe.set_progress_bar_config(disable=True)
     kwargs.update(family_for_pipeline(pipe).pipeline_call_kwargs(SIZE, SIZE))  # e.g. Kontext's max_area
-    before = pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs).images
+    before = _sampled(pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs))
     pipe.load_lora_weights(lora_dir)
-    after = pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs).images
+    after = _sampled(pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs))
     assert (after - before).abs().max() > 1e-4  # the trained LoRA is loaded and changes the images
 
     # ... and in the family's RLG route: w = 1 is the LoRA model, w = 0 the base
@@ -323,12 +339,13 @@ def test_saved_lora_reloads_at_its_trained_scale(family_class, tmp_path):
     # alpha != rank: diffusers needs the adapter's config as metadata, else it loads the LoRA with alpha = rank
     pipe = family_class.tiny_pipeline()
     family = family_for_pipeline(pipe)
+    family.configure(**family.tiny_settings)
     add_lora(family.denoiser, rank=4, alpha=8.0, target_modules=family.default_lora_target_modules)
     _randomise_lora(family.denoiser, std=0.2)
     kwargs = dict(num_inference_steps=2, height=SIZE, width=SIZE, output_type="pt",
                   **family.pipeline_guidance_kwargs(3.0, family.default_guidance_scale),
                   **family.pipeline_call_kwargs(SIZE, SIZE))
-    trained = pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs).images
+    trained = _sampled(pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs))
     family.save_lora(family.denoiser, str(tmp_path))
     with safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), "pt") as f:
         metadata = json.loads(f.metadata()["lora_adapter_metadata"])
@@ -336,7 +353,7 @@ def test_saved_lora_reloads_at_its_trained_scale(family_class, tmp_path):
     assert targets == sorted(targets)  # not a set's hash-seed order: two identical runs write the same metadata
     fresh = family_class.tiny_pipeline()
     fresh.load_lora_weights(str(tmp_path))
-    reloaded = fresh(prompt=PROMPTS[0], generator=_generator(), **kwargs).images
+    reloaded = _sampled(fresh(prompt=PROMPTS[0], generator=_generator(), **kwargs))
     torch.testing.assert_close(reloaded, trained, atol=1e-5, rtol=1e-4)
 
 
@@ -385,7 +402,7 @@ def test_generate_picks_the_family_rlg_pipeline(family_dir, tmp_path, monkeypatc
     # the pipeline's arguments for generate's guidance scale (Qwen-Image: `true_cfg_scale` against "", not its
     # `guidance_scale`, which samples without CFG)
     kwargs.update(family_class.rlg_guidance_pipeline_kwargs(scale))
-    run = lambda: stock(prompt="a cat", generator=_generator(), output_type="pt", **kwargs).images  # noqa: E731
+    run = lambda: _sampled(stock(prompt="a cat", generator=_generator(), output_type="pt", **kwargs))  # noqa: E731
     torch.testing.assert_close(images[0.0], run(), atol=1e-4, rtol=1e-4)
     stock.load_lora_weights(lora_dir)
     torch.testing.assert_close(images[1.0], run(), atol=1e-4, rtol=1e-4)
@@ -400,12 +417,15 @@ def test_rlg_pipeline_is_the_base_at_0_and_the_aligned_model_at_1(family_class, 
     adapters off (w = 0) and on (w = 1)."""
     import diffusers
 
-    if family_class.rlg_route() is None:
-        pytest.skip(f"{family_class.name} has no RLG route")
     components = {**family_class.pipeline_init_kwargs, **family_class.tiny_components(**variant)}
     pipeline = getattr(diffusers, family_class.pipeline_class)
+    if family_class.rlg_route_for(pipeline(**components)) is None:  # e.g. Wan 2.2 TI2V-5B
+        with pytest.raises(ModelError, match="no RLG route"):
+            family_class.rlg_pipeline(pipeline(**components))
+        pytest.skip(f"{family_class.name} {variant} has no RLG route")
     kwargs = dict(num_inference_steps=3, height=SIZE, width=SIZE, output_type="pt",
-                  **family_class.pipeline_guidance_kwargs(3.0, family_class.default_guidance_scale))
+                  **family_class.pipeline_guidance_kwargs(3.0, family_class.default_guidance_scale),
+                  **family_class.tiny_settings)
     if "negative_prompt" in kwargs:  # true CFG: one negative prompt per prompt (FluxRLGPipeline needs as many)
         kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(PROMPTS)
 
@@ -413,7 +433,7 @@ def test_rlg_pipeline_is_the_base_at_0_and_the_aligned_model_at_1(family_class, 
         pipe.set_progress_bar_config(disable=True)
         # a copy of the prompts: some pipelines write the chat-templated prompts into the list (Z-Image's)
         # `prompt=` by name: Flux2KleinPipeline's first argument is `image`
-        return pipe(prompt=list(PROMPTS), generator=_generator(), **kwargs, **extra).images
+        return _sampled(pipe(prompt=list(PROMPTS), generator=_generator(), **kwargs, **extra))
 
     # peft freezes the base weights when it injects the LoRA below, and on CPU a weight that requires grad can take
     # another matmul kernel (SANA's attention output projection: ~1e-7 per call): freeze first, as inference does
@@ -444,7 +464,8 @@ def test_rlg_pipeline_is_the_base_at_0_and_the_aligned_model_at_1(family_class, 
     def plain_modular():
         modular.update_components(guider=family_class.modular_cfg_guider_for(stock_pipe)(scale))
         prompts = {"negative_prompt": list(modular_kwargs["negative_prompt"])} if "negative_prompt" in kwargs else {}
-        return modular(prompt=list(PROMPTS), generator=_generator(), output="images", **{**modular_kwargs, **prompts})
+        return modular(prompt=list(PROMPTS), generator=_generator(), output=rlg.output,
+                       **{**modular_kwargs, **prompts})
 
     denoiser.disable_adapters()
     base = plain_modular()
