@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import shutil
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import yaml
 
@@ -197,9 +197,10 @@ def _py(text: str) -> str:
 
 
 def model_card(config, *, family, reward_label: str, prompt: str, resolution: int, final_eval: Optional[Dict] = None,
-               history: Optional[List[Dict]] = None, has_grid: bool = False):
+               history: Optional[List[Dict]] = None, has_grid: Union[bool, str] = False):
     """The `huggingface_hub.ModelCard` of a run (see the module docstring); `family` is the run's `ModelFamily`
-    (class or instance): its pipeline, denoiser, Hub tags, guidance kind, kernel and RLG pipeline."""
+    (class or instance): its pipeline, denoiser, Hub tags, guidance kind, kernel and RLG pipeline. `has_grid`: the
+    before/after grid beside the card, True for `grid_before_after.png` or its file name (a video run's `.mp4`)."""
     pipeline_class, denoiser_name = family.pipeline_class, family.denoiser_name
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -253,7 +254,10 @@ def model_card(config, *, family, reward_label: str, prompt: str, resolution: in
                   (f"Base and fine-tuned model on the same {final_eval.get('num_images', '')} fixed-seed samples "
                    "(`final_eval.json`):"), ""] + table + [""]
     if has_grid:
-        lines += ["## Samples", "", f"![before and after training]({GRID})", "",
+        grid = has_grid if isinstance(has_grid, str) else GRID  # a video run's grid is grid_before_after.mp4 / .gif
+        shown = (f'<video src="{grid}" controls autoplay loop muted></video>' if grid.endswith(".mp4")
+                 else f"![before and after training]({grid})")
+        lines += ["## Samples", "", shown, "",
                   "Fixed-seed samples of the base model (top) and the fine-tuned one (bottom).", ""]
     plain, *rlg = usage_snippets(config, family, prompt, weights, resolution)
     lines += ["## Usage", ""]
@@ -312,9 +316,13 @@ def write_model_card(config, family, reward_label: Optional[str], grid_prompt: s
     run's config next to it; returns the card's path. `family`: the run's `ModelFamily`; `grid_prompt`: the prompt the
     card's example uses; `history`: every epoch's metrics."""
     final = os.path.join(config.output_dir, "final")
-    has_grid = os.path.isfile(os.path.join(config.output_dir, GRID))
+    from .plotting import find_video
+
+    grid = GRID if os.path.isfile(os.path.join(config.output_dir, GRID)) else find_video(
+        os.path.join(config.output_dir, GRID))
+    has_grid = os.path.basename(grid) if grid else False
     if has_grid:
-        shutil.copyfile(os.path.join(config.output_dir, GRID), os.path.join(final, GRID))
+        shutil.copyfile(os.path.join(config.output_dir, has_grid), os.path.join(final, has_grid))
     with open(os.path.join(final, CONFIG_COPY), "w") as f:
         json.dump({"algorithm": config.algorithm, **shareable_settings(config)}, f, indent=1, default=str)
     final_eval = None

@@ -1,6 +1,8 @@
-"""PNG outputs: image grids and metric curves."""
+"""PNG outputs: image grids and metric curves; animated grids of videos (MP4, or GIF without imageio-ffmpeg)."""
 
+import importlib.util
 import math
+import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -23,6 +25,84 @@ def image_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     return image
+
+
+# frames per second of written videos: Wan 2.1's (diffusers' examples export its videos at 16 fps)
+VIDEO_FPS = 16
+
+
+def video_grid(videos: torch.Tensor, nrow: Optional[int] = None, padding: int = 2, scale: int = 1) -> List[Image.Image]:
+    """`(N, F, 3, H, W)` videos in [0, 1] -> `F` PIL frames, frame `f` the `image_grid` of every video's frame `f`."""
+    return [image_grid(videos[:, f], nrow=nrow, padding=padding, scale=scale) for f in range(videos.shape[1])]
+
+
+def mp4_available() -> bool:
+    """Whether MP4 can be written: imageio and imageio-ffmpeg (the `video` extra, diffusers' `export_to_video`
+    backend) are installed."""
+    return all(importlib.util.find_spec(name) is not None for name in ("imageio", "imageio_ffmpeg"))
+
+
+def video_extension() -> str:
+    """The extension `save_video` writes: `mp4`, or `gif` without imageio-ffmpeg."""
+    return "mp4" if mp4_available() else "gif"
+
+
+def pad_to_multiple(frame: Image.Image, multiple: int = 16) -> Image.Image:
+    """`frame` with white added right and below to a size divisible by `multiple` (video codecs' macro blocks)."""
+    width, height = (math.ceil(size / multiple) * multiple for size in frame.size)
+    if (width, height) == frame.size:
+        return frame
+    canvas = Image.new("RGB", (width, height), "white")
+    canvas.paste(frame, (0, 0))
+    return canvas
+
+
+def save_video(frames: List[Image.Image], path: str, fps: int = VIDEO_FPS) -> str:
+    """Writes `frames` to `path` with the extension of `video_extension()` (the one `path` has is replaced) and
+    returns the path written. MP4 as diffusers' `export_to_video` writes it (imageio + imageio-ffmpeg, quality 5,
+    sizes padded white to multiples of 16 rather than rescaled); else an endlessly looping GIF as its `export_to_gif`
+    (PIL)."""
+    path = f"{os.path.splitext(path)[0]}.{video_extension()}"
+    frames = [frame.convert("RGB") for frame in frames]
+    if path.endswith(".mp4"):
+        import imageio
+
+        with imageio.get_writer(path, fps=fps, quality=5.0, macro_block_size=16) as writer:
+            for frame in frames:
+                writer.append_data(np.asarray(pad_to_multiple(frame)))
+    else:
+        frames[0].save(path, save_all=True, append_images=frames[1:], optimize=False, duration=1000 // fps, loop=0)
+    return path
+
+
+def gif_bytes(frames: List[Image.Image], fps: int = VIDEO_FPS) -> bytes:
+    """`frames` as the bytes of an endlessly looping GIF (what TensorBoard's image plugin animates)."""
+    import io
+
+    buffer = io.BytesIO()
+    frames = [frame.convert("RGB") for frame in frames]
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], optimize=False,
+                   duration=1000 // fps, loop=0)
+    return buffer.getvalue()
+
+
+def read_video(path: str) -> List[Image.Image]:
+    """The RGB frames of a video written by `save_video` (MP4 through imageio, GIF through PIL)."""
+    if path.endswith(".mp4"):
+        import imageio
+
+        with imageio.get_reader(path) as reader:
+            return [Image.fromarray(np.asarray(frame)).convert("RGB") for frame in reader]
+    from PIL import ImageSequence
+
+    with Image.open(path) as video:
+        return [frame.convert("RGB") for frame in ImageSequence.Iterator(video)]
+
+
+def find_video(path: str) -> Optional[str]:
+    """The video `save_video(frames, path)` wrote (`.mp4` or `.gif` beside `path`'s stem), if any."""
+    stem = os.path.splitext(path)[0]
+    return next((f"{stem}.{ext}" for ext in ("mp4", "gif") if os.path.isfile(f"{stem}.{ext}")), None)
 
 
 def labelled_rows(grids: List[Image.Image], labels: List[str], label_width: int = 90) -> Image.Image:

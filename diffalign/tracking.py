@@ -2,7 +2,10 @@
 examples use them: `report_to` picks the trackers, the `Accelerator` is built with `log_with=` and the run directory
 as its project directory, `init_trackers` records the config as hyperparameters, every epoch's scalar metrics go to
 `accelerator.log(..., step=epoch)` and every `log_images_every` epochs a captioned sample grid goes to each tracker in
-its own image format (`accelerator.get_tracker(name, unwrap=True)`). `metrics.jsonl` is written either way.
+its own image format (`accelerator.get_tracker(name, unwrap=True)`). `metrics.jsonl` is written either way. Videos
+(`[B, F, 3, H, W]` samples) make an animated grid: an animated GIF image summary in TensorBoard (no moviepy needed),
+and the grid's video file (`diffalign.plotting.save_video`, kept as `<output_dir>/logs/samples_epoch_<epoch>.mp4`)
+as a `wandb.Video`, a `trackio.Video` and an MLflow artifact.
 
 Each tracker is an optional extra (`pip install 'diffalign[tensorboard]'`, `[wandb]`, `[trackio]`, `[mlflow]`, or
 `[trackers]` for all): a requested tracker whose package is missing is a one-line `TrackerError` before any model
@@ -162,6 +165,18 @@ def captioned_grid(images, captions: List[str], nrow: int, scale: int = 1, paddi
     return canvas
 
 
+def animated_image_summary(tag: str, frames):
+    """A TensorBoard `Summary` holding `frames` (PIL images) as one animated GIF image, as torch's `add_video` makes
+    it, without its moviepy dependency: TensorBoard's image plugin plays it."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from .plotting import gif_bytes
+
+    image = Summary.Image(height=frames[0].height, width=frames[0].width, colorspace=3,
+                          encoded_image_string=gif_bytes(frames))
+    return Summary(value=[Summary.Value(tag=tag, image=image)])
+
+
 class RunTracker:
     """The trackers of one training run; every method is called on every process (accelerate logs on the main
     process only; sample grids are drawn by the processes that take part in the trainer's grid sampling)."""
@@ -221,8 +236,10 @@ class RunTracker:
         from .plotting import grid_scale
 
         nrow = math.ceil(math.sqrt(len(images)))
-        grid = captioned_grid(images, captions, nrow, scale=grid_scale(self.resolution))
         captions_text = [c.replace("\n", " | ") for c in captions]  # trackers' own captions are one line
+        if images.ndim == 5:
+            return self.log_videos(images, captions, captions_text, nrow, epoch)
+        grid = captioned_grid(images, captions, nrow, scale=grid_scale(self.resolution))
         for name in self._names():
             tracker = self.accelerator.get_tracker(name, unwrap=True)
             getattr(self, f"_images_{name}")(tracker, images, grid, captions_text, epoch)
@@ -257,6 +274,47 @@ class RunTracker:
         import mlflow
 
         mlflow.log_image(grid, key="samples", step=epoch)
+        mlflow.log_text("\n".join(captions), f"samples/captions_epoch_{epoch:05d}.txt")
+
+    def log_videos(self, videos, captions: List[str], captions_text: List[str], nrow: int, epoch: int):
+        """The animated captioned grid of `videos` `(N, F, 3, H, W)`: its frames (`captioned_grid` of each frame)
+        to TensorBoard as an animated GIF, and its video file to the trackers that take files."""
+        from .plotting import grid_scale, save_video
+
+        scale = grid_scale(self.resolution)
+        frames = [captioned_grid(videos[:, f], captions, nrow, scale=scale) for f in range(videos.shape[1])]
+        names = self._names()
+        path = None
+        if any(name != "tensorboard" for name in names):
+            os.makedirs(logging_dir(self.config), exist_ok=True)
+            path = save_video(frames, os.path.join(logging_dir(self.config), f"samples_epoch_{epoch:05d}"))
+        for name in names:
+            tracker = self.accelerator.get_tracker(name, unwrap=True)
+            getattr(self, f"_videos_{name}")(tracker, frames, path, captions_text, epoch)
+
+    @staticmethod
+    def _videos_tensorboard(writer, frames, path, captions, epoch):
+        writer._get_file_writer().add_summary(animated_image_summary("samples", frames), epoch)
+        writer.add_text("samples/captions", "\n\n".join(f"{i}. {c}" for i, c in enumerate(captions)), epoch)
+        writer.flush()
+
+    @staticmethod
+    def _videos_wandb(run, frames, path, captions, epoch):
+        import wandb
+
+        run.log({"samples_grid": wandb.Video(path, caption=f"epoch {epoch}: " + " / ".join(captions))}, step=epoch)
+
+    @staticmethod
+    def _videos_trackio(run, frames, path, captions, epoch):
+        import trackio
+
+        run.log({"samples": trackio.Video(path, caption=" / ".join(captions))}, step=epoch)
+
+    @staticmethod
+    def _videos_mlflow(active_run, frames, path, captions, epoch):
+        import mlflow
+
+        mlflow.log_artifact(path, artifact_path="samples")
         mlflow.log_text("\n".join(captions), f"samples/captions_epoch_{epoch:05d}.txt")
 
     def end(self):

@@ -4,6 +4,12 @@
 `metadata` a list of B dicts (or `None`). Scorers run without gradients, batched, on the images'
 device, and return float32 scores **on the CPU**, one per image, higher is better.
 
+Videos (`[B, F, 3, H, W]`, a video family's samples) reach an image reward frame by frame: frame `f` of every video is
+scored as a batch of images, and each video's `F` scores are reduced to one (`reduce_frames`: `mean` by default, `min`,
+`max`, `median`; the trainers' `video_reward_reduction`). A reward with `video_native = True` (an attribute of the
+callable, like `groupwise`) is handed the videos themselves, `[B, F, 3, H, W]`, and is refused images; a mixture
+hands each part what it takes. See docs/rewards.md, "Video".
+
 Rewards are found by name (`get_reward("jpeg_compressibility")`), by a user's own function given as
 `"my_package.my_module:my_reward"` (this imports and runs user code), or as a weighted mixture
 `get_reward({"pickscore": 10, "hpsv2": 2, "aesthetic": 0.05})`. Register your own with
@@ -25,6 +31,7 @@ Built-ins (see docs/rewards.md for the weights each one needs):
 | `geneval` | `geneval` | GenEval's rules (objects, counts, colours, positions) on a given detector; Flow-GRPO's partial score |
 | `vlm_judge` | `vlm_judge` | a VLM over an OpenAI-compatible API: P(Yes) / (P(Yes) + P(No)), or a parsed rating |
 | `pickscore_rank`, `win_rate` | `groupwise` | groupwise: a sample's win rate against the other samples of its prompt |
+| `temporal_consistency` | `clip_rewards` | video-native: mean CLIP-image cosine similarity of consecutive frames |
 
 Groupwise rewards (`GroupwiseReward`, or any callable with `groupwise = True`) score a prompt's whole group at once
 and are called `reward(images, prompts, metadata, group_ids)`, `group_ids` a `LongTensor[B]` equal for the samples of
@@ -71,11 +78,17 @@ __all__ = [
     "RewardError",
     "UnknownRewardError",
     "available_rewards",
+    "VIDEO_REDUCTIONS",
     "call_reward",
     "check_reward_output",
+    "check_video_reduction",
+    "frame_scores",
     "get_reward",
     "group_ids_for",
     "is_groupwise",
+    "is_video",
+    "is_video_native",
+    "reduce_frames",
     "reward_name",
     "register_reward",
 ]
@@ -149,6 +162,50 @@ def _load_user_function(spec: str, **kwargs) -> RewardFn:
 def is_groupwise(fn) -> bool:
     """Whether `fn` scores groups (`fn.groupwise is True`): it is called with the group ids as a fourth argument."""
     return getattr(fn, "groupwise", False) is True
+
+
+def is_video_native(fn) -> bool:
+    """Whether `fn` scores videos (`fn.video_native is True`): it is handed `[B, F, 3, H, W]`, never images."""
+    return getattr(fn, "video_native", False) is True
+
+
+def is_video(samples) -> bool:
+    """Whether a batch of samples is videos, `[B, F, 3, H, W]` (a tensor of 5 dimensions), rather than images."""
+    return getattr(samples, "ndim", None) == 5
+
+
+# how a video's per-frame scores `[B, F]` become its score `[B]`; a non-finite frame score makes the video's score
+# non-finite (the trainer's `nonfinite_policy` sees it)
+VIDEO_REDUCTIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "mean": lambda scores: scores.mean(dim=1),
+    "min": lambda scores: scores.amin(dim=1),
+    "max": lambda scores: scores.amax(dim=1),
+    "median": lambda scores: scores.quantile(0.5, dim=1),  # the mean of the middle two for an even count
+}
+
+
+def check_video_reduction(reduction: str, what: str = "video_reward_reduction") -> str:
+    """`reduction` when it names a `VIDEO_REDUCTIONS` entry, else a one-line `RewardError` listing them."""
+    if not isinstance(reduction, str) or reduction not in VIDEO_REDUCTIONS:
+        raise RewardError(f"{what} must be one of {', '.join(VIDEO_REDUCTIONS)}; got {reduction!r}")
+    return reduction
+
+
+def reduce_frames(scores: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """A video's score from its frames' scores: `[B, F]` -> `[B]` by `reduction` (`mean`, `min`, `max`, `median`)."""
+    return VIDEO_REDUCTIONS[check_video_reduction(reduction)](scores.float())
+
+
+def frame_scores(fn, videos: torch.Tensor, prompts: List[str], metadata: Optional[List[dict]] = None,
+                 name: Optional[str] = None, group_ids=None) -> torch.Tensor:
+    """The image reward `fn` of every frame of `videos` `[B, F, 3, H, W]`: `[B, F]` float32 on the CPU, entry
+    `(b, f)` the score of frame `f` of video `b` with video `b`'s prompt and metadata.
+
+    Frame `f` of all the videos is one call of `fn` (`call_reward`, `[B, 3, H, W]`): a batch the size of an image
+    batch, and whole groups for a groupwise reward, which ranks a frame among the same frame of its group's videos."""
+    name = name or reward_name(fn)
+    return torch.stack([call_reward(fn, videos[:, f], prompts, metadata, name=name, group_ids=group_ids)
+                        for f in range(videos.shape[1])], dim=1)
 
 
 def group_ids_for(prompts: List[str], metadata: Optional[List[dict]] = None, group_ids=None,
@@ -283,9 +340,12 @@ class RewardMixture:
         return any(is_groupwise(fn) for fn in self.parts.values())
 
     def __call__(
-        self, images: torch.Tensor, prompts: List[str], metadata: Optional[List[dict]] = None, group_ids=None
+        self, images: torch.Tensor, prompts: List[str], metadata: Optional[List[dict]] = None, group_ids=None,
+        video_reduction: Optional[str] = None
     ) -> torch.Tensor:
-        self.last_parts = {name: call_reward(fn, images, prompts, metadata, name=name, group_ids=group_ids)
+        # videos: each part scores them its own way (a video-native part whole, an image part frame by frame)
+        self.last_parts = {name: call_reward(fn, images, prompts, metadata, name=name, group_ids=group_ids,
+                                             video_reduction=video_reduction)
                            for name, fn in self.parts.items()}
         total = torch.zeros(images.shape[0], dtype=torch.float32)
         for name, value in self.last_parts.items():
@@ -368,13 +428,33 @@ def check_reward_output(name: str, output, num_images: int) -> torch.Tensor:
     return scores.detach().to(device="cpu", dtype=torch.float32)
 
 
-def call_reward(fn, images, prompts, metadata=None, name: Optional[str] = None, group_ids=None) -> torch.Tensor:
+def call_reward(fn, images, prompts, metadata=None, name: Optional[str] = None, group_ids=None,
+                video_reduction: Optional[str] = None) -> torch.Tensor:
     """Calls a reward and checks its output (`check_reward_output`); an exception it raises becomes a one-line
     `RewardError` naming it (the original stays as `__cause__`). A groupwise reward (`is_groupwise`) also gets the
-    group ids (`group_ids_for`: `group_ids`, else the metadata's, else equal prompts); a pointwise one ignores them."""
+    group ids (`group_ids_for`: `group_ids`, else the metadata's, else equal prompts); a pointwise one ignores them.
+
+    Videos `[B, F, 3, H, W]` go whole to a video-native reward (`is_video_native`) and frame by frame to an image
+    reward, whose frame scores (`frame_scores`) are reduced by `video_reduction` (`reduce_frames`); without a
+    reduction an image reward refuses videos, and a video-native reward always refuses images (one-line
+    `RewardError`s)."""
     name = name or reward_name(fn)
+    video = is_video(images)
+    if is_video_native(fn) and not video:
+        raise RewardError(f"reward '{name}' is video-native: it scores videos [B, F, 3, H, W], not images of shape "
+                          f"{list(getattr(images, 'shape', []))}")
+    if video and not is_video_native(fn) and not isinstance(fn, RewardMixture):  # a mixture: each part its own way
+        if video_reduction is None:
+            raise RewardError(f"reward '{name}' scores images [B, 3, H, W] and was given videos of shape "
+                              f"{list(images.shape)} without a frame reduction (video_reward_reduction: "
+                              f"{', '.join(VIDEO_REDUCTIONS)})")
+        check_video_reduction(video_reduction)
+        return reduce_frames(frame_scores(fn, images, prompts, metadata, name=name, group_ids=group_ids),
+                             video_reduction)
     try:
-        if is_groupwise(fn):
+        if video and isinstance(fn, RewardMixture):
+            output = fn(images, prompts, metadata, group_ids, video_reduction=video_reduction)
+        elif is_groupwise(fn):
             output = fn(images, prompts, metadata, group_ids_for(prompts, metadata, group_ids, name))
         else:
             output = fn(images, prompts, metadata)

@@ -1,4 +1,5 @@
-"""CLIP-based rewards on transformers models: LAION aesthetic predictor, PickScore and CLIP score.
+"""CLIP-based rewards on transformers models: LAION aesthetic predictor, PickScore, CLIP score, and the video-native
+`temporal_consistency` (mean CLIP-image cosine similarity of consecutive frames).
 
 Weights are given by local path or hub id (`model=`, `processor=`, `head=`); the defaults are the
 standard hub ids, which work offline once they are in the Hugging Face cache. Weights are only read
@@ -14,7 +15,7 @@ import torch
 
 from diffalign.errors import first_line
 
-from . import RewardWeightsNotFoundError, register_reward
+from . import RewardError, RewardWeightsNotFoundError, register_reward
 from .preprocessing import clip_preprocess, preprocess_kwargs_from_image_processor
 
 CLIP_VIT_L14 = "openai/clip-vit-large-patch14"
@@ -290,6 +291,45 @@ class CLIPSimilarityScorer(_OnImagesDevice):
         return torch.cat(scores)
 
 
+def consecutive_frame_similarity(embeddings: torch.Tensor) -> torch.Tensor:
+    """`[B, F, D]` frame embeddings -> `[B]`: the mean over `f < F - 1` of `cos(e_f, e_{f+1})`, in [-1, 1]."""
+    unit = embeddings / embeddings.norm(dim=-1, keepdim=True)
+    return (unit[:, :-1] * unit[:, 1:]).sum(dim=-1).mean(dim=1)
+
+
+class TemporalConsistencyScorer(_OnImagesDevice):
+    """Video-native: the mean cosine similarity of the CLIP image embeddings of consecutive frames
+    (`consecutive_frame_similarity`), 1 for a still video; Tune-A-Video's "frame consistency".
+
+    Args:
+        vision_model (`CLIPVisionModelWithProjection`): a CLIP image tower with its projection.
+        preprocess_kwargs (`dict`): `clip_preprocess` arguments of the model's image processor.
+        batch_size (`int`, *optional*): Embed at most this many frames per forward pass.
+    """
+
+    video_native = True  # called with videos `[B, F, 3, H, W]` (diffalign.rewards.is_video_native)
+
+    def __init__(self, vision_model, preprocess_kwargs: dict, batch_size: Optional[int] = None):
+        self.vision_model = vision_model
+        self.preprocess_kwargs = preprocess_kwargs
+        self.batch_size = batch_size
+        self.modules = [self.vision_model]
+        self.device = torch.device("cpu")
+
+    @torch.no_grad()
+    def __call__(self, videos: torch.Tensor, prompts: Optional[List[str]] = None, metadata=None) -> torch.Tensor:
+        count, frames = videos.shape[:2]
+        if frames < 2:
+            raise RewardError(f"reward 'temporal_consistency' compares consecutive frames; the videos have {frames}")
+        self._follow(videos.device)
+        flat = videos.flatten(0, 1)
+        embeddings = []
+        for batch in _batches(flat.shape[0], self.batch_size):
+            pixels = clip_preprocess(flat[batch], **self.preprocess_kwargs).to(self.vision_model.dtype)
+            embeddings.append(self.vision_model(pixel_values=pixels).image_embeds.float())
+        return consecutive_frame_similarity(torch.cat(embeddings).unflatten(0, (count, frames))).cpu()
+
+
 def _load_processor(name_or_path: str, reward: str, default: str, argument: str = "processor"):
     from transformers import CLIPProcessor
 
@@ -414,6 +454,41 @@ def clip_score(
         batch_size=batch_size,
         name="clip_score",
     )
+    if device is not None:
+        scorer._follow(torch.device(device))
+    return scorer
+
+
+@register_reward("temporal_consistency")
+def temporal_consistency(
+    model: str = CLIP_VIT_L14,
+    processor: Optional[str] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Union[None, str, torch.dtype] = None,
+    batch_size: Optional[int] = None,
+) -> TemporalConsistencyScorer:
+    """Video-native: mean CLIP-image cosine similarity of consecutive frames, in [-1, 1] (1: a still video).
+
+    Args:
+        model (`str`, *optional*, defaults to `"openai/clip-vit-large-patch14"`):
+            CLIP checkpoint (directory or hub id); only its vision tower and projection are loaded.
+        processor (`str`, *optional*): Where to read the image preprocessing config; defaults to `model`.
+        device (`str` or `torch.device`, *optional*): Device to load the model on; by default it follows the videos.
+        dtype (`str` or `torch.dtype`, *optional*): Model dtype (default float32).
+        batch_size (`int`, *optional*): Maximum frames per forward pass.
+    """
+    from transformers import CLIPImageProcessor
+
+    image_processor = from_pretrained_or_raise(
+        CLIPImageProcessor,
+        processor or model,
+        reward="temporal_consistency",
+        argument="processor" if processor else "model",
+        default=CLIP_VIT_L14,
+    )
+    vision_model = _load_clip_vision_model(model, "temporal_consistency", CLIP_VIT_L14, resolve_dtype(dtype))
+    scorer = TemporalConsistencyScorer(vision_model, preprocess_kwargs_from_image_processor(image_processor),
+                                       batch_size)
     if device is not None:
         scorer._follow(torch.device(device))
     return scorer

@@ -14,6 +14,10 @@ prompt slots), which `finish` checks against the expected group size.
 A reward that allows it (`concurrent_calls = N`, e.g. the `remote` reward) gets up to N calls in flight at once, so a
 server's latency is paid once rather than once per chunk. A failure of the reward is raised as it is (the one-line
 `RewardError` of `call_reward`), by the next `add` or by `finish`; the calls not yet started are then cancelled.
+
+Videos (`[B, F, 3, H, W]`) are scored like images, one score per video: an image reward frame by frame, its frame
+scores reduced by `video_reduction` (the trainers' `video_reward_reduction`), a video-native reward on the whole videos
+(`diffalign.rewards.call_reward`).
 """
 
 import threading
@@ -24,7 +28,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import RewardError, call_reward, is_groupwise
+from . import RewardError, call_reward, check_video_reduction, is_groupwise
 
 
 def with_group_ids(metadata: Optional[List[dict]], group_ids: torch.Tensor) -> List[dict]:
@@ -57,13 +61,16 @@ class RewardScorer:
         reward_label (`str`): its name in messages.
         eval_reward_fn (*optional*), eval_label (`str`): a second scorer, logged and never trained on.
         asynchronous (`bool`): score in a background thread while the next chunk is sampled.
+        video_reduction (`str`): how an image reward's frame scores make a video's score (`mean`, `min`, `max`,
+            `median`: `diffalign.rewards.VIDEO_REDUCTIONS`); images ignore it.
     """
 
     def __init__(self, reward_fn, reward_label: str, eval_reward_fn=None, eval_label: str = "eval_reward",
-                 asynchronous: bool = True):
+                 asynchronous: bool = True, video_reduction: str = "mean"):
         self.reward_fn, self.reward_label = reward_fn, reward_label
         self.eval_reward_fn, self.eval_label = eval_reward_fn, eval_label
         self.asynchronous = asynchronous
+        self.video_reduction = check_video_reduction(video_reduction)
         self.groupwise = is_groupwise(reward_fn) or is_groupwise(eval_reward_fn)
         fns = [fn for fn in (reward_fn, eval_reward_fn) if fn is not None]
         self.workers = min(concurrent_calls(fn) for fn in fns)
@@ -77,14 +84,14 @@ class RewardScorer:
         metadata = with_group_ids(metadata, group_ids)
         with torch.no_grad():
             rewards = call_reward(self.reward_fn, images, prompts, metadata, name=self.reward_label,
-                                  group_ids=group_ids)
+                                  group_ids=group_ids, video_reduction=self.video_reduction)
             scores = {"reward": rewards}
             # read in the thread that made the call: a reward that allows concurrent calls keeps them per thread
             for name, part in getattr(self.reward_fn, "last_parts", {}).items():
                 scores[f"reward_{name}"] = torch.as_tensor(part, dtype=torch.float32).reshape(-1).cpu()
             if self.eval_reward_fn is not None:
                 scores["eval"] = call_reward(self.eval_reward_fn, images, prompts, metadata, name=self.eval_label,
-                                             group_ids=group_ids)
+                                             group_ids=group_ids, video_reduction=self.video_reduction)
         return scores
 
     def executor(self) -> ThreadPoolExecutor:

@@ -414,17 +414,18 @@ class BaseTrainer:
 
     def reward_scorer(self):
         """How `reward_fn` and `eval_reward_fn` are called (`diffalign.rewards.scoring.RewardScorer`), asynchronously
-        with `reward_async`; rebuilt when either is replaced."""
+        with `reward_async`, videos through `video_reward_reduction`; rebuilt when either is replaced."""
         from diffalign.rewards import reward_name
         from diffalign.rewards.scoring import RewardScorer
 
         scorer = getattr(self, "_reward_scorer", None)
         if (scorer is None or scorer.reward_fn is not self.reward_fn
-                or scorer.eval_reward_fn is not self.eval_reward_fn):
+                or scorer.eval_reward_fn is not self.eval_reward_fn
+                or scorer.video_reduction != self.config.video_reward_reduction):
             scorer = self._reward_scorer = RewardScorer(
                 self.reward_fn, getattr(self, "reward_label", None) or reward_name(self.reward_fn),
                 self.eval_reward_fn, reward_name(self.eval_reward_fn, self.config.eval_reward),
-                asynchronous=self.config.reward_async)
+                asynchronous=self.config.reward_async, video_reduction=self.config.video_reward_reduction)
         return scorer
 
     # ------------------------------------------------------------- the loop

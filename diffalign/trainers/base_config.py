@@ -38,11 +38,14 @@ HELDOUT_KEYS = frozenset({"eval_every", "eval_prompts", "eval_prompt_file", "eva
 # Fields added after runs were made, hashed only when set: earlier runs' checkpoints keep their hash.
 HASHED_WHEN_SET = frozenset({"prompt_dataset", "prompt_dataset_split", "prompt_column", "ema_decay", "ema_update_every",
                              "quantize_denoiser", "quantize_text_encoders", "train_ratio_norm", "num_frames",
-                             "sample_guidance_scale_2"})
+                             "sample_guidance_scale_2", "video_reward_reduction"})
 # Memory and speed levers that leave what is trained as it is (not hashed: a run may resume with other ones).
 MEMORY_KEYS = frozenset({"offload_text_encoders", "vae_slicing", "vae_tiling", "attention_backend",
                          "reward_async"})
 
+# The names of `video_reward_reduction` (`diffalign.rewards.VIDEO_REDUCTIONS` holds their functions; this module
+# imports no torch).
+VIDEO_REWARD_REDUCTIONS = ("mean", "min", "max", "median")
 
 # Fields that say where a run is reported and published, not what it trains (left out of `TrainConfig.hash`).
 LOGGING_KEYS = frozenset({"report_to", "tracker_project_name", "run_name", "log_images_every", "push_to_hub",
@@ -145,6 +148,12 @@ class TrainConfig:
         default=True,
         metadata={"help": "Score each sampled chunk in a background thread while the next one samples (same scores, "
                           "bit for bit, as false, which scores it in the sampling thread)."},
+    )
+    video_reward_reduction: str = field(
+        default="mean",
+        metadata={"help": "How an image reward scores a video: each frame is scored as an image and a video's score "
+                          "is the `mean`, `min`, `max` or `median` of its frames' scores. Video-native rewards (e.g. "
+                          "temporal_consistency) and image models ignore it."},
     )
 
     # > Model
@@ -326,6 +335,9 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and (value != value or abs(value) == float("inf")):
                 raise ConfigError(f"{f.name} must be a finite number; got {value}")
+        if self.video_reward_reduction not in VIDEO_REWARD_REDUCTIONS:
+            raise ConfigError(f"video_reward_reduction must be one of {', '.join(VIDEO_REWARD_REDUCTIONS)}; got "
+                              f"{self.video_reward_reduction!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision must be one of no, fp16, bf16; got '{self.mixed_precision}'")
         if self.sample_eta <= 0:

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from tqdm.auto import tqdm
 
-from ..plotting import grid_scale, image_grid, labelled_rows
+from ..plotting import find_video, grid_scale, image_grid, labelled_rows, read_video, save_video, video_grid
 from ..rollout import Trajectories, concat_trajectories, sample_trajectories
 from ..runlog import finite_json
 from ..utils.peft_utils import reference_model
@@ -184,7 +184,8 @@ class Evaluator:
 
     def save_grid(self, filename: str):
         """`<output_dir>/<filename>` of the grid samples (and `grid_before_after.png` next to `grid_before.png`); an
-        edit is shown after its condition image (`with_condition_images`)."""
+        edit is shown after its condition image (`with_condition_images`). Videos make animated grids instead:
+        `<stem>.mp4` (`.gif` without imageio-ffmpeg, `diffalign.plotting.save_video`), and `grid_before_after.mp4`."""
         if not self.takes_part:
             return
         trajectories = self.grid_trajectories()
@@ -193,6 +194,8 @@ class Evaluator:
         images, per_sample = with_condition_images(trajectories.images, trajectories.prompts)
         output_dir = self.config.output_dir
         nrow = per_sample * math.ceil(math.sqrt(len(images) // per_sample))
+        if images.ndim == 5:
+            return save_video_grid(images, nrow, grid_scale(self.resolution), output_dir, filename)
         image_grid(images, nrow=nrow, scale=grid_scale(self.resolution)).save(os.path.join(output_dir, filename))
         before = os.path.join(output_dir, "grid_before.png")
         if filename == "grid_after.png" and os.path.exists(before):
@@ -203,10 +206,27 @@ class Evaluator:
             combined.save(os.path.join(output_dir, "grid_before_after.png"))
 
 
+def save_video_grid(videos: torch.Tensor, nrow: int, scale: int, output_dir: str, filename: str) -> str:
+    """The animated grid of `videos` `(N, F, 3, H, W)` as `<output_dir>/<filename's stem>.mp4` (or `.gif`), and for
+    `grid_after` also `grid_before_after.mp4`: each frame the frame of `grid_before` over the same frame of this grid
+    (the before grid read back from its file, so a resumed run has it too). Returns the grid's path."""
+    frames = video_grid(videos, nrow=nrow, scale=scale)
+    path = save_video(frames, os.path.join(output_dir, filename))
+    before = find_video(os.path.join(output_dir, "grid_before"))
+    if os.path.splitext(filename)[0] == "grid_after" and before is not None:
+        # an MP4 frame is padded to multiples of 16: crop back to the grid's size
+        before_frames = [frame.crop((0, 0, after.width, after.height)) for frame, after in zip(read_video(before),
+                                                                                                frames)]
+        save_video([labelled_rows([b, a], ["before", "after"], label_width=60) for b, a in zip(before_frames, frames)],
+                   os.path.join(output_dir, "grid_before_after"))
+    return path
+
+
 def with_condition_images(images: torch.Tensor, prompts: Sequence[str]) -> Tuple[torch.Tensor, int]:
     """`(tiles, tiles per sample)` of a grid: `images` `(N, 3, H, W)` alone (1) when no prompt has a condition image,
     else each sample's condition images (resized to the sample's size; blank for a prompt without) before it, so a
-    grid shows input and edit side by side."""
+    grid shows input and edit side by side. Videos `(N, F, 3, H, W)` likewise, a condition image standing still
+    through the `F` frames."""
     from ..prompts import condition_images_of, load_condition_tensor
 
     conditions = [condition_images_of(prompt) for prompt in prompts]
@@ -222,6 +242,8 @@ def with_condition_images(images: torch.Tensor, prompts: Sequence[str]) -> Tuple
                 tiles.append(torch.nn.functional.interpolate(condition, size=(height, width), mode="bilinear",
                                                              antialias=True, align_corners=False)[0].clamp(0, 1))
             else:
-                tiles.append(torch.ones_like(image, dtype=torch.float32))
+                tiles.append(torch.ones(image.shape[-3:], dtype=torch.float32))
         tiles.append(image.float())
-    return torch.stack([tile.to(images.device) for tile in tiles]), count + 1
+    # a video's condition tile is its image repeated over the frames
+    tiles = [tile.cpu().expand(images.shape[1:]) if tile.dim() < images.dim() - 1 else tile.cpu() for tile in tiles]
+    return torch.stack(tiles).to(images.device), count + 1
