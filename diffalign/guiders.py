@@ -495,5 +495,7 @@ class ModularRLGPipeline:
             negative_prompt = [negative_prompt] * len(prompt)
         if negative_prompt is not None:
             kwargs["negative_prompt"] = copy(negative_prompt)
+        if self.output == "videos" and "num_images_per_prompt" in kwargs:  # a video pipeline's name for it
+            kwargs["num_videos_per_prompt"] = kwargs.pop("num_images_per_prompt")
         images = self.modular_pipeline(prompt=copy(prompt), output=self.output, **kwargs)
         return ImagePipelineOutput(images=images)

@@ -289,6 +289,7 @@ def test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines(family_dir, 
     family, model = family_dir
     out = str(tmp_path / "run")
     extra = ["--sample_sde_window_size", "2"] if algorithm == "ddpo" else []  # an SDE window
+    extra += [item for key, value in family.tiny_settings.items() for item in (f"--{key}", str(value))]
     assert main(_cli_args(algorithm, model, out, extra)) == 0
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [line["epoch"] for line in lines] == [0, 1]
@@ -299,7 +300,9 @@ def test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines(family_dir, 
                   **family.pipeline_guidance_kwargs(3.0, 3.0))
     pipe = getattr(diffusers, family.pipeline_class).from_pretrained(model, **family.pipeline_init_kwargs)
     pipe.set_progress_bar_config(disable=True)
-    kwargs.update(family_for_pipeline(pipe).pipeline_call_kwargs(SIZE, SIZE))  # e.g. Kontext's max_area
+    sampled = family_for_pipeline(pipe)
+    sampled.configure(**family.tiny_settings)  # e.g. Wan's 5 frames, as trained
+    kwargs.update(sampled.pipeline_call_kwargs(SIZE, SIZE))  # e.g. Kontext's max_area
     before = _sampled(pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs))
     pipe.load_lora_weights(lora_dir)
     after = _sampled(pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs))
@@ -383,8 +386,16 @@ def test_generate_picks_the_family_rlg_pipeline(family_dir, tmp_path, monkeypatc
     out = tmp_path / "out"
     argv = ["--model", model, "--lora", lora_dir, "--prompt", "a cat", "--rlg-scale", "0", "1", "--num-images", "1",
             "--steps", "2", "--resolution", str(SIZE), "--output-dir", str(out)]
+    argv += [item for key, value in family_class.tiny_settings.items()  # e.g. Wan's --num-frames 5
+             for item in (f"--{key.replace('_', '-')}", str(value))]
     assert generate.run(generate.add_arguments(argparse.ArgumentParser()).parse_args(argv)) == 0
-    assert (out / "rlg_grid.png").is_file()
+    if family_class.output_kind == "video":  # an animated grid, a row per scale
+        from diffalign.plotting import find_video, read_video
+
+        frames = read_video(find_video(str(out / "rlg_grid.png")))
+        assert len(frames) == family_class.tiny_settings.get("num_frames", len(frames))
+    else:
+        assert (out / "rlg_grid.png").is_file()
     assert calls[0]["guidance_scale"] == family_class.default_guidance_scale and calls[0]["height"] == SIZE
 
     pipe = generate.load_rlg_pipeline(model, lora=lora_dir, device="cpu")
@@ -394,7 +405,7 @@ def test_generate_picks_the_family_rlg_pipeline(family_dir, tmp_path, monkeypatc
         assert isinstance(pipe, ModularRLGPipeline) and family_class.rlg_route() == "guider (modular)"
         # the modular pipeline runs the weights the family's pipeline loaded: no second copy
         assert pipe.components[family_class.denoiser_name].peft_config
-    kwargs = dict(num_inference_steps=2, height=SIZE, width=SIZE)
+    kwargs = dict(num_inference_steps=2, height=SIZE, width=SIZE, **family_class.tiny_settings)
     scale = family_class.default_guidance_scale
     images = generate.sample_scales(pipe, ["a cat"], [0.0, 1.0], 1, 0, eta=0.0, guidance_scale=scale, **kwargs)
     stock = getattr(diffusers, family_class.pipeline_class).from_pretrained(model, **family_class.pipeline_init_kwargs)

@@ -266,7 +266,7 @@ class WanFamily(ModelFamily):
     @classmethod
     def tiny_components(cls, seed: int = 0, version: str = "2.1", unipc_scheduler: bool = False) -> dict:
         """Components of a tiny random `WanPipeline` (the configs of diffusers' Wan tests): a two-block
-        `WanTransformer3DModel` (patches 1x2x2), a tiny `AutoencoderKLWan` (8x spatial, 4x temporal), a tiny UMT5
+        `WanTransformer3DModel` (patches 1x2x2), a small `AutoencoderKLWan` (8x spatial, 4x temporal), a tiny UMT5
         encoder with a word-level T5 tokenizer built in code, and a flow-match scheduler with shift 7, as diffusers' Wan
         tests (`unipc_scheduler`: the published models' UniPC flow scheduler, with that shift).
 
@@ -288,8 +288,8 @@ class WanFamily(ModelFamily):
                                    patch_size=2, latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
                                    dim_mult=[1, 1, 1, 1], num_res_blocks=1, scale_factor_spatial=16,
                                    scale_factor_temporal=4, temperal_downsample=[False, True, True])
-        else:
-            vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        else:  # base_dim 16, not diffusers' tests' 3: through 3 channels a LoRA's change of the latents hardly shows
+            vae = AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                    temperal_downsample=[False, True, True])
 
         def transformer(offset: int):
@@ -304,7 +304,7 @@ class WanFamily(ModelFamily):
                                                    num_heads=4)).eval()
         if unipc_scheduler:
             # the published models' scheduler class and settings; their flow_shift is 3 (480p) or 5 (720p), 7 here as
-            # in diffusers' Wan tests: at 3 or 5 a small LoRA changes the tiny model's frames by under 1e-3
+            # the flow-match shift of diffusers' Wan tests
             scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                 flow_shift=7.0)
         else:
