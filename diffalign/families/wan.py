@@ -312,10 +312,9 @@ class WanFamily(ModelFamily):
         components = {"transformer": transformer(0), "vae": vae, "text_encoder": text_encoder,
                       "tokenizer": tiny_t5_tokenizer(), "scheduler": scheduler}
         if version == "2.2-a14b":
-            # A14B's boundary is 0.875. At 0.03 the family tester's three steps (t = 1000, 877, 47 at shift 7) all
-            # go to the first expert, whose LoRA then visibly changes the tiny model's frames (the last, largest
-            # step decides them); five steps (t = 1000, 955, 875, 700, 7) end on the second expert
-            # (tests/test_family_wan.py)
+            # A14B's boundary is 0.875. At 0.03 every step of the family tester (the last at t = 47 at shift 7) goes
+            # to the first expert, whose LoRA then visibly changes the tiny model's frames (the last, largest step
+            # decides them); tests/test_family_wan.py switches at 0.875
             components.update(transformer_2=transformer(1), boundary_ratio=0.03)
         if ti2v:
             components.update(expand_timesteps=True)
