@@ -220,6 +220,7 @@ def test_recomputed_log_probs_give_ratio_one_and_window_steps_only(family_class)
 def test_resolution_rules(family_class):
     pipe = family_class.tiny_pipeline()
     family = family_for_pipeline(pipe)
+    family.configure(**family.tiny_settings)  # e.g. Wan's 5 frames
     multiple = family.resolution_multiple()
     assert SIZE % multiple == 0
     family.check_resolution(4 * multiple)

@@ -151,8 +151,11 @@ class WanFamily(ModelFamily):
 
     @classmethod
     def resolution_limits(cls, denoiser_config, vae_scale_factor: int):
-        """The VAE's spatial downsampling, then the transformer's spatial patches; the rotary tables bound no size."""
-        return vae_scale_factor * denoiser_config.get("patch_size", (1, 2, 2))[1], None
+        """The VAE's spatial downsampling, then the transformer's spatial patches; the rotary tables hold
+        `rope_max_seq_len` patches a side (1024 in the published models: 16384 pixels)."""
+        multiple = vae_scale_factor * denoiser_config.get("patch_size", (1, 2, 2))[1]
+        positions = denoiser_config.get("rope_max_seq_len")
+        return multiple, positions * multiple if positions else None
 
     def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents=None, denoiser=None):
         """`(B, C, F, h, w)` Gaussian noise drawn as `WanPipeline.prepare_latents` draws it (float32, the same numbers
@@ -297,7 +300,7 @@ class WanFamily(ModelFamily):
             return WanTransformer3DModel(
                 patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=channels,
                 out_channels=channels, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+                qk_norm="rms_norm_across_heads", rope_max_seq_len=64)  # 64 patches: WanPipeline's 832 wide
 
         torch.manual_seed(seed)
         text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=37, num_layers=2,
