@@ -3,8 +3,9 @@ UniPC, TI2V-5B and A14B variants): Wan 2.2 A14B's expert switch at the boundary 
 `WanPipeline`'s, for rollouts and for training batches that mix both sides; TI2V-5B gives the transformer one timestep
 per latent token; `num_frames` sets the latent frames, is validated (one line, exit 2) and hashed only when set; the
 flow SDE's log-probs and the forward-process losses average over every non-batch dimension of video latents; a UniPC
-scheduler becomes flow-match Euler with its shift; and `train nft` trains the tiny Wan from the CLI, writing animated
-grids and a LoRA that `WanPipeline.load_lora_weights` loads and that changes its videos."""
+scheduler becomes flow-match Euler with its shift; and `train nft` (and, with -m slow, `awm`, `dgpo`, and `ddpo` on
+A14B) trains the tiny Wan from the CLI, writing animated grids and a LoRA that `WanPipeline.load_lora_weights` loads
+and that changes its videos (the family tester trains `ddpo` and `prdp`)."""
 
 import json
 import os
@@ -192,20 +193,37 @@ def test_two_prompts_give_different_conditioning():
     assert (cond[0] - cond[1]).abs().max() > 1e-3
 
 
-def test_cli_trains_wan_with_nft_and_the_lora_loads_in_wan_pipeline(tmp_path):
+# each algorithm's own settings for 3 steps (AWM's and DGPO's timestep counts fit in them)
+ALGORITHM_ARGS = {
+    "nft": [],
+    "awm": ["--train_timesteps", "2", "--train_timestep_fraction", "1.0", "--train_micro_batch_size", "4"],
+    "dgpo": ["--train_trunc_steps", "2", "--train_num_timesteps", "2", "--train_micro_batch_size", "4"],
+    "ddpo": ["--sample_sde_window_size", "2"],
+}
+
+
+@pytest.mark.parametrize("algorithm, variant", [
+    pytest.param("nft", {}, id="nft"),
+    pytest.param("awm", {}, marks=pytest.mark.slow, id="awm"),
+    pytest.param("dgpo", {}, marks=pytest.mark.slow, id="dgpo"),
+    pytest.param("ddpo", {"version": "2.2-a14b"}, marks=pytest.mark.slow, id="ddpo-a14b"),
+])
+def test_cli_trains_wan_and_the_lora_loads_in_wan_pipeline(algorithm, variant, tmp_path):
+    """Two epochs from the CLI on the tiny Wan (5 frames): metrics per epoch, an animated before/after grid, the
+    run's `num_frames` saved, and a LoRA that `WanPipeline.load_lora_weights` loads and that changes its videos."""
     import diffusers
 
     from diffalign.cli import main
     from diffalign.plotting import find_video, read_video
 
-    model = WanFamily.save_tiny(str(tmp_path / "wan"))
+    model = WanFamily.save_tiny(str(tmp_path / "wan"), **variant)
     out = str(tmp_path / "run")
-    args = ["train", "nft", "--model", model, "--output_dir", out, "--num_epochs", "2", "--sample_num_steps", "2",
+    args = ["train", algorithm, "--model", model, "--output_dir", out, "--num_epochs", "2", "--sample_num_steps", "3",
             "--sample_num_prompts_per_epoch", "2", "--sample_images_per_prompt", "2", "--sample_batch_size", "4",
             "--train_batch_size", "4", "--grid_num_images", "2", "--checkpoint_every", "2", "--reward",
             "jpeg_compressibility", "--prompts", "[a photo of a cat, a red car]", "--train_learning_rate", "0.05",
             "--sample_guidance_scale", "3.0", "--sample_resolution", "16", "--num_frames", "5",
-            "--final_eval_num_images", "0", "--sample_compute_kl", "false"]
+            "--final_eval_num_images", "0", "--sample_compute_kl", "false"] + ALGORITHM_ARGS[algorithm]
     assert main(args) == 0
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [line["epoch"] for line in lines] == [0, 1]
@@ -216,9 +234,9 @@ def test_cli_trains_wan_with_nft_and_the_lora_loads_in_wan_pipeline(tmp_path):
 
     pipe = diffusers.WanPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(prompt=PROMPTS[0], num_inference_steps=2, height=16, width=16, num_frames=5, output_type="pt",
+    kwargs = dict(prompt=PROMPTS[0], num_inference_steps=3, height=16, width=16, num_frames=5, output_type="pt",
                   guidance_scale=3.0)
     before = pipe(generator=_generator(), **kwargs).frames
-    pipe.load_lora_weights(os.path.join(out, "final"))
+    pipe.load_lora_weights(os.path.join(out, "final"))  # into `transformer` (A14B: the high-noise expert)
     after = pipe(generator=_generator(), **kwargs).frames
     assert (after - before).abs().max() > 1e-4
