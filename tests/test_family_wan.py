@@ -87,6 +87,29 @@ def test_a14b_prediction_of_a_mixed_batch_is_each_row_own_expert():
         high = family.predict(family.denoiser, latents[1:], torch.tensor([955.0]), pick(cond), pick(negative), 4.0)
     assert (high - mixed[1:]).abs().max() > 1e-4  # row 1 (t = 7) was the low-noise expert's
 
+    # per-row adapters (the forward-process trainers' frozen predictions): the policy on row 0, the base on row 1
+    from diffalign.utils.peft_utils import BASE_ADAPTER, adapter_rows
+
+    add_lora(family.denoiser, target_modules=family.default_lora_target_modules)
+    generator = _generator(2)
+    for parameter in family.denoiser.parameters():
+        if parameter.requires_grad:
+            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.1
+    family.denoiser.eval()
+    both = torch.tensor([955.0, 955.0])
+    with torch.no_grad(), adapter_rows(family.denoiser, ["default", BASE_ADAPTER] * 2):  # [negative, cond] rows
+        routed = family.predict(family.denoiser, latents, torch.tensor([955.0, 7.0]), cond, negative, 4.0)
+        routed_high = family.predict(family.denoiser, latents, both, cond, negative, 4.0)
+    with torch.no_grad():
+        policy = family.predict(family.denoiser, latents, both, cond, negative, 4.0)
+        family.denoiser.disable_adapters()
+        base = family.predict(family.denoiser, latents, both, cond, negative, 4.0)
+        family.denoiser.enable_adapters()
+    torch.testing.assert_close(routed_high[0], policy[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(routed_high[1], base[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(routed[0], policy[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(routed[1], mixed[1], atol=1e-6, rtol=1e-5)  # the low-noise expert, no LoRA
+
 
 def test_a14b_lora_trains_and_loads_into_the_high_noise_expert(tmp_path):
     family = _family(version="2.2-a14b")
@@ -207,6 +230,8 @@ ALGORITHM_ARGS = {
     pytest.param("awm", {}, marks=pytest.mark.slow, id="awm"),
     pytest.param("dgpo", {}, marks=pytest.mark.slow, id="dgpo"),
     pytest.param("ddpo", {"version": "2.2-a14b"}, marks=pytest.mark.slow, id="ddpo-a14b"),
+    # A14B's boundary: NFT's rows at random times mix both experts in one batch
+    pytest.param("nft", {"version": "2.2-a14b", "boundary_ratio": 0.875}, marks=pytest.mark.slow, id="nft-a14b"),
 ])
 def test_cli_trains_wan_and_the_lora_loads_in_wan_pipeline(algorithm, variant, tmp_path):
     """Two epochs from the CLI on the tiny Wan (5 frames): metrics per epoch, an animated before/after grid, the
@@ -216,7 +241,15 @@ def test_cli_trains_wan_and_the_lora_loads_in_wan_pipeline(algorithm, variant, t
     from diffalign.cli import main
     from diffalign.plotting import find_video, read_video
 
+    variant = dict(variant)
+    boundary_ratio = variant.pop("boundary_ratio", None)
     model = WanFamily.save_tiny(str(tmp_path / "wan"), **variant)
+    if boundary_ratio is not None:
+        index = os.path.join(model, "model_index.json")
+        with open(index) as f:
+            config = json.load(f)
+        with open(index, "w") as f:
+            json.dump({**config, "boundary_ratio": boundary_ratio}, f)
     out = str(tmp_path / "run")
     args = ["train", algorithm, "--model", model, "--output_dir", out, "--num_epochs", "2", "--sample_num_steps", "3",
             "--sample_num_prompts_per_epoch", "2", "--sample_images_per_prompt", "2", "--sample_batch_size", "4",

@@ -186,7 +186,12 @@ class WanFamily(ModelFamily):
     def predict(self, denoiser, latents, timesteps, cond: Conditioning, negative: Optional[Conditioning],
                 guidance_scale: float) -> torch.Tensor:
         """CFG as `ModelFamily.predict`; for a two-expert model, rows at timesteps below the boundary go to
-        `transformer_2` with `guidance_scale_2` (default `guidance_scale`), as WanPipeline switches."""
+        `transformer_2` with `guidance_scale_2` (default `guidance_scale`), as WanPipeline switches.
+
+        A batch on one side of the boundary (every rollout step) runs that expert alone. A batch mixing both sides
+        (the forward-process trainers draw a time per row) runs both experts on every row and keeps each row's own:
+        the denoiser sees the whole batch in order, as per-row adapters (`adapter_rows`) expect, at twice the
+        compute; rows of the low-noise expert get no gradient."""
         timesteps = torch.as_tensor(timesteps, device=latents.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(latents.shape[0])
@@ -195,20 +200,13 @@ class WanFamily(ModelFamily):
             return super().predict(denoiser, latents, timesteps, cond, negative, guidance_scale)
         high = timesteps >= boundary
         scale_2 = guidance_scale if self.guidance_scale_2 is None else self.guidance_scale_2
-        experts = ((high, denoiser, guidance_scale), (~high, self.pipe.transformer_2, scale_2))
-        present = [(rows, model, scale) for rows, model, scale in experts if bool(rows.any())]
-        if len(present) == 1:  # a rollout step: every row on one side of the boundary
-            _, model, scale = present[0]
-            return super().predict(model, latents, timesteps, cond, negative, scale)
-        output = None
-        for rows, model, scale in present:
-            pick = lambda mapping: {k: v[rows] for k, v in mapping.items()}  # noqa: E731
-            part = super().predict(model, latents[rows], timesteps[rows], pick(cond),
-                                   pick(negative) if negative is not None else None, scale)
-            if output is None:
-                output = part.new_zeros(latents.shape[0], *part.shape[1:])
-            output = output.index_put((rows.nonzero()[:, 0],), part)
-        return output
+        if bool(high.all()):
+            return super().predict(denoiser, latents, timesteps, cond, negative, guidance_scale)
+        low_noise = super().predict(self.pipe.transformer_2, latents, timesteps, cond, negative, scale_2)
+        if not bool(high.any()):
+            return low_noise
+        high_noise = super().predict(denoiser, latents, timesteps, cond, negative, guidance_scale)
+        return torch.where(high.view(-1, *[1] * (latents.ndim - 1)), high_noise, low_noise.to(high_noise.dtype))
 
     # ------------------------------------------------------------------- decoding
     def decode(self, latents: torch.Tensor, height: Optional[int] = None, width: Optional[int] = None) -> torch.Tensor:
