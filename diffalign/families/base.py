@@ -68,8 +68,8 @@ class ModelFamily:
     embedded_guidance: Optional[float] = None  # the rollouts' embedded guidance (guidance_kind "embedded")
     # named settings of `tiny_components`, each a real configuration of the model the family tester runs too
     tiny_variants: Dict[str, Dict[str, Any]] = {}
-    # `configure` settings with which the tests sample the tiny models, where the pipeline's default is too large for
-    # a CPU (Wan: 5 frames, not 81); `pipeline_call_kwargs` then gives the pipeline the same
+    # settings with which the tests sample the tiny models where the pipeline's default is too large for a CPU (Wan:
+    # 5 frames, not 81): `configure` keys, run config keys and pipeline call arguments of the same names
     tiny_settings: Dict[str, Any] = {}
     # condition images a prompt may carry (`diffalign.prompts.ConditionedPrompt`): 0 for text-to-image models; an
     # editing model (FLUX.1 Kontext) encodes them into its conditioning
