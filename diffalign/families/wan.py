@@ -55,6 +55,17 @@ def latent_frames(num_frames: int, temporal_factor: int = 4) -> int:
     return (num_frames - 1) // temporal_factor + 1
 
 
+def clean_modular_prompts_as_the_pipeline():
+    """diffusers' modular Wan text encoder cleans prompts with ftfy unconditionally, `WanPipeline` only where ftfy is
+    installed: without ftfy, the modular encoder is given the pipeline's cleaning, so both encode a prompt alike
+    (with ftfy nothing changes)."""
+    import diffusers.modular_pipelines.wan.encoders as wan_encoders
+    from diffusers.pipelines.wan import pipeline_wan
+
+    if not pipeline_wan.is_ftfy_available():
+        wan_encoders.basic_clean = pipeline_wan.basic_clean
+
+
 class WanFamily(ModelFamily):
     name = "wan"
     pipeline_class = "WanPipeline"
@@ -228,6 +239,12 @@ class WanFamily(ModelFamily):
 
     # ------------------------------------------------------------------------ RLG
     @classmethod
+    def modular_blocks(cls):
+        """`ModelFamily.modular_blocks`, with the modular text encoder cleaning prompts as WanPipeline does."""
+        clean_modular_prompts_as_the_pipeline()
+        return super().modular_blocks()
+
+    @classmethod
     def rlg_route_for(cls, pipe) -> Optional[str]:
         """No route for Wan 2.2 TI2V-5B: diffusers' modular Wan samples neither its per-token timesteps nor with its
         16x VAE."""
@@ -243,13 +260,8 @@ class WanFamily(ModelFamily):
                              "does not sample it")
         from ..guiders import ModularRLGPipeline
         import diffusers.modular_pipelines
-        import diffusers.modular_pipelines.wan.encoders as wan_encoders
-        from diffusers.pipelines.wan import pipeline_wan
 
-        # the modular text encoder cleans prompts with ftfy unconditionally, WanPipeline only where it is installed:
-        # without ftfy both clean them as WanPipeline does
-        if not pipeline_wan.is_ftfy_available():
-            wan_encoders.basic_clean = pipeline_wan.basic_clean
+        clean_modular_prompts_as_the_pipeline()
         two_experts = pipe.config.get("boundary_ratio") is not None
         blocks = getattr(diffusers.modular_pipelines, "Wan22Blocks" if two_experts else cls.modular_blocks_class)()
         modular = blocks.init_pipeline()
