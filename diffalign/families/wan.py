@@ -50,11 +50,6 @@ def check_num_frames(num_frames, temporal_factor: int = 4):
                          f"{1 + 2 * temporal_factor}, ...); got {num_frames!r}")
 
 
-def latent_frames(num_frames: int, temporal_factor: int = 4) -> int:
-    """The latent frames of a video of `num_frames` frames (`WanPipeline.prepare_latents`)."""
-    return (num_frames - 1) // temporal_factor + 1
-
-
 def clean_modular_prompts_as_the_pipeline():
     """diffusers' modular Wan text encoder cleans prompts with ftfy unconditionally, `WanPipeline` only where ftfy is
     installed: without ftfy, the modular encoder is given the pipeline's cleaning, so both encode a prompt alike
