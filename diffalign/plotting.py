@@ -31,7 +31,8 @@ def image_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 
 VIDEO_FPS = 16
 
 
-def video_grid(videos: torch.Tensor, nrow: Optional[int] = None, padding: int = 2, scale: int = 1) -> List[Image.Image]:
+def video_grid(videos: torch.Tensor, nrow: Optional[int] = None, padding: int = 2,
+               scale: int = 1) -> List[Image.Image]:
     """`(N, F, 3, H, W)` videos in [0, 1] -> `F` PIL frames, frame `f` the `image_grid` of every video's frame `f`."""
     return [image_grid(videos[:, f], nrow=nrow, padding=padding, scale=scale) for f in range(videos.shape[1])]
 

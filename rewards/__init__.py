@@ -98,7 +98,8 @@ def register_reward(name: str):
     """Decorator registering a reward factory under `name`.
 
     The factory takes keyword arguments (model paths, devices, ...) and returns a callable
-    `reward(images, prompts, metadata) -> Tensor[B]`.
+    `reward(images, prompts, metadata) -> Tensor[B]`. A callable with `video_native = True` is a video reward: it
+    gets videos `[B, F, 3, H, W]` and never images (without it, videos reach it frame by frame: `call_reward`).
 
     Args:
         name (`str`):

@@ -157,7 +157,8 @@ def test_temporal_consistency_is_the_mean_clip_similarity_of_consecutive_frames(
               for frame in videos.flatten(0, 1)]
     with torch.no_grad():
         pixels = processor(images=frames, return_tensors="pt").pixel_values
-        embeddings = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output).unflatten(0, (2, 3))
+        pooled = model.vision_model(pixel_values=pixels).pooler_output
+        embeddings = model.visual_projection(pooled).unflatten(0, (2, 3))
     cos = torch.nn.functional.cosine_similarity
     expected = torch.stack([(cos(e[0], e[1], dim=0) + cos(e[1], e[2], dim=0)) / 2 for e in embeddings])
     torch.testing.assert_close(scores, expected, atol=2e-3, rtol=1e-3)
