@@ -83,7 +83,7 @@ def test_a14b_prediction_of_a_mixed_batch_is_each_row_own_expert():
             pick = lambda mapping: {k: v[row:row + 1] for k, v in mapping.items()}  # noqa: E731
             alone = family.predict(family.denoiser, latents[row:row + 1], timesteps[row:row + 1], pick(cond),
                                    pick(negative), 4.0)
-            torch.testing.assert_close(mixed[row:row + 1], alone, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(mixed[row:row + 1], alone, atol=1e-5, rtol=1e-4)
         high = family.predict(family.denoiser, latents[1:], torch.tensor([955.0]), pick(cond), pick(negative), 4.0)
     assert (high - mixed[1:]).abs().max() > 1e-4  # row 1 (t = 7) was the low-noise expert's
 
@@ -105,10 +105,10 @@ def test_a14b_prediction_of_a_mixed_batch_is_each_row_own_expert():
         family.denoiser.disable_adapters()
         base = family.predict(family.denoiser, latents, both, cond, negative, 4.0)
         family.denoiser.enable_adapters()
-    torch.testing.assert_close(routed_high[0], policy[0], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(routed_high[1], base[1], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(routed[0], policy[0], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(routed[1], mixed[1], atol=1e-6, rtol=1e-5)  # the low-noise expert, no LoRA
+    torch.testing.assert_close(routed_high[0], policy[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(routed_high[1], base[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(routed[0], policy[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(routed[1], mixed[1], atol=1e-5, rtol=1e-4)  # the low-noise expert, no LoRA
 
 
 def test_a14b_lora_trains_and_loads_into_the_high_noise_expert(tmp_path):

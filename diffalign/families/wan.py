@@ -308,7 +308,7 @@ class WanFamily(ModelFamily):
                 qk_norm="rms_norm_across_heads", rope_max_seq_len=64)  # 64 patches: WanPipeline's 832 wide
 
         torch.manual_seed(seed)
-        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=37, num_layers=2,
+        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=37, num_layers=1,
                                                    num_heads=4)).eval()
         if unipc_scheduler:
             # the published models' scheduler class and settings; their flow_shift is 3 (480p) or 5 (720p), 7 here as
