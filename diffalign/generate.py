@@ -73,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "embedded guidance (default 3.5; FLUX.1 Kontext 2.5)",
     )
     parser.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
+    parser.add_argument("--num-frames", type=int, default=None,
+                        help="frames per video of video models (Wan: 4k + 1; default the pipeline's, 81)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (SD, SDXL; SD3 samples the ODE)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rlg-start", type=float, default=0.0, help="fraction of steps where RLG starts")
@@ -244,7 +246,8 @@ def load_rlg_pipeline(
 def sample_scales(
     pipe, prompts: List[str], scales: List[float], num_images: int, seed: int, progress: bool = False, **call_kwargs
 ) -> Dict:
-    """Images `[len(prompts) * num_images, 3, H, W]` in [0, 1] for each scale; the same seeds at every scale.
+    """Images `[len(prompts) * num_images, 3, H, W]` in [0, 1] for each scale (videos of a video model: `[N, F, 3,
+    H, W]`); the same seeds at every scale.
 
     `progress`: a tqdm bar per scale (on stderr) counting its images.
     """
@@ -286,19 +289,27 @@ def grid_order(num_prompts: int, num_images: int) -> List[int]:
 
 
 def save_images(images: Dict, prompts: List[str], num_images: int, seed: int, directory: str) -> str:
-    """Every image as `directory/w<scale>/p<prompt>_seed<seed>.png` plus `directory/index.json`; returns the index."""
+    """Every image as `directory/w<scale>/p<prompt>_seed<seed>.png` (a video as `.mp4`, or `.gif` without
+    imageio-ffmpeg: `diffalign.plotting.save_video`) plus `directory/index.json`; returns the index."""
     from PIL import Image
+
+    from diffalign.plotting import save_video
 
     entries = []
     digits = max(2, len(str(len(prompts) - 1)))
     for scale, batch in images.items():
         folder = os.path.join(directory, f"w{scale:g}")
         os.makedirs(folder, exist_ok=True)
-        array = (batch.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+        # (N, [F,] H, W, 3) uint8
+        array = (batch.clamp(0, 1).movedim(-3, -1).numpy() * 255).round().astype("uint8")
         for i, pixels in enumerate(array):
             p, j = divmod(i, num_images)
             name = os.path.join(f"w{scale:g}", f"p{p:0{digits}d}_seed{seed + j}.png")
-            Image.fromarray(pixels).save(os.path.join(directory, name))
+            if pixels.ndim == 4:  # a video's frames
+                written = save_video([Image.fromarray(frame) for frame in pixels], os.path.join(directory, name))
+                name = os.path.relpath(written, directory)
+            else:
+                Image.fromarray(pixels).save(os.path.join(directory, name))
             entries.append({"file": name, "rlg_scale": scale, "prompt": prompts[p], "seed": seed + j})
     index = os.path.join(directory, "index.json")
     with open(index, "w") as f:
@@ -406,6 +417,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--num-images and --steps must be at least 1")
     if args.resolution is not None and args.resolution < 1:
         raise ConfigError("--resolution must be a positive number of pixels")
+    if args.num_frames is not None and (args.num_frames < 1 or (args.num_frames - 1) % 4):
+        raise ConfigError(f"--num-frames must be 4k + 1 frames (1, 5, 9, ..., 81); got {args.num_frames}")
     check_model_resolution(args.model, args.resolution)  # from the model's configs: no weights loaded yet
     if not 0.0 <= args.rlg_start <= args.rlg_stop <= 1.0:
         raise ConfigError("need 0 <= --rlg-start <= --rlg-stop <= 1")
@@ -422,6 +435,8 @@ def run(args: argparse.Namespace) -> int:
 
     family = rlg_family_for(model_path)
     check_image_flag(family, args.image)
+    if args.num_frames is not None and family.output_kind != "video":
+        raise ConfigError(f"--num-frames is for video models (wan); this {family.name} model samples images")
 
     from diffalign.utils.logging_utils import quiet_libraries
 
@@ -441,6 +456,7 @@ def run(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale if args.guidance_scale is not None else family.default_guidance_scale,
         **size,
+        **({"num_frames": args.num_frames} if args.num_frames else {}),
         eta=args.eta,
         rlg_start=args.rlg_start,
         rlg_stop=args.rlg_stop,
@@ -450,15 +466,23 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     shown = grid_order(len(prompts), args.num_images)[:GRID_PER_ROW]
     grid_path = os.path.join(args.output_dir, "rlg_grid.png")
-    rows, per_sample = [images[s][shown] for s in scales], 1
-    if args.image:  # each edit after its input, as the training grids show them
-        from diffalign.prompts import ConditionedPrompt
-        from diffalign.trainers.evaluation import with_condition_images
+    labels = [f"w = {s:g}" for s in scales]
+    if family.output_kind == "video":  # an animated grid: frame f shows frame f of every video, a row per scale
+        from diffalign.plotting import save_video
 
-        edited = [ConditionedPrompt(prompts[i // args.num_images], (os.path.abspath(args.image),)) for i in shown]
-        rows = [with_condition_images(row, edited)[0] for row in rows]
-        per_sample = 2
-    rows_grid(rows, [f"w = {s:g}" for s in scales], max_per_row=GRID_PER_ROW * per_sample).save(grid_path)
+        frames = [rows_grid([images[s][shown][:, f] for s in scales], labels, max_per_row=GRID_PER_ROW)
+                  for f in range(images[scales[0]].shape[1])]
+        grid_path = save_video(frames, grid_path)
+    else:
+        rows, per_sample = [images[s][shown] for s in scales], 1
+        if args.image:  # each edit after its input, as the training grids show them
+            from diffalign.prompts import ConditionedPrompt
+            from diffalign.trainers.evaluation import with_condition_images
+
+            edited = [ConditionedPrompt(prompts[i // args.num_images], (os.path.abspath(args.image),)) for i in shown]
+            rows = [with_condition_images(row, edited)[0] for row in rows]
+            per_sample = 2
+        rows_grid(rows, labels, max_per_row=GRID_PER_ROW * per_sample).save(grid_path)
     index = save_images(images, prompts, args.num_images, args.seed, os.path.join(args.output_dir, "rlg_images"))
     total = len(prompts) * args.num_images
     print(f"wrote {grid_path} ({len(scales)} rows: RLG scales {', '.join(f'{s:g}' for s in scales)}; "
@@ -468,8 +492,15 @@ def run(args: argparse.Namespace) -> int:
     if reward_fn is not None:
         batch_prompts = [p for p in prompts for _ in range(args.num_images)]
         results = []
+        from diffalign.rewards import call_reward
+
         for scale in scales:
-            rewards = reward_fn(images[scale], batch_prompts, None).float().cpu()
+            if family.output_kind == "video":  # an image reward scores each frame, averaged; a video-native one
+                rewards = call_reward(reward_fn, images[scale], batch_prompts, None, name=args.reward,
+                                      video_reduction="mean")
+            else:
+                rewards = reward_fn(images[scale], batch_prompts, None)
+            rewards = rewards.float().cpu()
             results.append(
                 {
                     "rlg_scale": scale,

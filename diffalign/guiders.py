@@ -432,14 +432,20 @@ class ModularRLGPipeline:
         default_negative_prompt (`str`, *optional*): the negative prompt of a call that gives none (`None`: the
             blocks' own default). A string negative prompt goes to the blocks once per prompt of a prompt list
             (diffusers' modular Qwen-Image encodes its default `""` once, whatever the number of prompts, and stops).
+        output (`str`): the blocks' output returned as `.images` ("videos" for a video model: `(B, F, 3, H, W)`).
+        second_expert_guider (`Callable[[float], ClassifierFreeGuidance]`, *optional*): the guider of a two-expert
+            model's second expert (`guider_2`, Wan 2.2 A14B's low-noise `transformer_2`, which the LoRA does not
+            train), built for a call's `guidance_scale_2` (default its `guidance_scale`).
     """
 
     def __init__(self, modular_pipeline, cfg_guider, default_guidance_scale: float,
-                 default_negative_prompt: str | None = None):
+                 default_negative_prompt: str | None = None, output: str = "images", second_expert_guider=None):
         self.modular_pipeline = modular_pipeline
         self.cfg_guider = cfg_guider
         self.default_guidance_scale = default_guidance_scale
         self.default_negative_prompt = default_negative_prompt
+        self.output = output
+        self.second_expert_guider = second_expert_guider
 
     @property
     def components(self) -> dict:
@@ -466,7 +472,8 @@ class ModularRLGPipeline:
 
     def __call__(self, prompt, guidance_scale: float | None = None, rlg_scale: RLGScale | dict[str, RLGScale] = 1.0,
                  rlg_start: float = 0.0, rlg_stop: float = 1.0, adapters: str | list[str] | None = None,
-                 negative_prompt=None, true_cfg_scale: float | None = None, **kwargs):
+                 negative_prompt=None, true_cfg_scale: float | None = None, guidance_scale_2: float | None = None,
+                 **kwargs):
         r"""Images of `prompt` (`.images`, as `output_type` asks) with RLG scale `rlg_scale` in the steps
         [`rlg_start`, `rlg_stop`); `kwargs` go to the modular pipeline (`num_inference_steps`, `generator`,
         `height`, `width`, `num_images_per_prompt`, `latents`, `output_type`, ...). `true_cfg_scale`, where given,
@@ -475,6 +482,12 @@ class ModularRLGPipeline:
 
         scale = true_cfg_scale if true_cfg_scale is not None else guidance_scale
         self.modular_pipeline.update_components(guider=self.guider(scale, rlg_scale, rlg_start, rlg_stop, adapters))
+        if self.second_expert_guider is not None:
+            scale_2 = guidance_scale_2 if guidance_scale_2 is not None else scale
+            self.modular_pipeline.update_components(guider_2=self.second_expert_guider(
+                self.default_guidance_scale if scale_2 is None else scale_2))
+        elif guidance_scale_2 is not None:
+            raise ValueError("guidance_scale_2 is the second expert's CFG scale; this model has one expert")
         # some text encoder blocks write the templated prompts into the list they get (Z-Image's): hand them copies
         copy = lambda text: list(text) if isinstance(text, (list, tuple)) else text  # noqa: E731
         negative_prompt = self.default_negative_prompt if negative_prompt is None else negative_prompt
@@ -482,5 +495,7 @@ class ModularRLGPipeline:
             negative_prompt = [negative_prompt] * len(prompt)
         if negative_prompt is not None:
             kwargs["negative_prompt"] = copy(negative_prompt)
-        images = self.modular_pipeline(prompt=copy(prompt), output="images", **kwargs)
+        if self.output == "videos" and "num_images_per_prompt" in kwargs:  # a video pipeline's name for it
+            kwargs["num_videos_per_prompt"] = kwargs.pop("num_images_per_prompt")
+        images = self.modular_pipeline(prompt=copy(prompt), output=self.output, **kwargs)
         return ImagePipelineOutput(images=images)

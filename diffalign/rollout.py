@@ -48,7 +48,7 @@ class Trajectories:
             NaN at deterministic steps.
         stochastic (`torch.BoolTensor`): `(B, T)`, the steps sampled stochastically (all of them unless an SDE
             window was used); only these have log-probabilities and are trained.
-        images (`torch.Tensor`): `(B, 3, H, W)` decoded images in [0, 1].
+        images (`torch.Tensor`): `(B, 3, H, W)` decoded images in [0, 1]; `(B, F, 3, H, W)` for a video family.
         ref_log_probs (`torch.Tensor`, *optional*): `(B, T)`, the same transitions under the reference (base) model.
         kl_to_ref (`torch.Tensor`, *optional*): `(B, T)`, `KL(pi_old || pi_ref)` of each step (closed form; NaN at
             deterministic steps).
@@ -214,8 +214,9 @@ def sample_trajectories(
         ids = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
         group_ids = torch.tensor([ids[p] for p in prompts], dtype=torch.long)
 
-    height = height or family.default_resolution()
-    width = width or family.default_resolution()
+    default_height, default_width = family.default_size()
+    height = height or default_height
+    width = width or default_width
     cond, negative = family.conditioning(list(prompts), negative_prompt, do_cfg, height, width)
     cond, negative = _to(cond, device), _to(negative, device) if negative is not None else None
     timesteps = family.set_timesteps(num_inference_steps, device, height, width)

@@ -14,6 +14,7 @@ w = 1 (the guider route bit for bit against its modular pipeline with the model'
 import argparse
 import inspect
 import json
+import math
 import os
 import re
 
@@ -105,6 +106,19 @@ def _condition(family, prompt=None):
         if family.requires_condition_image else {}
 
 
+def _sampled(output):
+    """The images of a pipeline's output, or the frames of a video pipeline's (`(B, F, 3, H, W)`, WanPipeline's)."""
+    return output.frames if hasattr(output, "frames") else output.images
+
+
+def _sizes(family, wide: bool):
+    """`(height, width)` of the rollout checks: SIZE (square) or SIZE + 8 wide, or the nearest multiples of the
+    family's resolution multiple where those are not (Wan's 16, 32 for Wan 2.2 TI2V-5B)."""
+    multiple = family.resolution_multiple()
+    side = math.lcm(SIZE, multiple)
+    return side, side + (math.lcm(8, multiple) if wide else 0)
+
+
 # ------------------------------------------------------------------------------------------------------- facts
 def check_facts(family):
     """What `generate`, `bench`, the model card and the tests need from a family, resolved against diffusers and
@@ -180,18 +194,19 @@ def test_the_registry_refuses_a_repeated_family():
 
 
 # ----------------------------------------------------------------------------------------------- rollouts
-@pytest.mark.parametrize("guidance, embedded, size", [(1.0, 3.5, (SIZE, SIZE)), (3.0, 2.0, (SIZE, SIZE + 8))],
+@pytest.mark.parametrize("guidance, embedded, wide", [(1.0, 3.5, False), (3.0, 2.0, True)],
                          ids=["no-cfg-square", "cfg-wide"])
 @pytest.mark.parametrize("family_class, variant", variants())
-def test_zero_width_window_rollout_equals_the_family_pipeline(family_class, variant, guidance, embedded, size):
+def test_zero_width_window_rollout_equals_the_family_pipeline(family_class, variant, guidance, embedded, wide):
     """A rollout with no stochastic step is the pipeline's own sampling: same latents, timesteps, CFG (or embedded
     guidance and true CFG), images."""
     pipe = family_class.tiny_pipeline(**variant)
     family = family_for_pipeline(pipe)
     assert type(family) is family_class
     family.set_kernel_scheduler(pipe)  # e.g. SDXL's default Euler scheduler -> DDIM, as the trainers load it
+    family.configure(**family.tiny_settings)  # e.g. Wan's 5 frames
     family.embedded_guidance = embedded
-    height, width = size
+    height, width = _sizes(family, wide)
     latents = family.prepare_latents(2, height, width, torch.float32, "cpu", _generator(3))
     prompts = _prompts(family_class)
 
@@ -203,11 +218,11 @@ def test_zero_width_window_rollout_equals_the_family_pipeline(family_class, vari
     call = dict(num_inference_steps=3, height=height, width=width, output_type="pt",
                 **family.pipeline_guidance_kwargs(guidance, embedded), **family.pipeline_call_kwargs(height, width))
     if family.requires_condition_image:  # one call per prompt with its images (Edit-Plus samples one prompt a call)
-        stock = torch.cat([pipe(prompt=str(prompt), latents=latents[i : i + 1], **call,
-                                **family.pipeline_condition_kwargs(prompt)).images
+        stock = torch.cat([_sampled(pipe(prompt=str(prompt), latents=latents[i : i + 1], **call,
+                                         **family.pipeline_condition_kwargs(prompt)))
                            for i, prompt in enumerate(prompts)])
     else:
-        stock = pipe(prompt=PROMPTS, latents=latents, **call).images
+        stock = _sampled(pipe(prompt=PROMPTS, latents=latents, **call))
     torch.testing.assert_close(ours.images, stock, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ours.timesteps, pipe.scheduler.timesteps)  # e.g. FLUX's sigmas and dynamic shift
     assert not ours.stochastic.any() and torch.isnan(ours.log_probs).all()
@@ -224,7 +239,7 @@ def test_recomputed_log_probs_give_ratio_one_and_window_steps_only(family_class)
     pipe = family_class.tiny_pipeline()
     family = family_for_pipeline(pipe)
     family.set_kernel_scheduler(pipe)
-    family.configure(embedded_guidance=2.5, max_sequence_length=64)
+    family.configure(embedded_guidance=2.5, max_sequence_length=64, **family.tiny_settings)
     if getattr(family_class, "max_sequence_length", None) is not None:
         assert family.max_sequence_length == 64
     if family.guidance_kind == "embedded":
@@ -258,6 +273,7 @@ def test_recomputed_log_probs_give_ratio_one_and_window_steps_only(family_class)
 def test_resolution_rules(family_class):
     pipe = family_class.tiny_pipeline()
     family = family_for_pipeline(pipe)
+    family.configure(**family.tiny_settings)  # e.g. Wan's 5 frames
     multiple = family.resolution_multiple()
     assert SIZE % multiple == 0
     family.check_resolution(4 * multiple)
@@ -266,8 +282,8 @@ def test_resolution_rules(family_class):
     # the default is the pipeline's own default image size (FLUX: default_sample_size x vae_scale_factor)
     guidance = family.pipeline_guidance_kwargs(1.0, family.default_guidance_scale)
     image = pipe(prompt=PROMPTS[0], num_inference_steps=1, output_type="pt", **guidance, **_condition(family_class),
-                 **family.pipeline_call_kwargs()).images
-    assert tuple(image.shape[-2:]) == (family.default_resolution(),) * 2
+                 **family.pipeline_call_kwargs())
+    assert tuple(_sampled(image).shape[-2:]) == family.default_size()  # Wan's 480 x 832
 
 
 # ----------------------------------------------------------------------------------------- loading and CLI
@@ -334,6 +350,7 @@ def test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines(family_dir, 
     family, model = family_dir
     out = str(tmp_path / "run")
     extra = ["--sample_sde_window_size", "2"] if algorithm == "ddpo" else []  # an SDE window
+    extra += [item for key, value in family.tiny_settings.items() for item in (f"--{key}", str(value))]
     assert main(_cli_args(algorithm, model, out, extra, family)) == 0
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [line["epoch"] for line in lines] == [0, 1]
@@ -345,11 +362,13 @@ def test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines(family_dir, 
     pipe = getattr(diffusers, family.pipeline_class).from_pretrained(model, **family.pipeline_init_kwargs,
                                                                      **family.loaded_components(model))
     pipe.set_progress_bar_config(disable=True)
-    kwargs.update(family_for_pipeline(pipe).pipeline_call_kwargs(SIZE, SIZE))  # e.g. Kontext's max_area
+    sampled = family_for_pipeline(pipe)
+    sampled.configure(**family.tiny_settings)  # e.g. Wan's 5 frames, as trained
+    kwargs.update(sampled.pipeline_call_kwargs(SIZE, SIZE))  # e.g. Kontext's max_area
     kwargs.update(_condition(family))
-    before = pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs).images
+    before = _sampled(pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs))
     pipe.load_lora_weights(lora_dir)
-    after = pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs).images
+    after = _sampled(pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs))
     assert (after - before).abs().max() > 1e-4  # the trained LoRA is loaded and changes the images
 
     # ... and in the family's RLG route: w = 1 is the LoRA model, w = 0 the base
@@ -386,12 +405,13 @@ def test_saved_lora_reloads_at_its_trained_scale(family_class, tmp_path):
     # alpha != rank: diffusers needs the adapter's config as metadata, else it loads the LoRA with alpha = rank
     pipe = family_class.tiny_pipeline()
     family = family_for_pipeline(pipe)
+    family.configure(**family.tiny_settings)
     add_lora(family.denoiser, rank=4, alpha=8.0, target_modules=family.default_lora_target_modules)
     _randomise_lora(family.denoiser, std=0.2)
     kwargs = dict(num_inference_steps=2, height=SIZE, width=SIZE, output_type="pt",
                   **family.pipeline_guidance_kwargs(3.0, family.default_guidance_scale),
                   **family.pipeline_call_kwargs(SIZE, SIZE), **_condition(family_class))
-    trained = pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs).images
+    trained = _sampled(pipe(prompt=PROMPTS[0], generator=_generator(), **kwargs))
     family.save_lora(family.denoiser, str(tmp_path))
     with safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), "pt") as f:
         metadata = json.loads(f.metadata()["lora_adapter_metadata"])
@@ -399,7 +419,7 @@ def test_saved_lora_reloads_at_its_trained_scale(family_class, tmp_path):
     assert targets == sorted(targets)  # not a set's hash-seed order: two identical runs write the same metadata
     fresh = family_class.tiny_pipeline()
     fresh.load_lora_weights(str(tmp_path))
-    reloaded = fresh(prompt=PROMPTS[0], generator=_generator(), **kwargs).images
+    reloaded = _sampled(fresh(prompt=PROMPTS[0], generator=_generator(), **kwargs))
     torch.testing.assert_close(reloaded, trained, atol=1e-5, rtol=1e-4)
 
 
@@ -432,8 +452,16 @@ def test_generate_picks_the_family_rlg_pipeline(family_dir, tmp_path, monkeypatc
     edit = {}  # an editing family (FLUX.1 Kontext) edits `--image`
     if family_class.max_condition_images:
         argv += ["--image", _condition_image(tmp_path)]
+    argv += [item for key, value in family_class.tiny_settings.items()  # e.g. Wan's --num-frames 5
+             for item in (f"--{key.replace('_', '-')}", str(value))]
     assert generate.run(generate.add_arguments(argparse.ArgumentParser()).parse_args(argv)) == 0
-    assert (out / "rlg_grid.png").is_file()
+    if family_class.output_kind == "video":  # an animated grid, a row per scale
+        from diffalign.plotting import find_video, read_video
+
+        frames = read_video(find_video(str(out / "rlg_grid.png")))
+        assert len(frames) == family_class.tiny_settings.get("num_frames", len(frames))
+    else:
+        assert (out / "rlg_grid.png").is_file()
     assert calls[0]["guidance_scale"] == family_class.default_guidance_scale and calls[0]["height"] == SIZE
 
     pipe = generate.load_rlg_pipeline(model, lora=lora_dir, device="cpu")
@@ -443,9 +471,9 @@ def test_generate_picks_the_family_rlg_pipeline(family_dir, tmp_path, monkeypatc
         assert isinstance(pipe, ModularRLGPipeline) and family_class.rlg_route() == "guider (modular)"
         # the modular pipeline runs the weights the family's pipeline loaded: no second copy
         assert pipe.components[family_class.denoiser_name].peft_config
-    kwargs = dict(num_inference_steps=2, height=SIZE, width=SIZE)
+    kwargs = dict(num_inference_steps=2, height=SIZE, width=SIZE, **family_class.tiny_settings)
     if family_class.max_condition_images:
-        edit = generate.edit_call_kwargs(family_class, pipe, argv[-1], SIZE)
+        edit = generate.edit_call_kwargs(family_class, pipe, _condition_image(tmp_path), SIZE)
         kwargs.update(edit)
     scale = family_class.default_guidance_scale
     images = generate.sample_scales(pipe, ["a cat"], [0.0, 1.0], 1, 0, eta=0.0, guidance_scale=scale, **kwargs)
@@ -454,7 +482,7 @@ def test_generate_picks_the_family_rlg_pipeline(family_dir, tmp_path, monkeypatc
     # the pipeline's arguments for generate's guidance scale (Qwen-Image: `true_cfg_scale` against "", not its
     # `guidance_scale`, which samples without CFG)
     kwargs.update(family_class.rlg_guidance_pipeline_kwargs(scale))
-    run = lambda: stock(prompt="a cat", generator=_generator(), output_type="pt", **kwargs).images  # noqa: E731
+    run = lambda: _sampled(stock(prompt="a cat", generator=_generator(), output_type="pt", **kwargs))  # noqa: E731
     torch.testing.assert_close(images[0.0], run(), atol=1e-4, rtol=1e-4)
     stock.load_lora_weights(lora_dir)
     torch.testing.assert_close(images[1.0], run(), atol=1e-4, rtol=1e-4)
@@ -469,12 +497,15 @@ def test_rlg_pipeline_is_the_base_at_0_and_the_aligned_model_at_1(family_class, 
     adapters off (w = 0) and on (w = 1)."""
     import diffusers
 
-    if family_class.rlg_route() is None:
-        pytest.skip(f"{family_class.name} has no RLG route")
     components = {**family_class.pipeline_init_kwargs, **family_class.tiny_components(**variant)}
     pipeline = getattr(diffusers, family_class.pipeline_class)
+    if family_class.rlg_route_for(pipeline(**components)) is None:  # e.g. FLUX.1, or Wan 2.2 TI2V-5B
+        with pytest.raises(ModelError, match="RLG"):  # refused in one line
+            family_class.rlg_pipeline(pipeline(**components))
+        pytest.skip(f"{family_class.name} {variant} has no RLG route")
     kwargs = dict(num_inference_steps=3, height=SIZE, width=SIZE, output_type="pt",
-                  **family_class.pipeline_guidance_kwargs(3.0, family_class.default_guidance_scale))
+                  **family_class.pipeline_guidance_kwargs(3.0, family_class.default_guidance_scale),
+                  **family_class.tiny_settings)
     if "negative_prompt" in kwargs:  # true CFG: one negative prompt per prompt (FluxRLGPipeline needs as many)
         kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(PROMPTS)
     if family_class.max_condition_images:  # an editing family edits an image, sampled as its rollouts do
@@ -487,7 +518,7 @@ def test_rlg_pipeline_is_the_base_at_0_and_the_aligned_model_at_1(family_class, 
         pipe.set_progress_bar_config(disable=True)
         # a copy of the prompts: some pipelines write the chat-templated prompts into the list (Z-Image's)
         # `prompt=` by name: Flux2KleinPipeline's first argument is `image`
-        return pipe(prompt=list(PROMPTS), generator=_generator(), **kwargs, **extra).images
+        return _sampled(pipe(prompt=list(PROMPTS), generator=_generator(), **kwargs, **extra))
 
     # peft freezes the base weights when it injects the LoRA below, and on CPU a weight that requires grad can take
     # another matmul kernel (SANA's attention output projection: ~1e-7 per call): freeze first, as inference does
@@ -518,7 +549,8 @@ def test_rlg_pipeline_is_the_base_at_0_and_the_aligned_model_at_1(family_class, 
     def plain_modular():
         modular.update_components(guider=family_class.modular_cfg_guider_for(stock_pipe)(scale))
         prompts = {"negative_prompt": list(modular_kwargs["negative_prompt"])} if "negative_prompt" in kwargs else {}
-        return modular(prompt=list(PROMPTS), generator=_generator(), output="images", **{**modular_kwargs, **prompts})
+        return modular(prompt=list(PROMPTS), generator=_generator(), output=rlg.output,
+                       **{**modular_kwargs, **prompts})
 
     denoiser.disable_adapters()
     base = plain_modular()

@@ -124,7 +124,8 @@ def run_benchmark(ctx) -> dict:
             pipe = blocks().init_pipeline()
             pipe.update_components(**{k: v for k, v in components.items() if v is not None}, guider=guider)
             set_modular_progress_bar_config(pipe, disable=True)
-            return lambda: pipe(prompt=list(prompts), generator=generator(), output="images",
+            output = "videos" if family.output_kind == "video" else "images"  # a video model's blocks: "videos"
+            return lambda: pipe(prompt=list(prompts), generator=generator(), output=output,
                                 **{**modular_kwargs, "negative_prompt": list(modular_kwargs["negative_prompt"])})
 
         fns["guider_cfg"] = modular(cfg_guider())

@@ -25,6 +25,7 @@ from .sana import SanaFamily
 from .sd import StableDiffusionFamily
 from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
+from .wan import WanFamily
 from .zimage import ZImageFamily
 
 
@@ -47,7 +48,7 @@ def registry(families: Iterable[Type[ModelFamily]]) -> Dict[str, Type[ModelFamil
 FAMILIES: Dict[str, Type[ModelFamily]] = registry(
     (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family, FluxFamily, ZImageFamily,
      QwenImageFamily, Flux2KleinFamily, Flux2Family, SanaFamily, FluxKontextFamily, Krea2Family,
-     QwenImageEditFamily, QwenImageEditPlusFamily)
+     QwenImageEditFamily, QwenImageEditPlusFamily, WanFamily)
 )
 
 
@@ -108,7 +109,9 @@ def check_model_resolution(name_or_path: str, resolution: Optional[int]):
 
     try:
         vae = config_of("vae")
-        if "temperal_downsample" in vae:  # a video VAE (Qwen-Image's): one halving per entry, as its pipeline counts
+        if "scale_factor_spatial" in vae:  # Wan's video VAEs (16 for Wan 2.2 TI2V-5B's), as WanPipeline reads it
+            vae_scale_factor = vae["scale_factor_spatial"]
+        elif "temperal_downsample" in vae:  # a video VAE (Qwen-Image's): one halving per entry, as its pipeline counts
             vae_scale_factor = 2 ** len(vae["temperal_downsample"])
         else:
             vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
@@ -157,6 +160,7 @@ def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32):
 
 
 __all__ = ["FAMILIES", "Conditioning", "Flux2Family", "Flux2KleinFamily", "FluxFamily", "FluxKontextFamily",
-           "Krea2Family", "ModelFamily", "QwenImageEditFamily", "QwenImageEditPlusFamily", "QwenImageFamily", "SanaFamily", "StableDiffusion3Family",
-           "StableDiffusionFamily", "StableDiffusionXLFamily", "ZImageFamily", "check_model_resolution", "family_class",
-           "family_for_pipeline", "family_named", "load_family", "load_pipeline", "pipeline_class_of", "registry"]
+           "Krea2Family", "ModelFamily", "QwenImageEditFamily", "QwenImageEditPlusFamily", "QwenImageFamily",
+           "SanaFamily", "StableDiffusion3Family", "StableDiffusionFamily", "StableDiffusionXLFamily", "WanFamily",
+           "ZImageFamily", "check_model_resolution", "family_class", "family_for_pipeline", "family_named",
+           "load_family", "load_pipeline", "pipeline_class_of", "registry"]

@@ -68,11 +68,16 @@ class ModelFamily:
     embedded_guidance: Optional[float] = None  # the rollouts' embedded guidance (guidance_kind "embedded")
     # named settings of `tiny_components`, each a real configuration of the model the family tester runs too
     tiny_variants: Dict[str, Dict[str, Any]] = {}
+    # settings with which the tests sample the tiny models where the pipeline's default is too large for a CPU (Wan:
+    # 5 frames, not 81): `configure` keys, run config keys and pipeline call arguments of the same names
+    tiny_settings: Dict[str, Any] = {}
     # condition images a prompt may carry (`diffalign.prompts.ConditionedPrompt`): 0 for text-to-image models; an
     # editing model (FLUX.1 Kontext) encodes them into its conditioning
     max_condition_images: int = 0
     # True where the pipeline cannot sample without a condition image (Qwen-Image-Edit); Kontext samples text-to-image
     requires_condition_image: bool = False
+    # what `decode` returns: "image", `(B, 3, H, W)`; "video", `(B, F, 3, H, W)` (frames first), float32 in [0, 1]
+    output_kind: str = "image"
 
     @classmethod
     def missing_facts(cls) -> List[str]:
@@ -203,6 +208,11 @@ class ModelFamily:
         return "guider (modular)" if cls.modular_blocks() is not None else None
 
     @classmethod
+    def rlg_route_for(cls, pipe) -> Optional[str]:
+        """`rlg_route` for the loaded `pipe`: the family's unless a model of it has none (Wan 2.2 TI2V-5B)."""
+        return cls.rlg_route()
+
+    @classmethod
     def modular_cfg_guider(cls, guidance_scale: float):
         """The model's own CFG guider in its modular pipeline: the guider with which the modular pipeline samples as
         `pipeline_class` does with CFG scale `guidance_scale` (the pipeline's CFG argument, as `diffalign generate
@@ -285,14 +295,20 @@ class ModelFamily:
         modules += [getattr(self.pipe, n) for n in self.text_encoder_names if getattr(self.pipe, n, None) is not None]
         return modules
 
-    def configure(self, *, max_sequence_length: Optional[int] = None, embedded_guidance: Optional[float] = None):
+    def configure(self, *, max_sequence_length: Optional[int] = None, embedded_guidance: Optional[float] = None,
+                  num_frames: Optional[int] = None, guidance_scale_2: Optional[float] = None):
         """Takes a run's model settings (`TrainConfig.family_kwargs`); None keeps the family's default.
 
         Args:
             max_sequence_length (`int`, *optional*): T5 tokens per prompt, for families with a T5 (SD3, FLUX).
             embedded_guidance (`float`, *optional*): the embedded guidance, for families whose guidance kind is
                 "embedded" (FLUX.1-dev); the others ignore it.
+            num_frames, guidance_scale_2: settings of video families (`diffalign.families.wan`); an image family
+                refuses them (one-line `ModelError`).
         """
+        for key, value in (("num_frames", num_frames), ("guidance_scale_2", guidance_scale_2)):
+            if value is not None:
+                raise ModelError(f"{key} is a setting of video models (wan); this {self.name} model samples images")
         if max_sequence_length is not None and hasattr(self, "max_sequence_length"):
             self.max_sequence_length = max_sequence_length
             self._cache.clear()
@@ -373,6 +389,11 @@ class ModelFamily:
 
     def default_resolution(self) -> int:
         return unwrap(self.denoiser).config.sample_size * self.vae_scale_factor
+
+    def default_size(self) -> Tuple[int, int]:
+        """`(height, width)` the pipeline samples when given neither: square `default_resolution` unless the
+        pipeline's default is not square (Wan's 480 x 832)."""
+        return self.default_resolution(), self.default_resolution()
 
     @classmethod
     def resolution_limits(cls, denoiser_config, vae_scale_factor: int) -> Tuple[int, Optional[int]]:

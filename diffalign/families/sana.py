@@ -121,8 +121,8 @@ class SanaFamily(ModelFamily):
         cached = self._negative_cache[negative_prompt]
         return {k: v.expand(batch_size, *v.shape[1:]).clone() for k, v in cached.items()}
 
-    def configure(self, *, max_sequence_length=None, embedded_guidance=None):
-        super().configure(max_sequence_length=max_sequence_length, embedded_guidance=embedded_guidance)
+    def configure(self, *, max_sequence_length=None, embedded_guidance=None, **settings):
+        super().configure(max_sequence_length=max_sequence_length, embedded_guidance=embedded_guidance, **settings)
         if max_sequence_length is not None:
             self._negative_cache = {}
 

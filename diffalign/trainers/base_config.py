@@ -38,8 +38,8 @@ def run_dir_of(resume: str) -> str:
 HELDOUT_KEYS = frozenset({"eval_every", "eval_prompts", "eval_prompt_file", "eval_dataset_split", "eval_num_images"})
 # Fields added after runs were made, hashed only when set: earlier runs' checkpoints keep their hash.
 HASHED_WHEN_SET = frozenset({"prompt_dataset", "prompt_dataset_split", "prompt_column", "ema_decay", "ema_update_every",
-                             "quantize_denoiser", "quantize_text_encoders", "train_ratio_norm",
-                             "video_reward_reduction"})
+                             "quantize_denoiser", "quantize_text_encoders", "train_ratio_norm", "num_frames",
+                             "sample_guidance_scale_2", "video_reward_reduction"})
 # Memory and speed levers that leave what is trained as it is (not hashed: a run may resume with other ones).
 MEMORY_KEYS = frozenset({"offload_text_encoders", "vae_slicing", "vae_tiling", "attention_backend",
                          "reward_async", "gradient_checkpointing"})
@@ -221,6 +221,16 @@ class TrainConfig:
                           "other families and models without `guidance_embeds` ignore it."},
     )
     sample_resolution: Optional[int] = field(default=None, metadata={"help": "Image side; default the model's."})
+    num_frames: Optional[int] = field(
+        default=None,
+        metadata={"help": "Frames per video of video models (Wan: 4k + 1, e.g. 33, 49, 81); default the pipeline's "
+                          "(WanPipeline: 81). Image models refuse it."},
+    )
+    sample_guidance_scale_2: Optional[float] = field(
+        default=None,
+        metadata={"help": "CFG scale of a two-expert model's low-noise expert (Wan 2.2 A14B's transformer_2, "
+                          "WanPipeline's guidance_scale_2); default sample_guidance_scale. Other models refuse it."},
+    )
     sample_num_prompts_per_epoch: int = field(default=8, metadata={"help": "Prompts per epoch, all processes (N)."})
     sample_images_per_prompt: int = field(default=4, metadata={"help": "Images per prompt (B), one group."})
     sample_batch_size: int = field(default=8, metadata={"help": "Trajectories per sampling forward."})
@@ -401,6 +411,14 @@ class TrainConfig:
             raise ConfigError(f"num_threads must be >= 1; got {self.num_threads}")
         if self.sample_resolution is not None and self.sample_resolution < 1:
             raise ConfigError(f"sample_resolution must be a positive number of pixels; got {self.sample_resolution}")
+        if self.num_frames is not None and (isinstance(self.num_frames, bool) or not isinstance(self.num_frames, int)
+                                            or self.num_frames < 1 or (self.num_frames - 1) % 4):
+            nearest = (max(1, round((self.num_frames - 1) / 4) * 4 + 1)
+                       if isinstance(self.num_frames, (int, float)) else 81)
+            raise ConfigError(f"num_frames must be 4k + 1 frames (1, 5, 9, ..., 81: Wan's VAE keeps the first frame "
+                              f"and compresses each 4 after it); got {self.num_frames!r}, try {nearest}")
+        if self.sample_guidance_scale_2 is not None and not self.sample_guidance_scale_2 > 0:
+            raise ConfigError(f"sample_guidance_scale_2 must be > 0; got {self.sample_guidance_scale_2}")
         limits = {  # name: (lowest, whether the lowest is allowed, highest or None)
             "train_learning_rate": (0.0, False, None), "train_adam_beta1": (0.0, True, 1.0),
             "train_adam_beta2": (0.0, True, 1.0), "train_adam_epsilon": (0.0, True, None),
@@ -548,7 +566,8 @@ class TrainConfig:
     def family_kwargs(self) -> Dict[str, Any]:
         """The run's settings of the model family, as `ModelFamily.configure` takes them."""
         return {"max_sequence_length": self.sample_max_sequence_length,
-                "embedded_guidance": self.sample_embedded_guidance}
+                "embedded_guidance": self.sample_embedded_guidance, "num_frames": self.num_frames,
+                "guidance_scale_2": self.sample_guidance_scale_2}
 
     def kernel_kwargs(self) -> Dict[str, Any]:
         """The run's noise settings of every transition kernel, as `ModelFamily.make_kernel` takes them (each kernel

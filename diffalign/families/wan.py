@@ -1,0 +1,329 @@
+"""Wan 2.1 and 2.2 text-to-video (`WanPipeline`): a flow DiT over video latents `(B, C, F, h, w)` on UMT5 text states;
+trajectories with Flow-GRPO's SDE, as the other flow families.
+
+What differs from the image families, and where it lives here:
+
+- **video latents**: `(B, C, F, h, w)` with `F = (num_frames - 1) / 4 + 1` latent frames, not packed (the
+  transformer patchifies itself). `num_frames` (`4k + 1`, WanPipeline's default 81) is a run setting
+  (`TrainConfig.num_frames`, `configure(num_frames=...)`). The kernels, log-probs and losses average over every
+  non-batch dimension, frames included. `decode` returns `(B, F, 3, H, W)` float32 in [0, 1], WanPipeline's
+  `output_type="pt"` (`output_kind = "video"`).
+- **prompts**: `WanPipeline.encode_prompt`: UMT5's last hidden states of the real tokens, zero-padded to
+  `max_sequence_length` (512, the pipeline's default); the transformer takes no mask. The negative prompt is
+  encoded the same way (the run's empty one, as the pipeline's default).
+- **CFG**: `u + g (c - u)`, both halves in one forward (the pipeline runs two; equal to float rounding).
+- **scheduler**: the published models sample with `UniPCMultistepScheduler` (`flow_prediction`, `flow_shift`);
+  rollouts step `FlowMatchEulerDiscreteScheduler` with the same shift (`set_kernel_scheduler`), the flow SDE's
+  scheduler, as the other flow families.
+- **Wan 2.2 TI2V-5B** (`expand_timesteps`): the z_dim-48 VAE (16x spatial), and the timestep given per latent token
+  (`(B, tokens)`, all equal for text-to-video), as WanPipeline does (`forward`).
+- **Wan 2.2 A14B** (`boundary_ratio`, `transformer_2`): two experts, `transformer` for timesteps `t >= boundary_ratio
+  * num_train_timesteps` (high noise) and `transformer_2` below (low noise), with the CFG scale `guidance_scale_2`
+  there (`configure(guidance_scale_2=...)`, default the run's scale, as WanPipeline). The LoRA trains `transformer`
+  (the denoiser, what `WanPipeline.load_lora_weights` loads into by default); `transformer_2` stays frozen, so steps
+  below the boundary give the policy's and the reference's predictions alike (ratio 1, no gradient). Train the
+  high-noise steps (an SDE window before the boundary) to train A14B.
+- **RLG**: the RLG guider in diffusers' modular Wan pipeline (`WanBlocks`; `Wan22Blocks` for A14B, whose low-noise
+  expert samples with its plain CFG guider: no LoRA there). TI2V-5B has no route: diffusers' modular Wan takes
+  neither `expand_timesteps` nor the 16x VAE (`rlg_route_for`).
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from ..errors import ModelError
+from ..kernels import FlowSDEKernel
+from ..utils.peft_utils import unwrap
+from .base import Conditioning, ModelFamily
+
+DEFAULT_NUM_FRAMES = 81  # WanPipeline.__call__'s default (5 s at 16 fps)
+
+
+def check_num_frames(num_frames, temporal_factor: int = 4):
+    """A one-line `ModelError` unless `num_frames` is `k * temporal_factor + 1` frames (the VAE compresses
+    `temporal_factor` frames into one latent frame after the first): 1, 5, 9, ..., 81 for every Wan VAE.
+    (`TrainConfig.validate` checks `4k + 1` before the model loads; this checks against the loaded VAE.)"""
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1 \
+            or (num_frames - 1) % temporal_factor:
+        raise ModelError(f"num_frames must be {temporal_factor}k + 1 for this model's VAE (1, {1 + temporal_factor}, "
+                         f"{1 + 2 * temporal_factor}, ...); got {num_frames!r}")
+
+
+def clean_modular_prompts_as_the_pipeline():
+    """diffusers' modular Wan text encoder cleans prompts with ftfy unconditionally, `WanPipeline` only where ftfy is
+    installed: without ftfy, the modular encoder is given the pipeline's cleaning, so both encode a prompt alike
+    (with ftfy nothing changes)."""
+    import diffusers.modular_pipelines.wan.encoders as wan_encoders
+    from diffusers.pipelines.wan import pipeline_wan
+
+    if not pipeline_wan.is_ftfy_available():
+        wan_encoders.basic_clean = pipeline_wan.basic_clean
+
+
+class WanFamily(ModelFamily):
+    name = "wan"
+    pipeline_class = "WanPipeline"
+    denoiser_name = "transformer"
+    denoiser_class = "WanTransformer3DModel"
+    kernel_class = FlowSDEKernel
+    text_encoder_names = ("text_encoder",)
+    pipeline_init_kwargs = {}  # no safety checker, no watermarker
+    rlg_pipeline_class = None  # the RLG guider runs in diffusers' modular Wan pipeline
+    modular_blocks_class = "WanBlocks"  # Wan 2.1; Wan22Blocks for a two-expert model (`modular_blocks_for`)
+    hub_tags = ("wan", "text-to-video")
+    guidance_kind = "cfg"
+    default_guidance_scale = 5.0  # WanPipeline's default `guidance_scale`
+    output_kind = "video"
+    # the self- and cross-attention projections of every WanTransformerBlock (`attn1`, `attn2`), the targets of
+    # diffusers' Wan LoRA examples and of Flow-GRPO's Wan trainer
+    default_lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]
+    max_sequence_length = 512  # UMT5 tokens per prompt, WanPipeline.__call__'s default
+    num_frames = DEFAULT_NUM_FRAMES
+    guidance_scale_2: Optional[float] = None  # the low-noise expert's CFG scale (A14B); None: the run's scale
+    # the published models' scheduler (UniPC flow), Wan 2.2 TI2V-5B (expand_timesteps, the z_dim-48 VAE)
+    # and Wan 2.2 A14B (two experts)
+    tiny_variants = {"unipc": {"unipc_scheduler": True}, "ti2v_5b": {"version": "2.2-ti2v"},
+                     "a14b": {"version": "2.2-a14b"}}
+    tiny_settings = {"num_frames": 5}  # two latent frames: the temporal axis is exercised, 81 frames would be slow
+
+    # -------------------------------------------------------------------- loading
+    @classmethod
+    def set_kernel_scheduler(cls, pipe):
+        """The flow SDE steps `FlowMatchEulerDiscreteScheduler`: a UniPC flow scheduler (the published Wan models')
+        becomes one with its `flow_shift` as `shift` (`from_config` would drop the shift)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        config = pipe.scheduler.config
+        if type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
+            return
+        if config.get("prediction_type") != "flow_prediction" and not config.get("use_flow_sigmas"):
+            raise ModelError(f"this Wan model's scheduler ({type(pipe.scheduler).__name__}) is not a flow-matching "
+                             f"one: the flow SDE needs flow_prediction")
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=config.get("num_train_timesteps", 1000), shift=config.get("flow_shift", 1.0))
+
+    def configure(self, *, num_frames: Optional[int] = None, guidance_scale_2: Optional[float] = None, **settings):
+        """As `ModelFamily.configure`, plus the video's `num_frames` and the low-noise expert's `guidance_scale_2`
+        (a two-expert Wan 2.2 A14B only: a one-line `ModelError` for another model)."""
+        super().configure(**settings)
+        if num_frames is not None:
+            check_num_frames(num_frames, self.pipe.vae_scale_factor_temporal)
+            self.num_frames = int(num_frames)
+        if guidance_scale_2 is not None:
+            if self.boundary_timestep() is None:
+                raise ModelError("guidance_scale_2 is the CFG scale of Wan 2.2 A14B's low-noise expert; this Wan "
+                                 "model has one expert (no boundary_ratio)")
+            self.guidance_scale_2 = float(guidance_scale_2)
+
+    def frozen_modules(self) -> list:
+        """The VAE, the text encoder and the low-noise expert of a two-expert model (the LoRA trains `transformer`)."""
+        second = getattr(self.pipe, "transformer_2", None)
+        return super().frozen_modules() + ([second] if second is not None else [])
+
+    def boundary_timestep(self) -> Optional[float]:
+        """The timestep at which a two-expert model switches to `transformer_2` (`boundary_ratio *
+        num_train_timesteps`, as WanPipeline), None for one expert."""
+        ratio = self.pipe.config.get("boundary_ratio")
+        if ratio is None:
+            return None
+        return ratio * self.scheduler.config.num_train_timesteps
+
+    # -------------------------------------------------------------------- prompts
+    def encode_text(self, prompts: List[str], device) -> Conditioning:
+        """`WanPipeline.encode_prompt`: the prompt cleaned, UMT5's states of its real tokens, zeros after them up to
+        `max_sequence_length`."""
+        embeds, _ = self.pipe.encode_prompt([str(p) for p in prompts], do_classifier_free_guidance=False,
+                                            max_sequence_length=self.max_sequence_length, device=device)
+        return {"encoder_hidden_states": embeds}
+
+    def pipeline_call_kwargs(self, height: Optional[int] = None, width: Optional[int] = None) -> dict:
+        """The UMT5 length, the number of frames and (A14B) the low-noise expert's CFG scale the rollouts use."""
+        kwargs = {"max_sequence_length": self.max_sequence_length, "num_frames": self.num_frames}
+        if self.guidance_scale_2 is not None:
+            kwargs["guidance_scale_2"] = self.guidance_scale_2
+        return kwargs
+
+    # ----------------------------------------------------------- latents and time
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipe.vae_scale_factor_spatial
+
+    def default_resolution(self) -> int:
+        return 480  # WanPipeline's default height (its default width is 832: `default_size`)
+
+    def default_size(self) -> Tuple[int, int]:
+        return 480, 832  # WanPipeline's default height and width
+
+    @classmethod
+    def resolution_limits(cls, denoiser_config, vae_scale_factor: int):
+        """The VAE's spatial downsampling, then the transformer's spatial patches; the rotary tables hold
+        `rope_max_seq_len` patches a side (1024 in the published models: 16384 pixels)."""
+        multiple = vae_scale_factor * denoiser_config.get("patch_size", (1, 2, 2))[1]
+        positions = denoiser_config.get("rope_max_seq_len")
+        return multiple, positions * multiple if positions else None
+
+    def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents=None, denoiser=None):
+        """`(B, C, F, h, w)` Gaussian noise drawn as `WanPipeline.prepare_latents` draws it (float32, the same numbers
+        for the same generator), in `dtype`."""
+        if latents is not None:
+            return latents.to(device=device, dtype=dtype)
+        noise = self.pipe.prepare_latents(batch_size, self.latent_channels(denoiser), int(height), int(width),
+                                          self.num_frames, torch.float32, torch.device(device), generator)
+        return noise.to(dtype)
+
+    def set_timesteps(self, num_inference_steps: int, device, height: int, width: int) -> torch.Tensor:
+        self.scheduler.set_timesteps(num_inference_steps, device=device)  # as WanPipeline.__call__
+        return self.scheduler.timesteps
+
+    # ------------------------------------------------------------------ denoising
+    def forward(self, denoiser, latents, timesteps, cond: Conditioning):
+        """One Wan transformer call on a batch of rows. With `expand_timesteps` (Wan 2.2 TI2V-5B) the timestep is
+        given per latent token, `(B, F * h/2 * w/2)`, as WanPipeline builds it from its all-ones mask."""
+        model = unwrap(denoiser)
+        timestep = timesteps
+        if self.pipe.config.get("expand_timesteps"):
+            _, patch_h, patch_w = model.config.patch_size
+            frames, rows, columns = latents.shape[2], -(-latents.shape[3] // patch_h), -(-latents.shape[4] // patch_w)
+            timestep = timesteps[:, None].expand(-1, frames * rows * columns)
+        return denoiser(hidden_states=latents.to(model.dtype), timestep=timestep,
+                        encoder_hidden_states=cond["encoder_hidden_states"].to(model.dtype), return_dict=False)[0]
+
+    def predict(self, denoiser, latents, timesteps, cond: Conditioning, negative: Optional[Conditioning],
+                guidance_scale: float) -> torch.Tensor:
+        """CFG as `ModelFamily.predict`; for a two-expert model, rows at timesteps below the boundary go to
+        `transformer_2` with `guidance_scale_2` (default `guidance_scale`), as WanPipeline switches.
+
+        A batch on one side of the boundary (every rollout step) runs that expert alone. A batch mixing both sides
+        (the forward-process trainers draw a time per row) runs both experts on every row and keeps each row's own:
+        the denoiser sees the whole batch in order, as per-row adapters (`adapter_rows`) expect, at twice the
+        compute; rows of the low-noise expert get no gradient."""
+        timesteps = torch.as_tensor(timesteps, device=latents.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(latents.shape[0])
+        boundary = self.boundary_timestep()
+        if boundary is None:
+            return super().predict(denoiser, latents, timesteps, cond, negative, guidance_scale)
+        high = timesteps >= boundary
+        scale_2 = guidance_scale if self.guidance_scale_2 is None else self.guidance_scale_2
+        if bool(high.all()):
+            return super().predict(denoiser, latents, timesteps, cond, negative, guidance_scale)
+        low_noise = super().predict(self.pipe.transformer_2, latents, timesteps, cond, negative, scale_2)
+        if not bool(high.any()):
+            return low_noise
+        high_noise = super().predict(denoiser, latents, timesteps, cond, negative, guidance_scale)
+        return torch.where(high.view(-1, *[1] * (latents.ndim - 1)), high_noise, low_noise.to(high_noise.dtype))
+
+    # ------------------------------------------------------------------- decoding
+    def decode(self, latents: torch.Tensor, height: Optional[int] = None, width: Optional[int] = None) -> torch.Tensor:
+        """`(B, F, 3, H, W)` float32 in [0, 1]: the VAE's per-channel normalisation undone (`latents_mean`,
+        `latents_std`), decoded, and arranged frames first, as WanPipeline with `output_type="pt"`."""
+        vae = self.pipe.vae
+        latents = latents.to(vae.dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        video = vae.decode(latents / inverse_std + mean, return_dict=False)[0]
+        return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
+
+    # ----------------------------------------------------------------------- LoRA
+    def lora_state_dict(self, denoiser) -> dict:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(denoiser)  # `transformer.<module>.lora_A.weight`, as WanPipeline loads
+
+    # ------------------------------------------------------------------------ RLG
+    @classmethod
+    def modular_blocks(cls):
+        """`ModelFamily.modular_blocks`, with the modular text encoder cleaning prompts as WanPipeline does."""
+        clean_modular_prompts_as_the_pipeline()
+        return super().modular_blocks()
+
+    @classmethod
+    def rlg_route_for(cls, pipe) -> Optional[str]:
+        """No route for Wan 2.2 TI2V-5B: diffusers' modular Wan samples neither its per-token timesteps nor with its
+        16x VAE."""
+        return None if pipe.config.get("expand_timesteps") else cls.rlg_route()
+
+    @classmethod
+    def rlg_pipeline(cls, pipe):
+        """`ModelFamily.rlg_pipeline` on diffusers' modular Wan: `WanBlocks`, or `Wan22Blocks` for a two-expert model
+        (the RLG guider on `transformer`, the model's plain CFG guider on `transformer_2`, with `guidance_scale_2`).
+        A one-line `ModelError` for TI2V-5B (`rlg_route_for`)."""
+        if cls.rlg_route_for(pipe) is None:
+            raise ModelError("Wan 2.2 TI2V-5B (expand_timesteps) has no RLG route: diffusers' modular Wan pipeline "
+                             "does not sample it")
+        from ..guiders import ModularRLGPipeline
+        import diffusers.modular_pipelines
+
+        clean_modular_prompts_as_the_pipeline()
+        two_experts = pipe.config.get("boundary_ratio") is not None
+        blocks = getattr(diffusers.modular_pipelines, "Wan22Blocks" if two_experts else cls.modular_blocks_class)()
+        modular = blocks.init_pipeline()
+        components = {name: value for name, value in pipe.components.items() if value is not None}
+        modular.update_components(**{name: value for name, value in components.items()
+                                     if name in {spec.name for spec in blocks.expected_components}})
+        if two_experts:
+            modular.register_to_config(boundary_ratio=pipe.config["boundary_ratio"])
+        rlg = ModularRLGPipeline(modular, cls.modular_cfg_guider, cls.default_guidance_scale, output="videos",
+                                 second_expert_guider=cls.modular_cfg_guider if two_experts else None)
+        rlg.set_progress_bar_config(disable=True)
+        return rlg
+
+    # --------------------------------------------------------- tiny test models
+    @classmethod
+    def tiny_components(cls, seed: int = 0, version: str = "2.1", unipc_scheduler: bool = False) -> dict:
+        """Components of a tiny random `WanPipeline` (the configs of diffusers' Wan tests): a two-block
+        `WanTransformer3DModel` (patches 1x2x2), a small `AutoencoderKLWan` (8x spatial, 4x temporal), a tiny UMT5
+        encoder with a word-level T5 tokenizer built in code, and a flow-match scheduler with shift 7, as diffusers' Wan
+        tests (`unipc_scheduler`: the published models' UniPC flow scheduler, with that shift).
+
+        `version`: "2.1"; "2.2-ti2v" (TI2V-5B: the z_dim-48 residual VAE with 2x2 patches, 16x spatial, and
+        `expand_timesteps`); "2.2-a14b" (A14B: a second expert `transformer_2` and a `boundary_ratio`)."""
+        from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler,
+                               WanTransformer3DModel)
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        from .tiny import tiny_t5_tokenizer
+
+        if version not in ("2.1", "2.2-ti2v", "2.2-a14b"):
+            raise ValueError(f"unknown tiny Wan version {version!r}")
+        ti2v = version == "2.2-ti2v"
+        channels = 48 if ti2v else 16
+        torch.manual_seed(seed)
+        if ti2v:
+            vae = AutoencoderKLWan(base_dim=3, z_dim=48, in_channels=12, out_channels=12, is_residual=True,
+                                   patch_size=2, latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
+                                   dim_mult=[1, 1, 1, 1], num_res_blocks=1, scale_factor_spatial=16,
+                                   scale_factor_temporal=4, temperal_downsample=[False, True, True])
+        else:  # base_dim 16, not diffusers' tests' 3: through 3 channels a LoRA's change of the latents hardly shows
+            vae = AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                   temperal_downsample=[False, True, True])
+
+        def transformer(offset: int):
+            torch.manual_seed(seed + offset)
+            return WanTransformer3DModel(
+                patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=channels,
+                out_channels=channels, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", rope_max_seq_len=64)  # 64 patches: WanPipeline's 832 wide
+
+        torch.manual_seed(seed)
+        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=37, num_layers=1,
+                                                   num_heads=4)).eval()
+        if unipc_scheduler:
+            # the published models' scheduler class and settings; their flow_shift is 3 (480p) or 5 (720p), 7 here as
+            # the flow-match shift of diffusers' Wan tests
+            scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                flow_shift=7.0)
+        else:
+            scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)  # diffusers' Wan tests
+        components = {"transformer": transformer(0), "vae": vae, "text_encoder": text_encoder,
+                      "tokenizer": tiny_t5_tokenizer(), "scheduler": scheduler}
+        if version == "2.2-a14b":
+            # A14B's boundary is 0.875. At 0.03 every step of the family tester (the last at t = 47 at shift 7) goes
+            # to the first expert, whose LoRA then visibly changes the tiny model's frames (the last, largest step
+            # decides them); tests/test_family_wan.py switches at 0.875
+            components.update(transformer_2=transformer(1), boundary_ratio=0.03)
+        if ti2v:
+            components.update(expand_timesteps=True)
+        return components
