@@ -11,15 +11,17 @@ _PIPELINES = {
     "StableDiffusionXLRLGPipeline": "pipeline_stable_diffusion_xl_rlg",
     "StableDiffusion3RLGPipeline": "pipeline_stable_diffusion_3_rlg",
     "FluxRLGPipeline": "pipeline_flux_rlg",
+    "Flux2RLGPipeline": "pipeline_flux2_rlg",
     "SanaRLGPipeline": "pipeline_sana_rlg",
 }
 
 __all__ = [
-    "FluxRLGPipeline", "SanaRLGPipeline", "StableDiffusion3RLGPipeline", "StableDiffusionRLGPipeline",
-    "StableDiffusionXLRLGPipeline",
+    "Flux2RLGPipeline", "FluxRLGPipeline", "SanaRLGPipeline", "StableDiffusion3RLGPipeline",
+    "StableDiffusionRLGPipeline", "StableDiffusionXLRLGPipeline",
 ]
 
 if TYPE_CHECKING:
+    from .pipeline_flux2_rlg import Flux2RLGPipeline
     from .pipeline_flux_rlg import FluxRLGPipeline
     from .pipeline_sana_rlg import SanaRLGPipeline
     from .pipeline_stable_diffusion_3_rlg import StableDiffusion3RLGPipeline

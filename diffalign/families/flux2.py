@@ -275,7 +275,10 @@ class Flux2Family(Flux2KleinFamily):
 
     name = "flux2-dev"
     pipeline_class = "Flux2Pipeline"
-    modular_blocks_class = "Flux2AutoBlocks"  # no guider: the guidance is embedded
+    # diffusers' modular FLUX.2 [dev] blocks take no guider (the guidance is embedded), so the RLG route is a classic
+    # RLG pipeline: pipelines/pipeline_flux2_rlg.py, each model with its embedded guidance inside its branch
+    rlg_pipeline_class = "Flux2RLGPipeline"
+    modular_blocks_class = "Flux2AutoBlocks"
     hub_tags = ("flux2", "flux2-dev")
     guidance_kind = "embedded"
     default_guidance_scale = 4.0  # Flux2Pipeline's default (embedded) `guidance_scale`
