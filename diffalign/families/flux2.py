@@ -19,7 +19,8 @@ What differs from FLUX.1, and where it lives here (checked against diffusers' `F
   so and rollouts follow the pipeline.
 - FLUX.2 [dev] (`Flux2Family`, `Flux2Pipeline`) differs from klein only in its text encoder (Mistral 3, layers 10,
   20 and 30, after a system message) and its guidance: embedded (a transformer input, per row in the conditioning as
-  FLUX.1-dev's), with no CFG in its pipeline.
+  FLUX.1-dev's), with no CFG in its pipeline. Its modular blocks take no guider: its RLG route is the classic
+  `Flux2RLGPipeline` (pipelines/pipeline_flux2_rlg.py).
 """
 
 import logging
