@@ -88,8 +88,9 @@ def batch_norm_denormalise(latents: torch.Tensor, running_mean: torch.Tensor, ru
 def tiny_flux2_components(seed: int, joint_attention_dim: int, guidance_embeds: bool) -> dict:
     """The transformer, VAE and scheduler of a tiny FLUX.2: one double- and one single-stream block (16 input channels:
     4-channel latents patchified 2x2; `guidance_embeds`: the embedded guidance of FLUX.2 [dev]), a 4-channel
-    `AutoencoderKLFlux2` (vae_scale_factor 4) whose batch-norm statistics are not the identity, and a dynamic-shift
-    scheduler (FLUX.2's, with the pipelines' empirical `mu`; written from memory: no hub here)."""
+    `AutoencoderKLFlux2` (vae_scale_factor 4) whose batch-norm statistics are not the identity, and the scheduler
+    diffusers' scripts/convert_flux2_to_diffusers.py puts into a FLUX.2 pipeline (FLUX.1-dev's: shift 3, dynamic
+    shifting, the default shift bounds; the pipelines pass FLUX.2's empirical `mu`)."""
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
     torch.manual_seed(seed)
