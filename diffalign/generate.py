@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="classifier-free guidance inside each model (default: the family pipeline's, 5 for SD); FLUX.1: the "
-        "embedded guidance (default 3.5; FLUX.1 Kontext 2.5)",
+        "embedded guidance (default 3.5; FLUX.1 Kontext 2.5); FLUX.2 [dev]: the embedded guidance (default 4)",
     )
     parser.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
     parser.add_argument("--num-frames", type=int, default=None,

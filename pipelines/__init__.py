@@ -12,15 +12,17 @@ _PIPELINES = {
     "StableDiffusion3RLGPipeline": "pipeline_stable_diffusion_3_rlg",
     "FluxRLGPipeline": "pipeline_flux_rlg",
     "FluxKontextRLGPipeline": "pipeline_flux_kontext_rlg",
+    "Flux2RLGPipeline": "pipeline_flux2_rlg",
     "SanaRLGPipeline": "pipeline_sana_rlg",
 }
 
 __all__ = [
-    "FluxKontextRLGPipeline", "FluxRLGPipeline", "SanaRLGPipeline", "StableDiffusion3RLGPipeline",
+    "Flux2RLGPipeline", "FluxKontextRLGPipeline", "FluxRLGPipeline", "SanaRLGPipeline", "StableDiffusion3RLGPipeline",
     "StableDiffusionRLGPipeline", "StableDiffusionXLRLGPipeline",
 ]
 
 if TYPE_CHECKING:
+    from .pipeline_flux2_rlg import Flux2RLGPipeline
     from .pipeline_flux_kontext_rlg import FluxKontextRLGPipeline
     from .pipeline_flux_rlg import FluxRLGPipeline
     from .pipeline_sana_rlg import SanaRLGPipeline

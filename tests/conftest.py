@@ -21,9 +21,11 @@ torch.set_num_threads(1)
 # ratio 1, RLG; each newer family's own test file trains it through the CLI). The longer per-family runs (the
 # benchmarks, the ddpo/prdp CLI runs, the default-resolution rules) run by default for the families below, one of each
 # architecture, and for the others with `-m slow`: the default suite stays near 10 minutes as families are added.
+# (The kill + resume runs are marked slow for every family: three CLI subprocesses each, minutes on 2 cores.)
 CORE_FAMILIES = {"sd", "sdxl", "sd3", "flux", "zimage"}
 LONG_PER_FAMILY = {"test_bench_rollout", "test_bench_train", "test_bench_rlg", "test_resolution_rules",
-                   "test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines"}
+                   "test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines",
+                   "test_killed_run_resumes_bit_identically"}
 
 
 def _family_of(item):

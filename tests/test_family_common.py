@@ -558,3 +558,26 @@ def test_rlg_pipeline_is_the_base_at_0_and_the_aligned_model_at_1(family_class, 
     torch.testing.assert_close(at_0, base, atol=0, rtol=0)
     torch.testing.assert_close(at_1, plain_modular(), atol=0, rtol=0)
     assert (sample(rlg, rlg_scale=1.5) - at_1).abs().max() > 1e-4  # w > 1 extrapolates
+
+
+# ---------------------------------------------------------------------------------------------- kill + resume
+def _resume_args(algorithm, model):
+    """A 3-epoch run of the CLI settings above with a checkpoint every epoch (`--output_dir` left to the helper)."""
+    settings = dict(zip(CLI_SETTINGS[::2], CLI_SETTINGS[1::2]))
+    for key in {"ddpo": ("--train_clip_eps", "--train_beta"),
+                "nft": ("--train_clip_range", "--train_clip_eps", "--train_beta")}[algorithm]:  # NFT: its own beta
+        del settings[key]
+    settings.update({"--num_epochs": "3", "--checkpoint_every": "1", "--seed": "3", "--final_eval_num_images": "0"})
+    settings.update({"ddpo": {"--sample_sde_window_size": "2"}, "nft": {"--train_micro_batch_size": "4"}}[algorithm])
+    return ["train", algorithm, "--model", model] + [item for pair in settings.items() for item in pair]
+
+
+@pytest.mark.slow  # three CLI runs in subprocesses per family and trainer (two at once): ~40 s each for SD on 2 cores
+@pytest.mark.parametrize("algorithm", ["ddpo", "nft"])
+def test_killed_run_resumes_bit_identically(family_dir, tmp_path, algorithm):
+    """A run SIGKILLed after its first checkpoint and resumed with `--resume` ends with the LoRA and the metrics of
+    an uninterrupted run, bit for bit: the prompt cache, the RNG streams and (NFT) the old policy come back."""
+    from cli_helpers import assert_killed_run_resumes_bit_identically
+
+    family, model = family_dir
+    assert_killed_run_resumes_bit_identically(_resume_args(algorithm, model), tmp_path)

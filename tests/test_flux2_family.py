@@ -12,7 +12,7 @@ import torch
 
 from diffalign.families import FAMILIES, family_for_pipeline, load_family
 from diffalign.families.flux2 import (Flux2Family, Flux2KleinFamily, batch_norm_denormalise, flux2_image_ids,
-                                      flux2_pack, flux2_text_ids, flux2_unpack, unpatchify)
+                                      flux2_pack, flux2_text_ids, flux2_unpack, tiny_flux2_components, unpatchify)
 
 PROMPTS = ["a photo of a cat", "a red car"]
 
@@ -112,6 +112,22 @@ def test_timesteps_use_the_empirical_mu_of_tokens_and_steps():
         torch.exp(torch.tensor(mu, dtype=torch.float64)) + (1 / sigmas - 1))
     torch.testing.assert_close(four, (shifted * 1000).float(), atol=1e-3, rtol=0)
     assert eight.shape == (8,) and not torch.equal(four, eight[::2])
+
+
+def _config(scheduler) -> dict:
+    return {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+
+
+def test_tiny_scheduler_is_the_one_diffusers_converts_flux2_with():
+    """diffusers' scripts/convert_flux2_to_diffusers.py gives FLUX.2 pipelines FLUX.1-dev's scheduler: shift 3,
+    dynamic shifting, base/max shift 0.5/1.15 over 256/4096 tokens (the pipelines pass FLUX.2's empirical `mu`)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flux1_dev = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    # klein's and dev's tiny components take it from `tiny_flux2_components`
+    assert _config(tiny_flux2_components(0, 48, guidance_embeds=True)["scheduler"]) == _config(flux1_dev)
 
 
 def test_dev_encoding_is_the_pipeline_encoding_after_reload(saved):

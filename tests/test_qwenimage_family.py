@@ -1,14 +1,11 @@
 """Qwen-Image's own facts, beyond the family tester (tests/test_family_common.py runs every shared check on it, DDPO
 and PRDP from the CLI included): its tokenizer built in code, its variable-length prompt encoding (the pipeline's,
 each batch padded to its own longest prompt), its true CFG with norm rescale and negative prompt, padded batches
-concatenated and re-evaluated exactly, DiffusionNFT from the CLI, and a killed run resumed bit-identically."""
+concatenated and re-evaluated exactly, and DiffusionNFT from the CLI (a killed run resumed: the family tester's
+`test_killed_run_resumes_bit_identically`)."""
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -187,35 +184,3 @@ def test_nft_cli_run_writes_a_lora_that_loads_and_changes_images(model_dir, tmp_
     pipe.load_lora_weights(os.path.join(out, "final"))
     assert (run() - base).abs().max() > 1e-4
 
-
-def _cli(args):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return subprocess.Popen([sys.executable, "-m", "diffalign.cli"] + args, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-@pytest.mark.slow  # two runs and a resume in subprocesses: about a minute on 2 cores
-def test_killed_and_resumed_ddpo_run_is_bit_identical(model_dir, tmp_path):
-    """SIGKILL after the first checkpoint, then `--resume`: the prompt cache is rebuilt (the conditioning padded per
-    batch again) and the LoRA equals a straight run's bit for bit."""
-    args = ["train", "ddpo", "--model", model_dir, "--checkpoint_every", "1", "--seed", "3", "--num_epochs", "3",
-            "--train_batch_size", "4", "--sample_sde_window_size", "2"] + RUN_ARGS
-    straight = _cli(args + ["--output_dir", str(tmp_path / "straight")])
-    killed_dir = tmp_path / "killed"
-    killed = _cli(args + ["--output_dir", str(killed_dir)])
-    deadline = time.time() + 300
-    while not (killed_dir / "checkpoints" / "epoch-000000").exists():
-        assert killed.poll() is None and time.time() < deadline, killed.communicate()
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert not (killed_dir / "final").exists()
-    assert straight.wait(timeout=300) == 0, straight.communicate()
-    resumed = _cli(args + ["--resume", str(killed_dir)])
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    a = load_file(str(tmp_path / "straight" / "final" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(killed_dir / "final" / "pytorch_lora_weights.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key

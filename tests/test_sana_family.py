@@ -27,6 +27,15 @@ def test_sana_is_registered():
     assert FAMILIES["SanaPipeline"] is SanaFamily
 
 
+def test_tiny_scheduler_is_the_one_diffusers_converts_sana_with():
+    """diffusers' scripts/convert_sana_to_diffusers.py (SANA below 4K px): DPM-Solver on flow sigmas, flow_shift 3."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    converted = DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction")
+    config = lambda scheduler: {k: v for k, v in scheduler.config.items() if not k.startswith("_")}  # noqa: E731
+    assert config(SanaFamily.tiny_components()["scheduler"]) == config(converted)
+
+
 def test_tokenizer_is_a_byte_fallback_bpe_that_survives_reload(saved):
     from transformers import AutoTokenizer
 

@@ -19,7 +19,8 @@ What differs from FLUX.1, and where it lives here (checked against diffusers' `F
   so and rollouts follow the pipeline.
 - FLUX.2 [dev] (`Flux2Family`, `Flux2Pipeline`) differs from klein only in its text encoder (Mistral 3, layers 10,
   20 and 30, after a system message) and its guidance: embedded (a transformer input, per row in the conditioning as
-  FLUX.1-dev's), with no CFG in its pipeline.
+  FLUX.1-dev's), with no CFG in its pipeline. Its modular blocks take no guider: its RLG route is the classic
+  `Flux2RLGPipeline` (pipelines/pipeline_flux2_rlg.py).
 """
 
 import logging
@@ -87,8 +88,9 @@ def batch_norm_denormalise(latents: torch.Tensor, running_mean: torch.Tensor, ru
 def tiny_flux2_components(seed: int, joint_attention_dim: int, guidance_embeds: bool) -> dict:
     """The transformer, VAE and scheduler of a tiny FLUX.2: one double- and one single-stream block (16 input channels:
     4-channel latents patchified 2x2; `guidance_embeds`: the embedded guidance of FLUX.2 [dev]), a 4-channel
-    `AutoencoderKLFlux2` (vae_scale_factor 4) whose batch-norm statistics are not the identity, and a dynamic-shift
-    scheduler (FLUX.2's, with the pipelines' empirical `mu`; written from memory: no hub here)."""
+    `AutoencoderKLFlux2` (vae_scale_factor 4) whose batch-norm statistics are not the identity, and the scheduler
+    diffusers' scripts/convert_flux2_to_diffusers.py puts into a FLUX.2 pipeline (FLUX.1-dev's: shift 3, dynamic
+    shifting, the default shift bounds; the pipelines pass FLUX.2's empirical `mu`)."""
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
     torch.manual_seed(seed)
@@ -275,7 +277,10 @@ class Flux2Family(Flux2KleinFamily):
 
     name = "flux2-dev"
     pipeline_class = "Flux2Pipeline"
-    modular_blocks_class = "Flux2AutoBlocks"  # no guider: the guidance is embedded
+    # diffusers' modular FLUX.2 [dev] blocks take no guider (the guidance is embedded), so the RLG route is a classic
+    # RLG pipeline: pipelines/pipeline_flux2_rlg.py, each model with its embedded guidance inside its branch
+    rlg_pipeline_class = "Flux2RLGPipeline"
+    modular_blocks_class = "Flux2AutoBlocks"
     hub_tags = ("flux2", "flux2-dev")
     guidance_kind = "embedded"
     default_guidance_scale = 4.0  # Flux2Pipeline's default (embedded) `guidance_scale`

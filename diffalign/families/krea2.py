@@ -77,7 +77,9 @@ class Krea2Family(ModelFamily):
     pipeline_init_kwargs = {}  # no safety checker, no watermarker
     rlg_pipeline_class = None  # the RLG guider goes through the modular blocks
     modular_blocks_class = "Krea2AutoBlocks"
-    hub_tags = ("krea-2",)  # not checked against the Hub (offline)
+    # not checked against the Hub (offline); no public source states krea/Krea-2-Raw's tags (a community fine-tune,
+    # colosslabs/Krea-2-Coloss-Raw, tags itself `krea2`)
+    hub_tags = ("krea-2",)
     guidance_kind = "cfg"
     default_guidance_scale = 4.5  # Krea2Pipeline's default `guidance_scale`
     # the attention of every image block and of the text fusion's blocks (diffusers' Krea 2 LoRA targets' names)

@@ -160,8 +160,10 @@ class SanaFamily(ModelFamily):
     def tiny_components(cls, seed: int = 0, scheduler: str = "dpm_solver") -> dict:
         """Components of a tiny random `SanaPipeline`: a one-block SANA transformer (patch 2, sample size 16: the
         512 px aspect-ratio table), a 3-stage DC-AE (vae_scale_factor 4), a 2-layer Gemma2 with a byte-fallback BPE
-        tokenizer, and SANA's DPM-Solver with flow sigmas and `flow_shift` 3 (written from memory of
-        Sana_1600M_1024px_diffusers: no hub here); `scheduler="flow_match_euler"` a flow-matching Euler scheduler
+        tokenizer, and SANA's DPM-Solver with flow sigmas and `flow_shift` 3 (the scheduler diffusers'
+        scripts/convert_sana_to_diffusers.py writes for SANA below 4K px: `DPMSolverMultistepScheduler(flow_shift=3,
+        use_flow_sigmas=True, prediction_type="flow_prediction")`, the rest its defaults; 4K px: flow_shift 6);
+        `scheduler="flow_match_euler"` a flow-matching Euler scheduler
         (shift 3), which SanaPipeline takes too."""
         from diffusers import (AutoencoderDC, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
                                SanaTransformer2DModel)
