@@ -1,0 +1,231 @@
+"""The forward-process trainers (`nft`, `awm`, `dgpo`) on every core family, from the CLI: a 2-epoch run writes a LoRA
+that the family's pipeline loads (`load_lora_weights`) and that changes its images, on tiny SD (epsilon and
+v-prediction), SDXL, SD3 and FLUX directories; a killed run resumed with `--resume` is bit-identical on a flow family;
+AWM on 2 processes follows 1 process; and the deterministic sampler they train on is the diffusers scheduler's own step
+(DDIM with eta 0, flow Euler), the rollout the family pipeline's.
+
+The combinations the trainers' own files run (tests/test_nft_trainer.py: nft on sd, sd3, flux; tests/test_awm.py: awm
+on sd, sd3; tests/test_dgpo.py: dgpo on sd, sd3; each with a UNet kill-and-resume) are not repeated here. One
+combination runs in the default suite; the others with `-m slow` (each is a CLI run of several seconds to minutes).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cli_helpers import assert_killed_run_resumes_bit_identically
+from diffalign.cli import main
+from diffalign.families import family_named
+
+SIZE = 16  # image side: a multiple of every core family's resolution multiple, and fast
+PROMPT = "a photo of a cat"
+
+# a run of a few seconds: 2 prompts x 2 images, 3 sampling steps, 2 epochs, one optimizer step per epoch
+TINY_RUN = [
+    "--prompts", "[a photo of a cat, a red car]", "--num_epochs", "2", "--sample_num_steps", "3",
+    "--sample_num_prompts_per_epoch", "2", "--sample_images_per_prompt", "2", "--sample_batch_size", "4",
+    "--grid_num_images", "1", "--reward", "jpeg_compressibility", "--train_learning_rate", "1e-2",
+    "--final_eval_num_images", "0", "--sample_resolution", str(SIZE), "--seed", "3",
+]
+# each trainer's keys for that run: every sampled noise level trained, a KL term so the base model is evaluated too
+TRAINER_RUN = {
+    "nft": ["--train_micro_batch_size", "4"],
+    "awm": ["--train_micro_batch_size", "4", "--train_timesteps", "2", "--train_timestep_fraction", "1.0",
+            "--train_kl_coef", "0.01"],
+    "dgpo": ["--train_micro_batch_size", "3", "--train_trunc_steps", "2", "--train_num_timesteps", "2",
+             "--train_use_ema_ref", "true", "--train_kl_coef", "0.01"],
+}
+# the keys each trainer logs every epoch
+LOGGED = {
+    "nft": ("loss", "policy_loss", "kl", "old_deviation", "grad_norm", "old_policy_decay"),
+    "awm": ("loss", "policy_loss", "kl", "ema_kl", "matching_loss", "grad_norm", "old_policy_decay"),
+    "dgpo": ("loss", "policy_loss", "dsm", "ref_dsm", "kl", "group_weight", "grad_norm", "old_policy_decay"),
+}
+# (family, tiny-model variant): SD with an epsilon and a v-prediction UNet, SDXL, SD3, FLUX.1
+FAMILIES = {"sd": ("sd", {}), "sd-v_prediction": ("sd", {"prediction_type": "v_prediction"}), "sdxl": ("sdxl", {}),
+            "sd3": ("sd3", {}), "flux": ("flux", {})}
+IN_TRAINER_FILES = {("nft", "sd"), ("nft", "sd3"), ("nft", "flux"), ("awm", "sd"), ("awm", "sd3"), ("dgpo", "sd"),
+                    ("dgpo", "sd3")}
+DEFAULT_SUITE = ("awm", "sd-v_prediction")  # the one combination of the default suite: a few seconds
+
+
+def combinations():
+    params = []
+    for trainer in TRAINER_RUN:
+        for family in FAMILIES:
+            if (trainer, family) in IN_TRAINER_FILES:
+                continue
+            marks = () if (trainer, family) == DEFAULT_SUITE else (pytest.mark.slow,)
+            params.append(pytest.param(trainer, family, marks=marks, id=f"{trainer}-{family}"))
+    return params
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """`family key -> tiny model directory`, each written once for the module."""
+    root, made = tmp_path_factory.mktemp("forward_families"), {}
+
+    def get(key):
+        if key not in made:
+            name, variant = FAMILIES[key]
+            made[key] = family_named(name).save_tiny(str(root / key), **variant)
+        return made[key]
+
+    return get
+
+
+def family_pipeline(family, model):
+    import diffusers
+
+    pipe = getattr(diffusers, family.pipeline_class).from_pretrained(model, **family.pipeline_init_kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def images(family, pipe):
+    kwargs = dict(num_inference_steps=2, height=SIZE, width=SIZE, output_type="pt",
+                  **family.pipeline_guidance_kwargs(1.0, 3.5))
+    return pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+@pytest.mark.parametrize("trainer,family_key", combinations())
+def test_two_epoch_cli_run_writes_a_lora_that_loads_and_changes_images(trainer, family_key, model_dirs, tmp_path):
+    family = family_named(FAMILIES[family_key][0])
+    model = model_dirs(family_key)
+    out = str(tmp_path / "run")
+    assert main(["train", trainer, "--model", model, "--output_dir", out] + TINY_RUN + TRAINER_RUN[trainer]) == 0
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["epoch"] for r in records] == [0, 1]
+    for key in LOGGED[trainer]:
+        assert key in records[-1], key
+    assert records[-1]["grad_norm"] > 0
+    weights = load_file(os.path.join(out, "final", "pytorch_lora_weights.safetensors"))
+    assert weights and not any(".old." in key for key in weights)  # the trained adapter alone
+
+    pipe = family_pipeline(family, model)
+    if FAMILIES[family_key][1]:
+        assert pipe.scheduler.config.prediction_type == "v_prediction"
+    before = images(family, pipe)
+    pipe.load_lora_weights(os.path.join(out, "final"))
+    after = images(family, pipe)
+    assert (after - before).abs().max() > 1e-4  # the trained LoRA is loaded and changes the images
+
+
+# ------------------------------------------------------------------------------------------------ resume
+@pytest.mark.slow  # three CLI runs of 3 epochs each
+@pytest.mark.parametrize("trainer", ["awm", "dgpo"])
+def test_killed_and_resumed_run_on_a_flow_family_is_bit_identical(trainer, model_dirs, tmp_path):
+    """SD3 (a flow transformer; the trainers' own files resume an epsilon UNet): SIGKILL after the first checkpoint,
+    then `--resume`; the EMA adapter samples (AWM off-policy, DGPO after `switch_ema_ref 0`), so it must come back
+    from the checkpoint for the LoRA and every logged metric to equal a straight run's."""
+    extra = {"awm": ["--train_off_policy", "true", "--train_clip_range", "0.01"], "dgpo": ["--switch_ema_ref", "0"]}
+    args = (["train", trainer, "--model", model_dirs("sd3"), "--checkpoint_every", "1"] + TINY_RUN
+            + TRAINER_RUN[trainer] + extra[trainer] + ["--num_epochs", "3"])
+    assert_killed_run_resumes_bit_identically(args, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ 2 processes
+@pytest.mark.slow  # a 2-process launch and a 1-process run
+def test_awm_two_processes_follow_the_one_process_run(tiny_model_dir, tmp_path):
+    """2 DDP processes (gloo, CPU) against 1, as tests/test_distributed.py checks the other trainers: the same rewards,
+    losses and ranks' weights, and a LoRA within float tolerance. Off-policy with a KL term, so the EMA adapter's and
+    the base model's frozen outputs enter the loss; optimizer steps of 4 samples put 2 on each process."""
+    import distributed_run
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(paths))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+    def args(out):
+        return ["awm", "--model", tiny_model_dir, "--output_dir", str(out), "--num_epochs", "3", "--prompts",
+                "[a cat, a dog, a bird, a fish]", "--sample_num_steps", "2", "--sample_num_prompts_per_epoch", "4",
+                "--sample_images_per_prompt", "2", "--sample_batch_size", "4", "--grid_num_images", "1", "--reward",
+                "distributed_run:brightness", "--seed", "3", "--train_timesteps", "2", "--train_timestep_fraction",
+                "1.0", "--train_batch_size", "4", "--train_micro_batch_size", "2", "--train_off_policy", "true",
+                "--train_clip_range", "0.05", "--train_kl_coef", "0.01", "--train_learning_rate", "1e-3",
+                "--final_eval_num_images", "0"]
+
+    result = subprocess.run(launch + [os.path.join(here, "distributed_run.py")] + args(tmp_path / "two"), env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    distributed_run.main(args(tmp_path / "one"))
+    with open(tmp_path / "two" / "report.json") as f:
+        two = json.load(f)
+    with open(tmp_path / "one" / "report.json") as f:
+        one = json.load(f)
+    assert two["engine"] == "ddp" and two["num_processes"] == 2
+    assert [c["identical"] for c in two["rank_checks"]] == [True] * 3  # same weights on both ranks, every epoch
+    for a, b in zip(one["metrics"], two["metrics"]):
+        assert a["images"] == b["images"] == 8
+        assert abs(a["reward_mean"] - b["reward_mean"]) <= 1e-4, (a, b)
+        for key in ("loss", "matching_loss", "kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), (key, a, b)
+    lora_one = load_file(str(tmp_path / "one" / "final" / "pytorch_lora_weights.safetensors"))
+    lora_two = load_file(str(tmp_path / "two" / "final" / "pytorch_lora_weights.safetensors"))
+    ups = [k for k in lora_one if "lora_B" in k or "lora.up" in k]
+    difference = sum(((lora_one[k].double() - lora_two[k].double()) ** 2).sum() for k in ups).sqrt()
+    relative = difference / sum((lora_one[k].double() ** 2).sum() for k in ups).sqrt()
+    print(f"awm: LoRA after 3 epochs, 2 processes vs 1: learned up-weights differ by {float(relative):.3%}")
+    assert relative <= 0.02
+
+
+# ------------------------------------------------------------------------------------------------ the sampler
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+def test_the_ddim_kernels_deterministic_step_is_ddims_step_with_eta_0(prediction_type, set_alpha_to_one):
+    """The step the forward trainers sample with on a UNet (`sample_deterministic`), against
+    `DDIMScheduler.step(..., eta=0)` at every step of a schedule, the last one (to `final_alpha_cumprod`) included."""
+    from diffalign.kernels import DDIMKernel
+    from diffalign.testing import tiny_ddim_scheduler
+
+    scheduler = tiny_ddim_scheduler(prediction_type=prediction_type, set_alpha_to_one=set_alpha_to_one)
+    scheduler.set_timesteps(7)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(3, 4, 6, 6, generator=g)
+    kernel = DDIMKernel(eta=1.0)
+    for timestep in scheduler.timesteps:
+        output = torch.randn(sample.shape, generator=g)
+        ours = kernel.step(scheduler, output, timestep, sample, stochastic=False)[0]
+        expected = scheduler.step(output, timestep, sample, eta=0.0).prev_sample
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+        sample = expected
+
+
+@pytest.mark.parametrize("family_key", ["sd", "sd-v_prediction", "sd3"])
+def test_a_forward_trainers_rollout_is_the_family_pipeline_with_the_schedulers_own_step(family_key, tmp_path):
+    """The final images a forward trainer trains on (CFG-free, deterministic: NVIDIA's defaults) are the family
+    pipeline's at guidance 1 with the same initial noise: DDIM with eta 0 (epsilon and v UNets), Euler on SD3."""
+    from diffalign.config import NFTConfig
+    from diffalign.trainers import NFTTrainer
+
+    name, variant = FAMILIES[family_key]
+    family = family_named(name)
+    pipe = family.tiny_pipeline(**variant)
+    family.set_kernel_scheduler(pipe)
+    expected_scheduler = "FlowMatchEulerDiscreteScheduler" if name == "sd3" else "DDIMScheduler"
+    assert type(pipe.scheduler).__name__ == expected_scheduler
+    config = NFTConfig(model="unused", output_dir=str(tmp_path / "run"), prompts=[PROMPT, "a red car"], num_epochs=1,
+                       sample_num_steps=4, sample_num_prompts_per_epoch=2, sample_images_per_prompt=1,
+                       sample_batch_size=2, grid_num_images=1, sample_resolution=SIZE)
+    trainer = NFTTrainer(config, pipeline=pipe, reward_fn=lambda images, prompts, metadata=None: images.mean((1, 2, 3)))
+    with torch.no_grad():  # a LoRA that changes the model: the old policy (a copy of it) samples
+        for param in trainer.policy_params + trainer.old_params:
+            param.fill_(0.05)
+    prompts = trainer.local_prompts(0)
+    trajectories = trainer.sample(0, prompts, False)
+    assert not trajectories.stochastic.any()
+    generators = trainer.sample_generators(0, range(len(prompts)))
+    latents = torch.cat([trainer.family.prepare_latents(1, SIZE, SIZE, torch.float32, "cpu", g) for g in generators])
+    pipe.unet.eval() if hasattr(pipe, "unet") else pipe.transformer.eval()
+    stock = pipe(prompt=prompts, num_inference_steps=4, latents=latents, height=SIZE, width=SIZE, output_type="pt",
+                 **family.pipeline_guidance_kwargs(1.0, 3.5)).images
+    torch.testing.assert_close(trajectories.images, stock, rtol=1e-4, atol=1e-5)
