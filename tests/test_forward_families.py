@@ -29,9 +29,9 @@ PROMPT = "a photo of a cat"
 TINY_RUN = [
     "--prompts", "[a photo of a cat, a red car]", "--num_epochs", "2", "--sample_num_steps", "3",
     "--sample_num_prompts_per_epoch", "2", "--sample_images_per_prompt", "2", "--sample_batch_size", "4",
-    "--grid_num_images", "1", "--reward", "jpeg_compressibility", "--train_learning_rate", "1e-2",
-    "--final_eval_num_images", "0", "--sample_resolution", str(SIZE), "--seed", "3",
+    "--grid_num_images", "1", "--reward", "jpeg_compressibility", "--final_eval_num_images", "0", "--sample_resolution", str(SIZE), "--seed", "3",
 ]
+LORA_LEARNING_RATE = ["--train_learning_rate", "1e-2"]
 # each trainer's keys for that run: every sampled noise level trained, a KL term so the base model is evaluated too
 TRAINER_RUN = {
     "nft": ["--train_micro_batch_size", "4"],
@@ -98,7 +98,8 @@ def test_two_epoch_cli_run_writes_a_lora_that_loads_and_changes_images(trainer, 
     family = family_named(FAMILIES[family_key][0])
     model = model_dirs(family_key)
     out = str(tmp_path / "run")
-    assert main(["train", trainer, "--model", model, "--output_dir", out] + TINY_RUN + TRAINER_RUN[trainer]) == 0
+    assert main(["train", trainer, "--model", model, "--output_dir", out] + TINY_RUN + LORA_LEARNING_RATE
+                + TRAINER_RUN[trainer]) == 0
     with open(os.path.join(out, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert [r["epoch"] for r in records] == [0, 1]
@@ -126,7 +127,7 @@ def test_killed_and_resumed_run_on_a_flow_family_is_bit_identical(trainer, model
     from the checkpoint for the LoRA and every logged metric to equal a straight run's."""
     extra = {"awm": ["--train_off_policy", "true", "--train_clip_range", "0.01"], "dgpo": ["--switch_ema_ref", "0"]}
     args = (["train", trainer, "--model", model_dirs("sd3"), "--checkpoint_every", "1"] + TINY_RUN
-            + TRAINER_RUN[trainer] + extra[trainer] + ["--num_epochs", "3"])
+            + LORA_LEARNING_RATE + TRAINER_RUN[trainer] + extra[trainer] + ["--num_epochs", "3"])
     assert_killed_run_resumes_bit_identically(args, tmp_path)
 
 
@@ -229,3 +230,106 @@ def test_a_forward_trainers_rollout_is_the_family_pipeline_with_the_schedulers_o
     stock = pipe(prompt=prompts, num_inference_steps=4, latents=latents, height=SIZE, width=SIZE, output_type="pt",
                  **family.pipeline_guidance_kwargs(1.0, 3.5)).images
     torch.testing.assert_close(trajectories.images, stock, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ full fine-tuning
+FULL_FINE_TUNES = [pytest.param(trainer, family, marks=() if (trainer, family) == ("nft", "sd") else (pytest.mark.slow,),
+                                id=f"{trainer}-{family}") for trainer in TRAINER_RUN for family in ("sd", "sd3")]
+
+
+@pytest.mark.parametrize("trainer,family_key", FULL_FINE_TUNES)
+def test_full_fine_tune_saves_a_denoiser_that_loads_with_the_familys_class(trainer, family_key, model_dirs,
+                                                                             tmp_path):
+    """`use_lora: false`: the whole denoiser trains (the old policy a frozen copy of it), is saved as safetensors in
+    `final/<denoiser>/`, loads with the family's diffusers class, differs from the base model's and changes the
+    pipeline's images."""
+    import diffusers
+
+    family = family_named(FAMILIES[family_key][0])
+    model = model_dirs(family_key)
+    out = tmp_path / "run"
+    assert main(["train", trainer, "--model", model, "--output_dir", str(out), "--use_lora", "false",
+                 "--train_learning_rate", "1e-3"] + TINY_RUN + TRAINER_RUN[trainer]) == 0
+    with open(out / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["epoch"] for r in records] == [0, 1] and records[-1]["grad_norm"] > 0
+    saved = out / "final" / family.denoiser_name
+    assert (saved / "diffusion_pytorch_model.safetensors").is_file()
+    assert not (out / "final" / "pytorch_lora_weights.safetensors").exists()
+    pipe = family_pipeline(family, model)
+    base_denoiser = getattr(pipe, family.denoiser_name)
+    trained = type(base_denoiser).from_pretrained(str(saved))
+    assert isinstance(trained, getattr(diffusers, type(base_denoiser).__name__))
+    base, new = base_denoiser.state_dict(), trained.state_dict()
+    assert base.keys() == new.keys()
+    assert any(not torch.equal(base[k], new[k]) for k in base)
+    before = images(family, pipe)
+    setattr(pipe, family.denoiser_name, trained.eval())
+    assert (images(family, pipe) - before).abs().max() > 1e-4
+
+
+@pytest.mark.slow  # three CLI runs of 3 epochs each
+def test_killed_and_resumed_full_fine_tune_is_bit_identical(model_dirs, tmp_path):
+    """A full fine-tune's old policy is a frozen copy of the denoiser, outside the trained weights: it comes back from
+    the checkpoint (DGPO's EMA reference samples from epoch 1 on and clips the loss), so the saved UNet and every
+    logged metric equal a straight run's."""
+    args = (["train", "dgpo", "--model", model_dirs("sd"), "--checkpoint_every", "1", "--use_lora", "false",
+             "--train_learning_rate", "1e-3", "--switch_ema_ref", "0"] + TINY_RUN + TRAINER_RUN["dgpo"]
+            + ["--num_epochs", "3"])
+    assert_killed_run_resumes_bit_identically(args, tmp_path, final_weights="unet/diffusion_pytorch_model.safetensors")
+
+
+def test_full_fine_tune_samples_with_a_frozen_old_copy_that_follows_by_its_decay(tmp_path, tiny_pipe):
+    """The old policy of a full fine-tune is a frozen copy of the denoiser: it samples (moving the trained weights does
+    not move the rollout), the loss gets its output and the base copy's, and after the epoch it follows the trained
+    weights by NVIDIA's decay; checkpoints carry it."""
+    from diffalign.config import NFTConfig
+    from diffalign.forward_process import old_policy_decay
+    from diffalign.trainers import NFTTrainer
+    from diffalign.trainers.base import BaseTrainer
+    from diffalign.trainers.update_plan import Rows
+    from diffalign.utils.peft_utils import has_lora
+
+    config = NFTConfig(model="unused", output_dir=str(tmp_path / "run"), prompts=["a cat", "a dog"], num_epochs=1,
+                       sample_num_steps=3, sample_num_prompts_per_epoch=2, sample_images_per_prompt=2,
+                       sample_batch_size=4, grid_num_images=1, train_learning_rate=1e-3, train_micro_batch_size=3,
+                       use_lora=False)
+    config.validate()
+    trainer = NFTTrainer(config, pipeline=tiny_pipe, reward_fn=lambda images, prompts, metadata=None:
+                         images.mean(dim=(1, 2, 3)))
+    denoiser = trainer.family.denoiser
+    assert not has_lora(denoiser) and trainer.old_denoiser is not denoiser and trainer.ref_denoiser is not None
+    assert len(trainer.policy_params) == len(list(denoiser.parameters())) == len(trainer.trainable_params)
+    assert all(p.requires_grad for p in trainer.policy_params) and not any(p.requires_grad for p in trainer.old_params)
+    assert all(torch.equal(a, b) for a, b in zip(trainer.old_params, trainer.policy_params))
+
+    prompts = trainer.local_prompts(0)
+    first = trainer.sample(0, prompts, False).final_latents
+    with torch.no_grad():
+        for param in trainer.policy_params:
+            param.add_(0.02 * torch.randn_like(param))
+    assert torch.equal(trainer.sample(0, prompts, False).final_latents, first)  # the old copy samples
+    assert not torch.equal(BaseTrainer.sample(trainer, 0, prompts, False).final_latents, first)
+    assert trainer.denoiser is trainer.prepared  # the live denoiser is back after sampling
+
+    trajectories = trainer.sample(0, prompts, False)
+    rewards = trainer.score(trajectories)["reward"]
+    batch = trainer.training_batch(trajectories, rewards, rewards, prompts, epoch=0)
+    rows = Rows(torch.tensor([2, 0]), torch.tensor([1, 2]))
+    output, old_output, ref_output, noised = trainer.model_outputs(trainer.denoiser, batch, rows)
+    with torch.no_grad():
+        for model, frozen in ((trainer.old_denoiser, old_output), (trainer.ref_denoiser, ref_output)):
+            expected = trainer.family.predict(model, noised.x_t, noised.t, noised.conditioning, None, 1.0)
+            torch.testing.assert_close(frozen, expected, rtol=0, atol=0)
+        live = trainer.family.predict(trainer.denoiser, noised.x_t, noised.t, noised.conditioning, None, 1.0)
+    torch.testing.assert_close(output, live, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(output, old_output) and torch.allclose(old_output, ref_output)  # old = base still
+
+    old_before = [p.detach().clone() for p in trainer.old_params]
+    metrics = trainer.step(0)
+    eta = old_policy_decay(1, 0, 0.001, 0.5)
+    assert metrics["old_policy_decay"] == eta and metrics["grad_norm"] > 0
+    for old0, old, new in zip(old_before, trainer.old_params, trainer.policy_params):
+        assert torch.equal(old, old0 * eta + new * (1 - eta))
+    state = trainer.extra_state()["old_policy"]
+    assert len(state) == len(trainer.old_params) and all(torch.equal(a, b) for a, b in zip(state, trainer.old_params))
