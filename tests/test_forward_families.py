@@ -333,3 +333,35 @@ def test_full_fine_tune_samples_with_a_frozen_old_copy_that_follows_by_its_decay
         assert torch.equal(old, old0 * eta + new * (1 - eta))
     state = trainer.extra_state()["old_policy"]
     assert len(state) == len(trainer.old_params) and all(torch.equal(a, b) for a, b in zip(state, trainer.old_params))
+
+
+# ------------------------------------------------------------------------------------------------ the prompt cache
+def test_a_resumed_trainer_encodes_its_prompts_as_the_run_it_continues(tmp_path):
+    """SD3's pooled CLIP projection of a prompt differs in the last bit with the batch it is encoded in, and the
+    family caches each prompt's conditioning from its first encoding: a resumed run must rebuild the cache as the
+    killed run filled it (here the grid's prompt alone, then the epoch's others), or it samples other images."""
+    from diffalign.config import NFTConfig
+    from diffalign.trainers import NFTTrainer
+
+    def trainer(run="run", **overrides):
+        config = NFTConfig(model="unused", output_dir=str(tmp_path / run), prompts=["a cat", "a dog", "a bird"],
+                           num_epochs=2, sample_num_steps=2, sample_num_prompts_per_epoch=3,
+                           sample_images_per_prompt=1, sample_batch_size=3, grid_num_images=1,
+                           sample_resolution=SIZE, **overrides)
+        return NFTTrainer(config, pipeline=family_named("sd3").tiny_pipeline(),
+                          reward_fn=lambda images, prompts, metadata=None: images.mean(dim=(1, 2, 3)))
+
+    killed = trainer()
+    prompts = killed.local_prompts(0)
+    killed.family.encode_prompts([prompts[0]])  # as the grid before training encodes its prompt
+    killed.step(0)
+    killed.save_checkpoint(0)
+    resumed = trainer(resume_from=str(tmp_path / "run"))
+    assert resumed.first_epoch == 1
+    ours, theirs = resumed.family.encode_prompts(prompts), killed.family.encode_prompts(prompts)
+    fresh = trainer("fresh").family.encode_prompts(prompts)  # all three in one batch
+    assert not torch.equal(fresh["pooled_projections"], theirs["pooled_projections"])  # the batch matters
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+    torch.testing.assert_close(resumed.sample(1, resumed.local_prompts(1), False).final_latents,
+                               killed.sample(1, killed.local_prompts(1), False).final_latents, rtol=0, atol=0)
