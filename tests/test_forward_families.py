@@ -365,3 +365,34 @@ def test_a_resumed_trainer_encodes_its_prompts_as_the_run_it_continues(tmp_path)
         assert torch.equal(ours[key], theirs[key]), key
     torch.testing.assert_close(resumed.sample(1, resumed.local_prompts(1), False).final_latents,
                                killed.sample(1, killed.local_prompts(1), False).final_latents, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------ GRPO-Guard
+# `train ddpo --train_ratio_norm` (GRPO-Guard's RatioNorm; tests/test_grpo_guard.py: the loss against the authors' code
+# and an SD3 run). It needs a flow model (a DDIM one is refused there): the flow families here.
+RATIO_NORM_RUN = ["--train_ratio_norm", "true", "--train_batch_size", "4", "--train_clip_range", "1e-3",
+                  "--advantage_mode", "group", "--sample_guidance_scale", "3.0", "--sample_embedded_guidance", "3.5",
+                  "--lora_rank", "4", "--lora_alpha", "8"] + LORA_LEARNING_RATE
+
+
+@pytest.mark.slow  # a CLI run per family
+@pytest.mark.parametrize("family_key", ["sd3", "flux"])
+def test_grpo_guard_run_writes_a_lora_that_loads_and_changes_images(family_key, model_dirs, tmp_path):
+    family = family_named(FAMILIES[family_key][0])
+    model = model_dirs(family_key)
+    out = str(tmp_path / "run")
+    assert main(["train", "ddpo", "--model", model, "--output_dir", out] + TINY_RUN + RATIO_NORM_RUN) == 0
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["epoch"] for r in records] == [0, 1] and all(r["grad_norm"] > 0 for r in records)
+    pipe = family_pipeline(family, model)
+    before = images(family, pipe)
+    pipe.load_lora_weights(os.path.join(out, "final"))
+    assert (images(family, pipe) - before).abs().max() > 1e-4
+
+
+@pytest.mark.slow  # three CLI runs of 3 epochs each
+def test_grpo_guard_killed_and_resumed_run_is_bit_identical(model_dirs, tmp_path):
+    args = (["train", "ddpo", "--model", model_dirs("sd3"), "--checkpoint_every", "1"] + TINY_RUN + RATIO_NORM_RUN
+            + ["--num_epochs", "3"])
+    assert_killed_run_resumes_bit_identically(args, tmp_path)

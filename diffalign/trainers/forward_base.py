@@ -18,11 +18,11 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..distributed import is_sharded
+from ..errors import ConfigError
 from ..forward_process import (OLD_POLICY_DECAY_TYPES, add_noise, flow_schedule, old_policy_decay,
                                update_old_policy_, vp_schedule)
 from ..rollout import select_rows
-from ..distributed import is_sharded
-from ..errors import ConfigError
 from ..utils.peft_utils import BASE_ADAPTER, adapter_active, adapter_rows, unwrap
 from ..utils.torch_utils import seed_for
 from .base import BaseTrainer, TrainingBatch
