@@ -29,7 +29,8 @@ PROMPT = "a photo of a cat"
 TINY_RUN = [
     "--prompts", "[a photo of a cat, a red car]", "--num_epochs", "2", "--sample_num_steps", "3",
     "--sample_num_prompts_per_epoch", "2", "--sample_images_per_prompt", "2", "--sample_batch_size", "4",
-    "--grid_num_images", "1", "--reward", "jpeg_compressibility", "--final_eval_num_images", "0", "--sample_resolution", str(SIZE), "--seed", "3",
+    "--grid_num_images", "1", "--reward", "jpeg_compressibility", "--final_eval_num_images", "0",
+    "--sample_resolution", str(SIZE), "--seed", "3",
 ]
 LORA_LEARNING_RATE = ["--train_learning_rate", "1e-2"]
 # each trainer's keys for that run: every sampled noise level trained, a KL term so the base model is evaluated too
@@ -217,7 +218,8 @@ def test_a_forward_trainers_rollout_is_the_family_pipeline_with_the_schedulers_o
     config = NFTConfig(model="unused", output_dir=str(tmp_path / "run"), prompts=[PROMPT, "a red car"], num_epochs=1,
                        sample_num_steps=4, sample_num_prompts_per_epoch=2, sample_images_per_prompt=1,
                        sample_batch_size=2, grid_num_images=1, sample_resolution=SIZE)
-    trainer = NFTTrainer(config, pipeline=pipe, reward_fn=lambda images, prompts, metadata=None: images.mean((1, 2, 3)))
+    trainer = NFTTrainer(config, pipeline=pipe,
+                         reward_fn=lambda images, prompts, metadata=None: images.mean(dim=(1, 2, 3)))
     with torch.no_grad():  # a LoRA that changes the model: the old policy (a copy of it) samples
         for param in trainer.policy_params + trainer.old_params:
             param.fill_(0.05)
@@ -233,8 +235,9 @@ def test_a_forward_trainers_rollout_is_the_family_pipeline_with_the_schedulers_o
 
 
 # ------------------------------------------------------------------------------------------------ full fine-tuning
-FULL_FINE_TUNES = [pytest.param(trainer, family, marks=() if (trainer, family) == ("nft", "sd") else (pytest.mark.slow,),
-                                id=f"{trainer}-{family}") for trainer in TRAINER_RUN for family in ("sd", "sd3")]
+FULL_FINE_TUNES = [pytest.param(trainer, family, id=f"{trainer}-{family}",
+                                marks=() if (trainer, family) == ("nft", "sd") else (pytest.mark.slow,))
+                   for trainer in TRAINER_RUN for family in ("sd", "sd3")]
 
 
 @pytest.mark.parametrize("trainer,family_key", FULL_FINE_TUNES)
