@@ -24,9 +24,11 @@ def cli(args):
                             stderr=subprocess.PIPE, text=True)
 
 
-def assert_killed_run_resumes_bit_identically(args, tmp_path, epochs: int = 3):
+def assert_killed_run_resumes_bit_identically(args, tmp_path, epochs: int = 3,
+                                              final_weights: str = "pytorch_lora_weights.safetensors"):
     """Runs `args` straight and, beside it, killed (SIGKILL) after its first checkpoint then resumed with
-    `--resume`; the final LoRA and every logged metric (times aside) must be equal."""
+    `--resume`; the final weights (`final/<final_weights>`: the LoRA, or a full fine-tune's denoiser file) and every
+    logged metric (times aside) must be equal."""
     import json
     import signal
     import time
@@ -48,8 +50,8 @@ def assert_killed_run_resumes_bit_identically(args, tmp_path, epochs: int = 3):
     resumed = cli(args + ["--resume", str(killed_dir)])
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
-    a = load_file(str(straight_dir / "final" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(killed_dir / "final" / "pytorch_lora_weights.safetensors"))
+    a = load_file(str(straight_dir / "final" / final_weights))
+    b = load_file(str(killed_dir / "final" / final_weights))
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key

@@ -262,8 +262,7 @@ def test_defaults_are_the_authors_and_bad_values_are_one_line_config_errors(tmp_
             config.train_kl_ema_decay_type, config.train_off_policy, config.sample_guidance_scale) == (
         6, 0.9, "discrete", "ghuber", 0.25, "exp_first", 1.0, 5.0, 1.0, "Uniform", 1.0, 0.3, "linear", False, 1.0)
     assert load_config("awm", "digits-flow-awm").algorithm == "awm"
-    for bad, message in [({"use_lora": False}, "awm needs use_lora: true"),
-                         ({"train_weighting": "cosine"}, "train_weighting must be one of Uniform, t, t\\*\\*2"),
+    for bad, message in [({"train_weighting": "cosine"}, "train_weighting must be one of Uniform, t, t\\*\\*2"),
                          ({"train_time_type": "logit_normal"}, "train_time_type must be one of discrete, "),
                          ({"train_loss_type": "mean"}, "train_loss_type must be one of exp_first, sum_first"),
                          ({"train_kl_weight": "KL"}, "train_kl_weight must be one of Uniform, ELBO"),

@@ -283,8 +283,7 @@ def test_defaults_are_the_authors_and_bad_values_are_one_line_errors(tmp_path, c
             config.sample_guidance_scale, config.sample_deterministic) == (
         100.0, 0.02, 1e-2, True, False, 1.0, False, 200, 4, 6, True, 5.0, 4.5, True)
     assert config.num_train_steps == 4
-    for bad, message in [({"use_lora": False}, "dgpo needs use_lora: true"),
-                         ({"train_beta_dpo": 0.0}, "train_beta_dpo must be > 0"),
+    for bad, message in [({"train_beta_dpo": 0.0}, "train_beta_dpo must be > 0"),
                          ({"train_clip_range": -1.0}, "train_clip_range must be >= 0"),
                          ({"train_trunc_steps": 3}, r"train_trunc_steps must be in \[0, sample_num_steps - 1 = 2\]"),
                          ({"train_num_timesteps": 4}, "train_num_timesteps .4. must be at most train_trunc_steps"),

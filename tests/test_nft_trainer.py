@@ -136,8 +136,7 @@ def test_a_trainer_takes_its_own_config_and_refuses_what_nft_cannot_run(tmp_path
             config.old_policy_decay_type, config.sample_deterministic, config.sample_guidance_scale,
             config.train_timestep_fraction) == (1.0, 5.0, "all", 1e-4, 1, True, 1.0, 0.99)
     assert NFTConfig(sample_num_steps=10).num_train_steps == 9  # as NVIDIA's int(10 x 0.99)
-    for bad, message in [({"use_lora": False}, "nft needs use_lora: true"),
-                         ({"train_adv_mode": "best"}, "train_adv_mode must be one of all, positive_only"),
+    for bad, message in [({"train_adv_mode": "best"}, "train_adv_mode must be one of all, positive_only"),
                          ({"old_policy_decay_type": 3}, "old_policy_decay_type must be one of 0, 1, 2"),
                          ({"train_beta": 0.0}, "train_beta must be > 0")]:
         with pytest.raises(ConfigError, match=message):

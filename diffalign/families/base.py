@@ -100,6 +100,9 @@ class ModelFamily:
         self.pipe = pipe
         self.max_cache = max_cache
         self._cache: Dict[str, Conditioning] = {}
+        # the text prompts each `encode_text` call of the cache encoded together, since it was last cleared (None once
+        # a prompt with condition images is encoded): `replay_encodings` rebuilds the cache bit for bit from them
+        self._encoded_batches: Optional[List[List[str]]] = []
         # True: the text encoders wait on the CPU and come to the VAE's device only to encode uncached prompts
         self.offload_text_encoders = False
 
@@ -312,6 +315,7 @@ class ModelFamily:
         if max_sequence_length is not None and hasattr(self, "max_sequence_length"):
             self.max_sequence_length = max_sequence_length
             self._cache.clear()
+            self._encoded_batches = []
         if embedded_guidance is not None and self.guidance_kind == "embedded":
             self.embedded_guidance = float(embedded_guidance)
 
@@ -343,10 +347,29 @@ class ModelFamily:
                 encoded = self.encode_text([missing[key] for key in order], self.device)
             if len(self._cache) + len(order) > self.max_cache:
                 self._cache.clear()
+                self._encoded_batches = []
             for i, key in enumerate(order):
                 self._cache[key] = self.cache_row(encoded, i)
+            texts = [missing[key] for key in order]
+            if self._encoded_batches is not None:
+                self._encoded_batches = (self._encoded_batches + [texts] if all(isinstance(t, str) for t in texts)
+                                         else None)
         names = self._cache[keys[0]].keys()
         return {k: cat_rows([self._cache[key][k][None] for key in keys]) for k in names}
+
+    def encoding_history(self) -> Optional[List[List[str]]]:
+        """The text prompts encoded together by each `encode_text` call since the cache was last cleared (None when
+        a prompt with condition images was among them): a resumed run replays them (`replay_encodings`)."""
+        return None if self._encoded_batches is None else [list(batch) for batch in self._encoded_batches]
+
+    def replay_encodings(self, history: List[List[str]]):
+        """Rebuilds the prompt cache from `encoding_history`: each batch encoded together again. A text encoder's
+        output for a prompt can differ in the last bit with the batch it is encoded in (e.g. SD3's and SDXL's pooled
+        CLIP projections), so a resumed run needs the cache of the run it continues to sample the same images."""
+        self._cache.clear()
+        self._encoded_batches = []
+        for batch in history:
+            self.encode_prompts(list(batch))
 
     def cache_row(self, encoded: Conditioning, index: int) -> Conditioning:
         """Row `index` of an `encode_text` batch, as the per-prompt cache keeps it (a family with variable-length

@@ -734,11 +734,17 @@ class BaseTrainer:
     def extra_state(self) -> dict:
         """Algorithm state beyond the weights, saved in checkpoints (nested dicts/lists of JSON values and tensors).
         Called on every process."""
-        if self.prompt_difficulty is None:
-            return {}
-        return {"prompt_difficulty": self.prompt_difficulty.state_dict()}
+        state = {}
+        history = self.family.encoding_history()
+        if history is not None:  # how the prompt cache was filled: a resumed run rebuilds it bit for bit
+            state["prompt_encodings"] = history
+        if self.prompt_difficulty is not None:
+            state["prompt_difficulty"] = self.prompt_difficulty.state_dict()
+        return state
 
     def load_extra_state(self, state: dict):
+        if "prompt_encodings" in state:
+            self.family.replay_encodings(state["prompt_encodings"])
         if self.prompt_difficulty is not None and "prompt_difficulty" in state:
             self.prompt_difficulty.load_state_dict(state["prompt_difficulty"])
 

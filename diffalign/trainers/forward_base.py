@@ -4,18 +4,26 @@ noise levels of the sampler on the forward process of those samples, `x_t = alph
 model's own denoising output: no log-probs of the sampler, no trajectory kept.
 
 A subclass gives its batch (`training_batch`, e.g. advantages of the epoch's rewards), its per-row outputs
-(`model_outputs`, using `noised_rows` and `frozen_predictions`) and its loss (`compute_loss`)."""
+(`model_outputs`, using `noised_rows` and `frozen_predictions`) and its loss (`compute_loss`).
 
+With LoRA the old policy is a second adapter and the base model the denoiser with its adapters off; a full fine-tune
+(`use_lora: false`) keeps the old policy as a frozen copy of the denoiser (fp32, as the trained weights) beside the
+frozen base copy every full fine-tune has (`ref_denoiser`)."""
+
+import contextlib
+import copy
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..distributed import is_sharded
+from ..errors import ConfigError
 from ..forward_process import (OLD_POLICY_DECAY_TYPES, add_noise, flow_schedule, old_policy_decay,
                                update_old_policy_, vp_schedule)
 from ..rollout import select_rows
-from ..utils.peft_utils import adapter_active, adapter_rows, unwrap
+from ..utils.peft_utils import BASE_ADAPTER, adapter_active, adapter_rows, unwrap
 from ..utils.torch_utils import seed_for
 from .base import BaseTrainer, TrainingBatch
 from .forward_base_config import ForwardProcessConfig
@@ -60,7 +68,16 @@ class ForwardProcessTrainer(BaseTrainer):
     # ------------------------------------------------------------------ setup
     def _prepare_training(self, denoiser, optimizer):
         """Adds the old policy as a frozen LoRA adapter with the trained adapter's config, a copy of it (the
-        optimizer, built before, holds the trained adapter alone)."""
+        optimizer, built before, holds the trained adapter alone); in a full fine-tune, a frozen copy of the
+        denoiser."""
+        if not self.config.use_lora:
+            self.old_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval()
+            self.old_params, self.policy_params = list(self.old_denoiser.parameters()), list(denoiser.parameters())
+            prepared = super()._prepare_training(denoiser, optimizer)
+            if is_sharded(self.accelerator, prepared[0]):  # the old copy's EMA needs the whole weights
+                raise ConfigError(f"{self.config.algorithm} with use_lora: false needs the whole weights on every "
+                                  "process: not with FSDP or DeepSpeed ZeRO-3 (use DDP, or ZeRO-1/2, or a LoRA)")
+            return prepared
         trained = next(iter(denoiser.peft_config))
         with warnings.catch_warnings():  # peft warns that the model will hold several adapters: that is the point
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -84,8 +101,22 @@ class ForwardProcessTrainer(BaseTrainer):
     @torch.no_grad()
     def sample(self, *args, **kwargs):
         """The epoch's rollout, with the old policy."""
-        with adapter_active(self.denoiser, OLD_ADAPTER):
+        with self.old_policy_sampling():
             return super().sample(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def old_policy_sampling(self):
+        """Context in which `self.denoiser` samples as the old policy: its adapter active, or (full fine-tune) the
+        old copy in the denoiser's place."""
+        if self.config.use_lora:
+            with adapter_active(self.denoiser, OLD_ADAPTER):
+                yield
+            return
+        live, self.denoiser = self.denoiser, self.old_denoiser
+        try:
+            yield
+        finally:
+            self.denoiser = live
 
     # --------------------------------------------------------------- the loop
     def units_per_step(self, num_units: int) -> int:
@@ -144,11 +175,17 @@ class ForwardProcessTrainer(BaseTrainer):
     def frozen_predictions(self, model, adapters: Sequence[str], rows: NoisedRows,
                            guidance_scale: Optional[float] = None) -> List[torch.Tensor]:
         """The outputs of frozen adapters at the rows (e.g. the old policy, `BASE_ADAPTER` for the base model), in one
-        no-grad forward: each row repeated once per adapter, routed to it by peft's per-row adapters. CFG at
-        `guidance_scale`, by default `sample_guidance_scale`."""
+        no-grad forward: each row repeated once per adapter, routed to it by peft's per-row adapters (a full
+        fine-tune: the old and base copies, a forward each). CFG at `guidance_scale`, by default
+        `sample_guidance_scale`."""
         guidance_scale = self.config.sample_guidance_scale if guidance_scale is None else guidance_scale
         if not adapters:
             return []
+        if not self.config.use_lora:  # full fine-tune: the frozen copies, one forward each
+            frozen_models = {OLD_ADAPTER: self.old_denoiser, BASE_ADAPTER: self.ref_denoiser}
+            with torch.no_grad(), self.accelerator.autocast():
+                return [self.family.predict(frozen_models[name], rows.x_t, rows.t, rows.conditioning,
+                                            rows.negative_conditioning, guidance_scale).float() for name in adapters]
         names = [name for name in adapters for _ in range(len(rows.t))]
         repeat = len(adapters)
         x_t, t, cond, negative = rows.x_t, rows.t, rows.conditioning, rows.negative_conditioning

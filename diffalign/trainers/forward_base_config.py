@@ -49,9 +49,6 @@ class ForwardProcessConfig(TrainConfig):
         if self.old_policy_decay_type not in OLD_POLICY_DECAY_TYPES:
             raise ConfigError(f"old_policy_decay_type must be one of {', '.join(map(str, OLD_POLICY_DECAY_TYPES))}; "
                               f"got {self.old_policy_decay_type}")
-        if not self.use_lora:
-            raise ConfigError(f"{self.algorithm} needs use_lora: true (the old policy and the base model are adapters "
-                              "of one model)")
         samples = self.sample_num_prompts_per_epoch * self.sample_images_per_prompt
         if self.train_batch_size and samples % self.train_batch_size:
             raise ConfigError(
