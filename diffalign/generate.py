@@ -231,7 +231,8 @@ def load_rlg_pipeline(
                          f" whose aligned model is a LoRA adapter; give the fine-tune as --lora DIR")
     # the family's arguments that switch off a safety checker or watermarker
     pipe = _safetensors_only(f"model '{model}'", lambda: pipeline_class.from_pretrained(
-        path, use_safetensors=True, **dtype_kwarg(torch_dtype), **family.pipeline_init_kwargs))
+        path, use_safetensors=True, **dtype_kwarg(torch_dtype), **family.pipeline_init_kwargs,
+        **family.loaded_components(path)))  # e.g. Qwen-Image-Edit's processor without torchvision
     if aligned_denoiser:
         aligned = _load_aligned_denoiser(aligned_denoiser, denoiser_name, denoiser_class, torch_dtype)
         pipe.register_modules(**{f"aligned_{denoiser_name}": aligned})
@@ -335,13 +336,18 @@ def check_image_flag(family, image: Optional[str]):
 
 
 def edit_call_kwargs(family, pipe, image: str, resolution: Optional[int]) -> Dict:
-    """The pipeline arguments that edit `image` (a path) with `pipe` as `family`'s rollouts sample: the image resized
-    to the sampled size (the model's default side without `resolution`), that size, and the family's call arguments
-    (`ModelFamily.pipeline_call_kwargs`: FLUX.1 Kontext's `max_area` and no resize to a preferred resolution)."""
+    """The pipeline arguments that edit `image` (a path) with `pipe` as `family`'s rollouts sample: the image as the
+    family's pipeline takes it, the sampled size (the model's default side without `resolution`) and the family's
+    call arguments (`ModelFamily.pipeline_call_kwargs`). FLUX.1 Kontext: the image resized to the sampled size, with
+    its `max_area` and no resize to a preferred resolution; Qwen-Image-Edit: the image as given
+    (`pipeline_condition_kwargs`), which the pipeline and its modular blocks resize themselves."""
+    from diffalign.prompts import ConditionedPrompt
+
     sampler = family(pipe)
     side = resolution or sampler.default_resolution()
-    return {"image": sampler.pipeline_image(image, side, side), "height": side, "width": side,
-            **sampler.pipeline_call_kwargs(side, side)}
+    condition = sampler.pipeline_condition_kwargs(ConditionedPrompt("", (image,))) \
+        or {"image": sampler.pipeline_image(image, side, side)}
+    return {**condition, "height": side, "width": side, **sampler.pipeline_call_kwargs(side, side)}
 
 
 def check_device(name: Optional[str]):

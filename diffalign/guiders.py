@@ -430,8 +430,9 @@ class ModularRLGPipeline:
         cfg_guider (`Callable[[float], ClassifierFreeGuidance]`): the model's own CFG guider for a `guidance_scale`.
         default_guidance_scale (`float`): the `guidance_scale` of a call that gives none.
         default_negative_prompt (`str`, *optional*): the negative prompt of a call that gives none (`None`: the
-            blocks' own default). A string negative prompt goes to the blocks once per prompt of a prompt list
-            (diffusers' modular Qwen-Image encodes its default `""` once, whatever the number of prompts, and stops).
+            blocks' own default). A string negative prompt goes to the blocks as a list, once per prompt (diffusers'
+            modular Qwen-Image encodes its default `""` once, whatever the number of prompts, and stops; its
+            Qwen-Image-Edit blocks replace a string `""` by `" "`).
         output (`str`): the blocks' output returned as `.images` ("videos" for a video model: `(B, F, 3, H, W)`).
         second_expert_guider (`Callable[[float], ClassifierFreeGuidance]`, *optional*): the guider of a two-expert
             model's second expert (`guider_2`, Wan 2.2 A14B's low-noise `transformer_2`, which the LoRA does not
@@ -491,8 +492,10 @@ class ModularRLGPipeline:
         # some text encoder blocks write the templated prompts into the list they get (Z-Image's): hand them copies
         copy = lambda text: list(text) if isinstance(text, (list, tuple)) else text  # noqa: E731
         negative_prompt = self.default_negative_prompt if negative_prompt is None else negative_prompt
-        if isinstance(negative_prompt, str) and isinstance(prompt, (list, tuple)):
-            negative_prompt = [negative_prompt] * len(prompt)
+        if isinstance(negative_prompt, str):  # one per prompt, and as a list even for one prompt: diffusers' modular
+            # Qwen-Image-Edit encodes a falsy string negative prompt as " " (`negative_prompt or " "`), its pipelines
+            # the "" given
+            negative_prompt = [negative_prompt] * (len(prompt) if isinstance(prompt, (list, tuple)) else 1)
         if negative_prompt is not None:
             kwargs["negative_prompt"] = copy(negative_prompt)
         if self.output == "videos" and "num_images_per_prompt" in kwargs:  # a video pipeline's name for it

@@ -67,12 +67,14 @@ def save_tiny_sd_pipeline(directory: str, seed: int = 0, **kwargs) -> str:
 
 def shrink_qwenimage_edit_conditions(monkeypatch, factor: int = 256):
     """Makes Qwen-Image-Edit's condition images `factor` times fewer pixels (1024^2 -> 64^2 by default) in its
-    pipelines and in the `qwenimage_edit` families alike, through `monkeypatch`: both size them with the pipeline
-    modules' `calculate_dimensions(area, ratio)`, which is wrapped to divide the area. At 1024^2 a tiny VAE encodes one
-    image in minutes on a CPU (its attention over 256^2 latents)."""
+    pipelines, its modular blocks (the RLG route) and the `qwenimage_edit` families alike, through `monkeypatch`: all
+    size them with the pipeline module's `calculate_dimensions(area, ratio)`, which is wrapped to divide the area. At
+    1024^2 a tiny VAE encodes one image in minutes on a CPU (its attention over 256^2 latents)."""
+    from diffusers.modular_pipelines.qwenimage import encoders
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
 
-    for module in (pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus):
+    # the modular blocks' resize steps import the function by name: patched in their module too
+    for module in (pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus, encoders):
         original = module.calculate_dimensions
         monkeypatch.setattr(module, "calculate_dimensions",
                             lambda area, ratio, original=original: original(area // factor, ratio))

@@ -81,12 +81,12 @@ class QwenImageEditFamily(QwenImageFamily):
     denoiser_class = "QwenImageTransformer2DModel"
     text_encoder_names = ("text_encoder",)
     pipeline_init_kwargs = {}
-    rlg_pipeline_class = None
-    # diffusers' QwenImageEditAutoBlocks take a `guider`, but with the model's own CFG guider
-    # (`NormRescaledCFGGuidance`, scale 3) they sample 1.3e-3 (Edit-Plus's blocks: 8e-4, max pixel difference) away
-    # from the pipeline on the tiny components, one prompt and image: the w = 0 / 1 identities against the pipeline
-    # would not hold, and `diffalign generate` passes no condition image yet. No RLG route is declared.
-    modular_blocks_class = None
+    rlg_pipeline_class = None  # no classic RLG pipeline: the RLG guider goes through the modular blocks
+    # diffusers' modular Qwen-Image-Edit (its blocks take a `guider`) with Qwen-Image's `modular_cfg_guider`: bit for
+    # bit `QwenImageEditPipeline` given the negative prompt as a list (`ModularRLGPipeline` does): the blocks replace
+    # a falsy string negative prompt by " " (diffusers 0.42.1, modular_pipelines/qwenimage/encoders.py:909), where the
+    # pipeline encodes "" as given
+    modular_blocks_class = "QwenImageEditAutoBlocks"
     hub_tags = ("qwen-image", "qwen-image-edit", "image-editing")
     guidance_kind = "true_cfg"
     default_guidance_scale = 4.0  # the pipelines' documented `true_cfg_scale` and Flow-GRPO's Qwen-Image-Edit recipes
@@ -269,7 +269,7 @@ class QwenImageEditPlusFamily(QwenImageEditFamily):
     text_encoder_names = ("text_encoder",)
     pipeline_init_kwargs = {}
     rlg_pipeline_class = None
-    modular_blocks_class = None  # QwenImageEditPlusAutoBlocks take a guider: see QwenImageEditFamily
+    modular_blocks_class = "QwenImageEditPlusAutoBlocks"  # as QwenImageEditFamily's (encoders.py:1040 for " ")
     hub_tags = ("qwen-image", "qwen-image-edit", "image-editing")
     guidance_kind = "true_cfg"
     default_guidance_scale = 4.0
