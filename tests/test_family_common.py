@@ -380,7 +380,8 @@ def test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines(family_dir, 
         rlg.set_progress_bar_config(disable=True)
         rlg.load_lora_weights(lora_dir)
     else:  # the RLG guider in the modular pipeline, on the components of the family's pipeline with the LoRA
-        fresh = getattr(diffusers, family.pipeline_class).from_pretrained(model, **family.pipeline_init_kwargs)
+        fresh = getattr(diffusers, family.pipeline_class).from_pretrained(model, **family.pipeline_init_kwargs,
+                                                                          **family.loaded_components(model))
         fresh.load_lora_weights(lora_dir)
         rlg = family.rlg_pipeline(fresh)
     for scale, expected in ((1.0, after), (0.0, before)):
@@ -477,7 +478,8 @@ def test_generate_picks_the_family_rlg_pipeline(family_dir, tmp_path, monkeypatc
         kwargs.update(edit)
     scale = family_class.default_guidance_scale
     images = generate.sample_scales(pipe, ["a cat"], [0.0, 1.0], 1, 0, eta=0.0, guidance_scale=scale, **kwargs)
-    stock = getattr(diffusers, family_class.pipeline_class).from_pretrained(model, **family_class.pipeline_init_kwargs)
+    stock = getattr(diffusers, family_class.pipeline_class).from_pretrained(model, **family_class.pipeline_init_kwargs,
+                                                                            **family_class.loaded_components(model))
     stock.set_progress_bar_config(disable=True)
     # the pipeline's arguments for generate's guidance scale (Qwen-Image: `true_cfg_scale` against "", not its
     # `guidance_scale`, which samples without CFG)
@@ -506,8 +508,10 @@ def test_rlg_pipeline_is_the_base_at_0_and_the_aligned_model_at_1(family_class, 
     kwargs = dict(num_inference_steps=3, height=SIZE, width=SIZE, output_type="pt",
                   **family_class.pipeline_guidance_kwargs(3.0, family_class.default_guidance_scale),
                   **family_class.tiny_settings)
+    # Qwen-Image-Edit's pipelines take one prompt a call with its images (the image of a call goes to every prompt)
+    call_prompts = PROMPTS[:1] if family_class.requires_condition_image else PROMPTS
     if "negative_prompt" in kwargs:  # true CFG: one negative prompt per prompt (FluxRLGPipeline needs as many)
-        kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(PROMPTS)
+        kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(call_prompts)
     if family_class.max_condition_images:  # an editing family edits an image, sampled as its rollouts do
         from diffalign import generate
 
@@ -518,7 +522,7 @@ def test_rlg_pipeline_is_the_base_at_0_and_the_aligned_model_at_1(family_class, 
         pipe.set_progress_bar_config(disable=True)
         # a copy of the prompts: some pipelines write the chat-templated prompts into the list (Z-Image's)
         # `prompt=` by name: Flux2KleinPipeline's first argument is `image`
-        return _sampled(pipe(prompt=list(PROMPTS), generator=_generator(), **kwargs, **extra))
+        return _sampled(pipe(prompt=list(call_prompts), generator=_generator(), **kwargs, **extra))
 
     # peft freezes the base weights when it injects the LoRA below, and on CPU a weight that requires grad can take
     # another matmul kernel (SANA's attention output projection: ~1e-7 per call): freeze first, as inference does
@@ -549,7 +553,7 @@ def test_rlg_pipeline_is_the_base_at_0_and_the_aligned_model_at_1(family_class, 
     def plain_modular():
         modular.update_components(guider=family_class.modular_cfg_guider_for(stock_pipe)(scale))
         prompts = {"negative_prompt": list(modular_kwargs["negative_prompt"])} if "negative_prompt" in kwargs else {}
-        return modular(prompt=list(PROMPTS), generator=_generator(), output=rlg.output,
+        return modular(prompt=list(call_prompts), generator=_generator(), output=rlg.output,
                        **{**modular_kwargs, **prompts})
 
     denoiser.disable_adapters()
