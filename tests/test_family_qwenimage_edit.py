@@ -176,3 +176,26 @@ def test_a_jsonl_edit_prompt_file_trains_end_to_end(tmp_path, algorithm):
     pipe.load_lora_weights(os.path.join(out, "final"))
     after = pipe(generator=_generator(), **kwargs).images
     assert (after - before).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family_class, count", [(QwenImageEditFamily, 1), (QwenImageEditPlusFamily, 2)])
+def test_the_rlg_route_samples_as_the_pipeline_and_a_string_empty_negative_would_not(images, family_class, count):
+    """The RLG route (diffusers' modular Edit / Edit-Plus blocks, `ModularRLGPipeline`) samples bit for bit as the
+    pipeline with negative prompt "" (Edit-Plus: two images). It hands the blocks the negative prompt as a list: given
+    the string "", the blocks encode " " instead (diffusers 0.42.1, modular_pipelines/qwenimage/encoders.py:909 and
+    :1040, `negative_prompt or " "`) and sample away from the pipeline."""
+    from diffalign.guiders import NormRescaledCFGGuidance
+
+    family = _family(family_class)
+    call = dict(num_inference_steps=3, height=SIZE, width=SIZE, output_type="pt",
+                **family.pipeline_condition_kwargs(ConditionedPrompt("", tuple(images[:count]))))
+    stock = family.pipe(prompt="make it red", generator=_generator(), **call,
+                        **family.rlg_guidance_pipeline_kwargs(3.0)).images
+    rlg = family_class.rlg_pipeline(family.pipe)
+    route = rlg(prompt="make it red", generator=_generator(), rlg_scale=1.0, guidance_scale=3.0, **call).images
+    torch.testing.assert_close(route, stock, atol=0, rtol=0)
+    # the diffusers quirk the route works around: a string "" reaches the blocks as " "
+    rlg.modular_pipeline.update_components(guider=NormRescaledCFGGuidance(guidance_scale=3.0))
+    quirk = rlg.modular_pipeline(prompt="make it red", negative_prompt="", generator=_generator(),
+                                 output=rlg.output, **call)
+    assert (quirk - stock).abs().max() > 1e-4
