@@ -1,7 +1,8 @@
 """Qwen-Image-Edit's own checks, beyond the family tester (tests/test_family_common.py runs the shared checks on both
 families with a condition image per prompt): the processor builds without torchvision (image-only) and a directory laid
 out as the Hub's loads; the VL encoder sees the condition image and its latents are appended; Edit-Plus takes several
-images per prompt and samples as its pipeline; bad inputs are one line; a JSONL edit prompt file trains end to end.
+images per prompt and samples as its pipeline; bad inputs are one line; a JSONL edit prompt file trains end to end;
+the RLG route (modular blocks) is the pipeline bit for bit, and `generate` without `--image` is one line.
 
 Every test sizes condition images 256 times smaller than the pipelines' 1024^2 pixels, in the pipelines and the family
 alike (`diffalign.testing.shrink_qwenimage_edit_conditions`): a tiny VAE encodes 1024^2 pixels in minutes on a CPU."""
@@ -199,3 +200,21 @@ def test_the_rlg_route_samples_as_the_pipeline_and_a_string_empty_negative_would
     quirk = rlg.modular_pipeline(prompt="make it red", negative_prompt="", generator=_generator(),
                                  output=rlg.output, **call)
     assert (quirk - stock).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family_class", [QwenImageEditFamily, QwenImageEditPlusFamily])
+def test_generate_without_image_is_one_line_before_loading(tmp_path, capsys, family_class):
+    """`diffalign generate` on an edit model needs `--image`: one line, exit code 2, before any weights load (the
+    directory holds only its `model_index.json`)."""
+    from cli_helpers import one_line
+    from diffalign.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": family_class.pipeline_class}))
+    argv = ["generate", "--model", str(model), "--lora", str(tmp_path), "--prompt", "make it red", "--output-dir",
+            str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert one_line(capsys.readouterr().err) == (f"diffalign: error: {family_class.name} models edit an image: give "
+                                                 "the condition image with --image PATH")
+    assert not (tmp_path / "out").exists()
