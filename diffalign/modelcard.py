@@ -132,7 +132,8 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
 
     An editing family (`max_condition_images`: FLUX.1 Kontext) edits an image, resized to the trained size as the
     rollouts resize it, with the output at that size (`max_area`, no resize to a preferred resolution:
-    `FluxKontextFamily.pipeline_call_kwargs`); the image file is the one of `prompt` (a `ConditionedPrompt`), by name
+    `FluxKontextFamily.pipeline_call_kwargs`); Qwen-Image-Edit (`requires_condition_image`) gets the image as loaded,
+    which its pipeline resizes as the rollouts do; the image file is the one of `prompt` (a `ConditionedPrompt`), by name
     (the card is shared), else `input.png`."""
     from .prompts import condition_images_of
     from .utils.hub_utils import BUNDLED_MODELS
@@ -155,8 +156,11 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
     if family.max_condition_images:  # the image to edit, at the trained size, as the rollouts sample
         source = os.path.basename(condition_images_of(prompt)[0]) if condition_images_of(prompt) else "input.png"
         edit_import = ["from diffusers.utils import load_image"]
-        edit = [f"condition = pipe.image_processor.resize(load_image({_py(source)}), {resolution}, {resolution})"]
-        call.append(f"max_area={resolution * resolution}, _auto_resize=False")
+        if family.requires_condition_image:  # Qwen-Image-Edit: the pipeline resizes the image itself, as rollouts do
+            edit = [f"condition = load_image({_py(source)})"]
+        else:  # FLUX.1 Kontext: resized to the trained size, no resize to a preferred resolution
+            edit = [f"condition = pipe.image_processor.resize(load_image({_py(source)}), {resolution}, {resolution})"]
+            call.append(f"max_area={resolution * resolution}, _auto_resize=False")
         call.insert(0, "image=condition")
     call = ", ".join(call)
     prompt = str(prompt)
@@ -180,7 +184,7 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
             family_name = (family if isinstance(family, type) else type(family)).__name__
             family_import = f"from diffalign.families import {family_name}"
             guider_call = rlg_call[:-1] + [rlg_call[-1].replace("image = pipe(", "image = rlg(")]
-            rlg = _snippet([f"from diffusers import {pipeline_class}"], ours + [family_import], [
+            rlg = _snippet([f"from diffusers import {pipeline_class}"] + edit_import, ours + [family_import], [
                 f"pipe = {pipeline_class}.from_pretrained({base})",
                 f"pipe.load_lora_weights({_py(weights)})  # adapter on = this fine-tune, off = the base model",
                 f"rlg = {family_name}.rlg_pipeline(pipe)  # the RLG guider in the modular pipeline, same weights",

@@ -218,3 +218,28 @@ def test_generate_without_image_is_one_line_before_loading(tmp_path, capsys, fam
     assert one_line(capsys.readouterr().err) == (f"diffalign: error: {family_class.name} models edit an image: give "
                                                  "the condition image with --image PATH")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_card_edits_the_image_as_the_pipeline_takes_it(tmp_path):
+    """The model card's snippets for an edit run: the image as loaded (the pipeline resizes it, as the rollouts do), no
+    Kontext arguments (`max_area`, `_auto_resize`: `QwenImageEditPipeline` takes neither), the RLG route's snippet
+    through `rlg_pipeline`; each call's arguments are the pipeline's."""
+    import inspect
+
+    import diffusers
+
+    from diffalign.config import PRDPConfig
+    from diffalign.modelcard import usage_snippets
+
+    config = PRDPConfig(model=str(tmp_path), output_dir=str(tmp_path / "run"), sample_num_steps=2,
+                        sample_guidance_scale=3.0)
+    prompt = ConditionedPrompt("make it red", (str(tmp_path / "input0.png"),))
+    for family_class in (QwenImageEditFamily, QwenImageEditPlusFamily):
+        plain, rlg = usage_snippets(config, family_class, prompt, "final", 16)
+        assert 'condition = load_image("input0.png")' in plain and "max_area" not in plain + rlg
+        assert f"{family_class.__name__}.rlg_pipeline(pipe)" in rlg and "rlg_scale=1.5" in rlg
+        assert all("from diffusers.utils import load_image" in snippet for snippet in (plain, rlg))
+        call = plain.split("image = pipe(", 1)[1].rsplit(").images", 1)[0]
+        names = {part.split("=")[0].strip() for part in call.split(", ") if "=" in part}
+        accepted = inspect.signature(getattr(diffusers, family_class.pipeline_class).__call__).parameters
+        assert names <= set(accepted), names - set(accepted)
