@@ -68,6 +68,9 @@ def run_benchmark(ctx) -> dict:
     if family.rlg_route() is None:
         raise BenchError(f"rlg: the {family.pipeline_class} family has no RLG pipeline and no modular blocks that"
                          " take a guider")
+    if family.requires_condition_image:
+        raise BenchError(f"rlg: {family.pipeline_class} edits a condition image and the bench samples text prompts;"
+                         " time RLG on it with `diffalign generate --image PATH`")
     denoiser = getattr(base, family.denoiser_name)
     add_random_lora(denoiser, args.lora_std, args.seed)
     denoiser.to(ctx.device, ctx.dtype).eval()
