@@ -133,8 +133,8 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
     An editing family (`max_condition_images`: FLUX.1 Kontext) edits an image, resized to the trained size as the
     rollouts resize it, with the output at that size (`max_area`, no resize to a preferred resolution:
     `FluxKontextFamily.pipeline_call_kwargs`); Qwen-Image-Edit (`requires_condition_image`) gets the image as loaded,
-    which its pipeline resizes as the rollouts do; the image file is the one of `prompt` (a `ConditionedPrompt`), by name
-    (the card is shared), else `input.png`."""
+    which its pipeline resizes as the rollouts do; the image file is the one of `prompt` (a `ConditionedPrompt`), by
+    name (the card is shared), else `input.png`."""
     from .prompts import condition_images_of
     from .utils.hub_utils import BUNDLED_MODELS
 
