@@ -231,7 +231,8 @@ def load_rlg_pipeline(
                          f" whose aligned model is a LoRA adapter; give the fine-tune as --lora DIR")
     # the family's arguments that switch off a safety checker or watermarker
     pipe = _safetensors_only(f"model '{model}'", lambda: pipeline_class.from_pretrained(
-        path, use_safetensors=True, **dtype_kwarg(torch_dtype), **family.pipeline_init_kwargs))
+        path, use_safetensors=True, **dtype_kwarg(torch_dtype), **family.pipeline_init_kwargs,
+        **family.loaded_components(path)))  # e.g. QwenImage 2.1's processor without torchvision
     if aligned_denoiser:
         aligned = _load_aligned_denoiser(aligned_denoiser, denoiser_name, denoiser_class, torch_dtype)
         pipe.register_modules(**{f"aligned_{denoiser_name}": aligned})
