@@ -575,13 +575,14 @@ def test_rlg_pipeline_is_the_base_at_0_and_the_aligned_model_at_1(family_class, 
 
 
 # ---------------------------------------------------------------------------------------------- kill + resume
-def _resume_args(algorithm, model):
+def _resume_args(algorithm, model, side=SIZE):
     """A 3-epoch run of the CLI settings above with a checkpoint every epoch (`--output_dir` left to the helper)."""
     settings = dict(zip(CLI_SETTINGS[::2], CLI_SETTINGS[1::2]))
     for key in {"ddpo": ("--train_clip_eps", "--train_beta"),
                 "nft": ("--train_clip_range", "--train_clip_eps", "--train_beta")}[algorithm]:  # NFT: its own beta
         del settings[key]
-    settings.update({"--num_epochs": "3", "--checkpoint_every": "1", "--seed": "3", "--final_eval_num_images": "0"})
+    settings.update({"--num_epochs": "3", "--checkpoint_every": "1", "--seed": "3", "--final_eval_num_images": "0",
+                     "--sample_resolution": str(side)})
     settings.update({"ddpo": {"--sample_sde_window_size": "2"}, "nft": {"--train_micro_batch_size": "4"}}[algorithm])
     return ["train", algorithm, "--model", model] + [item for pair in settings.items() for item in pair]
 
@@ -594,4 +595,4 @@ def test_killed_run_resumes_bit_identically(family_dir, tmp_path, algorithm):
     from cli_helpers import assert_killed_run_resumes_bit_identically
 
     family, model = family_dir
-    assert_killed_run_resumes_bit_identically(_resume_args(algorithm, model), tmp_path)
+    assert_killed_run_resumes_bit_identically(_resume_args(algorithm, model, _side(family)), tmp_path)
