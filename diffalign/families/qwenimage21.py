@@ -82,7 +82,7 @@ class QwenImage21Family(ModelFamily):
     hub_tags = ("qwen-image",)  # not checked against the Hub (offline)
     guidance_kind = "true_cfg"
     default_guidance_scale = 4.0  # as Qwen-Image's `true_cfg_scale` (QwenImage21Pipeline's default is 1: no CFG)
-    # the attention and feed-forward of every QwenImage21 transformer block
+    # the attention projections of every QwenImage21 transformer block (the tester checks that they reach all)
     default_lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]
     samples_prompts_alone = True  # the tester compares a rollout with the pipeline called per prompt
     tiny_resolution = 32  # the tests' image side: the smallest the pipeline samples (one 2x2 slot)
