@@ -123,3 +123,16 @@ def test_nft_trains_end_to_end(tmp_path):
     before = pipe(generator=_generator(), **kwargs).images
     pipe.load_lora_weights(os.path.join(out, "final"))
     assert (pipe(generator=_generator(), **kwargs).images - before).abs().max() > 1e-4
+
+
+@pytest.mark.slow  # why the family samples each prompt alone (`samples_prompts_alone`): ~2 s
+def test_the_pipelines_batch_padding_moves_the_shorter_prompts_image():
+    """`QwenImage21Pipeline` on a batch of prompts of different lengths: the longest prompt samples as alone, the
+    padded one does not (its image sits after the padding on the rotary frame axis)."""
+    pipe = QwenImage21Family.tiny_pipeline()
+    latents = torch.randn(2, 4, 64, generator=_generator(3))
+    kwargs = dict(num_inference_steps=3, height=SIDE, width=SIDE, output_type="pt")
+    both = pipe(prompt=PROMPTS, latents=latents, **kwargs).images
+    alone = torch.cat([pipe(prompt=p, latents=latents[i : i + 1], **kwargs).images for i, p in enumerate(PROMPTS)])
+    torch.testing.assert_close(both[0], alone[0], atol=1e-5, rtol=1e-4)  # "a photo of a cat": the longest
+    assert (both[1] - alone[1]).abs().max() > 1e-4  # "a red car", padded: 6.5e-4 on the tiny model
