@@ -263,7 +263,8 @@ def test_recomputed_log_probs_give_ratio_one_and_window_steps_only(family_class)
     traj = sample_trajectories(family, _prompts(family_class), num_inference_steps=4, guidance_scale=3.0,
                                kernel=kernel, height=_side(family), width=_side(family), generator=_generator(1),
                                compute_reference=True, stochastic_steps=window)
-    latent_shape = family.prepare_latents(1, _side(family), _side(family), torch.float32, "cpu", _generator()).shape[1:]
+    side = _side(family)
+    latent_shape = family.prepare_latents(1, side, side, torch.float32, "cpu", _generator()).shape[1:]
     assert traj.latents.shape == (2, 5, *latent_shape)  # FLUX's packed latents too
     assert traj.stochastic[0].tolist() == [False, True, True, False]
     assert torch.isfinite(traj.log_probs[:, 1:3]).all() and torch.isnan(traj.log_probs[:, [0, 3]]).all()
@@ -474,7 +475,8 @@ def test_generate_picks_the_family_rlg_pipeline(family_dir, tmp_path, monkeypatc
         assert len(frames) == family_class.tiny_settings.get("num_frames", len(frames))
     else:
         assert (out / "rlg_grid.png").is_file()
-    assert calls[0]["guidance_scale"] == family_class.default_guidance_scale and calls[0]["height"] == _side(family_class)
+    assert calls[0]["guidance_scale"] == family_class.default_guidance_scale
+    assert calls[0]["height"] == _side(family_class)
 
     pipe = generate.load_rlg_pipeline(model, lora=lora_dir, device="cpu")
     if family_class.rlg_pipeline_class is not None:
