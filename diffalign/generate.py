@@ -232,7 +232,7 @@ def load_rlg_pipeline(
     # the family's arguments that switch off a safety checker or watermarker
     pipe = _safetensors_only(f"model '{model}'", lambda: pipeline_class.from_pretrained(
         path, use_safetensors=True, **dtype_kwarg(torch_dtype), **family.pipeline_init_kwargs,
-        **family.loaded_components(path)))  # e.g. Qwen-Image-Edit's processor without torchvision
+        **family.loaded_components(path)))  # e.g. Qwen-Image-Edit's and QwenImage 2.1's processors without torchvision
     if aligned_denoiser:
         aligned = _load_aligned_denoiser(aligned_denoiser, denoiser_name, denoiser_class, torch_dtype)
         pipe.register_modules(**{f"aligned_{denoiser_name}": aligned})

@@ -11,7 +11,9 @@ from PIL import Image, ImageDraw
 
 
 def image_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 2, scale: int = 1) -> Image.Image:
-    """`(N, 3, H, W)` in [0, 1] -> one PIL image, `nrow` images per row, nearest-neighbour upscaled by `scale`."""
+    """`(N, 3, H, W)` in [0, 1] -> one PIL image, `nrow` images per row, nearest-neighbour upscaled by `scale`; of
+    `(N, 4, H, W)` (an RGBA pipeline's: QwenImage 2.1's) the RGB channels."""
+    images = images[:, :3]
     n, _, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     ncol_rows = math.ceil(n / nrow)

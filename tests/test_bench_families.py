@@ -8,7 +8,14 @@ import pytest
 from diffalign.cli import main
 from diffalign.families import FAMILIES
 
-SHAPES = ["--steps", "2", "--repeats", "1", "--threads", "1", "--resolution", "16"]
+SHAPES = ["--steps", "2", "--repeats", "1", "--threads", "1"]
+
+
+def shapes(name: str) -> list:
+    """SHAPES at the family's tiny image side: 16, or its `tiny_resolution` (QwenImage 2.1: 32)."""
+    from diffalign.families import family_named
+
+    return SHAPES + ["--resolution", str(getattr(family_named(name), "tiny_resolution", 16))]
 
 
 @pytest.fixture(scope="module", params=[family.name for family in FAMILIES.values()])
@@ -22,9 +29,10 @@ def family_dir(request, tmp_path_factory):
     return request.param, save_tiny_pipeline(request.param, str(tmp_path_factory.mktemp("bench") / request.param))
 
 
-def bench(capsys, tmp_path, sub, model, *extra):
+def bench(capsys, tmp_path, sub, family_dir, *extra):
+    name, model = family_dir
     output = tmp_path / f"{sub}.json"
-    assert main(["bench", sub, "--model", model, *SHAPES, "--output", str(output), *extra]) == 0
+    assert main(["bench", sub, "--model", model, *shapes(name), "--output", str(output), *extra]) == 0
     table = capsys.readouterr().out
     result = json.loads(output.read_text())
     for name, entry in result["figures"].items():
@@ -33,14 +41,12 @@ def bench(capsys, tmp_path, sub, model, *extra):
 
 
 def test_bench_rollout(family_dir, capsys, tmp_path):
-    _, model = family_dir
-    figures = bench(capsys, tmp_path, "rollout", model, "--batch-size", "2")["figures"]
+    figures = bench(capsys, tmp_path, "rollout", family_dir, "--batch-size", "2")["figures"]
     assert figures["rollout_images_per_s"]["value"] > 0 and figures["rollout_time_ratio"]["value"] > 0
 
 
 def test_bench_train(family_dir, capsys, tmp_path):
-    _, model = family_dir
-    result = bench(capsys, tmp_path, "train", model, "--prompts-per-epoch", "1", "--images-per-prompt", "2",
+    result = bench(capsys, tmp_path, "train", family_dir, "--prompts-per-epoch", "1", "--images-per-prompt", "2",
                    "--set", "train_num_inner_epochs=1")
     for algorithm in ("prdp", "ddpo"):
         assert result["figures"][f"{algorithm}_epoch_s"]["value"] > 0
@@ -54,11 +60,11 @@ def test_bench_rlg(family_dir, capsys, tmp_path):
     name, model = family_dir
     family = family_named(name)
     if family.rlg_route() is None:  # the registry allows none: one clear line, exit code 2
-        assert main(["bench", "rlg", "--model", model, *SHAPES, "--output", str(tmp_path / "rlg.json")]) == 2
+        assert main(["bench", "rlg", "--model", model, *shapes(name), "--output", str(tmp_path / "rlg.json")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "has no RLG pipeline" in err[0]
         return
-    result = bench(capsys, tmp_path, "rlg", model, "--batch-size", "1")
+    result = bench(capsys, tmp_path, "rlg", family_dir, "--batch-size", "1")
     assert result["settings"]["family"] == name and result["settings"]["rlg_route"] == family.rlg_route()
     figures = result["figures"]
     # the RLG pipeline's cases where the family has one

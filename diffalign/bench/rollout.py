@@ -38,11 +38,14 @@ def run_benchmark(ctx) -> dict:
         generator = torch.Generator(device).manual_seed(ctx.args.seed)
         sample_trajectories(family, prompts, steps, g, eta=1.0, height=res, width=res, generator=generator)
 
+    guidance = family.pipeline_guidance_kwargs(g, family.embedded_guidance)
+    if "negative_prompt" in guidance:  # true CFG: one negative prompt per prompt (QwenImage21Pipeline needs as many)
+        guidance["negative_prompt"] = [guidance["negative_prompt"]] * len(prompts)
+
     def plain():
         generator = torch.Generator(device).manual_seed(ctx.args.seed)
         pipe(prompt=prompts, num_inference_steps=steps, height=res, width=res, generator=generator, output_type="pt",
-             **family.pipeline_guidance_kwargs(g, family.embedded_guidance), **family.pipeline_call_kwargs(res, res),
-             **noise)
+             **guidance, **family.pipeline_call_kwargs(res, res), **noise)
 
     meter = PeakMemory(device)
     timings = timed_interleaved({"ours": ours, "plain": plain}, ctx.repeats, device, meter)

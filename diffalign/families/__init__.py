@@ -20,6 +20,7 @@ from .flux2 import Flux2Family, Flux2KleinFamily
 from .flux_kontext import FluxKontextFamily
 from .krea2 import Krea2Family
 from .qwenimage import QwenImageFamily
+from .qwenimage21 import QwenImage21Family
 from .qwenimage_edit import QwenImageEditFamily, QwenImageEditPlusFamily
 from .sana import SanaFamily
 from .sd import StableDiffusionFamily
@@ -48,7 +49,7 @@ def registry(families: Iterable[Type[ModelFamily]]) -> Dict[str, Type[ModelFamil
 FAMILIES: Dict[str, Type[ModelFamily]] = registry(
     (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family, FluxFamily, ZImageFamily,
      QwenImageFamily, Flux2KleinFamily, Flux2Family, SanaFamily, FluxKontextFamily, Krea2Family,
-     QwenImageEditFamily, QwenImageEditPlusFamily, WanFamily)
+     QwenImageEditFamily, QwenImageEditPlusFamily, WanFamily, QwenImage21Family)
 )
 
 
@@ -160,7 +161,7 @@ def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32):
 
 
 __all__ = ["FAMILIES", "Conditioning", "Flux2Family", "Flux2KleinFamily", "FluxFamily", "FluxKontextFamily",
-           "Krea2Family", "ModelFamily", "QwenImageEditFamily", "QwenImageEditPlusFamily", "QwenImageFamily",
+           "Krea2Family", "ModelFamily", "QwenImage21Family", "QwenImageEditFamily", "QwenImageEditPlusFamily", "QwenImageFamily",
            "SanaFamily", "StableDiffusion3Family", "StableDiffusionFamily", "StableDiffusionXLFamily", "WanFamily",
            "ZImageFamily", "check_model_resolution", "family_class", "family_for_pipeline", "family_named",
            "load_family", "load_pipeline", "pipeline_class_of", "registry"]

@@ -76,6 +76,9 @@ class ModelFamily:
     max_condition_images: int = 0
     # True where the pipeline cannot sample without a condition image (Qwen-Image-Edit); Kontext samples text-to-image
     requires_condition_image: bool = False
+    # True where a row's sampling depends on the batch's text padding in `pipeline_class` (QwenImage 2.1: the image's
+    # rotary position follows the padded text): the family samples each prompt as the pipeline does alone
+    samples_prompts_alone: bool = False
     # what `decode` returns: "image", `(B, 3, H, W)`; "video", `(B, F, 3, H, W)` (frames first), float32 in [0, 1]
     output_kind: str = "image"
 

@@ -29,49 +29,29 @@ saves as a `Qwen2VLProcessor` (the Hub's layout), and a model whose `processor` 
 `ImageOnlyQwen2VLProcessor` where torchvision is missing (`loaded_components`).
 """
 
-import functools
-import os
 from typing import Dict, List
 
 import torch
 
 from ..errors import PromptError
 from ..prompts import ConditionedPrompt, condition_images_of, load_condition_image
+from . import vl_processors
 from .base import Conditioning
+from .vl_processors import torchvision_available  # noqa: F401 (re-exported)
 from .packed_latents import pack_latents
 from .qwenimage import QwenImageFamily
 
 
-@functools.lru_cache(maxsize=None)
 def image_only_processor_class():
-    """`ImageOnlyQwen2VLProcessor`: `Qwen2VLProcessor` without a video processor. Its attributes are the image
-    processor and the tokenizer, so it builds, saves and loads without torchvision; images and text are processed by
-    `Qwen2VLProcessor`'s own code. Made on first use: importing transformers takes seconds, which a CLI that never
-    loads Qwen-Image-Edit should not pay."""
-    from transformers import Qwen2VLProcessor
-
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
-
-    # it saves as the processor it stands in for: `save_pretrained` (diffusers' `model_index.json`, the processor's
-    # own configs) names the class by its module and name, and diffusers cannot load a class from diffalign; so a
-    # saved pipeline has the Hub's layout (`["transformers", "Qwen2VLProcessor"]`), which `loaded_components` reads
-    ImageOnlyQwen2VLProcessor.__module__ = Qwen2VLProcessor.__module__
-    ImageOnlyQwen2VLProcessor.__name__ = ImageOnlyQwen2VLProcessor.__qualname__ = Qwen2VLProcessor.__name__
-    return ImageOnlyQwen2VLProcessor
+    """`ImageOnlyQwen2VLProcessor`: `Qwen2VLProcessor` without a video processor
+    (`diffalign.families.vl_processors.image_only_processor_class`)."""
+    return vl_processors.image_only_processor_class("Qwen2VLProcessor")
 
 
 def __getattr__(name: str):
     if name == "ImageOnlyQwen2VLProcessor":  # `from ...qwenimage_edit import ImageOnlyQwen2VLProcessor` too
         return image_only_processor_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def torchvision_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("torchvision") is not None
 
 
 class QwenImageEditFamily(QwenImageFamily):
@@ -234,16 +214,7 @@ class QwenImageEditFamily(QwenImageFamily):
         models, and every pipeline saved here: `image_only_processor_class`), the processor loaded from its folder as
         `ImageOnlyQwen2VLProcessor` (the stock one's video processor needs torchvision; the pipelines pass no
         video); nothing otherwise."""
-        import json
-
-        index = os.path.join(path, "model_index.json")
-        if torchvision_available() or not os.path.isfile(index):
-            return {}
-        with open(index) as f:
-            processor = json.load(f).get("processor")
-        if not (isinstance(processor, list) and processor[-1] == "Qwen2VLProcessor"):
-            return {}
-        return {"processor": image_only_processor_class().from_pretrained(os.path.join(path, "processor"))}
+        return vl_processors.image_only_components(path, "Qwen2VLProcessor")
 
     # --------------------------------------------------------- tiny test models
     @classmethod
