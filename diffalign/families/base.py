@@ -472,6 +472,11 @@ class ModelFamily:
         return uncond + guidance_scale * (text - uncond)
 
     # ------------------------------------------------------------------- decoding
+    def final_latents(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The latents to decode at the end of a rollout: the sampled ones (a family whose condition fixes part of
+        them puts it back: Wan 2.2 TI2V-5B's first frame, `diffalign.families.wan_i2v`)."""
+        return latents
+
     def decode(self, latents: torch.Tensor, height: Optional[int] = None, width: Optional[int] = None) -> torch.Tensor:
         """VAE decode to images in [0, 1], `(B, 3, H, W)` float32 (`height`, `width`: the image size, for families
         whose latents do not show it)."""
