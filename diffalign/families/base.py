@@ -76,6 +76,9 @@ class ModelFamily:
     max_condition_images: int = 0
     # True where the pipeline cannot sample without a condition image (Qwen-Image-Edit); Kontext samples text-to-image
     requires_condition_image: bool = False
+    # condition videos a prompt may carry (a prompt file's `video` / `videos`): 0 for every family today (diffusers'
+    # WanVideoToVideoPipeline would take one); a prompt file with videos is refused when a run starts
+    max_condition_videos: int = 0
     # what `decode` returns: "image", `(B, 3, H, W)`; "video", `(B, F, 3, H, W)` (frames first), float32 in [0, 1]
     output_kind: str = "image"
 
@@ -335,7 +338,7 @@ class ModelFamily:
         condition images (`diffalign.prompts.prompt_key`)."""
         from ..prompts import check_condition_prompts, prompt_key
 
-        check_condition_prompts(prompts, self.name, self.max_condition_images)
+        check_condition_prompts(prompts, self.name, self.max_condition_images, max_videos=self.max_condition_videos)
         keys = [prompt_key(p) for p in prompts]
         missing = {}
         for prompt, key in zip(prompts, keys):
