@@ -137,3 +137,17 @@ def test_cli_trains_ti2v_with_a_condition_grid_and_the_lora_loads(tmp_path):
     pipe.load_lora_weights(os.path.join(out, "final"))
     after = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
     assert (after - before).abs().max() > 1e-4
+
+
+def test_the_model_card_passes_the_image_to_the_image_to_video_pipeline(tmp_path):
+    """The card's snippet gives `WanImageToVideoPipeline` the image as it is (the pipeline resizes it), not Kontext's
+    resize and `max_area`; the Hub task is image-to-video."""
+    from diffalign.modelcard import usage_snippets
+    from diffalign.config import PRDPConfig
+
+    config = PRDPConfig(model="/models/wan-i2v", output_dir=str(tmp_path / "run"), sample_num_steps=20,
+                        sample_guidance_scale=5.0)
+    prompt = ConditionedPrompt("a cat", (str(tmp_path / "cat.png"),))
+    plain = usage_snippets(config, WanImageToVideoFamily, prompt, "final", 480)[0]
+    assert "WanImageToVideoPipeline.from_pretrained" in plain
+    assert 'condition = load_image("cat.png")' in plain and "image=condition" in plain and "max_area" not in plain
