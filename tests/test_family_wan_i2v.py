@@ -151,3 +151,9 @@ def test_the_model_card_passes_the_image_to_the_image_to_video_pipeline(tmp_path
     plain = usage_snippets(config, WanImageToVideoFamily, prompt, "final", 480)[0]
     assert "WanImageToVideoPipeline.from_pretrained" in plain
     assert 'condition = load_image("cat.png")' in plain and "image=condition" in plain and "max_area" not in plain
+
+
+def test_the_clip_image_encoder_is_frozen_with_the_vae():
+    family = _family()
+    assert any(module is family.pipe.image_encoder for module in family.frozen_modules())
+    assert not any(module is None for module in _family(version="2.2-ti2v").frozen_modules())

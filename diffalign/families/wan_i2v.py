@@ -80,6 +80,11 @@ class WanImageToVideoFamily(WanFamily):
         clean_prompts_without_ftfy()  # the pipeline loaded here may sample before a family wraps it
         return super().load(path, torch_dtype, quantization_config=quantization_config)
 
+    def frozen_modules(self) -> list:
+        """Wan's, plus the CLIP image encoder of Wan 2.1 I2V (placed on the run's device and dtype, never trained)."""
+        encoder = getattr(self.pipe, "image_encoder", None)
+        return super().frozen_modules() + ([encoder] if encoder is not None else [])
+
     def takes_image_embeds(self) -> bool:
         """Wan 2.1 I2V: the transformer has an image embedder (`image_dim`), fed the CLIP image embedding."""
         return self.pipe.transformer.config.get("image_dim") is not None
@@ -184,6 +189,10 @@ class WanImageToVideoFamily(WanFamily):
         return (1 - mask) * cond["image_latents"].to(latents.dtype) + mask * latents
 
     # ------------------------------------------------------------------------ RLG
+    @classmethod
+    def modular_blocks(cls):
+        return None  # no modular image-to-video blocks with a guider (and no import of Wan's modular encoders)
+
     @classmethod
     def rlg_route_for(cls, pipe) -> Optional[str]:
         return None
