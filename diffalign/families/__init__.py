@@ -163,5 +163,5 @@ def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32):
 __all__ = ["FAMILIES", "Conditioning", "Flux2Family", "Flux2KleinFamily", "FluxFamily", "FluxKontextFamily",
            "Krea2Family", "ModelFamily", "QwenImageEditFamily", "QwenImageEditPlusFamily", "QwenImageFamily",
            "SanaFamily", "StableDiffusion3Family", "StableDiffusionFamily", "StableDiffusionXLFamily", "WanFamily",
-           "WanImageToVideoFamily", "ZImageFamily", "check_model_resolution", "family_class", "family_for_pipeline", "family_named",
-           "load_family", "load_pipeline", "pipeline_class_of", "registry"]
+           "WanImageToVideoFamily", "ZImageFamily", "check_model_resolution", "family_class", "family_for_pipeline",
+           "family_named", "load_family", "load_pipeline", "pipeline_class_of", "registry"]

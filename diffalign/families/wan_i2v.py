@@ -8,8 +8,9 @@ Two models, as `WanImageToVideoPipeline` conditions them:
   (`video_processor.preprocess`), is VAE-encoded (posterior mode, normalised) into one latent frame that is kept
   fixed: the transformer sees it as the first latent frame with timestep 0 on its tokens, the rest of the latents
   with the step's timestep (`forward`), and the decoded video starts from it (`final_latents`). The sampled first
-  frame is not a random variable: the family predicts 0 there, so those entries add the same term to the policy's
-  and the reference's log-probs (ratio and KL unchanged, no gradient), and the forward-process losses get no
+  frame is not a random variable: the family predicts 0 there, so those entries add the same term to the policy's,
+  the old policy's and the reference's log-probs and no gradient (the log-probs and the KL, averaged over every
+  latent entry as for any video, weigh the sampled frames by `(F - 1) / F`); the forward-process losses get no
   gradient from them either.
 - **Wan 2.1 I2V** (the transformer has `image_dim`; the tiny default): the image followed by `num_frames - 1` zero
   frames is VAE-encoded and concatenated on the channel axis after four mask channels (1 on the image's frames) to
@@ -124,7 +125,8 @@ class WanImageToVideoFamily(WanFamily):
         return {"image": load_condition_image(condition_images_of(prompt)[0])}
 
     @torch.no_grad()
-    def encode_condition_image(self, path: str, height: int, width: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def encode_condition_image(self, path: str, height: int,
+                               width: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """`(condition latents, CLIP image embedding or None)` of the image at `path` for a `height x width` video of
         `num_frames` frames, with the pipeline's own code: `video_processor.preprocess`, `prepare_latents` (given
         latents, so no noise is drawn) and `encode_image`. TI2V-5B: `(C, 1, h, w)`; Wan 2.1 I2V: `(4 + C, F, h, w)`
@@ -206,8 +208,8 @@ class WanImageToVideoFamily(WanFamily):
     @classmethod
     def tiny_components(cls, seed: int = 0, version: str = "2.1-i2v") -> dict:
         """Components of a tiny random `WanImageToVideoPipeline`. "2.2-ti2v": Wan's tiny TI2V-5B (the z_dim-48 VAE,
-        `expand_timesteps`), no image encoder. "2.1-i2v" (default): Wan's tiny 2.1 components with a transformer taking the
-        36 input channels (latents, mask, condition) and a 4-wide image embedding from a tiny `CLIPVisionModel`
+        `expand_timesteps`), no image encoder. "2.1-i2v" (default): Wan's tiny 2.1 components with a transformer taking
+        the 36 input channels (latents, mask, condition) and a 4-wide image embedding from a tiny `CLIPVisionModel`
         (diffusers' Wan I2V tests' configs), with a `CLIPImageProcessor` built in code."""
         clean_prompts_without_ftfy()  # a tiny pipeline samples at once in the tests
         if version == "2.2-ti2v":
