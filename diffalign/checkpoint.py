@@ -47,8 +47,10 @@ def split_state(state: Any, tensors: Dict[str, torch.Tensor], prefix: str = "") 
     statistics, the prompt-difficulty buffers, replayed trajectories) keeps its images: JSON would write its text
     alone, and the resumed run would start a fresh entry for it."""
     images = getattr(state, "condition_images", None) if isinstance(state, str) else None
-    if images:
-        return {"__prompt__": str(state), "condition_images": list(images)}
+    videos = getattr(state, "condition_videos", None) if isinstance(state, str) else None
+    if images or videos:
+        return {"__prompt__": str(state), "condition_images": list(images),
+                **({"condition_videos": list(videos)} if videos else {})}
     if isinstance(state, torch.Tensor):
         tensors[prefix] = state.detach().cpu().contiguous()
         return {"__tensor__": prefix}
@@ -79,7 +81,8 @@ def join_state(skeleton: Any, tensors: Dict[str, torch.Tensor]) -> Any:
         if "__prompt__" in skeleton:
             from .prompts import ConditionedPrompt
 
-            return ConditionedPrompt(skeleton["__prompt__"], tuple(skeleton["condition_images"]))
+            return ConditionedPrompt(skeleton["__prompt__"], tuple(skeleton["condition_images"]),
+                                     tuple(skeleton.get("condition_videos", ())))
     return skeleton
 
 

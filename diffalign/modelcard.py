@@ -156,8 +156,8 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
     if family.max_condition_images:  # the image to edit, at the trained size, as the rollouts sample
         source = os.path.basename(condition_images_of(prompt)[0]) if condition_images_of(prompt) else "input.png"
         edit_import = ["from diffusers.utils import load_image"]
-        if family.requires_condition_image:  # Qwen-Image-Edit: the pipeline resizes the image itself, as rollouts do
-            edit = [f"condition = load_image({_py(source)})"]
+        if family.requires_condition_image or family.output_kind == "video":  # Qwen-Image-Edit, Wan image-to-video:
+            edit = [f"condition = load_image({_py(source)})"]  # the pipeline resizes the image itself, as rollouts do
         else:  # FLUX.1 Kontext: resized to the trained size, no resize to a preferred resolution
             edit = [f"condition = pipe.image_processor.resize(load_image({_py(source)}), {resolution}, {resolution})"]
             call.append(f"max_area={resolution * resolution}, _auto_resize=False")
@@ -231,6 +231,8 @@ def model_card(config, *, family, reward_label: str, prompt: str, resolution: in
         tags.append("grpo")
     tags += ["lora"] if config.use_lora else []
     task = "image-to-image" if family.max_condition_images else "text-to-image"  # an editing model: the Hub's task
+    if family.max_condition_images and family.output_kind == "video":
+        task = "image-to-video"
     tags += [*family.hub_tags, task, "diffusers", "reward-fine-tuning"]
     settings = shareable_settings(config)  # secrets redacted, paths relative to the run: the card is shared
     base = base_model_id(config)

@@ -149,7 +149,9 @@ class PromptDifficulty:
 
 # ------------------------------------------------------------------------------------------- condition images
 class ConditionedPrompt(str):
-    """A prompt's text with the condition images an editing model starts from (`condition_images`: absolute paths).
+    """A prompt's text with the condition images an editing model starts from (`condition_images`: absolute paths)
+    and the condition videos a video-to-video model would start from (`condition_videos`, a row's `video` /
+    `videos`; no diffalign family takes videos yet: `ModelFamily.max_condition_videos`).
 
     It is the text everywhere a prompt is text (the text encoders, logs, JSON), so a prompt carries its images
     through the epoch's draw, the rollout and the recorded trajectories without another argument; the families that
@@ -157,25 +159,30 @@ class ConditionedPrompt(str):
     on two images is two prompts, in the conditioning cache (`prompt_key`) and in the per-prompt reward groups and
     statistics (DDPO's tracker, NFT's and GRPO's groups, `PromptDifficulty`)."""
 
-    def __new__(cls, text: str, condition_images: Tuple[str, ...] = ()):
+    def __new__(cls, text: str, condition_images: Tuple[str, ...] = (), condition_videos: Tuple[str, ...] = ()):
         prompt = super().__new__(cls, text)
         prompt.condition_images = tuple(condition_images)
+        prompt.condition_videos = tuple(condition_videos)
         return prompt
 
     def __eq__(self, other):
         if not isinstance(other, str):
             return NotImplemented
-        return str.__eq__(self, other) and self.condition_images == condition_images_of(other)
+        return (str.__eq__(self, other) and self.condition_images == condition_images_of(other)
+                and self.condition_videos == condition_videos_of(other))
 
     def __ne__(self, other):
         equal = self.__eq__(other)
         return equal if equal is NotImplemented else not equal
 
     def __hash__(self):
-        return hash((str(self), self.condition_images))
+        if self.condition_videos:
+            return hash((str(self), self.condition_images, self.condition_videos))
+        return hash((str(self), self.condition_images))  # an image prompt's hash as before videos existed
 
     def __repr__(self) -> str:
-        return f"ConditionedPrompt({str(self)!r}, condition_images={self.condition_images!r})"
+        videos = f", condition_videos={self.condition_videos!r}" if self.condition_videos else ""
+        return f"ConditionedPrompt({str(self)!r}, condition_images={self.condition_images!r}{videos})"
 
 
 def condition_images_of(prompt) -> Tuple[str, ...]:
@@ -183,10 +190,17 @@ def condition_images_of(prompt) -> Tuple[str, ...]:
     return getattr(prompt, "condition_images", ())
 
 
+def condition_videos_of(prompt) -> Tuple[str, ...]:
+    """The condition video paths of a prompt (empty for a prompt without)."""
+    return getattr(prompt, "condition_videos", ())
+
+
 def prompt_key(prompt):
-    """The conditioning cache's key of a prompt: its text, and its condition images when it has any (the same edit
-    instruction on two images is two conditionings)."""
-    images = condition_images_of(prompt)
+    """The conditioning cache's key of a prompt: its text, and its condition images (and videos) when it has any
+    (the same edit instruction on two images is two conditionings)."""
+    images, videos = condition_images_of(prompt), condition_videos_of(prompt)
+    if videos:
+        return str(prompt), images, videos
     return (str(prompt), images) if images else prompt
 
 
@@ -203,6 +217,32 @@ def check_condition_image(path: str, where: str):
             image.verify()
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise PromptError(f"{where}: condition image '{path}' is not a readable image ({first_line(e)})") from None
+
+
+def check_condition_video(path: str, where: str):
+    """A one-line `PromptError` unless `path` is a video file imageio reads (its first frame is decoded: MP4 through
+    imageio-ffmpeg, GIF through PIL, as `diffalign.plotting.read_video`)."""
+    if not os.path.isfile(path):
+        problem = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise PromptError(f"{where}: condition video '{path}' {problem}")
+    import imageio
+
+    try:
+        with imageio.get_reader(path) as reader:
+            reader.get_data(0)
+    except Exception as e:  # imageio's plugins raise OSError, ValueError, RuntimeError, IndexError...
+        raise PromptError(f"{where}: condition video '{path}' is not a readable video ({first_line(e)})") from None
+
+
+def load_condition_video(path: str):
+    """A condition video as a float tensor `(F, 3, H, W)` in [0, 1], the layout of a video reward's samples: for a
+    reward that compares the input (`metadata["video"]`, a path) with the output."""
+    import imageio
+    import torch
+
+    with imageio.get_reader(path) as reader:
+        frames = [np.asarray(frame)[..., :3] for frame in reader]
+    return torch.from_numpy(np.stack(frames).astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()
 
 
 def load_condition_image(path: str):
@@ -222,58 +262,75 @@ def load_condition_tensor(path: str):
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def _condition_paths(row: dict, base: str, where: str) -> Tuple[str, ...]:
-    """The absolute paths of a row's `image` / `images` field (relative paths are relative to `base`), checked."""
-    if "image" in row and "images" in row:
-        raise PromptError(f"{where} has both 'image' and 'images': give one")
-    if "image" in row:
-        value = row["image"]
+def _condition_paths(row: dict, base: str, where: str, single: str = "image") -> Tuple[str, ...]:
+    """The absolute paths of a row's `image` / `images` field (`single="video"`: `video` / `videos`; relative paths
+    are relative to `base`), checked."""
+    plural = f"{single}s"
+    if single in row and plural in row:
+        raise PromptError(f"{where} has both '{single}' and '{plural}': give one")
+    if single in row:
+        value = row[single]
         if not isinstance(value, str) or not value.strip():
-            raise PromptError(f"{where}: 'image' must be a non-empty path; got {value!r}")
+            raise PromptError(f"{where}: '{single}' must be a non-empty path; got {value!r}")
         names = [value]
     else:
-        value = row["images"]
+        value = row[plural]
         if (not isinstance(value, list) or not value
                 or not all(isinstance(name, str) and name.strip() for name in value)):
-            raise PromptError(f"{where}: 'images' must be a non-empty list of paths; got {value!r}")
+            raise PromptError(f"{where}: '{plural}' must be a non-empty list of paths; got {value!r}")
         names = value
     paths = tuple(os.path.abspath(os.path.join(base, os.path.expanduser(name.strip()))) for name in names)
+    check = check_condition_video if single == "video" else check_condition_image
     for path in paths:
-        check_condition_image(path, where)
+        check(path, where)
     return paths
 
 
 def attach_condition_images(prompts: List[str], metadata: List[dict], path: str,
                             empty_cell_is_none: bool = False) -> Tuple[List[str], List[dict]]:
     """Prompts of a JSONL/CSV prompt file at `path` whose rows name condition images (`image`, or `images` for
-    models that take several) as `ConditionedPrompt`s, and their metadata with the images as absolute paths (`image`
-    a string, `images` a list, as in the file): a reward gets the paths (`load_condition_tensor` reads one).
+    models that take several) or condition videos (`video` / `videos`) as `ConditionedPrompt`s, and their metadata
+    with them as absolute paths (`image` / `video` a string, `images` / `videos` a list, as in the file): a reward
+    gets the paths (`load_condition_tensor` reads an image, `load_condition_video` a video).
 
-    Paths are relative to the prompt file's folder (Flow-Factory's and Flow-GRPO's convention); every image is
-    checked now, before any model loads: a missing or unreadable one is a one-line `PromptError`. With
-    `empty_cell_is_none` (a CSV, whose rows all have every column), an empty `image` cell means no image."""
+    Paths are relative to the prompt file's folder (Flow-Factory's and Flow-GRPO's convention); every image and
+    video is checked now, before any model loads: a missing or unreadable one is a one-line `PromptError`. With
+    `empty_cell_is_none` (a CSV, whose rows all have every column), an empty `image` / `video` cell means none."""
     base = os.path.dirname(os.path.abspath(path))
     out_prompts, out_metadata = [], []
     for number, (prompt, row) in enumerate(zip(prompts, metadata), start=1):
-        if empty_cell_is_none and isinstance(row.get("image"), str) and not row["image"].strip():
-            row = {k: v for k, v in row.items() if k != "image"}  # a CSV row without an image
-        if "image" in row or "images" in row:
-            paths = _condition_paths(row, base, f"prompt file '{path}' row {number}")
-            prompt = ConditionedPrompt(prompt, paths)
-            row = {**row, **({"image": paths[0]} if "image" in row else {"images": list(paths)})}
+        for single in ("image", "video"):
+            if empty_cell_is_none and isinstance(row.get(single), str) and not row[single].strip():
+                row = {k: v for k, v in row.items() if k != single}  # a CSV row without an image / a video
+        where = f"prompt file '{path}' row {number}"
+        conditions = {}
+        for single in ("image", "video"):
+            if single in row or f"{single}s" in row:
+                paths = _condition_paths(row, base, where, single)
+                conditions[single] = paths
+                row = {**row, **({single: paths[0]} if single in row else {f"{single}s": list(paths)})}
+        if conditions:
+            prompt = ConditionedPrompt(prompt, conditions.get("image", ()), conditions.get("video", ()))
         out_prompts.append(prompt)
         out_metadata.append(row)
     return out_prompts, out_metadata
 
 
 def check_condition_prompts(prompts: List[str], family_name: str, max_images: int, what: str = "prompt",
-                            required: bool = False):
+                            required: bool = False, max_videos: int = 0):
     """A one-line `PromptError` when a prompt has more condition images than the model takes (`max_images`; 0 for
     a text-to-image model), when prompts with and without condition images are mixed (an editing model samples
-    a prompt without one text-to-image, with another token count: they cannot share a batch), or with `required`
-    (a model that cannot sample without one: Qwen-Image-Edit) when a prompt has none."""
+    a prompt without one text-to-image, with another token count: they cannot share a batch), with `required`
+    (a model that cannot sample without one: Qwen-Image-Edit) when a prompt has none, or when a prompt has more
+    condition videos than the model takes (`max_videos`: 0 for every diffalign family today)."""
     with_images = without = None
     for prompt in prompts:
+        videos = len(condition_videos_of(prompt))
+        if videos > max_videos:
+            takes = "no condition videos (no diffalign family is video-to-video yet)" if max_videos == 0 \
+                else f"at most {max_videos}"
+            raise PromptError(f"{what} '{prompt}' has {videos} condition video(s), but a {family_name} model takes "
+                              f"{takes}")
         count = len(condition_images_of(prompt))
         if required and not count:
             raise PromptError(f"{what} '{prompt}' has no condition image, but a {family_name} model edits one: give "
@@ -398,7 +455,8 @@ def read_prompt_records(path: str, column: str = "prompt") -> Tuple[List[str], L
     (never at a form feed or U+2028, which stay inside their prompt), and the file is read a line at a time.
 
     A JSONL/CSV row with an `image` (or, JSONL only, `images`: a list) field names condition images for editing
-    models, relative to the prompt file: its prompt becomes a `ConditionedPrompt` (see `attach_condition_images`)."""
+    and image-to-video models, a `video` (`videos`) field condition videos, relative to the prompt file: its prompt
+    becomes a `ConditionedPrompt` (see `attach_condition_images`)."""
     extension = os.path.splitext(path)[1].lower()
     if extension == ".jsonl":
         prompts, metadata = attach_condition_images(*_read_jsonl(path, column), path)

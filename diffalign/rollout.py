@@ -272,7 +272,7 @@ def sample_trajectories(
         timesteps=timesteps.clone(),
         log_probs=torch.stack(all_log_probs, dim=1),
         stochastic=stochastic_steps.to(device)[None].expand(batch_size, -1).clone(),
-        images=family.decode(x, height, width) if decode else None,
+        images=family.decode(family.final_latents(x, cond), height, width) if decode else None,
         ref_log_probs=torch.stack(ref_log_probs, dim=1) if compute_reference else None,
         kl_to_ref=torch.stack(kls, dim=1) if compute_reference else None,
         ref_means=torch.stack(ref_means, dim=1) if keep_reference_means else None,

@@ -333,17 +333,25 @@ CLI_SETTINGS = [
 ]
 
 
+def _with_prompt_file(settings, family, prompt_file):
+    """`settings` with `--prompts` replaced by a prompt file of the prompts with their image, for a family that cannot
+    sample without one (`requires_condition_image`); as they are for the others."""
+    if family is None or not family.requires_condition_image:
+        return settings
+    with open(prompt_file, "w") as f:
+        for prompt in _prompts(family):
+            f.write(json.dumps({"prompt": str(prompt), "image": prompt.condition_images[0]}) + "\n")
+    settings = list(settings)
+    i = settings.index("--prompts")
+    settings[i : i + 2] = ["--prompt_file", prompt_file]
+    return settings
+
+
 def _cli_args(algorithm, model, output_dir, extra=(), family=None):
     settings = list(CLI_SETTINGS)
     if family is not None:
         settings[settings.index("--sample_resolution") + 1] = str(_side(family))
-    if family is not None and family.requires_condition_image:  # the prompts with their image, in a prompt file
-        prompt_file = os.path.join(output_dir + "-prompts.jsonl")
-        with open(prompt_file, "w") as f:
-            for prompt in _prompts(family):
-                f.write(json.dumps({"prompt": str(prompt), "image": prompt.condition_images[0]}) + "\n")
-        i = settings.index("--prompts")
-        settings[i : i + 2] = ["--prompt_file", prompt_file]
+    settings = _with_prompt_file(settings, family, output_dir + "-prompts.jsonl")
     drop = {"ddpo": ("--train_clip_eps", "--train_beta"), "prdp": ("--train_batch_size", "--train_clip_range")}
     for key in drop[algorithm]:
         i = settings.index(key)
@@ -599,4 +607,5 @@ def test_killed_run_resumes_bit_identically(family_dir, tmp_path, algorithm):
     from cli_helpers import assert_killed_run_resumes_bit_identically
 
     family, model = family_dir
-    assert_killed_run_resumes_bit_identically(_resume_args(algorithm, model, _side(family)), tmp_path)
+    args = _with_prompt_file(_resume_args(algorithm, model, _side(family)), family, str(tmp_path / "prompts.jsonl"))
+    assert_killed_run_resumes_bit_identically(args, tmp_path)

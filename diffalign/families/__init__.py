@@ -27,6 +27,7 @@ from .sd import StableDiffusionFamily
 from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
 from .wan import WanFamily
+from .wan_i2v import WanImageToVideoFamily
 from .zimage import ZImageFamily
 
 
@@ -49,7 +50,7 @@ def registry(families: Iterable[Type[ModelFamily]]) -> Dict[str, Type[ModelFamil
 FAMILIES: Dict[str, Type[ModelFamily]] = registry(
     (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family, FluxFamily, ZImageFamily,
      QwenImageFamily, Flux2KleinFamily, Flux2Family, SanaFamily, FluxKontextFamily, Krea2Family,
-     QwenImageEditFamily, QwenImageEditPlusFamily, WanFamily, QwenImage21Family)
+     QwenImageEditFamily, QwenImageEditPlusFamily, WanFamily, QwenImage21Family, WanImageToVideoFamily)
 )
 
 
@@ -163,5 +164,5 @@ def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32):
 __all__ = ["FAMILIES", "Conditioning", "Flux2Family", "Flux2KleinFamily", "FluxFamily", "FluxKontextFamily",
            "Krea2Family", "ModelFamily", "QwenImage21Family", "QwenImageEditFamily", "QwenImageEditPlusFamily", "QwenImageFamily",
            "SanaFamily", "StableDiffusion3Family", "StableDiffusionFamily", "StableDiffusionXLFamily", "WanFamily",
-           "ZImageFamily", "check_model_resolution", "family_class", "family_for_pipeline", "family_named",
-           "load_family", "load_pipeline", "pipeline_class_of", "registry"]
+           "WanImageToVideoFamily", "ZImageFamily", "check_model_resolution", "family_class", "family_for_pipeline",
+           "family_named", "load_family", "load_pipeline", "pipeline_class_of", "registry"]

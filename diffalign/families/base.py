@@ -79,6 +79,9 @@ class ModelFamily:
     # True where a row's sampling depends on the batch's text padding in `pipeline_class` (QwenImage 2.1: the image's
     # rotary position follows the padded text): the family samples each prompt as the pipeline does alone
     samples_prompts_alone: bool = False
+    # condition videos a prompt may carry (a prompt file's `video` / `videos`): 0 for every family today (diffusers'
+    # WanVideoToVideoPipeline would take one); a prompt file with videos is refused when a run starts
+    max_condition_videos: int = 0
     # what `decode` returns: "image", `(B, 3, H, W)`; "video", `(B, F, 3, H, W)` (frames first), float32 in [0, 1]
     output_kind: str = "image"
 
@@ -338,7 +341,7 @@ class ModelFamily:
         condition images (`diffalign.prompts.prompt_key`)."""
         from ..prompts import check_condition_prompts, prompt_key
 
-        check_condition_prompts(prompts, self.name, self.max_condition_images)
+        check_condition_prompts(prompts, self.name, self.max_condition_images, max_videos=self.max_condition_videos)
         keys = [prompt_key(p) for p in prompts]
         missing = {}
         for prompt, key in zip(prompts, keys):
@@ -475,6 +478,11 @@ class ModelFamily:
         return uncond + guidance_scale * (text - uncond)
 
     # ------------------------------------------------------------------- decoding
+    def final_latents(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The latents to decode at the end of a rollout: the sampled ones (a family whose condition fixes part of
+        them puts it back: Wan 2.2 TI2V-5B's first frame, `diffalign.families.wan_i2v`)."""
+        return latents
+
     def decode(self, latents: torch.Tensor, height: Optional[int] = None, width: Optional[int] = None) -> torch.Tensor:
         """VAE decode to images in [0, 1], `(B, 3, H, W)` float32 (`height`, `width`: the image size, for families
         whose latents do not show it)."""

@@ -1,0 +1,234 @@
+"""Wan image-to-video (`WanImageToVideoPipeline`): Wan (`diffalign.families.wan`) with a prompt's condition image
+(its `image`, see `diffalign.prompts.ConditionedPrompt`) as the video's first frame; trajectories with Flow-GRPO's
+SDE, as Wan text-to-video.
+
+Two models, as `WanImageToVideoPipeline` conditions them:
+
+- **Wan 2.2 TI2V-5B** (`expand_timesteps`; `ti2v_5b` tiny variant): the image, resized to the sampled size
+  (`video_processor.preprocess`), is VAE-encoded (posterior mode, normalised) into one latent frame that is kept
+  fixed: the transformer sees it as the first latent frame with timestep 0 on its tokens, the rest of the latents
+  with the step's timestep (`forward`), and the decoded video starts from it (`final_latents`). The sampled first
+  frame is not a random variable: the family predicts 0 there, so those entries add the same term to the policy's,
+  the old policy's and the reference's log-probs and no gradient (the log-probs and the KL, averaged over every
+  latent entry as for any video, weigh the sampled frames by `(F - 1) / F`); the forward-process losses get no
+  gradient from them either.
+- **Wan 2.1 I2V** (the transformer has `image_dim`; the tiny default): the image followed by `num_frames - 1` zero
+  frames is VAE-encoded and concatenated on the channel axis after four mask channels (1 on the image's frames) to
+  the latents, and its CLIP image embedding (the vision tower's second-to-last hidden states, `encode_image`) is
+  given to every block's cross-attention (`encoder_hidden_states_image`), also in the negative half of CFG.
+
+Both are encoded once per (image, size, frames) and cached, like text; they travel in the conditioning
+(`image_latents`, `image_embeds`), so a recorded trajectory is re-evaluated with the image it was sampled with.
+Every prompt needs an image (`requires_condition_image`: a prompt without one is refused in one line when a run
+starts). The LoRA trains `transformer`, as Wan's. No RLG route: diffusers' modular Wan has no image-to-video guider
+route that samples as this pipeline does.
+"""
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..errors import ModelError, PromptError
+from ..prompts import condition_images_of, load_condition_image
+from ..utils.peft_utils import unwrap
+from .base import Conditioning
+from .wan import WanFamily
+
+
+def first_frame_mask(frames: int, rows: int, columns: int, device) -> torch.Tensor:
+    """`(1, 1, frames, rows, columns)` float32: 0 on the first latent frame (the condition image's, kept fixed), 1 on
+    the frames that are sampled, as `WanImageToVideoPipeline.prepare_latents` builds it for `expand_timesteps`."""
+    mask = torch.ones(1, 1, frames, rows, columns, device=device)
+    mask[:, :, 0] = 0
+    return mask
+
+
+def token_timesteps(timesteps: torch.Tensor, mask: torch.Tensor, patch_h: int, patch_w: int) -> torch.Tensor:
+    """`(B, tokens)`: each latent token's timestep, the step's on sampled frames and 0 on the fixed first frame, as
+    `WanImageToVideoPipeline` (`mask[0][0][:, ::patch_h, ::patch_w] * t`, flattened)."""
+    per_token = mask[0, 0][:, ::patch_h, ::patch_w].flatten()
+    return per_token[None] * timesteps[:, None].to(per_token.dtype)
+
+
+def clean_prompts_without_ftfy():
+    """`WanImageToVideoPipeline` cleans prompts with ftfy unconditionally (a `NameError` where ftfy is missing),
+    `WanPipeline` only where ftfy is installed: without ftfy, the image-to-video pipeline is given `WanPipeline`'s
+    cleaning, so it samples at all and encodes a prompt as the family does (with ftfy nothing changes)."""
+    from diffusers.pipelines.wan import pipeline_wan, pipeline_wan_i2v
+
+    if not pipeline_wan.is_ftfy_available():
+        pipeline_wan_i2v.basic_clean = pipeline_wan.basic_clean
+
+
+class WanImageToVideoFamily(WanFamily):
+    name = "wan_i2v"
+    pipeline_class = "WanImageToVideoPipeline"
+    modular_blocks_class = None  # no RLG route (see `rlg_pipeline`)
+    hub_tags = ("wan", "image-to-video")
+    max_condition_images = 1  # WanImageToVideoPipeline takes one `image` (its `last_image` is not a prompt field)
+    requires_condition_image = True
+    # Wan 2.2 TI2V-5B beside the default tiny model, Wan 2.1 I2V (its 16x VAE samples 32 pixels a side at the least:
+    # the family tester's 16-pixel checks run on Wan 2.1; tests/test_family_wan_i2v.py trains TI2V-5B)
+    tiny_variants = {"ti2v_5b": {"version": "2.2-ti2v"}}
+
+    def __init__(self, pipe, max_cache: int = 4096):
+        super().__init__(pipe, max_cache)
+        clean_prompts_without_ftfy()
+        self._condition_cache: Dict[Tuple, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+
+    @classmethod
+    def load(cls, path: str, torch_dtype: torch.dtype = torch.float32, quantization_config=None):
+        clean_prompts_without_ftfy()  # the pipeline loaded here may sample before a family wraps it
+        return super().load(path, torch_dtype, quantization_config=quantization_config)
+
+    def frozen_modules(self) -> list:
+        """Wan's, plus the CLIP image encoder of Wan 2.1 I2V (placed on the run's device and dtype, never trained)."""
+        encoder = getattr(self.pipe, "image_encoder", None)
+        return super().frozen_modules() + ([encoder] if encoder is not None else [])
+
+    def takes_image_embeds(self) -> bool:
+        """Wan 2.1 I2V: the transformer has an image embedder (`image_dim`), fed the CLIP image embedding."""
+        return self.pipe.transformer.config.get("image_dim") is not None
+
+    # -------------------------------------------------------------------- prompts
+    def encode_text(self, prompts: List[str], device) -> Conditioning:
+        return super().encode_text([str(p) for p in prompts], device)  # the text alone reaches UMT5
+
+    def conditioning(self, prompts: List[str], negative_prompt: str, do_cfg: bool, height: int, width: int):
+        """Wan's, plus each prompt's condition (`image_latents`) and, for Wan 2.1 I2V, its CLIP image embedding
+        (`image_embeds`), the same in the negative half (as the pipeline gives both halves the image)."""
+        cond, negative = super().conditioning(prompts, negative_prompt, do_cfg, height, width)
+        device = cond["encoder_hidden_states"].device
+        paths = []
+        for prompt in prompts:
+            images = condition_images_of(prompt)
+            if not images:
+                raise PromptError(f"{self.name} turns an image into a video: the prompt '{prompt}' has no 'image'")
+            paths.append(images[0])
+        keys = [(path, int(height), int(width), self.num_frames) for path in paths]
+        for key in dict.fromkeys(keys):
+            if key not in self._condition_cache:
+                if len(self._condition_cache) >= self.max_cache:
+                    self._condition_cache.clear()
+                self._condition_cache[key] = self.encode_condition_image(*key[:3])
+        extra = {"image_latents": torch.stack([self._condition_cache[key][0] for key in keys]).to(device)}
+        if self.takes_image_embeds():
+            extra["image_embeds"] = torch.stack([self._condition_cache[key][1] for key in keys]).to(device)
+        cond = {**cond, **extra}
+        if negative is not None:
+            negative = {**negative, **{name: value.clone() for name, value in extra.items()}}
+        return cond, negative
+
+    def pipeline_condition_kwargs(self, prompt) -> Dict:
+        """The pipeline's `image` for one prompt (PIL): with `pipeline_call_kwargs`, the call that samples as a
+        rollout of that prompt does."""
+        return {"image": load_condition_image(condition_images_of(prompt)[0])}
+
+    @torch.no_grad()
+    def encode_condition_image(self, path: str, height: int,
+                               width: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`(condition latents, CLIP image embedding or None)` of the image at `path` for a `height x width` video of
+        `num_frames` frames, with the pipeline's own code: `video_processor.preprocess`, `prepare_latents` (given
+        latents, so no noise is drawn) and `encode_image`. TI2V-5B: `(C, 1, h, w)`; Wan 2.1 I2V: `(4 + C, F, h, w)`
+        (mask channels first) and `(tokens, dim)`."""
+        pipe, device = self.pipe, self.device
+        image = load_condition_image(path)
+        pixels = pipe.video_processor.preprocess(image, height=height, width=width).to(device, dtype=torch.float32)
+        channels = pipe.vae.config.z_dim
+        frames = (self.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+        shape = (1, channels, frames, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        outputs = pipe.prepare_latents(pixels, 1, channels, height, width, self.num_frames, torch.float32, device,
+                                       None, torch.zeros(shape, device=device))
+        embeds = pipe.encode_image(image, device)[0] if self.takes_image_embeds() else None
+        return outputs[1][0], embeds
+
+    # ----------------------------------------------------------- latents and time
+    def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents=None, denoiser=None):
+        """`(B, C, F, h, w)` Gaussian noise drawn as `WanImageToVideoPipeline.prepare_latents` draws it (float32, the
+        same numbers for the same generator), in `dtype`; C is the VAE's `z_dim` (the transformer of Wan 2.1 I2V
+        takes more channels: the condition's)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if latents is not None:
+            return latents.to(device=device, dtype=dtype)
+        frames = (self.num_frames - 1) // self.pipe.vae_scale_factor_temporal + 1
+        shape = (batch_size, self.pipe.vae.config.z_dim, frames, int(height) // self.vae_scale_factor,
+                 int(width) // self.vae_scale_factor)
+        return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=torch.float32).to(dtype)
+
+    # ------------------------------------------------------------------ denoising
+    def forward(self, denoiser, latents, timesteps, cond: Conditioning):
+        """One transformer call, conditioned as `WanImageToVideoPipeline`'s loop: TI2V-5B sees the condition as the
+        first latent frame with timestep 0 on its tokens (its prediction there is 0: the frame is not sampled);
+        Wan 2.1 I2V sees the mask and condition channels after the latents, and the CLIP image embedding."""
+        model = unwrap(denoiser)
+        condition = cond["image_latents"].to(latents.dtype)
+        timesteps = torch.as_tensor(timesteps, device=latents.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(latents.shape[0])
+        image_embeds = cond.get("image_embeds")
+        if self.pipe.config.get("expand_timesteps"):
+            _, patch_h, patch_w = model.config.patch_size
+            mask = first_frame_mask(*latents.shape[2:], latents.device)
+            hidden_states = (1 - mask) * condition + mask * latents
+            timestep = token_timesteps(timesteps, mask, patch_h, patch_w)
+        else:
+            hidden_states = torch.cat([latents, condition], dim=1)
+            timestep = timesteps
+        prediction = denoiser(hidden_states=hidden_states.to(model.dtype), timestep=timestep,
+                              encoder_hidden_states=cond["encoder_hidden_states"].to(model.dtype),
+                              encoder_hidden_states_image=image_embeds.to(model.dtype) if image_embeds is not None
+                              else None, return_dict=False)[0]
+        if self.pipe.config.get("expand_timesteps"):
+            prediction = prediction * mask.to(prediction.dtype)  # the fixed first frame does not move
+        return prediction
+
+    def final_latents(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """TI2V-5B: the sampled latents with the condition as their first frame, what the pipeline decodes."""
+        if not self.pipe.config.get("expand_timesteps"):
+            return latents
+        mask = first_frame_mask(*latents.shape[2:], latents.device)
+        return (1 - mask) * cond["image_latents"].to(latents.dtype) + mask * latents
+
+    # ------------------------------------------------------------------------ RLG
+    @classmethod
+    def modular_blocks(cls):
+        return None  # no modular image-to-video blocks with a guider (and no import of Wan's modular encoders)
+
+    @classmethod
+    def rlg_route_for(cls, pipe) -> Optional[str]:
+        return None
+
+    @classmethod
+    def rlg_pipeline(cls, pipe):
+        raise ModelError("Wan image-to-video has no RLG route: diffusers' modular Wan pipeline does not sample it as "
+                         "WanImageToVideoPipeline does")
+
+    # --------------------------------------------------------- tiny test models
+    @classmethod
+    def tiny_components(cls, seed: int = 0, version: str = "2.1-i2v") -> dict:
+        """Components of a tiny random `WanImageToVideoPipeline`. "2.2-ti2v": Wan's tiny TI2V-5B (the z_dim-48 VAE,
+        `expand_timesteps`), no image encoder. "2.1-i2v" (default): Wan's tiny 2.1 components with a transformer taking
+        the 36 input channels (latents, mask, condition) and a 4-wide image embedding from a tiny `CLIPVisionModel`
+        (diffusers' Wan I2V tests' configs), with a `CLIPImageProcessor` built in code."""
+        clean_prompts_without_ftfy()  # a tiny pipeline samples at once in the tests
+        if version == "2.2-ti2v":
+            return {**WanFamily.tiny_components(seed, version="2.2-ti2v"), "image_encoder": None,
+                    "image_processor": None}
+        if version != "2.1-i2v":
+            raise ValueError(f"unknown tiny Wan image-to-video version {version!r}")
+        from diffusers import WanTransformer3DModel
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+        components = WanFamily.tiny_components(seed, version="2.1")
+        torch.manual_seed(seed)
+        components["transformer"] = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
+            text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=64, image_dim=4)
+        torch.manual_seed(seed)
+        components["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            intermediate_size=16, patch_size=1)).eval()
+        components["image_processor"] = CLIPImageProcessor(crop_size=32, size=32)
+        return components

@@ -1,0 +1,159 @@
+"""Wan image-to-video's own checks, beyond the family tester (tests/test_family_common.py runs the shared checks on
+the tiny Wan 2.1 I2V, and the rollout check on the TI2V-5B variant): TI2V-5B keeps the condition image's latent frame
+fixed (timestep 0 on its tokens, the decoded video starts from it, its entries add nothing policy-dependent to the
+log-probs: ratio 1 with a LoRA), Wan 2.1 I2V feeds the CLIP image embedding, a prompt without an image is refused in
+one line, and (-m slow) `train ddpo` trains TI2V-5B from the CLI with an animated grid showing the condition image."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffalign.families import FAMILIES, WanImageToVideoFamily, family_for_pipeline
+from diffalign.kernels import sde_window_mask
+from diffalign.prompts import ConditionedPrompt
+from diffalign.rollout import default_kernel, sample_trajectories, step_log_probs
+from diffalign.utils.peft_utils import add_lora
+
+TI2V_SIZE = 32  # TI2V-5B's 16x VAE and 2x2 patches: 32 pixels a side at the least
+
+
+def _image(directory, seed=0) -> str:
+    path = os.path.join(str(directory), f"condition{seed}.png")
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _family(**variant):
+    pipe = WanImageToVideoFamily.tiny_pipeline(**variant)
+    family = family_for_pipeline(pipe)
+    family.set_kernel_scheduler(pipe)
+    family.configure(num_frames=5)
+    return family
+
+
+def test_wan_i2v_is_registered_for_the_image_to_video_pipeline():
+    assert FAMILIES["WanImageToVideoPipeline"] is WanImageToVideoFamily
+    assert WanImageToVideoFamily.output_kind == "video" and WanImageToVideoFamily.requires_condition_image
+    assert WanImageToVideoFamily.rlg_route() is None
+
+
+def test_ti2v_keeps_the_condition_frame_fixed_and_gives_ratio_one(tmp_path, monkeypatch):
+    family = _family(version="2.2-ti2v")
+    prompts = [ConditionedPrompt("a cat", (_image(tmp_path, 0),)), ConditionedPrompt("a car", (_image(tmp_path, 1),))]
+    add_lora(family.denoiser, target_modules=family.default_lora_target_modules)
+    generator = torch.Generator().manual_seed(0)
+    for param in family.denoiser.parameters():
+        if param.requires_grad:
+            param.data = torch.randn(param.shape, generator=generator) * 0.05
+    family.denoiser.eval()
+    seen = []
+    forward = family.denoiser.forward
+    monkeypatch.setattr(family.denoiser, "forward", lambda **kw: seen.append(kw) or forward(**kw))
+    kernel = default_kernel(family, eta=1.0, noise_level=0.7)
+    traj = sample_trajectories(family, prompts, num_inference_steps=3, guidance_scale=3.0, kernel=kernel,
+                               height=TI2V_SIZE, width=TI2V_SIZE, generator=torch.Generator().manual_seed(1),
+                               compute_reference=True, stochastic_steps=sde_window_mask(3, 2))
+    condition = traj.conditioning["image_latents"]
+    assert condition.shape == (2, 48, 1, 2, 2) and not torch.equal(condition[0], condition[1])
+    # the transformer sees the condition as the first latent frame, at timestep 0 (one 2x2 patch a frame)
+    first = seen[0]
+    for row in first["hidden_states"][:, :, :1]:  # every row of the batch (CFG halves, policy and reference)
+        assert torch.equal(row, condition[0]) or torch.equal(row, condition[1])
+    assert first["timestep"].shape == (8, 2)  # CFG halves of the policy and the reference rows
+    assert (first["timestep"][:, 0] == 0).all() and (first["timestep"][:, 1] == traj.timesteps[0]).all()
+    # the decoded video is the final latents with the condition frame
+    final = torch.cat([condition, traj.latents[:, -1, :, 1:]], dim=2)
+    torch.testing.assert_close(traj.images, family.decode(final), atol=1e-6, rtol=0)
+    rows, steps = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0, 1, 1])
+    with torch.no_grad():
+        log_probs, _, _ = step_log_probs(family, family.denoiser, kernel, traj, rows, steps, 3.0)
+    ratio = torch.exp(log_probs - traj.log_probs[rows, steps])
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
+    assert (traj.kl_to_ref[:, :2] > 0).all()
+
+
+def test_wan21_i2v_conditions_on_the_clip_image_embedding(tmp_path):
+    """Two images give other videos for the same prompt and noise (the condition channels and the CLIP embedding)."""
+    family = _family()
+    prompts = [ConditionedPrompt("a cat", (_image(tmp_path, 0),)), ConditionedPrompt("a cat", (_image(tmp_path, 1),))]
+    latents = family.prepare_latents(1, 16, 16, torch.float32, "cpu", torch.Generator().manual_seed(0)).repeat(
+        2, 1, 1, 1, 1)
+    traj = sample_trajectories(family, prompts, num_inference_steps=2, guidance_scale=3.0, latents=latents,
+                               height=16, width=16, stochastic_steps=sde_window_mask(2, 0))
+    assert traj.conditioning["image_latents"].shape == (2, 20, 2, 2, 2)  # 4 mask channels, 16 latent channels
+    assert traj.conditioning["image_embeds"].shape[0] == 2
+    assert torch.equal(traj.negative_conditioning["image_embeds"], traj.conditioning["image_embeds"])
+    assert (traj.images[0] - traj.images[1]).abs().max() > 1e-4
+
+
+def test_a_prompt_without_an_image_is_one_line(tmp_path, capsys):
+    from diffalign.cli import main
+
+    model = WanImageToVideoFamily.save_tiny(str(tmp_path / "wan_i2v"))
+    argv = ["train", "ddpo", "--model", model, "--output_dir", str(tmp_path / "run"), "--prompts", "[a cat]",
+            "--num_frames", "5", "--sample_resolution", "16"]
+    capsys.readouterr()  # saving's progress bars
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "image" in err[0], err
+
+
+@pytest.mark.slow  # ~15 s: a CLI run on TI2V-5B at 32 pixels
+def test_cli_trains_ti2v_with_a_condition_grid_and_the_lora_loads(tmp_path):
+    import diffusers
+
+    from diffalign.cli import main
+    from diffalign.plotting import find_video, read_video
+
+    model = WanImageToVideoFamily.save_tiny(str(tmp_path / "ti2v"), version="2.2-ti2v")
+    prompt_file = tmp_path / "prompts.jsonl"
+    image = _image(tmp_path)
+    prompt_file.write_text("".join(json.dumps({"prompt": p, "image": os.path.basename(image)}) + "\n"
+                                   for p in ("a cat", "a red car")))
+    out = str(tmp_path / "run")
+    args = ["train", "ddpo", "--model", model, "--output_dir", out, "--num_epochs", "2", "--sample_num_steps", "3",
+            "--sample_num_prompts_per_epoch", "2", "--sample_images_per_prompt", "2", "--sample_batch_size", "4",
+            "--train_batch_size", "4", "--grid_num_images", "2", "--checkpoint_every", "2", "--reward",
+            "jpeg_compressibility", "--prompt_file", str(prompt_file), "--train_learning_rate", "0.05",
+            "--sample_guidance_scale", "3.0", "--sample_resolution", str(TI2V_SIZE), "--num_frames", "5",
+            "--sample_sde_window_size", "2", "--final_eval_num_images", "0"]
+    assert main(args) == 0
+    frames = read_video(find_video(os.path.join(out, "grid_after.png")))
+    assert len(frames) == 5
+    # the condition tile stands still beside the video: equal in the first and the last frame
+    first, last = np.asarray(frames[0], dtype=np.float32), np.asarray(frames[-1], dtype=np.float32)
+    tile = first.shape[1] // 4  # 2 samples, each after its condition image
+    assert np.abs(first[:, :tile - 2] - last[:, :tile - 2]).mean() < 8
+
+    pipe = diffusers.WanImageToVideoPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(image=Image.open(image).convert("RGB"), prompt="a cat", num_inference_steps=3, height=TI2V_SIZE,
+                  width=TI2V_SIZE, num_frames=5, output_type="pt", guidance_scale=3.0)
+    before = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    pipe.load_lora_weights(os.path.join(out, "final"))
+    after = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    assert (after - before).abs().max() > 1e-4
+
+
+def test_the_model_card_passes_the_image_to_the_image_to_video_pipeline(tmp_path):
+    """The card's snippet gives `WanImageToVideoPipeline` the image as it is (the pipeline resizes it), not Kontext's
+    resize and `max_area`; the Hub task is image-to-video."""
+    from diffalign.modelcard import usage_snippets
+    from diffalign.config import PRDPConfig
+
+    config = PRDPConfig(model="/models/wan-i2v", output_dir=str(tmp_path / "run"), sample_num_steps=20,
+                        sample_guidance_scale=5.0)
+    prompt = ConditionedPrompt("a cat", (str(tmp_path / "cat.png"),))
+    plain = usage_snippets(config, WanImageToVideoFamily, prompt, "final", 480)[0]
+    assert "WanImageToVideoPipeline.from_pretrained" in plain
+    assert 'condition = load_image("cat.png")' in plain and "image=condition" in plain and "max_area" not in plain
+
+
+def test_the_clip_image_encoder_is_frozen_with_the_vae():
+    family = _family()
+    assert any(module is family.pipe.image_encoder for module in family.frozen_modules())
+    assert not any(module is None for module in _family(version="2.2-ti2v").frozen_modules())
