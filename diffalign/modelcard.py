@@ -162,18 +162,27 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
             edit = [f"condition = pipe.image_processor.resize(load_image({_py(source)}), {resolution}, {resolution})"]
             call.append(f"max_area={resolution * resolution}, _auto_resize=False")
         call.insert(0, "image=condition")
+    if family.output_kind == "video" and getattr(config, "num_frames", None):
+        call.append(f"num_frames={config.num_frames}")
     call = ", ".join(call)
     prompt = str(prompt)
+    # what the pipeline returns: an image, or a video's frames (Wan), written with diffusers' export_to_video
+    output, result = ("video", ".frames[0]") if family.output_kind == "video" else ("image", ".images[0]")
+    save = ['export_to_video(video, "video.mp4", fps=16)'] if output == "video" else []
+    if save:
+        edit_import = (["from diffusers.utils import export_to_video, load_image"] if edit_import
+                       else ["from diffusers.utils import export_to_video"])
 
     rlg_call = edit + ["# rlg_scale: 0 = the base model, 1 = this fine-tune, > 1 = stronger alignment",
-                       f"image = pipe(prompt={_py(prompt)}, {call}, rlg_scale=1.5).images[0]"]
+                       f"{output} = pipe(prompt={_py(prompt)}, {call}, rlg_scale=1.5){result}"] + save
     rlg_import = f"from diffalign.pipelines import {rlg_class}"
     if config.use_lora:
         plain = _snippet([f"from diffusers import {pipeline_class}"] + edit_import, ours, [
             f"pipe = {pipeline_class}.from_pretrained({base})",
             f"pipe.load_lora_weights({_py(weights)})",
             *edit,
-            f"image = pipe(prompt={_py(prompt)}, {call}).images[0]",
+            f"{output} = pipe(prompt={_py(prompt)}, {call}){result}",
+            *save,
         ])
         if rlg_class:
             rlg = _snippet(edit_import, ours + [rlg_import], [
@@ -183,7 +192,9 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
         elif family.rlg_route():  # the RLG guider in the family's modular pipeline, on the loaded pipeline
             family_name = (family if isinstance(family, type) else type(family)).__name__
             family_import = f"from diffalign.families import {family_name}"
-            guider_call = rlg_call[:-1] + [rlg_call[-1].replace("image = pipe(", "image = rlg(")]
+            # the modular route returns a video's frames as `.images` too (`ModularRLGPipeline`)
+            guider_call = [line.replace(f"{output} = pipe(", f"{output} = rlg(").replace(".frames[0]", ".images[0]")
+                           for line in rlg_call]
             rlg = _snippet([f"from diffusers import {pipeline_class}"] + edit_import, ours + [family_import], [
                 f"pipe = {pipeline_class}.from_pretrained({base})",
                 f"pipe.load_lora_weights({_py(weights)})  # adapter on = this fine-tune, off = the base model",
@@ -197,7 +208,8 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
             load,
             f"pipe = {pipeline_class}.from_pretrained({base}, {denoiser_name}={denoiser_name})",
             *edit,
-            f"image = pipe(prompt={_py(prompt)}, {call}).images[0]",
+            f"{output} = pipe(prompt={_py(prompt)}, {call}){result}",
+            *save,
         ])
         rlg = _snippet([f"from diffusers import {denoiser_class}"] + edit_import, ours + [rlg_import], [
             load,
