@@ -68,6 +68,7 @@ def test_train_prdp_with_reference_at_trained_steps_only(capsys, tmp_path):
     assert result["figures"]["prdp_epoch_over_unet"]["value"] > 0
 
 
+@pytest.mark.slow  # ~35 s: several configurations to a target; test_learn_with_fixed_evaluation runs the path by default
 def test_learn(capsys, tmp_path):
     result = run_bench(capsys, tmp_path, "learn", "--max-epochs", "2", "--target", "-1000",
                        "--prompts-per-epoch", "1", "--images-per-prompt", "2", "--prdp-inner-epochs", "1")
