@@ -173,18 +173,18 @@ def test_guider_route_card_samples_rlg_in_the_modular_pipeline(tmp_path, monkeyp
     assert len(usage_snippets(config, family, "a cat", "final", 16)) == 1
 
 
-def test_video_card_snippets_write_the_frames_with_export_to_video():
+def test_video_card_snippets_write_the_frames_with_export_to_video(tmp_path):
     """A video family's snippets (Wan) take the pipeline's `.frames` (the guider route's `.images`), with the run's
     `num_frames`, and write them with diffusers' `export_to_video`; image families keep `.images[0]`."""
     from diffalign.config import DDPOConfig
     from diffalign.families import StableDiffusionFamily, WanFamily
     from diffalign.modelcard import usage_snippets
 
-    config = DDPOConfig(model="/models/wan", num_frames=33, hub_base_model="Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    config = DDPOConfig(model=str(tmp_path / "wan"), num_frames=33)  # a local model: no hub id anywhere
     plain, rlg = usage_snippets(config, WanFamily, "a cat", "runs/wan/final", 320)
     assert "from diffusers.utils import export_to_video" in plain and "num_frames=33" in plain
     assert ".frames[0]" in plain and 'export_to_video(video, "video.mp4", fps=16)' in plain
     assert "video = rlg(" in rlg and ".images[0]" in rlg and "export_to_video(video" in rlg
-    image_plain = usage_snippets(DDPOConfig(model="/models/sd", hub_base_model="org/sd"), StableDiffusionFamily,
+    image_plain = usage_snippets(DDPOConfig(model=str(tmp_path / "sd")), StableDiffusionFamily,
                                  "a cat", "runs/sd/final", 64)[0]
     assert "image = pipe(" in image_plain and ".images[0]" in image_plain and "export_to_video" not in image_plain

@@ -13,13 +13,12 @@ denoiser call with its CFG, for rollouts and the trainers' recomputation) and th
   Z-Image's: `pipeline_guidance_kwargs` maps a rollout's scale `s` to `g = s - 1`.
 """
 
-import contextlib
 from typing import List, Optional
 
 import torch
 
 from ..kernels import FlowSDEKernel
-from ..utils.peft_utils import unwrap
+from ..utils.peft_utils import lora_adapter_names_rewritten
 from .base import Conditioning, ModelFamily
 
 
@@ -44,27 +43,18 @@ def repeat_row_adapters(adapter_names: List[str], rows: int) -> List[str]:
     return [name for name in adapter_names for _ in range(rows // len(adapter_names))]
 
 
-@contextlib.contextmanager
 def flattened_rows_adapters(denoiser):
     """peft's mixed-adapter batches (`diffalign.utils.peft_utils.adapter_rows`, the policy and its base in one
     forward) name one adapter per input row; Krea 2's text fusion runs its layerwise blocks on `(B * L, layers, D)`,
     every token a row: inside this block each LoRA layer whose input has more rows than names gets each name
     repeated for its tokens (`repeat_row_adapters`), after `adapter_rows`' hook."""
-    from peft.tuners.lora import LoraLayer
 
-    def hook(module, args, kwargs):
-        names = kwargs.get("adapter_names")
-        if names is None or len(names) == args[0].shape[0]:
+    def rewrite(inputs, names):
+        if names is None or len(names) == inputs[0].shape[0]:
             return None
-        return args, {**kwargs, "adapter_names": repeat_row_adapters(names, args[0].shape[0])}
+        return repeat_row_adapters(names, inputs[0].shape[0])
 
-    layers = [m for m in unwrap(denoiser).modules() if isinstance(m, LoraLayer)]
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return lora_adapter_names_rewritten(denoiser, rewrite)
 
 
 class Krea2Family(ModelFamily):

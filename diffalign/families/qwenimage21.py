@@ -18,14 +18,13 @@ holds the denoiser call with its CFG and the family's facts.
   missing).
 """
 
-import contextlib
 from collections import defaultdict
 from typing import Dict, List, Optional
 
 import torch
 
 from ..kernels import FlowSDEKernel
-from ..utils.peft_utils import unwrap
+from ..utils.peft_utils import lora_adapter_names_rewritten
 from . import vl_processors
 from .base import Conditioning, ModelFamily, cat_rows
 from .krea2 import run_step
@@ -47,26 +46,17 @@ def rows_by_length(mask: torch.Tensor) -> Dict[int, List[int]]:
     return dict(groups)
 
 
-@contextlib.contextmanager
 def rows_adapters(denoiser, rows: List[int], batch_size: int):
     """peft's mixed-adapter batches (`diffalign.utils.peft_utils.adapter_rows`) name one adapter per row of the
     `batch_size` rows `forward` was given; inside this block each LoRA layer gets the names of `rows` alone (the rows
     of one denoiser call), after `adapter_rows`' hook."""
-    from peft.tuners.lora import LoraLayer
 
-    def hook(module, args, kwargs):
-        names = kwargs.get("adapter_names")
+    def rewrite(inputs, names):
         if names is None or len(names) != batch_size:
             return None
-        return args, {**kwargs, "adapter_names": [names[row] for row in rows]}
+        return [names[row] for row in rows]
 
-    layers = [m for m in unwrap(denoiser).modules() if isinstance(m, LoraLayer)]
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return lora_adapter_names_rewritten(denoiser, rewrite)
 
 
 class QwenImage21Family(ModelFamily):

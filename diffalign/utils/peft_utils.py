@@ -54,10 +54,21 @@ def adapter_rows(denoiser, adapter_names: List[str]):
     peft's mixed-batch inference, injected with forward pre-hooks on every `LoraLayer` because diffusers' models do
     not pass `adapter_names` down. Exact, and needs no second copy of the weights (the model must be in eval mode).
     """
+    with lora_adapter_names_rewritten(denoiser, lambda inputs, names: adapter_names):
+        yield
+
+
+@contextmanager
+def lora_adapter_names_rewritten(denoiser, rewrite):
+    """Inside this block every `LoraLayer` of `denoiser` calls `rewrite(inputs, adapter_names)` before its forward
+    (`inputs`: the layer's positional arguments; `adapter_names`: the names it was given, or None) and runs with the
+    names it returns (None: unchanged). Forward pre-hooks, because diffusers' models do not pass `adapter_names`
+    down; a later block's hook runs after an earlier one's (e.g. a family's row selection after `adapter_rows`)."""
     from peft.tuners.lora import LoraLayer
 
     def hook(module, args, kwargs):
-        return args, {**kwargs, "adapter_names": adapter_names}
+        names = rewrite(args, kwargs.get("adapter_names"))
+        return None if names is None else (args, {**kwargs, "adapter_names": names})
 
     layers = [m for m in unwrap(denoiser).modules() if isinstance(m, LoraLayer)]
     handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
