@@ -305,7 +305,8 @@ class ModelFamily:
         return modules
 
     def configure(self, *, max_sequence_length: Optional[int] = None, embedded_guidance: Optional[float] = None,
-                  num_frames: Optional[int] = None, guidance_scale_2: Optional[float] = None):
+                  num_frames: Optional[int] = None, guidance_scale_2: Optional[float] = None,
+                  train_experts: Optional[str] = None):
         """Takes a run's model settings (`TrainConfig.family_kwargs`); None keeps the family's default.
 
         Args:
@@ -314,10 +315,15 @@ class ModelFamily:
                 "embedded" (FLUX.1-dev); the others ignore it.
             num_frames, guidance_scale_2: settings of video families (`diffalign.families.wan`); an image family
                 refuses them (one-line `ModelError`).
+            train_experts (`str`, *optional*): the experts a two-expert model trains (Wan 2.2 A14B); a one-expert
+                model refuses any but "high_noise" (one-line `ModelError`).
         """
         for key, value in (("num_frames", num_frames), ("guidance_scale_2", guidance_scale_2)):
             if value is not None:
                 raise ModelError(f"{key} is a setting of video models (wan); this {self.name} model samples images")
+        if train_experts not in (None, "high_noise"):
+            raise ModelError(f"train_experts {train_experts!r} needs a two-expert model (Wan 2.2 A14B); this "
+                             f"{self.name} model has one denoiser")
         if max_sequence_length is not None and hasattr(self, "max_sequence_length"):
             self.max_sequence_length = max_sequence_length
             self._cache.clear()
@@ -505,10 +511,11 @@ class ModelFamily:
         """`save_lora_weights`' argument name for the denoiser's layers."""
         return f"{self.denoiser_name}_lora_layers"
 
-    def save_lora(self, denoiser, directory: str):
-        """Writes `pytorch_lora_weights.safetensors` so `<pipeline_class>.load_lora_weights(directory)` loads it, with
-        the adapter's peft config as metadata (as diffusers' LoRA training scripts do): without it diffusers loads a
-        LoRA with `lora_alpha = r`, and one trained with another alpha would load at the wrong scale."""
+    def save_lora(self, denoiser, directory: str, weight_name: str = LORA_WEIGHT_NAME):
+        """Writes `pytorch_lora_weights.safetensors` (`weight_name`) so `<pipeline_class>.load_lora_weights(directory)`
+        loads it, with the adapter's peft config as metadata (as diffusers' LoRA training scripts do): without it
+        diffusers loads a LoRA with `lora_alpha = r`, and one trained with another alpha would load at the wrong
+        scale."""
         import diffusers
 
         model = unwrap(denoiser)
@@ -521,7 +528,7 @@ class ModelFamily:
         getattr(diffusers, self.pipeline_class).save_lora_weights(
             directory, **{self.lora_layers_kwarg(): self.lora_state_dict(model),
                           f"{self.denoiser_name}_lora_adapter_metadata": metadata},
-            safe_serialization=True, weight_name=LORA_WEIGHT_NAME,
+            safe_serialization=True, weight_name=weight_name,
         )
 
 

@@ -19,25 +19,38 @@ What differs from the image families, and where it lives here:
   (`(B, tokens)`, all equal for text-to-video), as WanPipeline does (`forward`).
 - **Wan 2.2 A14B** (`boundary_ratio`, `transformer_2`): two experts, `transformer` for timesteps `t >= boundary_ratio
   * num_train_timesteps` (high noise) and `transformer_2` below (low noise), with the CFG scale `guidance_scale_2`
-  there (`configure(guidance_scale_2=...)`, default the run's scale, as WanPipeline). The LoRA trains `transformer`
+  there (`configure(guidance_scale_2=...)`, default the run's scale, as WanPipeline). `configure(train_experts=...)`
+  (`TrainConfig.train_experts`) picks the trained experts. "high_noise" (the default): the LoRA trains `transformer`
   (the denoiser, what `WanPipeline.load_lora_weights` loads into by default); `transformer_2` stays frozen, so steps
-  below the boundary give the policy's and the reference's predictions alike (ratio 1, no gradient). Train the
-  high-noise steps (an SDE window before the boundary) to train A14B.
+  below the boundary give the policy's and the reference's predictions alike (ratio 1, no gradient).
+  "low_noise" / "both": the denoiser is `WanExperts`, one module holding both experts with the adapters on the
+  trained one(s), so the optimizer, EMA, checkpoints and the trainers' adapter switches (reference = adapters off,
+  DiffusionNFT's old adapter) cover every trained expert; each row is predicted by the expert WanPipeline samples
+  its timestep with. The low-noise LoRA is saved beside the high-noise one as `LOW_NOISE_LORA_WEIGHT_NAME`, which
+  `load_lora_weights(dir, weight_name=..., load_into_transformer_2=True)` loads into `transformer_2`.
 - **RLG**: the RLG guider in diffusers' modular Wan pipeline (`WanBlocks`; `Wan22Blocks` for A14B, whose low-noise
   expert samples with its plain CFG guider: no LoRA there). TI2V-5B has no route: diffusers' modular Wan takes
   neither `expand_timesteps` nor the 16x VAE (`rlg_route_for`).
 """
 
+import os
 from typing import List, Optional, Tuple
 
 import torch
 
 from ..errors import ModelError
 from ..kernels import FlowSDEKernel
-from ..utils.peft_utils import unwrap
+from ..utils.peft_utils import LORA_WEIGHT_NAME, unwrap
 from .base import Conditioning, ModelFamily
 
 DEFAULT_NUM_FRAMES = 81  # WanPipeline.__call__'s default (5 s at 16 fps)
+# `TrainConfig.train_experts` -> the pipeline attributes of the experts trained
+TRAINED_EXPERTS = {"high_noise": ("transformer",), "low_noise": ("transformer_2",),
+                   "both": ("transformer", "transformer_2")}
+# the low-noise expert's LoRA, beside `pytorch_lora_weights.safetensors` (the high-noise one): in diffusers' format
+# with `transformer.` keys, which `WanPipeline.load_lora_weights(..., load_into_transformer_2=True)` loads into
+# `transformer_2`
+LOW_NOISE_LORA_WEIGHT_NAME = "pytorch_lora_weights_transformer_2.safetensors"
 
 
 def check_num_frames(num_frames, temporal_factor: int = 4):
@@ -61,6 +74,112 @@ def clean_modular_prompts_as_the_pipeline():
         wan_encoders.basic_clean = pipeline_wan.basic_clean
 
 
+class WanExperts(torch.nn.Module):
+    """Wan 2.2 A14B's two experts as the one module a run trains (`train_experts` "low_noise" or "both"):
+    `transformer` (high noise) and `transformer_2` (low noise), the pipeline's own modules (no copy), with the LoRA
+    adapters, `requires_grad_` and full fine-tuning on the `trained` ones only. `forward(..., expert=name)` runs
+    that expert (`WanFamily.predict` picks it per timestep); the peft calls the trainers make on a denoiser
+    (`add_adapter`, `disable_adapters`, `peft_config`, ...) reach every trained expert.
+
+    Every trained expert takes part in every forward with gradients, the others through a zero term: DDP reduces
+    every trained parameter in each backward, and a micro-batch whose rows all sit on one side still has a loss
+    with a gradient (the idle expert's is zero)."""
+
+    def __init__(self, transformer, transformer_2, trained: Tuple[str, ...]):
+        super().__init__()
+        self.transformer = transformer
+        self.transformer_2 = transformer_2
+        self.trained = tuple(trained)
+
+    def trained_experts(self) -> list:
+        return [getattr(self, name) for name in self.trained]
+
+    def forward(self, *args, expert: str, **kwargs):
+        output = getattr(self, expert)(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            return output
+        idle = [p for name in self.trained if name != expert
+                for p in getattr(self, name).parameters() if p.requires_grad]
+        if not idle:
+            return output
+        zero = sum(p.reshape(-1)[:1].sum() for p in idle) * 0.0
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        sample = sample + zero.to(sample.dtype)
+        return (sample, *output[1:]) if isinstance(output, tuple) else type(output)(sample=sample)
+
+    # what the trainers read from a denoiser: the high-noise expert's config and dtype
+    @property
+    def config(self):
+        return self.transformer.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def _supports_gradient_checkpointing(self) -> bool:
+        return self.transformer._supports_gradient_checkpointing
+
+    def requires_grad_(self, requires_grad: bool = True):
+        """On the trained experts alone: the others stay frozen (a full fine-tune trains the chosen experts)."""
+        for expert in self.trained_experts():
+            expert.requires_grad_(requires_grad)
+        return self
+
+    # peft adapters, on the trained experts
+    @property
+    def peft_config(self) -> dict:
+        return getattr(self.trained_experts()[0], "peft_config", None) or {}
+
+    def add_adapter(self, adapter_config, adapter_name: str = "default"):
+        for expert in self.trained_experts():
+            expert.add_adapter(adapter_config, adapter_name=adapter_name)
+
+    def set_adapter(self, adapter_name):
+        for expert in self.trained_experts():
+            expert.set_adapter(adapter_name)
+
+    def disable_adapters(self):
+        for expert in self.trained_experts():
+            expert.disable_adapters()
+
+    def enable_adapters(self):
+        for expert in self.trained_experts():
+            expert.enable_adapters()
+
+    # memory and attention settings, on both experts (both sample)
+    def enable_gradient_checkpointing(self):
+        for expert in (self.transformer, self.transformer_2):
+            expert.enable_gradient_checkpointing()
+
+    def set_attention_backend(self, backend: str):
+        for expert in (self.transformer, self.transformer_2):
+            expert.set_attention_backend(backend)
+
+    def enable_xformers_memory_efficient_attention(self):
+        for expert in (self.transformer, self.transformer_2):
+            expert.enable_xformers_memory_efficient_attention()
+
+    def save_pretrained(self, directory: str, **kwargs):
+        """A full fine-tune's result: each trained expert in the folder of its pipeline attribute beside `directory`
+        (`final/transformer`, `final/transformer_2`), as `WanPipeline.from_pretrained(..., transformer=...,
+        transformer_2=...)` takes them."""
+        parent = os.path.dirname(directory)
+        for name in self.trained:
+            getattr(self, name).save_pretrained(os.path.join(parent, name), **kwargs)
+
+
+class _ExpertCall:
+    """`denoiser(...)` that runs `expert` of a (wrapped) `WanExperts`; `unwrap` reaches the module through `module`."""
+
+    def __init__(self, denoiser, expert: str):
+        self.module = denoiser
+        self.expert = expert
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, expert=self.expert, **kwargs)
+
+
 class WanFamily(ModelFamily):
     name = "wan"
     pipeline_class = "WanPipeline"
@@ -81,6 +200,8 @@ class WanFamily(ModelFamily):
     max_sequence_length = 512  # UMT5 tokens per prompt, WanPipeline.__call__'s default
     num_frames = DEFAULT_NUM_FRAMES
     guidance_scale_2: Optional[float] = None  # the low-noise expert's CFG scale (A14B); None: the run's scale
+    train_experts = "high_noise"  # the experts trained (A14B, `TRAINED_EXPERTS`); "high_noise": `transformer`
+    experts: Optional[WanExperts] = None  # the trained module when it is not `transformer` alone
     # the published models' scheduler (UniPC flow), Wan 2.2 TI2V-5B (expand_timesteps, the z_dim-48 VAE)
     # and Wan 2.2 A14B (two experts)
     tiny_variants = {"unipc": {"unipc_scheduler": True}, "ti2v_5b": {"version": "2.2-ti2v"},
@@ -103,10 +224,14 @@ class WanFamily(ModelFamily):
         pipe.scheduler = FlowMatchEulerDiscreteScheduler(
             num_train_timesteps=config.get("num_train_timesteps", 1000), shift=config.get("flow_shift", 1.0))
 
-    def configure(self, *, num_frames: Optional[int] = None, guidance_scale_2: Optional[float] = None, **settings):
-        """As `ModelFamily.configure`, plus the video's `num_frames` and the low-noise expert's `guidance_scale_2`
-        (a two-expert Wan 2.2 A14B only: a one-line `ModelError` for another model)."""
+    def configure(self, *, num_frames: Optional[int] = None, guidance_scale_2: Optional[float] = None,
+                  train_experts: Optional[str] = None, **settings):
+        """As `ModelFamily.configure`, plus the video's `num_frames`, and the low-noise expert's `guidance_scale_2`
+        and the trained experts `train_experts` ("high_noise", "low_noise", "both"; see the module docstring) of a
+        two-expert Wan 2.2 A14B (a one-line `ModelError` for another model, or another value)."""
         super().configure(**settings)
+        if train_experts is not None:
+            self.set_train_experts(train_experts)
         if num_frames is not None:
             check_num_frames(num_frames, self.pipe.vae_scale_factor_temporal)
             self.num_frames = int(num_frames)
@@ -116,10 +241,29 @@ class WanFamily(ModelFamily):
                                  "model has one expert (no boundary_ratio)")
             self.guidance_scale_2 = float(guidance_scale_2)
 
+    def set_train_experts(self, train_experts: str):
+        """The experts a run trains: "high_noise" keeps `transformer` the denoiser; "low_noise" and "both" make it a
+        `WanExperts` (a two-expert model only). Call before adapters are added."""
+        if train_experts not in TRAINED_EXPERTS:
+            raise ModelError(f"train_experts must be one of {', '.join(TRAINED_EXPERTS)}; got {train_experts!r}")
+        if train_experts != "high_noise" and self.boundary_timestep() is None:
+            raise ModelError(f"train_experts {train_experts!r} trains Wan 2.2 A14B's low-noise expert; this Wan model "
+                             f"has one expert (no boundary_ratio)")
+        self.train_experts = train_experts
+        self.experts = None if train_experts == "high_noise" else WanExperts(
+            self.pipe.transformer, self.pipe.transformer_2, TRAINED_EXPERTS[train_experts])
+
+    @property
+    def denoiser(self):
+        """`transformer`, or the `WanExperts` that trains the experts of `train_experts`."""
+        return self.experts if self.experts is not None else self.pipe.transformer
+
     def frozen_modules(self) -> list:
-        """The VAE, the text encoder and the low-noise expert of a two-expert model (the LoRA trains `transformer`)."""
-        second = getattr(self.pipe, "transformer_2", None)
-        return super().frozen_modules() + ([second] if second is not None else [])
+        """The VAE, the text encoder and the experts of a two-expert model that are not trained (by default the
+        low-noise one: the LoRA trains `transformer`)."""
+        trained = TRAINED_EXPERTS[self.train_experts]
+        experts = [getattr(self.pipe, name, None) for name in ("transformer", "transformer_2") if name not in trained]
+        return super().frozen_modules() + [expert for expert in experts if expert is not None]
 
     def boundary_timestep(self) -> Optional[float]:
         """The timestep at which a two-expert model switches to `transformer_2` (`boundary_ratio *
@@ -197,7 +341,10 @@ class WanFamily(ModelFamily):
         A batch on one side of the boundary (every rollout step) runs that expert alone. A batch mixing both sides
         (the forward-process trainers draw a time per row) runs both experts on every row and keeps each row's own:
         the denoiser sees the whole batch in order, as per-row adapters (`adapter_rows`) expect, at twice the
-        compute; rows of the low-noise expert get no gradient."""
+        compute; rows of an untrained expert get no gradient.
+
+        `denoiser` is `transformer` (`transformer_2` is the pipeline's, frozen) or a `WanExperts` (the policy, or a
+        full fine-tune's frozen reference copy of it), whose experts both come from it."""
         timesteps = torch.as_tensor(timesteps, device=latents.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(latents.shape[0])
@@ -206,12 +353,16 @@ class WanFamily(ModelFamily):
             return super().predict(denoiser, latents, timesteps, cond, negative, guidance_scale)
         high = timesteps >= boundary
         scale_2 = guidance_scale if self.guidance_scale_2 is None else self.guidance_scale_2
+        if isinstance(unwrap(denoiser), WanExperts):
+            high_expert, low_expert = _ExpertCall(denoiser, "transformer"), _ExpertCall(denoiser, "transformer_2")
+        else:
+            high_expert, low_expert = denoiser, self.pipe.transformer_2
         if bool(high.all()):
-            return super().predict(denoiser, latents, timesteps, cond, negative, guidance_scale)
-        low_noise = super().predict(self.pipe.transformer_2, latents, timesteps, cond, negative, scale_2)
+            return super().predict(high_expert, latents, timesteps, cond, negative, guidance_scale)
+        low_noise = super().predict(low_expert, latents, timesteps, cond, negative, scale_2)
         if not bool(high.any()):
             return low_noise
-        high_noise = super().predict(denoiser, latents, timesteps, cond, negative, guidance_scale)
+        high_noise = super().predict(high_expert, latents, timesteps, cond, negative, guidance_scale)
         return torch.where(high.view(-1, *[1] * (latents.ndim - 1)), high_noise, low_noise.to(high_noise.dtype))
 
     # ------------------------------------------------------------------- decoding
@@ -231,6 +382,17 @@ class WanFamily(ModelFamily):
         from peft.utils import get_peft_model_state_dict
 
         return get_peft_model_state_dict(denoiser)  # `transformer.<module>.lora_A.weight`, as WanPipeline loads
+
+    def save_lora(self, denoiser, directory: str, weight_name: str = LORA_WEIGHT_NAME):
+        """`ModelFamily.save_lora` of each trained expert: the high-noise one as `pytorch_lora_weights.safetensors`
+        (`load_lora_weights(directory)`), the low-noise one as `LOW_NOISE_LORA_WEIGHT_NAME`
+        (`load_lora_weights(directory, weight_name=LOW_NOISE_LORA_WEIGHT_NAME, load_into_transformer_2=True)`)."""
+        model = unwrap(denoiser)
+        if not isinstance(model, WanExperts):
+            return super().save_lora(denoiser, directory, weight_name)
+        for name in model.trained:
+            super().save_lora(getattr(model, name), directory,
+                              LOW_NOISE_LORA_WEIGHT_NAME if name == "transformer_2" else weight_name)
 
     # ------------------------------------------------------------------------ RLG
     @classmethod

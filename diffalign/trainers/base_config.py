@@ -39,7 +39,7 @@ HELDOUT_KEYS = frozenset({"eval_every", "eval_prompts", "eval_prompt_file", "eva
 # Fields added after runs were made, hashed only when set: earlier runs' checkpoints keep their hash.
 HASHED_WHEN_SET = frozenset({"prompt_dataset", "prompt_dataset_split", "prompt_column", "ema_decay", "ema_update_every",
                              "quantize_denoiser", "quantize_text_encoders", "train_ratio_norm", "num_frames",
-                             "sample_guidance_scale_2", "video_reward_reduction"})
+                             "sample_guidance_scale_2", "video_reward_reduction", "train_experts"})
 # Memory and speed levers that leave what is trained as it is (not hashed: a run may resume with other ones).
 MEMORY_KEYS = frozenset({"offload_text_encoders", "vae_slicing", "vae_tiling", "attention_backend",
                          "reward_async", "gradient_checkpointing"})
@@ -53,6 +53,8 @@ AUTO_LEVERS = ("offload_text_encoders", "vae_slicing", "vae_tiling", "gradient_c
 # The names of `video_reward_reduction` (`diffalign.rewards.VIDEO_REDUCTIONS` holds their functions; this module
 # imports no torch).
 VIDEO_REWARD_REDUCTIONS = ("mean", "min", "max", "median")
+# The values of `train_experts`: which experts of a two-expert model (Wan 2.2 A14B) the run trains.
+TRAIN_EXPERTS = ("high_noise", "low_noise", "both")
 
 # Fields that say where a run is reported and published, not what it trains (left out of `TrainConfig.hash`).
 LOGGING_KEYS = frozenset({"report_to", "tracker_project_name", "run_name", "log_images_every", "push_to_hub",
@@ -177,6 +179,13 @@ class TrainConfig:
     )
 
     # > Model
+    train_experts: str = field(
+        default="high_noise",
+        metadata={"help": "The experts a two-expert model trains (Wan 2.2 A14B): `high_noise` (`transformer`, the "
+                          "steps at t >= boundary_ratio * 1000), `low_noise` (`transformer_2`, the steps below) or "
+                          "`both`; each step is trained with the expert that sampled it. Other models refuse any but "
+                          "the default."},
+    )
     use_lora: bool = field(default=True, metadata={"help": "Train a peft LoRA adapter (else the full denoiser)."})
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=4.0, metadata={"help": "LoRA alpha (scale alpha / r)."})
@@ -363,6 +372,8 @@ class TrainConfig:
         if self.video_reward_reduction not in VIDEO_REWARD_REDUCTIONS:
             raise ConfigError(f"video_reward_reduction must be one of {', '.join(VIDEO_REWARD_REDUCTIONS)}; got "
                               f"{self.video_reward_reduction!r}")
+        if self.train_experts not in TRAIN_EXPERTS:
+            raise ConfigError(f"train_experts must be one of {', '.join(TRAIN_EXPERTS)}; got {self.train_experts!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision must be one of no, fp16, bf16; got '{self.mixed_precision}'")
         if self.sample_eta <= 0:
@@ -567,7 +578,9 @@ class TrainConfig:
         """The run's settings of the model family, as `ModelFamily.configure` takes them."""
         return {"max_sequence_length": self.sample_max_sequence_length,
                 "embedded_guidance": self.sample_embedded_guidance, "num_frames": self.num_frames,
-                "guidance_scale_2": self.sample_guidance_scale_2}
+                "guidance_scale_2": self.sample_guidance_scale_2,
+                # only when set: the families' `configure` that predate the key never see it
+                **({"train_experts": self.train_experts} if self.train_experts != "high_noise" else {})}
 
     def kernel_kwargs(self) -> Dict[str, Any]:
         """The run's noise settings of every transition kernel, as `ModelFamily.make_kernel` takes them (each kernel
