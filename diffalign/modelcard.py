@@ -137,6 +137,7 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
     name (the card is shared), else `input.png`."""
     from .prompts import condition_images_of
     from .utils.hub_utils import BUNDLED_MODELS
+    from .utils.peft_utils import LOW_NOISE_LORA_WEIGHT_NAME
 
     pipeline_class, denoiser_name, denoiser_class = family.pipeline_class, family.denoiser_name, family.denoiser_class
     rlg_class = family.rlg_pipeline_class
@@ -176,10 +177,17 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
     rlg_call = edit + ["# rlg_scale: 0 = the base model, 1 = this fine-tune, > 1 = stronger alignment",
                        f"{output} = pipe(prompt={_py(prompt)}, {call}, rlg_scale=1.5){result}"] + save
     rlg_import = f"from diffalign.pipelines import {rlg_class}"
+    # Wan 2.2 A14B's experts (`train_experts`): the high-noise LoRA into `transformer`, the low-noise one into
+    # `transformer_2`; the RLG route guides `transformer` alone
+    experts = getattr(config, "train_experts", "high_noise")
+    load_lora = [f"pipe.load_lora_weights({_py(weights)})"] if experts != "low_noise" else []
+    if experts != "high_noise":
+        load_lora.append(f"pipe.load_lora_weights({_py(weights)}, weight_name={_py(LOW_NOISE_LORA_WEIGHT_NAME)}, "
+                         f"load_into_transformer_2=True)")
     if config.use_lora:
         plain = _snippet([f"from diffusers import {pipeline_class}"] + edit_import, ours, [
             f"pipe = {pipeline_class}.from_pretrained({base})",
-            f"pipe.load_lora_weights({_py(weights)})",
+            *load_lora,
             *edit,
             f"{output} = pipe(prompt={_py(prompt)}, {call}){result}",
             *save,
@@ -189,7 +197,7 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
                 f"pipe = {rlg_class}.from_pretrained({base})",
                 f"pipe.load_lora_weights({_py(weights)})",
             ] + rlg_call)
-        elif family.rlg_route():  # the RLG guider in the family's modular pipeline, on the loaded pipeline
+        elif family.rlg_route() and experts != "low_noise":  # the RLG guider in the family's modular pipeline
             family_name = (family if isinstance(family, type) else type(family)).__name__
             family_import = f"from diffalign.families import {family_name}"
             # the modular route returns a video's frames as `.images` too (`ModularRLGPipeline`)
@@ -197,22 +205,25 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
                            for line in rlg_call]
             rlg = _snippet([f"from diffusers import {pipeline_class}"] + edit_import, ours + [family_import], [
                 f"pipe = {pipeline_class}.from_pretrained({base})",
-                f"pipe.load_lora_weights({_py(weights)})  # adapter on = this fine-tune, off = the base model",
+                f"pipe.load_lora_weights({_py(weights)})  # adapter on = this fine-tune, off = the base model"
+                + ("; RLG guides the high-noise expert, transformer_2 samples as the base" if experts == "both" else ""),
                 f"rlg = {family_name}.rlg_pipeline(pipe)  # the RLG guider in the modular pipeline, same weights",
             ] + guider_call)
         else:
             rlg = None
     else:  # the guider route takes a LoRA only: a full fine-tune has an RLG snippet where the family has a pipeline
-        load = f"{denoiser_name} = {denoiser_class}.from_pretrained({_py(weights)}, subfolder={_py(denoiser_name)})"
+        trained = {"high_noise": [denoiser_name], "low_noise": ["transformer_2"]}.get(experts,
+                                                                                  [denoiser_name, "transformer_2"])
+        loads = [f"{name} = {denoiser_class}.from_pretrained({_py(weights)}, subfolder={_py(name)})" for name in trained]
         plain = _snippet([f"from diffusers import {denoiser_class}, {pipeline_class}"] + edit_import, ours, [
-            load,
-            f"pipe = {pipeline_class}.from_pretrained({base}, {denoiser_name}={denoiser_name})",
+            *loads,
+            f"pipe = {pipeline_class}.from_pretrained({base}, {', '.join(f'{name}={name}' for name in trained)})",
             *edit,
             f"{output} = pipe(prompt={_py(prompt)}, {call}){result}",
             *save,
         ])
         rlg = _snippet([f"from diffusers import {denoiser_class}"] + edit_import, ours + [rlg_import], [
-            load,
+            *loads,
             f"pipe = {rlg_class}.from_pretrained({base}, aligned_{denoiser_name}={denoiser_name})",
         ] + rlg_call) if rlg_class else None
     return [plain, rlg] if rlg else [plain]

@@ -40,17 +40,13 @@ import torch
 
 from ..errors import ModelError
 from ..kernels import FlowSDEKernel
-from ..utils.peft_utils import LORA_WEIGHT_NAME, unwrap
+from ..utils.peft_utils import LORA_WEIGHT_NAME, LOW_NOISE_LORA_WEIGHT_NAME, unwrap
 from .base import Conditioning, ModelFamily
 
 DEFAULT_NUM_FRAMES = 81  # WanPipeline.__call__'s default (5 s at 16 fps)
 # `TrainConfig.train_experts` -> the pipeline attributes of the experts trained
 TRAINED_EXPERTS = {"high_noise": ("transformer",), "low_noise": ("transformer_2",),
                    "both": ("transformer", "transformer_2")}
-# the low-noise expert's LoRA, beside `pytorch_lora_weights.safetensors` (the high-noise one): in diffusers' format
-# with `transformer.` keys, which `WanPipeline.load_lora_weights(..., load_into_transformer_2=True)` loads into
-# `transformer_2`
-LOW_NOISE_LORA_WEIGHT_NAME = "pytorch_lora_weights_transformer_2.safetensors"
 
 
 def check_num_frames(num_frames, temporal_factor: int = 4):

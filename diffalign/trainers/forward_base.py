@@ -72,7 +72,10 @@ class ForwardProcessTrainer(BaseTrainer):
         denoiser."""
         if not self.config.use_lora:
             self.old_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval()
-            self.old_params, self.policy_params = list(self.old_denoiser.parameters()), list(denoiser.parameters())
+            # the trained weights (all of them, but for the frozen expert of a two-expert model, `WanExperts`)
+            pairs = [(old, new) for old, new in zip(self.old_denoiser.parameters(), denoiser.parameters())
+                     if new.requires_grad]
+            self.old_params, self.policy_params = [old for old, _ in pairs], [new for _, new in pairs]
             prepared = super()._prepare_training(denoiser, optimizer)
             if is_sharded(self.accelerator, prepared[0]):  # the old copy's EMA needs the whole weights
                 raise ConfigError(f"{self.config.algorithm} with use_lora: false needs the whole weights on every "

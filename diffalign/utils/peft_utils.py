@@ -8,6 +8,9 @@ from typing import List, Optional
 from ..errors import ConfigError, ModelError, first_line
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# a two-expert model's second LoRA (Wan 2.2 A14B's low-noise expert, `train_experts`), beside LORA_WEIGHT_NAME: keys
+# as the first's, loaded with `load_lora_weights(dir, weight_name=..., load_into_transformer_2=True)`
+LOW_NOISE_LORA_WEIGHT_NAME = "pytorch_lora_weights_transformer_2.safetensors"
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" rows in a mixed-adapter batch
 
 
