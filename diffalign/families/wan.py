@@ -86,6 +86,9 @@ class WanExperts(torch.nn.Module):
         self.transformer = transformer
         self.transformer_2 = transformer_2
         self.trained = tuple(trained)
+        for name in ("transformer", "transformer_2"):
+            if name not in self.trained:
+                getattr(self, name).requires_grad_(False)  # never trained (`requires_grad_` leaves it frozen)
 
     def trained_experts(self) -> list:
         return [getattr(self, name) for name in self.trained]
