@@ -175,7 +175,8 @@ def _videos(model, load):
 ALGORITHM_ARGS = {
     "ddpo": [], "prdp": [], "nft": [],
     "awm": ["--train_timesteps", "2", "--train_timestep_fraction", "1.0", "--train_micro_batch_size", "4"],
-    "dgpo": ["--train_trunc_steps", "2", "--train_num_timesteps", "2", "--train_micro_batch_size", "4"],
+    # every one of the three noise levels, so that both experts train
+    "dgpo": ["--train_trunc_steps", "2", "--train_num_timesteps", "3", "--train_micro_batch_size", "4"],
 }
 
 
