@@ -206,15 +206,16 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
             rlg = _snippet([f"from diffusers import {pipeline_class}"] + edit_import, ours + [family_import], [
                 f"pipe = {pipeline_class}.from_pretrained({base})",
                 f"pipe.load_lora_weights({_py(weights)})  # adapter on = this fine-tune, off = the base model"
-                + ("; RLG guides the high-noise expert, transformer_2 samples as the base" if experts == "both" else ""),
+                + ("; RLG guides transformer, transformer_2 samples as the base" if experts == "both" else ""),
                 f"rlg = {family_name}.rlg_pipeline(pipe)  # the RLG guider in the modular pipeline, same weights",
             ] + guider_call)
         else:
             rlg = None
     else:  # the guider route takes a LoRA only: a full fine-tune has an RLG snippet where the family has a pipeline
-        trained = {"high_noise": [denoiser_name], "low_noise": ["transformer_2"]}.get(experts,
-                                                                                  [denoiser_name, "transformer_2"])
-        loads = [f"{name} = {denoiser_class}.from_pretrained({_py(weights)}, subfolder={_py(name)})" for name in trained]
+        trained = {"high_noise": [denoiser_name], "low_noise": ["transformer_2"],
+                   "both": [denoiser_name, "transformer_2"]}[experts]
+        loads = [f"{name} = {denoiser_class}.from_pretrained({_py(weights)}, subfolder={_py(name)})"
+                 for name in trained]
         plain = _snippet([f"from diffusers import {denoiser_class}, {pipeline_class}"] + edit_import, ours, [
             *loads,
             f"pipe = {pipeline_class}.from_pretrained({base}, {', '.join(f'{name}={name}' for name in trained)})",

@@ -242,15 +242,45 @@ def test_cli_fully_fine_tunes_the_low_noise_expert(tmp_path):
 
 
 @pytest.mark.slow  # three CLI runs in subprocesses per trainer
-@pytest.mark.parametrize("algorithm", ["ddpo", "nft"])
-def test_killed_run_with_both_experts_resumes_bit_identically(algorithm, tmp_path):
+@pytest.mark.parametrize("algorithm, extra", [("ddpo", ["--ema_decay", "0.9"]), ("nft", [])], ids=["ddpo-ema", "nft"])
+def test_killed_run_with_both_experts_resumes_bit_identically(algorithm, extra, tmp_path):
+    """Both adapters, their optimizer state, (ddpo) their EMA and (nft) the old adapter on each expert come back."""
     from safetensors.torch import load_file
 
     from cli_helpers import assert_killed_run_resumes_bit_identically
 
     model = _a14b_model(tmp_path)
-    args = _run_args(algorithm, model, "--train_experts", "both", epochs=3)
+    args = _run_args(algorithm, model, "--train_experts", "both", *extra, epochs=3)
     assert_killed_run_resumes_bit_identically(args, tmp_path)
     straight, killed = (load_file(str(tmp_path / run / "final" / LOW_NOISE_LORA_WEIGHT_NAME))
                         for run in ("straight", "killed"))
     assert straight.keys() == killed.keys() and all(torch.equal(straight[k], killed[k]) for k in straight)
+
+
+@pytest.mark.slow  # a 2-process launch (gloo)
+def test_both_experts_train_under_ddp_with_identical_ranks(tmp_path):
+    """Two DDP processes: batches of rows on one side of the boundary (DDPO) and mixed ones (NFT) reduce every
+    trained parameter of both experts (the idle one's zero term), and the ranks hold the same weights every epoch."""
+    import subprocess
+
+    from test_distributed import ENV, LAUNCH
+
+    model = _a14b_model(tmp_path)
+    runs = []
+    for algorithm, batch in (("ddpo", ["--train_batch_size", "2"]),
+                             ("nft", ["--train_batch_size", "4", "--train_micro_batch_size", "2"])):
+        runs += ["::"] * bool(runs) + [
+            algorithm, "--model", model, "--output_dir", str(tmp_path / algorithm), "--num_epochs", "2",
+            "--train_experts", "both", "--prompts", "[a cat, a dog, a bird, a fish]", "--sample_num_steps", "3",
+            "--sample_num_prompts_per_epoch", "4", "--sample_images_per_prompt", "2", "--sample_batch_size", "4",
+            "--grid_num_images", "1", "--reward", "jpeg_compressibility", "--seed", "3", "--num_frames", "5",
+            "--sample_resolution", "16", "--final_eval_num_images", "0", *batch]
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_run.py")
+    done = subprocess.run(LAUNCH + [script] + runs, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for algorithm in ("ddpo", "nft"):
+        with open(tmp_path / algorithm / "report.json") as f:
+            report = json.load(f)
+        assert report["denoiser_class"] == "DistributedDataParallel" and report["num_processes"] == 2
+        assert [check["identical"] for check in report["rank_checks"]] == [True, True]
+        assert {LORA_WEIGHT_NAME, LOW_NOISE_LORA_WEIGHT_NAME} <= set(os.listdir(tmp_path / algorithm / "final"))
