@@ -167,7 +167,8 @@ def test_bad_bench_images_are_one_line_before_loading(tmp_path, capsys, case, me
     model = tmp_path / "model"
     model.mkdir()
     (model / "model_index.json").write_text(json.dumps({"_class_name": "QwenImageEditPlusPipeline"}))
-    argv = {"text-to-image": ["--tiny", "--image", image], "too many": ["--model", str(model), *["--image", image] * 4],
+    argv = {"text-to-image": ["--tiny", "--image", image],
+            "too many": ["--model", str(model), *["--image", image] * 4],
             "missing": ["--model", str(model), "--image", missing]}[case]
     output = tmp_path / "rollout.json"
     assert main(["bench", "rollout", *argv, *SHAPES, "--output", str(output)]) == 2

@@ -113,8 +113,10 @@ def test_repeated_image_flags_edit_every_image_as_the_edit_plus_pipeline(tmp_pat
     def edit(*paths):
         condition = {"image": [Image.open(path).convert("RGB") for path in paths]}
         return stock(prompt="make it red", num_inference_steps=2, height=SIZE, width=SIZE, output_type="pt",
-                     generator=torch.Generator().manual_seed(0), **condition, **family.pipeline_call_kwargs(SIZE, SIZE),
-                     **QwenImageEditPlusFamily.rlg_guidance_pipeline_kwargs(4.0)).images[0]
+                     generator=torch.Generator().manual_seed(0), **condition,
+                     **family.pipeline_call_kwargs(SIZE, SIZE),
+                     **QwenImageEditPlusFamily.rlg_guidance_pipeline_kwargs(
+                         QwenImageEditPlusFamily.default_guidance_scale)).images[0]
 
     base = edit(first, second)
     torch.testing.assert_close(rows[0][2], base, atol=1e-4, rtol=1e-4)
@@ -163,6 +165,6 @@ def test_more_images_than_edit_plus_takes_is_one_line_before_loading(tmp_path, c
     argv = ["generate", "--model", str(model), "--lora", str(tmp_path), "--prompt", "make it red", "--output-dir",
             str(tmp_path / "out"), *["--image", image] * 4]
     assert main(argv) == 2
-    assert one_line(capsys.readouterr().err) == ("diffalign: error: --image: qwenimage_edit_plus models take at most 3 "
-                                                 "condition images; got 4")
+    assert one_line(capsys.readouterr().err) == ("diffalign: error: --image: qwenimage_edit_plus models take at "
+                                                 "most 3 condition images; got 4")
     assert not (tmp_path / "out").exists()
