@@ -11,12 +11,13 @@ Flux2KleinPipeline's `guidance_scale`, which a step-distilled klein ignores). Th
 as a LoRA (`--lora`) and runs one denoiser forward per model and condition. An editing model (FLUX.1 Kontext:
 `FluxKontextRLGPipeline`) edits the condition image `--image` (required for it, refused for text-to-image models), the
 same image for every prompt, sampled as the family's rollouts do (`ModelFamily.pipeline_call_kwargs`: resized to the
-sampled size, no rescale to 1024^2 pixels).
+sampled size, no rescale to 1024^2 pixels); a model that takes several (Qwen-Image-Edit-Plus: `max_condition_images`)
+gets every repeated `--image a.png --image b.png` in order, as its pipeline's `image=[...]`.
 
 Writes, under `--output-dir`:
 - `rlg_grid.png`: one labelled row per RLG scale with the same images in every row (at most `GRID_PER_ROW` = 8: the
   first image of each prompt, then the second, ...), a picture of bounded size whatever `--num-images` is; with
-  `--image`, each image after the condition image, as the training grids show edits;
+  `--image`, each image after its condition images, as the training grids show edits;
 - `rlg_images/w<scale>/p<prompt>_seed<seed>.png`: every image, and `rlg_images/index.json` (file, prompt, seed, scale);
 - with `--reward NAME`: `rlg_rewards.json` (one entry per scale: mean, std and every image's reward), the same table
   on stdout, and `rlg_rewards.png` (reward against scale).
@@ -57,8 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="fully fine-tuned denoiser (UNet, or SD3 transformer) directory, or a model dir with unet/ or transformer/",
     )
     parser.add_argument("--prompt", action="append", default=None, help="a prompt; repeat for several")
-    parser.add_argument("--image", default=None,
-                        help="condition image of an editing model (FLUX.1 Kontext), the same for every prompt")
+    parser.add_argument("--image", action="append", default=None, metavar="PATH",
+                        help="condition image of an editing or image-to-video model, the same for every prompt; "
+                             "repeat for a model that takes several, in order (Qwen-Image-Edit-Plus: --image a.png "
+                             "--image b.png, at most 3)")
     parser.add_argument(
         "--rlg-scale", type=float, nargs="+", default=DEFAULT_SCALES, help="RLG scales, one grid row each"
     )
@@ -318,35 +321,52 @@ def save_images(images: Dict, prompts: List[str], num_images: int, seed: int, di
     return index
 
 
-def check_image_flag(family, image: Optional[str]):
-    """Checks `--image` against `family` (a `ModelFamily` subclass) before anything loads: a one-line `PromptError`
-    for a missing or unreadable file, a `ConfigError` for an image given to a text-to-image family or none given to
-    an editing family (`max_condition_images`)."""
+def image_paths(image) -> List[str]:
+    """`--image` as a list of paths: none, one path (a str, as callers before the flag was repeatable pass it) or
+    the repeated flag's list."""
+    if image is None:
+        return []
+    return [image] if isinstance(image, str) else list(image)
+
+
+def check_image_flag(family, image):
+    """Checks `--image` (none, a path, or the repeated flag's paths) against `family` (a `ModelFamily` subclass)
+    before anything loads: a one-line `PromptError` for a missing or unreadable file, a `ConfigError` for an image
+    given to a text-to-image family, none given to an editing family, or more than the family takes
+    (`max_condition_images`)."""
     from diffalign.errors import ConfigError
     from diffalign.prompts import check_condition_image
 
-    if image is None:
+    paths = image_paths(image)
+    if not paths:
         if family.max_condition_images:
             raise ConfigError(f"{family.name} models edit an image: give the condition image with --image PATH")
         return
     if not family.max_condition_images:
         raise ConfigError(f"--image: {family.name} models take no condition image (text-to-image); leave --image "
                           f"out")
-    check_condition_image(image, "--image")
+    if len(paths) > family.max_condition_images:
+        takes = ("one condition image" if family.max_condition_images == 1
+                 else f"at most {family.max_condition_images} condition images")
+        raise ConfigError(f"--image: {family.name} models take {takes}; got {len(paths)}")
+    for path in paths:
+        check_condition_image(path, "--image")
 
 
-def edit_call_kwargs(family, pipe, image: str, resolution: Optional[int]) -> Dict:
-    """The pipeline arguments that edit `image` (a path) with `pipe` as `family`'s rollouts sample: the image as the
-    family's pipeline takes it, the sampled size (the model's default side without `resolution`) and the family's
-    call arguments (`ModelFamily.pipeline_call_kwargs`). FLUX.1 Kontext: the image resized to the sampled size, with
-    its `max_area` and no resize to a preferred resolution; Qwen-Image-Edit: the image as given
-    (`pipeline_condition_kwargs`), which the pipeline and its modular blocks resize themselves."""
+def edit_call_kwargs(family, pipe, image, resolution: Optional[int]) -> Dict:
+    """The pipeline arguments that edit `image` (a path, or a list of paths for a model that takes several) with
+    `pipe` as `family`'s rollouts sample: the images as the family's pipeline takes them, the sampled size (the
+    model's default side without `resolution`) and the family's call arguments (`ModelFamily.pipeline_call_kwargs`).
+    FLUX.1 Kontext: the image resized to the sampled size, with its `max_area` and no resize to a preferred
+    resolution; Qwen-Image-Edit: the image as given (`pipeline_condition_kwargs`; Edit-Plus: a list of every image,
+    in order, as training's `images` rows), which the pipeline and its modular blocks resize themselves."""
     from diffalign.prompts import ConditionedPrompt
 
+    paths = image_paths(image)
     sampler = family(pipe)
     side = resolution or sampler.default_resolution()
-    condition = sampler.pipeline_condition_kwargs(ConditionedPrompt("", (image,))) \
-        or {"image": sampler.pipeline_image(image, side, side)}
+    condition = sampler.pipeline_condition_kwargs(ConditionedPrompt("", tuple(paths))) \
+        or {"image": sampler.pipeline_image(paths[0], side, side)}
     return {**condition, "height": side, "width": side, **sampler.pipeline_call_kwargs(side, side)}
 
 
@@ -481,13 +501,14 @@ def run(args: argparse.Namespace) -> int:
         grid_path = save_video(frames, grid_path)
     else:
         rows, per_sample = [images[s][shown] for s in scales], 1
-        if args.image:  # each edit after its input, as the training grids show them
+        if args.image:  # each edit after its inputs, as the training grids show them
             from diffalign.prompts import ConditionedPrompt
             from diffalign.trainers.evaluation import with_condition_images
 
-            edited = [ConditionedPrompt(prompts[i // args.num_images], (os.path.abspath(args.image),)) for i in shown]
-            rows = [with_condition_images(row, edited)[0] for row in rows]
-            per_sample = 2
+            inputs = tuple(os.path.abspath(path) for path in image_paths(args.image))
+            edited = [ConditionedPrompt(prompts[i // args.num_images], inputs) for i in shown]
+            tiled = [with_condition_images(row, edited) for row in rows]
+            rows, per_sample = [tiles for tiles, _ in tiled], tiled[0][1]  # per sample: its inputs and the edit
         rows_grid(rows, labels, max_per_row=GRID_PER_ROW * per_sample).save(grid_path)
     index = save_images(images, prompts, args.num_images, args.seed, os.path.join(args.output_dir, "rlg_images"))
     total = len(prompts) * args.num_images

@@ -244,17 +244,3 @@ def test_the_card_edits_the_image_as_the_pipeline_takes_it(tmp_path):
         accepted = inspect.signature(getattr(diffusers, family_class.pipeline_class).__call__).parameters
         assert names <= set(accepted), names - set(accepted)
 
-
-def test_bench_rlg_refuses_an_edit_model_in_one_line(tmp_path, capsys):
-    """`diffalign bench rlg` samples text prompts, which an edit model cannot: one line, exit code 2 (the RLG route
-    exists: `generate --image`)."""
-    from cli_helpers import one_line
-    from diffalign.cli import main
-
-    model = QwenImageEditFamily.save_tiny(str(tmp_path / "model"))
-    argv = ["bench", "rlg", "--model", model, "--steps", "2", "--repeats", "1", "--threads", "1", "--resolution", "16",
-            "--output", str(tmp_path / "rlg.json")]
-    assert main(argv) == 2
-    assert "QwenImageEditPipeline edits a condition image and the bench samples text prompts" in one_line(
-        capsys.readouterr().err)
-    assert not (tmp_path / "rlg.json").exists()

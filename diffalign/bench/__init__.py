@@ -53,6 +53,11 @@ def common_arguments() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: preset, else 20; tiny 10)")
     g.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
     g.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: preset, else 5.0)")
+    g.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="condition image of an editing or image-to-video model (FLUX.1 Kontext, Qwen-Image-Edit, Wan "
+                        "image-to-video), the same for every prompt; repeat for several (Qwen-Image-Edit-Plus, in "
+                        "order). Default for such a model: one generated image of the sampled size (RGB noise, "
+                        "--seed)")
     g.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 3; learn: seeds, 1)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
@@ -105,16 +110,21 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 def run(args, benchmark=None) -> int:
     """Runs `benchmark(ctx)` (default: `diffalign.bench.<args.bench_command>.run_benchmark`); writes the JSON and
-    prints the table. Returns the exit code (2, with one line, for a `BenchError` or a model that cannot load)."""
-    from diffalign.errors import ModelError
+    prints the table. Returns the exit code (2, with one line, for a `BenchError` or a user error: a model that
+    cannot load, an unreadable `--image`)."""
+    from diffalign.errors import UserError
 
+    ctx = None
     try:
         ctx = Context(args)
         fn = benchmark or importlib.import_module(f"{__name__}.{args.bench_command}").run_benchmark
         result = fn(ctx)
-    except (BenchError, ModelError) as e:
+    except (BenchError, UserError) as e:
         print(f"diffalign: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if ctx is not None:
+            ctx.close()  # the generated condition image and prompt file
     result = {
         "benchmark": args.bench_command,
         "command": ctx.command_line(),

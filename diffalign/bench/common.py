@@ -2,14 +2,18 @@
 
 import copy
 import dataclasses
+import inspect
+import json
 import math
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
+import tempfile
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 
 # Stable Diffusion 1.5's architecture (random weights) for GPU checks without downloading the model.
@@ -59,6 +63,7 @@ def bundled_preset(model: str, algorithm: str) -> Optional[str]:
 
 
 TINY_PROMPTS = ["a photo of a cat", "a photo of a dog", "a red car", "a blue house"]
+GENERATED_IMAGE = "generated-condition.png"  # the condition image written when --image is not given
 
 
 class BenchError(ValueError):
@@ -251,6 +256,46 @@ class Figures(dict):
         self[name] = {"value": value, "unit": unit}
 
 
+# ------------------------------------------------------------------------------------------ condition images
+def write_condition_image(path: str, side: int, seed: int) -> str:
+    """A `side x side` RGB PNG of uniform noise drawn with `seed` (numpy's default generator) at `path`: the condition
+    image of an editing or image-to-video model when the bench is given none. Its content does not change the work
+    (the VAE and image encoders cost the same on any pixels); its size is the sampled size."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def pipeline_condition(family, prompt, height: int, width: int) -> Dict:
+    """The pipeline's condition-image arguments that sample `prompt` as a rollout of it does (none for a text
+    prompt): the family's `pipeline_condition_kwargs` (Qwen-Image-Edit, Wan image-to-video), else FLUX.1 Kontext's
+    image resized to the sampled size (`pipeline_image`)."""
+    from diffalign.prompts import condition_images_of
+
+    paths = condition_images_of(prompt)
+    if not paths:
+        return {}
+    return family.pipeline_condition_kwargs(prompt) or {"image": family.pipeline_image(paths[0], height, width)}
+
+
+def prompt_batches(pipe, prompts: List[str]) -> List[List[str]]:
+    """The prompt lists of the pipeline calls that sample `prompts` (as text): one call, or one call per prompt where
+    the pipeline's text encoder sees the call's condition images (its `encode_prompt` takes `image`:
+    Qwen-Image-Edit and -Edit-Plus, which would give every prompt of a call all of the call's images and refuse a
+    batch) and the prompts carry images."""
+    from diffalign.prompts import condition_images_of
+
+    texts = [str(prompt) for prompt in prompts]
+    encode = getattr(pipe, "encode_prompt", None)
+    sees_images = encode is not None and "image" in inspect.signature(encode).parameters
+    if sees_images and any(condition_images_of(prompt) for prompt in prompts):
+        return [[text] for text in texts]
+    return [texts]
+
+
 # ---------------------------------------------------------------------------------------------------- context
 class Context:
     """Options, device and models shared by the benchmarks."""
@@ -291,7 +336,24 @@ class Context:
         self.preset = self._digits_preset() if self.is_digits else {}
         self.repeats = args.repeats or (1 if args.bench_command == "learn" else 3)
         self._template = None
+        self._workdir = None  # a temporary folder for the generated condition image and prompt file (`close`)
+        self._condition_images = None
         self.settings = {}
+        self.images = [os.path.abspath(path) for path in getattr(args, "image", None) or []]
+        if self.images:  # before the model loads: the files, and the count against the model's family
+            from diffalign.prompts import check_condition_image
+
+            for path in self.images:
+                check_condition_image(path, "--image")
+            family = self._configured_family()
+            if family is not None:
+                self._check_image_count(family)
+
+    def close(self):
+        """Removes the temporary folder (generated condition image, prompt file), if any."""
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
 
     # ---- the model
     @property
@@ -345,6 +407,56 @@ class Context:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def _configured_family(self):
+        """The family class of the model from its config files (no weights), or None for a hub id (checked once
+        loaded)."""
+        from diffalign.families import StableDiffusionFamily, family_class, pipeline_class_of
+        from diffalign.utils.hub_utils import resolve_model_path
+
+        if self.args.tiny or self.args.sd15_random:
+            return StableDiffusionFamily
+        path = resolve_model_path(self.args.model)
+        return family_class(pipeline_class_of(path)) if os.path.isdir(path) else None
+
+    def _check_image_count(self, family):
+        count, takes = len(self.images), family.max_condition_images
+        if count and not takes:
+            raise BenchError(f"--image: {family.name} models take no condition image (text-to-image); leave --image "
+                             "out")
+        if count > takes:
+            what = "one condition image" if takes == 1 else f"at most {takes} condition images"
+            raise BenchError(f"--image: {family.name} models take {what}; got {count}")
+
+    def family_class(self):
+        """The family class of the benchmark's pipeline."""
+        from diffalign.families import family_class
+
+        return family_class(type(self.template()).__name__)
+
+    def condition_images(self) -> Tuple[str, ...]:
+        """The condition images every prompt of the benchmark carries, for a family that takes them (an editing or
+        image-to-video model: `max_condition_images`; none for text-to-image): the `--image` paths in order, else
+        one generated image (`write_condition_image`: noise of the sampled size, `--seed`), written once to a
+        temporary folder. Recorded in the result's settings."""
+        if self._condition_images is None:
+            family = self.family_class()
+            self._check_image_count(family)
+            images = tuple(self.images)
+            if family.max_condition_images and not images:
+                side = self.resolution(self.template())
+                path = os.path.join(self.workdir(), GENERATED_IMAGE)
+                images = (write_condition_image(path, side, self.args.seed),)
+                self.settings["condition_images"] = [f"generated: {side}x{side} RGB noise, seed {self.args.seed}"]
+            elif images:
+                self.settings["condition_images"] = list(images)
+            self._condition_images = images
+        return self._condition_images
+
+    def workdir(self) -> str:
+        if self._workdir is None:
+            self._workdir = tempfile.mkdtemp(prefix="diffalign-bench-")
+        return self._workdir
+
     # ---- shapes
     def resolution(self, pipe) -> int:
         if self.args.resolution:
@@ -379,13 +491,32 @@ class Context:
         return preset if preset != 1.0 else 5.0
 
     def prompts(self, n: int) -> List[str]:
+        """`n` prompts (the digit prompts, else `TINY_PROMPTS`, cycled), each with the benchmark's condition images
+        (`condition_images`) for a family that takes them (`ConditionedPrompt`s)."""
         if self.is_digits:
             from diffalign.prompts import BUILTIN_PROMPTS
 
             source = BUILTIN_PROMPTS["digits"]()
         else:
             source = TINY_PROMPTS
-        return [source[i % len(source)] for i in range(n)]
+        prompts = [source[i % len(source)] for i in range(n)]
+        images = () if self.is_digits else self.condition_images()
+        if images:
+            from diffalign.prompts import ConditionedPrompt
+
+            prompts = [ConditionedPrompt(prompt, images) for prompt in prompts]
+        return prompts
+
+    def prompt_file(self, prompts: List[str]) -> str:
+        """A JSONL prompt file of `prompts` with the benchmark's condition images (`image`, or `images` for several:
+        the prompt files' convention), in the temporary folder: how the trainers of `train` and `learn` get them."""
+        images = self.condition_images()
+        path = os.path.join(self.workdir(), "prompts.jsonl")
+        with open(path, "w") as f:
+            for prompt in prompts:
+                row = {"prompt": prompt, **({"image": images[0]} if len(images) == 1 else {"images": list(images)})}
+                f.write(json.dumps(row) + "\n")
+        return path
 
     def command_line(self) -> str:
         if "bench" in sys.argv[1:]:
@@ -402,7 +533,10 @@ class Context:
         values = {key: value for key, value in self.preset.items()
                   if key.startswith("sample_") or key in ("prompts", "prompt_fn", "prompt_file")}
         if not self.is_digits:
-            values.update(prompts=TINY_PROMPTS[:2])
+            if self.condition_images():  # an editing / image-to-video model: the prompts with their images
+                values.update(prompt_file=self.prompt_file(TINY_PROMPTS[:2]))
+            else:
+                values.update(prompts=TINY_PROMPTS[:2])
         values.update(
             sample_num_steps=self.steps,
             sample_guidance_scale=self.guidance_scale,

@@ -1,6 +1,8 @@
 """`bench rlg`: RLG sampling (single/two pass, windows) against the family's plain pipeline, for every family with an
 RLG pipeline; for families whose diffusers modular blocks take a guider (SDXL, SD3, Z-Image) also the RLG guider in the
-modular pipeline against the model's own CFG guider (the only RLG route of a family without an RLG pipeline)."""
+modular pipeline against the model's own CFG guider (the only RLG route of a family without an RLG pipeline). An
+editing model (FLUX.1 Kontext, Qwen-Image-Edit) edits the bench's condition images (`Context.condition_images`) in
+every case; a pipeline that takes one prompt a call with its images (Qwen-Image-Edit) is called once per prompt."""
 
 from .common import (
     BenchError,
@@ -8,6 +10,8 @@ from .common import (
     PeakMemory,
     mib,
     paired_ratio,
+    pipeline_condition,
+    prompt_batches,
     timed_interleaved,
 )
 
@@ -68,9 +72,6 @@ def run_benchmark(ctx) -> dict:
     if family.rlg_route() is None:
         raise BenchError(f"rlg: the {family.pipeline_class} family has no RLG pipeline and no modular blocks that"
                          " take a guider")
-    if family.requires_condition_image:
-        raise BenchError(f"rlg: {family.pipeline_class} edits a condition image and the bench samples text prompts;"
-                         " time RLG on it with `diffalign generate --image PATH`")
     denoiser = getattr(base, family.denoiser_name)
     add_random_lora(denoiser, args.lora_std, args.seed)
     denoiser.to(ctx.device, ctx.dtype).eval()
@@ -87,26 +88,38 @@ def run_benchmark(ctx) -> dict:
         raise BenchError("rlg compares against CFG sampling: use --guidance-scale > 1")
     res = ctx.resolution(base)
     prompts = ctx.prompts(batch)
+    batches = prompt_batches(plain, prompts)  # the prompts of each call (one call, or one per prompt)
     ctx.settings.update(model=ctx.model_name, family=family.name, rlg_route=family.rlg_route(), batch_size=batch,
                         steps=steps, guidance_scale=g, resolution=res, rlg_scale=args.rlg_scale,
-                        lora_std=args.lora_std, repeats=ctx.repeats,
+                        lora_std=args.lora_std, repeats=ctx.repeats, calls_per_batch=len(batches),
                         cases={n: {"rlg_single_pass": s, "rlg_start": a, "rlg_stop": b} for n, s, a, b in rlg_cases})
     # `g` is the RLG pipelines' `guidance_scale`: CFG, or the embedded guidance of a guidance-distilled model; the
     # guider route samples as the family's pipeline with CFG scale `g` (e.g. ZImagePipeline's `g - 1`)
     guidance = {"guidance_scale": g} if family.rlg_pipeline_class else family.pipeline_guidance_kwargs(g)
     common = dict(num_inference_steps=steps, height=res, width=res, output_type="pt", **guidance)
-    common.update(family.pipeline_call_kwargs())  # e.g. the same T5 length in every case
+    # e.g. the same T5 length in every case; FLUX.1 Kontext's output area at the sampled size
+    common.update(family.pipeline_call_kwargs(res, res))
+    common.update(pipeline_condition(family, prompts[0], res, res))  # every prompt has the same condition images
 
     def generator():
         return torch.Generator(ctx.device).manual_seed(args.seed)
 
-    # a fresh list per call: some pipelines write the chat-templated prompts into the list they get (Z-Image's)
-    # `prompt=` by name: Flux2KleinPipeline's first argument is `image`
-    fns = {"plain": lambda: plain(prompt=list(prompts), generator=generator(), **common)}
+    def each_call(pipe, **kwargs):
+        """`pipe` on every call's prompts: a fresh list per call (some pipelines write the chat-templated prompts
+        into the list they get: Z-Image's), `prompt=` by name (Flux2KleinPipeline's first argument is `image`), a
+        negative prompt per prompt where the call has one."""
+        def call():
+            for texts in batches:
+                extra = {}
+                if isinstance(kwargs.get("negative_prompt"), list):
+                    extra["negative_prompt"] = kwargs["negative_prompt"][: len(texts)]
+                pipe(prompt=list(texts), generator=generator(), **{**kwargs, **extra})
+        return call
+
+    fns = {"plain": each_call(plain, **common)}
     for name, single, start, stop in rlg_cases:
-        fns[name] = (lambda single=single, start=start, stop=stop: rlg(
-            prompt=list(prompts), generator=generator(), rlg_scale=args.rlg_scale, rlg_start=start, rlg_stop=stop,
-            rlg_single_pass=single, **common))
+        fns[name] = each_call(rlg, rlg_scale=args.rlg_scale, rlg_start=start, rlg_stop=stop, rlg_single_pass=single,
+                              **common)
 
     blocks = guider_blocks(family)
     guider_cases = GUIDER_CASES if blocks is not None else []
@@ -128,8 +141,7 @@ def run_benchmark(ctx) -> dict:
             pipe.update_components(**{k: v for k, v in components.items() if v is not None}, guider=guider)
             set_modular_progress_bar_config(pipe, disable=True)
             output = "videos" if family.output_kind == "video" else "images"  # a video model's blocks: "videos"
-            return lambda: pipe(prompt=list(prompts), generator=generator(), output=output,
-                                **{**modular_kwargs, "negative_prompt": list(modular_kwargs["negative_prompt"])})
+            return each_call(pipe, output=output, **modular_kwargs)
 
         fns["guider_cfg"] = modular(cfg_guider())
         for name, start, stop in guider_cases:

@@ -1,4 +1,6 @@
-"""`bench rollout`: trajectories with log-probs against the family's plain pipeline."""
+"""`bench rollout`: trajectories with log-probs against the family's plain pipeline. An editing or image-to-video
+model's prompts carry the bench's condition images (`Context.condition_images`) on both sides; a pipeline that takes
+one prompt a call with its images (Qwen-Image-Edit) is called once per prompt (`prompt_batches`)."""
 
 import contextlib
 import time
@@ -11,6 +13,8 @@ from .common import (
     median,
     mib,
     paired_ratio,
+    pipeline_condition,
+    prompt_batches,
     sync,
     timed_interleaved,
 )
@@ -30,8 +34,9 @@ def run_benchmark(ctx) -> dict:
     steps, g, batch = ctx.steps, ctx.guidance_scale, ctx.batch_size
     res = ctx.resolution(pipe)
     prompts = ctx.prompts(batch)
+    batches = prompt_batches(pipe, prompts)
     ctx.settings.update(model=ctx.model_name, batch_size=batch, steps=steps, guidance_scale=g, eta=1.0,
-                        resolution=res, repeats=ctx.repeats)
+                        resolution=res, repeats=ctx.repeats, plain_calls_per_batch=len(batches))
     device = ctx.device
 
     def ours():
@@ -39,13 +44,16 @@ def run_benchmark(ctx) -> dict:
         sample_trajectories(family, prompts, steps, g, eta=1.0, height=res, width=res, generator=generator)
 
     guidance = family.pipeline_guidance_kwargs(g, family.embedded_guidance)
-    if "negative_prompt" in guidance:  # true CFG: one negative prompt per prompt (QwenImage21Pipeline needs as many)
-        guidance["negative_prompt"] = [guidance["negative_prompt"]] * len(prompts)
+    negative = guidance.pop("negative_prompt", None)  # true CFG: one per prompt (QwenImage21Pipeline needs as many)
+    condition = pipeline_condition(family, prompts[0], res, res)  # every prompt has the same images
 
     def plain():
         generator = torch.Generator(device).manual_seed(ctx.args.seed)
-        pipe(prompt=prompts, num_inference_steps=steps, height=res, width=res, generator=generator, output_type="pt",
-             **guidance, **family.pipeline_call_kwargs(res, res), **noise)
+        for texts in batches:
+            negatives = {} if negative is None else {"negative_prompt": [negative] * len(texts)}
+            pipe(prompt=list(texts), num_inference_steps=steps, height=res, width=res, generator=generator,
+                 output_type="pt", **guidance, **negatives, **condition, **family.pipeline_call_kwargs(res, res),
+                 **noise)
 
     meter = PeakMemory(device)
     timings = timed_interleaved({"ours": ours, "plain": plain}, ctx.repeats, device, meter)
