@@ -23,8 +23,10 @@ def family_dir(request, tmp_path_factory):
     from diffalign.families import family_named
     from diffalign.testing import save_tiny_pipeline
 
-    if family_named(request.param).requires_condition_image:  # Qwen-Image-Edit: the bench samples text prompts
-        pytest.skip(f"{request.param} cannot sample without a condition image, which the bench does not pass yet")
+    family = family_named(request.param)
+    if family.requires_condition_image or family.requires_condition_video:  # the bench samples text prompts
+        pytest.skip(f"{request.param} cannot sample without a condition image or video, which the bench does not "
+                    f"pass yet")
 
     return request.param, save_tiny_pipeline(request.param, str(tmp_path_factory.mktemp("bench") / request.param))
 
