@@ -3,7 +3,8 @@ the tiny model with a condition GIF, its rollout check from given latents): the 
 from the condition video's noised latents and equals `WanVideoToVideoPipeline` at two strengths, the start is
 recorded so recomputed log-probs give ratio 1, the condition is encoded once per (video, size, frames), a video of
 too few frames, a prompt without a video, a bad video path and a bad `sample_strength` are one line (exit 2), and
-(-m slow) `train ddpo` from a JSONL prompt file with videos writes a LoRA that `WanVideoToVideoPipeline` loads."""
+`train ddpo` from a JSONL prompt file with videos writes a LoRA that `WanVideoToVideoPipeline` loads and grids that
+show the condition video beside the result (kill + resume: the family tester's, -m slow)."""
 
 import json
 import os
@@ -178,7 +179,20 @@ def test_sample_strength_on_another_model_is_one_line(tmp_path, capsys, tiny_mod
     assert "strength is a setting of video-to-video models" in one_line(capsys.readouterr().err)
 
 
-@pytest.mark.slow  # ~30 s: a 2-epoch CLI run on the tiny model, 5 frames at 16 pixels
+def test_grids_show_the_condition_video_beside_the_result(tmp_path):
+    from diffalign.prompts import load_condition_video
+    from diffalign.trainers.evaluation import with_condition_images
+
+    results = torch.rand(2, 5, 3, SIZE, SIZE)
+    path = _video(tmp_path, frames=7)
+    tiles, per_sample = with_condition_images(results, [ConditionedPrompt("a cat", (), (path,))] * 2)
+    assert per_sample == 2 and tiles.shape == (4, 5, 3, SIZE, SIZE)
+    condition = torch.nn.functional.interpolate(load_condition_video(path)[:5], size=(SIZE, SIZE), mode="bilinear",
+                                                antialias=True, align_corners=False).clamp(0, 1)
+    torch.testing.assert_close(tiles[0], condition)  # the video's first 5 frames, playing beside the result
+    assert torch.equal(tiles[1], results[0]) and torch.equal(tiles[3], results[1])
+
+
 def test_cli_trains_from_a_prompt_file_with_videos_and_the_lora_loads(model_dir, tmp_path):
     import diffusers
 
@@ -193,7 +207,12 @@ def test_cli_trains_from_a_prompt_file_with_videos_and_the_lora_loads(model_dir,
     out = str(tmp_path / "run")
     assert main(_run_args(model_dir, out, str(prompt_file), "--sample_strength", "0.7")) == 0
     assert [json.loads(line)["epoch"] for line in open(os.path.join(out, "metrics.jsonl"))] == [0, 1]
-    assert len(read_video(find_video(os.path.join(out, "grid_after.png")))) == 5
+    frames = read_video(find_video(os.path.join(out, "grid_after.png")))
+    assert len(frames) == 5
+    # two tiles a sample, the condition video first: it plays (random frames), unlike a still condition image
+    first, last = np.asarray(frames[0], dtype=np.float32), np.asarray(frames[-1], dtype=np.float32)
+    tile = first.shape[1] // 4
+    assert np.abs(first[:, 2 : tile - 2] - last[:, 2 : tile - 2]).mean() > 20
 
     pipe = diffusers.WanVideoToVideoPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
