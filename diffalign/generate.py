@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--prompt", action="append", default=None, help="a prompt; repeat for several")
     parser.add_argument("--image", default=None,
                         help="condition image of an editing model (FLUX.1 Kontext), the same for every prompt")
+    parser.add_argument("--video", default=None,
+                        help="condition video of a video-to-video model (wan_v2v, which has no RLG route yet: "
+                             "refused); other models refuse it")
     parser.add_argument(
         "--rlg-scale", type=float, nargs="+", default=DEFAULT_SCALES, help="RLG scales, one grid row each"
     )
@@ -335,6 +338,22 @@ def check_image_flag(family, image: Optional[str]):
     check_condition_image(image, "--image")
 
 
+def check_video_flag(family, video: Optional[str]):
+    """Checks `--video` against `family` (a `ModelFamily` subclass) before anything loads: a `ConfigError` for a
+    video given to a family that takes none (`max_condition_videos`), a one-line `PromptError` for a missing or
+    unreadable file. (The one family that takes a video, `wan_v2v`, has no RLG route: `rlg_family_for` refuses it
+    first.)"""
+    from diffalign.errors import ConfigError
+    from diffalign.prompts import check_condition_video
+
+    if video is None:
+        return
+    if not family.max_condition_videos:
+        raise ConfigError(f"--video: {family.name} models take no condition video (only video-to-video models, "
+                          f"wan_v2v, do); leave --video out")
+    check_condition_video(video, "--video")
+
+
 def edit_call_kwargs(family, pipe, image: str, resolution: Optional[int]) -> Dict:
     """The pipeline arguments that edit `image` (a path) with `pipe` as `family`'s rollouts sample: the image as the
     family's pipeline takes it, the sampled size (the model's default side without `resolution`) and the family's
@@ -441,6 +460,7 @@ def run(args: argparse.Namespace) -> int:
 
     family = rlg_family_for(model_path)
     check_image_flag(family, args.image)
+    check_video_flag(family, args.video)
     if args.num_frames is not None and family.output_kind != "video":
         raise ConfigError(f"--num-frames is for video models (wan); this {family.name} model samples images")
 

@@ -641,4 +641,5 @@ def test_killed_run_resumes_bit_identically(family_dir, tmp_path, algorithm):
 
     family, model = family_dir
     args = _with_prompt_file(_resume_args(algorithm, model, _side(family)), family, str(tmp_path / "prompts.jsonl"))
+    args += [item for key, value in family.tiny_settings.items() for item in (f"--{key}", str(value))]  # Wan: 5 frames
     assert_killed_run_resumes_bit_identically(args, tmp_path)

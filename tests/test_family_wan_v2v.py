@@ -223,3 +223,36 @@ def test_cli_trains_from_a_prompt_file_with_videos_and_the_lora_loads(model_dir,
     pipe.load_lora_weights(os.path.join(out, "final"))
     after = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
     assert (after - before).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("model", ["sd", "wan_v2v"])
+def test_generate_video_flag_is_one_line(model, model_dir, tiny_model_dir, tmp_path, capsys):
+    """`diffalign generate --video`: a text-to-image model refuses it; a video-to-video model has no RLG route
+    (diffusers' modular Wan has no video-to-video blocks), refused in one line."""
+    from diffalign.cli import main
+
+    path = {"sd": tiny_model_dir, "wan_v2v": model_dir}[model]
+    argv = ["generate", "--model", path, "--prompt", "a cat", "--rlg-scale", "1", "--video", _video(tmp_path),
+            "--output-dir", str(tmp_path / "out")]
+    capsys.readouterr()
+    assert main(argv) == 2
+    expected = {"sd": "--video: sd models take no condition video",
+                "wan_v2v": "unsupported model: pipeline class 'WanVideoToVideoPipeline'"}[model]
+    assert expected in one_line(capsys.readouterr().err)
+
+
+def test_the_model_card_gives_the_pipeline_the_video_strength_and_schedule(tmp_path):
+    """The card's snippet samples as the rollouts: the video's first `num_frames` frames, the strength, and the
+    pipeline's longer schedule whose last `sample_num_steps` steps it keeps (no `num_frames`: the pipeline takes the
+    video's)."""
+    from diffalign.config import PRDPConfig
+    from diffalign.modelcard import usage_snippets
+
+    config = PRDPConfig(model="/models/wan-v2v", output_dir=str(tmp_path / "run"), sample_num_steps=20,
+                        sample_guidance_scale=5.0, sample_strength=0.7, num_frames=33)
+    prompt = ConditionedPrompt("a cat", (), (str(tmp_path / "clip.mp4"),))
+    plain = usage_snippets(config, WanVideoToVideoFamily, prompt, "final", 480)[0]
+    assert "WanVideoToVideoPipeline.from_pretrained" in plain and "load_video" in plain
+    assert 'condition = load_video("clip.mp4")[:33]' in plain and "video=condition" in plain
+    assert f"num_inference_steps={schedule_length(20, 0.7)}," in plain and "strength=0.7" in plain
+    assert "num_frames" not in plain
