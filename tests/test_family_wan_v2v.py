@@ -3,8 +3,8 @@ the tiny model with a condition GIF, its rollout check from given latents): the 
 from the condition video's noised latents and equals `WanVideoToVideoPipeline` at two strengths, the start is
 recorded so recomputed log-probs give ratio 1, the condition is encoded once per (video, size, frames), a video of
 too few frames, a prompt without a video, a bad video path and a bad `sample_strength` are one line (exit 2), and
-`train ddpo` from a JSONL prompt file with videos writes a LoRA that `WanVideoToVideoPipeline` loads and grids that
-show the condition video beside the result (kill + resume: the family tester's, -m slow)."""
+`train ddpo` from a JSONL prompt file with videos (a GIF and an MP4) writes a LoRA that `WanVideoToVideoPipeline`
+loads and grids that show the condition video beside the result (kill + resume: the family tester's, -m slow)."""
 
 import json
 import os
@@ -198,9 +198,10 @@ def test_cli_trains_from_a_prompt_file_with_videos_and_the_lora_loads(model_dir,
 
     from diffalign.cli import main
     from diffalign.families.wan_v2v import read_condition_frames
-    from diffalign.plotting import find_video, read_video
+    from diffalign.plotting import find_video, read_video, save_video
 
-    videos = [_video(tmp_path, 0), _video(tmp_path, 1)]
+    mp4 = save_video(read_condition_frames(_video(tmp_path, 1)), str(tmp_path / "clip.mp4"))  # GIF without ffmpeg
+    videos = [_video(tmp_path, 0), mp4]
     prompt_file = tmp_path / "prompts.jsonl"
     prompt_file.write_text("".join(json.dumps({"prompt": p, "video": os.path.basename(v)}) + "\n"
                                    for p, v in (("a cat", videos[0]), ("a red car", videos[1]))))
@@ -216,7 +217,7 @@ def test_cli_trains_from_a_prompt_file_with_videos_and_the_lora_loads(model_dir,
 
     pipe = diffusers.WanVideoToVideoPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(video=read_condition_frames(videos[0]), prompt="a cat", strength=0.7,
+    kwargs = dict(video=read_condition_frames(videos[1]), prompt="a red car", strength=0.7,
                   num_inference_steps=schedule_length(3, 0.7), height=SIZE, width=SIZE, output_type="pt",
                   guidance_scale=3.0)
     before = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
