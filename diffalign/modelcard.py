@@ -257,6 +257,8 @@ def model_card(config, *, family, reward_label: str, prompt: str, resolution: in
     task = "image-to-image" if family.max_condition_images else "text-to-image"  # an editing model: the Hub's task
     if family.max_condition_images and family.output_kind == "video":
         task = "image-to-video"
+    if family.max_condition_videos:
+        task = "video-to-video"
     tags += [*family.hub_tags, task, "diffusers", "reward-fine-tuning"]
     settings = shareable_settings(config)  # secrets redacted, paths relative to the run: the card is shared
     base = base_model_id(config)

@@ -133,6 +133,9 @@ def test_a_video_shorter_than_num_frames_and_a_bad_strength_are_one_line(pipe, t
     for strength in (0, 1.5, True):
         with pytest.raises(ModelError, match=r"strength must be in \(0, 1\]"):
             family.configure(strength=strength)
+    family.configure(strength=0.01)  # 50 steps would be the last of a 5000-step schedule
+    with pytest.raises(ModelError, match="5000-step schedule, longer than the scheduler's 1000 timesteps"):
+        family.set_timesteps(50, "cpu", SIZE, SIZE)
     with pytest.raises(ModelError, match="strength is a setting of video-to-video models"):
         family_for_pipeline(WanVideoToVideoFamily.__mro__[1].tiny_pipeline()).configure(strength=0.5)
 
@@ -242,7 +245,7 @@ def test_generate_video_flag_is_one_line(model, model_dir, tiny_model_dir, tmp_p
     assert expected in one_line(capsys.readouterr().err)
 
 
-def test_the_model_card_gives_the_pipeline_the_video_strength_and_schedule(tmp_path):
+def test_the_model_card_samples_as_the_rollouts_on_the_video_to_video_task(tmp_path):
     """The card's snippet samples as the rollouts: the video's first `num_frames` frames, the strength, and the
     pipeline's longer schedule whose last `sample_num_steps` steps it keeps (no `num_frames`: the pipeline takes the
     video's)."""
@@ -257,3 +260,7 @@ def test_the_model_card_gives_the_pipeline_the_video_strength_and_schedule(tmp_p
     assert 'condition = load_video("clip.mp4")[:33]' in plain and "video=condition" in plain
     assert f"num_inference_steps={schedule_length(20, 0.7)}," in plain and "strength=0.7" in plain
     assert "num_frames" not in plain
+    from diffalign.modelcard import model_card
+
+    card = model_card(config, family=WanVideoToVideoFamily, reward_label="r", prompt=prompt, resolution=480)
+    assert card.data.pipeline_tag == "video-to-video" and "video-to-video" in card.data.tags
