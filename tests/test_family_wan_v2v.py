@@ -173,8 +173,13 @@ def test_bad_video_rows_and_strength_are_one_line(model_dir, tmp_path, capsys, r
     assert re.search(expected, one_line(capsys.readouterr().err))
 
 
-def test_sample_strength_on_another_model_is_one_line(tmp_path, capsys, tiny_model_dir):
+def test_sample_strength_on_another_model_is_one_line_and_hashed_only_when_set(tmp_path, capsys, tiny_model_dir):
     from diffalign.cli import main
+    from diffalign.trainers import NFTConfig
+    from diffalign.trainers.base_config import HASHED_WHEN_SET
+
+    assert "sample_strength" in HASHED_WHEN_SET  # unset, earlier runs keep their hash
+    assert NFTConfig(sample_strength=0.5).hash() != NFTConfig().hash()
 
     argv = ["train", "ddpo", "--model", tiny_model_dir, "--output_dir", str(tmp_path / "run"), "--prompts", "[a cat]",
             "--sample_strength", "0.5"]
