@@ -166,5 +166,6 @@ def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32):
 __all__ = ["FAMILIES", "Conditioning", "Flux2Family", "Flux2KleinFamily", "FluxFamily", "FluxKontextFamily",
            "Krea2Family", "ModelFamily", "QwenImage21Family", "QwenImageEditFamily", "QwenImageEditPlusFamily", "QwenImageFamily",
            "SanaFamily", "StableDiffusion3Family", "StableDiffusionFamily", "StableDiffusionXLFamily", "WanFamily",
-           "WanImageToVideoFamily", "WanVideoToVideoFamily", "ZImageFamily", "check_model_resolution", "family_class", "family_for_pipeline",
+           "WanImageToVideoFamily", "WanVideoToVideoFamily", "ZImageFamily", "check_model_resolution",
+           "family_class", "family_for_pipeline",
            "family_named", "load_family", "load_pipeline", "pipeline_class_of", "registry"]

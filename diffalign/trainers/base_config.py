@@ -235,8 +235,8 @@ class TrainConfig:
         default=None,
         metadata={"help": "How far a video-to-video model (wan_v2v) noises its condition video, in (0, 1] "
                           "(WanVideoToVideoPipeline's strength); default the pipeline's 0.8. The rollouts take "
-                          "sample_num_steps steps, the last ones of the pipeline's longer schedule. Other models refuse "
-                          "it."},
+                          "sample_num_steps steps, the last ones of the pipeline's longer schedule. Other models "
+                          "refuse it."},
     )
     sample_num_prompts_per_epoch: int = field(default=8, metadata={"help": "Prompts per epoch, all processes (N)."})
     sample_images_per_prompt: int = field(default=4, metadata={"help": "Images per prompt (B), one group."})
