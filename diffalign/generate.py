@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="condition image of an editing or image-to-video model, the same for every prompt; "
                              "repeat for a model that takes several, in order (Qwen-Image-Edit-Plus: --image a.png "
                              "--image b.png, at most 3)")
+    parser.add_argument("--video", default=None,
+                        help="condition video of a video-to-video model (wan_v2v, which has no RLG route yet: "
+                             "refused); other models refuse it")
     parser.add_argument(
         "--rlg-scale", type=float, nargs="+", default=DEFAULT_SCALES, help="RLG scales, one grid row each"
     )
@@ -353,6 +356,22 @@ def check_image_flag(family, image):
         check_condition_image(path, "--image")
 
 
+def check_video_flag(family, video: Optional[str]):
+    """Checks `--video` against `family` (a `ModelFamily` subclass) before anything loads: a `ConfigError` for a
+    video given to a family that takes none (`max_condition_videos`), a one-line `PromptError` for a missing or
+    unreadable file. (The one family that takes a video, `wan_v2v`, has no RLG route: `rlg_family_for` refuses it
+    first.)"""
+    from diffalign.errors import ConfigError
+    from diffalign.prompts import check_condition_video
+
+    if video is None:
+        return
+    if not family.max_condition_videos:
+        raise ConfigError(f"--video: {family.name} models take no condition video (only video-to-video models, "
+                          f"wan_v2v, do); leave --video out")
+    check_condition_video(video, "--video")
+
+
 def edit_call_kwargs(family, pipe, image, resolution: Optional[int]) -> Dict:
     """The pipeline arguments that edit `image` (a path, or a list of paths for a model that takes several) with
     `pipe` as `family`'s rollouts sample: the images as the family's pipeline takes them, the sampled size (the
@@ -461,6 +480,7 @@ def run(args: argparse.Namespace) -> int:
 
     family = rlg_family_for(model_path)
     check_image_flag(family, args.image)
+    check_video_flag(family, args.video)
     if args.num_frames is not None and family.output_kind != "video":
         raise ConfigError(f"--num-frames is for video models (wan); this {family.name} model samples images")
 

@@ -135,7 +135,7 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
     `FluxKontextFamily.pipeline_call_kwargs`); Qwen-Image-Edit (`requires_condition_image`) gets the image as loaded,
     which its pipeline resizes as the rollouts do; the image file is the one of `prompt` (a `ConditionedPrompt`), by
     name (the card is shared), else `input.png`."""
-    from .prompts import condition_images_of
+    from .prompts import condition_images_of, condition_videos_of
     from .utils.hub_utils import BUNDLED_MODELS
     from .utils.peft_utils import LOW_NOISE_LORA_WEIGHT_NAME
 
@@ -163,7 +163,18 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
             edit = [f"condition = pipe.image_processor.resize(load_image({_py(source)}), {resolution}, {resolution})"]
             call.append(f"max_area={resolution * resolution}, _auto_resize=False")
         call.insert(0, "image=condition")
-    if family.output_kind == "video" and getattr(config, "num_frames", None):
+    if family.max_condition_videos:  # video-to-video: the video's first frames, the strength and its longer schedule
+        from .families.wan_v2v import schedule_length
+
+        source = os.path.basename(condition_videos_of(prompt)[0]) if condition_videos_of(prompt) else "input.mp4"
+        strength = getattr(config, "sample_strength", None) or family.strength
+        frames = getattr(config, "num_frames", None) or family.num_frames
+        edit_import = ["from diffusers.utils import load_video"]
+        edit = [f"condition = load_video({_py(source)})[:{frames}]  # the frames the rollouts start from"]
+        call[0] = f"num_inference_steps={schedule_length(config.sample_num_steps, strength)}"
+        call[:0] = ["video=condition"]
+        call.append(f"strength={format(strength, 'g')}")
+    elif family.output_kind == "video" and getattr(config, "num_frames", None):
         call.append(f"num_frames={config.num_frames}")
     call = ", ".join(call)
     prompt = str(prompt)
@@ -171,7 +182,8 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
     output, result = ("video", ".frames[0]") if family.output_kind == "video" else ("image", ".images[0]")
     save = ['export_to_video(video, "video.mp4", fps=16)'] if output == "video" else []
     if save:
-        edit_import = (["from diffusers.utils import export_to_video, load_image"] if edit_import
+        loader = "load_video" if family.max_condition_videos else "load_image"
+        edit_import = ([f"from diffusers.utils import export_to_video, {loader}"] if edit_import
                        else ["from diffusers.utils import export_to_video"])
 
     rlg_call = edit + ["# rlg_scale: 0 = the base model, 1 = this fine-tune, > 1 = stronger alignment",
@@ -257,6 +269,8 @@ def model_card(config, *, family, reward_label: str, prompt: str, resolution: in
     task = "image-to-image" if family.max_condition_images else "text-to-image"  # an editing model: the Hub's task
     if family.max_condition_images and family.output_kind == "video":
         task = "image-to-video"
+    if family.max_condition_videos:
+        task = "video-to-video"
     tags += [*family.hub_tags, task, "diffusers", "reward-fine-tuning"]
     settings = shareable_settings(config)  # secrets redacted, paths relative to the run: the card is shared
     base = base_model_id(config)

@@ -150,8 +150,8 @@ class PromptDifficulty:
 # ------------------------------------------------------------------------------------------- condition images
 class ConditionedPrompt(str):
     """A prompt's text with the condition images an editing model starts from (`condition_images`: absolute paths)
-    and the condition videos a video-to-video model would start from (`condition_videos`, a row's `video` /
-    `videos`; no diffalign family takes videos yet: `ModelFamily.max_condition_videos`).
+    and the condition videos a video-to-video model starts from (`condition_videos`, a row's `video` / `videos`;
+    `ModelFamily.max_condition_videos`: `wan_v2v` takes one).
 
     It is the text everywhere a prompt is text (the text encoders, logs, JSON), so a prompt carries its images
     through the epoch's draw, the rollout and the recorded trajectories without another argument; the families that
@@ -317,20 +317,24 @@ def attach_condition_images(prompts: List[str], metadata: List[dict], path: str,
 
 
 def check_condition_prompts(prompts: List[str], family_name: str, max_images: int, what: str = "prompt",
-                            required: bool = False, max_videos: int = 0):
+                            required: bool = False, max_videos: int = 0, videos_required: bool = False):
     """A one-line `PromptError` when a prompt has more condition images than the model takes (`max_images`; 0 for
     a text-to-image model), when prompts with and without condition images are mixed (an editing model samples
     a prompt without one text-to-image, with another token count: they cannot share a batch), with `required`
-    (a model that cannot sample without one: Qwen-Image-Edit) when a prompt has none, or when a prompt has more
-    condition videos than the model takes (`max_videos`: 0 for every diffalign family today)."""
+    (a model that cannot sample without one: Qwen-Image-Edit) when a prompt has none, when a prompt has more
+    condition videos than the model takes (`max_videos`: 0 but for video-to-video, `wan_v2v`), or with
+    `videos_required` (video-to-video) when a prompt has no condition video."""
     with_images = without = None
     for prompt in prompts:
         videos = len(condition_videos_of(prompt))
         if videos > max_videos:
-            takes = "no condition videos (no diffalign family is video-to-video yet)" if max_videos == 0 \
+            takes = "no condition videos (only video-to-video models, wan_v2v, do)" if max_videos == 0 \
                 else f"at most {max_videos}"
             raise PromptError(f"{what} '{prompt}' has {videos} condition video(s), but a {family_name} model takes "
                               f"{takes}")
+        if videos_required and not videos:
+            raise PromptError(f"{what} '{prompt}' has no condition video, but a {family_name} model starts from one: "
+                              "give every prompt a 'video'")
         count = len(condition_images_of(prompt))
         if required and not count:
             raise PromptError(f"{what} '{prompt}' has no condition image, but a {family_name} model edits one: give "

@@ -224,6 +224,8 @@ def sample_trajectories(
         stochastic_steps = torch.ones(len(timesteps), dtype=torch.bool)
     dtype = cond["encoder_hidden_states"].dtype
     x = family.prepare_latents(batch_size, height, width, dtype, device, generator, latents, denoiser)
+    if latents is None:  # e.g. video-to-video: the condition's latents noised to the first timestep
+        x = family.start_latents(x, cond, timesteps)
 
     all_latents, all_log_probs = [x] if keep_latents else [], []
     ref_log_probs, kls, ref_means, step_means = [], [], [], []

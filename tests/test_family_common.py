@@ -79,11 +79,33 @@ def _small_condition_images(monkeypatch):
 
 
 _CONDITION_IMAGE = []
+_CONDITION_VIDEO = []
+
+
+def _condition_video() -> str:
+    """A random RGB GIF of 5 frames, 20 x 28 (Wan's tiny 5 frames, not of the sampled size), written once."""
+    if not _CONDITION_VIDEO:
+        import tempfile
+
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        frames = [Image.fromarray(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)) for _ in range(5)]
+        path = os.path.join(tempfile.mkdtemp(), "condition.gif")
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+        _CONDITION_VIDEO.append(path)
+    return _CONDITION_VIDEO[0]
 
 
 def _prompts(family):
     """The tests' prompts for `family`: `PROMPTS`, each with a condition image where the family's pipeline cannot
-    sample without one (Qwen-Image-Edit; one random PNG, 20 x 28, written once)."""
+    sample without one (Qwen-Image-Edit; one random PNG, 20 x 28, written once), or a condition video (video-to-video:
+    `_condition_video`)."""
+    from diffalign.prompts import ConditionedPrompt
+
+    if family.requires_condition_video:
+        return [ConditionedPrompt(prompt, (), (_condition_video(),)) for prompt in PROMPTS]
     if not family.requires_condition_image:
         return list(PROMPTS)
     if not _CONDITION_IMAGE:
@@ -95,15 +117,17 @@ def _prompts(family):
         path = os.path.join(tempfile.mkdtemp(), "condition.png")
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(path)
         _CONDITION_IMAGE.append(path)
-    from diffalign.prompts import ConditionedPrompt
-
     return [ConditionedPrompt(prompt, (_CONDITION_IMAGE[0],)) for prompt in PROMPTS]
 
 
 def _condition(family, prompt=None):
-    """The pipeline's condition-image arguments for `prompt` (the first test prompt by default): none for most."""
-    return family_for_pipeline(family.tiny_pipeline()).pipeline_condition_kwargs(prompt or _prompts(family)[0]) \
-        if family.requires_condition_image else {}
+    """The pipeline's condition-image (or video) arguments for `prompt` (the first test prompt by default), with the
+    family's tiny settings (a video's first 5 frames): none for most."""
+    if not (family.requires_condition_image or family.requires_condition_video):
+        return {}
+    sampler = family_for_pipeline(family.tiny_pipeline())
+    sampler.configure(**family.tiny_settings)
+    return sampler.pipeline_condition_kwargs(prompt or _prompts(family)[0])
 
 
 def _sampled(output):
@@ -221,10 +245,13 @@ def test_zero_width_window_rollout_equals_the_family_pipeline(family_class, vari
                                    height=height, width=width, stochastic_steps=sde_window_mask(3, 0))
 
     ours = rollout()
-    call = dict(num_inference_steps=3, height=height, width=width, output_type="pt",
-                **family.pipeline_guidance_kwargs(guidance, embedded), **family.pipeline_call_kwargs(height, width))
+    # the pipeline's steps whose sampling takes the rollout's 3 (video-to-video: a longer schedule, its last 3)
+    call = dict(num_inference_steps=family.pipeline_num_inference_steps(3), height=height, width=width,
+                output_type="pt", **family.pipeline_guidance_kwargs(guidance, embedded),
+                **family.pipeline_call_kwargs(height, width))
     # one call per prompt with its images (Edit-Plus samples one prompt a call), or alone (QwenImage 2.1: a batch's
     # text padding moves each row's image)
+    # (a video-to-video pipeline given latents starts from them, as the rollout does: no video)
     if family.requires_condition_image or family.samples_prompts_alone:
         stock = torch.cat([_sampled(pipe(prompt=str(prompt), latents=latents[i : i + 1], **call,
                                          **family.pipeline_condition_kwargs(prompt)))
@@ -232,7 +259,9 @@ def test_zero_width_window_rollout_equals_the_family_pipeline(family_class, vari
     else:
         stock = _sampled(pipe(prompt=PROMPTS, latents=latents, **call))
     torch.testing.assert_close(ours.images, stock[..., :3, :, :], atol=1e-5, rtol=1e-4)  # QwenImage 2.1's alpha dropped
-    torch.testing.assert_close(ours.timesteps, pipe.scheduler.timesteps)  # e.g. FLUX's sigmas and dynamic shift
+    # e.g. FLUX's sigmas and dynamic shift; video-to-video: the last 3 of the pipeline's schedule
+    torch.testing.assert_close(ours.timesteps, pipe.scheduler.timesteps[len(pipe.scheduler.timesteps) - 3 :])
+    assert len(pipe.scheduler.timesteps) == call["num_inference_steps"]
     assert not ours.stochastic.any() and torch.isnan(ours.log_probs).all()
     assert (ours.negative_conditioning is not None) == family.samples_with_cfg(guidance)  # a distilled klein: no CFG
     assert ("guidance" in ours.conditioning) == family.uses_embedded_guidance()
@@ -290,7 +319,8 @@ def test_resolution_rules(family_class):
         family.check_resolution(4 * multiple + 1)
     # the default is the pipeline's own default image size (FLUX: default_sample_size x vae_scale_factor)
     guidance = family.pipeline_guidance_kwargs(1.0, family.default_guidance_scale)
-    image = pipe(prompt=PROMPTS[0], num_inference_steps=1, output_type="pt", **guidance, **_condition(family_class),
+    image = pipe(prompt=PROMPTS[0], num_inference_steps=family.pipeline_num_inference_steps(1), output_type="pt",
+                 **guidance, **_condition(family_class),
                  **family.pipeline_call_kwargs())
     assert tuple(_sampled(image).shape[-2:]) == family.default_size()  # Wan's 480 x 832
 
@@ -334,13 +364,16 @@ CLI_SETTINGS = [
 
 
 def _with_prompt_file(settings, family, prompt_file):
-    """`settings` with `--prompts` replaced by a prompt file of the prompts with their image, for a family that cannot
-    sample without one (`requires_condition_image`); as they are for the others."""
-    if family is None or not family.requires_condition_image:
+    """`settings` with `--prompts` replaced by a prompt file of the prompts with their image (or video), for a family
+    that cannot sample without one (`requires_condition_image`, `requires_condition_video`); as they are for the
+    others."""
+    if family is None or not (family.requires_condition_image or family.requires_condition_video):
         return settings
     with open(prompt_file, "w") as f:
         for prompt in _prompts(family):
-            f.write(json.dumps({"prompt": str(prompt), "image": prompt.condition_images[0]}) + "\n")
+            condition = ({"video": prompt.condition_videos[0]} if prompt.condition_videos
+                         else {"image": prompt.condition_images[0]})
+            f.write(json.dumps({"prompt": str(prompt), **condition}) + "\n")
     settings = list(settings)
     i = settings.index("--prompts")
     settings[i : i + 2] = ["--prompt_file", prompt_file]
@@ -608,4 +641,5 @@ def test_killed_run_resumes_bit_identically(family_dir, tmp_path, algorithm):
 
     family, model = family_dir
     args = _with_prompt_file(_resume_args(algorithm, model, _side(family)), family, str(tmp_path / "prompts.jsonl"))
+    args += [item for key, value in family.tiny_settings.items() for item in (f"--{key}", str(value))]  # Wan: 5 frames
     assert_killed_run_resumes_bit_identically(args, tmp_path)

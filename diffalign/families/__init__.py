@@ -28,6 +28,7 @@ from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
 from .wan import WanFamily
 from .wan_i2v import WanImageToVideoFamily
+from .wan_v2v import WanVideoToVideoFamily
 from .zimage import ZImageFamily
 
 
@@ -50,7 +51,8 @@ def registry(families: Iterable[Type[ModelFamily]]) -> Dict[str, Type[ModelFamil
 FAMILIES: Dict[str, Type[ModelFamily]] = registry(
     (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family, FluxFamily, ZImageFamily,
      QwenImageFamily, Flux2KleinFamily, Flux2Family, SanaFamily, FluxKontextFamily, Krea2Family,
-     QwenImageEditFamily, QwenImageEditPlusFamily, WanFamily, QwenImage21Family, WanImageToVideoFamily)
+     QwenImageEditFamily, QwenImageEditPlusFamily, WanFamily, QwenImage21Family, WanImageToVideoFamily,
+     WanVideoToVideoFamily)
 )
 
 
@@ -164,5 +166,6 @@ def load_pipeline(name_or_path: str, torch_dtype: torch.dtype = torch.float32):
 __all__ = ["FAMILIES", "Conditioning", "Flux2Family", "Flux2KleinFamily", "FluxFamily", "FluxKontextFamily",
            "Krea2Family", "ModelFamily", "QwenImage21Family", "QwenImageEditFamily", "QwenImageEditPlusFamily", "QwenImageFamily",
            "SanaFamily", "StableDiffusion3Family", "StableDiffusionFamily", "StableDiffusionXLFamily", "WanFamily",
-           "WanImageToVideoFamily", "ZImageFamily", "check_model_resolution", "family_class", "family_for_pipeline",
+           "WanImageToVideoFamily", "WanVideoToVideoFamily", "ZImageFamily", "check_model_resolution",
+           "family_class", "family_for_pipeline",
            "family_named", "load_family", "load_pipeline", "pipeline_class_of", "registry"]

@@ -79,9 +79,11 @@ class ModelFamily:
     # True where a row's sampling depends on the batch's text padding in `pipeline_class` (QwenImage 2.1: the image's
     # rotary position follows the padded text): the family samples each prompt as the pipeline does alone
     samples_prompts_alone: bool = False
-    # condition videos a prompt may carry (a prompt file's `video` / `videos`): 0 for every family today (diffusers'
-    # WanVideoToVideoPipeline would take one); a prompt file with videos is refused when a run starts
+    # condition videos a prompt may carry (a prompt file's `video` / `videos`): 0 but for a video-to-video model (Wan's
+    # `WanVideoToVideoPipeline`: 1), which starts its rollouts from the video; more are refused when a run starts
     max_condition_videos: int = 0
+    # True where the pipeline cannot sample without a condition video (video-to-video)
+    requires_condition_video: bool = False
     # what `decode` returns: "image", `(B, 3, H, W)`; "video", `(B, F, 3, H, W)` (frames first), float32 in [0, 1]
     output_kind: str = "image"
 
@@ -186,6 +188,11 @@ class ModelFamily:
         """`pipeline_class.__call__`'s condition-image arguments for one prompt (a `ConditionedPrompt`), for families
         that require one (`requires_condition_image`); none by default."""
         return {}
+
+    def pipeline_num_inference_steps(self, num_steps: int) -> int:
+        """The `pipeline_class.__call__` `num_inference_steps` whose sampling takes the rollouts' `num_steps` steps:
+        `num_steps`, unless the pipeline samples the last steps of a longer schedule (video-to-video's `strength`)."""
+        return num_steps
 
     def samples_with_cfg(self, guidance_scale: float) -> bool:
         """Whether a rollout at CFG scale `guidance_scale` evaluates a negative half: at any scale but 1, unless the
@@ -306,7 +313,7 @@ class ModelFamily:
 
     def configure(self, *, max_sequence_length: Optional[int] = None, embedded_guidance: Optional[float] = None,
                   num_frames: Optional[int] = None, guidance_scale_2: Optional[float] = None,
-                  train_experts: Optional[str] = None):
+                  train_experts: Optional[str] = None, strength: Optional[float] = None):
         """Takes a run's model settings (`TrainConfig.family_kwargs`); None keeps the family's default.
 
         Args:
@@ -317,6 +324,8 @@ class ModelFamily:
                 refuses them (one-line `ModelError`).
             train_experts (`str`, *optional*): the experts a two-expert model trains (Wan 2.2 A14B); a one-expert
                 model refuses any but "high_noise" (one-line `ModelError`).
+            strength (`float`, *optional*): how far a video-to-video model noises its condition
+                (`diffalign.families.wan_v2v`); every other family refuses it.
         """
         for key, value in (("num_frames", num_frames), ("guidance_scale_2", guidance_scale_2)):
             if value is not None:
@@ -324,6 +333,9 @@ class ModelFamily:
         if train_experts not in (None, "high_noise"):
             raise ModelError(f"train_experts {train_experts!r} needs a two-expert model (Wan 2.2 A14B); this "
                              f"{self.name} model has one denoiser")
+        if strength is not None:
+            raise ModelError(f"strength is a setting of video-to-video models (wan_v2v); this {self.name} model "
+                             f"samples from noise")
         if max_sequence_length is not None and hasattr(self, "max_sequence_length"):
             self.max_sequence_length = max_sequence_length
             self._cache.clear()
@@ -458,6 +470,12 @@ class ModelFamily:
     def set_timesteps(self, num_inference_steps: int, device, height: int, width: int) -> torch.Tensor:
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         return self.scheduler.timesteps
+
+    def start_latents(self, noise: torch.Tensor, cond: Conditioning, timesteps: torch.Tensor) -> torch.Tensor:
+        """A rollout's first latents from the noise `prepare_latents` drew for it (`timesteps`: the rollout's, from
+        `set_timesteps`): the noise itself, unless the model starts from its condition (video-to-video: the condition
+        video's latents noised to the first timestep). A rollout given `latents` starts from them as they are."""
+        return noise
 
     # ------------------------------------------------------------------ denoising
     def forward(self, denoiser, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -39,7 +39,8 @@ HELDOUT_KEYS = frozenset({"eval_every", "eval_prompts", "eval_prompt_file", "eva
 # Fields added after runs were made, hashed only when set: earlier runs' checkpoints keep their hash.
 HASHED_WHEN_SET = frozenset({"prompt_dataset", "prompt_dataset_split", "prompt_column", "ema_decay", "ema_update_every",
                              "quantize_denoiser", "quantize_text_encoders", "train_ratio_norm", "num_frames",
-                             "sample_guidance_scale_2", "video_reward_reduction", "train_experts"})
+                             "sample_guidance_scale_2", "video_reward_reduction", "train_experts",
+                             "sample_strength"})
 # Memory and speed levers that leave what is trained as it is (not hashed: a run may resume with other ones).
 MEMORY_KEYS = frozenset({"offload_text_encoders", "vae_slicing", "vae_tiling", "attention_backend",
                          "reward_async", "gradient_checkpointing"})
@@ -240,6 +241,13 @@ class TrainConfig:
         metadata={"help": "CFG scale of a two-expert model's low-noise expert (Wan 2.2 A14B's transformer_2, "
                           "WanPipeline's guidance_scale_2); default sample_guidance_scale. Other models refuse it."},
     )
+    sample_strength: Optional[float] = field(
+        default=None,
+        metadata={"help": "How far a video-to-video model (wan_v2v) noises its condition video, in (0, 1] "
+                          "(WanVideoToVideoPipeline's strength); default the pipeline's 0.8. The rollouts take "
+                          "sample_num_steps steps, the last ones of the pipeline's longer schedule. Other models "
+                          "refuse it."},
+    )
     sample_num_prompts_per_epoch: int = field(default=8, metadata={"help": "Prompts per epoch, all processes (N)."})
     sample_images_per_prompt: int = field(default=4, metadata={"help": "Images per prompt (B), one group."})
     sample_batch_size: int = field(default=8, metadata={"help": "Trajectories per sampling forward."})
@@ -430,6 +438,10 @@ class TrainConfig:
                               f"and compresses each 4 after it); got {self.num_frames!r}, try {nearest}")
         if self.sample_guidance_scale_2 is not None and not self.sample_guidance_scale_2 > 0:
             raise ConfigError(f"sample_guidance_scale_2 must be > 0; got {self.sample_guidance_scale_2}")
+        if self.sample_strength is not None and (isinstance(self.sample_strength, bool)
+                                                 or not 0 < self.sample_strength <= 1):
+            raise ConfigError(f"sample_strength must be in (0, 1] (1 starts from pure noise); got "
+                              f"{self.sample_strength!r}")
         limits = {  # name: (lowest, whether the lowest is allowed, highest or None)
             "train_learning_rate": (0.0, False, None), "train_adam_beta1": (0.0, True, 1.0),
             "train_adam_beta2": (0.0, True, 1.0), "train_adam_epsilon": (0.0, True, None),
@@ -578,7 +590,7 @@ class TrainConfig:
         """The run's settings of the model family, as `ModelFamily.configure` takes them."""
         return {"max_sequence_length": self.sample_max_sequence_length,
                 "embedded_guidance": self.sample_embedded_guidance, "num_frames": self.num_frames,
-                "guidance_scale_2": self.sample_guidance_scale_2,
+                "guidance_scale_2": self.sample_guidance_scale_2, "strength": self.sample_strength,
                 # only when set: the families' `configure` that predate the key never see it
                 **({"train_experts": self.train_experts} if self.train_experts != "high_noise" else {})}
 

@@ -226,10 +226,12 @@ def with_condition_images(images: torch.Tensor, prompts: Sequence[str]) -> Tuple
     """`(tiles, tiles per sample)` of a grid: `images` `(N, 3, H, W)` alone (1) when no prompt has a condition image,
     else each sample's condition images (resized to the sample's size; blank for a prompt without) before it, so a
     grid shows input and edit side by side. Videos `(N, F, 3, H, W)` likewise, a condition image standing still
-    through the `F` frames."""
-    from ..prompts import condition_images_of, load_condition_tensor
+    through the `F` frames, a condition video (video-to-video) playing its first `F` frames beside the result."""
+    from ..prompts import condition_images_of, condition_videos_of, load_condition_tensor, load_condition_video
 
-    conditions = [condition_images_of(prompt) for prompt in prompts]
+    videos = images.dim() == 5
+    conditions = [[(path, False) for path in condition_images_of(prompt)]
+                  + [(path, True) for path in (condition_videos_of(prompt) if videos else ())] for prompt in prompts]
     count = max((len(paths) for paths in conditions), default=0)
     if count == 0:
         return images, 1
@@ -238,9 +240,13 @@ def with_condition_images(images: torch.Tensor, prompts: Sequence[str]) -> Tuple
     for image, paths in zip(images, conditions):
         for k in range(count):
             if k < len(paths):
-                condition = load_condition_tensor(paths[k])[None]
-                tiles.append(torch.nn.functional.interpolate(condition, size=(height, width), mode="bilinear",
-                                                             antialias=True, align_corners=False)[0].clamp(0, 1))
+                path, is_video = paths[k]
+                condition = load_condition_video(path) if is_video else load_condition_tensor(path)[None]
+                condition = torch.nn.functional.interpolate(condition, size=(height, width), mode="bilinear",
+                                                            antialias=True, align_corners=False).clamp(0, 1)
+                # a video's first F frames (its last one held if it has fewer); an image's one
+                frames = torch.arange(images.shape[1]).clamp(max=condition.shape[0] - 1) if is_video else 0
+                tiles.append(condition[frames])
             else:
                 tiles.append(torch.ones(image.shape[-3:], dtype=torch.float32))
         tiles.append(image.float())
