@@ -260,6 +260,7 @@ def sample_scales(
         call_kwargs.pop("eta", None)  # flow-matching pipelines (SD3) sample the deterministic ODE: no eta
     if "rlg_single_pass" not in parameters:
         call_kwargs.pop("rlg_single_pass", None)  # the modular guider runs one forward per model and condition
+    per_prompt = "num_videos_per_prompt" if "num_videos_per_prompt" in parameters else "num_images_per_prompt"
     device = pipe._execution_device
     generator_device = "cpu" if device.type == "mps" else device
     images = {}
@@ -271,13 +272,14 @@ def sample_scales(
                 with torch.no_grad():
                     out = pipe(
                         prompt=prompt,
-                        num_images_per_prompt=num_images,
                         generator=generators,
                         rlg_scale=scale,
                         output_type="pt",
+                        **{per_prompt: num_images},  # a video pipeline's name (Wan's RLG pipelines)
                         **call_kwargs,
                     )
-                rows.append(out.images.float().cpu())
+                # a video pipeline's output (WanPipelineOutput) holds `.frames`
+                rows.append((out.frames if hasattr(out, "frames") else out.images).float().cpu())
                 bar.update(num_images)
         images[scale] = torch.cat(rows)
     return images
@@ -452,6 +454,8 @@ def run(args: argparse.Namespace) -> int:
     size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
     if args.image:
         size = edit_call_kwargs(family, pipe, args.image, args.resolution)
+    if args.num_frames:  # over the family's default (image-to-video's call arguments name one)
+        size["num_frames"] = args.num_frames
     images = sample_scales(
         pipe,
         prompts,
@@ -462,7 +466,6 @@ def run(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale if args.guidance_scale is not None else family.default_guidance_scale,
         **size,
-        **({"num_frames": args.num_frames} if args.num_frames else {}),
         eta=args.eta,
         rlg_start=args.rlg_start,
         rlg_stop=args.rlg_stop,

@@ -38,7 +38,7 @@ def _family(**variant):
 def test_wan_i2v_is_registered_for_the_image_to_video_pipeline():
     assert FAMILIES["WanImageToVideoPipeline"] is WanImageToVideoFamily
     assert WanImageToVideoFamily.output_kind == "video" and WanImageToVideoFamily.requires_condition_image
-    assert WanImageToVideoFamily.rlg_route() is None
+    assert WanImageToVideoFamily.rlg_route() == "pipeline"
 
 
 def test_ti2v_keeps_the_condition_frame_fixed_and_gives_ratio_one(tmp_path, monkeypatch):

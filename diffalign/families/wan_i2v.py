@@ -20,15 +20,16 @@ Two models, as `WanImageToVideoPipeline` conditions them:
 Both are encoded once per (image, size, frames) and cached, like text; they travel in the conditioning
 (`image_latents`, `image_embeds`), so a recorded trajectory is re-evaluated with the image it was sampled with.
 Every prompt needs an image (`requires_condition_image`: a prompt without one is refused in one line when a run
-starts). The LoRA trains `transformer`, as Wan's. No RLG route: diffusers' modular Wan has no image-to-video guider
-route that samples as this pipeline does.
+starts). The LoRA trains `transformer`, as Wan's. RLG: diffalign's `WanImageToVideoRLGPipeline` (diffusers' modular
+Wan image-to-video blocks resize the image to the target area at its aspect ratio, another video than this pipeline
+samples, and have no TI2V-5B route).
 """
 
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..errors import ModelError, PromptError
+from ..errors import PromptError
 from ..prompts import condition_images_of, load_condition_image
 from ..utils.peft_utils import unwrap
 from .base import Conditioning
@@ -63,7 +64,8 @@ def clean_prompts_without_ftfy():
 class WanImageToVideoFamily(WanFamily):
     name = "wan_i2v"
     pipeline_class = "WanImageToVideoPipeline"
-    modular_blocks_class = None  # no RLG route (see `rlg_pipeline`)
+    rlg_pipeline_class = "WanImageToVideoRLGPipeline"  # Wan 2.1 I2V, TI2V-5B and I2V-A14B alike
+    modular_blocks_class = None  # its RLG pipeline, not the modular blocks (see the module's docstring)
     hub_tags = ("wan", "image-to-video")
     max_condition_images = 1  # WanImageToVideoPipeline takes one `image` (its `last_image` is not a prompt field)
     requires_condition_image = True
@@ -193,16 +195,7 @@ class WanImageToVideoFamily(WanFamily):
     # ------------------------------------------------------------------------ RLG
     @classmethod
     def modular_blocks(cls):
-        return None  # no modular image-to-video blocks with a guider (and no import of Wan's modular encoders)
-
-    @classmethod
-    def rlg_route_for(cls, pipe) -> Optional[str]:
-        return None
-
-    @classmethod
-    def rlg_pipeline(cls, pipe):
-        raise ModelError("Wan image-to-video has no RLG route: diffusers' modular Wan pipeline does not sample it as "
-                         "WanImageToVideoPipeline does")
+        return None  # RLG runs in `rlg_pipeline_class` (and no import of Wan's modular encoders)
 
     # --------------------------------------------------------- tiny test models
     @classmethod
