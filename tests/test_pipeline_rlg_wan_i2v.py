@@ -1,0 +1,118 @@
+"""diffalign's Wan RLG pipelines (`WanImageToVideoRLGPipeline`, `WanRLGPipeline`) on tiny models built offline: at
+w = 0 the stock diffusers pipeline without the LoRA and at w = 1 with it, bit for bit (a model alone runs its CFG
+halves in two passes, as the stock pipelines), for Wan 2.1 I2V, Wan 2.2 TI2V-5B (image- and text-to-video, per-token
+timesteps) and A14B (two experts); w > 1 extrapolates; `diffalign generate` samples TI2V-5B image-to-video into an
+animated grid. (tests/test_family_common.py checks the routes through the families, at a tolerance.)"""
+
+import argparse
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffalign.families import WanFamily, WanImageToVideoFamily, family_for_pipeline
+from diffalign.utils.peft_utils import add_lora
+
+IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 28, 3), dtype=np.uint8))  # not 16 x 16
+
+
+def _randomise_lora(model, std=0.1):
+    generator = torch.Generator().manual_seed(0)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = torch.randn(param.shape, generator=generator) * std
+
+
+CASES = {  # (family, tiny version, side, stock pipeline, RLG pipeline, call arguments)
+    "i2v-ti2v-5b": (WanImageToVideoFamily, "2.2-ti2v", 32, "WanImageToVideoPipeline", "WanImageToVideoRLGPipeline",
+                    {"image": IMAGE}),
+    "t2v-ti2v-5b": (WanFamily, "2.2-ti2v", 32, "WanPipeline", "WanRLGPipeline", {}),
+    "t2v-a14b": (WanFamily, "2.2-a14b", 16, "WanPipeline", "WanRLGPipeline", {"guidance_scale_2": 2.0}),
+    "i2v-2.1": (WanImageToVideoFamily, "2.1-i2v", 16, "WanImageToVideoPipeline", "WanImageToVideoRLGPipeline",
+                {"image": IMAGE}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_rlg_is_the_stock_pipeline_at_0_and_1_bit_for_bit(case):
+    import diffusers
+
+    import diffalign.pipelines
+
+    family, version, side, stock_name, rlg_name, extra = CASES[case]
+    components = family.tiny_components(version=version)
+    if version == "2.2-a14b":
+        components["boundary_ratio"] = 0.5  # of 3 steps at shift 7, the last goes to the low-noise expert
+    components["transformer"].requires_grad_(False)  # as inference (peft then freezes the base weights anyway)
+    stock = getattr(diffusers, stock_name)(**components)
+    rlg = getattr(diffalign.pipelines, rlg_name)(**components)
+    for pipe in (stock, rlg):
+        pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a cat", num_inference_steps=3, height=side, width=side, num_frames=5, output_type="pt",
+                  guidance_scale=3.0, **extra)
+
+    def sample(pipe, **rlg_kwargs):
+        return pipe(generator=torch.Generator().manual_seed(0), **kwargs, **rlg_kwargs).frames
+
+    base = sample(stock)
+    add_lora(components["transformer"], target_modules=family.default_lora_target_modules)
+    _randomise_lora(components["transformer"])
+    aligned = sample(stock)
+    assert (aligned - base).abs().max() > 1e-3
+    for single_pass in (False, True):
+        assert torch.equal(sample(rlg, rlg_scale=0.0, rlg_single_pass=single_pass), base)
+        assert torch.equal(sample(rlg, rlg_scale=1.0, rlg_single_pass=single_pass), aligned)
+    # w = 1.5 extrapolates; one batched pass and one pass per model agree to float rounding
+    beyond = sample(rlg, rlg_scale=1.5)
+    assert (beyond - aligned).abs().max() > 1e-4
+    torch.testing.assert_close(sample(rlg, rlg_scale=1.5, rlg_single_pass=False), beyond, atol=1e-4, rtol=1e-4)
+
+
+def test_a_step_schedule_and_the_window_are_checked_and_used():
+    import diffalign.pipelines
+
+    components = WanImageToVideoFamily.tiny_components(version="2.2-ti2v")
+    add_lora(components["transformer"], target_modules=WanFamily.default_lora_target_modules)
+    _randomise_lora(components["transformer"])
+    pipe = diffalign.pipelines.WanImageToVideoRLGPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(image=IMAGE, prompt="a cat", num_inference_steps=3, height=32, width=32, num_frames=5,
+                  output_type="pt", guidance_scale=3.0)
+
+    def sample(**rlg_kwargs):
+        return pipe(generator=torch.Generator().manual_seed(0), **kwargs, **rlg_kwargs).frames
+
+    with pytest.raises(ValueError, match="2 values, but the sampler runs 3 steps"):
+        sample(rlg_scale=[0.0, 1.0])
+    # a schedule of 0 at every step is the base model; a window that holds no step is the aligned model alone
+    assert torch.equal(sample(rlg_scale=[0.0, 0.0, 0.0]), sample(rlg_scale=0.0))
+    assert torch.equal(sample(rlg_scale=0.0, rlg_start=1.0, rlg_stop=1.0), sample(rlg_scale=1.0))
+
+
+@pytest.mark.slow  # ~14 s, mostly saving the tiny model (the family tester runs generate on Wan 2.1 I2V by default)
+def test_generate_samples_ti2v_image_to_video_into_an_animated_grid(tmp_path):
+    """`diffalign generate --image` on a TI2V-5B image-to-video model: its RLG pipeline, a grid row per scale whose
+    frames are the videos' (5 at `--num-frames 5`), every video written."""
+    from diffalign import generate
+    from diffalign.plotting import find_video, read_video
+
+    model = WanImageToVideoFamily.save_tiny(str(tmp_path / "ti2v"), version="2.2-ti2v")
+    family = family_for_pipeline(WanImageToVideoFamily.load(model))
+    add_lora(family.denoiser, target_modules=family.default_lora_target_modules)
+    _randomise_lora(family.denoiser)
+    family.save_lora(family.denoiser, str(tmp_path / "lora"))
+    image = str(tmp_path / "first.png")
+    IMAGE.save(image)
+    out = tmp_path / "out"
+    argv = ["--model", model, "--lora", str(tmp_path / "lora"), "--prompt", "a cat", "--image", image, "--rlg-scale",
+            "0", "1.5", "--num-images", "2", "--steps", "2", "--resolution", "32", "--num-frames", "5",
+            "--output-dir", str(out)]
+    assert generate.run(generate.add_arguments(argparse.ArgumentParser()).parse_args(argv)) == 0
+    frames = read_video(find_video(str(out / "rlg_grid.png")))
+    assert len(frames) == 5
+    written = sorted(os.listdir(out / "rlg_images" / "w1.5"))
+    assert len(written) == 2 and all(name.startswith("p00_seed") for name in written)
+    pipe = generate.load_rlg_pipeline(model, lora=str(tmp_path / "lora"), device="cpu")
+    assert type(pipe).__name__ == "WanImageToVideoRLGPipeline" and pipe.config.expand_timesteps
