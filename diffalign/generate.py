@@ -58,7 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--prompt", action="append", default=None, help="a prompt; repeat for several")
     parser.add_argument("--image", default=None,
-                        help="condition image of an editing model (FLUX.1 Kontext), the same for every prompt")
+                        help="condition image of an editing (FLUX.1 Kontext) or image-to-video (Wan) model, the same "
+                             "for every prompt")
+    parser.add_argument("--last-image", default=None,
+                        help="last frame of a first-last-frame video model (Wan 2.1 FLF2V), with --image as the first")
     parser.add_argument(
         "--rlg-scale", type=float, nargs="+", default=DEFAULT_SCALES, help="RLG scales, one grid row each"
     )
@@ -320,13 +323,21 @@ def save_images(images: Dict, prompts: List[str], num_images: int, seed: int, di
     return index
 
 
-def check_image_flag(family, image: Optional[str]):
-    """Checks `--image` against `family` (a `ModelFamily` subclass) before anything loads: a one-line `PromptError`
-    for a missing or unreadable file, a `ConfigError` for an image given to a text-to-image family or none given to
-    an editing family (`max_condition_images`)."""
+def check_image_flag(family, image: Optional[str], last_image: Optional[str] = None):
+    """Checks `--image` (and `--last-image`) against `family` (a `ModelFamily` subclass) before anything loads: a
+    one-line `PromptError` for a missing or unreadable file, a `ConfigError` for an image given to a text-to-image
+    family or none given to an editing family (`max_condition_images`), or a last frame given to a family that takes
+    none (`takes_last_image`) or without `--image`."""
     from diffalign.errors import ConfigError
     from diffalign.prompts import check_condition_image
 
+    if last_image is not None:
+        if not family.takes_last_image:
+            raise ConfigError(f"--last-image: {family.name} models take no last frame (Wan 2.1 FLF2V image-to-video "
+                              f"models do); leave --last-image out")
+        if image is None:
+            raise ConfigError("--last-image is the last frame of a video that starts from --image: give --image too")
+        check_condition_image(last_image, "--last-image")
     if image is None:
         if family.max_condition_images:
             raise ConfigError(f"{family.name} models edit an image: give the condition image with --image PATH")
@@ -337,17 +348,17 @@ def check_image_flag(family, image: Optional[str]):
     check_condition_image(image, "--image")
 
 
-def edit_call_kwargs(family, pipe, image: str, resolution: Optional[int]) -> Dict:
+def edit_call_kwargs(family, pipe, image: str, resolution: Optional[int], last_image: Optional[str] = None) -> Dict:
     """The pipeline arguments that edit `image` (a path) with `pipe` as `family`'s rollouts sample: the image as the
     family's pipeline takes it, the sampled size (the model's default side without `resolution`) and the family's
     call arguments (`ModelFamily.pipeline_call_kwargs`). FLUX.1 Kontext: the image resized to the sampled size, with
-    its `max_area` and no resize to a preferred resolution; Qwen-Image-Edit: the image as given
-    (`pipeline_condition_kwargs`), which the pipeline and its modular blocks resize themselves."""
+    its `max_area` and no resize to a preferred resolution; Qwen-Image-Edit and Wan image-to-video: the image as given
+    (`pipeline_condition_kwargs`; Wan 2.1 FLF2V also `last_image`), which the pipelines resize themselves."""
     from diffalign.prompts import ConditionedPrompt
 
     sampler = family(pipe)
     side = resolution or sampler.default_resolution()
-    condition = sampler.pipeline_condition_kwargs(ConditionedPrompt("", (image,))) \
+    condition = sampler.pipeline_condition_kwargs(ConditionedPrompt("", (image,), last_image=last_image)) \
         or {"image": sampler.pipeline_image(image, side, side)}
     return {**condition, "height": side, "width": side, **sampler.pipeline_call_kwargs(side, side)}
 
@@ -442,7 +453,7 @@ def run(args: argparse.Namespace) -> int:
                              f"the directory that holds the weights")
 
     family = rlg_family_for(model_path)
-    check_image_flag(family, args.image)
+    check_image_flag(family, args.image, args.last_image)
     if args.num_frames is not None and family.output_kind != "video":
         raise ConfigError(f"--num-frames is for video models (wan); this {family.name} model samples images")
 
@@ -453,7 +464,7 @@ def run(args: argparse.Namespace) -> int:
                              num_threads=args.threads)
     size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
     if args.image:
-        size = edit_call_kwargs(family, pipe, args.image, args.resolution)
+        size = edit_call_kwargs(family, pipe, args.image, args.resolution, args.last_image)
     if args.num_frames:  # over the family's default (image-to-video's call arguments name one)
         size["num_frames"] = args.num_frames
     images = sample_scales(

@@ -16,6 +16,7 @@ from diffalign.families import WanFamily, WanImageToVideoFamily, family_for_pipe
 from diffalign.utils.peft_utils import add_lora
 
 IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 28, 3), dtype=np.uint8))  # not 16 x 16
+LAST = Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 24, 3), dtype=np.uint8))
 
 
 def _randomise_lora(model, std=0.1):
@@ -32,6 +33,8 @@ CASES = {  # (family, tiny version, side, stock pipeline, RLG pipeline, call arg
     "t2v-a14b": (WanFamily, "2.2-a14b", 16, "WanPipeline", "WanRLGPipeline", {"guidance_scale_2": 2.0}),
     "i2v-2.1": (WanImageToVideoFamily, "2.1-i2v", 16, "WanImageToVideoPipeline", "WanImageToVideoRLGPipeline",
                 {"image": IMAGE}),
+    "flf2v-2.1": (WanImageToVideoFamily, "2.1-flf2v", 16, "WanImageToVideoPipeline", "WanImageToVideoRLGPipeline",
+                  {"image": IMAGE, "last_image": LAST}),
 }
 
 
@@ -91,14 +94,16 @@ def test_a_step_schedule_and_the_window_are_checked_and_used():
     assert torch.equal(sample(rlg_scale=0.0, rlg_start=1.0, rlg_stop=1.0), sample(rlg_scale=1.0))
 
 
-@pytest.mark.slow  # ~14 s, mostly saving the tiny model (the family tester runs generate on Wan 2.1 I2V by default)
-def test_generate_samples_ti2v_image_to_video_into_an_animated_grid(tmp_path):
-    """`diffalign generate --image` on a TI2V-5B image-to-video model: its RLG pipeline, a grid row per scale whose
-    frames are the videos' (5 at `--num-frames 5`), every video written."""
+@pytest.mark.slow  # ~5 s each (the family tester runs generate on Wan 2.1 I2V by default)
+@pytest.mark.parametrize("version, side", [("2.2-ti2v", 32), ("2.1-flf2v", 16)])
+def test_generate_samples_image_to_video_into_an_animated_grid(tmp_path, version, side):
+    """`diffalign generate --image` on a TI2V-5B image-to-video model (and `--last-image` on a Wan 2.1 FLF2V one):
+    its RLG pipeline, a grid row per scale whose frames are the videos' (5 at `--num-frames 5`), every video
+    written."""
     from diffalign import generate
     from diffalign.plotting import find_video, read_video
 
-    model = WanImageToVideoFamily.save_tiny(str(tmp_path / "ti2v"), version="2.2-ti2v")
+    model = WanImageToVideoFamily.save_tiny(str(tmp_path / "model"), version=version)
     family = family_for_pipeline(WanImageToVideoFamily.load(model))
     add_lora(family.denoiser, target_modules=family.default_lora_target_modules)
     _randomise_lora(family.denoiser)
@@ -107,12 +112,38 @@ def test_generate_samples_ti2v_image_to_video_into_an_animated_grid(tmp_path):
     IMAGE.save(image)
     out = tmp_path / "out"
     argv = ["--model", model, "--lora", str(tmp_path / "lora"), "--prompt", "a cat", "--image", image, "--rlg-scale",
-            "0", "1.5", "--num-images", "2", "--steps", "2", "--resolution", "32", "--num-frames", "5",
+            "0", "1.5", "--num-images", "2", "--steps", "2", "--resolution", str(side), "--num-frames", "5",
             "--output-dir", str(out)]
+    if version == "2.1-flf2v":
+        LAST.save(str(tmp_path / "last.png"))
+        argv += ["--last-image", str(tmp_path / "last.png")]
     assert generate.run(generate.add_arguments(argparse.ArgumentParser()).parse_args(argv)) == 0
     frames = read_video(find_video(str(out / "rlg_grid.png")))
     assert len(frames) == 5
     written = sorted(os.listdir(out / "rlg_images" / "w1.5"))
     assert len(written) == 2 and all(name.startswith("p00_seed") for name in written)
     pipe = generate.load_rlg_pipeline(model, lora=str(tmp_path / "lora"), device="cpu")
-    assert type(pipe).__name__ == "WanImageToVideoRLGPipeline" and pipe.config.expand_timesteps
+    assert type(pipe).__name__ == "WanImageToVideoRLGPipeline"
+    assert pipe.config.expand_timesteps == (version == "2.2-ti2v")
+
+
+def test_generate_refuses_a_last_image_in_one_line(tmp_path):
+    """`--last-image`: a family that takes no last frame, one without `--image`, a missing file; and (the family's
+    check) a Wan image-to-video model that is not FLF2V."""
+    from diffalign import generate
+    from diffalign.errors import ConfigError, PromptError
+    from diffalign.families import FAMILIES
+
+    IMAGE.save(str(tmp_path / "first.png"))
+    first = str(tmp_path / "first.png")
+    cases = [(FAMILIES["FluxKontextPipeline"], first, first, ConfigError, "flux_kontext models take no last frame"),
+             (WanImageToVideoFamily, None, first, ConfigError, "give --image too"),
+             (WanImageToVideoFamily, first, str(tmp_path / "gone.png"), PromptError, "gone.png' does not exist")]
+    for family, image, last, error_class, message in cases:
+        with pytest.raises(error_class, match=message) as error:
+            generate.check_image_flag(family, image, last)
+        assert "\n" not in str(error.value)
+    generate.check_image_flag(WanImageToVideoFamily, first, first)
+    pipe = WanImageToVideoFamily.tiny_pipeline()  # Wan 2.1 I2V, not FLF2V
+    with pytest.raises(PromptError, match="takes no last frame"):
+        generate.edit_call_kwargs(WanImageToVideoFamily, pipe, first, 16, last_image=first)
