@@ -404,7 +404,7 @@ def test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines(family_dir, 
         fresh.load_lora_weights(lora_dir)
         rlg = family.rlg_pipeline(fresh)
     for scale, expected in ((1.0, after), (0.0, before)):
-        images = rlg(prompt=PROMPTS[0], generator=_generator(), rlg_scale=scale, **kwargs).images
+        images = _sampled(rlg(prompt=PROMPTS[0], generator=_generator(), rlg_scale=scale, **kwargs))  # Wan: frames
         torch.testing.assert_close(images, expected, atol=1e-4, rtol=1e-4)
 
 
