@@ -11,7 +11,8 @@ Flux2KleinPipeline's `guidance_scale`, which a step-distilled klein ignores). Th
 as a LoRA (`--lora`) and runs one denoiser forward per model and condition. An editing model (FLUX.1 Kontext:
 `FluxKontextRLGPipeline`) edits the condition image `--image` (required for it, refused for text-to-image models), the
 same image for every prompt, sampled as the family's rollouts do (`ModelFamily.pipeline_call_kwargs`: resized to the
-sampled size, no rescale to 1024^2 pixels).
+sampled size, no rescale to 1024^2 pixels). Wan image-to-video (`WanImageToVideoRLGPipeline`) starts each video from
+`--image` (and ends it on `--last-image`, Wan 2.1 FLF2V); Wan 2.2 TI2V-5B text-to-video takes `WanRLGPipeline`.
 
 Writes, under `--output-dir`:
 - `rlg_grid.png`: one labelled row per RLG scale with the same images in every row (at most `GRID_PER_ROW` = 8: the
