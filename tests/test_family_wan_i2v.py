@@ -227,3 +227,18 @@ def test_a_prompt_row_carries_its_last_image_through_the_prompt_file_and_a_check
         with pytest.raises(PromptError, match=message) as error:
             read_prompt_records(str(prompt_file))
         assert "\n" not in str(error.value)
+
+
+def test_a_last_image_for_a_model_without_last_frames_stops_the_run_in_one_line(tmp_path, capsys):
+    from diffalign.cli import main
+
+    model = WanImageToVideoFamily.save_tiny(str(tmp_path / "wan_i2v"))  # Wan 2.1 I2V: no pos_embed_seq_len
+    prompt_file = tmp_path / "prompts.jsonl"
+    first, last = os.path.basename(_image(tmp_path, 0)), os.path.basename(_image(tmp_path, 1))
+    prompt_file.write_text(json.dumps({"prompt": "a cat", "image": first, "last_image": last}) + "\n")
+    argv = ["train", "ddpo", "--model", model, "--output_dir", str(tmp_path / "run"), "--prompt_file",
+            str(prompt_file), "--num_frames", "5", "--sample_resolution", "16", "--sample_num_steps", "2"]
+    capsys.readouterr()  # saving's progress bars
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "takes no last frame" in err[0], err
