@@ -95,25 +95,29 @@ def test_a_step_schedule_and_the_window_are_checked_and_used():
 
 
 @pytest.mark.slow  # ~5 s each (the family tester runs generate on Wan 2.1 I2V by default)
-@pytest.mark.parametrize("version, side", [("2.2-ti2v", 32), ("2.1-flf2v", 16)])
-def test_generate_samples_image_to_video_into_an_animated_grid(tmp_path, version, side):
-    """`diffalign generate --image` on a TI2V-5B image-to-video model (and `--last-image` on a Wan 2.1 FLF2V one):
-    its RLG pipeline, a grid row per scale whose frames are the videos' (5 at `--num-frames 5`), every video
-    written."""
+@pytest.mark.parametrize("family, version, side, expected", [
+    (WanImageToVideoFamily, "2.2-ti2v", 32, "WanImageToVideoRLGPipeline"),
+    (WanImageToVideoFamily, "2.1-flf2v", 16, "WanImageToVideoRLGPipeline"),
+    (WanFamily, "2.2-ti2v", 32, "WanRLGPipeline")], ids=["i2v-ti2v-5b", "flf2v", "t2v-ti2v-5b"])
+def test_generate_samples_wan_rlg_pipelines_into_an_animated_grid(tmp_path, family, version, side, expected):
+    """`diffalign generate` on TI2V-5B image-to-video (`--image`), Wan 2.1 FLF2V (`--image --last-image`) and TI2V-5B
+    text-to-video: the RLG pipeline, a grid row per scale whose frames are the videos' (5 at `--num-frames 5`),
+    every video written."""
     from diffalign import generate
     from diffalign.plotting import find_video, read_video
 
-    model = WanImageToVideoFamily.save_tiny(str(tmp_path / "model"), version=version)
-    family = family_for_pipeline(WanImageToVideoFamily.load(model))
-    add_lora(family.denoiser, target_modules=family.default_lora_target_modules)
-    _randomise_lora(family.denoiser)
-    family.save_lora(family.denoiser, str(tmp_path / "lora"))
-    image = str(tmp_path / "first.png")
-    IMAGE.save(image)
+    model = family.save_tiny(str(tmp_path / "model"), version=version)
+    trained = family_for_pipeline(family.load(model))
+    add_lora(trained.denoiser, target_modules=trained.default_lora_target_modules)
+    _randomise_lora(trained.denoiser)
+    trained.save_lora(trained.denoiser, str(tmp_path / "lora"))
     out = tmp_path / "out"
-    argv = ["--model", model, "--lora", str(tmp_path / "lora"), "--prompt", "a cat", "--image", image, "--rlg-scale",
-            "0", "1.5", "--num-images", "2", "--steps", "2", "--resolution", str(side), "--num-frames", "5",
+    argv = ["--model", model, "--lora", str(tmp_path / "lora"), "--prompt", "a cat", "--rlg-scale", "0", "1.5",
+            "--num-images", "2", "--steps", "2", "--resolution", str(side), "--num-frames", "5",
             "--output-dir", str(out)]
+    if family.requires_condition_image:
+        IMAGE.save(str(tmp_path / "first.png"))
+        argv += ["--image", str(tmp_path / "first.png")]
     if version == "2.1-flf2v":
         LAST.save(str(tmp_path / "last.png"))
         argv += ["--last-image", str(tmp_path / "last.png")]
@@ -123,7 +127,7 @@ def test_generate_samples_image_to_video_into_an_animated_grid(tmp_path, version
     written = sorted(os.listdir(out / "rlg_images" / "w1.5"))
     assert len(written) == 2 and all(name.startswith("p00_seed") for name in written)
     pipe = generate.load_rlg_pipeline(model, lora=str(tmp_path / "lora"), device="cpu")
-    assert type(pipe).__name__ == "WanImageToVideoRLGPipeline"
+    assert type(pipe).__name__ == expected
     assert pipe.config.expand_timesteps == (version == "2.2-ti2v")
 
 
