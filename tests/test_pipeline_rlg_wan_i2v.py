@@ -94,6 +94,33 @@ def test_a_step_schedule_and_the_window_are_checked_and_used():
     assert torch.equal(sample(rlg_scale=0.0, rlg_start=1.0, rlg_stop=1.0), sample(rlg_scale=1.0))
 
 
+def test_a_fully_fine_tuned_aligned_transformer_is_the_stock_pipeline_on_it_at_1():
+    """`aligned_transformer` (a full fine-tune, no LoRA): w = 0 samples `transformer`, w = 1 the fine-tune, bit for
+    bit (TI2V-5B image-to-video)."""
+    import copy
+
+    import diffusers
+
+    import diffalign.pipelines
+
+    components = WanImageToVideoFamily.tiny_components(version="2.2-ti2v")
+    aligned = copy.deepcopy(components["transformer"])
+    with torch.no_grad():
+        for param in aligned.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+    kwargs = dict(image=IMAGE, prompt="a cat", num_inference_steps=3, height=32, width=32, num_frames=5,
+                  output_type="pt", guidance_scale=3.0)
+
+    def sample(pipe, **rlg_kwargs):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(generator=torch.Generator().manual_seed(0), **kwargs, **rlg_kwargs).frames
+
+    rlg = diffalign.pipelines.WanImageToVideoRLGPipeline(**components, aligned_transformer=aligned)
+    assert torch.equal(sample(rlg, rlg_scale=0.0), sample(diffusers.WanImageToVideoPipeline(**components)))
+    assert torch.equal(sample(rlg, rlg_scale=1.0),
+                       sample(diffusers.WanImageToVideoPipeline(**{**components, "transformer": aligned})))
+
+
 @pytest.mark.slow  # ~5 s each (the family tester runs generate on Wan 2.1 I2V by default)
 @pytest.mark.parametrize("family, version, side, expected", [
     (WanImageToVideoFamily, "2.2-ti2v", 32, "WanImageToVideoRLGPipeline"),
