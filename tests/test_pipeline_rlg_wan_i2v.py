@@ -158,15 +158,20 @@ def test_generate_samples_wan_rlg_pipelines_into_an_animated_grid(tmp_path, fami
     assert pipe.config.expand_timesteps == (version == "2.2-ti2v")
 
 
-def test_generate_refuses_a_last_image_in_one_line(tmp_path):
-    """`--last-image`: a family that takes no last frame, one without `--image`, a missing file; and (the family's
-    check) a Wan image-to-video model that is not FLF2V."""
+def test_generate_refuses_a_last_image_in_one_line(tmp_path, tiny_model_dir, capsys):
+    """`--last-image`: a family that takes no last frame (through the CLI: one line, exit code 2), one without
+    `--image`, a missing file; and (the family's check) a Wan image-to-video model that is not FLF2V."""
     from diffalign import generate
+    from diffalign.cli import main
     from diffalign.errors import ConfigError, PromptError
     from diffalign.families import FAMILIES
 
     IMAGE.save(str(tmp_path / "first.png"))
     first = str(tmp_path / "first.png")
+    assert main(["generate", "--model", tiny_model_dir, "--prompt", "a cat", "--rlg-scale", "1", "--last-image", first,
+                 "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sd models take no last frame" in err[0], err
     cases = [(FAMILIES["FluxKontextPipeline"], first, first, ConfigError, "flux_kontext models take no last frame"),
              (WanImageToVideoFamily, None, first, ConfigError, "give --image too"),
              (WanImageToVideoFamily, first, str(tmp_path / "gone.png"), PromptError, "gone.png' does not exist")]
