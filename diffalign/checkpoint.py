@@ -49,8 +49,10 @@ def split_state(state: Any, tensors: Dict[str, torch.Tensor], prefix: str = "") 
     images = getattr(state, "condition_images", None) if isinstance(state, str) else None
     videos = getattr(state, "condition_videos", None) if isinstance(state, str) else None
     if images or videos:
+        last = getattr(state, "last_image", None)
         return {"__prompt__": str(state), "condition_images": list(images),
-                **({"condition_videos": list(videos)} if videos else {})}
+                **({"condition_videos": list(videos)} if videos else {}),
+                **({"last_image": last} if last is not None else {})}
     if isinstance(state, torch.Tensor):
         tensors[prefix] = state.detach().cpu().contiguous()
         return {"__tensor__": prefix}
@@ -82,7 +84,7 @@ def join_state(skeleton: Any, tensors: Dict[str, torch.Tensor]) -> Any:
             from .prompts import ConditionedPrompt
 
             return ConditionedPrompt(skeleton["__prompt__"], tuple(skeleton["condition_images"]),
-                                     tuple(skeleton.get("condition_videos", ())))
+                                     tuple(skeleton.get("condition_videos", ())), skeleton.get("last_image"))
     return skeleton
 
 

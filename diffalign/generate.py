@@ -13,6 +13,8 @@ as a LoRA (`--lora`) and runs one denoiser forward per model and condition. An e
 same image for every prompt, sampled as the family's rollouts do (`ModelFamily.pipeline_call_kwargs`: resized to the
 sampled size, no rescale to 1024^2 pixels); a model that takes several (Qwen-Image-Edit-Plus: `max_condition_images`)
 gets every repeated `--image a.png --image b.png` in order, as its pipeline's `image=[...]`.
+Wan image-to-video (`WanImageToVideoRLGPipeline`) starts each video from
+`--image` (and ends it on `--last-image`, Wan 2.1 FLF2V); Wan 2.2 TI2V-5B text-to-video takes `WanRLGPipeline`.
 
 Writes, under `--output-dir`:
 - `rlg_grid.png`: one labelled row per RLG scale with the same images in every row (at most `GRID_PER_ROW` = 8: the
@@ -65,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--video", default=None,
                         help="condition video of a video-to-video model (wan_v2v, which has no RLG route yet: "
                              "refused); other models refuse it")
+    parser.add_argument("--last-image", default=None,
+                        help="last frame of a first-last-frame video model (Wan 2.1 FLF2V), with --image as the first")
     parser.add_argument(
         "--rlg-scale", type=float, nargs="+", default=DEFAULT_SCALES, help="RLG scales, one grid row each"
     )
@@ -266,6 +270,7 @@ def sample_scales(
         call_kwargs.pop("eta", None)  # flow-matching pipelines (SD3) sample the deterministic ODE: no eta
     if "rlg_single_pass" not in parameters:
         call_kwargs.pop("rlg_single_pass", None)  # the modular guider runs one forward per model and condition
+    per_prompt = "num_videos_per_prompt" if "num_videos_per_prompt" in parameters else "num_images_per_prompt"
     device = pipe._execution_device
     generator_device = "cpu" if device.type == "mps" else device
     images = {}
@@ -277,13 +282,14 @@ def sample_scales(
                 with torch.no_grad():
                     out = pipe(
                         prompt=prompt,
-                        num_images_per_prompt=num_images,
                         generator=generators,
                         rlg_scale=scale,
                         output_type="pt",
+                        **{per_prompt: num_images},  # a video pipeline's name (Wan's RLG pipelines)
                         **call_kwargs,
                     )
-                rows.append(out.images.float().cpu())
+                # a video pipeline's output (WanPipelineOutput) holds `.frames`
+                rows.append((out.frames if hasattr(out, "frames") else out.images).float().cpu())
                 bar.update(num_images)
         images[scale] = torch.cat(rows)
     return images
@@ -332,15 +338,23 @@ def image_paths(image) -> List[str]:
     return [image] if isinstance(image, str) else list(image)
 
 
-def check_image_flag(family, image):
-    """Checks `--image` (none, a path, or the repeated flag's paths) against `family` (a `ModelFamily` subclass)
-    before anything loads: a one-line `PromptError` for a missing or unreadable file, a `ConfigError` for an image
-    given to a text-to-image family, none given to an editing family, or more than the family takes
-    (`max_condition_images`)."""
+def check_image_flag(family, image, last_image: Optional[str] = None):
+    """Checks `--image` (none, a path, or the repeated flag's paths) and `--last-image` against `family` (a
+    `ModelFamily` subclass) before anything loads: a one-line `PromptError` for a missing or unreadable file, a
+    `ConfigError` for an image given to a text-to-image family, none given to an editing family, more than the family
+    takes (`max_condition_images`), or a last frame given to a family that takes none (`takes_last_image`) or without
+    `--image`."""
     from diffalign.errors import ConfigError
     from diffalign.prompts import check_condition_image
 
     paths = image_paths(image)
+    if last_image is not None:
+        if not family.takes_last_image:
+            raise ConfigError(f"--last-image: {family.name} models take no last frame (Wan 2.1 FLF2V image-to-video "
+                              f"models do); leave --last-image out")
+        if not paths:
+            raise ConfigError("--last-image is the last frame of a video that starts from --image: give --image too")
+        check_condition_image(last_image, "--last-image")
     if not paths:
         if family.max_condition_images:
             raise ConfigError(f"{family.name} models edit an image: give the condition image with --image PATH")
@@ -372,19 +386,20 @@ def check_video_flag(family, video: Optional[str]):
     check_condition_video(video, "--video")
 
 
-def edit_call_kwargs(family, pipe, image, resolution: Optional[int]) -> Dict:
+def edit_call_kwargs(family, pipe, image, resolution: Optional[int], last_image: Optional[str] = None) -> Dict:
     """The pipeline arguments that edit `image` (a path, or a list of paths for a model that takes several) with
     `pipe` as `family`'s rollouts sample: the images as the family's pipeline takes them, the sampled size (the
     model's default side without `resolution`) and the family's call arguments (`ModelFamily.pipeline_call_kwargs`).
     FLUX.1 Kontext: the image resized to the sampled size, with its `max_area` and no resize to a preferred
-    resolution; Qwen-Image-Edit: the image as given (`pipeline_condition_kwargs`; Edit-Plus: a list of every image,
-    in order, as training's `images` rows), which the pipeline and its modular blocks resize themselves."""
+    resolution; Qwen-Image-Edit and Wan image-to-video: the image as given (`pipeline_condition_kwargs`; Edit-Plus: a
+    list of every image, in order, as training's `images` rows; Wan 2.1 FLF2V also `last_image`), which the
+    pipelines resize themselves."""
     from diffalign.prompts import ConditionedPrompt
 
     paths = image_paths(image)
     sampler = family(pipe)
     side = resolution or sampler.default_resolution()
-    condition = sampler.pipeline_condition_kwargs(ConditionedPrompt("", tuple(paths))) \
+    condition = sampler.pipeline_condition_kwargs(ConditionedPrompt("", tuple(paths), last_image=last_image)) \
         or {"image": sampler.pipeline_image(paths[0], side, side)}
     return {**condition, "height": side, "width": side, **sampler.pipeline_call_kwargs(side, side)}
 
@@ -479,7 +494,7 @@ def run(args: argparse.Namespace) -> int:
                              f"the directory that holds the weights")
 
     family = rlg_family_for(model_path)
-    check_image_flag(family, args.image)
+    check_image_flag(family, args.image, args.last_image)
     check_video_flag(family, args.video)
     if args.num_frames is not None and family.output_kind != "video":
         raise ConfigError(f"--num-frames is for video models (wan); this {family.name} model samples images")
@@ -491,7 +506,9 @@ def run(args: argparse.Namespace) -> int:
                              num_threads=args.threads)
     size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
     if args.image:
-        size = edit_call_kwargs(family, pipe, args.image, args.resolution)
+        size = edit_call_kwargs(family, pipe, args.image, args.resolution, args.last_image)
+    if args.num_frames:  # over the family's default (image-to-video's call arguments name one)
+        size["num_frames"] = args.num_frames
     images = sample_scales(
         pipe,
         prompts,
@@ -502,7 +519,6 @@ def run(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale if args.guidance_scale is not None else family.default_guidance_scale,
         **size,
-        **({"num_frames": args.num_frames} if args.num_frames else {}),
         eta=args.eta,
         rlg_start=args.rlg_start,
         rlg_stop=args.rlg_stop,

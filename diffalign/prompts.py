@@ -149,9 +149,10 @@ class PromptDifficulty:
 
 # ------------------------------------------------------------------------------------------- condition images
 class ConditionedPrompt(str):
-    """A prompt's text with the condition images an editing model starts from (`condition_images`: absolute paths)
-    and the condition videos a video-to-video model starts from (`condition_videos`, a row's `video` / `videos`;
-    `ModelFamily.max_condition_videos`: `wan_v2v` takes one).
+    """A prompt's text with the condition images an editing model starts from (`condition_images`: absolute paths),
+    the condition videos a video-to-video model starts from (`condition_videos`, a row's `video` / `videos`;
+    `ModelFamily.max_condition_videos`: `wan_v2v` takes one) and the last frame a first-last-frame video model ends
+    on (`last_image`, a row's `last_image`: Wan 2.1 FLF2V; absolute path or None).
 
     It is the text everywhere a prompt is text (the text encoders, logs, JSON), so a prompt carries its images
     through the epoch's draw, the rollout and the recorded trajectories without another argument; the families that
@@ -159,30 +160,35 @@ class ConditionedPrompt(str):
     on two images is two prompts, in the conditioning cache (`prompt_key`) and in the per-prompt reward groups and
     statistics (DDPO's tracker, NFT's and GRPO's groups, `PromptDifficulty`)."""
 
-    def __new__(cls, text: str, condition_images: Tuple[str, ...] = (), condition_videos: Tuple[str, ...] = ()):
+    def __new__(cls, text: str, condition_images: Tuple[str, ...] = (), condition_videos: Tuple[str, ...] = (),
+                last_image: Optional[str] = None):
         prompt = super().__new__(cls, text)
         prompt.condition_images = tuple(condition_images)
         prompt.condition_videos = tuple(condition_videos)
+        prompt.last_image = last_image
         return prompt
 
     def __eq__(self, other):
         if not isinstance(other, str):
             return NotImplemented
         return (str.__eq__(self, other) and self.condition_images == condition_images_of(other)
-                and self.condition_videos == condition_videos_of(other))
+                and self.condition_videos == condition_videos_of(other) and self.last_image == last_image_of(other))
 
     def __ne__(self, other):
         equal = self.__eq__(other)
         return equal if equal is NotImplemented else not equal
 
     def __hash__(self):
+        if self.last_image is not None:
+            return hash((str(self), self.condition_images, self.condition_videos, self.last_image))
         if self.condition_videos:
             return hash((str(self), self.condition_images, self.condition_videos))
         return hash((str(self), self.condition_images))  # an image prompt's hash as before videos existed
 
     def __repr__(self) -> str:
         videos = f", condition_videos={self.condition_videos!r}" if self.condition_videos else ""
-        return f"ConditionedPrompt({str(self)!r}, condition_images={self.condition_images!r}{videos})"
+        last = f", last_image={self.last_image!r}" if self.last_image is not None else ""
+        return f"ConditionedPrompt({str(self)!r}, condition_images={self.condition_images!r}{videos}{last})"
 
 
 def condition_images_of(prompt) -> Tuple[str, ...]:
@@ -195,10 +201,17 @@ def condition_videos_of(prompt) -> Tuple[str, ...]:
     return getattr(prompt, "condition_videos", ())
 
 
+def last_image_of(prompt) -> Optional[str]:
+    """The last-frame image path of a prompt (None for a prompt without)."""
+    return getattr(prompt, "last_image", None)
+
+
 def prompt_key(prompt):
-    """The conditioning cache's key of a prompt: its text, and its condition images (and videos) when it has any
-    (the same edit instruction on two images is two conditionings)."""
+    """The conditioning cache's key of a prompt: its text, and its condition images (and videos, and last frame)
+    when it has any (the same edit instruction on two images is two conditionings)."""
     images, videos = condition_images_of(prompt), condition_videos_of(prompt)
+    if last_image_of(prompt) is not None:
+        return str(prompt), images, videos, last_image_of(prompt)
     if videos:
         return str(prompt), images, videos
     return (str(prompt), images) if images else prompt
@@ -293,13 +306,17 @@ def attach_condition_images(prompts: List[str], metadata: List[dict], path: str,
     with them as absolute paths (`image` / `video` a string, `images` / `videos` a list, as in the file): a reward
     gets the paths (`load_condition_tensor` reads an image, `load_condition_video` a video).
 
+    A row's `last_image` (a first-last-frame video model's last frame, Wan 2.1 FLF2V; with an `image`, the first)
+    is read the same way (`ConditionedPrompt.last_image`, `metadata["last_image"]`).
+
     Paths are relative to the prompt file's folder (Flow-Factory's and Flow-GRPO's convention); every image and
     video is checked now, before any model loads: a missing or unreadable one is a one-line `PromptError`. With
-    `empty_cell_is_none` (a CSV, whose rows all have every column), an empty `image` / `video` cell means none."""
+    `empty_cell_is_none` (a CSV, whose rows all have every column), an empty `image` / `video` / `last_image` cell
+    means none."""
     base = os.path.dirname(os.path.abspath(path))
     out_prompts, out_metadata = [], []
     for number, (prompt, row) in enumerate(zip(prompts, metadata), start=1):
-        for single in ("image", "video"):
+        for single in ("image", "video", "last_image"):
             if empty_cell_is_none and isinstance(row.get(single), str) and not row[single].strip():
                 row = {k: v for k, v in row.items() if k != single}  # a CSV row without an image / a video
         where = f"prompt file '{path}' row {number}"
@@ -309,23 +326,35 @@ def attach_condition_images(prompts: List[str], metadata: List[dict], path: str,
                 paths = _condition_paths(row, base, where, single)
                 conditions[single] = paths
                 row = {**row, **({single: paths[0]} if single in row else {f"{single}s": list(paths)})}
+        last_image = None
+        if "last_image" in row:
+            if "image" not in conditions:
+                raise PromptError(f"{where} has a 'last_image' but no 'image': a first-last-frame model starts from "
+                                  f"the 'image'")
+            last_image = _condition_paths({"last_image": row["last_image"]}, base, where, "last_image")[0]
+            row = {**row, "last_image": last_image}
         if conditions:
-            prompt = ConditionedPrompt(prompt, conditions.get("image", ()), conditions.get("video", ()))
+            prompt = ConditionedPrompt(prompt, conditions.get("image", ()), conditions.get("video", ()), last_image)
         out_prompts.append(prompt)
         out_metadata.append(row)
     return out_prompts, out_metadata
 
 
 def check_condition_prompts(prompts: List[str], family_name: str, max_images: int, what: str = "prompt",
-                            required: bool = False, max_videos: int = 0, videos_required: bool = False):
+                            required: bool = False, max_videos: int = 0, videos_required: bool = False,
+                            takes_last_image: bool = False):
     """A one-line `PromptError` when a prompt has more condition images than the model takes (`max_images`; 0 for
     a text-to-image model), when prompts with and without condition images are mixed (an editing model samples
     a prompt without one text-to-image, with another token count: they cannot share a batch), with `required`
     (a model that cannot sample without one: Qwen-Image-Edit) when a prompt has none, when a prompt has more
-    condition videos than the model takes (`max_videos`: 0 but for video-to-video, `wan_v2v`), or with
-    `videos_required` (video-to-video) when a prompt has no condition video."""
+    condition videos than the model takes (`max_videos`: 0 but for video-to-video, `wan_v2v`), with
+    `videos_required` (video-to-video) when a prompt has no condition video, or when a prompt has a `last_image` and
+    the family takes none (`takes_last_image`: Wan image-to-video's FLF2V models do)."""
     with_images = without = None
     for prompt in prompts:
+        if last_image_of(prompt) is not None and not takes_last_image:
+            raise PromptError(f"{what} '{prompt}' has a 'last_image', but a {family_name} model takes no last frame "
+                              f"(Wan 2.1 FLF2V image-to-video models do)")
         videos = len(condition_videos_of(prompt))
         if videos > max_videos:
             takes = "no condition videos (only video-to-video models, wan_v2v, do)" if max_videos == 0 \
@@ -459,8 +488,9 @@ def read_prompt_records(path: str, column: str = "prompt") -> Tuple[List[str], L
     (never at a form feed or U+2028, which stay inside their prompt), and the file is read a line at a time.
 
     A JSONL/CSV row with an `image` (or, JSONL only, `images`: a list) field names condition images for editing
-    and image-to-video models, a `video` (`videos`) field condition videos, relative to the prompt file: its prompt
-    becomes a `ConditionedPrompt` (see `attach_condition_images`)."""
+    and image-to-video models, a `video` (`videos`) field condition videos, a `last_image` field the last frame of a
+    first-last-frame video model, relative to the prompt file: its prompt becomes a `ConditionedPrompt` (see
+    `attach_condition_images`)."""
     extension = os.path.splitext(path)[1].lower()
     if extension == ".jsonl":
         prompts, metadata = attach_condition_images(*_read_jsonl(path, column), path)

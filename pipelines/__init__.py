@@ -14,11 +14,13 @@ _PIPELINES = {
     "FluxKontextRLGPipeline": "pipeline_flux_kontext_rlg",
     "Flux2RLGPipeline": "pipeline_flux2_rlg",
     "SanaRLGPipeline": "pipeline_sana_rlg",
+    "WanRLGPipeline": "pipeline_wan_rlg",
+    "WanImageToVideoRLGPipeline": "pipeline_wan_i2v_rlg",
 }
 
 __all__ = [
     "Flux2RLGPipeline", "FluxKontextRLGPipeline", "FluxRLGPipeline", "SanaRLGPipeline", "StableDiffusion3RLGPipeline",
-    "StableDiffusionRLGPipeline", "StableDiffusionXLRLGPipeline",
+    "StableDiffusionRLGPipeline", "StableDiffusionXLRLGPipeline", "WanImageToVideoRLGPipeline", "WanRLGPipeline",
 ]
 
 if TYPE_CHECKING:
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
     from .pipeline_stable_diffusion_3_rlg import StableDiffusion3RLGPipeline
     from .pipeline_stable_diffusion_rlg import StableDiffusionRLGPipeline
     from .pipeline_stable_diffusion_xl_rlg import StableDiffusionXLRLGPipeline
+    from .pipeline_wan_i2v_rlg import WanImageToVideoRLGPipeline
+    from .pipeline_wan_rlg import WanRLGPipeline
 
 
 def __getattr__(name):

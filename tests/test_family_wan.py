@@ -132,9 +132,10 @@ def test_ti2v_gives_one_timestep_per_latent_token():
     with torch.no_grad():
         family.forward(family.denoiser, latents, torch.tensor([500.0]), cond)
     assert seen[0].shape == (1, 2 * 1 * 2) and (seen[0] == 500.0).all()  # frames x rows x columns of 2x2 patches
-    assert family.resolution_multiple() == 32 and WanFamily.rlg_route_for(family.pipe) is None
-    with pytest.raises(ModelError, match="TI2V-5B"):
-        WanFamily.rlg_pipeline(family.pipe)
+    # RLG: diffalign's WanRLGPipeline on the same components (diffusers' modular Wan has no per-token timesteps)
+    assert family.resolution_multiple() == 32 and WanFamily.rlg_route_for(family.pipe) == "pipeline"
+    rlg = WanFamily.rlg_pipeline(family.pipe)
+    assert type(rlg).__name__ == "WanRLGPipeline" and rlg.config.expand_timesteps and rlg.transformer is family.denoiser
 
 
 def test_num_frames_sets_the_latent_frames_and_the_decoded_video():

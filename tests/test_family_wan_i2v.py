@@ -38,7 +38,7 @@ def _family(**variant):
 def test_wan_i2v_is_registered_for_the_image_to_video_pipeline():
     assert FAMILIES["WanImageToVideoPipeline"] is WanImageToVideoFamily
     assert WanImageToVideoFamily.output_kind == "video" and WanImageToVideoFamily.requires_condition_image
-    assert WanImageToVideoFamily.rlg_route() is None
+    assert WanImageToVideoFamily.rlg_route() == "pipeline"
 
 
 def test_ti2v_keeps_the_condition_frame_fixed_and_gives_ratio_one(tmp_path, monkeypatch):
@@ -157,3 +157,88 @@ def test_the_clip_image_encoder_is_frozen_with_the_vae():
     family = _family()
     assert any(module is family.pipe.image_encoder for module in family.frozen_modules())
     assert not any(module is None for module in _family(version="2.2-ti2v").frozen_modules())
+
+
+# ------------------------------------------------------------------------------- first-last-frame (FLF2V)
+def _flf2v_prompts(tmp_path):
+    return [ConditionedPrompt("a cat", (_image(tmp_path, 0),), last_image=_image(tmp_path, 1)),
+            ConditionedPrompt("a car", (_image(tmp_path, 2),), last_image=_image(tmp_path, 3))]
+
+
+def test_zero_window_rollout_with_a_last_image_equals_the_pipeline_with_last_image(tmp_path):
+    """Wan 2.1 FLF2V: a prompt's `last_image` reaches the conditioning as `WanImageToVideoPipeline(last_image=...)`
+    builds it (both ends in the condition latents, both CLIP embeddings), and another last frame changes the video."""
+    family = _family(version="2.1-flf2v")
+    prompts = _flf2v_prompts(tmp_path)
+    latents = family.prepare_latents(2, 16, 16, torch.float32, "cpu", torch.Generator().manual_seed(3))
+    traj = sample_trajectories(family, prompts, num_inference_steps=3, guidance_scale=3.0, latents=latents,
+                               height=16, width=16, stochastic_steps=sde_window_mask(3, 0))
+    assert traj.conditioning["image_embeds"].shape[:2] == (2, 2)  # each prompt: its first and its last image
+    pipe = family.pipe
+    stock = torch.cat([pipe(prompt=str(prompt), latents=latents[i:i + 1], num_inference_steps=3, height=16, width=16,
+                            output_type="pt", guidance_scale=3.0, **family.pipeline_call_kwargs(16, 16),
+                            **family.pipeline_condition_kwargs(prompt)).frames for i, prompt in enumerate(prompts)])
+    assert "last_image" in family.pipeline_condition_kwargs(prompts[0])
+    torch.testing.assert_close(traj.images, stock, atol=1e-5, rtol=1e-4)
+    other = [ConditionedPrompt(str(p), p.condition_images, last_image=_image(tmp_path, 4)) for p in prompts]
+    moved = sample_trajectories(family, other, num_inference_steps=3, guidance_scale=3.0, latents=latents,
+                                height=16, width=16, stochastic_steps=sde_window_mask(3, 0))
+    assert (moved.images - traj.images).abs().max() > 1e-4
+
+
+def test_a_last_image_is_one_line_where_the_model_takes_none_and_required_by_flf2v(tmp_path):
+    from diffalign.errors import PromptError
+    from diffalign.prompts import check_condition_prompts
+
+    prompts = _flf2v_prompts(tmp_path)
+    for family, message in ((_family(), "takes no last frame"), (_family(version="2.2-ti2v"), "takes no last frame"),
+                            (_family(version="2.1-flf2v"), "has no 'last_image'")):
+        batch = prompts if "no last frame" in message else [ConditionedPrompt("a cat", (_image(tmp_path, 0),))]
+        with pytest.raises(PromptError, match=message) as error:
+            family.conditioning(batch, "", True, 32, 32)
+        assert "\n" not in str(error.value)
+    # a family that takes no last frame at all refuses it when a run checks its prompts (`trainers/base.py`)
+    kontext = FAMILIES["FluxKontextPipeline"]
+    with pytest.raises(PromptError, match="flux_kontext model takes no last frame"):
+        check_condition_prompts(prompts, kontext.name, kontext.max_condition_images,
+                                takes_last_image=kontext.takes_last_image)
+    check_condition_prompts(prompts, WanImageToVideoFamily.name, 1, takes_last_image=True)
+
+
+def test_a_prompt_row_carries_its_last_image_through_the_prompt_file_and_a_checkpoint(tmp_path):
+    """A JSONL row's `last_image` is relative to the file, checked (one line: missing, or without an `image`), kept in
+    the metadata as an absolute path, part of the prompt's identity, and survives a checkpoint's prompt skeleton."""
+    from diffalign.checkpoint import join_state, split_state
+    from diffalign.errors import PromptError
+    from diffalign.prompts import last_image_of, prompt_key, read_prompt_records
+
+    first, last = os.path.basename(_image(tmp_path, 0)), os.path.basename(_image(tmp_path, 1))
+    prompt_file = tmp_path / "prompts.jsonl"
+    prompt_file.write_text(json.dumps({"prompt": "a cat", "image": first, "last_image": last}) + "\n")
+    prompts, metadata = read_prompt_records(str(prompt_file))
+    assert last_image_of(prompts[0]) == str(tmp_path / last) == metadata[0]["last_image"]
+    alone = ConditionedPrompt("a cat", prompts[0].condition_images)
+    assert prompts[0] != alone and prompt_key(prompts[0]) != prompt_key(alone)
+    restored = join_state(split_state({prompts[0]: 1.0}, {}), {})
+    assert list(restored) == [prompts[0]] and last_image_of(next(iter(restored))) == str(tmp_path / last)
+    for row, message in (({"prompt": "a", "image": first, "last_image": "missing.png"}, "missing.png' does not exist"),
+                         ({"prompt": "a", "last_image": last}, "'last_image' but no 'image'")):
+        prompt_file.write_text(json.dumps(row) + "\n")
+        with pytest.raises(PromptError, match=message) as error:
+            read_prompt_records(str(prompt_file))
+        assert "\n" not in str(error.value)
+
+
+def test_a_last_image_for_a_model_without_last_frames_stops_the_run_in_one_line(tmp_path, capsys):
+    from diffalign.cli import main
+
+    model = WanImageToVideoFamily.save_tiny(str(tmp_path / "wan_i2v"))  # Wan 2.1 I2V: no pos_embed_seq_len
+    prompt_file = tmp_path / "prompts.jsonl"
+    first, last = os.path.basename(_image(tmp_path, 0)), os.path.basename(_image(tmp_path, 1))
+    prompt_file.write_text(json.dumps({"prompt": "a cat", "image": first, "last_image": last}) + "\n")
+    argv = ["train", "ddpo", "--model", model, "--output_dir", str(tmp_path / "run"), "--prompt_file",
+            str(prompt_file), "--num_frames", "5", "--sample_resolution", "16", "--sample_num_steps", "2"]
+    capsys.readouterr()  # saving's progress bars
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "takes no last frame" in err[0], err

@@ -76,6 +76,8 @@ class ModelFamily:
     max_condition_images: int = 0
     # True where the pipeline cannot sample without a condition image (Qwen-Image-Edit); Kontext samples text-to-image
     requires_condition_image: bool = False
+    # True where a prompt may carry a last frame (`last_image`: Wan image-to-video's FLF2V models); refused elsewhere
+    takes_last_image: bool = False
     # True where a row's sampling depends on the batch's text padding in `pipeline_class` (QwenImage 2.1: the image's
     # rotary position follows the padded text): the family samples each prompt as the pipeline does alone
     samples_prompts_alone: bool = False
@@ -359,7 +361,8 @@ class ModelFamily:
         condition images (`diffalign.prompts.prompt_key`)."""
         from ..prompts import check_condition_prompts, prompt_key
 
-        check_condition_prompts(prompts, self.name, self.max_condition_images, max_videos=self.max_condition_videos)
+        check_condition_prompts(prompts, self.name, self.max_condition_images, max_videos=self.max_condition_videos,
+                                takes_last_image=self.takes_last_image)
         keys = [prompt_key(p) for p in prompts]
         missing = {}
         for prompt, key in zip(prompts, keys):

@@ -29,8 +29,8 @@ What differs from the image families, and where it lives here:
   its timestep with. The low-noise LoRA is saved beside the high-noise one as `LOW_NOISE_LORA_WEIGHT_NAME`, which
   `load_lora_weights(dir, weight_name=..., load_into_transformer_2=True)` loads into `transformer_2`.
 - **RLG**: the RLG guider in diffusers' modular Wan pipeline (`WanBlocks`; `Wan22Blocks` for A14B, whose low-noise
-  expert samples with its plain CFG guider: no LoRA there). TI2V-5B has no route: diffusers' modular Wan takes
-  neither `expand_timesteps` nor the 16x VAE (`rlg_route_for`).
+  expert samples with its plain CFG guider: no LoRA there). TI2V-5B: diffalign's `WanRLGPipeline`, as diffusers'
+  modular Wan takes neither `expand_timesteps` nor the 16x VAE (`rlg_route_for`).
 """
 
 import os
@@ -177,6 +177,18 @@ class _ExpertCall:
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, expert=self.expert, **kwargs)
+
+def wan_rlg_pipeline(pipe, class_name: str):
+    """diffalign's RLG pipeline `class_name` (`WanRLGPipeline`, `WanImageToVideoRLGPipeline`) on the components of a
+    loaded Wan `pipe` (shared, not copied) and its configs, `expand_timesteps` and `boundary_ratio`, which
+    `pipe.components` leaves out."""
+    import diffalign.pipelines
+
+    components = {name: value for name, value in pipe.components.items() if not name.startswith("aligned_")}
+    configs = {name: pipe.config[name] for name in ("boundary_ratio", "expand_timesteps") if name in pipe.config}
+    rlg = getattr(diffalign.pipelines, class_name)(**components, **configs)
+    rlg.set_progress_bar_config(disable=True)
+    return rlg
 
 
 class WanFamily(ModelFamily):
@@ -402,18 +414,17 @@ class WanFamily(ModelFamily):
 
     @classmethod
     def rlg_route_for(cls, pipe) -> Optional[str]:
-        """No route for Wan 2.2 TI2V-5B: diffusers' modular Wan samples neither its per-token timesteps nor with its
-        16x VAE."""
-        return None if pipe.config.get("expand_timesteps") else cls.rlg_route()
+        """Wan 2.2 TI2V-5B: an RLG pipeline (`WanRLGPipeline`), as diffusers' modular Wan samples neither its
+        per-token timesteps nor with its 16x VAE."""
+        return "pipeline" if pipe.config.get("expand_timesteps") else cls.rlg_route()
 
     @classmethod
     def rlg_pipeline(cls, pipe):
         """`ModelFamily.rlg_pipeline` on diffusers' modular Wan: `WanBlocks`, or `Wan22Blocks` for a two-expert model
         (the RLG guider on `transformer`, the model's plain CFG guider on `transformer_2`, with `guidance_scale_2`).
-        A one-line `ModelError` for TI2V-5B (`rlg_route_for`)."""
-        if cls.rlg_route_for(pipe) is None:
-            raise ModelError("Wan 2.2 TI2V-5B (expand_timesteps) has no RLG route: diffusers' modular Wan pipeline "
-                             "does not sample it")
+        TI2V-5B, and a family with an RLG pipeline (image-to-video): that pipeline (`wan_rlg_pipeline`)."""
+        if cls.rlg_pipeline_class or pipe.config.get("expand_timesteps"):
+            return wan_rlg_pipeline(pipe, cls.rlg_pipeline_class or "WanRLGPipeline")
         from ..guiders import ModularRLGPipeline
         import diffusers.modular_pipelines
 

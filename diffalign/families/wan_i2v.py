@@ -16,20 +16,26 @@ Two models, as `WanImageToVideoPipeline` conditions them:
   frames is VAE-encoded and concatenated on the channel axis after four mask channels (1 on the image's frames) to
   the latents, and its CLIP image embedding (the vision tower's second-to-last hidden states, `encode_image`) is
   given to every block's cross-attention (`encoder_hidden_states_image`), also in the negative half of CFG.
+- **Wan 2.1 FLF2V** (first-last-frame: the transformer has `pos_embed_seq_len`): a prompt's `last_image` (a prompt
+  row's field, `diffalign.prompts.ConditionedPrompt.last_image`) is the video's last frame, as the pipeline's
+  `last_image`: the image, `num_frames - 2` zero frames and the last image are VAE-encoded (the mask is 1 on both
+  ends), and the CLIP embeddings of both images form the image tokens (`(2, tokens, dim)` per prompt). An FLF2V model
+  needs a `last_image` on every prompt, any other model refuses one (one line each).
 
 Both are encoded once per (image, size, frames) and cached, like text; they travel in the conditioning
 (`image_latents`, `image_embeds`), so a recorded trajectory is re-evaluated with the image it was sampled with.
 Every prompt needs an image (`requires_condition_image`: a prompt without one is refused in one line when a run
-starts). The LoRA trains `transformer`, as Wan's. No RLG route: diffusers' modular Wan has no image-to-video guider
-route that samples as this pipeline does.
+starts). The LoRA trains `transformer`, as Wan's. RLG: diffalign's `WanImageToVideoRLGPipeline` (diffusers' modular
+Wan image-to-video blocks resize the image to the target area at its aspect ratio, another video than this pipeline
+samples, and have no TI2V-5B route).
 """
 
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..errors import ModelError, PromptError
-from ..prompts import condition_images_of, load_condition_image
+from ..errors import PromptError
+from ..prompts import condition_images_of, last_image_of, load_condition_image
 from ..utils.peft_utils import unwrap
 from .base import Conditioning
 from .wan import WanFamily
@@ -63,10 +69,12 @@ def clean_prompts_without_ftfy():
 class WanImageToVideoFamily(WanFamily):
     name = "wan_i2v"
     pipeline_class = "WanImageToVideoPipeline"
-    modular_blocks_class = None  # no RLG route (see `rlg_pipeline`)
+    rlg_pipeline_class = "WanImageToVideoRLGPipeline"  # Wan 2.1 I2V, TI2V-5B and I2V-A14B alike
+    modular_blocks_class = None  # its RLG pipeline, not the modular blocks (see the module's docstring)
     hub_tags = ("wan", "image-to-video")
-    max_condition_images = 1  # WanImageToVideoPipeline takes one `image` (its `last_image` is not a prompt field)
+    max_condition_images = 1  # WanImageToVideoPipeline takes one `image` (and a prompt's `last_image`: FLF2V)
     requires_condition_image = True
+    takes_last_image = True  # Wan 2.1 FLF2V models (`takes_last_frame`); the others refuse one in `conditioning`
     # Wan 2.2 TI2V-5B beside the default tiny model, Wan 2.1 I2V (its 16x VAE samples 32 pixels a side at the least:
     # the family tester's 16-pixel checks run on Wan 2.1; tests/test_family_wan_i2v.py trains TI2V-5B)
     tiny_variants = {"ti2v_5b": {"version": "2.2-ti2v"}}
@@ -90,27 +98,32 @@ class WanImageToVideoFamily(WanFamily):
         """Wan 2.1 I2V: the transformer has an image embedder (`image_dim`), fed the CLIP image embedding."""
         return self.pipe.transformer.config.get("image_dim") is not None
 
+    def takes_last_frame(self) -> bool:
+        """Wan 2.1 FLF2V: the image embedder has positions for two images' tokens (`pos_embed_seq_len`), the first and
+        the last frame's."""
+        return self.takes_image_embeds() and self.pipe.transformer.config.get("pos_embed_seq_len") is not None
+
     # -------------------------------------------------------------------- prompts
     def encode_text(self, prompts: List[str], device) -> Conditioning:
         return super().encode_text([str(p) for p in prompts], device)  # the text alone reaches UMT5
 
     def conditioning(self, prompts: List[str], negative_prompt: str, do_cfg: bool, height: int, width: int):
         """Wan's, plus each prompt's condition (`image_latents`) and, for Wan 2.1 I2V, its CLIP image embedding
-        (`image_embeds`), the same in the negative half (as the pipeline gives both halves the image)."""
+        (`image_embeds`), the same in the negative half (as the pipeline gives both halves the image). FLF2V: with
+        each prompt's `last_image` (required there, refused by every other model)."""
         cond, negative = super().conditioning(prompts, negative_prompt, do_cfg, height, width)
         device = cond["encoder_hidden_states"].device
-        paths = []
+        keys = []
         for prompt in prompts:
-            images = condition_images_of(prompt)
-            if not images:
-                raise PromptError(f"{self.name} turns an image into a video: the prompt '{prompt}' has no 'image'")
-            paths.append(images[0])
-        keys = [(path, int(height), int(width), self.num_frames) for path in paths]
+            self.check_condition(prompt)
+            keys.append((condition_images_of(prompt)[0], last_image_of(prompt), int(height), int(width),
+                         self.num_frames))
         for key in dict.fromkeys(keys):
             if key not in self._condition_cache:
                 if len(self._condition_cache) >= self.max_cache:
                     self._condition_cache.clear()
-                self._condition_cache[key] = self.encode_condition_image(*key[:3])
+                path, last, key_height, key_width, _ = key
+                self._condition_cache[key] = self.encode_condition_image(path, key_height, key_width, last)
         extra = {"image_latents": torch.stack([self._condition_cache[key][0] for key in keys]).to(device)}
         if self.takes_image_embeds():
             extra["image_embeds"] = torch.stack([self._condition_cache[key][1] for key in keys]).to(device)
@@ -119,27 +132,51 @@ class WanImageToVideoFamily(WanFamily):
             negative = {**negative, **{name: value.clone() for name, value in extra.items()}}
         return cond, negative
 
+    def check_condition(self, prompt):
+        """A one-line `PromptError` unless `prompt` has an image, and a `last_image` exactly where the model takes one
+        (Wan 2.1 FLF2V: `takes_last_frame`)."""
+        if not condition_images_of(prompt):
+            raise PromptError(f"{self.name} turns an image into a video: the prompt '{prompt}' has no 'image'")
+        if last_image_of(prompt) is not None and not self.takes_last_frame():
+            raise PromptError(f"the prompt '{prompt}' has a 'last_image', but this Wan image-to-video model takes no "
+                              f"last frame (Wan 2.1 FLF2V does: a transformer with pos_embed_seq_len)")
+        if last_image_of(prompt) is None and self.takes_last_frame():
+            raise PromptError(f"this Wan 2.1 FLF2V model ends every video on a last frame: the prompt '{prompt}' has "
+                              f"no 'last_image'")
+
     def pipeline_condition_kwargs(self, prompt) -> Dict:
-        """The pipeline's `image` for one prompt (PIL): with `pipeline_call_kwargs`, the call that samples as a
-        rollout of that prompt does."""
-        return {"image": load_condition_image(condition_images_of(prompt)[0])}
+        """The pipeline's `image` (and `last_image`) for one prompt (PIL): with `pipeline_call_kwargs`, the call that
+        samples as a rollout of that prompt does (`check_condition` first)."""
+        self.check_condition(prompt)
+        last = last_image_of(prompt)
+        return {"image": load_condition_image(condition_images_of(prompt)[0]),
+                **({"last_image": load_condition_image(last)} if last is not None else {})}
 
     @torch.no_grad()
-    def encode_condition_image(self, path: str, height: int,
-                               width: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """`(condition latents, CLIP image embedding or None)` of the image at `path` for a `height x width` video of
-        `num_frames` frames, with the pipeline's own code: `video_processor.preprocess`, `prepare_latents` (given
-        latents, so no noise is drawn) and `encode_image`. TI2V-5B: `(C, 1, h, w)`; Wan 2.1 I2V: `(4 + C, F, h, w)`
-        (mask channels first) and `(tokens, dim)`."""
+    def encode_condition_image(self, path: str, height: int, width: int,
+                               last_path: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`(condition latents, CLIP image embedding or None)` of the image at `path` (and the last frame at
+        `last_path`, FLF2V) for a `height x width` video of `num_frames` frames, with the pipeline's own code:
+        `video_processor.preprocess`, `prepare_latents` (given latents, so no noise is drawn) and `encode_image`.
+        TI2V-5B: `(C, 1, h, w)`; Wan 2.1 I2V: `(4 + C, F, h, w)` (mask channels first) and `(tokens, dim)`; FLF2V:
+        `(4 + C, F, h, w)` and `(2, tokens, dim)` (the first and the last image's)."""
         pipe, device = self.pipe, self.device
         image = load_condition_image(path)
         pixels = pipe.video_processor.preprocess(image, height=height, width=width).to(device, dtype=torch.float32)
+        last = last_pixels = None
+        if last_path is not None:
+            last = load_condition_image(last_path)
+            last_pixels = pipe.video_processor.preprocess(last, height=height, width=width).to(device,
+                                                                                               dtype=torch.float32)
         channels = pipe.vae.config.z_dim
         frames = (self.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
         shape = (1, channels, frames, height // self.vae_scale_factor, width // self.vae_scale_factor)
         outputs = pipe.prepare_latents(pixels, 1, channels, height, width, self.num_frames, torch.float32, device,
-                                       None, torch.zeros(shape, device=device))
-        embeds = pipe.encode_image(image, device)[0] if self.takes_image_embeds() else None
+                                       None, torch.zeros(shape, device=device), last_pixels)
+        embeds = None
+        if self.takes_image_embeds():
+            embeds = pipe.encode_image(image if last is None else [image, last], device)
+            embeds = embeds[0] if last is None else embeds
         return outputs[1][0], embeds
 
     # ----------------------------------------------------------- latents and time
@@ -167,6 +204,8 @@ class WanImageToVideoFamily(WanFamily):
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(latents.shape[0])
         image_embeds = cond.get("image_embeds")
+        if image_embeds is not None and image_embeds.ndim == 4:  # FLF2V: each row's two images, in order, as
+            image_embeds = image_embeds.flatten(0, 1)  # the pipeline's `(2B, tokens, dim)`
         if self.pipe.config.get("expand_timesteps"):
             _, patch_h, patch_w = model.config.patch_size
             mask = first_frame_mask(*latents.shape[2:], latents.device)
@@ -193,16 +232,7 @@ class WanImageToVideoFamily(WanFamily):
     # ------------------------------------------------------------------------ RLG
     @classmethod
     def modular_blocks(cls):
-        return None  # no modular image-to-video blocks with a guider (and no import of Wan's modular encoders)
-
-    @classmethod
-    def rlg_route_for(cls, pipe) -> Optional[str]:
-        return None
-
-    @classmethod
-    def rlg_pipeline(cls, pipe):
-        raise ModelError("Wan image-to-video has no RLG route: diffusers' modular Wan pipeline does not sample it as "
-                         "WanImageToVideoPipeline does")
+        return None  # RLG runs in `rlg_pipeline_class` (and no import of Wan's modular encoders)
 
     # --------------------------------------------------------- tiny test models
     @classmethod
@@ -210,12 +240,14 @@ class WanImageToVideoFamily(WanFamily):
         """Components of a tiny random `WanImageToVideoPipeline`. "2.2-ti2v": Wan's tiny TI2V-5B (the z_dim-48 VAE,
         `expand_timesteps`), no image encoder. "2.1-i2v" (default): Wan's tiny 2.1 components with a transformer taking
         the 36 input channels (latents, mask, condition) and a 4-wide image embedding from a tiny `CLIPVisionModel`
-        (diffusers' Wan I2V tests' configs), with a `CLIPImageProcessor` built in code."""
+        (diffusers' Wan I2V tests' configs), with a `CLIPImageProcessor` built in code. "2.1-flf2v": that model with
+        positions for two images' CLIP tokens (`pos_embed_seq_len`: Wan 2.1 FLF2V, a `last_image` on every prompt;
+        not a `tiny_variants` entry, as the family tester's prompts have none)."""
         clean_prompts_without_ftfy()  # a tiny pipeline samples at once in the tests
         if version == "2.2-ti2v":
             return {**WanFamily.tiny_components(seed, version="2.2-ti2v"), "image_encoder": None,
                     "image_processor": None}
-        if version != "2.1-i2v":
+        if version not in ("2.1-i2v", "2.1-flf2v"):
             raise ValueError(f"unknown tiny Wan image-to-video version {version!r}")
         from diffusers import WanTransformer3DModel
         from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
@@ -225,7 +257,9 @@ class WanImageToVideoFamily(WanFamily):
         components["transformer"] = WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
             text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", rope_max_seq_len=64, image_dim=4)
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=64, image_dim=4,
+            # the CLIP tokens of two images (32 x 32 patches and a class token each)
+            pos_embed_seq_len=2 * (32 * 32 + 1) if version == "2.1-flf2v" else None)
         torch.manual_seed(seed)
         components["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(
             hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2, image_size=32,

@@ -183,7 +183,7 @@ class BaseTrainer:
             if source is not None:  # a text-to-image model given images, or an edit model more than it takes
                 check_condition_prompts(source.prompts, self.family.name, self.family.max_condition_images, what,
                                         self.family.requires_condition_image, self.family.max_condition_videos,
-                                        self.family.requires_condition_video)
+                                        self.family.requires_condition_video, self.family.takes_last_image)
         self.family.configure(**config.family_kwargs())
         self.kernel = self.family.make_kernel(**config.kernel_kwargs())
         if config.sample_resolution:

@@ -1,0 +1,185 @@
+"""diffalign's Wan RLG pipelines (`WanImageToVideoRLGPipeline`, `WanRLGPipeline`) on tiny models built offline: at
+w = 0 the stock diffusers pipeline without the LoRA and at w = 1 with it, bit for bit (a model alone runs its CFG
+halves in two passes, as the stock pipelines), for Wan 2.1 I2V, Wan 2.2 TI2V-5B (image- and text-to-video, per-token
+timesteps) and A14B (two experts); w > 1 extrapolates; `diffalign generate` samples TI2V-5B image-to-video into an
+animated grid. (tests/test_family_common.py checks the routes through the families, at a tolerance.)"""
+
+import argparse
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffalign.families import WanFamily, WanImageToVideoFamily, family_for_pipeline
+from diffalign.utils.peft_utils import add_lora
+
+IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 28, 3), dtype=np.uint8))  # not 16 x 16
+LAST = Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 24, 3), dtype=np.uint8))
+
+
+def _randomise_lora(model, std=0.1):
+    generator = torch.Generator().manual_seed(0)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = torch.randn(param.shape, generator=generator) * std
+
+
+CASES = {  # (family, tiny version, side, stock pipeline, RLG pipeline, call arguments)
+    "i2v-ti2v-5b": (WanImageToVideoFamily, "2.2-ti2v", 32, "WanImageToVideoPipeline", "WanImageToVideoRLGPipeline",
+                    {"image": IMAGE}),
+    "t2v-ti2v-5b": (WanFamily, "2.2-ti2v", 32, "WanPipeline", "WanRLGPipeline", {}),
+    "t2v-a14b": (WanFamily, "2.2-a14b", 16, "WanPipeline", "WanRLGPipeline", {"guidance_scale_2": 2.0}),
+    "i2v-2.1": (WanImageToVideoFamily, "2.1-i2v", 16, "WanImageToVideoPipeline", "WanImageToVideoRLGPipeline",
+                {"image": IMAGE}),
+    "flf2v-2.1": (WanImageToVideoFamily, "2.1-flf2v", 16, "WanImageToVideoPipeline", "WanImageToVideoRLGPipeline",
+                  {"image": IMAGE, "last_image": LAST}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_rlg_is_the_stock_pipeline_at_0_and_1_bit_for_bit(case):
+    import diffusers
+
+    import diffalign.pipelines
+
+    family, version, side, stock_name, rlg_name, extra = CASES[case]
+    components = family.tiny_components(version=version)
+    if version == "2.2-a14b":
+        components["boundary_ratio"] = 0.5  # of 3 steps at shift 7, the last goes to the low-noise expert
+    components["transformer"].requires_grad_(False)  # as inference (peft then freezes the base weights anyway)
+    stock = getattr(diffusers, stock_name)(**components)
+    rlg = getattr(diffalign.pipelines, rlg_name)(**components)
+    for pipe in (stock, rlg):
+        pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a cat", num_inference_steps=3, height=side, width=side, num_frames=5, output_type="pt",
+                  guidance_scale=3.0, **extra)
+
+    def sample(pipe, **rlg_kwargs):
+        return pipe(generator=torch.Generator().manual_seed(0), **kwargs, **rlg_kwargs).frames
+
+    base = sample(stock)
+    add_lora(components["transformer"], target_modules=family.default_lora_target_modules)
+    _randomise_lora(components["transformer"])
+    aligned = sample(stock)
+    assert (aligned - base).abs().max() > 1e-3
+    for single_pass in (False, True):
+        assert torch.equal(sample(rlg, rlg_scale=0.0, rlg_single_pass=single_pass), base)
+        assert torch.equal(sample(rlg, rlg_scale=1.0, rlg_single_pass=single_pass), aligned)
+    # w = 1.5 extrapolates; one batched pass and one pass per model agree to float rounding
+    beyond = sample(rlg, rlg_scale=1.5)
+    assert (beyond - aligned).abs().max() > 1e-4
+    torch.testing.assert_close(sample(rlg, rlg_scale=1.5, rlg_single_pass=False), beyond, atol=1e-4, rtol=1e-4)
+
+
+def test_a_step_schedule_and_the_window_are_checked_and_used():
+    import diffalign.pipelines
+
+    components = WanImageToVideoFamily.tiny_components(version="2.2-ti2v")
+    add_lora(components["transformer"], target_modules=WanFamily.default_lora_target_modules)
+    _randomise_lora(components["transformer"])
+    pipe = diffalign.pipelines.WanImageToVideoRLGPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(image=IMAGE, prompt="a cat", num_inference_steps=3, height=32, width=32, num_frames=5,
+                  output_type="pt", guidance_scale=3.0)
+
+    def sample(**rlg_kwargs):
+        return pipe(generator=torch.Generator().manual_seed(0), **kwargs, **rlg_kwargs).frames
+
+    with pytest.raises(ValueError, match="2 values, but the sampler runs 3 steps"):
+        sample(rlg_scale=[0.0, 1.0])
+    # a schedule of 0 at every step is the base model; a window that holds no step is the aligned model alone
+    assert torch.equal(sample(rlg_scale=[0.0, 0.0, 0.0]), sample(rlg_scale=0.0))
+    assert torch.equal(sample(rlg_scale=0.0, rlg_start=1.0, rlg_stop=1.0), sample(rlg_scale=1.0))
+
+
+def test_a_fully_fine_tuned_aligned_transformer_is_the_stock_pipeline_on_it_at_1():
+    """`aligned_transformer` (a full fine-tune, no LoRA): w = 0 samples `transformer`, w = 1 the fine-tune, bit for
+    bit (TI2V-5B image-to-video)."""
+    import copy
+
+    import diffusers
+
+    import diffalign.pipelines
+
+    components = WanImageToVideoFamily.tiny_components(version="2.2-ti2v")
+    aligned = copy.deepcopy(components["transformer"])
+    with torch.no_grad():
+        for param in aligned.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+    kwargs = dict(image=IMAGE, prompt="a cat", num_inference_steps=3, height=32, width=32, num_frames=5,
+                  output_type="pt", guidance_scale=3.0)
+
+    def sample(pipe, **rlg_kwargs):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(generator=torch.Generator().manual_seed(0), **kwargs, **rlg_kwargs).frames
+
+    rlg = diffalign.pipelines.WanImageToVideoRLGPipeline(**components, aligned_transformer=aligned)
+    assert torch.equal(sample(rlg, rlg_scale=0.0), sample(diffusers.WanImageToVideoPipeline(**components)))
+    assert torch.equal(sample(rlg, rlg_scale=1.0),
+                       sample(diffusers.WanImageToVideoPipeline(**{**components, "transformer": aligned})))
+
+
+@pytest.mark.slow  # ~5 s each (the family tester runs generate on Wan 2.1 I2V by default)
+@pytest.mark.parametrize("family, version, side, expected", [
+    (WanImageToVideoFamily, "2.2-ti2v", 32, "WanImageToVideoRLGPipeline"),
+    (WanImageToVideoFamily, "2.1-flf2v", 16, "WanImageToVideoRLGPipeline"),
+    (WanFamily, "2.2-ti2v", 32, "WanRLGPipeline")], ids=["i2v-ti2v-5b", "flf2v", "t2v-ti2v-5b"])
+def test_generate_samples_wan_rlg_pipelines_into_an_animated_grid(tmp_path, family, version, side, expected):
+    """`diffalign generate` on TI2V-5B image-to-video (`--image`), Wan 2.1 FLF2V (`--image --last-image`) and TI2V-5B
+    text-to-video: the RLG pipeline, a grid row per scale whose frames are the videos' (5 at `--num-frames 5`),
+    every video written."""
+    from diffalign import generate
+    from diffalign.plotting import find_video, read_video
+
+    model = family.save_tiny(str(tmp_path / "model"), version=version)
+    trained = family_for_pipeline(family.load(model))
+    add_lora(trained.denoiser, target_modules=trained.default_lora_target_modules)
+    _randomise_lora(trained.denoiser)
+    trained.save_lora(trained.denoiser, str(tmp_path / "lora"))
+    out = tmp_path / "out"
+    argv = ["--model", model, "--lora", str(tmp_path / "lora"), "--prompt", "a cat", "--rlg-scale", "0", "1.5",
+            "--num-images", "2", "--steps", "2", "--resolution", str(side), "--num-frames", "5",
+            "--output-dir", str(out)]
+    if family.requires_condition_image:
+        IMAGE.save(str(tmp_path / "first.png"))
+        argv += ["--image", str(tmp_path / "first.png")]
+    if version == "2.1-flf2v":
+        LAST.save(str(tmp_path / "last.png"))
+        argv += ["--last-image", str(tmp_path / "last.png")]
+    assert generate.run(generate.add_arguments(argparse.ArgumentParser()).parse_args(argv)) == 0
+    frames = read_video(find_video(str(out / "rlg_grid.png")))
+    assert len(frames) == 5
+    written = sorted(os.listdir(out / "rlg_images" / "w1.5"))
+    assert len(written) == 2 and all(name.startswith("p00_seed") for name in written)
+    pipe = generate.load_rlg_pipeline(model, lora=str(tmp_path / "lora"), device="cpu")
+    assert type(pipe).__name__ == expected
+    assert pipe.config.expand_timesteps == (version == "2.2-ti2v")
+
+
+def test_generate_refuses_a_last_image_in_one_line(tmp_path, tiny_model_dir, capsys):
+    """`--last-image`: a family that takes no last frame (through the CLI: one line, exit code 2), one without
+    `--image`, a missing file; and (the family's check) a Wan image-to-video model that is not FLF2V."""
+    from diffalign import generate
+    from diffalign.cli import main
+    from diffalign.errors import ConfigError, PromptError
+    from diffalign.families import FAMILIES
+
+    IMAGE.save(str(tmp_path / "first.png"))
+    first = str(tmp_path / "first.png")
+    assert main(["generate", "--model", tiny_model_dir, "--prompt", "a cat", "--rlg-scale", "1", "--last-image", first,
+                 "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sd models take no last frame" in err[0], err
+    cases = [(FAMILIES["FluxKontextPipeline"], first, first, ConfigError, "flux_kontext models take no last frame"),
+             (WanImageToVideoFamily, None, first, ConfigError, "give --image too"),
+             (WanImageToVideoFamily, first, str(tmp_path / "gone.png"), PromptError, "gone.png' does not exist")]
+    for family, image, last, error_class, message in cases:
+        with pytest.raises(error_class, match=message) as error:
+            generate.check_image_flag(family, image, last)
+        assert "\n" not in str(error.value)
+    generate.check_image_flag(WanImageToVideoFamily, first, first)
+    pipe = WanImageToVideoFamily.tiny_pipeline()  # Wan 2.1 I2V, not FLF2V
+    with pytest.raises(PromptError, match="takes no last frame"):
+        generate.edit_call_kwargs(WanImageToVideoFamily, pipe, first, 16, last_image=first)
