@@ -194,10 +194,11 @@ def _load_aligned_denoiser(path: str, denoiser_name: str, denoiser_class, dtype:
 
 
 def _load_lora(pipe, directory: str, denoiser_name: str, adapter_name: str = "aligned"):
-    """`pipe.load_lora_weights` with one clear error when the LoRA is missing, unreadable or does not fit."""
-    from diffalign.utils.peft_utils import load_lora_into_pipeline
+    """`pipe.load_lora_weights` of every expert's LoRA in `directory` (Wan 2.2 A14B's low-noise one into
+    `transformer_2`), with one clear error when the LoRA is missing, unreadable or does not fit."""
+    from diffalign.utils.peft_utils import load_expert_loras_into_pipeline
 
-    return load_lora_into_pipeline(pipe, directory, adapter_name, denoiser_name)
+    return load_expert_loras_into_pipeline(pipe, directory, adapter_name, denoiser_name)
 
 
 def load_rlg_pipeline(
