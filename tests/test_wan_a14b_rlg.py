@@ -165,3 +165,30 @@ def test_bad_expert_lora_directories_are_one_line(a14b, tmp_path, capsys):
                    "transformer.nowhere.lora_B.weight": torch.zeros(8, 4)},
                   str(bad / LOW_NOISE_LORA_WEIGHT_NAME))
         generate.load_rlg_pipeline(model, lora=str(bad), device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("train_experts", ["both", "low_noise"])
+def test_card_rlg_snippet_loads_every_trained_expert(a14b, tmp_path, monkeypatch, train_experts):
+    """The model card's RLG snippet (the guider route) loads the run's LoRA files as its plain snippet does, and runs:
+    each trained expert carries the adapter the guider switches."""
+    from diffalign.config import DDPOConfig
+    from diffalign.guiders import ModularRLGPipeline
+    from diffalign.modelcard import usage_snippets
+
+    model, lora = a14b
+    final = tmp_path / "run" / "final"
+    final.parent.mkdir()
+    os.symlink(lora, final)
+    config = DDPOConfig(model=model, num_frames=5, sample_num_steps=2, train_experts=train_experts)
+    plain, rlg = usage_snippets(config, WanFamily, PROMPT, "final", 16)
+    loads = [line for line in plain.splitlines() if "load_lora_weights" in line]
+    assert len(loads) == (2 if train_experts == "both" else 1)
+    assert [line for line in rlg.splitlines() if "load_lora_weights" in line] == \
+        loads[:-1] + [loads[-1] + "  # adapter on = this fine-tune, off = the base model"]
+    monkeypatch.chdir(final.parent)  # the card's local paths are relative to the run directory
+    scope = {}
+    exec(rlg, scope)
+    assert isinstance(scope["rlg"], ModularRLGPipeline)
+    adapters = scope["pipe"].get_list_adapters()
+    assert sorted(adapters) == (["transformer", "transformer_2"] if train_experts == "both" else ["transformer_2"])
+    assert scope["video"].shape[0] == 5
