@@ -198,10 +198,11 @@ def _load_aligned_denoiser(path: str, denoiser_name: str, denoiser_class, dtype:
 
 
 def _load_lora(pipe, directory: str, denoiser_name: str, adapter_name: str = "aligned"):
-    """`pipe.load_lora_weights` with one clear error when the LoRA is missing, unreadable or does not fit."""
-    from diffalign.utils.peft_utils import load_lora_into_pipeline
+    """`pipe.load_lora_weights` of every expert's LoRA in `directory` (Wan 2.2 A14B's low-noise one into
+    `transformer_2`), with one clear error when the LoRA is missing, unreadable or does not fit."""
+    from diffalign.utils.peft_utils import load_expert_loras_into_pipeline
 
-    return load_lora_into_pipeline(pipe, directory, adapter_name, denoiser_name)
+    return load_expert_loras_into_pipeline(pipe, directory, adapter_name, denoiser_name)
 
 
 def load_rlg_pipeline(
@@ -239,6 +240,17 @@ def load_rlg_pipeline(
 
         raise ModelError(f"--aligned-denoiser: RLG for {family.name} models runs the guider in the modular pipeline,"
                          f" whose aligned model is a LoRA adapter; give the fine-tune as --lora DIR")
+    if lora:
+        from diffalign.utils.peft_utils import LOW_NOISE_LORA_WEIGHT_NAME
+
+        if family.rlg_pipeline_class and os.path.isfile(os.path.join(lora, LOW_NOISE_LORA_WEIGHT_NAME)):
+            from diffalign.errors import ModelError
+
+            # its RLG pipeline mixes on the high-noise `transformer` alone: an adapter on `transformer_2` would stay
+            # on at every scale, so w = 0 would not be the base model
+            raise ModelError(f"--lora: '{lora}' has a low-noise expert's LoRA ({LOW_NOISE_LORA_WEIGHT_NAME}), but "
+                             f"{family.name}'s RLG pipeline ({family.rlg_pipeline_class}) guides the high-noise expert "
+                             f"only; train with train_experts high_noise for it")
     # the family's arguments that switch off a safety checker or watermarker
     pipe = _safetensors_only(f"model '{model}'", lambda: pipeline_class.from_pretrained(
         path, use_safetensors=True, **dtype_kwarg(torch_dtype), **family.pipeline_init_kwargs,

@@ -434,9 +434,11 @@ class ModularRLGPipeline:
             modular Qwen-Image encodes its default `""` once, whatever the number of prompts, and stops; its
             Qwen-Image-Edit blocks replace a string `""` by `" "`).
         output (`str`): the blocks' output returned as `.images` ("videos" for a video model: `(B, F, 3, H, W)`).
-        second_expert_guider (`Callable[[float], ClassifierFreeGuidance]`, *optional*): the guider of a two-expert
-            model's second expert (`guider_2`, Wan 2.2 A14B's low-noise `transformer_2`, which the LoRA does not
-            train), built for a call's `guidance_scale_2` (default its `guidance_scale`).
+        second_expert_guider (`Callable[[float], ClassifierFreeGuidance]`, *optional*): the CFG guider of a
+            two-expert model's second expert (`guider_2`, Wan 2.2 A14B's low-noise `transformer_2`), built for a
+            call's `guidance_scale_2` (default its `guidance_scale`). Each expert that carries LoRA adapters samples
+            with the RLG guider around its own CFG guider (the same `rlg_scale`, window and adapters), the other
+            one with its CFG guider alone (`expert_guiders`): `rlg_scale=0` is both experts with their adapters off.
     """
 
     def __init__(self, modular_pipeline, cfg_guider, default_guidance_scale: float,
@@ -471,6 +473,24 @@ class ModularRLGPipeline:
             self.cfg_guider(scale), rlg_scale=rlg_scale, adapters=adapters, start=rlg_start, stop=rlg_stop
         )
 
+    def expert_guiders(self, guidance_scale: float | None = None, guidance_scale_2: float | None = None,
+                       **rlg_kwargs) -> dict:
+        r"""`{"guider": ..., "guider_2": ...}` of a two-expert model's call (`second_expert_guider`): the RLG guider
+        (`rlg_kwargs`: `rlg_scale`, `start`, `stop`, `adapters`) around the expert's own CFG guider where the expert
+        (`transformer`, `transformer_2`) carries LoRA adapters, its CFG guider alone where it carries none (the base
+        at every `rlg_scale`). The blocks give each guider its own expert, so the RLG guider selects the adapters of
+        the expert of the step. With no adapters on either expert the first is the RLG guider, which then refuses a
+        `rlg_scale` other than 1 as on a one-expert model."""
+        scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        scale_2 = scale if guidance_scale_2 is None else guidance_scale_2
+        cfg = {"guider": self.cfg_guider(scale), "guider_2": self.second_expert_guider(scale_2)}
+        tuned = {guider: bool(_lora_layers(self.components.get(expert)))
+                 for guider, expert in (("guider", "transformer"), ("guider_2", "transformer_2"))}
+        if not any(tuned.values()):
+            tuned["guider"] = True
+        return {guider: ReinforcementLearningGuidance.from_cfg_guider(cfg[guider], **rlg_kwargs) if tuned[guider]
+                else cfg[guider] for guider in cfg}
+
     def __call__(self, prompt, guidance_scale: float | None = None, rlg_scale: RLGScale | dict[str, RLGScale] = 1.0,
                  rlg_start: float = 0.0, rlg_stop: float = 1.0, adapters: str | list[str] | None = None,
                  negative_prompt=None, true_cfg_scale: float | None = None, guidance_scale_2: float | None = None,
@@ -482,13 +502,14 @@ class ModularRLGPipeline:
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
         scale = true_cfg_scale if true_cfg_scale is not None else guidance_scale
-        self.modular_pipeline.update_components(guider=self.guider(scale, rlg_scale, rlg_start, rlg_stop, adapters))
         if self.second_expert_guider is not None:
-            scale_2 = guidance_scale_2 if guidance_scale_2 is not None else scale
-            self.modular_pipeline.update_components(guider_2=self.second_expert_guider(
-                self.default_guidance_scale if scale_2 is None else scale_2))
+            self.modular_pipeline.update_components(**self.expert_guiders(
+                scale, guidance_scale_2, rlg_scale=rlg_scale, start=rlg_start, stop=rlg_stop, adapters=adapters))
         elif guidance_scale_2 is not None:
             raise ValueError("guidance_scale_2 is the second expert's CFG scale; this model has one expert")
+        else:
+            self.modular_pipeline.update_components(
+                guider=self.guider(scale, rlg_scale, rlg_start, rlg_stop, adapters))
         # some text encoder blocks write the templated prompts into the list they get (Z-Image's): hand them copies
         copy = lambda text: list(text) if isinstance(text, (list, tuple)) else text  # noqa: E731
         negative_prompt = self.default_negative_prompt if negative_prompt is None else negative_prompt

@@ -190,7 +190,7 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
                        f"{output} = pipe(prompt={_py(prompt)}, {call}, rlg_scale=1.5){result}"] + save
     rlg_import = f"from diffalign.pipelines import {rlg_class}"
     # Wan 2.2 A14B's experts (`train_experts`): the high-noise LoRA into `transformer`, the low-noise one into
-    # `transformer_2`; the RLG route guides `transformer` alone
+    # `transformer_2`; the RLG route guides each expert that carries one
     experts = getattr(config, "train_experts", "high_noise")
     load_lora = [f"pipe.load_lora_weights({_py(weights)})"] if experts != "low_noise" else []
     if experts != "high_noise":
@@ -209,7 +209,7 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
                 f"pipe = {rlg_class}.from_pretrained({base})",
                 f"pipe.load_lora_weights({_py(weights)})",
             ] + rlg_call)
-        elif family.rlg_route() and experts != "low_noise":  # the RLG guider in the family's modular pipeline
+        elif family.rlg_route():  # the RLG guider in the family's modular pipeline
             family_name = (family if isinstance(family, type) else type(family)).__name__
             family_import = f"from diffalign.families import {family_name}"
             # the modular route returns a video's frames as `.images` too (`ModularRLGPipeline`)
@@ -217,8 +217,7 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
                            for line in rlg_call]
             rlg = _snippet([f"from diffusers import {pipeline_class}"] + edit_import, ours + [family_import], [
                 f"pipe = {pipeline_class}.from_pretrained({base})",
-                f"pipe.load_lora_weights({_py(weights)})  # adapter on = this fine-tune, off = the base model"
-                + ("; RLG guides transformer, transformer_2 samples as the base" if experts == "both" else ""),
+                *load_lora[:-1], load_lora[-1] + "  # adapter on = this fine-tune, off = the base model",
                 f"rlg = {family_name}.rlg_pipeline(pipe)  # the RLG guider in the modular pipeline, same weights",
             ] + guider_call)
         else:

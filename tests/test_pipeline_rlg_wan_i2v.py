@@ -183,3 +183,19 @@ def test_generate_refuses_a_last_image_in_one_line(tmp_path, tiny_model_dir, cap
     pipe = WanImageToVideoFamily.tiny_pipeline()  # Wan 2.1 I2V, not FLF2V
     with pytest.raises(PromptError, match="takes no last frame"):
         generate.edit_call_kwargs(WanImageToVideoFamily, pipe, first, 16, last_image=first)
+
+
+def test_generate_refuses_a_low_noise_lora_for_the_image_to_video_rlg_pipeline(tmp_path):
+    """`WanImageToVideoRLGPipeline` mixes on the high-noise `transformer` alone: a run directory with a low-noise
+    expert's LoRA (`train_experts` low_noise/both) is refused in one line before it loads, so w = 0 stays the base."""
+    from diffalign import generate
+    from diffalign.errors import ModelError
+    from diffalign.utils.peft_utils import LOW_NOISE_LORA_WEIGHT_NAME
+
+    model = WanImageToVideoFamily.save_tiny(str(tmp_path / "model"))
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / LOW_NOISE_LORA_WEIGHT_NAME).write_bytes(b"")
+    with pytest.raises(ModelError, match="guides the high-noise expert only") as error:
+        generate.load_rlg_pipeline(model, lora=str(lora), device="cpu")
+    assert "\n" not in str(error.value)

@@ -28,9 +28,9 @@ What differs from the image families, and where it lives here:
   DiffusionNFT's old adapter) cover every trained expert; each row is predicted by the expert WanPipeline samples
   its timestep with. The low-noise LoRA is saved beside the high-noise one as `LOW_NOISE_LORA_WEIGHT_NAME`, which
   `load_lora_weights(dir, weight_name=..., load_into_transformer_2=True)` loads into `transformer_2`.
-- **RLG**: the RLG guider in diffusers' modular Wan pipeline (`WanBlocks`; `Wan22Blocks` for A14B, whose low-noise
-  expert samples with its plain CFG guider: no LoRA there). TI2V-5B: diffalign's `WanRLGPipeline`, as diffusers'
-  modular Wan takes neither `expand_timesteps` nor the 16x VAE (`rlg_route_for`).
+- **RLG**: the RLG guider in diffusers' modular Wan pipeline (`WanBlocks`; `Wan22Blocks` for A14B, on each expert
+  that carries the LoRA, the plain CFG guider on one that does not). TI2V-5B: diffalign's `WanRLGPipeline`, as
+  diffusers' modular Wan takes neither `expand_timesteps` nor the 16x VAE (`rlg_route_for`).
 """
 
 import os
@@ -421,7 +421,8 @@ class WanFamily(ModelFamily):
     @classmethod
     def rlg_pipeline(cls, pipe):
         """`ModelFamily.rlg_pipeline` on diffusers' modular Wan: `WanBlocks`, or `Wan22Blocks` for a two-expert model
-        (the RLG guider on `transformer`, the model's plain CFG guider on `transformer_2`, with `guidance_scale_2`).
+        (the RLG guider on each expert that carries LoRA adapters, `transformer_2` with `guidance_scale_2`; the
+        model's plain CFG guider on one that carries none: `ModularRLGPipeline.expert_guiders`).
         TI2V-5B, and a family with an RLG pipeline (image-to-video): that pipeline (`wan_rlg_pipeline`)."""
         if cls.rlg_pipeline_class or pipe.config.get("expand_timesteps"):
             return wan_rlg_pipeline(pipe, cls.rlg_pipeline_class or "WanRLGPipeline")

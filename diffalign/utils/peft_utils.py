@@ -189,6 +189,41 @@ def load_lora_into_pipeline(pipe, directory: str, adapter_name: str = "default",
     return pipe
 
 
+def load_expert_loras_into_pipeline(pipe, directory: str, adapter_name: str = "default",
+                                    denoiser_name: str = "unet"):
+    """Every expert's LoRA of a training run's directory, each as `adapter_name`: `LORA_WEIGHT_NAME` into the
+    denoiser (`load_lora_into_pipeline`), and `LOW_NOISE_LORA_WEIGHT_NAME` (Wan 2.2 A14B's `train_experts`
+    low_noise/both) into `transformer_2` with `load_lora_weights(..., load_into_transformer_2=True)`; either file
+    alone will do. One-line `ModelError`s: neither file, a low-noise LoRA for a model with one expert, or weights
+    that are unreadable or do not fit."""
+    from safetensors import SafetensorError
+
+    low_noise_file = os.path.join(directory, LOW_NOISE_LORA_WEIGHT_NAME)
+    two_experts = getattr(pipe, "transformer_2", None) is not None
+    if two_experts and not os.path.isfile(low_noise_file) \
+            and not os.path.isfile(os.path.join(directory, LORA_WEIGHT_NAME)):
+        raise ModelError(f"LoRA directory '{directory}' has neither {LORA_WEIGHT_NAME} nor "
+                         f"{LOW_NOISE_LORA_WEIGHT_NAME}")
+    if not os.path.isfile(low_noise_file):
+        return load_lora_into_pipeline(pipe, directory, adapter_name, denoiser_name)
+    if not two_experts:
+        raise ModelError(f"LoRA directory '{directory}' has {LOW_NOISE_LORA_WEIGHT_NAME}, a second (low-noise) "
+                         f"expert's LoRA, but this model has one expert")
+    if os.path.isfile(os.path.join(directory, LORA_WEIGHT_NAME)):
+        load_lora_into_pipeline(pipe, directory, adapter_name, denoiser_name)
+    check_lora_file(low_noise_file)
+    try:
+        pipe.load_lora_weights(directory, weight_name=LOW_NOISE_LORA_WEIGHT_NAME, adapter_name=adapter_name,
+                               load_into_transformer_2=True)
+    except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as e:
+        raise ModelError(f"{LOW_NOISE_LORA_WEIGHT_NAME} in '{directory}' does not match the model's transformer_2: "
+                         f"{first_line(e, with_type=False)}") from None
+    if adapter_name not in (getattr(pipe.transformer_2, "peft_config", None) or {}):
+        raise ModelError(f"{LOW_NOISE_LORA_WEIGHT_NAME} in '{directory}' does not match the model: none of its "
+                         f"weights target this transformer_2")
+    return pipe
+
+
 def active_adapter(denoiser) -> str:
     """The name of the one LoRA adapter that the denoiser's forward runs (the trained one, unless another was made
     active with `adapter_active`); a model may hold more (DiffusionNFT's frozen "old" policy)."""
