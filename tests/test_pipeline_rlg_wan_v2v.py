@@ -71,7 +71,8 @@ def _pipelines(variant=None):
     return stock, rlg
 
 
-@pytest.mark.parametrize("strength, variant", [(0.8, None), (0.5, None), (0.5, {"unipc_scheduler": True})])
+@pytest.mark.parametrize("strength, variant", [(0.8, None), (0.5, None), pytest.param(
+    0.5, {"unipc_scheduler": True}, marks=pytest.mark.slow)])  # UniPC: also the family tester's (1e-4)
 def test_rlg_is_the_stock_pipeline_on_the_base_at_0_and_with_the_lora_at_1(strength, variant):
     stock, rlg = _pipelines(variant)
     kwargs = _call(strength)
@@ -252,7 +253,7 @@ def test_strength_on_a_model_without_videos_is_one_line(tiny_model_dir, tmp_path
 
 
 # ---------------------------------------------------------------------------------------------------- model card
-@pytest.mark.parametrize("use_lora", [True, False])
+@pytest.mark.parametrize("use_lora", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_the_model_card_snippets_sample_a_wan_v2v_run(model_and_lora, tmp_path, monkeypatch, use_lora):
     """The card's plain and RLG snippets for a wan_v2v run (LoRA, or a full fine-tune as `aligned_transformer`) run:
     the video's first `num_frames` frames, the run's strength and the longer schedule, `WanVideoToVideoRLGPipeline`
