@@ -437,8 +437,9 @@ def video_call_kwargs(family, pipe, video: str, resolution: Optional[int], num_f
     side = resolution or sampler.default_resolution()
     total, limit = sampler.pipeline_num_inference_steps(steps), pipe.scheduler.config.num_train_timesteps
     if total > limit:
-        raise ConfigError(f"--strength {sampler.strength:g} samples --steps {steps} as the last steps of a {total}-step "
-                          f"schedule, longer than the scheduler's {limit} timesteps: raise --strength or lower --steps")
+        raise ConfigError(f"--strength {sampler.strength:g} samples --steps {steps} as the last steps of a "
+                          f"{total}-step schedule, longer than the scheduler's {limit} timesteps: raise --strength or "
+                          f"lower --steps")
     condition = sampler.pipeline_condition_kwargs(ConditionedPrompt("", (), (video,)))
     return {**condition, "height": side, "width": side, **sampler.pipeline_call_kwargs(side, side),
             "num_inference_steps": total}

@@ -3,8 +3,8 @@
 # al., "Inference-time Alignment Control for Diffusion Models with Reinforcement Learning Guidance"
 # (https://huggingface.co/papers/2508.21016).
 #
-# Self-contained diffusers pipeline (imports only torch, diffusers, transformers, PIL; peft lazily, for LoRA). It can be
-# imported as `diffalign.pipelines.WanVideoToVideoRLGPipeline` or loaded as a community pipeline:
+# Self-contained diffusers pipeline (imports only torch, diffusers, transformers, PIL; peft lazily, for LoRA). It can
+# be imported as `diffalign.pipelines.WanVideoToVideoRLGPipeline` or loaded as a community pipeline:
 # `DiffusionPipeline.from_pretrained(repo, custom_pipeline="pipeline_wan_v2v_rlg.py", trust_remote_code=True)`.
 # It subclasses diffusers' `WanVideoToVideoPipeline` (prompt encoding, the input video's latents noised to the first
 # kept timestep, `get_timesteps`, checks and LoRA loading are WanVideoToVideoPipeline's own) and replaces `__call__`.
@@ -484,8 +484,8 @@ class WanVideoToVideoRLGPipeline(WanVideoToVideoPipeline):
                 the schedule, which are the steps sampled; the prompt is encoded once, for the base and the aligned
                 model.
             num_videos_per_prompt (`int`, *optional*, defaults to 1):
-                Videos per prompt, each from its own noise (a list of generators: one per video). WanVideoToVideoPipeline
-                samples one whatever this is.
+                Videos per prompt, each from its own noise (a list of generators: one per video).
+                WanVideoToVideoPipeline samples one whatever this is.
             guidance_scale (`float`, *optional*, defaults to 5.0):
                 Classifier-free guidance scale (enabled above 1), applied inside the base and the aligned model before
                 RLG mixes them.

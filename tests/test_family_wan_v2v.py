@@ -236,7 +236,8 @@ def test_cli_trains_from_a_prompt_file_with_videos_and_the_lora_loads(model_dir,
 @pytest.mark.parametrize("model", ["sd", "wan_v2v"])
 def test_generate_video_flag_is_one_line(model, model_dir, tiny_model_dir, tmp_path, capsys):
     """`diffalign generate --video`: a text-to-image model refuses it; a video-to-video model refuses a video of
-    fewer frames than it samples (81 without --num-frames) in one line (tests/test_pipeline_rlg_wan_v2v.py: the rest)."""
+    fewer frames than it samples (81 without --num-frames) in one line (the rest:
+    tests/test_pipeline_rlg_wan_v2v.py)."""
     from diffalign.cli import main
 
     path = {"sd": tiny_model_dir, "wan_v2v": model_dir}[model]
