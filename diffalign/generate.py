@@ -15,6 +15,8 @@ sampled size, no rescale to 1024^2 pixels); a model that takes several (Qwen-Ima
 gets every repeated `--image a.png --image b.png` in order, as its pipeline's `image=[...]`.
 Wan image-to-video (`WanImageToVideoRLGPipeline`) starts each video from
 `--image` (and ends it on `--last-image`, Wan 2.1 FLF2V); Wan 2.2 TI2V-5B text-to-video takes `WanRLGPipeline`.
+Wan video-to-video (`WanVideoToVideoRLGPipeline`) starts from `--video` noised by `--strength`, sampled as the
+family's rollouts (`--steps` steps, the last ones of a longer schedule, as training's `sample_num_steps`).
 
 Writes, under `--output-dir`:
 - `rlg_grid.png`: one labelled row per RLG scale with the same images in every row (at most `GRID_PER_ROW` = 8: the
@@ -64,9 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="condition image of an editing or image-to-video model, the same for every prompt; "
                              "repeat for a model that takes several, in order (Qwen-Image-Edit-Plus: --image a.png "
                              "--image b.png, at most 3)")
-    parser.add_argument("--video", default=None,
-                        help="condition video of a video-to-video model (wan_v2v, which has no RLG route yet: "
-                             "refused); other models refuse it")
+    parser.add_argument("--video", default=None, metavar="PATH",
+                        help="condition video of a video-to-video model (wan_v2v: required; its first --num-frames "
+                             "frames), the same for every prompt; other models refuse it")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="video-to-video: how far --video is noised, 0 < s <= 1 (default the pipeline's 0.8); "
+                             "--steps steps are sampled, the last ones of a schedule of about steps / strength")
     parser.add_argument("--last-image", default=None,
                         help="last frame of a first-last-frame video model (Wan 2.1 FLF2V), with --image as the first")
     parser.add_argument(
@@ -74,7 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--reward", default=None, help="reward name (see diffalign.rewards) to score every image")
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt (seeds seed..seed+N-1)")
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="denoising steps (video-to-video: the steps sampled, as training's sample_num_steps)")
     parser.add_argument(
         "--guidance-scale",
         type=float,
@@ -382,20 +388,61 @@ def check_image_flag(family, image, last_image: Optional[str] = None):
         check_condition_image(path, "--image")
 
 
-def check_video_flag(family, video: Optional[str]):
-    """Checks `--video` against `family` (a `ModelFamily` subclass) before anything loads: a `ConfigError` for a
-    video given to a family that takes none (`max_condition_videos`), a one-line `PromptError` for a missing or
-    unreadable file. (The one family that takes a video, `wan_v2v`, has no RLG route: `rlg_family_for` refuses it
-    first.)"""
+def check_video_flag(family, video: Optional[str], strength: Optional[float] = None,
+                     num_frames: Optional[int] = None):
+    """Checks `--video` and `--strength` against `family` (a `ModelFamily` subclass) before anything loads: a
+    `ConfigError` for a video or a strength given to a family that takes no video (`max_condition_videos`), no video
+    for one that requires it (`requires_condition_video`), a strength outside (0, 1], or a video of fewer frames than
+    the sampled `num_frames` (`--num-frames`, default the family's); a one-line `PromptError` for a missing or
+    unreadable file."""
     from diffalign.errors import ConfigError
     from diffalign.prompts import check_condition_video
 
-    if video is None:
-        return
     if not family.max_condition_videos:
-        raise ConfigError(f"--video: {family.name} models take no condition video (only video-to-video models, "
-                          f"wan_v2v, do); leave --video out")
+        for flag, value in (("--video", video), ("--strength", strength)):
+            if value is not None:
+                raise ConfigError(f"{flag}: {family.name} models take no condition video (only video-to-video "
+                                  f"models, wan_v2v, do); leave {flag} out")
+        return
+    if strength is not None and not 0 < strength <= 1:
+        raise ConfigError(f"--strength must be in (0, 1] (the share of the schedule sampled from the noised "
+                          f"--video); got {strength}")
+    if video is None:
+        if family.requires_condition_video:
+            raise ConfigError(f"{family.name} models turn a video into a video: give the condition video with "
+                              f"--video PATH")
+        return
     check_condition_video(video, "--video")
+    from diffalign.families.wan_v2v import read_condition_frames
+
+    frames, needed = len(read_condition_frames(video)), num_frames or family.num_frames
+    if frames < needed:
+        raise ConfigError(f"--video '{video}' has {frames} frames; {family.name} samples {needed} (--num-frames): "
+                          f"give --num-frames 4k + 1 <= {frames} or a longer video")
+
+
+def video_call_kwargs(family, pipe, video: str, resolution: Optional[int], num_frames: Optional[int] = None,
+                      strength: Optional[float] = None, steps: int = 20) -> Dict:
+    """The pipeline arguments with which `pipe` turns `video` (a path) into a video as `family`'s rollouts sample
+    (`ModelFamily.pipeline_condition_kwargs`, `pipeline_call_kwargs`): the video's first `num_frames` frames (the
+    family's default without), the sampled size (the model's default side without `resolution`), the `strength`
+    (the pipeline's 0.8 without) and `num_inference_steps`, the schedule whose last `steps` steps the strength keeps
+    (`pipeline_num_inference_steps`: `steps` means what training's `sample_num_steps` means). A one-line
+    `ConfigError` when that schedule is longer than the scheduler's timesteps."""
+    from diffalign.errors import ConfigError
+    from diffalign.prompts import ConditionedPrompt
+
+    sampler = family(pipe)
+    sampler.configure(num_frames=num_frames, strength=strength)
+    side = resolution or sampler.default_resolution()
+    total, limit = sampler.pipeline_num_inference_steps(steps), pipe.scheduler.config.num_train_timesteps
+    if total > limit:
+        raise ConfigError(f"--strength {sampler.strength:g} samples --steps {steps} as the last steps of a "
+                          f"{total}-step schedule, longer than the scheduler's {limit} timesteps: raise --strength or "
+                          f"lower --steps")
+    condition = sampler.pipeline_condition_kwargs(ConditionedPrompt("", (), (video,)))
+    return {**condition, "height": side, "width": side, **sampler.pipeline_call_kwargs(side, side),
+            "num_inference_steps": total}
 
 
 def edit_call_kwargs(family, pipe, image, resolution: Optional[int], last_image: Optional[str] = None) -> Dict:
@@ -507,7 +554,7 @@ def run(args: argparse.Namespace) -> int:
 
     family = rlg_family_for(model_path)
     check_image_flag(family, args.image, args.last_image)
-    check_video_flag(family, args.video)
+    check_video_flag(family, args.video, args.strength, args.num_frames)
     if args.num_frames is not None and family.output_kind != "video":
         raise ConfigError(f"--num-frames is for video models (wan); this {family.name} model samples images")
 
@@ -519,7 +566,11 @@ def run(args: argparse.Namespace) -> int:
     size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
     if args.image:
         size = edit_call_kwargs(family, pipe, args.image, args.resolution, args.last_image)
-    if args.num_frames:  # over the family's default (image-to-video's call arguments name one)
+    steps = args.steps
+    if args.video:  # the video, its strength, and the schedule whose last --steps steps the strength keeps
+        size = video_call_kwargs(family, pipe, args.video, args.resolution, args.num_frames, args.strength, args.steps)
+        steps = size.pop("num_inference_steps")
+    if args.num_frames and not args.video:  # over the family's default (image-to-video's call arguments name one)
         size["num_frames"] = args.num_frames
     images = sample_scales(
         pipe,
@@ -528,7 +579,7 @@ def run(args: argparse.Namespace) -> int:
         args.num_images,
         args.seed,
         progress=True,
-        num_inference_steps=args.steps,
+        num_inference_steps=steps,
         guidance_scale=args.guidance_scale if args.guidance_scale is not None else family.default_guidance_scale,
         **size,
         eta=args.eta,

@@ -16,11 +16,13 @@ _PIPELINES = {
     "SanaRLGPipeline": "pipeline_sana_rlg",
     "WanRLGPipeline": "pipeline_wan_rlg",
     "WanImageToVideoRLGPipeline": "pipeline_wan_i2v_rlg",
+    "WanVideoToVideoRLGPipeline": "pipeline_wan_v2v_rlg",
 }
 
 __all__ = [
     "Flux2RLGPipeline", "FluxKontextRLGPipeline", "FluxRLGPipeline", "SanaRLGPipeline", "StableDiffusion3RLGPipeline",
     "StableDiffusionRLGPipeline", "StableDiffusionXLRLGPipeline", "WanImageToVideoRLGPipeline", "WanRLGPipeline",
+    "WanVideoToVideoRLGPipeline",
 ]
 
 if TYPE_CHECKING:
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from .pipeline_stable_diffusion_xl_rlg import StableDiffusionXLRLGPipeline
     from .pipeline_wan_i2v_rlg import WanImageToVideoRLGPipeline
     from .pipeline_wan_rlg import WanRLGPipeline
+    from .pipeline_wan_v2v_rlg import WanVideoToVideoRLGPipeline
 
 
 def __getattr__(name):

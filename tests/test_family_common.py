@@ -506,6 +506,8 @@ def test_generate_picks_the_family_rlg_pipeline(family_dir, tmp_path, monkeypatc
     edit = {}  # an editing family (FLUX.1 Kontext) edits `--image`
     if family_class.max_condition_images:
         argv += ["--image", _condition_image(tmp_path)]
+    if family_class.requires_condition_video:  # a video-to-video family (wan_v2v) starts from `--video`
+        argv += ["--video", _condition_video()]
     argv += [item for key, value in family_class.tiny_settings.items()  # e.g. Wan's --num-frames 5
              for item in (f"--{key.replace('_', '-')}", str(value))]
     assert generate.run(generate.add_arguments(argparse.ArgumentParser()).parse_args(argv)) == 0
@@ -531,6 +533,9 @@ def test_generate_picks_the_family_rlg_pipeline(family_dir, tmp_path, monkeypatc
     if family_class.max_condition_images:
         edit = generate.edit_call_kwargs(family_class, pipe, _condition_image(tmp_path), SIZE)
         kwargs.update({**edit, **family_class.tiny_settings})  # e.g. Wan's 5 frames over its pipeline's 81
+    if family_class.requires_condition_video:  # the video's first frames, the strength and the longer schedule
+        kwargs = generate.video_call_kwargs(family_class, pipe, _condition_video(), _side(family_class), steps=2,
+                                            **family_class.tiny_settings)
     scale = family_class.default_guidance_scale
     images = generate.sample_scales(pipe, ["a cat"], [0.0, 1.0], 1, 0, eta=0.0, guidance_scale=scale, **kwargs)
     stock = getattr(diffusers, family_class.pipeline_class).from_pretrained(model, **family_class.pipeline_init_kwargs,
@@ -574,6 +579,12 @@ def test_rlg_pipeline_is_the_base_at_0_and_the_aligned_model_at_1(family_class, 
         kwargs.update(generate.edit_call_kwargs(family_class, pipeline(**components), _condition_image(tmp_path),
                                                 side))
         kwargs.update(family_class.tiny_settings)  # e.g. Wan's 5 frames over its pipeline's 81
+    if family_class.requires_condition_video:  # video-to-video: the video's frames (no `num_frames`), as rollouts
+        from diffalign import generate
+
+        kwargs.pop("num_frames", None)
+        kwargs.update(generate.video_call_kwargs(family_class, pipeline(**components), _condition_video(), side,
+                                                 steps=3, **family_class.tiny_settings))
 
     def sample(pipe, **extra):
         pipe.set_progress_bar_config(disable=True)

@@ -53,9 +53,8 @@ def test_wan_v2v_is_registered_for_the_video_to_video_pipeline(pipe):
     assert FAMILIES["WanVideoToVideoPipeline"] is WanVideoToVideoFamily
     assert WanVideoToVideoFamily.output_kind == "video" and WanVideoToVideoFamily.requires_condition_video
     assert WanVideoToVideoFamily.max_condition_videos == 1 and WanVideoToVideoFamily.max_condition_images == 0
-    assert WanVideoToVideoFamily.rlg_route() is None
-    with pytest.raises(ModelError, match="no RLG route"):
-        WanVideoToVideoFamily.rlg_pipeline(pipe)
+    assert WanVideoToVideoFamily.rlg_route() == WanVideoToVideoFamily.rlg_route_for(pipe) == "pipeline"
+    assert type(WanVideoToVideoFamily.rlg_pipeline(pipe)).__name__ == "WanVideoToVideoRLGPipeline"
 
 
 @pytest.mark.parametrize("strength", [0.8, 0.3, 1.0, 1e-3])
@@ -236,8 +235,9 @@ def test_cli_trains_from_a_prompt_file_with_videos_and_the_lora_loads(model_dir,
 
 @pytest.mark.parametrize("model", ["sd", "wan_v2v"])
 def test_generate_video_flag_is_one_line(model, model_dir, tiny_model_dir, tmp_path, capsys):
-    """`diffalign generate --video`: a text-to-image model refuses it; a video-to-video model has no RLG route
-    (diffusers' modular Wan has no video-to-video blocks), refused in one line."""
+    """`diffalign generate --video`: a text-to-image model refuses it; a video-to-video model refuses a video of
+    fewer frames than it samples (81 without --num-frames) in one line (the rest:
+    tests/test_pipeline_rlg_wan_v2v.py)."""
     from diffalign.cli import main
 
     path = {"sd": tiny_model_dir, "wan_v2v": model_dir}[model]
@@ -246,7 +246,7 @@ def test_generate_video_flag_is_one_line(model, model_dir, tiny_model_dir, tmp_p
     capsys.readouterr()
     assert main(argv) == 2
     expected = {"sd": "--video: sd models take no condition video",
-                "wan_v2v": "unsupported model: pipeline class 'WanVideoToVideoPipeline'"}[model]
+                "wan_v2v": "has 5 frames; wan_v2v samples 81 (--num-frames)"}[model]
     assert expected in one_line(capsys.readouterr().err)
 
 

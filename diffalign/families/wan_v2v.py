@@ -21,7 +21,10 @@ As `WanVideoToVideoPipeline` samples:
 The transformer is the text-to-video one (no condition channels): the forward-process trainers (NFT, AWM), which
 noise a final sample themselves, train it on the samples as for text-to-video. Every prompt needs a video
 (`requires_condition_video`: a prompt without one is refused in one line when a run starts). The LoRA trains
-`transformer`, as Wan's. No RLG route: diffusers' modular Wan has no video-to-video blocks.
+`transformer`, as Wan's. RLG: diffalign's `WanVideoToVideoRLGPipeline` (diffusers' modular Wan has no
+video-to-video blocks), which samples as `WanVideoToVideoPipeline` at w = 0 (base) and w = 1 (aligned); `diffalign
+generate --video` calls it as the rollouts sample (`pipeline_condition_kwargs`, `pipeline_call_kwargs`,
+`pipeline_num_inference_steps`).
 """
 
 from typing import Dict, List, Optional, Tuple
@@ -84,7 +87,9 @@ def clean_prompts_without_ftfy():
 class WanVideoToVideoFamily(WanFamily):
     name = "wan_v2v"
     pipeline_class = "WanVideoToVideoPipeline"
-    modular_blocks_class = None  # no RLG route (see `rlg_pipeline`)
+    # RLG: diffalign's pipeline (diffusers' modular Wan has no video-to-video blocks); `WanFamily.rlg_pipeline`
+    rlg_pipeline_class = "WanVideoToVideoRLGPipeline"
+    modular_blocks_class = None
     hub_tags = ("wan", "video-to-video")
     max_condition_images = 0
     max_condition_videos = 1  # WanVideoToVideoPipeline takes one `video`
@@ -213,16 +218,7 @@ class WanVideoToVideoFamily(WanFamily):
     # ------------------------------------------------------------------------ RLG
     @classmethod
     def modular_blocks(cls):
-        return None  # no modular video-to-video blocks (and no import of Wan's modular encoders)
-
-    @classmethod
-    def rlg_route_for(cls, pipe) -> Optional[str]:
-        return None
-
-    @classmethod
-    def rlg_pipeline(cls, pipe):
-        raise ModelError("Wan video-to-video has no RLG route: diffusers' modular Wan pipeline has no video-to-video "
-                         "blocks")
+        return None  # RLG runs in `rlg_pipeline_class` (and no import of Wan's modular encoders)
 
     # --------------------------------------------------------- tiny test models
     @classmethod
