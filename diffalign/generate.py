@@ -240,14 +240,14 @@ def load_rlg_pipeline(
 
         raise ModelError(f"--aligned-denoiser: RLG for {family.name} models runs the guider in the modular pipeline,"
                          f" whose aligned model is a LoRA adapter; give the fine-tune as --lora DIR")
-    if lora:
+    if lora and family.rlg_pipeline_class and "transformer_2" not in getattr(pipeline_class, "_rlg_experts", ()):
         from diffalign.utils.peft_utils import LOW_NOISE_LORA_WEIGHT_NAME
 
-        if family.rlg_pipeline_class and os.path.isfile(os.path.join(lora, LOW_NOISE_LORA_WEIGHT_NAME)):
+        if os.path.isfile(os.path.join(lora, LOW_NOISE_LORA_WEIGHT_NAME)):
             from diffalign.errors import ModelError
 
-            # its RLG pipeline mixes on the high-noise `transformer` alone: an adapter on `transformer_2` would stay
-            # on at every scale, so w = 0 would not be the base model
+            # an RLG pipeline that mixes on `transformer` alone (the Wan ones guide both experts: `_rlg_experts`): an
+            # adapter on `transformer_2` would stay on at every scale, so w = 0 would not be the base model
             raise ModelError(f"--lora: '{lora}' has a low-noise expert's LoRA ({LOW_NOISE_LORA_WEIGHT_NAME}), but "
                              f"{family.name}'s RLG pipeline ({family.rlg_pipeline_class}) guides the high-noise expert "
                              f"only; train with train_experts high_noise for it")

@@ -35,7 +35,16 @@ CASES = {  # (family, tiny version, side, stock pipeline, RLG pipeline, call arg
                 {"image": IMAGE}),
     "flf2v-2.1": (WanImageToVideoFamily, "2.1-flf2v", 16, "WanImageToVideoPipeline", "WanImageToVideoRLGPipeline",
                   {"image": IMAGE, "last_image": LAST}),
+    # Wan 2.2 I2V-A14B (and T2V-A14B) with the aligned LoRA on both experts, or on the low-noise one alone
+    "i2v-a14b-both": (WanImageToVideoFamily, "2.2-i2v-a14b", 16, "WanImageToVideoPipeline",
+                      "WanImageToVideoRLGPipeline", {"image": IMAGE, "guidance_scale_2": 2.0}),
+    "i2v-a14b-low-noise": (WanImageToVideoFamily, "2.2-i2v-a14b", 16, "WanImageToVideoPipeline",
+                           "WanImageToVideoRLGPipeline", {"image": IMAGE, "guidance_scale_2": 2.0}),
+    "t2v-a14b-both": (WanFamily, "2.2-a14b", 16, "WanPipeline", "WanRLGPipeline", {"guidance_scale_2": 2.0}),
 }
+# the experts that carry the aligned LoRA (the others sample as configured at every scale)
+LORA_EXPERTS = {"i2v-a14b-both": ("transformer", "transformer_2"), "i2v-a14b-low-noise": ("transformer_2",),
+                "t2v-a14b-both": ("transformer", "transformer_2")}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -45,10 +54,14 @@ def test_rlg_is_the_stock_pipeline_at_0_and_1_bit_for_bit(case):
     import diffalign.pipelines
 
     family, version, side, stock_name, rlg_name, extra = CASES[case]
+    experts = LORA_EXPERTS.get(case, ("transformer",))
     components = family.tiny_components(version=version)
     if version == "2.2-a14b":
         components["boundary_ratio"] = 0.5  # of 3 steps at shift 7, the last goes to the low-noise expert
-    components["transformer"].requires_grad_(False)  # as inference (peft then freezes the base weights anyway)
+    if version == "2.2-i2v-a14b":
+        components["boundary_ratio"] = 0.9  # I2V-A14B's: of 3 steps at shift 7, the last two go to the low-noise one
+    for expert in experts:
+        components[expert].requires_grad_(False)  # as inference (peft then freezes the base weights anyway)
     stock = getattr(diffusers, stock_name)(**components)
     rlg = getattr(diffalign.pipelines, rlg_name)(**components)
     for pipe in (stock, rlg):
@@ -60,8 +73,9 @@ def test_rlg_is_the_stock_pipeline_at_0_and_1_bit_for_bit(case):
         return pipe(generator=torch.Generator().manual_seed(0), **kwargs, **rlg_kwargs).frames
 
     base = sample(stock)
-    add_lora(components["transformer"], target_modules=family.default_lora_target_modules)
-    _randomise_lora(components["transformer"])
+    for expert in experts:
+        add_lora(components[expert], target_modules=family.default_lora_target_modules)
+        _randomise_lora(components[expert])
     aligned = sample(stock)
     assert (aligned - base).abs().max() > 1e-3
     for single_pass in (False, True):
@@ -185,9 +199,105 @@ def test_generate_refuses_a_last_image_in_one_line(tmp_path, tiny_model_dir, cap
         generate.edit_call_kwargs(WanImageToVideoFamily, pipe, first, 16, last_image=first)
 
 
-def test_generate_refuses_a_low_noise_lora_for_the_image_to_video_rlg_pipeline(tmp_path):
-    """`WanImageToVideoRLGPipeline` mixes on the high-noise `transformer` alone: a run directory with a low-noise
-    expert's LoRA (`train_experts` low_noise/both) is refused in one line before it loads, so w = 0 stays the base."""
+I2V_A14B_BOUNDARY = 0.9  # Wan 2.2 I2V-A14B's boundary_ratio: of 3 steps at shift 7, the last two are low-noise
+
+
+def _i2v_a14b_model(directory) -> str:
+    """The tiny Wan 2.2 I2V-A14B on disk, with I2V-A14B's boundary (the tiny model's own 0.03 sends every step to
+    `transformer`)."""
+    import json
+
+    model = WanImageToVideoFamily.save_tiny(str(directory), version="2.2-i2v-a14b")
+    index = os.path.join(model, "model_index.json")
+    with open(index) as f:
+        config = json.load(f)
+    with open(index, "w") as f:
+        json.dump({**config, "boundary_ratio": I2V_A14B_BOUNDARY}, f)
+    return model
+
+
+def _stock_i2v(model, *loads):
+    """WanImageToVideoPipeline's video of `model` after `pipe.load_lora_weights(*args, **kwargs)` of each
+    `(args, kwargs)` in `loads`, as a user loads a run's files."""
+    import diffusers
+
+    pipe = diffusers.WanImageToVideoPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    for args, kwargs in loads:
+        pipe.load_lora_weights(*args, **kwargs)
+    return pipe(generator=torch.Generator().manual_seed(0), **I2V_A14B_CALL).frames
+
+
+I2V_A14B_CALL = dict(image=IMAGE, prompt="a cat", num_inference_steps=3, height=16, width=16, num_frames=5,
+                     output_type="pt", guidance_scale=3.0, guidance_scale_2=2.0)
+
+
+def _check_generate_guides_each_expert(model, lora):
+    """`generate.load_rlg_pipeline` on the I2V-A14B `model` with the run directory `lora`: w = 0 is
+    WanImageToVideoPipeline without a LoRA, w = 1 the same after `load_lora_weights` of each expert's file the
+    directory holds (the low-noise one with `load_into_transformer_2=True`), at 1e-4; each LoRA changes the video."""
+    from diffalign import generate
+    from diffalign.utils.peft_utils import LORA_WEIGHT_NAME, LOW_NOISE_LORA_WEIGHT_NAME
+
+    files = set(os.listdir(lora))
+    loads = ([((lora,), {})] if LORA_WEIGHT_NAME in files else []) + (
+        [((lora,), {"weight_name": LOW_NOISE_LORA_WEIGHT_NAME, "load_into_transformer_2": True})]
+        if LOW_NOISE_LORA_WEIGHT_NAME in files else [])
+    pipe = generate.load_rlg_pipeline(model, lora=lora, device="cpu")
+    assert type(pipe).__name__ == "WanImageToVideoRLGPipeline"
+    assert [bool(getattr(getattr(pipe, expert), "peft_config", None)) for expert in ("transformer", "transformer_2")] \
+        == [LORA_WEIGHT_NAME in files, LOW_NOISE_LORA_WEIGHT_NAME in files]
+
+    def rlg(w):
+        return pipe(generator=torch.Generator().manual_seed(0), rlg_scale=w, **I2V_A14B_CALL).frames
+
+    base = _stock_i2v(model)
+    torch.testing.assert_close(rlg(0.0), base, atol=1e-4, rtol=1e-4)
+    aligned = _stock_i2v(model, *loads)
+    torch.testing.assert_close(rlg(1.0), aligned, atol=1e-4, rtol=1e-4)
+    for load in loads:  # each expert's LoRA changes its own part of the trajectory
+        assert (_stock_i2v(model, load) - base).abs().max() > 1e-4
+    assert (rlg(1.5) - aligned).abs().max() > 1e-4
+
+
+@pytest.fixture(scope="module")
+def i2v_a14b_run(tmp_path_factory):
+    """The tiny I2V-A14B on disk and a run directory with a random LoRA of each expert, saved as a `train_experts:
+    both` run saves them."""
+    root = tmp_path_factory.mktemp("i2v_a14b")
+    model = _i2v_a14b_model(root / "model")
+    family = family_for_pipeline(WanImageToVideoFamily.load(model))
+    family.configure(train_experts="both")
+    add_lora(family.denoiser, target_modules=family.default_lora_target_modules)
+    _randomise_lora(family.denoiser)  # both experts' adapters
+    lora = str(root / "lora")
+    family.save_lora(family.denoiser, lora)
+    return model, lora
+
+
+def test_generate_guides_both_experts_of_i2v_a14b(i2v_a14b_run):
+    """A `train_experts: both` directory: `generate` loads the low-noise LoRA into `transformer_2` and the RLG
+    pipeline mixes on both experts (it used to refuse the directory)."""
+    from diffalign.utils.peft_utils import LORA_WEIGHT_NAME, LOW_NOISE_LORA_WEIGHT_NAME
+
+    model, lora = i2v_a14b_run
+    assert sorted(os.listdir(lora)) == [LORA_WEIGHT_NAME, LOW_NOISE_LORA_WEIGHT_NAME]
+    _check_generate_guides_each_expert(model, lora)
+
+
+def test_generate_guides_the_low_noise_expert_alone_of_i2v_a14b(i2v_a14b_run, tmp_path):
+    """A `train_experts: low_noise` directory: `transformer` has no adapter and samples as configured at every scale;
+    RLG mixes on `transformer_2`."""
+    from diffalign.utils.peft_utils import LOW_NOISE_LORA_WEIGHT_NAME
+
+    model, lora = i2v_a14b_run
+    (tmp_path / "low").mkdir()
+    os.symlink(os.path.join(lora, LOW_NOISE_LORA_WEIGHT_NAME), tmp_path / "low" / LOW_NOISE_LORA_WEIGHT_NAME)
+    _check_generate_guides_each_expert(model, str(tmp_path / "low"))
+
+
+def test_a_low_noise_lora_for_a_one_expert_model_is_one_line(tmp_path):
+    """Where no second expert exists (Wan 2.1 I2V), a low-noise file is still refused in one line."""
     from diffalign import generate
     from diffalign.errors import ModelError
     from diffalign.utils.peft_utils import LOW_NOISE_LORA_WEIGHT_NAME
@@ -196,6 +306,67 @@ def test_generate_refuses_a_low_noise_lora_for_the_image_to_video_rlg_pipeline(t
     lora = tmp_path / "lora"
     lora.mkdir()
     (lora / LOW_NOISE_LORA_WEIGHT_NAME).write_bytes(b"")
-    with pytest.raises(ModelError, match="guides the high-noise expert only") as error:
+    with pytest.raises(ModelError, match="this model has one expert") as error:
         generate.load_rlg_pipeline(model, lora=str(lora), device="cpu")
     assert "\n" not in str(error.value)
+
+
+def test_a_fully_fine_tuned_low_noise_expert_is_the_stock_pipeline_on_it_at_1():
+    """`aligned_transformer_2` (a full fine-tune of I2V-A14B's low-noise expert): w = 0 samples the base experts,
+    w = 1 the stock pipeline with the fine-tune as `transformer_2`, bit for bit; `transformer` has no aligned model
+    and samples as configured."""
+    import copy
+
+    import diffusers
+
+    import diffalign.pipelines
+
+    components = WanImageToVideoFamily.tiny_components(version="2.2-i2v-a14b")
+    components["boundary_ratio"] = I2V_A14B_BOUNDARY
+    aligned = copy.deepcopy(components["transformer_2"])
+    with torch.no_grad():
+        for param in aligned.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+
+    def sample(pipe, **rlg_kwargs):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(generator=torch.Generator().manual_seed(0), **I2V_A14B_CALL, **rlg_kwargs).frames
+
+    rlg = diffalign.pipelines.WanImageToVideoRLGPipeline(**components, aligned_transformer_2=aligned)
+    base = sample(diffusers.WanImageToVideoPipeline(**components))
+    tuned = sample(diffusers.WanImageToVideoPipeline(**{**components, "transformer_2": aligned}))
+    assert (tuned - base).abs().max() > 1e-3
+    assert torch.equal(sample(rlg, rlg_scale=0.0), base)
+    assert torch.equal(sample(rlg, rlg_scale=1.0), tuned)
+
+
+def test_the_low_noise_experts_lora_is_checked_like_the_first():
+    """`check_rlg_inputs` on a LoRA of `transformer_2`: disabled or fused adapters, and a dict naming an adapter that
+    expert lacks, are each a `ValueError` naming the expert; no aligned model on either expert names both."""
+    import diffalign.pipelines
+
+    components = WanImageToVideoFamily.tiny_components(version="2.2-i2v-a14b")
+    components["boundary_ratio"] = I2V_A14B_BOUNDARY
+    pipe = diffalign.pipelines.WanImageToVideoRLGPipeline(**components)
+    with pytest.raises(ValueError, match="no `aligned_transformer` or `aligned_transformer_2` and no LoRA adapter on"
+                                         " `transformer` or `transformer_2`"):
+        pipe.check_rlg_inputs(0.0, 0.0, 1.0)
+    pipe.check_rlg_inputs(1.0, 0.0, 1.0)  # w = 1: the experts as configured
+    add_lora(components["transformer"], target_modules=WanFamily.default_lora_target_modules, adapter_name="a")
+    add_lora(components["transformer_2"], target_modules=WanFamily.default_lora_target_modules, adapter_name="b")
+    with pytest.raises(ValueError, match=r"Unknown LoRA adapter\(s\) \['b'\] of `transformer`"):
+        pipe.check_rlg_inputs({"a": 1.0, "b": 1.0}, 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"Unknown LoRA adapter\(s\) \['a'\] of `transformer_2`"):
+        pipe.check_rlg_inputs({"a": 1.0}, 0.0, 1.0)
+    components["transformer_2"].disable_adapters()
+    with pytest.raises(ValueError, match="The LoRA adapters of `transformer_2` are disabled"):
+        pipe.check_rlg_inputs(0.0, 0.0, 1.0)
+    components["transformer_2"].enable_adapters()
+    pipe.check_rlg_inputs(0.0, 0.0, 1.0)
+    from peft.tuners.lora import LoraLayer
+
+    for layer in components["transformer_2"].modules():
+        if isinstance(layer, LoraLayer):
+            layer.merge()
+    with pytest.raises(ValueError, match="The LoRA adapters are fused into `transformer_2`"):
+        pipe.check_rlg_inputs(0.0, 0.0, 1.0)
