@@ -370,3 +370,30 @@ def test_the_low_noise_experts_lora_is_checked_like_the_first():
             layer.merge()
     with pytest.raises(ValueError, match="The LoRA adapters are fused into `transformer_2`"):
         pipe.check_rlg_inputs(0.0, 0.0, 1.0)
+
+
+@pytest.mark.slow  # ~20 s: a 2-epoch ddpo run on the tiny I2V-A14B
+def test_cli_trains_both_experts_of_i2v_a14b_and_generate_guides_them(tmp_path):
+    """`train ddpo --train_experts both` on the tiny I2V-A14B (wan_i2v inherits Wan's two-expert training): a LoRA file
+    per expert, each changing WanImageToVideoPipeline's video, and `generate`'s RLG pipeline on the run directory is
+    the stock pipeline without them at w = 0 and with both at w = 1."""
+    import json
+
+    from diffalign.cli import main
+    from diffalign.utils.peft_utils import LORA_WEIGHT_NAME, LOW_NOISE_LORA_WEIGHT_NAME
+
+    model = _i2v_a14b_model(tmp_path / "model")
+    IMAGE.save(str(tmp_path / "first.png"))
+    prompt_file = tmp_path / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps({"prompt": p, "image": "first.png"}) + "\n" for p in ("a cat", "a car")))
+    out = tmp_path / "run"
+    assert main(["train", "ddpo", "--model", model, "--output_dir", str(out), "--num_epochs", "2",
+                 "--sample_num_steps", "3", "--sample_num_prompts_per_epoch", "2", "--sample_images_per_prompt", "2",
+                 "--sample_batch_size", "4", "--train_batch_size", "4", "--grid_num_images", "2",
+                 "--checkpoint_every", "2", "--seed", "3", "--reward", "jpeg_compressibility", "--prompt_file",
+                 str(prompt_file), "--train_learning_rate", "0.05", "--sample_guidance_scale", "3.0",
+                 "--sample_resolution", "16", "--num_frames", "5", "--final_eval_num_images", "0",
+                 "--sample_compute_kl", "false", "--train_experts", "both"]) == 0
+    final = str(out / "final")
+    assert {LORA_WEIGHT_NAME, LOW_NOISE_LORA_WEIGHT_NAME} <= set(os.listdir(final))
+    _check_generate_guides_each_expert(model, final)
