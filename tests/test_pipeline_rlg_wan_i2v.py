@@ -397,3 +397,34 @@ def test_cli_trains_both_experts_of_i2v_a14b_and_generate_guides_them(tmp_path):
     final = str(out / "final")
     assert {LORA_WEIGHT_NAME, LOW_NOISE_LORA_WEIGHT_NAME} <= set(os.listdir(final))
     _check_generate_guides_each_expert(model, final)
+
+
+def test_i2v_a14b_card_loads_every_trained_expert_into_the_rlg_pipeline(i2v_a14b_run, tmp_path, monkeypatch):
+    """The card of a `train_experts: both` I2V-A14B run: its RLG snippet loads both files into
+    `WanImageToVideoRLGPipeline` (the plain snippet's load lines) and runs; a full fine-tune's passes both experts as
+    `aligned_transformer` and `aligned_transformer_2`."""
+    from diffalign.config import DDPOConfig
+    from diffalign.modelcard import usage_snippets
+    from diffalign.prompts import ConditionedPrompt
+
+    model, lora = i2v_a14b_run
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(lora, run / "final")
+    IMAGE.save(str(run / "first.png"))
+    family = family_for_pipeline(WanImageToVideoFamily.load(model))
+    config = DDPOConfig(model=model, output_dir=str(run), num_frames=5, sample_num_steps=2, train_experts="both")
+    prompt = ConditionedPrompt("a cat", (str(run / "first.png"),))
+    plain, rlg = usage_snippets(config, family, prompt, "final", 16)
+    loads = [line for line in plain.splitlines() if "load_lora_weights" in line]
+    assert len(loads) == 2 and [line for line in rlg.splitlines() if "load_lora_weights" in line] == loads
+    monkeypatch.chdir(run)  # the card's local paths are relative to the run directory
+    monkeypatch.setattr("diffusers.utils.export_to_video", lambda frames, path, fps: path)  # no video written
+    scope = {}
+    exec(rlg, scope)
+    assert type(scope["pipe"]).__name__ == "WanImageToVideoRLGPipeline"
+    assert sorted(scope["pipe"].get_list_adapters()) == ["transformer", "transformer_2"]
+    assert len(scope["video"]) == 5
+    config.use_lora = False
+    rlg = usage_snippets(config, family, prompt, "final", 16)[1]
+    assert "aligned_transformer=transformer, aligned_transformer_2=transformer_2)" in rlg
