@@ -185,7 +185,12 @@ class WanImageToVideoRLGPipeline(WanImageToVideoPipeline):
         "text_encoder->image_encoder->transformer->aligned_transformer->transformer_2->aligned_transformer_2->vae"
     )
     _optional_components = [
-        "transformer", "transformer_2", "image_encoder", "image_processor", "aligned_transformer", "aligned_transformer_2"
+        "transformer",
+        "transformer_2",
+        "image_encoder",
+        "image_processor",
+        "aligned_transformer",
+        "aligned_transformer_2",
     ]
     # the experts RLG guides, each with its fully fine-tuned counterpart's attribute (`transformer_2`: two-expert
     # models, below the boundary)
@@ -263,8 +268,8 @@ class WanImageToVideoRLGPipeline(WanImageToVideoPipeline):
             where = " or ".join(f"`{expert}`" for expert in experts)
             full = " or ".join(f"`{self._rlg_experts[expert]}`" for expert in experts)
             raise ValueError(
-                f"`rlg_scale={rlg_scale}` needs an aligned model, but the pipeline has no {full} and no LoRA adapter on"
-                f" {where}. Load one with `pipe.load_lora_weights(...)` or pass {full}."
+                f"`rlg_scale={rlg_scale}` needs an aligned model, but the pipeline has no {full} and no LoRA adapter"
+                f" on {where}. Load one with `pipe.load_lora_weights(...)` or pass {full}."
             )
         lora_experts = [expert for expert, kind in aligned.items() if kind == "lora"]
         if isinstance(rlg_scale, dict):
@@ -294,7 +299,8 @@ class WanImageToVideoRLGPipeline(WanImageToVideoPipeline):
             if all(layer.disable_adapters for layer in lora_layers):
                 # peft runs disabled adapters as the base model, whatever adapter a row selects
                 raise ValueError(
-                    f"The LoRA adapters of `{expert}` are disabled, so there is no aligned model; call `pipe.enable_lora()`."
+                    f"The LoRA adapters of `{expert}` are disabled, so there is no aligned model; call"
+                    " `pipe.enable_lora()`."
                 )
             if not isinstance(rlg_scale, dict) and not lora_layers[0].active_adapters:
                 raise ValueError(
@@ -414,7 +420,8 @@ class WanImageToVideoRLGPipeline(WanImageToVideoPipeline):
         predictions = {}
         for group in groups:
             transformer = getattr(self, group[0].transformer_name)
-            if len(group) == 1 and (group[0].adapter is None or [group[0].adapter] == self._rlg_active_adapters.get(group[0].transformer_name)):
+            active = self._rlg_active_adapters.get(group[0].transformer_name)
+            if len(group) == 1 and (group[0].adapter is None or [group[0].adapter] == active):
                 adapter_rows = None  # the model exactly as configured
             elif len(group) == 1:
                 adapter_rows = group[0].adapter

@@ -246,8 +246,8 @@ class WanRLGPipeline(WanPipeline):
             where = " or ".join(f"`{expert}`" for expert in experts)
             full = " or ".join(f"`{self._rlg_experts[expert]}`" for expert in experts)
             raise ValueError(
-                f"`rlg_scale={rlg_scale}` needs an aligned model, but the pipeline has no {full} and no LoRA adapter on"
-                f" {where}. Load one with `pipe.load_lora_weights(...)` or pass {full}."
+                f"`rlg_scale={rlg_scale}` needs an aligned model, but the pipeline has no {full} and no LoRA adapter"
+                f" on {where}. Load one with `pipe.load_lora_weights(...)` or pass {full}."
             )
         lora_experts = [expert for expert, kind in aligned.items() if kind == "lora"]
         if isinstance(rlg_scale, dict):
@@ -277,7 +277,8 @@ class WanRLGPipeline(WanPipeline):
             if all(layer.disable_adapters for layer in lora_layers):
                 # peft runs disabled adapters as the base model, whatever adapter a row selects
                 raise ValueError(
-                    f"The LoRA adapters of `{expert}` are disabled, so there is no aligned model; call `pipe.enable_lora()`."
+                    f"The LoRA adapters of `{expert}` are disabled, so there is no aligned model; call"
+                    " `pipe.enable_lora()`."
                 )
             if not isinstance(rlg_scale, dict) and not lora_layers[0].active_adapters:
                 raise ValueError(
@@ -395,7 +396,8 @@ class WanRLGPipeline(WanPipeline):
         predictions = {}
         for group in groups:
             transformer = getattr(self, group[0].transformer_name)
-            if len(group) == 1 and (group[0].adapter is None or [group[0].adapter] == self._rlg_active_adapters.get(group[0].transformer_name)):
+            active = self._rlg_active_adapters.get(group[0].transformer_name)
+            if len(group) == 1 and (group[0].adapter is None or [group[0].adapter] == active):
                 adapter_rows = None  # the model exactly as configured
             elif len(group) == 1:
                 adapter_rows = group[0].adapter

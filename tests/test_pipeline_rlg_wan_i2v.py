@@ -428,3 +428,38 @@ def test_i2v_a14b_card_loads_every_trained_expert_into_the_rlg_pipeline(i2v_a14b
     config.use_lora = False
     rlg = usage_snippets(config, family, prompt, "final", 16)[1]
     assert "aligned_transformer=transformer, aligned_transformer_2=transformer_2)" in rlg
+
+
+def test_generate_video_grid_shows_the_condition_images_before_each_video(tmp_path, monkeypatch):
+    """`generate`'s animated grid (Wan 2.1 FLF2V, `--image --last-image`): each video after its first and last frame,
+    standing still (resized to the video's size) through every frame of the grid, as the image grids show an edit
+    after its inputs."""
+    from diffalign import generate, plotting
+    from diffalign.plotting import find_video, read_video
+    from diffalign.prompts import load_condition_tensor
+
+    model = WanImageToVideoFamily.save_tiny(str(tmp_path / "model"), version="2.1-flf2v")
+    IMAGE.save(str(tmp_path / "first.png"))
+    LAST.save(str(tmp_path / "last.png"))
+    sampled, grid_rows = [], []
+    sample_scales, rows_grid = generate.sample_scales, plotting.rows_grid
+    monkeypatch.setattr(generate, "sample_scales",
+                        lambda *a, **k: sampled.append(sample_scales(*a, **k)) or sampled[0])
+    monkeypatch.setattr(plotting, "rows_grid",
+                        lambda rows, *a, **k: grid_rows.append((rows, k)) or rows_grid(rows, *a, **k))
+    out = tmp_path / "out"
+    argv = ["--model", model, "--prompt", "a cat", "--rlg-scale", "1", "--num-images", "1", "--steps", "2",
+            "--resolution", "16", "--num-frames", "5", "--image", str(tmp_path / "first.png"), "--last-image",
+            str(tmp_path / "last.png"), "--output-dir", str(out)]
+    assert generate.run(generate.add_arguments(argparse.ArgumentParser()).parse_args(argv)) == 0
+    video = sampled[0][1.0][0]  # (F, 3, H, W)
+    assert len(grid_rows) == video.shape[0] == len(read_video(find_video(str(out / "rlg_grid.png")))) == 5
+    conditions = [torch.nn.functional.interpolate(load_condition_tensor(str(tmp_path / name))[None], size=(16, 16),
+                                                  mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)[0]
+                  for name in ("first.png", "last.png")]
+    for frame, (rows, kwargs) in enumerate(grid_rows):
+        (tiles,) = rows  # one scale
+        assert kwargs["max_per_row"] == generate.GRID_PER_ROW * 3  # per video: the first frame, the last, the video
+        torch.testing.assert_close(tiles[0], conditions[0])
+        torch.testing.assert_close(tiles[1], conditions[1])
+        assert torch.equal(tiles[2], video[frame])
