@@ -246,14 +246,14 @@ def load_rlg_pipeline(
 
         raise ModelError(f"--aligned-denoiser: RLG for {family.name} models runs the guider in the modular pipeline,"
                          f" whose aligned model is a LoRA adapter; give the fine-tune as --lora DIR")
-    if lora:
+    if lora and family.rlg_pipeline_class and "transformer_2" not in getattr(pipeline_class, "_rlg_experts", ()):
         from diffalign.utils.peft_utils import LOW_NOISE_LORA_WEIGHT_NAME
 
-        if family.rlg_pipeline_class and os.path.isfile(os.path.join(lora, LOW_NOISE_LORA_WEIGHT_NAME)):
+        if os.path.isfile(os.path.join(lora, LOW_NOISE_LORA_WEIGHT_NAME)):
             from diffalign.errors import ModelError
 
-            # its RLG pipeline mixes on the high-noise `transformer` alone: an adapter on `transformer_2` would stay
-            # on at every scale, so w = 0 would not be the base model
+            # an RLG pipeline that mixes on `transformer` alone (the Wan ones guide both experts: `_rlg_experts`): an
+            # adapter on `transformer_2` would stay on at every scale, so w = 0 would not be the base model
             raise ModelError(f"--lora: '{lora}' has a low-noise expert's LoRA ({LOW_NOISE_LORA_WEIGHT_NAME}), but "
                              f"{family.name}'s RLG pipeline ({family.rlg_pipeline_class}) guides the high-noise expert "
                              f"only; train with train_experts high_noise for it")
@@ -592,22 +592,23 @@ def run(args: argparse.Namespace) -> int:
     shown = grid_order(len(prompts), args.num_images)[:GRID_PER_ROW]
     grid_path = os.path.join(args.output_dir, "rlg_grid.png")
     labels = [f"w = {s:g}" for s in scales]
+    rows, per_sample = [images[s][shown] for s in scales], 1
+    if args.image:  # each result after its inputs (a video's as still frames), as the training grids show them
+        from diffalign.prompts import ConditionedPrompt
+        from diffalign.trainers.evaluation import with_condition_images
+
+        # the condition images, and a first-last-frame video's last frame after them
+        inputs = tuple(os.path.abspath(path) for path in image_paths(args.image) + [args.last_image] if path)
+        edited = [ConditionedPrompt(prompts[i // args.num_images], inputs) for i in shown]
+        tiled = [with_condition_images(row, edited) for row in rows]
+        rows, per_sample = [tiles for tiles, _ in tiled], tiled[0][1]  # per sample: its inputs and the result
     if family.output_kind == "video":  # an animated grid: frame f shows frame f of every video, a row per scale
         from diffalign.plotting import save_video
 
-        frames = [rows_grid([images[s][shown][:, f] for s in scales], labels, max_per_row=GRID_PER_ROW)
-                  for f in range(images[scales[0]].shape[1])]
+        frames = [rows_grid([row[:, f] for row in rows], labels, max_per_row=GRID_PER_ROW * per_sample)
+                  for f in range(rows[0].shape[1])]
         grid_path = save_video(frames, grid_path)
     else:
-        rows, per_sample = [images[s][shown] for s in scales], 1
-        if args.image:  # each edit after its inputs, as the training grids show them
-            from diffalign.prompts import ConditionedPrompt
-            from diffalign.trainers.evaluation import with_condition_images
-
-            inputs = tuple(os.path.abspath(path) for path in image_paths(args.image))
-            edited = [ConditionedPrompt(prompts[i // args.num_images], inputs) for i in shown]
-            tiled = [with_condition_images(row, edited) for row in rows]
-            rows, per_sample = [tiles for tiles, _ in tiled], tiled[0][1]  # per sample: its inputs and the edit
         rows_grid(rows, labels, max_per_row=GRID_PER_ROW * per_sample).save(grid_path)
     index = save_images(images, prompts, args.num_images, args.seed, os.path.join(args.output_dir, "rlg_images"))
     total = len(prompts) * args.num_images

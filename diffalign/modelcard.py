@@ -204,21 +204,25 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
             f"{output} = pipe(prompt={_py(prompt)}, {call}){result}",
             *save,
         ])
-        if rlg_class:
+        if rlg_class:  # every trained expert's LoRA: the Wan RLG pipelines guide each expert that carries one
             rlg = _snippet(edit_import, ours + [rlg_import], [
                 f"pipe = {rlg_class}.from_pretrained({base})",
-                f"pipe.load_lora_weights({_py(weights)})",
+                *load_lora,
             ] + rlg_call)
         elif family.rlg_route():  # the RLG guider in the family's modular pipeline
             family_name = (family if isinstance(family, type) else type(family)).__name__
             family_import = f"from diffalign.families import {family_name}"
-            # the modular route returns a video's frames as `.images` too (`ModularRLGPipeline`)
-            guider_call = [line.replace(f"{output} = pipe(", f"{output} = rlg(").replace(".frames[0]", ".images[0]")
-                           for line in rlg_call]
+            # the modular route returns a video's frames as `.images` too (`ModularRLGPipeline`); a model whose own
+            # route is an RLG pipeline (Wan 2.2 TI2V-5B text-to-video: `WanRLGPipeline`) returns them as `.frames`
+            own_pipeline = not isinstance(family, type) and family.rlg_route_for(family.pipe) == "pipeline"
+            guider_call = [line.replace(f"{output} = pipe(", f"{output} = rlg(") for line in rlg_call]
+            if not own_pipeline:
+                guider_call = [line.replace(".frames[0]", ".images[0]") for line in guider_call]
+            route = "diffalign's RLG pipeline" if own_pipeline else "the RLG guider in the modular pipeline"
             rlg = _snippet([f"from diffusers import {pipeline_class}"] + edit_import, ours + [family_import], [
                 f"pipe = {pipeline_class}.from_pretrained({base})",
                 *load_lora[:-1], load_lora[-1] + "  # adapter on = this fine-tune, off = the base model",
-                f"rlg = {family_name}.rlg_pipeline(pipe)  # the RLG guider in the modular pipeline, same weights",
+                f"rlg = {family_name}.rlg_pipeline(pipe)  # {route}, same weights",
             ] + guider_call)
         else:
             rlg = None
@@ -236,7 +240,7 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
         ])
         rlg = _snippet([f"from diffusers import {denoiser_class}"] + edit_import, ours + [rlg_import], [
             *loads,
-            f"pipe = {rlg_class}.from_pretrained({base}, aligned_{denoiser_name}={denoiser_name})",
+            f"pipe = {rlg_class}.from_pretrained({base}, {', '.join(f'aligned_{name}={name}' for name in trained)})",
         ] + rlg_call) if rlg_class else None
     return [plain, rlg] if rlg else [plain]
 

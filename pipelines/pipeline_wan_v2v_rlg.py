@@ -171,6 +171,8 @@ class WanVideoToVideoRLGPipeline(WanVideoToVideoPipeline):
 
     model_cpu_offload_seq = "text_encoder->transformer->aligned_transformer->vae"
     _optional_components = ["aligned_transformer"]
+    # the expert RLG guides, with its fully fine-tuned counterpart's attribute (Wan video-to-video has one expert)
+    _rlg_experts = {"transformer": "aligned_transformer"}
     # Wan's LoRA loader adapts the transformer only: the prompt is encoded once, for every model
     _rlg_text_encoders = []
 
@@ -192,12 +194,26 @@ class WanVideoToVideoRLGPipeline(WanVideoToVideoPipeline):
         )
         self.register_modules(aligned_transformer=aligned_transformer)
 
-    # Copied from diffalign.pipelines.pipeline_flux_rlg.FluxRLGPipeline.check_rlg_inputs
+    def _rlg_expert_names(self) -> List[str]:
+        r"""The experts that denoise: `transformer` (Wan's video-to-video pipeline has one expert)."""
+        return ["transformer"] if self.transformer is not None else []
+
+    # Copied from diffalign.pipelines.pipeline_wan_rlg.WanRLGPipeline._aligned_model_of
+    def _aligned_model_of(self, expert: str) -> Optional[str]:
+        r"""How `expert` holds an aligned model: `"full"` (its fully fine-tuned counterpart, `aligned_transformer` or
+        `aligned_transformer_2`), `"lora"` (LoRA layers on it) or `None` (it samples as configured at every scale)."""
+        if getattr(self, self._rlg_experts[expert], None) is not None:
+            return "full"
+        return "lora" if _lora_layers(getattr(self, expert, None)) else None
+
+    # Copied from diffalign.pipelines.pipeline_wan_rlg.WanRLGPipeline.check_rlg_inputs
     def check_rlg_inputs(self, rlg_scale, rlg_start: float, rlg_stop: float, prompt_embeds=None):
         r"""
         Validates the RLG arguments of `__call__` against the pipeline's models (see `__call__` for their meaning).
-        Raises a `ValueError` rather than silently sampling the base model when no aligned model is available.
-        `prompt_embeds` is `__call__`'s: when given, the text encoders are not used.
+        Raises a `ValueError` rather than silently sampling the base model when no expert has an aligned model. Each
+        expert with LoRA layers (`transformer`, and a two-expert model's `transformer_2`) is checked alike; an expert
+        without an aligned model samples as configured. `prompt_embeds` is `__call__`'s (Wan's text encoder has no
+        LoRA, so it is not checked).
         """
         is_schedule = isinstance(rlg_scale, (list, tuple)) or callable(rlg_scale)
         if not (_is_number(rlg_scale) or is_schedule or isinstance(rlg_scale, dict)):
@@ -206,12 +222,24 @@ class WanVideoToVideoRLGPipeline(WanVideoToVideoPipeline):
             )
         if not (0.0 <= rlg_start <= rlg_stop <= 1.0):
             raise ValueError(f"Need 0 <= `rlg_start` <= `rlg_stop` <= 1, but got {rlg_start} and {rlg_stop}.")
+        if _is_number(rlg_scale) and rlg_scale == 1:
+            return  # every expert's aligned model (or the expert itself) as configured: plain sampling
 
-        lora_layers = _lora_layers(self.transformer)
+        experts = self._rlg_expert_names()
+        aligned = {expert: self._aligned_model_of(expert) for expert in experts}
+        if not any(aligned.values()):
+            where = " or ".join(f"`{expert}`" for expert in experts)
+            full = " or ".join(f"`{self._rlg_experts[expert]}`" for expert in experts)
+            raise ValueError(
+                f"`rlg_scale={rlg_scale}` needs an aligned model, but the pipeline has no {full} and no LoRA adapter"
+                f" on {where}. Load one with `pipe.load_lora_weights(...)` or pass {full}."
+            )
+        lora_experts = [expert for expert, kind in aligned.items() if kind == "lora"]
         if isinstance(rlg_scale, dict):
-            if self.aligned_transformer is not None:
+            full = [self._rlg_experts[expert] for expert, kind in aligned.items() if kind == "full"]
+            if full:
                 raise ValueError(
-                    "A dict `rlg_scale` mixes LoRA adapters of `transformer`; it cannot be used with `aligned_transformer`."
+                    f"A dict `rlg_scale` mixes LoRA adapters; it cannot be used with `{full[0]}`."
                 )
             if len(rlg_scale) == 0:
                 raise ValueError("`rlg_scale` is an empty dict; give at least one `{adapter_name: scale}`.")
@@ -219,45 +247,36 @@ class WanVideoToVideoRLGPipeline(WanVideoToVideoPipeline):
                 raise ValueError(
                     "`rlg_start`/`rlg_stop` need a single aligned model; with a dict `rlg_scale` use per-adapter schedules."
                 )
-            loaded = _loaded_adapters(self.transformer)
-            unknown = [name for name in rlg_scale if name not in loaded]
-            if unknown:
-                raise ValueError(f"Unknown LoRA adapter(s) {unknown} in `rlg_scale`; loaded adapters: {loaded}.")
-            if all(layer.disable_adapters for layer in lora_layers):
-                # peft runs disabled adapters as the base model, whatever adapter a row selects
-                raise ValueError("The LoRA adapters of `transformer` are disabled; call `pipe.enable_lora()`.")
             for name, scale in rlg_scale.items():
                 if not (_is_number(scale) or isinstance(scale, (list, tuple)) or callable(scale)):
                     raise ValueError(f"`rlg_scale['{name}']` must be a float or a schedule, but is {type(scale)}.")
-        elif self.aligned_transformer is None and not (_is_number(rlg_scale) and rlg_scale == 1):
-            if not lora_layers:
-                raise ValueError(
-                    f"`rlg_scale={rlg_scale}` needs an aligned model, but the pipeline has no `aligned_transformer` and no LoRA"
-                    " adapter on `transformer`. Load one with `pipe.load_lora_weights(...)` or pass `aligned_transformer`."
-                )
+        for expert in lora_experts:
+            lora_layers = _lora_layers(getattr(self, expert))
+            if isinstance(rlg_scale, dict):
+                loaded = _loaded_adapters(getattr(self, expert))
+                unknown = [name for name in rlg_scale if name not in loaded]
+                if unknown:
+                    raise ValueError(
+                        f"Unknown LoRA adapter(s) {unknown} of `{expert}` in `rlg_scale`; loaded adapters: {loaded}."
+                    )
             if all(layer.disable_adapters for layer in lora_layers):
+                # peft runs disabled adapters as the base model, whatever adapter a row selects
                 raise ValueError(
-                    "The LoRA adapters of `transformer` are disabled, so there is no aligned model; call `pipe.enable_lora()`."
+                    f"The LoRA adapters of `{expert}` are disabled, so there is no aligned model; call"
+                    " `pipe.enable_lora()`."
                 )
-            if not lora_layers[0].active_adapters:
+            if not isinstance(rlg_scale, dict) and not lora_layers[0].active_adapters:
                 raise ValueError(
-                    "No LoRA adapter of `transformer` is active; activate one with `pipe.set_adapters(...)`."
+                    f"No LoRA adapter of `{expert}` is active; activate one with `pipe.set_adapters(...)`."
                 )
-
-        if self.aligned_transformer is None and not (_is_number(rlg_scale) and rlg_scale == 1):
-            # the base model is needed: it comes from per-sample adapter selection (peft's mixed batch), in the
-            # denoiser and in each text encoder with a LoRA, which needs unfused adapters
-            models = {"transformer": lora_layers}
-            if prompt_embeds is None:
-                models.update({name: _lora_layers(getattr(self, name, None)) for name in self._rlg_text_encoders})
-            fused = [f"`{name}`" for name, layers in models.items() if any(layer.merged for layer in layers)]
-            if fused:
+            # the base model comes from per-sample adapter selection (peft's mixed batch): unfused adapters only
+            if any(layer.merged for layer in lora_layers):
                 raise ValueError(
-                    f"The LoRA adapters are fused into {', '.join(fused)}, so the base weights are gone and"
+                    f"The LoRA adapters are fused into `{expert}`, so the base weights are gone and"
                     f" `rlg_scale={rlg_scale}` cannot run the base model; call `pipe.unfuse_lora()`."
                 )
             if isinstance(rlg_scale, dict):
-                dora = sorted({name for name in rlg_scale for layers in models.values() if _uses_dora(layers, name)})
+                dora = sorted(name for name in rlg_scale if _uses_dora(lora_layers, name))
                 if dora:
                     raise ValueError(
                         f"LoRA adapter(s) {dora} use DoRA, which peft cannot select per sample; a dict `rlg_scale`"
@@ -281,27 +300,35 @@ class WanVideoToVideoRLGPipeline(WanVideoToVideoPipeline):
                 where = "`rlg_scale`" if name is None else f"`rlg_scale['{name}']`"
                 raise ValueError(f"{where} has {len(scale)} values, but the sampler runs {num_steps} steps.")
 
-    # Copied from diffalign.pipelines.pipeline_flux_rlg.FluxRLGPipeline._prepare_rlg_models
-    def _prepare_rlg_models(self, rlg_scale) -> Dict[str, _RLGModel]:
-        r"""The denoisers RLG combines this call, by name: `"base"` and `"aligned"`, or `"base"` and one per adapter."""
-        if self.aligned_transformer is not None:
-            return {
-                "base": _RLGModel("base", "transformer", None),
-                "aligned": _RLGModel("aligned", "aligned_transformer", None),
-            }
-        lora_layers = _lora_layers(self.transformer)
-        if not lora_layers:
-            # only reached with a constant `rlg_scale == 1` (see `check_rlg_inputs`): plain sampling with `transformer`
-            return {"aligned": _RLGModel("aligned", "transformer", None)}
-        base = _RLGModel("base", "transformer", BASE_ADAPTER_NAME)
-        if isinstance(rlg_scale, dict):
-            return {"base": base, **{name: _RLGModel(name, "transformer", name) for name in rlg_scale}}
-        active = list(lora_layers[0].active_adapters)
-        # several adapters active at once form one aligned model that a per-row adapter cannot express, nor can a
-        # DoRA adapter be selected per row: the aligned model then runs in its own forward pass, exactly as configured
-        per_row = len(active) == 1 and not _uses_dora(lora_layers, active[0])
-        aligned = _RLGModel("aligned", "transformer", active[0] if per_row else None)
-        return {"base": base, "aligned": aligned}
+    # Copied from diffalign.pipelines.pipeline_wan_rlg.WanRLGPipeline._prepare_rlg_models
+    def _prepare_rlg_models(self, rlg_scale) -> Dict[str, Dict[str, _RLGModel]]:
+        r"""The denoisers RLG combines this call, per expert (`transformer`, `transformer_2`) and by name: `"base"`
+        and `"aligned"`, or `"base"` and one per adapter; `"aligned"` alone (the expert as configured) for an expert
+        without an aligned model."""
+        models = {}
+        for expert, aligned_name in self._rlg_experts.items():
+            kind = self._aligned_model_of(expert)
+            if kind == "full":
+                models[expert] = {
+                    "base": _RLGModel("base", expert, None),
+                    "aligned": _RLGModel("aligned", aligned_name, None),
+                }
+                continue
+            if kind is None:
+                # a constant `rlg_scale == 1`, or an expert that the aligned model leaves as it is
+                models[expert] = {"aligned": _RLGModel("aligned", expert, None)}
+                continue
+            lora_layers = _lora_layers(getattr(self, expert))
+            base = _RLGModel("base", expert, BASE_ADAPTER_NAME)
+            if isinstance(rlg_scale, dict):
+                models[expert] = {"base": base, **{name: _RLGModel(name, expert, name) for name in rlg_scale}}
+                continue
+            active = list(lora_layers[0].active_adapters)
+            # several adapters active at once form one aligned model that a per-row adapter cannot express, nor can
+            # a DoRA adapter be selected per row: the aligned model then runs in its own forward pass, as configured
+            per_row = len(active) == 1 and not _uses_dora(lora_layers, active[0])
+            models[expert] = {"base": base, "aligned": _RLGModel("aligned", expert, active[0] if per_row else None)}
+        return models
 
     # Copied from diffalign.pipelines.pipeline_flux_rlg.FluxRLGPipeline._rlg_terms
     def _rlg_terms(self) -> Dict[str, float]:
@@ -356,7 +383,8 @@ class WanVideoToVideoRLGPipeline(WanVideoToVideoPipeline):
         predictions = {}
         for group in groups:
             transformer = getattr(self, group[0].transformer_name)
-            if len(group) == 1 and (group[0].adapter is None or [group[0].adapter] == self._rlg_active_adapters):
+            active = self._rlg_active_adapters.get(group[0].transformer_name)
+            if len(group) == 1 and (group[0].adapter is None or [group[0].adapter] == active):
                 adapter_rows = None  # the model exactly as configured
             elif len(group) == 1:
                 adapter_rows = group[0].adapter
@@ -401,44 +429,44 @@ class WanVideoToVideoRLGPipeline(WanVideoToVideoPipeline):
         prompt_embeds: torch.Tensor,
         negative_prompt_embeds: Optional[torch.Tensor],
         image_embeds: Optional[torch.Tensor],
-        rlg_models: Dict[str, _RLGModel],
+        rlg_models: Dict[str, Dict[str, _RLGModel]],
         rlg_steps: tuple,
         boundary_timestep: Optional[float],
         single_pass: bool,
     ) -> torch.Tensor:
         r"""
-        The velocity of step `step` at timestep `t`: `v_base + sum_i w_i (v_i - v_base)` of the CFG-guided models,
-        the aligned model alone outside the RLG steps `[rlg_steps[0], rlg_steps[1])` or where `w == 1`, and a
-        two-expert model's `transformer_2` as configured, with `guidance_scale_2`, below `boundary_timestep`.
+        The velocity of step `step` at timestep `t`: `v_base + sum_i w_i (v_i - v_base)` of the CFG-guided models of
+        the step's expert (`transformer`, or a two-expert model's `transformer_2` below `boundary_timestep`, with
+        `guidance_scale_2`), the aligned model alone outside the RLG steps `[rlg_steps[0], rlg_steps[1])` or where
+        `w == 1`, and the expert as configured where it has no aligned model.
         """
         negative = negative_prompt_embeds if self.do_classifier_free_guidance else None
+        expert, guidance_scale = "transformer", self.guidance_scale
         if boundary_timestep is not None and t < boundary_timestep:
-            # low-noise stage in wan2.2: the second expert, which the aligned model leaves as it is
-            expert = _RLGModel("transformer_2", "transformer_2", None)
-            velocities = self._rlg_forward(
-                [expert], latent_model_input, timestep, prompt_embeds, negative, image_embeds, single_pass
-            )
-            return self._cfg(velocities[expert.name], self._guidance_scale_2)
+            # low-noise stage in wan2.2: the second expert, with its own CFG scale
+            expert, guidance_scale = "transformer_2", self._guidance_scale_2
+        models = rlg_models[expert]
 
         # RLG scale of this step, and the models it needs: the base model, plus each model with w != 0; the aligned
-        # model alone when RLG is off (outside the window, or w == 1)
+        # model alone when RLG is off (outside the window, or w == 1) or the expert alone when it has no aligned model
         self._rlg_in_window = rlg_steps[0] <= step < rlg_steps[1]
         if self._rlg_schedule is not None:
             if isinstance(self._rlg_schedule, dict):
                 self._rlg_scale = {k: self._rlg_scale_at(v, step) for k, v in self._rlg_schedule.items()}
             else:
                 self._rlg_scale = self._rlg_scale_at(self._rlg_schedule, step)
-        rlg_terms = self._rlg_terms() if self.do_rlg else {"aligned": 1.0}
-        if self.do_rlg:
-            step_models = [rlg_models["base"]] + [rlg_models[name] for name in rlg_terms]
+        mix = self.do_rlg and "base" in models
+        rlg_terms = self._rlg_terms() if mix else {"aligned": 1.0}
+        if mix:
+            step_models = [models["base"]] + [models[name] for name in rlg_terms]
         else:
-            step_models = [rlg_models["aligned"]]
+            step_models = [models["aligned"]]
         velocities = self._rlg_forward(
             step_models, latent_model_input, timestep, prompt_embeds, negative, image_embeds, single_pass
         )
         # classifier-free guidance inside each model, then reinforcement learning guidance
-        guided = {name: self._cfg(pair, self.guidance_scale) for name, pair in velocities.items()}
-        if not self.do_rlg:
+        guided = {name: self._cfg(pair, guidance_scale) for name, pair in velocities.items()}
+        if not mix:
             return guided["aligned"]
         return rlg_mix(guided["base"], [(guided[name], w) for name, w in rlg_terms.items()])
 
@@ -549,8 +577,11 @@ class WanVideoToVideoRLGPipeline(WanVideoToVideoPipeline):
         self._rlg_scale = float(rlg_scale) if is_constant else None
         self._rlg_in_window = True
         rlg_models = self._prepare_rlg_models(rlg_scale)
-        lora_layers = _lora_layers(self.transformer)
-        self._rlg_active_adapters = list(lora_layers[0].active_adapters) if lora_layers else []
+        self._rlg_active_adapters = {
+            expert: list(layers[0].active_adapters)
+            for expert in self._rlg_experts
+            if (layers := _lora_layers(getattr(self, expert, None)))
+        }
 
         device = self._execution_device
 

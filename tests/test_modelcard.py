@@ -188,3 +188,28 @@ def test_video_card_snippets_write_the_frames_with_export_to_video(tmp_path):
     image_plain = usage_snippets(DDPOConfig(model=str(tmp_path / "sd")), StableDiffusionFamily,
                                  "a cat", "runs/sd/final", 64)[0]
     assert "image = pipe(" in image_plain and ".images[0]" in image_plain and "export_to_video" not in image_plain
+
+
+def test_ti2v_text_to_video_card_samples_rlg_with_its_pipelines_frames(tmp_path, monkeypatch):
+    """A Wan 2.2 TI2V-5B text-to-video run (`wan` family, `expand_timesteps`): `WanFamily.rlg_pipeline` returns
+    `WanRLGPipeline`, whose output holds `.frames`; the card's RLG snippet runs on the run's LoRA and gives a
+    5-frame video."""
+    from diffalign.config import DDPOConfig
+    from diffalign.families import WanFamily, family_for_pipeline
+    from diffalign.modelcard import usage_snippets
+    from diffalign.pipelines import WanRLGPipeline
+    from diffalign.utils.peft_utils import add_lora
+
+    model = WanFamily.save_tiny(str(tmp_path / "ti2v"), version="2.2-ti2v")
+    family = family_for_pipeline(WanFamily.load(model))
+    add_lora(family.denoiser, target_modules=family.default_lora_target_modules)
+    family.save_lora(family.denoiser, str(tmp_path / "run" / "final"))
+    config = DDPOConfig(model=model, output_dir=str(tmp_path / "run"), num_frames=5, sample_num_steps=2,
+                        sample_guidance_scale=3.0)
+    plain, rlg = usage_snippets(config, family, "a cat", "final", 32)
+    assert "video = rlg(" in rlg and ".frames[0]" in rlg and ".images[0]" not in rlg
+    monkeypatch.chdir(tmp_path / "run")  # the card's local paths are relative to the run directory
+    monkeypatch.setattr("diffusers.utils.export_to_video", lambda frames, path, fps: path)  # no video written
+    scope = {}
+    exec(rlg, scope)
+    assert isinstance(scope["rlg"], WanRLGPipeline) and len(scope["video"]) == 5

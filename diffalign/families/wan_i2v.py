@@ -242,16 +242,27 @@ class WanImageToVideoFamily(WanFamily):
         the 36 input channels (latents, mask, condition) and a 4-wide image embedding from a tiny `CLIPVisionModel`
         (diffusers' Wan I2V tests' configs), with a `CLIPImageProcessor` built in code. "2.1-flf2v": that model with
         positions for two images' CLIP tokens (`pos_embed_seq_len`: Wan 2.1 FLF2V, a `last_image` on every prompt;
-        not a `tiny_variants` entry, as the family tester's prompts have none)."""
+        not a `tiny_variants` entry, as the family tester's prompts have none). "2.2-i2v-a14b": Wan 2.2 I2V-A14B, two
+        such 36-channel experts without an image embedding (no image encoder) and Wan's tiny A14B `boundary_ratio`
+        (0.03: every step of a short run on `transformer`; set it higher to reach `transformer_2`)."""
         clean_prompts_without_ftfy()  # a tiny pipeline samples at once in the tests
         if version == "2.2-ti2v":
             return {**WanFamily.tiny_components(seed, version="2.2-ti2v"), "image_encoder": None,
                     "image_processor": None}
-        if version not in ("2.1-i2v", "2.1-flf2v"):
+        if version not in ("2.1-i2v", "2.1-flf2v", "2.2-i2v-a14b"):
             raise ValueError(f"unknown tiny Wan image-to-video version {version!r}")
         from diffusers import WanTransformer3DModel
         from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
+        if version == "2.2-i2v-a14b":
+            components = WanFamily.tiny_components(seed, version="2.2-a14b")
+            for offset, name in enumerate(("transformer", "transformer_2")):
+                torch.manual_seed(seed + offset)
+                components[name] = WanTransformer3DModel(
+                    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36,
+                    out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                    qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
+            return {**components, "image_encoder": None, "image_processor": None}
         components = WanFamily.tiny_components(seed, version="2.1")
         torch.manual_seed(seed)
         components["transformer"] = WanTransformer3DModel(
