@@ -187,20 +187,35 @@ def _safetensors_only(what: str, load):
                          f" {first_line(e, with_type=False)}") from None
 
 
-def _load_aligned_denoiser(path: str, denoiser_name: str, denoiser_class, dtype: torch.dtype):
+def _load_aligned_denoiser(path: str, pipe, denoiser_name: str, denoiser_class, dtype: torch.dtype) -> Dict:
+    """The fully fine-tuned aligned model(s) at `path`, as `pipe`'s components `{aligned_<expert>: model}`: a
+    `denoiser_class` directory (its own `config.json`) is the denoiser's; a model directory, or a training run's
+    `final/`, holds a folder per fine-tuned expert of the RLG pipeline (`_rlg_experts`): the denoiser's and, for Wan
+    2.2 A14B, `transformer_2/` (`train_experts: low_noise | both`); either alone will do. Safetensors weights only.
+
+    Raises a one-line `ModelError` for a directory with none of these, or with a folder for an expert `pipe` lacks
+    (`transformer_2/` for a one-expert model)."""
     from diffalign.errors import ModelError
     from diffalign.utils.torch_utils import dtype_kwarg
 
-    if os.path.isfile(os.path.join(path, denoiser_name, "config.json")):
-        return _safetensors_only(f"--aligned-denoiser '{path}'", lambda: denoiser_class.from_pretrained(
-            path, subfolder=denoiser_name, use_safetensors=True, **dtype_kwarg(dtype)))
+    what = f"--aligned-denoiser '{path}'"
+    experts = getattr(pipe, "_rlg_experts", None) or {denoiser_name: f"aligned_{denoiser_name}"}
+
+    def load(**subfolder):
+        return _safetensors_only(what, lambda: denoiser_class.from_pretrained(
+            path, use_safetensors=True, **subfolder, **dtype_kwarg(dtype)))
+
+    found = [expert for expert in experts if os.path.isfile(os.path.join(path, expert, "config.json"))]
+    for expert in found:
+        if getattr(pipe, expert, None) is None:
+            raise ModelError(f"{what} has {expert}/, a second (low-noise) expert's fine-tune, but this model has one"
+                             f" expert")
+    if found:
+        return {experts[expert]: load(subfolder=expert) for expert in found}
     if os.path.isfile(os.path.join(path, "config.json")):
-        return _safetensors_only(f"--aligned-denoiser '{path}'", lambda: denoiser_class.from_pretrained(
-            path, use_safetensors=True, **dtype_kwarg(dtype)))
-    raise ModelError(
-        f"--aligned-denoiser '{path}' is neither a {denoiser_class.__name__} directory nor a model directory with"
-        f" {denoiser_name}/"
-    )
+        return {experts[denoiser_name]: load()}
+    folders = " or ".join(f"{expert}/" for expert in experts if getattr(pipe, expert, None) is not None)
+    raise ModelError(f"{what} is neither a {denoiser_class.__name__} directory nor a model directory with {folders}")
 
 
 def _load_lora(pipe, directory: str, denoiser_name: str, adapter_name: str = "aligned"):
@@ -222,7 +237,10 @@ def load_rlg_pipeline(
 ):
     """The RLG pipeline of `model`'s family with its aligned version (a LoRA and/or a fully fine-tuned denoiser); for
     a family whose RLG route is the modular guider, its `ModularRLGPipeline` on the family pipeline's components
-    (`ModelFamily.rlg_pipeline`), which takes a LoRA only.
+    (`ModelFamily.rlg_pipeline`), which takes a LoRA only: a full fine-tune takes the family's
+    `full_fine_tune_rlg_pipeline_class` instead (Wan: `WanRLGPipeline`), else a one-line `ModelError`.
+    `aligned_denoiser` gives every expert the fine-tune wrote (`_load_aligned_denoiser`: Wan 2.2 A14B's
+    `transformer/` and/or `transformer_2/`).
 
     `aligned_unet` is the former name of `aligned_denoiser` (a UNet or an SD3 transformer). `num_threads`: torch's
     CPU threads, as the trainers' `num_threads` (by default one for the bundled models on a CPU; see
@@ -241,12 +259,20 @@ def load_rlg_pipeline(
     path = _resolve_model(model)
     family = rlg_family_for(path)
     pipeline_class, denoiser_name, denoiser_class = _rlg_classes(family)
+    # the modular guider switches LoRA adapters, not models: a full fine-tune takes the family's RLG pipeline for one
+    # where it has one (Wan: `WanRLGPipeline`, both A14B experts)
+    full_fine_tune_class = getattr(family, "full_fine_tune_rlg_pipeline_class", None)
     if aligned_denoiser and not family.rlg_pipeline_class:
         from diffalign.errors import ModelError
 
-        raise ModelError(f"--aligned-denoiser: RLG for {family.name} models runs the guider in the modular pipeline,"
-                         f" whose aligned model is a LoRA adapter; give the fine-tune as --lora DIR")
-    if lora and family.rlg_pipeline_class and "transformer_2" not in getattr(pipeline_class, "_rlg_experts", ()):
+        if not full_fine_tune_class:
+            raise ModelError(f"--aligned-denoiser: RLG for {family.name} models runs the guider in the modular"
+                             f" pipeline, whose aligned model is a LoRA adapter; give the fine-tune as --lora DIR")
+        import diffalign.pipelines
+
+        pipeline_class = getattr(diffalign.pipelines, full_fine_tune_class)
+    own_pipeline = bool(family.rlg_pipeline_class or aligned_denoiser)  # else the modular guider
+    if lora and own_pipeline and "transformer_2" not in getattr(pipeline_class, "_rlg_experts", ()):
         from diffalign.utils.peft_utils import LOW_NOISE_LORA_WEIGHT_NAME
 
         if os.path.isfile(os.path.join(lora, LOW_NOISE_LORA_WEIGHT_NAME)):
@@ -261,15 +287,15 @@ def load_rlg_pipeline(
     pipe = _safetensors_only(f"model '{model}'", lambda: pipeline_class.from_pretrained(
         path, use_safetensors=True, **dtype_kwarg(torch_dtype), **family.pipeline_init_kwargs,
         **family.loaded_components(path)))  # e.g. Qwen-Image-Edit's and QwenImage 2.1's processors without torchvision
-    if aligned_denoiser:
-        aligned = _load_aligned_denoiser(aligned_denoiser, denoiser_name, denoiser_class, torch_dtype)
-        pipe.register_modules(**{f"aligned_{denoiser_name}": aligned})
+    if aligned_denoiser:  # every expert the fine-tune wrote (Wan 2.2 A14B: transformer/ and/or transformer_2/)
+        pipe.register_modules(**_load_aligned_denoiser(aligned_denoiser, pipe, denoiser_name, denoiser_class,
+                                                       torch_dtype))
     if lora:
         _load_lora(pipe, lora, denoiser_name)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     # the modular route: the family's modular pipeline on these components, the LoRA its aligned model
-    return pipe if family.rlg_pipeline_class else family.rlg_pipeline(pipe)
+    return pipe if own_pipeline else family.rlg_pipeline(pipe)
 
 
 def sample_scales(

@@ -238,7 +238,11 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
             f"{output} = pipe(prompt={_py(prompt)}, {call}){result}",
             *save,
         ])
-        rlg = _snippet([f"from diffusers import {denoiser_class}"] + edit_import, ours + [rlg_import], [
+        # a family whose LoRA route is the modular guider may have an RLG pipeline for a full fine-tune (Wan:
+        # `WanRLGPipeline`), the one `diffalign generate --aligned-denoiser` runs
+        rlg_class = rlg_class or getattr(family, "full_fine_tune_rlg_pipeline_class", None)
+        rlg = _snippet([f"from diffusers import {denoiser_class}"] + edit_import, ours + [
+            f"from diffalign.pipelines import {rlg_class}"], [
             *loads,
             f"pipe = {rlg_class}.from_pretrained({base}, {', '.join(f'aligned_{name}={name}' for name in trained)})",
         ] + rlg_call) if rlg_class else None

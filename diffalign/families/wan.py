@@ -200,6 +200,10 @@ class WanFamily(ModelFamily):
     text_encoder_names = ("text_encoder",)
     pipeline_init_kwargs = {}  # no safety checker, no watermarker
     rlg_pipeline_class = None  # the RLG guider runs in diffusers' modular Wan pipeline
+    # a fully fine-tuned aligned model's RLG route (`diffalign generate --aligned-denoiser`, the card's snippet): the
+    # modular guider switches LoRA adapters, not models; this pipeline takes `aligned_transformer` and, for A14B,
+    # `aligned_transformer_2`, and samples Wan 2.1, TI2V-5B and A14B as WanPipeline at w = 0 / 1
+    full_fine_tune_rlg_pipeline_class = "WanRLGPipeline"
     modular_blocks_class = "WanBlocks"  # Wan 2.1; Wan22Blocks for a two-expert model (`modular_blocks_for`)
     hub_tags = ("wan", "text-to-video")
     guidance_kind = "cfg"
