@@ -3,7 +3,8 @@
 the RLG pipeline's `aligned_<expert>`. I2V-A14B takes `WanImageToVideoRLGPipeline`; T2V-A14B, whose LoRA route is the
 guider in `Wan22Blocks` (which switches adapters, not models), takes `WanRLGPipeline`. On the tiny models (T2V boundary
 0.875: 2 steps on `transformer`, 1 on `transformer_2`; I2V boundary 0.9: 1 and 2) w = 0 is the stock pipeline on the
-base and w = 1 the stock pipeline on the fine-tuned experts, bit for bit; bad directories are one line (exit 2)."""
+base and w = 1 the stock pipeline on the fine-tuned experts, bit for bit; the same for Wan 2.1 and TI2V-5B
+text-to-video with one expert in `WanRLGPipeline`; bad directories are one line (exit 2)."""
 
 import json
 import os
@@ -104,6 +105,33 @@ def test_every_fine_tuned_expert_is_aligned_base_at_0_fine_tune_at_1(models, kin
         low_only = _stock(kind, model, transformer_2=tuned["transformer_2"])
         assert (low_only - base).abs().max() > 1e-3 and (aligned - low_only).abs().max() > 1e-3
         assert (rlg(1.5) - aligned).abs().max() > 1e-4  # w > 1 extrapolates
+
+
+@pytest.mark.parametrize("version,side", [("2.1", 16), ("2.2-ti2v", 32)], ids=["wan21", "ti2v_5b"])
+def test_a_one_expert_text_to_video_fine_tune_takes_wan_rlg_pipeline(tmp_path, version, side):
+    """Wan 2.1 and TI2V-5B (`expand_timesteps`) text-to-video, whose LoRA routes are the guider and `WanRLGPipeline`:
+    a fine-tuned `transformer/` takes `WanRLGPipeline`, w = 0 / 1 = WanPipeline on the base / the fine-tune."""
+    import diffusers
+
+    model = WanFamily.save_tiny(str(tmp_path / "model"), version=version)
+    tuned = diffusers.WanTransformer3DModel.from_pretrained(model, subfolder="transformer")
+    with torch.no_grad():
+        for param in tuned.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+    tuned.save_pretrained(str(tmp_path / "final" / "transformer"))
+    pipe = generate.load_rlg_pipeline(model, aligned_denoiser=str(tmp_path / "final"), device="cpu", dtype="float32")
+    assert type(pipe).__name__ == "WanRLGPipeline" and pipe.aligned_transformer_2 is None
+    call = dict(prompt="a cat", num_inference_steps=2, height=side, width=side, num_frames=5, output_type="pt",
+                guidance_scale=3.0)
+
+    def video(pipe, **kwargs):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(generator=torch.Generator().manual_seed(0), **call, **kwargs).frames
+
+    base = video(diffusers.WanPipeline.from_pretrained(model))
+    aligned = video(diffusers.WanPipeline.from_pretrained(model, transformer=tuned))
+    assert (aligned - base).abs().max() > 1e-3
+    assert torch.equal(video(pipe, rlg_scale=0.0), base) and torch.equal(video(pipe, rlg_scale=1.0), aligned)
 
 
 def test_bad_aligned_directories_are_one_line(models, tmp_path, capsys):
