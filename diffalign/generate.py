@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--aligned-transformer",
         dest="aligned_denoiser",
         default=None,
-        help="fully fine-tuned denoiser (UNet, or SD3 transformer) directory, or a model dir with unet/ or transformer/",
+        help="fully fine-tuned denoiser (UNet, or SD3 transformer) directory, or a model dir with unet/ or transformer/ "
+        "(Wan 2.2 A14B: transformer/ and/or transformer_2/, each expert a full fine-tune wrote)",
     )
     parser.add_argument("--prompt", action="append", default=None, help="a prompt; repeat for several")
     parser.add_argument("--image", action="append", default=None, metavar="PATH",
@@ -261,7 +262,7 @@ def load_rlg_pipeline(
     pipeline_class, denoiser_name, denoiser_class = _rlg_classes(family)
     # the modular guider switches LoRA adapters, not models: a full fine-tune takes the family's RLG pipeline for one
     # where it has one (Wan: `WanRLGPipeline`, both A14B experts)
-    full_fine_tune_class = getattr(family, "full_fine_tune_rlg_pipeline_class", None)
+    full_fine_tune_class = family.full_fine_tune_rlg_pipeline_class
     if aligned_denoiser and not family.rlg_pipeline_class:
         from diffalign.errors import ModelError
 

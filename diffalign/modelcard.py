@@ -240,7 +240,7 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
         ])
         # a family whose LoRA route is the modular guider may have an RLG pipeline for a full fine-tune (Wan:
         # `WanRLGPipeline`), the one `diffalign generate --aligned-denoiser` runs
-        rlg_class = rlg_class or getattr(family, "full_fine_tune_rlg_pipeline_class", None)
+        rlg_class = rlg_class or family.full_fine_tune_rlg_pipeline_class
         rlg = _snippet([f"from diffusers import {denoiser_class}"] + edit_import, ours + [
             f"from diffalign.pipelines import {rlg_class}"], [
             *loads,

@@ -59,6 +59,9 @@ class ModelFamily:
     # the RLG pipeline: a class name in `diffalign.pipelines`, or None (no RLG pipeline: `generate` runs the RLG
     # guider in the modular pipeline, `rlg_pipeline`, or refuses a model without one)
     rlg_pipeline_class: Optional[str] = None
+    # the RLG pipeline of a fully fine-tuned aligned denoiser where `rlg_pipeline_class` is None (the modular route
+    # switches LoRA adapters and takes no second model): Wan's `WanRLGPipeline`; None refuses `--aligned-denoiser`
+    full_fine_tune_rlg_pipeline_class: Optional[str] = None
     # the blocks class in `diffusers.modular_pipelines` (None where diffusers has none); it runs the RLG guider when
     # its blocks take a `guider` component
     modular_blocks_class: Optional[str] = None
