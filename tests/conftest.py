@@ -28,9 +28,9 @@ LONG_PER_FAMILY = {"test_bench_rollout", "test_bench_train", "test_bench_rlg", "
                    "test_killed_run_resumes_bit_identically"}
 
 # The forward-process trainers' CLI runs on every family (`test_forward_trainers_train_each_family_...`): slow for
-# every family but one per trainer, a few seconds each (SD, SDXL, SD3 and FLUX also run them in
-# tests/test_forward_families.py and the trainers' own files).
-FORWARD_DEFAULT_SUITE = {("nft", "zimage"), ("awm", "flux_kontext"), ("dgpo", "sana")}
+# every family but one per trainer, 2-4 s each, families whose own files run no forward trainer by default (SD, SDXL,
+# SD3 and FLUX run them in tests/test_forward_families.py and the trainers' own files).
+FORWARD_DEFAULT_SUITE = {("nft", "wan_v2v"), ("awm", "wan_i2v"), ("dgpo", "zimage")}
 
 
 def _family_of(item):
