@@ -5,10 +5,11 @@ read every other fact from the family (guidance kind, pipeline arguments, RLG pi
 
 The checks: the family declares every fact the shared code needs (and the registry refuses one that does not); a
 deterministic rollout equals the family's diffusers pipeline; recorded log-probs are recomputed exactly; resolution
-rules; both trainers run from the CLI and write a LoRA that the family's pipeline and its RLG route load; the LoRA
-reloads at its trained scale; `diffalign generate` picks the family's RLG route (its RLG pipeline, or the RLG guider
-in its modular pipeline: `ModelFamily.rlg_pipeline`); the RLG route is the base at w = 0 and the aligned model at
-w = 1 (the guider route bit for bit against its modular pipeline with the model's own CFG guider).
+rules; every trainer (`ddpo`, `prdp`, and the forward-process `nft`, `awm`, `dgpo`) runs from the CLI and writes a
+LoRA that the family's pipeline and its RLG route load; the LoRA reloads at its trained scale; `diffalign generate`
+picks the family's RLG route (its RLG pipeline, or the RLG guider in its modular pipeline:
+`ModelFamily.rlg_pipeline`); the RLG route is the base at w = 0 and the aligned model at w = 1 (the guider route bit
+for bit against its modular pipeline with the model's own CFG guider).
 """
 
 import argparse
@@ -426,8 +427,9 @@ def test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines(family_dir, 
 @pytest.mark.parametrize("algorithm", ["nft", "awm", "dgpo"])
 def test_forward_trainers_train_each_family_and_the_lora_loads_in_its_pipelines(family_dir, tmp_path, algorithm):
     """The forward-process trainers on every family, with no algorithm code per family: a 2-epoch CLI run (CFG 3 in
-    sampling and training; an editing or video family from a prompt file with its condition image or video) writes a
-    LoRA that the family's pipeline and its RLG route load, and that changes the pipeline's output."""
+    sampling, and in training but for DGPO's CFG-free policy; an editing or video family from a prompt file with its
+    condition image or video) writes a LoRA that the family's pipeline and its RLG route load, and that changes the
+    pipeline's output."""
     family, model = family_dir
     out = str(tmp_path / "run")
     extra = FORWARD_RUN[algorithm] + [item for key, value in family.tiny_settings.items()
