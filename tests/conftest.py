@@ -27,6 +27,11 @@ LONG_PER_FAMILY = {"test_bench_rollout", "test_bench_train", "test_bench_rlg", "
                    "test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines",
                    "test_killed_run_resumes_bit_identically"}
 
+# The forward-process trainers' CLI runs on every family (`test_forward_trainers_train_each_family_...`): slow for
+# every family but one per trainer, 2-4 s each, families whose own files run no forward trainer by default (SD, SDXL,
+# SD3 and FLUX run them in tests/test_forward_families.py and the trainers' own files).
+FORWARD_DEFAULT_SUITE = {("nft", "wan_v2v"), ("awm", "wan_i2v"), ("dgpo", "zimage")}
+
 
 def _family_of(item):
     params = getattr(getattr(item, "callspec", None), "params", {})
@@ -38,9 +43,12 @@ def _family_of(item):
 def pytest_collection_modifyitems(config, items):
     for item in items:
         family = _family_of(item)
+        if item.originalname == "test_forward_trainers_train_each_family_and_the_lora_loads_in_its_pipelines":
+            if (item.callspec.params["algorithm"], family) not in FORWARD_DEFAULT_SUITE:
+                item.add_marker(pytest.mark.slow)
+            continue
         if family is None or family in CORE_FAMILIES:
             continue
-        params = item.callspec.params
         if item.originalname in LONG_PER_FAMILY:
             item.add_marker(pytest.mark.slow)
 

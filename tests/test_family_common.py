@@ -5,10 +5,11 @@ read every other fact from the family (guidance kind, pipeline arguments, RLG pi
 
 The checks: the family declares every fact the shared code needs (and the registry refuses one that does not); a
 deterministic rollout equals the family's diffusers pipeline; recorded log-probs are recomputed exactly; resolution
-rules; both trainers run from the CLI and write a LoRA that the family's pipeline and its RLG route load; the LoRA
-reloads at its trained scale; `diffalign generate` picks the family's RLG route (its RLG pipeline, or the RLG guider
-in its modular pipeline: `ModelFamily.rlg_pipeline`); the RLG route is the base at w = 0 and the aligned model at
-w = 1 (the guider route bit for bit against its modular pipeline with the model's own CFG guider).
+rules; every trainer (`ddpo`, `prdp`, and the forward-process `nft`, `awm`, `dgpo`) runs from the CLI and writes a
+LoRA that the family's pipeline and its RLG route load; the LoRA reloads at its trained scale; `diffalign generate`
+picks the family's RLG route (its RLG pipeline, or the RLG guider in its modular pipeline:
+`ModelFamily.rlg_pipeline`); the RLG route is the base at w = 0 and the aligned model at w = 1 (the guider route bit
+for bit against its modular pipeline with the model's own CFG guider).
 """
 
 import argparse
@@ -363,47 +364,92 @@ CLI_SETTINGS = [
 ]
 
 
-def _with_prompt_file(settings, family, prompt_file):
+def _with_prompt_file(settings, family, prompt_file, edits=False):
     """`settings` with `--prompts` replaced by a prompt file of the prompts with their image (or video), for a family
-    that cannot sample without one (`requires_condition_image`, `requires_condition_video`); as they are for the
-    others."""
-    if family is None or not (family.requires_condition_image or family.requires_condition_video):
+    that cannot sample without one (`requires_condition_image`, `requires_condition_video`), or with `edits` for one
+    that takes condition images (FLUX.1 Kontext); as they are for the others."""
+    if family is None or not (family.requires_condition_image or family.requires_condition_video
+                              or (edits and family.max_condition_images)):
         return settings
     with open(prompt_file, "w") as f:
-        for prompt in _prompts(family):
-            condition = ({"video": prompt.condition_videos[0]} if prompt.condition_videos
-                         else {"image": prompt.condition_images[0]})
-            f.write(json.dumps({"prompt": str(prompt), **condition}) + "\n")
+        for prompt in PROMPTS:
+            condition = ({"video": _condition_video()} if family.requires_condition_video
+                         else {"image": _prompts(_EditingFamily)[0].condition_images[0]})
+            f.write(json.dumps({"prompt": prompt, **condition}) + "\n")
     settings = list(settings)
     i = settings.index("--prompts")
     settings[i : i + 2] = ["--prompt_file", prompt_file]
     return settings
 
 
-def _cli_args(algorithm, model, output_dir, extra=(), family=None):
+class _EditingFamily:
+    """What `_prompts` reads of a family that cannot sample without a condition image: its shared test image."""
+
+    requires_condition_image, requires_condition_video = True, False
+
+
+def _cli_args(algorithm, model, output_dir, extra=(), family=None, edits=False):
     settings = list(CLI_SETTINGS)
     if family is not None:
         settings[settings.index("--sample_resolution") + 1] = str(_side(family))
-    settings = _with_prompt_file(settings, family, output_dir + "-prompts.jsonl")
-    drop = {"ddpo": ("--train_clip_eps", "--train_beta"), "prdp": ("--train_batch_size", "--train_clip_range")}
+    settings = _with_prompt_file(settings, family, output_dir + "-prompts.jsonl", edits)
+    # the keys each trainer does not take (NFT's `train_beta` is its own: its default)
+    drop = {"ddpo": ("--train_clip_eps", "--train_beta"), "prdp": ("--train_batch_size", "--train_clip_range"),
+            "nft": ("--train_clip_eps", "--train_beta", "--train_clip_range"),
+            "awm": ("--train_clip_eps", "--train_beta"), "dgpo": ("--train_clip_eps", "--train_beta")}
     for key in drop[algorithm]:
         i = settings.index(key)
         del settings[i : i + 2]
     return ["train", algorithm, "--model", model, "--output_dir", output_dir] + settings + list(extra)
 
 
+# the forward-process trainers' own keys of the 2-epoch run (as tests/test_forward_families.py): every sampled noise
+# level trained, a KL term so that the base model's output enters the loss too, DGPO's micro-batches with a padding one
+FORWARD_RUN = {
+    "nft": ["--train_micro_batch_size", "4"],
+    "awm": ["--train_micro_batch_size", "4", "--train_timesteps", "2", "--train_timestep_fraction", "1.0",
+            "--train_kl_coef", "0.01"],
+    "dgpo": ["--train_micro_batch_size", "3", "--train_trunc_steps", "2", "--train_num_timesteps", "2",
+             "--train_use_ema_ref", "true", "--train_kl_coef", "0.01"],
+}
+
+
 @pytest.mark.parametrize("algorithm", ["ddpo", "prdp"])
 def test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines(family_dir, tmp_path, algorithm):
+    family, model = family_dir
+    out = str(tmp_path / "run")
+    extra = ["--sample_sde_window_size", "2"] if algorithm == "ddpo" else []  # an SDE window
+    extra += [item for key, value in family.tiny_settings.items() for item in (f"--{key}", str(value))]
+    _assert_trains_a_lora_that_loads_in_the_family_pipelines(family, model, _cli_args(algorithm, model, out, extra,
+                                                                                      family), out)
+
+
+@pytest.mark.parametrize("algorithm", ["nft", "awm", "dgpo"])
+def test_forward_trainers_train_each_family_and_the_lora_loads_in_its_pipelines(family_dir, tmp_path, algorithm):
+    """The forward-process trainers on every family, with no algorithm code per family: a 2-epoch CLI run (CFG 3 in
+    sampling, and in training but for DGPO's CFG-free policy; an editing or video family from a prompt file with its
+    condition image or video) writes a LoRA that the family's pipeline and its RLG route load, and that changes the
+    pipeline's output."""
+    family, model = family_dir
+    out = str(tmp_path / "run")
+    extra = FORWARD_RUN[algorithm] + [item for key, value in family.tiny_settings.items()
+                                      for item in (f"--{key}", str(value))]
+    argv = _cli_args(algorithm, model, out, extra, family, edits=True)
+    assert ("--prompt_file" in argv) == bool(family.max_condition_images or family.requires_condition_video)
+    _assert_trains_a_lora_that_loads_in_the_family_pipelines(family, model, argv, out)
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert all(record["grad_norm"] > 0 for record in records)
+
+
+def _assert_trains_a_lora_that_loads_in_the_family_pipelines(family, model, argv, out):
+    """`diffalign train` with `argv` runs 2 epochs into `out`; its LoRA loads with the family's pipeline
+    (`load_lora_weights`) and changes its output, and its RLG route is the base at w = 0 and that model at w = 1."""
     import diffusers
 
     import diffalign.pipelines
     from diffalign.cli import main
 
-    family, model = family_dir
-    out = str(tmp_path / "run")
-    extra = ["--sample_sde_window_size", "2"] if algorithm == "ddpo" else []  # an SDE window
-    extra += [item for key, value in family.tiny_settings.items() for item in (f"--{key}", str(value))]
-    assert main(_cli_args(algorithm, model, out, extra, family)) == 0
+    assert main(argv) == 0
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [line["epoch"] for line in lines] == [0, 1]
     lora_dir = os.path.join(out, "final")
