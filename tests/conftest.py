@@ -23,6 +23,9 @@ torch.set_num_threads(1)
 # architecture, and for the others with `-m slow`: the default suite stays near 10 minutes as families are added.
 # (The kill + resume runs are marked slow for every family: three CLI subprocesses each, minutes on 2 cores.)
 CORE_FAMILIES = {"sd", "sdxl", "sd3", "flux", "zimage"}
+# `diffalign bench train` / `bench rlg` on a tiny directory of each family: by default on SD only (each 3-16 s; the
+# per-family part is the family's rollout and RLG route, which its own checks cover by default)
+BENCH_ONE_FAMILY = {"test_bench_train", "test_bench_rlg"}
 LONG_PER_FAMILY = {"test_bench_rollout", "test_bench_train", "test_bench_rlg", "test_resolution_rules",
                    "test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines",
                    "test_killed_run_resumes_bit_identically"}
@@ -46,6 +49,9 @@ def pytest_collection_modifyitems(config, items):
         if item.originalname == "test_forward_trainers_train_each_family_and_the_lora_loads_in_its_pipelines":
             if (item.callspec.params["algorithm"], family) not in FORWARD_DEFAULT_SUITE:
                 item.add_marker(pytest.mark.slow)
+            continue
+        if item.originalname in BENCH_ONE_FAMILY and family is not None and family != "sd":
+            item.add_marker(pytest.mark.slow)  # the bench's paths are the same for every family: SD runs by default
             continue
         if family is None or family in CORE_FAMILIES:
             continue
