@@ -26,6 +26,17 @@ CORE_FAMILIES = {"sd", "sdxl", "sd3", "flux", "zimage"}
 # `diffalign bench train` / `bench rlg` on a tiny directory of each family: by default on SD only (each 3-16 s; the
 # per-family part is the family's rollout and RLG route, which its own checks cover by default)
 BENCH_ONE_FAMILY = {"test_bench_train", "test_bench_rlg"}
+# Per-family checks whose code path is shared: by default on the families that stand for each path, on the others
+# with -m slow (each 1-7 s). `generate`: the RLG pipeline (SD), the modular guider (Z-Image), an edit through a
+# pipeline (Kontext) and through the guider (Qwen-Image-Edit), image- and video-to-video; the CLI run: UNet and
+# flow (the forward trainers' runs cover the rest by default); pickle refusal and resolution rules: SD (and SD3).
+DEFAULT_FAMILIES_OF = {
+    "test_generate_picks_the_family_rlg_pipeline": {"sd", "zimage", "flux_kontext", "qwenimage_edit", "wan_i2v",
+                                                    "wan_v2v"},
+    "test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines": {"sd", "sd3"},
+    "test_pickle_weights_are_refused": {"sd"},
+    "test_resolution_rules": {"sd", "sd3"},
+}
 LONG_PER_FAMILY = {"test_bench_rollout", "test_bench_train", "test_bench_rlg", "test_resolution_rules",
                    "test_cli_trains_each_family_and_the_lora_loads_in_its_pipelines",
                    "test_killed_run_resumes_bit_identically"}
@@ -52,6 +63,10 @@ def pytest_collection_modifyitems(config, items):
             continue
         if item.originalname in BENCH_ONE_FAMILY and family is not None and family != "sd":
             item.add_marker(pytest.mark.slow)  # the bench's paths are the same for every family: SD runs by default
+            continue
+        if item.originalname in DEFAULT_FAMILIES_OF and family is not None:
+            if family not in DEFAULT_FAMILIES_OF[item.originalname]:
+                item.add_marker(pytest.mark.slow)
             continue
         if family is None or family in CORE_FAMILIES:
             continue
