@@ -242,15 +242,7 @@ def test_cli_trains_wan_and_the_lora_loads_in_wan_pipeline(algorithm, variant, t
     from diffalign.cli import main
     from diffalign.plotting import find_video, read_video
 
-    variant = dict(variant)
-    boundary_ratio = variant.pop("boundary_ratio", None)
     model = WanFamily.save_tiny(str(tmp_path / "wan"), **variant)
-    if boundary_ratio is not None:
-        index = os.path.join(model, "model_index.json")
-        with open(index) as f:
-            config = json.load(f)
-        with open(index, "w") as f:
-            json.dump({**config, "boundary_ratio": boundary_ratio}, f)
     out = str(tmp_path / "run")
     args = ["train", algorithm, "--model", model, "--output_dir", out, "--num_epochs", "2", "--sample_num_steps", "3",
             "--sample_num_prompts_per_epoch", "2", "--sample_images_per_prompt", "2", "--sample_batch_size", "4",

@@ -257,7 +257,9 @@ def test_the_model_card_samples_as_the_rollouts_on_the_video_to_video_task(tmp_p
     from diffalign.config import PRDPConfig
     from diffalign.modelcard import usage_snippets
 
-    config = PRDPConfig(model="/models/wan-v2v", output_dir=str(tmp_path / "run"), sample_num_steps=20,
+    model = tmp_path / "wan-v2v"  # a local directory: the card names it, nothing loads from it
+    model.mkdir()
+    config = PRDPConfig(model=str(model), output_dir=str(tmp_path / "run"), sample_num_steps=20,
                         sample_guidance_scale=5.0, sample_strength=0.7, num_frames=33)
     prompt = ConditionedPrompt("a cat", (), (str(tmp_path / "clip.mp4"),))
     plain = usage_snippets(config, WanVideoToVideoFamily, prompt, "final", 480)[0]

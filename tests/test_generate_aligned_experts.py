@@ -6,7 +6,6 @@ guider in `Wan22Blocks` (which switches adapters, not models), takes `WanRLGPipe
 base and w = 1 the stock pipeline on the fine-tuned experts, bit for bit; the same for Wan 2.1 and TI2V-5B
 text-to-video with one expert in `WanRLGPipeline`; bad directories are one line (exit 2)."""
 
-import json
 import os
 
 import numpy as np
@@ -31,13 +30,7 @@ MODELS = {  # family, tiny version, A14B's boundary_ratio (the tiny models' 0.03
 def _save_model(kind, directory) -> str:
     """The tiny A14B of `kind` on disk, with the published model's boundary."""
     family, version, boundary = MODELS[kind][:3]
-    model = family.save_tiny(str(directory), version=version)
-    index = os.path.join(model, "model_index.json")
-    with open(index) as f:
-        config = json.load(f)
-    with open(index, "w") as f:
-        json.dump({**config, "boundary_ratio": boundary}, f)
-    return model
+    return family.save_tiny(str(directory), version=version, boundary_ratio=boundary)
 
 
 @pytest.fixture(scope="module")

@@ -205,15 +205,7 @@ I2V_A14B_BOUNDARY = 0.9  # Wan 2.2 I2V-A14B's boundary_ratio: of 3 steps at shif
 def _i2v_a14b_model(directory) -> str:
     """The tiny Wan 2.2 I2V-A14B on disk, with I2V-A14B's boundary (the tiny model's own 0.03 sends every step to
     `transformer`)."""
-    import json
-
-    model = WanImageToVideoFamily.save_tiny(str(directory), version="2.2-i2v-a14b")
-    index = os.path.join(model, "model_index.json")
-    with open(index) as f:
-        config = json.load(f)
-    with open(index, "w") as f:
-        json.dump({**config, "boundary_ratio": I2V_A14B_BOUNDARY}, f)
-    return model
+    return WanImageToVideoFamily.save_tiny(str(directory), version="2.2-i2v-a14b", boundary_ratio=I2V_A14B_BOUNDARY)
 
 
 def _stock_i2v(model, *loads):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from diffalign.families import WanVideoToVideoFamily, family_for_pipeline
-from diffalign.families.wan_v2v import clean_prompts_without_ftfy, schedule_length
+from diffalign.families.wan_v2v import schedule_length
 from diffalign.utils.peft_utils import add_lora
 
 from cli_helpers import one_line
@@ -279,7 +279,7 @@ def test_the_model_card_snippets_sample_a_wan_v2v_run(model_and_lora, tmp_path, 
     assert "WanVideoToVideoRLGPipeline.from_pretrained" in rlg and "rlg_scale=1.5" in rlg
     assert 'load_video("clip.mp4")[:5]' in rlg and "strength=0.5" in rlg and "num_inference_steps=4," in rlg
     assert ("aligned_transformer=transformer" in rlg) != use_lora
-    clean_prompts_without_ftfy()  # the snippets' pipelines clean prompts with ftfy, not installed here
+    WanVideoToVideoFamily.clean_prompts()  # the snippets' pipelines clean prompts with ftfy, not installed here
     monkeypatch.chdir(tmp_path)  # where the clip is; the model and weights by absolute path
     trained = WanVideoToVideoFamily.tiny_components(seed=1)["transformer"].state_dict()
     for snippet in (plain, rlg):

@@ -141,13 +141,7 @@ def test_train_experts_is_refused_in_one_line_where_it_cannot_apply(tmp_path, ca
 
 
 def _a14b_model(tmp_path):
-    model = WanFamily.save_tiny(str(tmp_path / "wan"), version="2.2-a14b")
-    index = os.path.join(model, "model_index.json")
-    with open(index) as f:
-        config = json.load(f)
-    with open(index, "w") as f:
-        json.dump({**config, "boundary_ratio": BOUNDARY}, f)
-    return model
+    return WanFamily.save_tiny(str(tmp_path / "wan"), version="2.2-a14b", boundary_ratio=BOUNDARY)
 
 
 def _run_args(algorithm, model, *extra, epochs=2):

@@ -59,15 +59,22 @@ def check_num_frames(num_frames, temporal_factor: int = 4):
                          f"{1 + 2 * temporal_factor}, ...); got {num_frames!r}")
 
 
-def clean_modular_prompts_as_the_pipeline():
-    """diffusers' modular Wan text encoder cleans prompts with ftfy unconditionally, `WanPipeline` only where ftfy is
-    installed: without ftfy, the modular encoder is given the pipeline's cleaning, so both encode a prompt alike
-    (with ftfy nothing changes)."""
-    import diffusers.modular_pipelines.wan.encoders as wan_encoders
+def clean_prompts_as_wan_pipeline(module_name: str):
+    """diffusers' Wan image-to-video and video-to-video pipelines and its modular Wan text encoder clean prompts with
+    ftfy unconditionally (a `NameError` where ftfy is missing), `WanPipeline` only where ftfy is installed: without
+    ftfy, the `basic_clean` of `module_name` becomes `WanPipeline`'s, so it samples at all and encodes a prompt as
+    the family does (with ftfy nothing changes)."""
+    import importlib
+
     from diffusers.pipelines.wan import pipeline_wan
 
     if not pipeline_wan.is_ftfy_available():
-        wan_encoders.basic_clean = pipeline_wan.basic_clean
+        importlib.import_module(module_name).basic_clean = pipeline_wan.basic_clean
+
+
+def clean_modular_prompts_as_the_pipeline():
+    """`clean_prompts_as_wan_pipeline` for diffusers' modular Wan text encoder (the RLG guider's route)."""
+    clean_prompts_as_wan_pipeline("diffusers.modular_pipelines.wan.encoders")
 
 
 class WanExperts(torch.nn.Module):
@@ -194,6 +201,9 @@ def wan_rlg_pipeline(pipe, class_name: str):
 class WanFamily(ModelFamily):
     name = "wan"
     pipeline_class = "WanPipeline"
+    # the diffusers module whose prompt cleaning needs ftfy unconditionally (`clean_prompts_as_wan_pipeline`): None
+    # for `WanPipeline`, which cleans with ftfy only where it is installed
+    prompt_cleaning_module: Optional[str] = None
     denoiser_name = "transformer"
     denoiser_class = "WanTransformer3DModel"
     kernel_class = FlowSDEKernel
@@ -224,6 +234,22 @@ class WanFamily(ModelFamily):
     tiny_settings = {"num_frames": 5}  # two latent frames: the temporal axis is exercised, 81 frames would be slow
 
     # -------------------------------------------------------------------- loading
+    @classmethod
+    def clean_prompts(cls):
+        """`clean_prompts_as_wan_pipeline` for the family's pipeline where it needs it (`prompt_cleaning_module`),
+        before that pipeline can sample: when a family wraps it, loads it or builds a tiny one."""
+        if cls.prompt_cleaning_module:
+            clean_prompts_as_wan_pipeline(cls.prompt_cleaning_module)
+
+    def __init__(self, pipe, max_cache: int = 4096):
+        super().__init__(pipe, max_cache)
+        self.clean_prompts()
+
+    @classmethod
+    def load(cls, path: str, torch_dtype: torch.dtype = torch.float32, quantization_config=None):
+        cls.clean_prompts()  # the pipeline loaded here may sample before a family wraps it
+        return super().load(path, torch_dtype, quantization_config=quantization_config)
+
     @classmethod
     def set_kernel_scheduler(cls, pipe):
         """The flow SDE steps `FlowMatchEulerDiscreteScheduler`: a UniPC flow scheduler (the published Wan models')
@@ -449,14 +475,16 @@ class WanFamily(ModelFamily):
 
     # --------------------------------------------------------- tiny test models
     @classmethod
-    def tiny_components(cls, seed: int = 0, version: str = "2.1", unipc_scheduler: bool = False) -> dict:
+    def tiny_components(cls, seed: int = 0, version: str = "2.1", unipc_scheduler: bool = False,
+                        boundary_ratio: Optional[float] = None) -> dict:
         """Components of a tiny random `WanPipeline` (the configs of diffusers' Wan tests): a two-block
         `WanTransformer3DModel` (patches 1x2x2), a small `AutoencoderKLWan` (8x spatial, 4x temporal), a tiny UMT5
         encoder with a word-level T5 tokenizer built in code, and a flow-match scheduler with shift 7, as diffusers' Wan
         tests (`unipc_scheduler`: the published models' UniPC flow scheduler, with that shift).
 
         `version`: "2.1"; "2.2-ti2v" (TI2V-5B: the z_dim-48 residual VAE with 2x2 patches, 16x spatial, and
-        `expand_timesteps`); "2.2-a14b" (A14B: a second expert `transformer_2` and a `boundary_ratio`)."""
+        `expand_timesteps`); "2.2-a14b" (A14B: a second expert `transformer_2` and a `boundary_ratio`, 0.03 unless
+        `boundary_ratio` is given: the published model's 0.875 sends the steps below it to `transformer_2`)."""
         from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler,
                                WanTransformer3DModel)
         from transformers import UMT5Config, UMT5EncoderModel
@@ -500,7 +528,8 @@ class WanFamily(ModelFamily):
             # A14B's boundary is 0.875. At 0.03 every step of the family tester (the last at t = 47 at shift 7) goes
             # to the first expert, whose LoRA then visibly changes the tiny model's frames (the last, largest step
             # decides them); tests/test_family_wan.py switches at 0.875
-            components.update(transformer_2=transformer(1), boundary_ratio=0.03)
+            components.update(transformer_2=transformer(1),
+                              boundary_ratio=0.03 if boundary_ratio is None else boundary_ratio)
         if ti2v:
             components.update(expand_timesteps=True)
         return components

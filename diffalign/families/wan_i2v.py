@@ -56,19 +56,11 @@ def token_timesteps(timesteps: torch.Tensor, mask: torch.Tensor, patch_h: int, p
     return per_token[None] * timesteps[:, None].to(per_token.dtype)
 
 
-def clean_prompts_without_ftfy():
-    """`WanImageToVideoPipeline` cleans prompts with ftfy unconditionally (a `NameError` where ftfy is missing),
-    `WanPipeline` only where ftfy is installed: without ftfy, the image-to-video pipeline is given `WanPipeline`'s
-    cleaning, so it samples at all and encodes a prompt as the family does (with ftfy nothing changes)."""
-    from diffusers.pipelines.wan import pipeline_wan, pipeline_wan_i2v
-
-    if not pipeline_wan.is_ftfy_available():
-        pipeline_wan_i2v.basic_clean = pipeline_wan.basic_clean
-
-
 class WanImageToVideoFamily(WanFamily):
     name = "wan_i2v"
     pipeline_class = "WanImageToVideoPipeline"
+    # its prompt cleaning needs ftfy unconditionally (`WanFamily.clean_prompts`)
+    prompt_cleaning_module = "diffusers.pipelines.wan.pipeline_wan_i2v"
     rlg_pipeline_class = "WanImageToVideoRLGPipeline"  # Wan 2.1 I2V, TI2V-5B and I2V-A14B alike
     modular_blocks_class = None  # its RLG pipeline, not the modular blocks (see the module's docstring)
     hub_tags = ("wan", "image-to-video")
@@ -81,13 +73,7 @@ class WanImageToVideoFamily(WanFamily):
 
     def __init__(self, pipe, max_cache: int = 4096):
         super().__init__(pipe, max_cache)
-        clean_prompts_without_ftfy()
         self._condition_cache: Dict[Tuple, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
-
-    @classmethod
-    def load(cls, path: str, torch_dtype: torch.dtype = torch.float32, quantization_config=None):
-        clean_prompts_without_ftfy()  # the pipeline loaded here may sample before a family wraps it
-        return super().load(path, torch_dtype, quantization_config=quantization_config)
 
     def frozen_modules(self) -> list:
         """Wan's, plus the CLIP image encoder of Wan 2.1 I2V (placed on the run's device and dtype, never trained)."""
@@ -236,7 +222,7 @@ class WanImageToVideoFamily(WanFamily):
 
     # --------------------------------------------------------- tiny test models
     @classmethod
-    def tiny_components(cls, seed: int = 0, version: str = "2.1-i2v") -> dict:
+    def tiny_components(cls, seed: int = 0, version: str = "2.1-i2v", boundary_ratio: Optional[float] = None) -> dict:
         """Components of a tiny random `WanImageToVideoPipeline`. "2.2-ti2v": Wan's tiny TI2V-5B (the z_dim-48 VAE,
         `expand_timesteps`), no image encoder. "2.1-i2v" (default): Wan's tiny 2.1 components with a transformer taking
         the 36 input channels (latents, mask, condition) and a 4-wide image embedding from a tiny `CLIPVisionModel`
@@ -244,8 +230,8 @@ class WanImageToVideoFamily(WanFamily):
         positions for two images' CLIP tokens (`pos_embed_seq_len`: Wan 2.1 FLF2V, a `last_image` on every prompt;
         not a `tiny_variants` entry, as the family tester's prompts have none). "2.2-i2v-a14b": Wan 2.2 I2V-A14B, two
         such 36-channel experts without an image embedding (no image encoder) and Wan's tiny A14B `boundary_ratio`
-        (0.03: every step of a short run on `transformer`; set it higher to reach `transformer_2`)."""
-        clean_prompts_without_ftfy()  # a tiny pipeline samples at once in the tests
+        (0.03: every step of a short run on `transformer`; a higher `boundary_ratio` reaches `transformer_2`)."""
+        cls.clean_prompts()  # a tiny pipeline samples at once in the tests
         if version == "2.2-ti2v":
             return {**WanFamily.tiny_components(seed, version="2.2-ti2v"), "image_encoder": None,
                     "image_processor": None}
@@ -255,7 +241,7 @@ class WanImageToVideoFamily(WanFamily):
         from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
         if version == "2.2-i2v-a14b":
-            components = WanFamily.tiny_components(seed, version="2.2-a14b")
+            components = WanFamily.tiny_components(seed, version="2.2-a14b", boundary_ratio=boundary_ratio)
             for offset, name in enumerate(("transformer", "transformer_2")):
                 torch.manual_seed(seed + offset)
                 components[name] = WanTransformer3DModel(

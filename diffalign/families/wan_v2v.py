@@ -74,19 +74,11 @@ def read_condition_frames(path: str) -> list:
         return [Image.fromarray(np.asarray(frame)).convert("RGB") for frame in reader]
 
 
-def clean_prompts_without_ftfy():
-    """`WanVideoToVideoPipeline` cleans prompts with ftfy unconditionally (a `NameError` where ftfy is missing),
-    `WanPipeline` only where ftfy is installed: without ftfy, the video-to-video pipeline is given `WanPipeline`'s
-    cleaning, so it samples at all and encodes a prompt as the family does (with ftfy nothing changes)."""
-    from diffusers.pipelines.wan import pipeline_wan, pipeline_wan_video2video
-
-    if not pipeline_wan.is_ftfy_available():
-        pipeline_wan_video2video.basic_clean = pipeline_wan.basic_clean
-
-
 class WanVideoToVideoFamily(WanFamily):
     name = "wan_v2v"
     pipeline_class = "WanVideoToVideoPipeline"
+    # its prompt cleaning needs ftfy unconditionally (`WanFamily.clean_prompts`)
+    prompt_cleaning_module = "diffusers.pipelines.wan.pipeline_wan_video2video"
     # RLG: diffalign's pipeline (diffusers' modular Wan has no video-to-video blocks); `WanFamily.rlg_pipeline`
     rlg_pipeline_class = "WanVideoToVideoRLGPipeline"
     modular_blocks_class = None
@@ -101,13 +93,7 @@ class WanVideoToVideoFamily(WanFamily):
 
     def __init__(self, pipe, max_cache: int = 4096):
         super().__init__(pipe, max_cache)
-        clean_prompts_without_ftfy()
         self._condition_cache: Dict[Tuple, torch.Tensor] = {}
-
-    @classmethod
-    def load(cls, path: str, torch_dtype: torch.dtype = torch.float32, quantization_config=None):
-        clean_prompts_without_ftfy()  # the pipeline loaded here may sample before a family wraps it
-        return super().load(path, torch_dtype, quantization_config=quantization_config)
 
     def configure(self, *, strength: Optional[float] = None, **settings):
         """As `WanFamily.configure`, plus the pipeline's `strength` (`sample_strength`; 0 < strength <= 1)."""
@@ -225,5 +211,5 @@ class WanVideoToVideoFamily(WanFamily):
     def tiny_components(cls, seed: int = 0, unipc_scheduler: bool = False) -> dict:
         """Components of a tiny random `WanVideoToVideoPipeline`: Wan's tiny 2.1 components (`WanFamily`), the
         text-to-video transformer, VAE, UMT5 and scheduler the pipeline takes."""
-        clean_prompts_without_ftfy()  # a tiny pipeline samples at once in the tests
+        cls.clean_prompts()  # a tiny pipeline samples at once in the tests
         return WanFamily.tiny_components(seed, version="2.1", unipc_scheduler=unipc_scheduler)
