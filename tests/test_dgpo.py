@@ -228,10 +228,10 @@ def test_cfg_free_rollouts_with_a_cfg_reference_encode_the_negative_prompt_for_i
     _, negative = family.conditioning(["a dog", "a cat"], "", True, trainer.resolution, trainer.resolution)
     unwrap(model).eval()
     with torch.no_grad(), adapters_disabled(model):
-        base = family.predict(model, noised.x_t, noised.t, noised.conditioning, negative, 4.5)
+        base = family.predict(model, noised.denoiser_input, noised.t, noised.conditioning, negative, 4.5)
     torch.testing.assert_close(frozen["__base__"], base, rtol=1e-5, atol=1e-6)
     with torch.no_grad(), adapter_active(model, "old"):
-        old = family.predict(model, noised.x_t, noised.t, noised.conditioning, None, 1.0)
+        old = family.predict(model, noised.denoiser_input, noised.t, noised.conditioning, None, 1.0)
     torch.testing.assert_close(frozen["old"], old, rtol=1e-5, atol=1e-6)
 
 

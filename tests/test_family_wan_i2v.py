@@ -242,3 +242,97 @@ def test_a_last_image_for_a_model_without_last_frames_stops_the_run_in_one_line(
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "takes no last frame" in err[0], err
+
+
+# ------------------------------------------------------------------ the losses count the sampled frames alone
+@pytest.fixture(scope="module")
+def _ti2v_template():
+    return WanImageToVideoFamily.tiny_pipeline(version="2.2-ti2v")
+
+
+def test_the_sampled_latents_leave_out_ti2v_image_to_videos_first_frame_alone(_ti2v_template, tiny_pipe):
+    """TI2V-5B image-to-video: the frames after the condition's first one (a view); every other model: all of it."""
+    from diffalign.families import WanFamily
+
+    latents = torch.randn(2, 48, 3, 2, 2)
+    sampled = family_for_pipeline(_ti2v_template).sampled_latents(latents)
+    assert torch.equal(sampled, latents[:, :, 1:]) and sampled.data_ptr() == latents[:, :, 1].data_ptr()
+    text_to_video = family_for_pipeline(WanFamily.tiny_pipeline(version="2.2-ti2v"))  # expand_timesteps, no image
+    assert text_to_video.pipe.config.get("expand_timesteps")
+    for family in (_family(), text_to_video, family_for_pipeline(tiny_pipe)):  # Wan 2.1 I2V, TI2V-5B T2V, SD
+        assert family.sampled_latents(latents) is latents
+
+
+def _brightness(images, prompts, metadata=None):
+    return images.flatten(1).mean(1).float().cpu()
+
+
+def _forward_trainer(algorithm, tmp_path, pipe):
+    """A `train <algorithm>` trainer on tiny TI2V-5B image-to-video (5 frames: 2 latent frames, the first fixed), its
+    three policies apart (trained, old, base), with a KL term and (AWM) the off-policy ratio."""
+    from diffalign.config import AWMConfig, DGPOConfig, NFTConfig
+    from diffalign.trainers import AWMTrainer, DGPOTrainer, NFTTrainer
+
+    prompt_file = tmp_path / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps({"prompt": p, "image": _image(tmp_path, seed)}) + "\n"
+                                   for seed, p in enumerate(("a cat", "a car"))))
+    config_class, trainer_class, own = {
+        "nft": (NFTConfig, NFTTrainer, {"train_kl_coef": 0.1}),
+        "awm": (AWMConfig, AWMTrainer, {"train_kl_coef": 0.1, "train_off_policy": True, "train_timesteps": 2,
+                                        "train_timestep_fraction": 1.0}),
+        "dgpo": (DGPOConfig, DGPOTrainer, {"train_kl_coef": 0.1, "train_trunc_steps": 1, "train_num_timesteps": 2}),
+    }[algorithm]
+    config = config_class(model="unused", output_dir=str(tmp_path / "run"), prompt_file=str(prompt_file),
+                          num_epochs=1, sample_num_steps=2, sample_num_prompts_per_epoch=2, sample_images_per_prompt=2,
+                          sample_batch_size=4, grid_num_images=1, train_learning_rate=1e-2, train_micro_batch_size=4,
+                          sample_resolution=TI2V_SIZE, num_frames=5, sample_guidance_scale=3.0, **own)
+    trainer = trainer_class(config, pipeline=pipe, reward_fn=_brightness)
+    with torch.no_grad():
+        for old, new in zip(trainer.old_params, trainer.policy_params):
+            old.add_(0.3 * torch.randn_like(old))
+            new.add_(0.3 * torch.randn_like(new))
+    return trainer
+
+
+@pytest.mark.parametrize("algorithm", ["nft", "awm", "dgpo"])
+def test_forward_process_losses_count_the_sampled_frames_alone(algorithm, tmp_path, _ti2v_template):
+    """TI2V-5B image-to-video: the loss of `train nft/awm/dgpo` (its value, statistics and gradient) does not see the
+    fixed first latent frame: every latent it gets has the sampled frame alone, and another first frame in the final
+    samples changes nothing (the losses once averaged it in: a constant, and the sampled frames weighed 1/2)."""
+    import copy
+
+    from diffalign.trainers.update_plan import Rows
+
+    torch.manual_seed(0)
+    trainer = _forward_trainer(algorithm, tmp_path, copy.deepcopy(_ti2v_template))
+    prompts = trainer.local_prompts(0)
+    trajectories = trainer.sample(0, prompts, False)
+    rewards = trainer.score(trajectories)["reward"]
+    batch = trainer.training_batch(trajectories, rewards, rewards, prompts, epoch=0)
+    rows = Rows(torch.arange(4), torch.tensor([1, 0, 1, 0]) if algorithm != "dgpo" else torch.zeros(4, dtype=torch.long))
+    trainer.denoiser.train()
+
+    def loss_stats_gradient():
+        outputs = trainer.model_outputs(trainer.denoiser, batch, rows)
+        noised = outputs[-1]
+        full = trajectories.final_latents[rows.samples]
+        assert noised.denoiser_input.shape == full.shape == (4, 48, 2, 2, 2)
+        for tensor in (noised.x0, noised.noise, noised.x_t):
+            assert tensor.shape == (4, 48, 1, 2, 2)
+        torch.testing.assert_close(noised.x0, full[:, :, 1:], rtol=0, atol=0)
+        predictions = [value for output in outputs[:-1] if output is not None
+                       for value in (output.values() if isinstance(output, dict) else [output])]
+        assert len(predictions) == {"nft": 3, "awm": 3, "dgpo": 3}[algorithm]
+        assert all(prediction.shape == (4, 48, 1, 2, 2) for prediction in predictions)
+        loss, stats = trainer.compute_loss(outputs, batch, rows)
+        gradient = torch.autograd.grad(loss, trainer.policy_params)
+        return loss.detach(), stats, torch.cat([g.flatten() for g in gradient])
+
+    loss, stats, gradient = loss_stats_gradient()
+    assert gradient.abs().sum() > 0
+    with torch.no_grad():  # another first latent frame in every final sample
+        trajectories.latents[:, -1, :, 0] += 3 * torch.randn_like(trajectories.latents[:, -1, :, 0])
+    other_loss, other_stats, other_gradient = loss_stats_gradient()
+    assert torch.equal(other_loss, loss) and torch.equal(other_gradient, gradient)
+    for key, value in stats.items():
+        assert torch.equal(other_stats[key], value), key

@@ -322,9 +322,9 @@ def test_full_fine_tune_samples_with_a_frozen_old_copy_that_follows_by_its_decay
     output, old_output, ref_output, noised = trainer.model_outputs(trainer.denoiser, batch, rows)
     with torch.no_grad():
         for model, frozen in ((trainer.old_denoiser, old_output), (trainer.ref_denoiser, ref_output)):
-            expected = trainer.family.predict(model, noised.x_t, noised.t, noised.conditioning, None, 1.0)
+            expected = trainer.family.predict(model, noised.denoiser_input, noised.t, noised.conditioning, None, 1.0)
             torch.testing.assert_close(frozen, expected, rtol=0, atol=0)
-        live = trainer.family.predict(trainer.denoiser, noised.x_t, noised.t, noised.conditioning, None, 1.0)
+        live = trainer.family.predict(trainer.denoiser, noised.denoiser_input, noised.t, noised.conditioning, None, 1.0)
     torch.testing.assert_close(output, live, rtol=1e-6, atol=1e-7)
     assert not torch.allclose(output, old_output) and torch.allclose(old_output, ref_output)  # old = base still
 

@@ -507,6 +507,12 @@ class ModelFamily:
         ).chunk(2)
         return uncond + guidance_scale * (text - uncond)
 
+    def sampled_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The part of a latent-shaped batch `(B, ...)` that the sampler moves, what a loss on latents counts: all of
+        it, unless the condition fixes part of the latents (Wan 2.2 TI2V-5B image-to-video: the frames after the
+        condition image's first one, `diffalign.families.wan_i2v`); a view, so losses take it as any latents."""
+        return latents
+
     # ------------------------------------------------------------------- decoding
     def final_latents(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The latents to decode at the end of a rollout: the sampled ones (a family whose condition fixes part of

@@ -84,6 +84,11 @@ class WanImageToVideoFamily(WanFamily):
         """Wan 2.1 I2V: the transformer has an image embedder (`image_dim`), fed the CLIP image embedding."""
         return self.pipe.transformer.config.get("image_dim") is not None
 
+    def fixes_first_frame(self) -> bool:
+        """Wan 2.2 TI2V-5B (`expand_timesteps`): the condition image is the first latent frame, kept fixed (not
+        sampled); Wan 2.1 I2V and I2V-A14B sample every frame, conditioned through extra channels."""
+        return bool(self.pipe.config.get("expand_timesteps"))
+
     def takes_last_frame(self) -> bool:
         """Wan 2.1 FLF2V: the image embedder has positions for two images' tokens (`pos_embed_seq_len`), the first and
         the last frame's."""
@@ -192,7 +197,7 @@ class WanImageToVideoFamily(WanFamily):
         image_embeds = cond.get("image_embeds")
         if image_embeds is not None and image_embeds.ndim == 4:  # FLF2V: each row's two images, in order, as
             image_embeds = image_embeds.flatten(0, 1)  # the pipeline's `(2B, tokens, dim)`
-        if self.pipe.config.get("expand_timesteps"):
+        if self.fixes_first_frame():
             _, patch_h, patch_w = model.config.patch_size
             mask = first_frame_mask(*latents.shape[2:], latents.device)
             hidden_states = (1 - mask) * condition + mask * latents
@@ -204,13 +209,18 @@ class WanImageToVideoFamily(WanFamily):
                               encoder_hidden_states=cond["encoder_hidden_states"].to(model.dtype),
                               encoder_hidden_states_image=image_embeds.to(model.dtype) if image_embeds is not None
                               else None, return_dict=False)[0]
-        if self.pipe.config.get("expand_timesteps"):
+        if self.fixes_first_frame():
             prediction = prediction * mask.to(prediction.dtype)  # the fixed first frame does not move
         return prediction
 
+    def sampled_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """TI2V-5B: the latent frames after the first (a view), the first being the condition's (`first_frame_mask`):
+        the forward-process losses count these alone."""
+        return latents[:, :, 1:] if self.fixes_first_frame() else latents
+
     def final_latents(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """TI2V-5B: the sampled latents with the condition as their first frame, what the pipeline decodes."""
-        if not self.pipe.config.get("expand_timesteps"):
+        if not self.fixes_first_frame():
             return latents
         mask = first_frame_mask(*latents.shape[2:], latents.device)
         return (1 - mask) * cond["image_latents"].to(latents.dtype) + mask * latents

@@ -44,7 +44,11 @@ class ForwardProcessBatch(TrainingBatch):
 @dataclass
 class NoisedRows:
     """A micro-batch of (sample, noise level) rows on the forward process: `x_t = alpha_t x0 + sigma_t noise` at the
-    sampler's timestep `t` of each row, with the samples' conditioning."""
+    sampler's timestep `t` of each row, with the samples' conditioning.
+
+    `denoiser_input` is the whole noised latents, what the denoiser takes; `x0`, `noise` and `x_t` are their sampled
+    part (`ModelFamily.sampled_latents`: all of it, but for Wan 2.2 TI2V-5B image-to-video's fixed first frame), as
+    the predictions of `policy_prediction` and `frozen_predictions`: what the losses count."""
 
     x0: torch.Tensor
     noise: torch.Tensor
@@ -54,6 +58,7 @@ class NoisedRows:
     sigma_t: torch.Tensor
     prediction_type: str
     conditioning: dict
+    denoiser_input: torch.Tensor
     negative_conditioning: dict = None
 
 
@@ -151,7 +156,8 @@ class ForwardProcessTrainer(BaseTrainer):
 
     def noised_rows(self, batch: ForwardProcessBatch, rows: Rows) -> NoisedRows:
         """The rows' final samples noised to their noise levels with fresh noise, seeded per (global sample, step)
-        so that it does not depend on the process count or the micro-batching."""
+        so that it does not depend on the process count or the micro-batching; the noise is drawn for the whole
+        latents, the losses see their sampled part (`NoisedRows`)."""
         trajectories = batch.trajectories
         samples = rows.samples
         steps = rows.steps if rows.steps is not None else torch.zeros_like(samples)  # a padding forward
@@ -162,36 +168,41 @@ class ForwardProcessTrainer(BaseTrainer):
                         dtype=x0.dtype)
             for i, j in zip(samples.tolist(), steps.tolist())]).to(x0.device)
         alpha_t, sigma_t, prediction_type = self.forward_process(t, x0)
+        x_t = add_noise(x0, noise, alpha_t, sigma_t)
+        sampled = self.family.sampled_latents
         negative = trajectories.negative_conditioning
-        return NoisedRows(x0, noise, add_noise(x0, noise, alpha_t, sigma_t), t, alpha_t, sigma_t, prediction_type,
-                          select_rows(trajectories.conditioning, samples),
-                          select_rows(negative, samples) if negative is not None else None)
+        return NoisedRows(sampled(x0), sampled(noise), sampled(x_t), t, alpha_t, sigma_t, prediction_type,
+                          select_rows(trajectories.conditioning, samples), denoiser_input=x_t,
+                          negative_conditioning=select_rows(negative, samples) if negative is not None else None)
 
     def policy_prediction(self, model, rows: NoisedRows, guidance_scale: Optional[float] = None) -> torch.Tensor:
         """The trained policy's output at the rows (with gradients), CFG at `guidance_scale` (by default
-        `sample_guidance_scale`; rows without negative conditioning give the conditional output alone)."""
+        `sample_guidance_scale`; rows without negative conditioning give the conditional output alone); its sampled
+        part, as `rows.x_t`."""
         guidance_scale = self.config.sample_guidance_scale if guidance_scale is None else guidance_scale
         with self.accelerator.autocast():
-            return self.family.predict(model, rows.x_t, rows.t, rows.conditioning, rows.negative_conditioning,
-                                       guidance_scale).float()
+            output = self.family.predict(model, rows.denoiser_input, rows.t, rows.conditioning,
+                                         rows.negative_conditioning, guidance_scale)
+        return self.family.sampled_latents(output).float()
 
     def frozen_predictions(self, model, adapters: Sequence[str], rows: NoisedRows,
                            guidance_scale: Optional[float] = None) -> List[torch.Tensor]:
         """The outputs of frozen adapters at the rows (e.g. the old policy, `BASE_ADAPTER` for the base model), in one
         no-grad forward: each row repeated once per adapter, routed to it by peft's per-row adapters (a full
         fine-tune: the old and base copies, a forward each). CFG at `guidance_scale`, by default
-        `sample_guidance_scale`."""
+        `sample_guidance_scale`. Their sampled parts, as `rows.x_t`."""
         guidance_scale = self.config.sample_guidance_scale if guidance_scale is None else guidance_scale
         if not adapters:
             return []
         if not self.config.use_lora:  # full fine-tune: the frozen copies, one forward each
             frozen_models = {OLD_ADAPTER: self.old_denoiser, BASE_ADAPTER: self.ref_denoiser}
             with torch.no_grad(), self.accelerator.autocast():
-                return [self.family.predict(frozen_models[name], rows.x_t, rows.t, rows.conditioning,
-                                            rows.negative_conditioning, guidance_scale).float() for name in adapters]
+                return [self.family.sampled_latents(self.family.predict(
+                    frozen_models[name], rows.denoiser_input, rows.t, rows.conditioning, rows.negative_conditioning,
+                    guidance_scale)).float() for name in adapters]
         names = [name for name in adapters for _ in range(len(rows.t))]
         repeat = len(adapters)
-        x_t, t, cond, negative = rows.x_t, rows.t, rows.conditioning, rows.negative_conditioning
+        x_t, t, cond, negative = rows.denoiser_input, rows.t, rows.conditioning, rows.negative_conditioning
         module = unwrap(model)
         training = module.training
         module.eval()  # peft runs rows through different adapters in eval mode only
@@ -205,7 +216,7 @@ class ForwardProcessTrainer(BaseTrainer):
                     if negative is not None else None, guidance_scale).float()
         finally:
             module.train(training)
-        return list(frozen.chunk(repeat))
+        return [self.family.sampled_latents(output) for output in frozen.chunk(repeat)]
 
     def train_on_samples(self, trajectories, rewards, all_rewards, all_prompts: List[str],
                          epoch: int) -> Dict[str, float]:
