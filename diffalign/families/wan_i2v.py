@@ -10,8 +10,8 @@ Two models, as `WanImageToVideoPipeline` conditions them:
   with the step's timestep (`forward`), and the decoded video starts from it (`final_latents`). The sampled first
   frame is not a random variable: the family predicts 0 there, so those entries add the same term to the policy's,
   the old policy's and the reference's log-probs and no gradient (the log-probs and the KL, averaged over every
-  latent entry as for any video, weigh the sampled frames by `(F - 1) / F`); the forward-process losses get no
-  gradient from them either.
+  latent entry as for any video, weigh the sampled frames by `(F - 1) / F`); the forward-process losses count the
+  frames after the first alone (`sampled_latents`).
 - **Wan 2.1 I2V** (the transformer has `image_dim`; the tiny default): the image followed by `num_frames - 1` zero
   frames is VAE-encoded and concatenated on the channel axis after four mask channels (1 on the image's frames) to
   the latents, and its CLIP image embedding (the vision tower's second-to-last hidden states, `encode_image`) is
