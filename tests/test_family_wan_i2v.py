@@ -2,7 +2,8 @@
 the tiny Wan 2.1 I2V, and the rollout check on the TI2V-5B variant): TI2V-5B keeps the condition image's latent frame
 fixed (timestep 0 on its tokens, the decoded video starts from it, its entries add nothing policy-dependent to the
 log-probs: ratio 1 with a LoRA), Wan 2.1 I2V feeds the CLIP image embedding, a prompt without an image is refused in
-one line, and (-m slow) `train ddpo` trains TI2V-5B from the CLI with an animated grid showing the condition image."""
+one line, the forward-process losses count the sampled frames alone on TI2V-5B, and (-m slow) `train ddpo` trains
+TI2V-5B from the CLI with an animated grid showing the condition image, as `train nft`, `awm` and `dgpo` do."""
 
 import json
 import os
@@ -336,3 +337,39 @@ def test_forward_process_losses_count_the_sampled_frames_alone(algorithm, tmp_pa
     assert torch.equal(other_loss, loss) and torch.equal(other_gradient, gradient)
     for key, value in stats.items():
         assert torch.equal(other_stats[key], value), key
+
+
+@pytest.mark.slow  # ~10 s each: a CLI run on TI2V-5B at 32 pixels and two pipeline calls
+@pytest.mark.parametrize("algorithm", ["nft", "awm", "dgpo"])
+def test_forward_trainers_train_ti2v_image_to_video_from_the_cli(algorithm, tmp_path):
+    """A 2-epoch `train nft/awm/dgpo` run on TI2V-5B image-to-video (its losses on the sampled frames alone) writes a
+    LoRA that loads in `WanImageToVideoPipeline` and changes its video."""
+    import diffusers
+
+    from diffalign.cli import main
+
+    model = WanImageToVideoFamily.save_tiny(str(tmp_path / "ti2v"), version="2.2-ti2v")
+    image = _image(tmp_path)
+    prompt_file = tmp_path / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps({"prompt": p, "image": os.path.basename(image)}) + "\n"
+                                   for p in ("a cat", "a red car")))
+    out = str(tmp_path / "run")
+    own = {"nft": [], "awm": ["--train_timesteps", "2", "--train_timestep_fraction", "1.0"],
+           "dgpo": ["--train_trunc_steps", "2", "--train_num_timesteps", "2"]}[algorithm]
+    assert main(["train", algorithm, "--model", model, "--output_dir", out, "--num_epochs", "2", "--sample_num_steps",
+                 "3", "--sample_num_prompts_per_epoch", "2", "--sample_images_per_prompt", "2", "--sample_batch_size",
+                 "4", "--train_micro_batch_size", "4", "--grid_num_images", "1", "--reward", "jpeg_compressibility",
+                 "--prompt_file", str(prompt_file), "--train_learning_rate", "0.05", "--sample_guidance_scale", "3.0",
+                 "--sample_resolution", str(TI2V_SIZE), "--num_frames", "5", "--final_eval_num_images", "0",
+                 "--train_kl_coef", "0.01"] + own) == 0
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["epoch"] for r in records] == [0, 1] and all(r["grad_norm"] > 0 for r in records)
+
+    pipe = diffusers.WanImageToVideoPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(image=Image.open(image).convert("RGB"), prompt="a cat", num_inference_steps=3, height=TI2V_SIZE,
+                  width=TI2V_SIZE, num_frames=5, output_type="pt", guidance_scale=3.0)
+    before = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    pipe.load_lora_weights(os.path.join(out, "final"))
+    after = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    assert (after - before).abs().max() > 1e-4
