@@ -2,8 +2,9 @@
 the tiny Wan 2.1 I2V, and the rollout check on the TI2V-5B variant): TI2V-5B keeps the condition image's latent frame
 fixed (timestep 0 on its tokens, the decoded video starts from it, its entries add nothing policy-dependent to the
 log-probs: ratio 1 with a LoRA), Wan 2.1 I2V feeds the CLIP image embedding, a prompt without an image is refused in
-one line, the forward-process losses count the sampled frames alone on TI2V-5B, and (-m slow) `train ddpo` trains
-TI2V-5B from the CLI with an animated grid showing the condition image, as `train nft`, `awm` and `dgpo` do."""
+one line, the forward-process losses count TI2V-5B's sampled frames alone, and (-m slow) `train ddpo` trains TI2V-5B
+from the CLI with an animated grid showing the condition image, `train nft`, `awm` and `dgpo` with a LoRA that
+loads."""
 
 import json
 import os
@@ -310,7 +311,9 @@ def test_forward_process_losses_count_the_sampled_frames_alone(algorithm, tmp_pa
     trajectories = trainer.sample(0, prompts, False)
     rewards = trainer.score(trajectories)["reward"]
     batch = trainer.training_batch(trajectories, rewards, rewards, prompts, epoch=0)
-    rows = Rows(torch.arange(4), torch.tensor([1, 0, 1, 0]) if algorithm != "dgpo" else torch.zeros(4, dtype=torch.long))
+    # DGPO's rows: whole prompt groups at one noise level (its group weights need every image of a group)
+    steps = torch.zeros(4, dtype=torch.long) if algorithm == "dgpo" else torch.tensor([1, 0, 1, 0])
+    rows = Rows(torch.arange(4), steps)
     trainer.denoiser.train()
 
     def loss_stats_gradient():
@@ -323,7 +326,7 @@ def test_forward_process_losses_count_the_sampled_frames_alone(algorithm, tmp_pa
         torch.testing.assert_close(noised.x0, full[:, :, 1:], rtol=0, atol=0)
         predictions = [value for output in outputs[:-1] if output is not None
                        for value in (output.values() if isinstance(output, dict) else [output])]
-        assert len(predictions) == {"nft": 3, "awm": 3, "dgpo": 3}[algorithm]
+        assert len(predictions) == 3  # the policy's, the old policy's and the base model's
         assert all(prediction.shape == (4, 48, 1, 2, 2) for prediction in predictions)
         loss, stats = trainer.compute_loss(outputs, batch, rows)
         gradient = torch.autograd.grad(loss, trainer.policy_params)
