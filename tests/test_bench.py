@@ -307,3 +307,27 @@ def test_bench_results_and_their_figures_are_reachable():
     assert not broken, "\n".join(broken)
     readme = (root / "README.md").read_text()
     assert "docs/images/digits-tradeoff.png" in readme and "examples/research/tradeoff/README.md" in readme
+
+
+def test_learn_judges_a_configuration_sampling_fewer_steps_with_the_shared_steps(capsys, tmp_path, monkeypatch):
+    """`awm_8_updates_half_sampling` trains on samples of half the steps; its evaluation samples with the shared
+    number of steps, as every other configuration's."""
+    import diffalign.rollout
+    import diffalign.trainers.evaluation  # noqa: F401 (the trainers' sampling keeps the function it imported)
+
+    evaluated_steps = []
+    sample = diffalign.rollout.sample_trajectories
+
+    def recording(family, prompts, num_steps, *args, **kwargs):
+        evaluated_steps.append(num_steps)
+        return sample(family, prompts, num_steps, *args, **kwargs)
+
+    monkeypatch.setattr(diffalign.rollout, "sample_trajectories", recording)
+    result = run_bench(capsys, tmp_path, "learn", "--max-epochs", "1", "--target", "1000", "--eval-images", "2",
+                       "--prompts-per-epoch", "1", "--images-per-prompt", "8", "--steps", "4",
+                       "--configs", "awm_8_updates_half_sampling", complete=False)
+    config = result["settings"]["configs"]["awm_8_updates_half_sampling"]
+    assert config["sample_num_steps"] == 2 and config["train_batch_size"] == 1
+    assert evaluated_steps and set(evaluated_steps) == {4}  # before and after the epoch, baseline and AWM alike
+    run = result["details"]["awm_8_updates_half_sampling"]["runs"][0]
+    assert len(run["rewards"]) == 2 and run["diagnostics"]

@@ -90,6 +90,14 @@ LEARN_CONFIGS: Dict[str, tuple] = {
     "nft": ("nft", {"sample_guidance_scale": 1.0}),
     "awm": ("awm", {"sample_guidance_scale": 1.0}),
     "dgpo": ("dgpo", {"sample_guidance_scale": 1.0}),
+    # AWM with 8 optimizer steps per epoch instead of 2, on samples from half the denoising steps (the forward-process
+    # loss needs final samples only; the authors sample with fewer steps than they evaluate with). Judged, like
+    # every configuration, with the shared number of steps.
+    "awm_8_updates_half_sampling": (
+        "awm", {"sample_guidance_scale": 1.0, "train_batch_size": "{samples/8}", "sample_num_steps": "{half}"}
+    ),
+    # AWM at 3.3x the preset's learning rate
+    "awm_lr1e-2": ("awm", {"sample_guidance_scale": 1.0, "train_learning_rate": 1e-2}),
 }
 
 
@@ -103,6 +111,8 @@ def learn_configs(ctx) -> Dict[str, tuple]:
             return k
         if value == "{half}":
             return max(1, shared[key] // 2)
+        if value == "{samples/8}":  # an eighth of the epoch's samples
+            return max(1, shared["sample_num_prompts_per_epoch"] * shared["sample_images_per_prompt"] // 8)
         return value
 
     steps = shared["sample_num_steps"]
@@ -156,8 +166,10 @@ def run_benchmark(ctx) -> dict:
                 trainer = ctx.make_trainer(algorithm, overrides, os.path.join(tmp, f"{name}-{s}"),
                                            reward_fn=reward_fn, reward=reward, seed=args.seed + s)
                 meter.reset()
+                shared = ctx.base_settings()
                 evaluate = _evaluator(trainer, ctx.prompts(args.eval_images), reward_fn, args.seed,
-                                      ctx.base_settings()["sample_guidance_scale"]) if args.eval_images else None
+                                      shared["sample_guidance_scale"], shared["sample_num_steps"]) \
+                    if args.eval_images else None
                 runs.append(_learn_one(trainer, target, args.max_epochs, args.window, evaluate))
                 runs[-1]["peak_bytes"] = meter.peak()
                 del trainer
@@ -200,10 +212,10 @@ def median_reached(runs: List[dict], key: str):
     return None if math.isinf(value) else value
 
 
-def _evaluator(trainer, prompts: List[str], reward_fn, seed: int, guidance_scale: float):
+def _evaluator(trainer, prompts: List[str], reward_fn, seed: int, guidance_scale: float, num_steps: int):
     """Mean reward of the current policy on fixed prompts and seeds (the same images for an unchanged policy), with
-    the shared CFG scale whatever the configuration samples its training images with, so that every configuration
-    is judged by the same sampler."""
+    the shared CFG scale and number of steps whatever the configuration samples its training images with, so that
+    every configuration is judged by the same sampler."""
     import torch
 
     from diffalign.rollout import sample_trajectories
@@ -219,7 +231,7 @@ def _evaluator(trainer, prompts: List[str], reward_fn, seed: int, guidance_scale
             chunk = prompts[start : start + config.sample_batch_size]
             with trainer.accelerator.autocast():
                 images = sample_trajectories(
-                    trainer.family, chunk, config.sample_num_steps, guidance_scale,
+                    trainer.family, chunk, num_steps, guidance_scale,
                     height=trainer.resolution, width=trainer.resolution, generator=generator,
                     denoiser=trainer.denoiser, kernel=trainer.kernel,
                 ).images
