@@ -31,7 +31,7 @@ ALGORITHMS = {
 }
 # settings shown in the card, when the run's config has them
 KEY_SETTINGS = [
-    "num_epochs", "sample_num_steps", "sample_guidance_scale", "sample_eta", "sample_noise_level",
+    "num_epochs", "sample_num_steps", "eval_num_steps", "sample_guidance_scale", "sample_eta", "sample_noise_level",
     "sample_num_prompts_per_epoch", "sample_images_per_prompt", "sample_sde_window_size", "train_learning_rate",
     "train_num_inner_epochs", "train_timestep_fraction", "train_beta", "train_clip_eps", "train_prompts_per_step",
     "advantage_mode", "train_batch_size", "train_clip_range", "train_kl_coef", "lora_rank", "lora_alpha",
@@ -147,7 +147,7 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
         base = f"resolve_model_path({_py(config.model)})"
     else:
         base = _py(base_model_id(config) or _local(config.model, config))
-    call = [f"num_inference_steps={config.sample_num_steps}"]
+    call = [f"num_inference_steps={config.evaluation_num_steps}"]
     # CFG, or an embedded guidance plus the optional true CFG, as the family's pipeline takes them
     guidance = family.pipeline_guidance_kwargs(config.sample_guidance_scale,
                                                getattr(config, "sample_embedded_guidance", None))
@@ -171,7 +171,7 @@ def usage_snippets(config, family, prompt: str, weights: str, resolution: int) -
         frames = getattr(config, "num_frames", None) or family.num_frames
         edit_import = ["from diffusers.utils import load_video"]
         edit = [f"condition = load_video({_py(source)})[:{frames}]  # the frames the rollouts start from"]
-        call[0] = f"num_inference_steps={schedule_length(config.sample_num_steps, strength)}"
+        call[0] = f"num_inference_steps={schedule_length(config.evaluation_num_steps, strength)}"
         call[:0] = ["video=condition"]
         call.append(f"strength={format(strength, 'g')}")
     elif family.output_kind == "video" and getattr(config, "num_frames", None):

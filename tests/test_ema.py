@@ -80,6 +80,7 @@ def test_state_dict_round_trip_is_exact():
     ({"eval_every": 2}, "held-out prompts"), ({"eval_every": -1}, "eval_every"),
     ({"eval_prompts": ["a"], "eval_num_images": 0}, "eval_num_images"),
     ({"eval_prompts": ["a"], "eval_prompt_file": "x.txt"}, "only one held-out"),
+    ({"eval_num_steps": 0}, "eval_num_steps must be >= 1"),
 ])
 def test_bad_ema_and_heldout_settings_are_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -91,6 +92,7 @@ def test_defaults_keep_the_config_hash():
     config = DDPOConfig()
     assert dataclasses.replace(config, eval_every=3, eval_prompts=["x"]).hash() == config.hash()
     assert dataclasses.replace(config, ema_update_every=4).hash() == config.hash()
+    assert dataclasses.replace(config, eval_num_steps=40).hash() == config.hash()  # the evaluations' steps
     assert dataclasses.replace(config, ema_decay=0.9).hash() != config.hash()
 
 
@@ -177,6 +179,27 @@ def test_heldout_evaluation_leaves_the_training_untouched(tmp_path, tiny_pipe):
     final = load_file(os.path.join(with_eval.output_dir, "final", "pytorch_lora_weights.safetensors"))
     assert sorted(v.sum().item() for v in final.values()) == pytest.approx(
         sorted(p.detach().sum().item() for p in a.trainable_params))
+
+
+def test_evaluations_sample_with_eval_num_steps_and_the_training_with_sample_num_steps(tmp_path, tiny_pipe):
+    """`eval_num_steps`: the grids, held-out and final evaluations take that many steps, the rollouts
+    `sample_num_steps`; the training is the same as without it, and the model card's call says the evaluated count."""
+    config = ema_config(tmp_path, "steps", num_epochs=1, ema_decay=0.0, sample_num_steps=2, eval_num_steps=4,
+                        final_eval_num_images=2)
+    trainer = DDPOTrainer(config, pipeline=copy.deepcopy(tiny_pipe), reward_fn=brightness)
+    plain = DDPOTrainer(dataclasses.replace(config, output_dir=str(tmp_path / "plain"), eval_num_steps=None),
+                        pipeline=copy.deepcopy(tiny_pipe), reward_fn=brightness)
+    assert trainer.grid_trajectories().timesteps.shape[0] == 4
+    assert plain.grid_trajectories().timesteps.shape[0] == 2
+    trainer.train(progress=False)
+    plain.train(progress=False)
+    for x, y in zip(trainer.trainable_params, plain.trainable_params):
+        assert torch.equal(x, y)
+    assert records(config.output_dir)[0]["heldout_reward_mean"] != records(plain.config.output_dir)[0][
+        "heldout_reward_mean"]
+    with open(os.path.join(config.output_dir, "final", "README.md")) as f:
+        card = f.read()
+    assert "num_inference_steps=4" in card and "| `eval_num_steps` | 4 |" in card
 
 
 def test_ema_is_refused_on_a_sharded_denoiser(tmp_path, tiny_pipe, monkeypatch):

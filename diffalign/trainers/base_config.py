@@ -34,8 +34,10 @@ def run_dir_of(resume: str) -> str:
 # ------------------------------------------------------------------------------------------- the checkpoint hash policy
 # `TrainConfig.hash` is stored in every checkpoint; resuming with settings of another hash is refused. These sets say
 # which fields do not define a run.
-# Fields of the held-out evaluation: it samples with its own seeds and leaves the training untouched (not hashed).
-HELDOUT_KEYS = frozenset({"eval_every", "eval_prompts", "eval_prompt_file", "eval_dataset_split", "eval_num_images"})
+# Fields of the evaluations (held-out, final, grids): they sample with their own seeds and steps and leave the training
+# untouched (not hashed).
+EVALUATION_KEYS = frozenset({"eval_every", "eval_prompts", "eval_prompt_file", "eval_dataset_split", "eval_num_images",
+                             "eval_num_steps"})
 # Fields added after runs were made, hashed only when set: earlier runs' checkpoints keep their hash.
 HASHED_WHEN_SET = frozenset({"prompt_dataset", "prompt_dataset_split", "prompt_column", "ema_decay", "ema_update_every",
                              "quantize_denoiser", "quantize_text_encoders", "train_ratio_norm", "num_frames",
@@ -300,6 +302,13 @@ class TrainConfig:
         metadata={"help": "After training, score this many fixed-seed samples of the base and of the trained model "
                           "(reward, eval reward, KL to base) into final_eval.json; 0 = off."},
     )
+    eval_num_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "Denoising steps of the grids, the held-out and final evaluations and the model card's "
+                          "pipeline call; default sample_num_steps. Lets a run train on samples of fewer steps "
+                          "(the forward-process trainers need final samples only; NVIDIA's DiffusionNFT trains on "
+                          "10 and evaluates with 40) and be judged as it will be used."},
+    )
     eval_every: int = field(
         default=0,
         metadata={"help": "Every N epochs, score fixed-seed samples of the held-out prompts (eval_prompts, "
@@ -509,6 +518,8 @@ class TrainConfig:
         if self.eval_every and not heldout:
             raise ConfigError(f"eval_every {self.eval_every} needs held-out prompts: eval_prompts, eval_prompt_file "
                               f"or eval_dataset_split")
+        if self.eval_num_steps is not None and self.eval_num_steps < 1:
+            raise ConfigError(f"eval_num_steps must be >= 1 (unset: sample_num_steps); got {self.eval_num_steps}")
         if self.eval_num_images is not None and self.eval_num_images < 1:
             raise ConfigError(f"eval_num_images must be >= 1; got {self.eval_num_images}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -535,6 +546,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value):
                 raise ConfigError(f"{name} must be a Hub repo id, `name` or `owner/name`; got '{value}'")
+
+    @property
+    def evaluation_num_steps(self) -> int:
+        """Denoising steps of the grids and evaluations: `eval_num_steps`, else `sample_num_steps`."""
+        return self.eval_num_steps or self.sample_num_steps
 
     @property
     def num_sde_steps(self) -> int:
@@ -607,7 +623,7 @@ class TrainConfig:
         `LEGACY_HASHED` keys other than the first (the hash older checkpoints wrote with them)."""
         ignored = {"resume_from", "num_threads", "num_epochs", "checkpoint_every", "checkpoints_total_limit", "log_every", "output_dir"}
         ignored |= LOGGING_KEYS  # where a run reports to does not define it (and keeps older checkpoints' hashes)
-        ignored |= HELDOUT_KEYS
+        ignored |= EVALUATION_KEYS
         ignored |= MEMORY_KEYS | set(RENAMED_KEYS)
         defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in HASHED_WHEN_SET}
         ignored |= {k for k, default in defaults.items() if getattr(self, k) == default}

@@ -76,7 +76,7 @@ class Evaluator:
     def _sample(self, prompts, generator, batch_size=None, **kwargs) -> Trajectories:
         config = self.config
         return sample_in_chunks(self.family, prompts, batch_size, generator, self.accelerator.autocast,
-                                num_inference_steps=config.sample_num_steps,
+                                num_inference_steps=config.evaluation_num_steps,
                                 guidance_scale=config.sample_guidance_scale, height=self.resolution,
                                 width=self.resolution, kernel=self.kernel, **kwargs)
 
