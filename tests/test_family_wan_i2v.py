@@ -106,8 +106,6 @@ def test_a_prompt_without_an_image_is_one_line(tmp_path, capsys):
 
 @pytest.mark.slow  # ~15 s: a CLI run on TI2V-5B at 32 pixels
 def test_cli_trains_ti2v_with_a_condition_grid_and_the_lora_loads(tmp_path):
-    import diffusers
-
     from diffalign.cli import main
     from diffalign.plotting import find_video, read_video
 
@@ -131,14 +129,7 @@ def test_cli_trains_ti2v_with_a_condition_grid_and_the_lora_loads(tmp_path):
     tile = first.shape[1] // 4  # 2 samples, each after its condition image
     assert np.abs(first[:, :tile - 2] - last[:, :tile - 2]).mean() < 8
 
-    pipe = diffusers.WanImageToVideoPipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(image=Image.open(image).convert("RGB"), prompt="a cat", num_inference_steps=3, height=TI2V_SIZE,
-                  width=TI2V_SIZE, num_frames=5, output_type="pt", guidance_scale=3.0)
-    before = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
-    pipe.load_lora_weights(os.path.join(out, "final"))
-    after = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
-    assert (after - before).abs().max() > 1e-4
+    assert_lora_changes_the_video(model, image, os.path.join(out, "final"))
 
 
 def test_the_model_card_passes_the_image_to_the_image_to_video_pipeline(tmp_path):
@@ -347,8 +338,6 @@ def test_forward_process_losses_count_the_sampled_frames_alone(algorithm, tmp_pa
 def test_forward_trainers_train_ti2v_image_to_video_from_the_cli(algorithm, tmp_path):
     """A 2-epoch `train nft/awm/dgpo` run on TI2V-5B image-to-video (its losses on the sampled frames alone) writes a
     LoRA that loads in `WanImageToVideoPipeline` and changes its video."""
-    import diffusers
-
     from diffalign.cli import main
 
     model = WanImageToVideoFamily.save_tiny(str(tmp_path / "ti2v"), version="2.2-ti2v")
@@ -368,11 +357,18 @@ def test_forward_trainers_train_ti2v_image_to_video_from_the_cli(algorithm, tmp_
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["epoch"] for r in records] == [0, 1] and all(r["grad_norm"] > 0 for r in records)
 
+    assert_lora_changes_the_video(model, image, os.path.join(out, "final"))
+
+
+def assert_lora_changes_the_video(model, image, lora_dir):
+    """The run's LoRA loads in `WanImageToVideoPipeline` (TI2V-5B at the test size) and changes its video."""
+    import diffusers
+
     pipe = diffusers.WanImageToVideoPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(image=Image.open(image).convert("RGB"), prompt="a cat", num_inference_steps=3, height=TI2V_SIZE,
                   width=TI2V_SIZE, num_frames=5, output_type="pt", guidance_scale=3.0)
     before = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
-    pipe.load_lora_weights(os.path.join(out, "final"))
+    pipe.load_lora_weights(lora_dir)
     after = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
     assert (after - before).abs().max() > 1e-4
