@@ -185,7 +185,7 @@ def test_evaluations_sample_with_eval_num_steps_and_the_training_with_sample_num
     """`eval_num_steps`: the grids, held-out and final evaluations take that many steps, the rollouts
     `sample_num_steps`; the training is the same as without it, and the model card's call says the evaluated count."""
     config = ema_config(tmp_path, "steps", num_epochs=1, ema_decay=0.0, sample_num_steps=2, eval_num_steps=4,
-                        final_eval_num_images=2)
+                        final_eval_num_images=2, model=str(tmp_path / "tiny-sd"))  # a local name (the pipeline is given)
     trainer = DDPOTrainer(config, pipeline=copy.deepcopy(tiny_pipe), reward_fn=brightness)
     plain = DDPOTrainer(dataclasses.replace(config, output_dir=str(tmp_path / "plain"), eval_num_steps=None),
                         pipeline=copy.deepcopy(tiny_pipe), reward_fn=brightness)

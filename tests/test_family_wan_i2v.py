@@ -275,7 +275,8 @@ def _forward_trainer(algorithm, tmp_path, pipe):
                                         "train_timestep_fraction": 1.0}),
         "dgpo": (DGPOConfig, DGPOTrainer, {"train_kl_coef": 0.1, "train_trunc_steps": 1, "train_num_timesteps": 2}),
     }[algorithm]
-    config = config_class(model="unused", output_dir=str(tmp_path / "run"), prompt_file=str(prompt_file),
+    config = config_class(model=str(tmp_path / "tiny-ti2v"), output_dir=str(tmp_path / "run"),
+                          prompt_file=str(prompt_file),
                           num_epochs=1, sample_num_steps=2, sample_num_prompts_per_epoch=2, sample_images_per_prompt=2,
                           sample_batch_size=4, grid_num_images=1, train_learning_rate=1e-2, train_micro_batch_size=4,
                           sample_resolution=TI2V_SIZE, num_frames=5, sample_guidance_scale=3.0, **own)
