@@ -236,22 +236,35 @@ def test_cfg_free_rollouts_with_a_cfg_reference_encode_the_negative_prompt_for_i
 
 
 def test_an_optimizer_steps_gradient_does_not_depend_on_the_micro_batch_size(tmp_path, tiny_pipe):
+    """The step's 12 rows in one micro-batch (the group weights from its own forward: one policy forward per row)
+    and in micro-batches of 5 and 1 rows (a pre-pass first: two) give the same gradient and statistics."""
     trainer = perturbed_trainer(tmp_path, tiny_pipe, train_kl_coef=0.1)
     prompts = trainer.local_prompts(0)
     trajectories = trainer.sample(0, prompts, False)
     rewards = trainer.score(trajectories)["reward"]
     batch = trainer.training_batch(trajectories, rewards, rewards, prompts, epoch=0)
     trainer.denoiser.train()
-    gradients = []
+    policy_prediction, policy_rows = trainer.policy_prediction, []
+
+    def counted(model, rows, *args, **kwargs):
+        policy_rows.append(len(rows.t))
+        return policy_prediction(model, rows, *args, **kwargs)
+
+    trainer.policy_prediction = counted
+    gradients, statistics, forwards = [], [], []
     for micro_batch_size in (12, 5, 1):
         trainer.config.train_micro_batch_size = micro_batch_size
         plan = local_plan(torch.arange(6), torch.tensor([1, 0]).expand(6, -1), micro_batch_size)
-        trainer.run_update(batch, plan, "micro_batch")
+        policy_rows.clear()
+        statistics.append(trainer.run_update(batch, plan, "micro_batch"))
+        forwards.append(sum(policy_rows))
         gradients.append(torch.cat([p.grad.reshape(-1).clone() for p in trainer.policy_params]))
         trainer.optimizer.zero_grad(set_to_none=True)
+    assert forwards == [12, 24, 24]
     assert gradients[0].abs().sum() > 0
-    for other in gradients[1:]:
+    for other, stats in zip(gradients[1:], statistics[1:]):
         torch.testing.assert_close(other, gradients[0], rtol=1e-4, atol=1e-7)
+        assert stats == pytest.approx(statistics[0], rel=1e-4, abs=1e-7)
 
 
 def test_the_ema_reference_follows_every_optimizer_step_and_samples_after_switch_ema_ref(tmp_path, tiny_pipe):

@@ -45,11 +45,12 @@ class DGPOTrainer(ForwardProcessTrainer):
       epoch and shared by every sample; the noise is shared by the images of a prompt (`train_shared_noise`);
     - the group weight `sigmoid(sum_g A beta_dpo (l_theta - l_ref) / G)` needs every row of the group at once. The
       optimizer steps hold whole prompt groups (units of `sample_images_per_prompt` samples, each on one process),
-      and a **no-grad pre-pass** over the step's rows computes every group's weight before the micro-batches
-      backpropagate: the parameters do not change within an optimizer step, so these are the values the authors
-      compute inside their step, and any micro-batch size gives the same gradient. The pre-pass keeps the frozen
-      outputs (EMA reference, base model) for the backward pass, so its cost is one extra no-grad forward of the
-      policy per row. A group never spans processes here, so the authors' all-reduce of the group sums is a local
+      and, when a process's rows of the step need more than one micro-batch, a **no-grad pre-pass** over them
+      computes every group's weight before the micro-batches backpropagate: the parameters do not change within an
+      optimizer step, so these are the values the authors compute inside their step, and any micro-batch size gives
+      the same gradient. The pre-pass keeps the frozen outputs (EMA reference, base model) for the backward pass, so
+      its cost is one extra no-grad forward of the policy per row. In one micro-batch, the weights come from its own
+      forward, without a pre-pass. A group never spans processes here, so the authors' all-reduce of the group sums is a local
       sum, and 2 processes equal 1.
 
     ```python
@@ -195,6 +196,11 @@ class DGPOTrainer(ForwardProcessTrainer):
         batch.step_weights = weights
 
     def run_update(self, batch: DGPOBatch, plan: UpdatePlan, mode: str) -> Dict[str, float]:
+        if plan.slots == 1:
+            # Each process's rows of the step fit one micro-batch and hold whole groups: the weights come from that
+            # forward itself (`dgpo_loss`), as in the authors' step; the pre-pass would repeat its forward.
+            batch.frozen, batch.step_weights = {}, None
+            return super().run_update(batch, plan, mode)
         self.group_weights_pre_pass(batch, plan)
         try:
             return super().run_update(batch, plan, mode)
