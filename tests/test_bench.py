@@ -310,8 +310,9 @@ def test_bench_results_and_their_figures_are_reachable():
 
 
 def test_learn_judges_a_configuration_sampling_fewer_steps_with_the_shared_steps(capsys, tmp_path, monkeypatch):
-    """`awm_8_updates_half_sampling` trains on samples of half the steps; its evaluation samples with the shared
-    number of steps, as every other configuration's."""
+    """`awm_8_updates_half_sampling` and the configurations derived from it train on samples of half the steps; their
+    evaluation samples with the shared number of steps, as every other configuration's. Their batch sizes follow
+    their own images per epoch."""
     import diffalign.rollout
     import diffalign.trainers.evaluation  # noqa: F401 (the trainers' sampling keeps the function it imported)
 
@@ -323,11 +324,19 @@ def test_learn_judges_a_configuration_sampling_fewer_steps_with_the_shared_steps
         return sample(family, prompts, num_steps, *args, **kwargs)
 
     monkeypatch.setattr(diffalign.rollout, "sample_trajectories", recording)
+    awm, fewer_prompts, dgpo = ("awm_8_updates_half_sampling", "awm_8_updates_half_sampling_half_prompts",
+                                "dgpo_2_prompts_per_step_half_sampling_one_level")
     result = run_bench(capsys, tmp_path, "learn", "--max-epochs", "1", "--target", "1000", "--eval-images", "2",
-                       "--prompts-per-epoch", "1", "--images-per-prompt", "8", "--steps", "4",
-                       "--configs", "awm_8_updates_half_sampling", complete=False)
-    config = result["settings"]["configs"]["awm_8_updates_half_sampling"]
-    assert config["sample_num_steps"] == 2 and config["train_batch_size"] == 1
-    assert evaluated_steps and set(evaluated_steps) == {4}  # before and after the epoch, baseline and AWM alike
-    run = result["details"]["awm_8_updates_half_sampling"]["runs"][0]
-    assert len(run["rewards"]) == 2 and run["diagnostics"]
+                       "--prompts-per-epoch", "2", "--images-per-prompt", "8", "--steps", "4",
+                       "--configs", f"{awm},{fewer_prompts},{dgpo}", complete=False)
+    configs = result["settings"]["configs"]
+    assert configs[awm]["sample_num_steps"] == 2 and configs[awm]["train_batch_size"] == 2  # 16 images / 8
+    assert configs[fewer_prompts]["sample_num_prompts_per_epoch"] == 1
+    assert configs[fewer_prompts]["sample_num_steps"] == 2 and configs[fewer_prompts]["train_batch_size"] == 1
+    assert configs[dgpo]["sample_num_steps"] == 2 and configs[dgpo]["train_batch_size"] == 16
+    assert configs[dgpo]["train_num_timesteps"] == 1
+    assert evaluated_steps and set(evaluated_steps) == {4}  # before and after the epoch, every configuration alike
+    for name in (awm, fewer_prompts, dgpo):
+        run = result["details"][name]["runs"][0]
+        assert len(run["rewards"]) == 2 and run["diagnostics"]
+    assert result["details"][fewer_prompts]["runs"][0]["images"] == [8]

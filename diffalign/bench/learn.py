@@ -20,8 +20,10 @@ from .common import (
 # --------------------------------------------------------------------------------------------- configurations
 # `learn`: each configuration is `(algorithm, overrides)`. The overrides go on top of the shared settings (the
 # digits preset's sampling settings, or small ones; see `base_settings`), so every configuration samples the same
-# number of images per epoch with the same sampler, except where a configuration reuses samples and draws fewer
-# fresh ones. `{K}` in a name is `--prdp-inner-epochs`; the value `{half}` is half the shared value (at least 1).
+# number of images per epoch with the same sampler, except where a configuration draws fewer fresh ones (it reuses
+# samples, or samples half the prompts). `{K}` in a name is `--prdp-inner-epochs`. Values: `{half}` is half the
+# shared value (at least 1), `{samples/8}` an eighth of the configuration's images per epoch, `{prompts*2}` the
+# images of 2 prompts.
 BASELINE = "ddpo_baseline"
 LEARN_CONFIGS: Dict[str, tuple] = {
     # DDPO as in the reference code (kvablack/ddpo-pytorch): every timestep trained, CFG recomputed in training
@@ -98,6 +100,17 @@ LEARN_CONFIGS: Dict[str, tuple] = {
     ),
     # AWM at 3.3x the preset's learning rate
     "awm_lr1e-2": ("awm", {"sample_guidance_scale": 1.0, "train_learning_rate": 1e-2}),
+    # ... and on half the prompts per epoch (half the images), still 8 optimizer steps per epoch
+    "awm_8_updates_half_sampling_half_prompts": (
+        "awm", {"sample_guidance_scale": 1.0, "sample_num_prompts_per_epoch": "{half}",
+                "train_batch_size": "{samples/8}", "sample_num_steps": "{half}"}
+    ),
+    # DGPO with optimizer steps of 2 prompt groups (the preset: 5 groups), on samples of half the steps, each sample
+    # trained at one noise level (the preset: 4) drawn among the 3 noisiest sampler steps
+    "dgpo_2_prompts_per_step_half_sampling_one_level": (
+        "dgpo", {"sample_guidance_scale": 1.0, "train_batch_size": "{prompts*2}", "sample_num_steps": "{half}",
+                 "train_num_timesteps": 1, "train_trunc_steps": 2}
+    ),
 }
 
 
@@ -106,20 +119,27 @@ def learn_configs(ctx) -> Dict[str, tuple]:
     k = ctx.args.prdp_inner_epochs
     shared = ctx.base_settings()
 
-    def resolve(key, value):
+    def resolve(key, value, values):
+        """`values`: the configuration's keys resolved so far (the sample counts come first)."""
+        settings = {**shared, **values}
         if value == "{K}":
             return k
         if value == "{half}":
             return max(1, shared[key] // 2)
-        if value == "{samples/8}":  # an eighth of the epoch's samples
-            return max(1, shared["sample_num_prompts_per_epoch"] * shared["sample_images_per_prompt"] // 8)
+        if value == "{samples/8}":  # an eighth of the configuration's samples per epoch
+            return max(1, settings["sample_num_prompts_per_epoch"] * settings["sample_images_per_prompt"] // 8)
+        if value == "{prompts*2}":  # the images of 2 prompts
+            return 2 * settings["sample_images_per_prompt"]
         return value
 
     steps = shared["sample_num_steps"]
     configs = {}
     for name, (algorithm, overrides) in LEARN_CONFIGS.items():
         name = name.replace("{K}", str(k))
-        values = {key: resolve(key, value) for key, value in overrides.items()}
+        values = {}
+        for key in sorted(overrides, key=lambda key: not key.startswith("sample_")):  # sample counts first
+            values[key] = resolve(key, overrides[key], values)
+        values = {key: values[key] for key in overrides}
         if "sample_sde_window_size" in values:  # a window no longer than the trajectory, in its first half
             values["sample_sde_window_size"] = size = min(values["sample_sde_window_size"], steps)
             if values.get("sample_sde_window_range") == "{first_half}":
