@@ -105,6 +105,11 @@ LEARN_CONFIGS: Dict[str, tuple] = {
         "awm", {"sample_guidance_scale": 1.0, "sample_num_prompts_per_epoch": "{half}",
                 "train_batch_size": "{samples/8}", "sample_num_steps": "{half}"}
     ),
+    # ... at two thirds of the preset's learning rate (3e-3)
+    "awm_8_updates_half_sampling_half_prompts_lr2e-3": (
+        "awm", {"sample_guidance_scale": 1.0, "sample_num_prompts_per_epoch": "{half}",
+                "train_batch_size": "{samples/8}", "sample_num_steps": "{half}", "train_learning_rate": 2e-3}
+    ),
     # DGPO with optimizer steps of 2 prompt groups (the preset: 5 groups), on samples of half the steps, each sample
     # trained at one noise level (the preset: 4) drawn among the 3 noisiest sampler steps
     "dgpo_2_prompts_per_step_half_sampling_one_level": (
