@@ -15,7 +15,7 @@ text encoders on a small vocabulary time as the real ones do.
 Measurements (ids `<model>/<kind>/...`, filtered by `--only`):
 
 - `train/<algorithm>/<quantization>`: one epoch (`trainer.step`) of GRPO (DDPO with group advantages and a 2-step SDE
-  window), DiffusionNFT and PRDP on a LoRA, with and without the quantized frozen base (`--quantize`: the first
+  window), DiffusionNFT and PRDP (`--algorithms`: also AWM and DGPO) on a LoRA, with and without the quantized frozen base (`--quantize`: the first
   method whose package and GPU are there), the memory levers `auto` (`diffalign.memory`; each result records what
   they resolved to), the prompts encoded before the measured epoch; peak GPU memory of the epoch, seconds per sampled
   image and per trained denoiser row (the rows run with gradients in the epoch; a CFG pair counts twice).
@@ -164,7 +164,12 @@ ALGORITHMS = {
     "grpo": ("ddpo", dict(advantage_mode="group", train_batch_size=2, train_clip_range=1e-4)),
     "nft": ("nft", dict(train_batch_size=2)),
     "prdp": ("prdp", dict(train_num_inner_epochs=1)),  # one pass over the pairs (the preset's K is 10)
+    # the other forward-process trainers, at their authors' defaults fitted to the check's 6 steps; they share NFT's
+    # sampler and forward-process machinery, so by default the budget goes to the three above (`--algorithms`)
+    "awm": ("awm", dict(train_batch_size=2)),
+    "dgpo": ("dgpo", dict(train_batch_size=2)),  # one group: the prompt's 2 images
 }
+DEFAULT_ALGORITHMS = ("grpo", "nft", "prdp")
 QUANTIZE_CANDIDATES = ("nf4", "fp8", "int8")  # the first one available is measured against no quantization
 # the cards the plan resolves the `auto` memory levers for (GiB of total memory: consumer 16 and 24 GB, 48 GB, H100)
 CARD_GIB = (16, 24, 48, 80)
@@ -527,7 +532,7 @@ def machine(device) -> dict:
 
 def settings_of(args) -> dict:
     return {"tiny": args.tiny, "device": args.device, "only": args.only, "budget_s": args.budget_s, "epochs": args.epochs,
-            "check": CHECK_SETTINGS, "algorithms": {k: v[0] for k, v in ALGORITHMS.items()}}
+            "check": CHECK_SETTINGS, "algorithms": {k: ALGORITHMS[k][0] for k in args.algorithms}}
 
 
 class ModelUnderTest:
@@ -580,7 +585,7 @@ class ModelUnderTest:
 
         from diffalign.bench.common import PeakMemory
         from diffalign.config import load_config
-        from diffalign.trainers import trainer_class
+        from diffalign.trainers import CONFIG_CLASSES, trainer_class
 
         run = self.run
         name, overrides = ALGORITHMS[algorithm]
@@ -595,7 +600,8 @@ class ModelUnderTest:
             values.update(sample_num_steps=3, sample_sde_window_range=[0, 2])
         meter = PeakMemory(run.device)
         with tempfile.TemporaryDirectory() as output_dir:
-            config = load_config(name, None, {**values, "output_dir": output_dir})
+            # the algorithm's own counts fitted to the check's steps (AWM's noise levels, DGPO's truncation), as bench
+            config = load_config(name, None, CONFIG_CLASSES[name].fit_to_shapes({**values, "output_dir": output_dir}))
             # accelerate keeps one mixed-precision state per process: each measurement sets its own and leaves none
             AcceleratorState._reset_state()
             accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=run.device.type == "cpu")
@@ -815,7 +821,7 @@ def measure(args) -> dict:
             run.results["skipped"].append({"id": name, "why": f"family '{spec['family']}' is not in this diffalign"})
             continue
         methods = ["none"] + ([quantize] if quantize else [])
-        ids = [f"{name}/train/{a}/{m}" for a in ALGORITHMS for m in methods] + [f"{name}/rlg", f"{name}/drift"]
+        ids = [f"{name}/train/{a}/{m}" for a in args.algorithms for m in methods] + [f"{name}/rlg", f"{name}/drift"]
         if not any(run.selected(i) for i in ids):
             continue
         if run.time_left() < ESTIMATED_SECONDS.get((name, "train"), 30):
@@ -828,7 +834,7 @@ def measure(args) -> dict:
             run.results["measurements"].append({"id": f"{name}/build", "error": f"{type(e).__name__}: {e}"[:300]})
             continue
         estimate = ESTIMATED_SECONDS.get
-        for algorithm in ALGORITHMS:
+        for algorithm in args.algorithms:
             for method in methods:
                 run.measure(f"{name}/train/{algorithm}/{method}", estimate((name, "train"), 30),
                             lambda a=algorithm, m=method, under_test=model: under_test.train(a, m))
@@ -949,6 +955,9 @@ def parse_args(argv=None):
     parser.add_argument("--only", default=None,
                         help="comma-separated patterns; a measurement runs if its id (e.g. sd35m/train/grpo/nf4, "
                              "flux1dev/rlg, sdxl/drift) contains one (shell wildcards allowed)")
+    parser.add_argument("--algorithms", default=",".join(DEFAULT_ALGORITHMS),
+                        help=f"comma-separated trainers of the training measurements, among {', '.join(ALGORITHMS)} "
+                             f"(default {','.join(DEFAULT_ALGORITHMS)})")
     parser.add_argument("--quantize", default=",".join(QUANTIZE_CANDIDATES),
                         help="quantized-base methods to try, the first available is measured (default nf4,fp8,int8)")
     parser.add_argument("--budget-s", type=float, default=450.0,
@@ -965,6 +974,10 @@ def parse_args(argv=None):
         unknown = [m for m in args.models.split(",") if m.strip() not in MODELS]
         if unknown:
             parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
+    args.algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    unknown = [a for a in args.algorithms if a not in ALGORITHMS]
+    if unknown or not args.algorithms:
+        parser.error(f"--algorithms: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(ALGORITHMS)}")
     return args
 
 

@@ -126,12 +126,36 @@ def test_tiny_run_measures_every_kind_through_the_real_trainers(gpu_check, tmp_p
     assert "| sd35m/train/grpo/int8 |" in table and "| sd35m/rlg |" in table
 
 
+def test_awm_and_dgpo_are_measured_when_asked_for(gpu_check, tmp_path, capsys):
+    """`--algorithms` adds the other forward-process trainers (their own counts fitted to the check's steps, as
+    `bench` fits them): AWM on a flow transformer, DGPO through the UNet's epsilon parametrisation."""
+    output = str(tmp_path / "forward.json")
+    code = gpu_check.main(["--tiny", "--models", "sd15,sd35m", "--algorithms", "awm,dgpo", "--only",
+                           "sd35m/train/awm/none,sd15/train/dgpo/none", "--budget-s", "3000", "--output", output])
+    with open(output) as f:
+        results = json.load(f)
+    records = {r["id"]: r for r in results["measurements"]}
+    assert code == 0, records
+    assert set(records) == {"sd35m/train/awm/none", "sd15/train/dgpo/none"}
+    assert results["settings"]["algorithms"] == {"awm": "awm", "dgpo": "dgpo"}
+    for record in records.values():
+        assert record["loss_finite"] and record["lora_params"] > 0 and record["s_per_trained_row"] > 0
+    # AWM: 2 images x 2 noise levels (strata of int(3 tiny steps x 0.9) = 2 steps) x the CFG pair; DGPO: 2 images x
+    # 3 noise levels (steps 0..2, trained CFG-free)
+    assert records["sd35m/train/awm/none"]["trained_rows"] == 8
+    assert records["sd15/train/dgpo/none"]["trained_rows"] == 6
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--tiny", "--algorithms", "awm,sac", "--output", output])
+    assert exit_info.value.code == 2 and "--algorithms: unknown sac" in capsys.readouterr().err
+
+
 def test_time_guard_skips_what_does_not_fit_and_writes_what_it_has(gpu_check, tmp_path):
     output = str(tmp_path / "guard.json")
     assert gpu_check.main(["--tiny", "--models", "sd15", "--budget-s", "5", "--output", output]) == 0
     with open(output) as f:
         results = json.load(f)
     assert not results["measurements"] and results["skipped"][0]["why"] == "time budget"
+    assert results["settings"]["algorithms"] == {"grpo": "ddpo", "nft": "nft", "prdp": "prdp"}  # the default
     with pytest.raises(gpu_check.TimeGuard):
         with gpu_check.deadline_alarm(time.monotonic() + 1):
             time.sleep(5)
