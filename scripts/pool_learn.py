@@ -4,7 +4,8 @@
     python scripts/pool_learn.py learn_seed0.json learn_seed3.json learn_seed6.json
 
 Per configuration: the runs that reached the target, the median time to it over all runs (CPU seconds where the files have them, else wall seconds) (a run that did not reach
-it counts as infinitely slow, as in `bench learn`), that median over the baseline's on the same seeds, the per-seed
+it counts as infinitely slow, as in `bench learn`; where most did not, `> X s` is a lower bound: a miss counts as the
+time it ran), that median over the baseline's on the same seeds (`< r`: over the baseline's lower bound), the per-seed
 ratios (the configuration's time over the baseline's on the same seed; `-` where either missed the target) and the
 median epoch time over the baseline's. Every file must use the same target, reward and guidance scale.
 """
@@ -15,7 +16,7 @@ import statistics
 import sys
 from typing import Dict, List
 
-from diffalign.bench.learn import BASELINE, median_reached
+from diffalign.bench.learn import BASELINE, median_lower_bound, median_reached
 
 
 def time_key(results: List[dict]) -> str:
@@ -48,6 +49,10 @@ def pool(results: List[dict]) -> Dict[str, dict]:
         base_time = median_reached(row["baseline_runs"], key)
         row["median_time_s"] = median_reached(row["runs"], key)  # None: most runs missed the target
         row["ratio"] = row["median_time_s"] / base_time if row["median_time_s"] and base_time else None
+        # where most runs missed: the median's lower bound (a miss counts as the time it ran), and a ratio's upper one
+        row["lower_bound_s"] = median_lower_bound(row["runs"], key) if row["median_time_s"] is None else None
+        base_bound = median_lower_bound(row["baseline_runs"], key) if base_time is None else None
+        row["ratio_upper_bound"] = row["median_time_s"] / base_bound if row["median_time_s"] and base_bound else None
     return pooled
 
 
@@ -69,8 +74,10 @@ def main(argv=None) -> int:
     print("| configuration | reached | median time to target | / baseline | per-seed ratios | epoch / baseline's |")
     print("|---|---|---|---|---|---|")
     for name, row in pooled.items():
-        time = f"{row['median_time_s']:.1f} s" if row["median_time_s"] is not None else "not reached"
-        ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
+        time = f"{row['median_time_s']:.1f} s" if row["median_time_s"] is not None else (
+            f"> {row['lower_bound_s']:.1f} s" if row["lower_bound_s"] is not None else "not reached")
+        ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else (
+            f"< {row['ratio_upper_bound']:.3f}" if row["ratio_upper_bound"] is not None else "-")
         paired = ", ".join(f"{x:.2f}" if x is not None else "-" for x in row["paired"])
         epoch = ", ".join(f"{x:.2f}" for x in row["epoch_ratios"])
         print(f"| {name} | {sum(r['reached'] for r in row['runs'])}/{len(row['runs'])} | {time} | {ratio} | "

@@ -133,6 +133,23 @@ def test_learn_with_fixed_evaluation(capsys, tmp_path):
     assert result["figures"]["ddpo_no_cfg_ratio_to_baseline"]["value"] is None  # 0 s / 0 s
 
 
+def test_learn_bounds_the_median_of_runs_that_miss_the_target(capsys, tmp_path):
+    result = run_bench(capsys, tmp_path, "learn", "--max-epochs", "1", "--target", "1000", "--configs", "ddpo_no_cfg",
+                       "--prompts-per-epoch", "1", "--images-per-prompt", "2", complete=False)
+    figures, details = result["figures"], result["details"]
+    for name in ("ddpo_baseline", "ddpo_no_cfg"):
+        (run,) = details[name]["runs"]
+        assert not run["reached"] and figures[f"{name}_cpu_to_target_s"]["value"] is None
+        # a miss counts as the CPU seconds it ran: its one epoch
+        assert figures[f"{name}_cpu_to_target_lower_bound_s"]["value"] == run["cpu_s"] > 0
+    assert "ddpo_no_cfg_ratio_to_baseline_upper_bound" not in figures  # nothing to bound: it missed too
+    from diffalign.bench.learn import median_lower_bound
+
+    runs = [{"reached": False, "cpu_s": 50.0}, {"reached": True, "cpu_to_target_s": 7.0},
+            {"reached": False, "cpu_s": 40.0}]
+    assert median_lower_bound(runs, "cpu_to_target_s") == 40.0  # of 7, 40, 50
+
+
 def test_pool_learn_judges_each_configuration_on_its_own_seeds():
     import importlib.util
     from pathlib import Path
@@ -142,8 +159,8 @@ def test_pool_learn_judges_each_configuration_on_its_own_seeds():
     pool_learn = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pool_learn)
 
-    def run(time):
-        return {"reached": time is not None, "time_to_target_s": time, "epoch_times": [1.0]}
+    def run(time):  # a miss ran for 100 s
+        return {"reached": time is not None, "time_to_target_s": time, "elapsed_s": time or 100.0, "epoch_times": [1.0]}
 
     def result(baseline, other):
         details = {"ddpo_baseline": {"runs": [run(t) for t in baseline]}}
@@ -155,6 +172,11 @@ def test_pool_learn_judges_each_configuration_on_its_own_seeds():
     assert pooled["ddpo_baseline"]["median_time_s"] == 30.0  # over six seeds: 10 20 30 40 50 inf
     assert pooled["fast"]["median_time_s"] == 6.0 and pooled["fast"]["ratio"] == 6.0 / 20.0  # first file's seeds
     assert pooled["fast"]["paired"] == [0.4, None, None]
+    assert pooled["fast"]["lower_bound_s"] is None and pooled["fast"]["ratio_upper_bound"] is None  # medians exist
+    # most baseline runs miss: its median is above 100 s (the misses' times), the fast one's ratio below 4 / 100
+    pooled = pool_learn.pool([result([None, None, 12.0], [3.0, 4.0, None])])
+    assert pooled["ddpo_baseline"]["median_time_s"] is None and pooled["ddpo_baseline"]["lower_bound_s"] == 100.0
+    assert pooled["fast"]["ratio"] is None and pooled["fast"]["ratio_upper_bound"] == 4.0 / 100.0
 
 
 # ---------------------------------------------------------------------------- a new algorithm is benchable as it is
