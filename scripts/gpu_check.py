@@ -18,7 +18,8 @@ Measurements (ids `<model>/<kind>/...`, filtered by `--only`):
   window), DiffusionNFT and PRDP (`--algorithms`: also AWM and DGPO) on a LoRA, with and without the quantized
   frozen base (`--quantize`: the first method whose package and GPU are there), the memory levers `auto`
   (`diffalign.memory`; each result records what they resolved to), the prompts encoded before the measured epoch;
-  peak GPU memory of the epoch, seconds per sampled image and per trained denoiser row (the rows run with gradients in the epoch; a CFG pair counts twice).
+  peak GPU memory of the epoch, seconds per sampled image and per trained denoiser row (the rows run with gradients
+  in the epoch; a CFG pair counts twice).
   `train/levers-off/grpo`: GRPO with every memory lever off, where the plan's estimate for it fits the card.
 - `rlg`: the family's RLG pipeline, single pass and two passes, against its diffusers pipeline with plain CFG, at
   batch 1 (images per second).
