@@ -362,3 +362,20 @@ def test_learn_judges_a_configuration_sampling_fewer_steps_with_the_shared_steps
         run = result["details"][name]["runs"][0]
         assert len(run["rewards"]) == 2 and run["diagnostics"]
     assert result["details"][fewer_prompts]["runs"][0]["images"] == [8]
+
+
+def test_the_unscaled_advantage_configuration_differs_from_its_parent_by_the_rescale_only():
+    """`..._unscaled_advantages` is the half-prompt AWM configuration with `train_advantage_max: 0`: AWM's weights are
+    the advantages clipped to +-5, not rescaled into +-1."""
+    import torch
+
+    from diffalign.bench.learn import LEARN_CONFIGS
+    from diffalign.losses import awm_advantages
+
+    parent = LEARN_CONFIGS["awm_8_updates_half_sampling_half_prompts"]
+    algorithm, overrides = LEARN_CONFIGS["awm_8_updates_half_sampling_half_prompts_unscaled_advantages"]
+    assert algorithm == parent[0] == "awm"
+    assert overrides == {**parent[1], "train_advantage_max": 0}
+    advantages = torch.tensor([-7.0, -1.0, 0.5, 6.0])
+    assert awm_advantages(advantages, 5.0, overrides["train_advantage_max"] or None).tolist() == [-5.0, -1.0, 0.5, 5.0]
+    assert torch.allclose(awm_advantages(advantages, 5.0, 1.0), torch.tensor([-1.0, -0.2, 0.1, 1.0]))
