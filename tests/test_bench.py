@@ -3,6 +3,7 @@ assertion: the numbers depend on the machine)."""
 
 import json
 import math
+import os
 
 import pytest
 
@@ -133,9 +134,12 @@ def test_learn_with_fixed_evaluation(capsys, tmp_path):
     assert result["figures"]["ddpo_no_cfg_ratio_to_baseline"]["value"] is None  # 0 s / 0 s
 
 
-def test_learn_bounds_the_median_of_runs_that_miss_the_target(capsys, tmp_path):
-    result = run_bench(capsys, tmp_path, "learn", "--max-epochs", "1", "--target", "1000", "--configs", "ddpo_no_cfg",
-                       "--prompts-per-epoch", "1", "--images-per-prompt", "2", complete=False)
+def test_learn_bounds_the_median_of_runs_that_miss_the_target_and_reuses_an_earlier_baseline(capsys, tmp_path):
+    """A run that misses the target counts as the CPU seconds it ran. With `--baseline-from`, the baseline's runs are
+    an earlier file's (not run again: the CPU seconds are the same to the digit) and the configurations are compared
+    with them; a file of other settings is refused."""
+    settings = ["--max-epochs", "1", "--target", "1000", "--prompts-per-epoch", "1", "--images-per-prompt", "2"]
+    result = run_bench(capsys, tmp_path, "learn", *settings, "--configs", "ddpo_no_cfg", complete=False)
     figures, details = result["figures"], result["details"]
     for name in ("ddpo_baseline", "ddpo_no_cfg"):
         (run,) = details[name]["runs"]
@@ -148,6 +152,21 @@ def test_learn_bounds_the_median_of_runs_that_miss_the_target(capsys, tmp_path):
     runs = [{"reached": False, "cpu_s": 50.0}, {"reached": True, "cpu_to_target_s": 7.0},
             {"reached": False, "cpu_s": 40.0}]
     assert median_lower_bound(runs, "cpu_to_target_s") == 40.0  # of 7, 40, 50
+
+    earlier, later = str(tmp_path / "learn.json"), tmp_path / "later"
+    later.mkdir()
+    reused = run_bench(capsys, later, "learn", *settings, "--configs", "ddpo_window2", "--baseline-from", earlier,
+                       complete=False)
+    assert reused["details"]["ddpo_baseline"]["runs"] == details["ddpo_baseline"]["runs"]
+    assert set(reused["details"]) == {"ddpo_baseline", "ddpo_window2"}
+    assert reused["settings"]["baseline_from"] == os.path.abspath(earlier)
+    assert reused["figures"]["ddpo_window2_cpu_to_target_lower_bound_s"]["value"] > 0
+    refused = ["bench", "learn", *TINY, *settings[:2], "--target", "999", *settings[4:], "--baseline-from", earlier]
+    assert main(refused) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--baseline-from" in err[0] and "target: 1000.0 there, 999.0 here" in err[0], err
+    assert main(refused[:-1] + [str(tmp_path / "missing.json")]) == 2
+    assert "not a `bench learn --output` file" in capsys.readouterr().err
 
 
 def test_pool_learn_judges_each_configuration_on_its_own_seeds():

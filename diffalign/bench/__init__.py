@@ -103,6 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser):
     learn.add_argument("--configs", default=None,
                        help=f"comma-separated subset of: {', '.join(LEARN_CONFIGS)}, or any registered algorithm's "
                             "name (its defaults; the baseline always runs)")
+    learn.add_argument("--baseline-from", default=None, metavar="JSON",
+                       help="take the baseline's runs from this earlier `bench learn --output` of the same settings "
+                            "(model, reward, target, epochs, evaluation, seeds, shared settings) instead of running it "
+                            "again; its CPU seconds are of one thread, so they compare across runs")
     rlg = sub.add_parser("rlg", parents=[common], help="RLG sampling (single/two pass, windows) vs plain CFG")
     rlg.add_argument("--rlg-scale", type=float, default=1.5)
     rlg.add_argument("--lora-std", type=float, default=0.1, help="std of the random LoRA B weights")

@@ -190,8 +190,13 @@ def run_benchmark(ctx) -> dict:
                         configs={name: {"algorithm": a, **o} for name, (a, o) in configs.items()})
     meter = PeakMemory(ctx.device)
     details = {}
+    if args.baseline_from:
+        details[BASELINE] = earlier_baseline(args.baseline_from, ctx.settings)
+        ctx.settings["baseline_from"] = os.path.abspath(args.baseline_from)
     with tempfile.TemporaryDirectory(prefix="diffalign-bench-") as tmp:
         for name, (algorithm, overrides) in configs.items():
+            if name in details:  # the baseline of --baseline-from
+                continue
             runs = []
             for s in range(ctx.repeats):
                 trainer = ctx.make_trainer(algorithm, overrides, os.path.join(tmp, f"{name}-{s}"),
@@ -243,6 +248,32 @@ def run_benchmark(ctx) -> dict:
         figures.add(f"{name}_best_reward", max(r["best_reward"] for r in runs), "")
         figures.add(f"{name}_peak_mem_mib", mib(max(r["peak_bytes"] or 0 for r in runs)), meter.kind)
     return {"figures": figures, "details": details}
+
+
+def earlier_baseline(path: str, settings: dict) -> dict:
+    """The baseline's entry of an earlier `bench learn --output` file (`--baseline-from`), refused unless that run had
+    these settings: the same model, reward, target, epochs, evaluation, seeds and shared settings, and the same
+    baseline overrides."""
+    import json
+
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+        earlier_settings, entry = earlier["settings"], earlier["details"][BASELINE]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BenchError(f"--baseline-from {path}: not a `bench learn --output` file with a baseline ({e})") from None
+    if earlier.get("benchmark") != "learn":
+        raise BenchError(f"--baseline-from {path}: a `bench {earlier.get('benchmark')}` file, not `bench learn`")
+    differing = [key for key in ("model", "reward", "target", "max_epochs", "window", "eval_images", "seeds", "shared")
+                 if earlier_settings.get(key) != settings.get(key)]
+    if earlier_settings.get("configs", {}).get(BASELINE) != settings["configs"][BASELINE]:
+        differing.append(f"configs.{BASELINE}")
+    if differing:
+        shown = "; ".join(f"{key}: {earlier_settings.get(key)!r} there, {settings.get(key)!r} here"
+                          for key in differing if not key.startswith("configs."))
+        raise BenchError(f"--baseline-from {path}: ran with other settings ({', '.join(differing)}"
+                         + (f"; {shown}" if shown else "") + ")")
+    return entry
 
 
 def median_reached(runs: List[dict], key: str):
