@@ -5,7 +5,8 @@
 
 Per configuration: the runs that reached the target, the median time to it over all runs (CPU seconds where the files have them, else wall seconds) (a run that did not reach
 it counts as infinitely slow, as in `bench learn`; where most did not, `> X s` is a lower bound: a miss counts as the
-time it ran), that median over the baseline's on the same seeds (`< r`: over the baseline's lower bound), the per-seed
+time it ran; so too where a miss ran for less time than the median, as when the files ran different `--max-epochs`),
+that median over the baseline's on the same seeds (`< r`: over the baseline's lower bound), the per-seed
 ratios (the configuration's time over the baseline's on the same seed; `-` where either missed the target) and the
 median epoch time over the baseline's. Every file must use the same target, reward and guidance scale.
 """
@@ -46,14 +47,22 @@ def pool(results: List[dict]) -> Dict[str, dict]:
                                        / base_epoch)
     for row in pooled.values():
         # against the baseline on the same seeds (a configuration may be missing from some files)
-        base_time = median_reached(row["baseline_runs"], key)
-        row["median_time_s"] = median_reached(row["runs"], key)  # None: most runs missed the target
+        base_time, base_bound = pooled_median(row["baseline_runs"], key)
+        row["median_time_s"], row["lower_bound_s"] = pooled_median(row["runs"], key)
         row["ratio"] = row["median_time_s"] / base_time if row["median_time_s"] and base_time else None
-        # where most runs missed: the median's lower bound (a miss counts as the time it ran), and a ratio's upper one
-        row["lower_bound_s"] = median_lower_bound(row["runs"], key) if row["median_time_s"] is None else None
-        base_bound = median_lower_bound(row["baseline_runs"], key) if base_time is None else None
         row["ratio_upper_bound"] = row["median_time_s"] / base_bound if row["median_time_s"] and base_bound else None
     return pooled
+
+
+def pooled_median(runs: List[dict], key: str):
+    """`(median, None)` where the median over the runs is known, a miss counting as infinitely slow; else `(None,
+    lower bound)`, a miss counting as the time it ran. The median is not known where most runs missed the target, nor
+    where a miss ran for less time than the median: files that gave the baseline fewer epochs (`--max-epochs`) stop
+    it sooner, and that run might have reached the target before the median."""
+    median, bound = median_reached(runs, key), median_lower_bound(runs, key)
+    if median is not None and (bound is None or bound >= median):
+        return median, None
+    return None, bound
 
 
 def main(argv=None) -> int:

@@ -196,6 +196,16 @@ def test_pool_learn_judges_each_configuration_on_its_own_seeds():
     pooled = pool_learn.pool([result([None, None, 12.0], [3.0, 4.0, None])])
     assert pooled["ddpo_baseline"]["median_time_s"] is None and pooled["ddpo_baseline"]["lower_bound_s"] == 100.0
     assert pooled["fast"]["ratio"] is None and pooled["fast"]["ratio_upper_bound"] == 4.0 / 100.0
+    # a file that gave the baseline fewer epochs: its miss ran 30 s, less than the median of the finite times (80 s)
+    # with misses last, so the median is only known to be above 60 s (30 30 60 70 80)
+    short = result([60.0, 70.0, 80.0], [6.0, 7.0, 8.0])
+    shorter = result([None, None], [9.0, 10.0])
+    for miss in shorter["details"]["ddpo_baseline"]["runs"]:
+        miss["elapsed_s"] = 30.0
+    pooled = pool_learn.pool([short, shorter])
+    assert pooled["ddpo_baseline"]["median_time_s"] is None and pooled["ddpo_baseline"]["lower_bound_s"] == 60.0
+    assert pooled["fast"]["median_time_s"] == 8.0 and pooled["fast"]["ratio"] is None
+    assert pooled["fast"]["ratio_upper_bound"] == 8.0 / 60.0
 
 
 # ---------------------------------------------------------------------------- a new algorithm is benchable as it is
