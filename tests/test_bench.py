@@ -167,6 +167,11 @@ def test_learn_bounds_the_median_of_runs_that_miss_the_target_and_reuses_an_earl
     assert len(err) == 1 and "--baseline-from" in err[0] and "target: 1000.0 there, 999.0 here" in err[0], err
     assert main(refused[:-1] + [str(tmp_path / "missing.json")]) == 2
     assert "not a `bench learn --output` file" in capsys.readouterr().err
+    other_machine = json.loads(open(earlier).read())
+    other_machine["machine"]["torch_threads"] = 4  # CPU seconds of 4 threads are not those of 1
+    (tmp_path / "four_threads.json").write_text(json.dumps(other_machine))
+    assert main(["bench", "learn", *TINY, *settings, "--baseline-from", str(tmp_path / "four_threads.json")]) == 2
+    assert "machine.torch_threads: 4 there, 1 here" in capsys.readouterr().err
 
 
 def test_pool_learn_judges_each_configuration_on_its_own_seeds():

@@ -11,6 +11,7 @@ from .common import (
     BenchError,
     Figures,
     PeakMemory,
+    machine_info,
     median,
     mib,
     ratio,
@@ -191,7 +192,7 @@ def run_benchmark(ctx) -> dict:
     meter = PeakMemory(ctx.device)
     details = {}
     if args.baseline_from:
-        details[BASELINE] = earlier_baseline(args.baseline_from, ctx.settings)
+        details[BASELINE] = earlier_baseline(args.baseline_from, ctx.settings, machine_info(ctx))
         ctx.settings["baseline_from"] = os.path.abspath(args.baseline_from)
     with tempfile.TemporaryDirectory(prefix="diffalign-bench-") as tmp:
         for name, (algorithm, overrides) in configs.items():
@@ -250,10 +251,10 @@ def run_benchmark(ctx) -> dict:
     return {"figures": figures, "details": details}
 
 
-def earlier_baseline(path: str, settings: dict) -> dict:
+def earlier_baseline(path: str, settings: dict, machine: dict) -> dict:
     """The baseline's entry of an earlier `bench learn --output` file (`--baseline-from`), refused unless that run had
-    these settings: the same model, reward, target, epochs, evaluation, seeds and shared settings, and the same
-    baseline overrides."""
+    these settings (the same model, reward, target, epochs, evaluation, seeds and shared settings, and the same
+    baseline overrides) on this kind of machine (device, GPU, torch threads, dtype: what its CPU seconds depend on)."""
     import json
 
     try:
@@ -268,9 +269,15 @@ def earlier_baseline(path: str, settings: dict) -> dict:
                  if earlier_settings.get(key) != settings.get(key)]
     if earlier_settings.get("configs", {}).get(BASELINE) != settings["configs"][BASELINE]:
         differing.append(f"configs.{BASELINE}")
+    values = {key: (earlier_settings.get(key), settings.get(key)) for key in differing}
+    for key in ("device", "gpu", "torch_threads", "dtype"):
+        there, here = earlier.get("machine", {}).get(key), machine.get(key)
+        if there != here:
+            differing.append(f"machine.{key}")
+            values[f"machine.{key}"] = (there, here)
     if differing:
-        shown = "; ".join(f"{key}: {earlier_settings.get(key)!r} there, {settings.get(key)!r} here"
-                          for key in differing if not key.startswith("configs."))
+        shown = "; ".join(f"{key}: {there!r} there, {here!r} here" for key, (there, here) in values.items()
+                          if not key.startswith("configs."))
         raise BenchError(f"--baseline-from {path}: ran with other settings ({', '.join(differing)}"
                          + (f"; {shown}" if shown else "") + ")")
     return entry
