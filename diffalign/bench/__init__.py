@@ -102,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     learn.add_argument("--prdp-inner-epochs", type=int, default=4, help="K of the PRDP configurations")
     learn.add_argument("--configs", default=None,
                        help=f"comma-separated subset of: {', '.join(LEARN_CONFIGS)}, or any registered algorithm's "
-                            "name (its defaults; the baseline always runs)")
+                            "name (its defaults; the baseline always runs, or comes from --baseline-from)")
     learn.add_argument("--baseline-from", default=None, metavar="JSON",
                        help="take the baseline's runs from this earlier `bench learn --output` of the same settings "
                             "(model, reward, target, epochs, evaluation, seeds, shared settings) instead of running it "
