@@ -368,23 +368,39 @@ def test_bench_results_and_their_figures_are_reachable():
 def test_learn_judges_a_configuration_sampling_fewer_steps_with_the_shared_steps(capsys, tmp_path, monkeypatch):
     """`awm_8_updates_half_sampling` and the configurations derived from it train on samples of half the steps; their
     evaluation samples with the shared number of steps, as every other configuration's. Their batch sizes follow
-    their own images per epoch."""
+    their own images per epoch. With `ema_decay` (here set for all), the evaluation judges the EMA weights, as the
+    trainer's own evaluations do."""
+    import contextlib
+
     import diffalign.rollout
     import diffalign.trainers.evaluation  # noqa: F401 (the trainers' sampling keeps the function it imported)
+    from diffalign.ema import ParameterEMA
 
-    evaluated_steps = []
-    sample = diffalign.rollout.sample_trajectories
+    evaluated_steps, with_ema = [], []
+    sample, swapped_in = diffalign.rollout.sample_trajectories, ParameterEMA.swapped_in
+    ema_in = [False]
+
+    @contextlib.contextmanager
+    def flagged(self):
+        with swapped_in(self):
+            ema_in[0] = True
+            try:
+                yield
+            finally:
+                ema_in[0] = False
 
     def recording(family, prompts, num_steps, *args, **kwargs):
         evaluated_steps.append(num_steps)
+        with_ema.append(ema_in[0])
         return sample(family, prompts, num_steps, *args, **kwargs)
 
     monkeypatch.setattr(diffalign.rollout, "sample_trajectories", recording)
+    monkeypatch.setattr(ParameterEMA, "swapped_in", flagged)
     awm, fewer_prompts, dgpo = ("awm_8_updates_half_sampling", "awm_8_updates_half_sampling_half_prompts",
                                 "dgpo_2_prompts_per_step_half_sampling_one_level")
     result = run_bench(capsys, tmp_path, "learn", "--max-epochs", "1", "--target", "1000", "--eval-images", "2",
                        "--prompts-per-epoch", "2", "--images-per-prompt", "8", "--steps", "4",
-                       "--configs", f"{awm},{fewer_prompts},{dgpo}", complete=False)
+                       "--configs", f"{awm},{fewer_prompts},{dgpo}", "--set", "ema_decay=0.5", complete=False)
     configs = result["settings"]["configs"]
     assert configs[awm]["sample_num_steps"] == 2 and configs[awm]["train_batch_size"] == 2  # 16 images / 8
     assert configs[fewer_prompts]["sample_num_prompts_per_epoch"] == 1
@@ -392,6 +408,7 @@ def test_learn_judges_a_configuration_sampling_fewer_steps_with_the_shared_steps
     assert configs[dgpo]["sample_num_steps"] == 2 and configs[dgpo]["train_batch_size"] == 16
     assert configs[dgpo]["train_num_timesteps"] == 1
     assert evaluated_steps and set(evaluated_steps) == {4}  # before and after the epoch, every configuration alike
+    assert with_ema == [True] * len(evaluated_steps)
     for name in (awm, fewer_prompts, dgpo):
         run = result["details"][name]["runs"][0]
         assert len(run["rewards"]) == 2 and run["diagnostics"]

@@ -305,7 +305,8 @@ def median_lower_bound(runs: List[dict], key: str):
 def _evaluator(trainer, prompts: List[str], reward_fn, seed: int, guidance_scale: float, num_steps: int):
     """Mean reward of the current policy on fixed prompts and seeds (the same images for an unchanged policy), with
     the shared CFG scale and number of steps whatever the configuration samples its training images with, so that
-    every configuration is judged by the same sampler."""
+    every configuration is judged by the same sampler. With `ema_decay` the policy judged is the EMA of the weights,
+    as in the trainer's own evaluations and saved result."""
     import torch
 
     from diffalign.rollout import sample_trajectories
@@ -317,15 +318,16 @@ def _evaluator(trainer, prompts: List[str], reward_fn, seed: int, guidance_scale
         trainer.denoiser.eval()
         generator = torch.Generator(trainer.device).manual_seed(seed + 12345)
         scores = []
-        for start in range(0, len(prompts), config.sample_batch_size):
-            chunk = prompts[start : start + config.sample_batch_size]
-            with trainer.accelerator.autocast():
-                images = sample_trajectories(
-                    trainer.family, chunk, num_steps, guidance_scale,
-                    height=trainer.resolution, width=trainer.resolution, generator=generator,
-                    denoiser=trainer.denoiser, kernel=trainer.kernel,
-                ).images
-            scores.append(torch.as_tensor(reward_fn(images, chunk, None), dtype=torch.float32).reshape(-1).cpu())
+        with trainer.ema_weights():  # a no-op without ema_decay
+            for start in range(0, len(prompts), config.sample_batch_size):
+                chunk = prompts[start : start + config.sample_batch_size]
+                with trainer.accelerator.autocast():
+                    images = sample_trajectories(
+                        trainer.family, chunk, num_steps, guidance_scale,
+                        height=trainer.resolution, width=trainer.resolution, generator=generator,
+                        denoiser=trainer.denoiser, kernel=trainer.kernel,
+                    ).images
+                scores.append(torch.as_tensor(reward_fn(images, chunk, None), dtype=torch.float32).reshape(-1).cpu())
         return torch.cat(scores).mean().item()
 
     return evaluate
