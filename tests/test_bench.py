@@ -430,3 +430,37 @@ def test_the_unscaled_advantage_configuration_differs_from_its_parent_by_the_res
     advantages = torch.tensor([-7.0, -1.0, 0.5, 6.0])
     assert awm_advantages(advantages, 5.0, overrides["train_advantage_max"] or None).tolist() == [-5.0, -1.0, 0.5, 5.0]
     assert torch.allclose(awm_advantages(advantages, 5.0, 1.0), torch.tensor([-1.0, -0.2, 0.1, 1.0]))
+
+
+@pytest.mark.parametrize("steps", [4, 10, 49, 98])
+def test_the_noisiest_step_configuration_trains_the_first_sampling_step_only(steps):
+    """`..._noisiest_step` is the half-prompt AWM configuration trained at one noise level, the first of its sampling
+    steps (half the shared ones): `{first_step}` resolves to the fraction that keeps exactly that step, whatever the
+    rounding of 1 / steps (49 x (1 / 49) < 1 in floating point)."""
+    import types
+
+    import torch
+
+    from diffalign.bench.learn import LEARN_CONFIGS, learn_configs
+    from diffalign.trainers.awm import awm_train_step_indices
+    from diffalign.trainers.awm_config import AWMConfig
+
+    name = "awm_8_updates_half_sampling_half_prompts_noisiest_step"
+    parent = LEARN_CONFIGS["awm_8_updates_half_sampling_half_prompts"][1]
+    noisiest = {"train_timesteps": 1, "train_timestep_fraction": "{first_step}"}
+    assert LEARN_CONFIGS[name] == ("awm", {**parent, **noisiest})
+    unscaled = LEARN_CONFIGS["awm_8_updates_half_sampling_half_prompts_unscaled_advantages"][1]
+    assert LEARN_CONFIGS[f"{name.replace('_noisiest', '_unscaled_advantages_noisiest')}"] == ("awm", {**unscaled,
+                                                                                                      **noisiest})
+    shared = {"sample_num_steps": 2 * steps, "sample_num_prompts_per_epoch": 10, "sample_images_per_prompt": 8,
+              "sample_guidance_scale": 1.0}
+    ctx = types.SimpleNamespace(args=types.SimpleNamespace(prdp_inner_epochs=2, configs=name),
+                                base_settings=lambda: dict(shared))
+    algorithm, values = learn_configs(ctx)[name]
+    assert values["sample_num_steps"] == steps and values["sample_num_prompts_per_epoch"] == 5
+    config = AWMConfig(**{key: value for key, value in values.items() if key != "sample_guidance_scale"})
+    assert config.max_train_step == 1 and config.num_train_steps == 1
+    config.validate()
+    for u in (0.0, 0.5, 0.999):
+        assert awm_train_step_indices(config.train_time_type, config.max_train_step, config.train_timesteps,
+                                      torch.tensor([u])).tolist() == [0]

@@ -24,7 +24,8 @@ from .common import (
 # number of images per epoch with the same sampler, except where a configuration draws fewer fresh ones (it reuses
 # samples, or samples half the prompts). `{K}` in a name is `--prdp-inner-epochs`. Values: `{half}` is half the
 # shared value (at least 1), `{samples/8}` an eighth of the configuration's images per epoch, `{prompts*2}` the
-# images of 2 prompts.
+# images of 2 prompts, `{first_step}` the `train_timestep_fraction` that keeps the first (noisiest) of the
+# configuration's sampling steps only.
 BASELINE = "ddpo_baseline"
 LEARN_CONFIGS: Dict[str, tuple] = {
     # DDPO as in the reference code (kvablack/ddpo-pytorch): every timestep trained, CFG recomputed in training
@@ -117,6 +118,19 @@ LEARN_CONFIGS: Dict[str, tuple] = {
         "awm", {"sample_guidance_scale": 1.0, "sample_num_prompts_per_epoch": "{half}",
                 "train_batch_size": "{samples/8}", "sample_num_steps": "{half}", "train_advantage_max": 0}
     ),
+    # ... trained at the noisiest of its sampling steps only (one noise level per sample; the preset's: 3 strata of
+    # the first 90% of the steps): the digit's shape is set there, and an epoch trains a third of the rows
+    "awm_8_updates_half_sampling_half_prompts_noisiest_step": (
+        "awm", {"sample_guidance_scale": 1.0, "sample_num_prompts_per_epoch": "{half}",
+                "train_batch_size": "{samples/8}", "sample_num_steps": "{half}", "train_timesteps": 1,
+                "train_timestep_fraction": "{first_step}"}
+    ),
+    # ... and with the clipped advantages unscaled
+    "awm_8_updates_half_sampling_half_prompts_unscaled_advantages_noisiest_step": (
+        "awm", {"sample_guidance_scale": 1.0, "sample_num_prompts_per_epoch": "{half}",
+                "train_batch_size": "{samples/8}", "sample_num_steps": "{half}", "train_advantage_max": 0,
+                "train_timesteps": 1, "train_timestep_fraction": "{first_step}"}
+    ),
     # DGPO with optimizer steps of 2 prompt groups (the preset: 5 groups), on samples of half the steps, each sample
     # trained at one noise level (the preset: 4) drawn among the 3 noisiest sampler steps
     "dgpo_2_prompts_per_step_half_sampling_one_level": (
@@ -142,6 +156,10 @@ def learn_configs(ctx) -> Dict[str, tuple]:
             return max(1, settings["sample_num_prompts_per_epoch"] * settings["sample_images_per_prompt"] // 8)
         if value == "{prompts*2}":  # the images of 2 prompts
             return 2 * settings["sample_images_per_prompt"]
+        if value == "{first_step}":  # int(steps x fraction) == 1, whatever the rounding of 1 / steps
+            steps = settings["sample_num_steps"]
+            fraction = 1 / steps
+            return fraction if int(steps * fraction) == 1 else math.nextafter(fraction, 1)
         return value
 
     steps = shared["sample_num_steps"]
