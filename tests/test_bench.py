@@ -450,8 +450,8 @@ def test_the_noisiest_step_configuration_trains_the_first_sampling_step_only(ste
     noisiest = {"train_timesteps": 1, "train_timestep_fraction": "{first_step}"}
     assert LEARN_CONFIGS[name] == ("awm", {**parent, **noisiest})
     unscaled = LEARN_CONFIGS["awm_8_updates_half_sampling_half_prompts_unscaled_advantages"][1]
-    assert LEARN_CONFIGS[f"{name.replace('_noisiest', '_unscaled_advantages_noisiest')}"] == ("awm", {**unscaled,
-                                                                                                      **noisiest})
+    assert LEARN_CONFIGS[name.replace("_noisiest", "_unscaled_advantages_noisiest")] == ("awm", {**unscaled,
+                                                                                                 **noisiest})
     shared = {"sample_num_steps": 2 * steps, "sample_num_prompts_per_epoch": 10, "sample_images_per_prompt": 8,
               "sample_guidance_scale": 1.0}
     ctx = types.SimpleNamespace(args=types.SimpleNamespace(prdp_inner_epochs=2, configs=name),

@@ -27,6 +27,11 @@ from .common import (
 # images of 2 prompts, `{first_step}` the `train_timestep_fraction` that keeps the first (noisiest) of the
 # configuration's sampling steps only.
 BASELINE = "ddpo_baseline"
+# AWM with 8 optimizer steps per epoch, on samples of half the steps, of half the prompts: the parent of its variants
+_AWM_HALF_PROMPTS = {"sample_guidance_scale": 1.0, "sample_num_prompts_per_epoch": "{half}",
+                     "train_batch_size": "{samples/8}", "sample_num_steps": "{half}"}
+# one noise level per sample, the first (noisiest) sampling step
+_NOISIEST_STEP = {"train_timesteps": 1, "train_timestep_fraction": "{first_step}"}
 LEARN_CONFIGS: Dict[str, tuple] = {
     # DDPO as in the reference code (kvablack/ddpo-pytorch): every timestep trained, CFG recomputed in training
     # (the trainer always does this when sample_guidance_scale != 1), one inner epoch, no KL bookkeeping at sampling.
@@ -103,33 +108,20 @@ LEARN_CONFIGS: Dict[str, tuple] = {
     # AWM at 3.3x the preset's learning rate
     "awm_lr1e-2": ("awm", {"sample_guidance_scale": 1.0, "train_learning_rate": 1e-2}),
     # ... and on half the prompts per epoch (half the images), still 8 optimizer steps per epoch
-    "awm_8_updates_half_sampling_half_prompts": (
-        "awm", {"sample_guidance_scale": 1.0, "sample_num_prompts_per_epoch": "{half}",
-                "train_batch_size": "{samples/8}", "sample_num_steps": "{half}"}
-    ),
+    "awm_8_updates_half_sampling_half_prompts": ("awm", _AWM_HALF_PROMPTS),
     # ... at two thirds of the preset's learning rate (3e-3)
-    "awm_8_updates_half_sampling_half_prompts_lr2e-3": (
-        "awm", {"sample_guidance_scale": 1.0, "sample_num_prompts_per_epoch": "{half}",
-                "train_batch_size": "{samples/8}", "sample_num_steps": "{half}", "train_learning_rate": 2e-3}
-    ),
+    "awm_8_updates_half_sampling_half_prompts_lr2e-3": ("awm", {**_AWM_HALF_PROMPTS, "train_learning_rate": 2e-3}),
     # ... with the clipped advantages unscaled (`train_advantage_max: 0`; the authors' rescale them by 1/5): the
     # advantage-weighted matching term 5x stronger against the KL to the EMA adapter
     "awm_8_updates_half_sampling_half_prompts_unscaled_advantages": (
-        "awm", {"sample_guidance_scale": 1.0, "sample_num_prompts_per_epoch": "{half}",
-                "train_batch_size": "{samples/8}", "sample_num_steps": "{half}", "train_advantage_max": 0}
+        "awm", {**_AWM_HALF_PROMPTS, "train_advantage_max": 0}
     ),
     # ... trained at the noisiest of its sampling steps only (one noise level per sample; the preset's: 3 strata of
-    # the first 90% of the steps): the digit's shape is set there, and an epoch trains a third of the rows
-    "awm_8_updates_half_sampling_half_prompts_noisiest_step": (
-        "awm", {"sample_guidance_scale": 1.0, "sample_num_prompts_per_epoch": "{half}",
-                "train_batch_size": "{samples/8}", "sample_num_steps": "{half}", "train_timesteps": 1,
-                "train_timestep_fraction": "{first_step}"}
-    ),
+    # the first 90% of the steps), so an epoch trains a third of the rows
+    "awm_8_updates_half_sampling_half_prompts_noisiest_step": ("awm", {**_AWM_HALF_PROMPTS, **_NOISIEST_STEP}),
     # ... and with the clipped advantages unscaled
     "awm_8_updates_half_sampling_half_prompts_unscaled_advantages_noisiest_step": (
-        "awm", {"sample_guidance_scale": 1.0, "sample_num_prompts_per_epoch": "{half}",
-                "train_batch_size": "{samples/8}", "sample_num_steps": "{half}", "train_advantage_max": 0,
-                "train_timesteps": 1, "train_timestep_fraction": "{first_step}"}
+        "awm", {**_AWM_HALF_PROMPTS, "train_advantage_max": 0, **_NOISIEST_STEP}
     ),
     # DGPO with optimizer steps of 2 prompt groups (the preset: 5 groups), on samples of half the steps, each sample
     # trained at one noise level (the preset: 4) drawn among the 3 noisiest sampler steps
