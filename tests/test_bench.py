@@ -134,6 +134,25 @@ def test_learn_with_fixed_evaluation(capsys, tmp_path):
     assert result["figures"]["ddpo_no_cfg_ratio_to_baseline"]["value"] is None  # 0 s / 0 s
 
 
+def test_learn_shows_each_run_as_a_progress_bar(capsys):
+    """A run of `bench learn` is a tqdm bar on stderr, labelled with its configuration and seed, that ends on its last
+    reward and whether it reached the target; without a label there is no bar."""
+    from diffalign.bench.learn import _learn_one
+
+    class Trainer:  # an epoch's metrics, as `BaseTrainer.step` returns them
+        def step(self, epoch):
+            return {"time_sample": 0.0, "time_reward": 0.0, "images": 2, "reward_mean": (0.1, 0.5, 0.9)[epoch]}
+
+    assert _learn_one(Trainer(), 0.8, 5, 1, progress="awm seed 3")["epochs_to_target"] == 3
+    err = capsys.readouterr().err
+    assert "awm seed 3" in err and "3/5" in err and "reward=0.9000" in err and "target=reached" in err, err
+    assert not _learn_one(Trainer(), 0.95, 3, 1, progress="awm seed 4")["reached"]
+    err = capsys.readouterr().err
+    assert "awm seed 4" in err and "3/3" in err and "target=missed" in err, err
+    _learn_one(Trainer(), 0.8, 3, 1)
+    assert capsys.readouterr().err == ""
+
+
 def test_learn_bounds_the_median_of_runs_that_miss_the_target_and_reuses_an_earlier_baseline(capsys, tmp_path):
     """A run that misses the target counts as the CPU seconds it ran. With `--baseline-from`, the baseline's runs are
     an earlier file's (not run again: the CPU seconds are the same to the digit) and the configurations are compared

@@ -217,7 +217,8 @@ def run_benchmark(ctx) -> dict:
                 evaluate = _evaluator(trainer, ctx.prompts(args.eval_images), reward_fn, args.seed,
                                       shared["sample_guidance_scale"], shared["sample_num_steps"]) \
                     if args.eval_images else None
-                runs.append(_learn_one(trainer, target, args.max_epochs, args.window, evaluate))
+                runs.append(_learn_one(trainer, target, args.max_epochs, args.window, evaluate,
+                                       progress=f"{name} seed {args.seed + s}"))
                 runs[-1]["peak_bytes"] = meter.peak()
                 del trainer
             details[name] = {"algorithm": algorithm, "overrides": overrides, "runs": runs}
@@ -343,7 +344,7 @@ def _evaluator(trainer, prompts: List[str], reward_fn, seed: int, guidance_scale
     return evaluate
 
 
-def _learn_one(trainer, target: float, max_epochs: int, window: int, evaluate=None) -> dict:
+def _learn_one(trainer, target: float, max_epochs: int, window: int, evaluate=None, progress: str = None) -> dict:
     """Epochs until the (windowed) reward reaches `target`.
 
     Times are wall seconds and CPU seconds of the process (`time.process_time`: with one torch thread, the seconds
@@ -352,7 +353,12 @@ def _learn_one(trainer, target: float, max_epochs: int, window: int, evaluate=No
     epoch before plus the sampling and scoring of the epoch whose samples reach it (its update is not needed). With
     `evaluate` (fixed prompts and seeds, untimed) the policy is judged before training and after each epoch, and the
     time counts the full epochs up to the one after which it reaches the target.
+
+    `progress`: the label of a tqdm bar (on stderr) of the run's epochs and its latest reward, which stays when the
+    run ends (a long benchmark shows where it is; its log keeps each run's last state); None: no bar.
     """
+    from tqdm.auto import tqdm
+
     elapsed, cpu, rewards, epoch_times, train_rewards, images = 0.0, 0.0, [], [], [], []
     sampling = 0.0  # wall seconds of sampling and scoring among `elapsed`
     diagnostics = {}  # per-epoch update statistics, to see what happened when a curve falls
@@ -369,10 +375,17 @@ def _learn_one(trainer, target: float, max_epochs: int, window: int, evaluate=No
             out["train_rewards"] = train_rewards
         return out
 
+    bar = tqdm(total=max_epochs, desc=progress, unit="epoch", disable=progress is None)
+
+    def finish(ok, epochs):
+        bar.set_postfix(reward=f"{rewards[-1]:.4f}", target="reached" if ok else "missed", refresh=False)
+        bar.close()
+        return result(ok, epochs)
+
     if evaluate is not None:
         rewards.append(evaluate())
         if reached(rewards):
-            return result(True, 0)
+            return finish(True, 0)
     for epoch in range(max_epochs):
         start, start_cpu = time.perf_counter(), time.process_time()
         metrics = trainer.step(epoch)
@@ -385,18 +398,19 @@ def _learn_one(trainer, target: float, max_epochs: int, window: int, evaluate=No
                 diagnostics.setdefault(key, []).append(metrics[key])
         if evaluate is None:
             rewards.append(metrics["reward_mean"])
-            if reached(rewards):
-                elapsed += sampled
-                cpu += epoch_cpu * sampled / wall  # the CPU time of the epoch's sampling, at the epoch's CPU/wall rate
-                sampling += sampled
-                return result(True, epoch + 1)
-            elapsed, cpu, sampling = elapsed + wall, cpu + epoch_cpu, sampling + sampled
         else:
-            elapsed, cpu, sampling = elapsed + wall, cpu + epoch_cpu, sampling + sampled
             train_rewards.append(metrics["reward_mean"])
             rewards.append(evaluate())
-            if reached(rewards):
-                return result(True, epoch + 1)
-    return result(False, None)
+        bar.update()
+        bar.set_postfix(reward=f"{rewards[-1]:.4f}")
+        if evaluate is None and reached(rewards):
+            elapsed += sampled
+            cpu += epoch_cpu * sampled / wall  # the CPU time of the epoch's sampling, at the epoch's CPU/wall rate
+            sampling += sampled
+            return finish(True, epoch + 1)
+        elapsed, cpu, sampling = elapsed + wall, cpu + epoch_cpu, sampling + sampled
+        if reached(rewards):
+            return finish(True, epoch + 1)
+    return finish(False, None)
 
 
